@@ -1,0 +1,13 @@
+//! mcs-agent: the Kubernetes MCS ClusterSetIP datapath, as a library for the
+//! binary, the integration tests and the benchmarks.
+//!
+//! Data flows one way: a source produces a [`model::Snapshot`];
+//! [`desired::compute`] decides the frontends; [`plan::Applied::plan`] turns
+//! the change into ordered map writes; [`datapath::Datapath::apply`] executes them.
+
+pub mod datapath;
+pub mod desired;
+pub mod model;
+pub mod plan;
+pub mod reconcile;
+pub mod source;

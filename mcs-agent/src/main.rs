@@ -1,0 +1,211 @@
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use mcs_agent::{
+    datapath::{AttachMode, Datapath, Sizes},
+    desired,
+    plan::{Applied, Capacity},
+    reconcile::Reconciler,
+    source::manifests,
+};
+use notify::Watcher as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+/// eBPF datapath for Kubernetes Multi-Cluster Services (KEP-1645).
+///
+/// Makes every ServiceImport's ClusterSetIP answer at kernel speed: TC programs on
+/// the interfaces that face client pods translate `ClusterSetIP:port` to a ready
+/// pod `IP:port` in any cluster of the clusterset and translate the replies back.
+#[derive(Debug, Parser)]
+#[command(name = "mcs-agent", version, propagate_version = true)]
+struct Cli {
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `mcs_agent=debug`).
+    #[arg(long, global = true, env = "MCS_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Program the datapath and keep it in sync until SIGINT or SIGTERM.
+    ///
+    /// Standalone mode reads ServiceImports (multicluster.x-k8s.io v1beta1 or
+    /// v1alpha1) and EndpointSlices (discovery.k8s.io/v1, labelled
+    /// multicluster.kubernetes.io/service-name) from the YAML files in --manifests
+    /// and follows every change to them within a second. Invalid objects are
+    /// reported with file, object and field, and skipped; the rest keeps working.
+    ///
+    /// Example:
+    ///   mcs-agent run --manifests deploy/examples --interface veth-pod1 --interface veth-pod2
+    Run(RunArgs),
+    /// Validate manifests and print the frontends and backends they produce.
+    ///
+    /// Touches nothing in the kernel. Exits non-zero when an object is invalid.
+    Check {
+        /// Directory of Kubernetes YAML files.
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Directory of Kubernetes YAML files (`*.yaml`, `*.yml`; multi-document and List allowed).
+    #[arg(long, value_name = "DIR", env = "MCS_MANIFESTS")]
+    manifests: PathBuf,
+    /// An interface facing client pods (repeatable). Ingress gets DNAT, egress reverse NAT.
+    #[arg(long = "interface", value_name = "IFACE", required = true)]
+    interfaces: Vec<String>,
+    /// How to hook the programs: TCX links (kernel 6.6+) or netlink clsact filters.
+    #[arg(long, value_enum, default_value = "auto", env = "MCS_ATTACH")]
+    attach: AttachMode,
+    /// Where bpffs is (or is to be mounted). Maps are pinned under <BPFFS>/mcs/v<layout>/.
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
+    bpffs: PathBuf,
+    /// Do not pin maps (nothing is left in bpffs even after a crash).
+    #[arg(long)]
+    no_pin: bool,
+    /// Capacity of the frontend map (ClusterSetIP:port/protocol entries).
+    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    /// Capacity of the backend map (distinct pod IP:port pairs).
+    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Capacity of the selection tables, in slots, over all frontends.
+    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_SELECTION_SLOTS)]
+    max_selection_slots: u32,
+    /// Capacity of the connection-tracking tables (least recently used flows are evicted).
+    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_CONNTRACK)]
+    max_conntrack: u32,
+    /// Wait this long after a change for more changes before reconciling.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    debounce_ms: u64,
+    /// Re-read everything this often even without change events.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    resync_secs: u64,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(run(args)),
+        Command::Check { manifests } => check(&manifests),
+    }
+}
+
+fn check(dir: &Path) -> Result<()> {
+    let (snapshot, mut problems) = manifests::read_dir(dir)
+        .map(|(s, errors)| (s, errors.iter().map(ToString::to_string).collect::<Vec<_>>()))
+        .with_context(|| format!("reading {}", dir.display()))?;
+    let (state, errors) = desired::compute(&snapshot);
+    problems.extend(errors.iter().map(ToString::to_string));
+    for (key, frontend) in &state.frontends {
+        let port = if frontend.port_name.is_empty() { String::new() } else { format!(" ({})", frontend.port_name) };
+        println!("{key}{port}  {}  {} backend(s)", frontend.service, frontend.backends.len());
+        for backend in &frontend.backends {
+            println!("    {}  cluster={}", backend.addr, backend.cluster.as_deref().unwrap_or("-"));
+        }
+    }
+    for problem in &problems {
+        eprintln!("error: {problem}");
+    }
+    if !problems.is_empty() {
+        bail!("{} object(s) invalid", problems.len());
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let RunArgs {
+        manifests,
+        interfaces,
+        attach,
+        bpffs,
+        no_pin,
+        max_services,
+        max_backends,
+        max_selection_slots,
+        max_conntrack,
+        debounce_ms,
+        resync_secs,
+    } = args;
+    if !manifests.is_dir() {
+        bail!("--manifests {}: not a directory", manifests.display());
+    }
+    let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
+    let sizes = Sizes { capacity, conntrack: max_conntrack };
+    let mut datapath =
+        Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path())).context("loading the datapath")?;
+
+    // Program the maps before attaching, so the first packet already sees every service.
+    let mut reconciler = Reconciler::new(Applied::new(capacity));
+    reconciler.from_manifests(&manifests, &mut datapath).context("programming the maps")?;
+    for iface in &interfaces {
+        datapath.attach(iface, attach).with_context(|| format!("--interface {iface}"))?;
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && (event.paths.is_empty() || event.paths.iter().any(|p| manifests::is_manifest(p)))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .context("starting the file watcher")?;
+    watcher
+        .watch(&manifests, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", manifests.display()))?;
+
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
+    resync.tick().await;
+    info!(interfaces = ?interfaces, manifests = %manifests.display(), "agent ready");
+
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = resync.tick() => {}
+            Some(()) = rx.recv() => {
+                // Debounce: a burst of writes becomes one reconcile.
+                tokio::time::sleep(Duration::from_millis(debounce_ms)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        if let Err(e) = reconciler.from_manifests(&manifests, &mut datapath) {
+            error!(error = %e, "applying to the datapath failed; retrying on the next change or resync");
+        }
+    }
+    info!("shutting down: detaching and removing pins");
+    drop(watcher);
+    let stats = datapath.stats().unwrap_or_default();
+    datapath.shutdown();
+    let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
+    if counts.is_empty() {
+        warn!("packet counters unavailable");
+    } else {
+        info!(counters = %counts.join(" "), "stopped");
+    }
+    Ok(())
+}

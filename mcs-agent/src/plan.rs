@@ -1,0 +1,488 @@
+//! Two states -> the ordered map writes between them. Pure, and the owner of
+//! every id and table region the kernel sees.
+//!
+//! Order makes each frontend switch atomically: new backends, then new
+//! selection tables, then the one `SERVICES` entry that points at them, then
+//! deletions. Backend ids and table regions released by a plan are quarantined
+//! until the next plan, so a packet that read the old service entry just before
+//! the flip never finds its slot or backend reused for someone else.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mcs_common::{Backend, ServiceKey, ServiceValue, ip_to_map, port_to_map};
+use thiserror::Error;
+
+use crate::desired::{BackendAddr, DesiredState, Frontend, FrontendKey};
+
+/// Map sizes the plan must fit in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: mcs_common::DEFAULT_MAX_SERVICES,
+            backends: mcs_common::DEFAULT_MAX_BACKENDS,
+            slots: mcs_common::DEFAULT_MAX_SELECTION_SLOTS,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend { id: u32, backend: Backend },
+    PutSlots { offset: u32, ids: Vec<u32> },
+    PutService { key: ServiceKey, value: ServiceValue },
+    DeleteService { key: ServiceKey },
+    ClearBackend { id: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("ServiceImport {service} frontend {frontend}: not programmed, {resource} are exhausted ({capacity} in all); raise {flag}")]
+pub struct CapacityError {
+    pub service: String,
+    pub frontend: FrontendKey,
+    pub resource: &'static str,
+    pub capacity: u32,
+    pub flag: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Region {
+    offset: u32,
+    len: u32,
+}
+
+/// First-fit allocator of contiguous selection-table slots.
+#[derive(Clone, Debug)]
+struct SlotAllocator {
+    /// offset -> length of each free run; runs never touch.
+    free: BTreeMap<u32, u32>,
+}
+
+impl SlotAllocator {
+    fn new(capacity: u32) -> Self {
+        Self { free: if capacity == 0 { BTreeMap::new() } else { BTreeMap::from([(0, capacity)]) } }
+    }
+
+    fn alloc(&mut self, len: u32) -> Option<Region> {
+        if len == 0 {
+            return Some(Region::default());
+        }
+        let (&offset, &run) = self.free.iter().find(|&(_, &run)| run >= len)?;
+        self.free.remove(&offset);
+        if run > len {
+            self.free.insert(offset + len, run - len);
+        }
+        Some(Region { offset, len })
+    }
+
+    fn release(&mut self, region: Region) {
+        if region.len == 0 {
+            return;
+        }
+        let (mut offset, mut len) = (region.offset, region.len);
+        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back()
+            && prev + prev_len == offset
+        {
+            self.free.remove(&prev);
+            offset = prev;
+            len += prev_len;
+        }
+        if let Some(next_len) = self.free.remove(&(offset + len)) {
+            len += next_len;
+        }
+        self.free.insert(offset, len);
+    }
+
+    #[cfg(test)]
+    fn largest_free(&self) -> u32 {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+}
+
+/// Smallest-free-first ids in `first..limit`, so freed ids are reused.
+#[derive(Clone, Debug)]
+struct IdPool {
+    next: u32,
+    limit: u32,
+    free: BTreeSet<u32>,
+}
+
+impl IdPool {
+    fn new(first: u32, limit: u32) -> Self {
+        Self { next: first, limit, free: BTreeSet::new() }
+    }
+
+    fn available(&self) -> u64 {
+        self.free.len() as u64 + u64::from(self.limit.saturating_sub(self.next))
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
+        (self.next < self.limit).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AppliedFrontend {
+    service: String,
+    service_id: u32,
+    region: Region,
+    table: Vec<BackendAddr>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Quarantine {
+    service_ids: Vec<u32>,
+    backend_ids: Vec<u32>,
+    regions: Vec<Region>,
+}
+
+/// What the kernel holds, as far as the agent has programmed it.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    capacity: Capacity,
+    frontends: BTreeMap<FrontendKey, AppliedFrontend>,
+    backend_ids: BTreeMap<BackendAddr, u32>,
+    service_pool: IdPool,
+    backend_pool: IdPool,
+    slots: SlotAllocator,
+    quarantine: Quarantine,
+}
+
+/// The result of [`Applied::plan`]: apply `ops` in order, then adopt `next`.
+#[derive(Debug)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    pub next: Applied,
+    pub errors: Vec<CapacityError>,
+}
+
+impl Plan {
+    pub fn summary(&self) -> PlanSummary {
+        let mut s = PlanSummary::default();
+        for op in &self.ops {
+            match op {
+                MapOp::PutBackend { .. } => s.backends_added += 1,
+                MapOp::PutSlots { ids, .. } => s.slots_written += ids.len(),
+                MapOp::PutService { .. } => s.services_written += 1,
+                MapOp::DeleteService { .. } => s.services_deleted += 1,
+                MapOp::ClearBackend { .. } => s.backends_removed += 1,
+            }
+        }
+        s
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanSummary {
+    pub services_written: usize,
+    pub services_deleted: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub slots_written: usize,
+}
+
+/// One slot per ready backend: a uniform choice. Weighted tables (locality,
+/// Maglev) change only this function, not the layout.
+pub fn selection_table(frontend: &Frontend) -> Vec<BackendAddr> {
+    frontend.backends.iter().map(|b| b.addr).collect()
+}
+
+pub fn service_key(key: &FrontendKey) -> ServiceKey {
+    ServiceKey { vip: ip_to_map(key.vip.octets()), port: port_to_map(key.port), proto: key.protocol.number(), _pad: 0 }
+}
+
+fn backend_value(addr: &BackendAddr) -> Backend {
+    Backend { ip: ip_to_map(addr.ip.octets()), port: port_to_map(addr.port), _pad: 0 }
+}
+
+impl Applied {
+    /// The state of freshly created, empty maps.
+    pub fn new(capacity: Capacity) -> Self {
+        Self {
+            capacity,
+            frontends: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            service_pool: IdPool::new(1, capacity.services.saturating_add(1)),
+            // Backend id 0 is NO_BACKEND; ids index the BACKENDS array.
+            backend_pool: IdPool::new(1, capacity.backends),
+            slots: SlotAllocator::new(capacity.slots),
+            quarantine: Quarantine::default(),
+        }
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    pub fn backend_id(&self, addr: &BackendAddr) -> Option<u32> {
+        self.backend_ids.get(addr).copied()
+    }
+
+    pub fn plan(&self, desired: &DesiredState) -> Plan {
+        let mut next = self.clone();
+        let quarantine = std::mem::take(&mut next.quarantine);
+        quarantine.service_ids.into_iter().for_each(|id| next.service_pool.release(id));
+        quarantine.backend_ids.into_iter().for_each(|id| next.backend_pool.release(id));
+        quarantine.regions.into_iter().for_each(|r| next.slots.release(r));
+
+        let mut puts_backend = Vec::new();
+        let mut puts_slots = Vec::new();
+        let mut puts_service = Vec::new();
+        let mut deletes = Vec::new();
+        let mut errors = Vec::new();
+
+        let gone: Vec<FrontendKey> =
+            next.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
+        for key in gone {
+            let old = next.frontends.remove(&key).expect("listed above");
+            deletes.push(MapOp::DeleteService { key: service_key(&key) });
+            next.quarantine.service_ids.push(old.service_id);
+            next.quarantine.regions.push(old.region);
+        }
+
+        for (key, frontend) in &desired.frontends {
+            let table = selection_table(frontend);
+            let old = next.frontends.get(key);
+            if old.is_some_and(|old| old.table == table) {
+                continue;
+            }
+            let capacity_error = |resource, capacity, flag| CapacityError {
+                service: frontend.service.clone(),
+                frontend: *key,
+                resource,
+                capacity,
+                flag,
+            };
+            let new_addrs: BTreeSet<BackendAddr> =
+                table.iter().filter(|a| !next.backend_ids.contains_key(a)).copied().collect();
+            if (new_addrs.len() as u64) > next.backend_pool.available() {
+                errors.push(capacity_error("backend ids", self.capacity.backends - 1, "--max-backends"));
+                continue;
+            }
+            let service_id = match old {
+                Some(old) => old.service_id,
+                None => match next.service_pool.alloc() {
+                    Some(id) => id,
+                    None => {
+                        errors.push(capacity_error("service entries", self.capacity.services, "--max-services"));
+                        continue;
+                    }
+                },
+            };
+            let Some(region) = next.slots.alloc(table.len() as u32) else {
+                if old.is_none() {
+                    next.service_pool.release(service_id);
+                }
+                errors.push(capacity_error("selection slots", self.capacity.slots, "--max-selection-slots"));
+                continue;
+            };
+            for addr in new_addrs {
+                let id = next.backend_pool.alloc().expect("availability checked above");
+                next.backend_ids.insert(addr, id);
+                puts_backend.push(MapOp::PutBackend { id, backend: backend_value(&addr) });
+            }
+            if region.len > 0 {
+                let ids = table.iter().map(|a| next.backend_ids[a]).collect();
+                puts_slots.push(MapOp::PutSlots { offset: region.offset, ids });
+            }
+            puts_service.push(MapOp::PutService {
+                key: service_key(key),
+                value: ServiceValue {
+                    service_id,
+                    slot_offset: region.offset,
+                    slot_count: region.len,
+                    ..ServiceValue::default()
+                },
+            });
+            let previous = next.frontends.insert(
+                *key,
+                AppliedFrontend { service: frontend.service.clone(), service_id, region, table },
+            );
+            if let Some(previous) = previous {
+                next.quarantine.regions.push(previous.region);
+            }
+        }
+
+        let referenced: BTreeSet<BackendAddr> =
+            next.frontends.values().flat_map(|f| f.table.iter().copied()).collect();
+        let unreferenced: Vec<(BackendAddr, u32)> =
+            next.backend_ids.iter().filter(|(a, _)| !referenced.contains(a)).map(|(a, id)| (*a, *id)).collect();
+        let mut clears = Vec::new();
+        for (addr, id) in unreferenced {
+            next.backend_ids.remove(&addr);
+            next.quarantine.backend_ids.push(id);
+            clears.push(MapOp::ClearBackend { id });
+        }
+
+        let mut ops = puts_backend;
+        ops.extend(puts_slots);
+        ops.extend(puts_service);
+        ops.extend(deletes);
+        ops.extend(clears);
+        Plan { ops, next, errors }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::desired::{DesiredBackend, Protocol};
+
+    fn key(last: u8, port: u16) -> FrontendKey {
+        FrontendKey { vip: Ipv4Addr::new(10, 96, 0, last), port, protocol: Protocol::Tcp }
+    }
+
+    fn frontend(backends: &[(u8, u16)]) -> Frontend {
+        Frontend {
+            service: "demo/web".into(),
+            port_name: "http".into(),
+            backends: backends
+                .iter()
+                .map(|&(last, port)| DesiredBackend {
+                    addr: BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port },
+                    cluster: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn desired(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
+        DesiredState { frontends: frontends.iter().cloned().collect() }
+    }
+
+    fn kinds(ops: &[MapOp]) -> Vec<&'static str> {
+        ops.iter()
+            .map(|op| match op {
+                MapOp::PutBackend { .. } => "backend",
+                MapOp::PutSlots { .. } => "slots",
+                MapOp::PutService { .. } => "service",
+                MapOp::DeleteService { .. } => "delete",
+                MapOp::ClearBackend { .. } => "clear",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_service_is_written_backends_then_table_then_flip() {
+        let plan = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
+        assert!(plan.errors.is_empty());
+        assert_eq!(kinds(&plan.ops), ["backend", "backend", "slots", "service"]);
+        assert_eq!(plan.ops[2], MapOp::PutSlots { offset: 0, ids: vec![1, 2] });
+        let MapOp::PutService { value, .. } = &plan.ops[3] else { panic!() };
+        assert_eq!((value.service_id, value.slot_offset, value.slot_count), (1, 0, 2));
+    }
+
+    #[test]
+    fn an_unchanged_state_plans_nothing() {
+        let state = desired(&[(key(1, 80), frontend(&[(2, 80)]))]);
+        let first = Applied::new(Capacity::default()).plan(&state);
+        assert!(first.next.plan(&state).ops.is_empty());
+    }
+
+    #[test]
+    fn an_update_writes_a_new_region_and_frees_the_old_one_a_plan_later() {
+        let first = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (4, 80)]))]));
+        assert_eq!(kinds(&second.ops), ["backend", "slots", "service", "clear"]);
+        // The old region (0..2) is still quarantined: the new table lands after it.
+        assert_eq!(second.ops[1], MapOp::PutSlots { offset: 2, ids: vec![1, 3] });
+        // Backend 10.1.0.3 (id 2) is cleared now but its id is not reused yet.
+        assert_eq!(second.ops[3], MapOp::ClearBackend { id: 2 });
+        let third = second.next.plan(&desired(&[(key(1, 80), frontend(&[(5, 80)]))]));
+        assert_eq!(third.ops[0], MapOp::PutBackend { id: 2, backend: backend_value(&BackendAddr { ip: Ipv4Addr::new(10, 1, 0, 5), port: 80 }) });
+        assert_eq!(third.ops[1], MapOp::PutSlots { offset: 0, ids: vec![2] });
+    }
+
+    #[test]
+    fn a_removed_service_is_deleted_and_its_backends_cleared() {
+        let first = Applied::new(Capacity::default()).plan(&desired(&[
+            (key(1, 80), frontend(&[(2, 80)])),
+            (key(2, 80), frontend(&[(2, 80), (3, 80)])),
+        ]));
+        // Both frontends share 10.1.0.2:80, which gets one id.
+        assert_eq!(first.next.backend_count(), 2);
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
+        assert_eq!(kinds(&second.ops), ["delete", "clear"]);
+        assert_eq!(second.next.frontend_count(), 1);
+        let third = second.next.plan(&desired(&[]));
+        assert_eq!(kinds(&third.ops), ["delete", "clear"]);
+        assert_eq!((third.next.frontend_count(), third.next.backend_count()), (0, 0));
+    }
+
+    #[test]
+    fn a_service_without_ready_backends_gets_an_empty_table() {
+        let plan = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[]))]));
+        assert_eq!(kinds(&plan.ops), ["service"]);
+        let MapOp::PutService { value, .. } = &plan.ops[0] else { panic!() };
+        assert_eq!(value.slot_count, 0);
+    }
+
+    #[test]
+    fn capacity_limits_reject_only_what_does_not_fit_and_say_which_flag() {
+        let capacity = Capacity { services: 1, backends: 3, slots: 3 };
+        let plan = Applied::new(capacity).plan(&desired(&[
+            (key(1, 80), frontend(&[(2, 80)])),
+            (key(2, 80), frontend(&[(3, 80)])),
+        ]));
+        assert_eq!(plan.next.frontend_count(), 1);
+        assert_eq!(plan.errors.len(), 1);
+        let text = plan.errors[0].to_string();
+        assert!(text.contains("10.96.0.2:80/TCP") && text.contains("--max-services"), "{text}");
+
+        let capacity = Capacity { services: 8, backends: 3, slots: 16 };
+        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80), (4, 80)]))]));
+        assert!(plan.ops.is_empty());
+        assert!(plan.errors[0].to_string().contains("--max-backends"));
+
+        let capacity = Capacity { services: 8, backends: 16, slots: 2 };
+        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80), (4, 80)]))]));
+        assert!(plan.ops.is_empty());
+        assert!(plan.errors[0].to_string().contains("--max-selection-slots"));
+    }
+
+    #[test]
+    fn a_failed_update_keeps_the_old_version_serving() {
+        let capacity = Capacity { services: 8, backends: 16, slots: 3 };
+        let first = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80), (4, 80)]))]));
+        assert_eq!(second.errors.len(), 1);
+        assert!(second.ops.is_empty(), "{:?}", second.ops);
+        assert_eq!(second.next.backend_count(), 1);
+    }
+
+    #[test]
+    fn slot_regions_coalesce_when_released() {
+        let mut slots = SlotAllocator::new(10);
+        let a = slots.alloc(3).unwrap();
+        let b = slots.alloc(3).unwrap();
+        let c = slots.alloc(4).unwrap();
+        assert!(slots.alloc(1).is_none());
+        slots.release(a);
+        slots.release(c);
+        slots.release(b);
+        assert_eq!(slots.largest_free(), 10);
+        assert_eq!(slots.alloc(10), Some(Region { offset: 0, len: 10 }));
+    }
+}

@@ -1,0 +1,117 @@
+//! The level-triggered loop: on any change, recompute everything from the
+//! whole snapshot and apply the difference.
+
+use std::{collections::BTreeSet, path::Path, time::Instant};
+
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{Datapath, DatapathError},
+    desired::{self, DesiredState},
+    model::Snapshot,
+    plan::{Applied, PlanSummary},
+    source::manifests::{self, ManifestError},
+};
+
+/// Outcome of one pass, for logs and tests.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub generation: u64,
+    pub frontends: usize,
+    pub backends: usize,
+    pub summary: PlanSummary,
+    pub problems: Vec<String>,
+}
+
+pub struct Reconciler {
+    applied: Applied,
+    generation: u64,
+    /// Problems already logged, so a periodic resync does not repeat them.
+    reported: BTreeSet<String>,
+}
+
+impl Reconciler {
+    pub fn new(applied: Applied) -> Self {
+        Self { applied, generation: 0, reported: BTreeSet::new() }
+    }
+
+    /// Reads the manifests directory and brings the datapath to it.
+    pub fn from_manifests(&mut self, dir: &Path, datapath: &mut Datapath) -> Result<Report, DatapathError> {
+        let (snapshot, parse_errors) = match manifests::read_dir(dir) {
+            Ok(read) => read,
+            Err(e) => {
+                // An unreadable directory must not wipe the datapath: keep the last good state.
+                warn!(error = %e, "manifests unreadable; keeping the last programmed state");
+                return Ok(Report { generation: self.generation, problems: vec![e.to_string()], ..Report::default() });
+            }
+        };
+        let problems = parse_errors.iter().map(ManifestError::to_string).collect();
+        self.apply_snapshot(&snapshot, problems, datapath)
+    }
+
+    pub fn apply_snapshot(
+        &mut self,
+        snapshot: &Snapshot,
+        mut problems: Vec<String>,
+        datapath: &mut Datapath,
+    ) -> Result<Report, DatapathError> {
+        let (state, object_errors) = desired::compute(snapshot);
+        problems.extend(object_errors.iter().map(ToString::to_string));
+        self.apply_state(&state, problems, datapath)
+    }
+
+    pub fn apply_state(
+        &mut self,
+        state: &DesiredState,
+        mut problems: Vec<String>,
+        datapath: &mut Datapath,
+    ) -> Result<Report, DatapathError> {
+        let started = Instant::now();
+        let plan = self.applied.plan(state);
+        problems.extend(plan.errors.iter().map(ToString::to_string));
+        let summary = plan.summary();
+        if !plan.ops.is_empty() {
+            // On failure the old Applied stays: the next pass re-plans against it and
+            // rewrites whatever this one left half done.
+            datapath.apply(&plan.ops)?;
+        }
+        self.applied = plan.next;
+        self.generation += 1;
+
+        let current: BTreeSet<String> = problems.iter().cloned().collect();
+        for problem in current.difference(&self.reported) {
+            warn!(problem = %problem, "object skipped");
+        }
+        for fixed in self.reported.difference(&current) {
+            info!(problem = %fixed, "resolved");
+        }
+        self.reported = current;
+
+        let report = Report {
+            generation: self.generation,
+            frontends: self.applied.frontend_count(),
+            backends: self.applied.backend_count(),
+            summary,
+            problems,
+        };
+        if summary != PlanSummary::default() || report.generation == 1 {
+            info!(
+                generation = report.generation,
+                frontends = report.frontends,
+                backends = report.backends,
+                services_written = summary.services_written,
+                services_deleted = summary.services_deleted,
+                backends_added = summary.backends_added,
+                backends_removed = summary.backends_removed,
+                skipped = report.problems.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "reconciled"
+            );
+        }
+        Ok(report)
+    }
+
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+}

@@ -1,0 +1,134 @@
+//! TC ingress on pod-facing interfaces: traffic leaving a client pod.
+//! `ClusterSetIP:port` is translated to the selected backend `podIP:port`.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use mcs_common::{
+    Backend, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey, RevNatValue, ServiceKey,
+    ServiceValue, Stat, flow_hash,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, count},
+    nat::{Side, rewrite},
+    parse::{Flow, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
+};
+
+#[classifier]
+pub fn mcs_ingress(ctx: TcContext) -> i32 {
+    let flow = match parse(&ctx) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Other => return TC_NEXT,
+        Parsed::Fragment => {
+            count(Stat::Fragment);
+            return TC_NEXT;
+        }
+        Parsed::Malformed => {
+            count(Stat::Malformed);
+            return TC_NEXT;
+        }
+    };
+    let key = ServiceKey { vip: flow.dst_ip, port: flow.dst_port, proto: flow.proto, _pad: 0 };
+    let Some(service) = SERVICES.get_ptr(&key) else {
+        count(Stat::NotService);
+        return TC_NEXT;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let service = unsafe { &*service };
+
+    let ct_key = CtKey {
+        client_ip: flow.src_ip,
+        vip: flow.dst_ip,
+        client_port: flow.src_port,
+        vip_port: flow.dst_port,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let backend = match established(&flow, &ct_key) {
+        Some(backend) => {
+            count(Stat::Established);
+            backend
+        }
+        None => match select(&flow, service) {
+            Some((id, backend)) => {
+                if record(&flow, &ct_key, service, id, &backend).is_err() {
+                    count(Stat::CtInsertFailed);
+                    return TC_ACT_SHOT;
+                }
+                count(Stat::NewFlow);
+                backend
+            }
+            None => {
+                count(Stat::NoBackend);
+                return TC_ACT_SHOT;
+            }
+        },
+    };
+
+    if rewrite(&ctx, &flow, Side::Destination, backend.ip, backend.port).is_err() {
+        count(Stat::RewriteFailed);
+        return TC_ACT_SHOT;
+    }
+    TC_NEXT
+}
+
+/// The backend this flow is pinned to, if it should stay pinned.
+#[inline(always)]
+fn established(flow: &Flow, ct_key: &CtKey) -> Option<Backend> {
+    // A bare SYN opens a new connection: a reused client port must not inherit
+    // the backend of an earlier connection.
+    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+        return None;
+    }
+    // SAFETY: map value pointer, valid for this program run.
+    let ct = unsafe { &*CONNTRACK.get_ptr(ct_key)? };
+    let pinned = Backend { ip: ct.backend_ip, port: ct.backend_port, _pad: 0 };
+    // UDP has no connection to keep alive: once the backend is gone from the
+    // service (its id freed or reused), re-select instead of sending into the void.
+    // TCP keeps the pin so an established connection survives endpoint removal.
+    if flow.proto == IPPROTO_UDP {
+        let current = BACKENDS.get(ct.backend_id)?;
+        if current.ip != pinned.ip || current.port != pinned.port {
+            return None;
+        }
+    }
+    Some(pinned)
+}
+
+#[inline(always)]
+fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
+    if service.slot_count == 0 {
+        return None;
+    }
+    let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
+    let slot = service.slot_offset.wrapping_add(hash % service.slot_count);
+    let id = *SELECTION.get(slot)?;
+    let backend = *BACKENDS.get(id)?;
+    if backend.ip == 0 {
+        return None;
+    }
+    Some((id, backend))
+}
+
+#[inline(always)]
+fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend: &Backend) -> Result<(), i64> {
+    let rev_key = RevNatKey {
+        backend_ip: backend.ip,
+        client_ip: flow.src_ip,
+        backend_port: backend.port,
+        client_port: flow.src_port,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let rev = RevNatValue { vip: flow.dst_ip, vip_port: flow.dst_port, _pad: 0 };
+    // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
+    REV_NAT.insert(&rev_key, &rev, 0)?;
+    let ct = CtValue {
+        backend_ip: backend.ip,
+        backend_port: backend.port,
+        _pad: 0,
+        backend_id: id,
+        service_id: service.service_id,
+    };
+    CONNTRACK.insert(ct_key, &ct, 0)?;
+    Ok(())
+}

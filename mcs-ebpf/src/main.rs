@@ -1,0 +1,22 @@
+//! mcs-agent's kernel programs: ClusterSetIP DNAT on TC ingress and reverse NAT
+//! on TC egress of the interfaces that face client pods.
+
+#![no_std]
+#![no_main]
+
+mod egress;
+mod ingress;
+mod maps;
+mod nat;
+mod parse;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never called.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

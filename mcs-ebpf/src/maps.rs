@@ -1,0 +1,45 @@
+//! The maps, typed by `mcs-common`. Userspace resizes them at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use mcs_common::{
+    Backend, CtKey, CtValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS,
+    DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, ServiceKey, ServiceValue, Stat,
+};
+
+/// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
+/// to the programs after us (a CNI's policy or routing). TC_ACT_OK would end
+/// the chain and bypass them.
+pub const TC_NEXT: i32 = -1;
+pub const TC_ACT_SHOT: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static SELECTION: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}

@@ -1,0 +1,154 @@
+//! The real `mcs-agent` binary, run inside the node namespace as a user would.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::netns::Netns;
+
+/// The agent binary: `$MCS_AGENT_BIN`, else `mcs-agent` next to the running
+/// test executable's profile directory (where `cargo build` puts it).
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MCS_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join("mcs-agent");
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo build -p mcs-agent`; `cargo xtask test` does) or set MCS_AGENT_BIN",
+        path.display()
+    );
+    path
+}
+
+/// A running agent; SIGTERM and wait on drop.
+pub struct Agent {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `mcs-agent run --manifests <dir> --interface ...` in `ns`,
+    /// waiting until it reports ready.
+    pub fn start(ns: &Netns, manifests: &Path, interfaces: &[String], extra: &[&str]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()]).arg(agent_binary()).arg("run");
+        cmd.arg("--manifests").arg(manifests);
+        for iface in interfaces {
+            cmd.args(["--interface", iface]);
+        }
+        cmd.args(extra).env("MCS_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning mcs-agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("MCS_TEST_VERBOSE").is_some() {
+                    eprintln!("agent: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Self { child: Some(child), lines };
+        agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(20));
+        agent
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line matching `pred`; panics with the log if it never comes
+    /// or the agent exits.
+    pub fn wait_for(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("mcs-agent exited ({status}):\n{}", self.logs().join("\n"));
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for the agent; log:\n{}", self.logs().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The highest `generation=` the agent has reported as reconciled.
+    pub fn generation(&self) -> u64 {
+        self.logs()
+            .iter()
+            .filter(|l| l.contains("reconciled"))
+            .filter_map(|l| l.split("generation=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until a reconcile newer than `after` changed the datapath.
+    pub fn wait_reconciled_after(&mut self, after: u64) {
+        self.wait_for(
+            |l| {
+                l.contains("reconciled")
+                    && l.split("generation=")
+                        .nth(1)
+                        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                        .is_some_and(|g| g > after)
+            },
+            Duration::from_secs(5),
+        );
+    }
+
+    /// Kills the agent without letting it clean up, as a crash would.
+    pub fn crash(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status and the complete log.
+    pub fn stop(mut self) -> (bool, Vec<String>) {
+        let ok = self.terminate();
+        std::thread::sleep(Duration::from_millis(50));
+        (ok, self.logs())
+    }
+
+    fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}

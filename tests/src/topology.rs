@@ -1,0 +1,85 @@
+//! A flat, routed clusterset in namespaces.
+//!
+//! ```text
+//!  client pod ns            node ns (agent)                 cluster ns (one per cluster)
+//!  eth0 10.0.<i>.2 ── pod<i> 10.0.<i>.1                      pod IPs 10.<10+j>.0.<k>/32 on eth0
+//!                           c<j> 10.255.<j>.1 ───────── eth0 10.255.<j>.2
+//!                           route 10.<10+j>.0.0/16 via 10.255.<j>.2
+//! ```
+//! Clients reach ClusterSetIPs through their default route to the node, where
+//! the agent's TC ingress on `pod<i>` translates them; pod IPs are routed
+//! unchanged (no SNAT), as on a flat multi-cluster pod network.
+
+use std::net::Ipv4Addr;
+
+use crate::netns::{Netns, veth};
+
+pub struct Cluster {
+    pub name: String,
+    pub ns: Netns,
+    index: u8,
+    pods: u8,
+}
+
+impl Cluster {
+    /// Adds a pod IP to this cluster and returns it.
+    pub fn add_pod(&mut self) -> Ipv4Addr {
+        self.pods += 1;
+        let ip = Ipv4Addr::new(10, 10 + self.index, 0, self.pods);
+        self.ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ip
+    }
+}
+
+pub struct Client {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// The node-side interface facing this client: where the agent attaches.
+    pub node_iface: String,
+}
+
+pub struct Clusterset {
+    pub node: Netns,
+    pub clients: Vec<Client>,
+    pub clusters: Vec<Cluster>,
+}
+
+impl Clusterset {
+    pub fn new(clients: usize, cluster_names: &[&str]) -> Self {
+        let node = Netns::new("mcs-node");
+        node.sysctl("net.ipv4.ip_forward", "1");
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0");
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0");
+        let mut set = Self { node, clients: Vec::new(), clusters: Vec::new() };
+        for i in 0..clients {
+            set.add_client(i as u8);
+        }
+        for (j, name) in cluster_names.iter().enumerate() {
+            let ns = Netns::new("mcs-cl");
+            let j8 = j as u8;
+            let node_if = format!("c{j}");
+            veth(&set.node, &node_if, &ns, "eth0");
+            set.node.ip(&["addr", "add", &format!("10.255.{j}.1/24"), "dev", &node_if]);
+            ns.ip(&["addr", "add", &format!("10.255.{j}.2/24"), "dev", "eth0"]);
+            ns.ip(&["route", "add", "default", "via", &format!("10.255.{j}.1")]);
+            set.node.ip(&["route", "add", &format!("10.{}.0.0/16", 10 + j8), "via", &format!("10.255.{j}.2")]);
+            set.clusters.push(Cluster { name: (*name).to_owned(), ns, index: j8, pods: 0 });
+        }
+        set
+    }
+
+    fn add_client(&mut self, i: u8) {
+        let ns = Netns::new("mcs-pod");
+        let node_iface = format!("pod{i}");
+        veth(&self.node, &node_iface, &ns, "eth0");
+        self.node.ip(&["addr", "add", &format!("10.0.{i}.1/24"), "dev", &node_iface]);
+        let ip = Ipv4Addr::new(10, 0, i, 2);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        ns.ip(&["route", "add", "default", "via", &format!("10.0.{i}.1")]);
+        self.clients.push(Client { ns, ip, node_iface });
+    }
+
+    pub fn client_ifaces(&self) -> Vec<String> {
+        self.clients.iter().map(|c| c.node_iface.clone()).collect()
+    }
+}

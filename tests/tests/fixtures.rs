@@ -1,0 +1,350 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN: the real programs, loaded into
+//! the running kernel with maps programmed by the agent's own reconcile path.
+//! Each fixture is an input frame, the expected verdict and the expected
+//! output, with checksums recomputed from scratch by the test.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use mcs_agent::{
+    datapath::{Datapath, Sizes},
+    model::Origin,
+    plan::{Applied, Capacity},
+    reconcile::Reconciler,
+    source::manifests::parse_documents,
+};
+use mcs_common::{
+    CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map,
+};
+use mcs_tests::packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view};
+
+const TC_NEXT: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// In table order (sorted by address).
+const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 11, 0, 1)];
+
+const MANIFESTS: &str = r#"
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {name: web, namespace: demo}
+spec:
+  type: ClusterSetIP
+  ips: ["10.96.0.10"]
+  ports:
+  - {name: http, port: 80, protocol: TCP}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceImport
+metadata: {name: empty, namespace: demo}
+spec: {type: ClusterSetIP, ips: ["10.96.0.20"], ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: ["10.10.0.1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-b
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: b}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: ["10.11.0.1"]}]
+"#;
+
+fn datapath() -> Datapath {
+    datapath_with_conntrack(1024)
+}
+
+fn datapath_with_conntrack(conntrack: u32) -> Datapath {
+    let capacity = Capacity { services: 64, backends: 64, slots: 256 };
+    let mut dp = Datapath::load(Sizes { capacity, conntrack }, None)
+        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
+    let (snapshot, errors) = parse_documents(&Origin("fixture".into()), MANIFESTS);
+    assert!(errors.is_empty(), "{errors:?}");
+    let report = Reconciler::new(Applied::new(capacity)).apply_snapshot(&snapshot, vec![], &mut dp).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.frontends, 3);
+    dp
+}
+
+fn run(dp: &mut Datapath, program: &'static str, input: &[u8]) -> (i32, Vec<u8>) {
+    run_repeat(dp, program, input, 1).0
+}
+
+fn run_repeat(dp: &mut Datapath, program: &'static str, input: &[u8], repeat: u32) -> ((i32, Vec<u8>), u128) {
+    let mut out = vec![0u8; input.len() + 128];
+    let prog = dp.program_mut(program).unwrap();
+    let result = prog
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat, ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    ((result.return_value as i32, out), result.duration.as_nanos())
+}
+
+/// Which backend the kernel's hash picks for a client port, as userspace predicts it.
+fn expected_backend(sport: u16, vip_port: u16, proto: u8) -> Ipv4Addr {
+    let h = flow_hash(ip_to_map(CLIENT.octets()), ip_to_map(VIP.octets()), port_to_map(sport), port_to_map(vip_port), proto);
+    BACKENDS[(h % 2) as usize]
+}
+
+/// A client port that the hash sends to `backend`.
+fn port_for(backend: Ipv4Addr) -> u16 {
+    (40000..41000).find(|&p| expected_backend(p, 80, IPPROTO_TCP) == backend).unwrap()
+}
+
+#[test]
+fn tcp_syn_to_the_vip_is_dnatted_with_valid_checksums_and_tracked() {
+    let mut dp = datapath();
+    let sport = 40123;
+    let input = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b"");
+    let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
+    assert_eq!(verdict, TC_NEXT);
+    let v = view(&out);
+    assert_eq!((v.src, v.sport), (CLIENT, sport), "source untouched");
+    assert_eq!((v.dst, v.dport), (expected_backend(sport, 80, IPPROTO_TCP), 8080));
+    assert!(v.ip_checksum_ok, "IPv4 header checksum");
+    assert_eq!(v.l4_checksum_ok, Some(true), "TCP checksum");
+    assert_eq!(out.len(), input.len());
+    assert_eq!(out[..14], input[..14], "Ethernet header untouched");
+    assert_eq!(dp.conntrack_entries().len(), 1);
+    assert_eq!(dp.rev_nat_entries().len(), 1);
+    assert_eq!(dp.stat(Stat::NewFlow), 1);
+}
+
+#[test]
+fn established_packets_follow_conntrack_and_a_bare_syn_chooses_afresh() {
+    let mut dp = datapath();
+    let sport = port_for(BACKENDS[0]);
+    // Pin the flow to the *other* backend, as an earlier selection might have.
+    let key = CtKey {
+        client_ip: ip_to_map(CLIENT.octets()),
+        vip: ip_to_map(VIP.octets()),
+        client_port: port_to_map(sport),
+        vip_port: port_to_map(80),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let pinned = CtValue {
+        backend_ip: ip_to_map(BACKENDS[1].octets()),
+        backend_port: port_to_map(8080),
+        _pad: 0,
+        backend_id: 2,
+        service_id: 1,
+    };
+    dp.insert_conntrack(key, pinned).unwrap();
+
+    let ack = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK | TCP_PSH, b"GET / HTTP/1.1\r\n\r\n");
+    let (verdict, out) = run(&mut dp, PROG_INGRESS, &ack);
+    assert_eq!(verdict, TC_NEXT);
+    let v = view(&out);
+    assert_eq!(v.dst, BACKENDS[1], "established packets stay on the pinned backend");
+    assert_eq!(v.l4_checksum_ok, Some(true));
+    assert_eq!(v.payload, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(dp.stat(Stat::Established), 1);
+
+    let syn = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b"");
+    let (_, out) = run(&mut dp, PROG_INGRESS, &syn);
+    assert_eq!(view(&out).dst, BACKENDS[0], "a reused client port with a new SYN is balanced afresh");
+    let (_, out) = run(&mut dp, PROG_INGRESS, &ack);
+    assert_eq!(view(&out).dst, BACKENDS[0], "and conntrack now follows the new choice");
+}
+
+#[test]
+fn udp_is_dnatted_and_a_zero_checksum_stays_zero() {
+    let mut dp = datapath();
+    for zero in [false, true] {
+        let input = udp(&Ipv4Spec::new(CLIENT, VIP), 5000, 53, b"query", zero);
+        let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
+        assert_eq!(verdict, TC_NEXT);
+        let v = view(&out);
+        assert_eq!((v.dst, v.dport), (expected_backend(5000, 53, 17), 5353));
+        assert!(v.ip_checksum_ok);
+        if zero {
+            assert_eq!(v.l4_checksum_ok, None, "a UDP checksum of zero must stay zero");
+        } else {
+            assert_eq!(v.l4_checksum_ok, Some(true));
+        }
+    }
+}
+
+#[test]
+fn replies_are_reverse_natted_to_the_vip_and_others_pass_untouched() {
+    let mut dp = datapath();
+    let sport = 40200;
+    let backend = expected_backend(sport, 80, IPPROTO_TCP);
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+
+    let reply = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_SYN | TCP_ACK, b"");
+    let (verdict, out) = run(&mut dp, PROG_EGRESS, &reply);
+    assert_eq!(verdict, TC_NEXT);
+    let v = view(&out);
+    assert_eq!((v.src, v.sport), (VIP, 80), "the client must see the VIP");
+    assert_eq!((v.dst, v.dport), (CLIENT, sport));
+    assert!(v.ip_checksum_ok);
+    assert_eq!(v.l4_checksum_ok, Some(true));
+    assert_eq!(dp.stat(Stat::RevNat), 1);
+
+    // Same backend, another client port: not a translated flow.
+    let other = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport + 1, TCP_ACK, b"x");
+    let (verdict, out) = run(&mut dp, PROG_EGRESS, &other);
+    assert_eq!((verdict, out), (TC_NEXT, other));
+}
+
+#[test]
+fn non_service_traffic_passes_byte_for_byte_and_creates_no_state() {
+    let mut dp = datapath();
+    let cases = [
+        tcp(&Ipv4Spec::new(CLIENT, Ipv4Addr::new(10, 10, 0, 1)), 40000, 8080, TCP_SYN, b""),
+        tcp(&Ipv4Spec::new(CLIENT, VIP), 40000, 81, TCP_SYN, b""),
+        udp(&Ipv4Spec::new(CLIENT, VIP), 40000, 80, b"", false),
+    ];
+    for input in cases {
+        let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
+        assert_eq!((verdict, &out), (TC_NEXT, &input));
+    }
+    // ARP and IPv6 frames.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut v6 = vec![0u8; 12];
+    v6.extend_from_slice(&[0x86, 0xdd]);
+    v6.extend_from_slice(&[0x60; 60]);
+    for input in [arp, v6] {
+        let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
+        assert_eq!((verdict, &out), (TC_NEXT, &input));
+    }
+    assert!(dp.conntrack_entries().is_empty());
+    assert_eq!(dp.stat(Stat::NotService), 3);
+}
+
+#[test]
+fn ip_options_shift_the_l4_header_and_are_preserved() {
+    let mut dp = datapath();
+    // Record-route option (type 7, length 11, pointer 4) padded with an end-of-list byte.
+    let options = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let spec = Ipv4Spec { options: &options, ..Ipv4Spec::new(CLIENT, VIP) };
+    let input = tcp(&spec, 40300, 80, TCP_SYN, b"opt");
+    let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
+    assert_eq!(verdict, TC_NEXT);
+    let v = view(&out);
+    assert_eq!((v.dst, v.dport), (expected_backend(40300, 80, IPPROTO_TCP), 8080));
+    assert!(v.ip_checksum_ok);
+    assert_eq!(v.l4_checksum_ok, Some(true));
+    assert_eq!(out[34..46], options, "options untouched");
+    assert_eq!(v.payload, b"opt");
+}
+
+#[test]
+fn fragments_are_never_rewritten_nor_tracked() {
+    let mut dp = datapath();
+    let more_fragments = 0x2000;
+    let cases = [
+        // Non-first fragment: no L4 header at all; its bytes would look like ports.
+        Ipv4Spec { frag: (0, 100), ..Ipv4Spec::new(CLIENT, VIP) },
+        Ipv4Spec { frag: (more_fragments, 100), ..Ipv4Spec::new(CLIENT, VIP) },
+        // First fragment of a larger datagram: the rest could not follow it.
+        Ipv4Spec { frag: (more_fragments, 0), ..Ipv4Spec::new(CLIENT, VIP) },
+    ];
+    for spec in cases {
+        let input = udp(&spec, 5000, 53, b"payload-bytes", false);
+        let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
+        assert_eq!((verdict, &out), (TC_NEXT, &input));
+        let (verdict, out) = run(&mut dp, PROG_EGRESS, &input);
+        assert_eq!((verdict, &out), (TC_NEXT, &input));
+    }
+    assert!(dp.conntrack_entries().is_empty());
+    assert_eq!(dp.stat(Stat::Fragment), 3);
+}
+
+#[test]
+fn truncated_and_malformed_headers_pass_untouched() {
+    let mut dp = datapath();
+    let full = tcp(&Ipv4Spec::new(CLIENT, VIP), 40400, 80, TCP_SYN, b"");
+    // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than a full IP
+    // header, so truncation is fed from there on.
+    let mut cases: Vec<Vec<u8>> = [14 + 20, 14 + 20 + 12].iter().map(|&n| full[..n].to_vec()).collect();
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    cases.push(bad_ihl);
+    let mut bad_version = full.clone();
+    bad_version[14] = 0x65;
+    cases.push(bad_version);
+    // IHL claims 60 bytes of header but the frame ends first.
+    let mut long_ihl = full.clone();
+    long_ihl[14] = 0x4f;
+    cases.push(long_ihl);
+    let mut short_udp = udp(&Ipv4Spec::new(CLIENT, VIP), 5000, 53, b"", false);
+    short_udp.truncate(14 + 20 + 4);
+    cases.push(short_udp);
+    for input in &cases {
+        for program in [PROG_INGRESS, PROG_EGRESS] {
+            let (verdict, out) = run(&mut dp, program, input);
+            assert_eq!((verdict, &out), (TC_NEXT, input), "{program} on {} bytes", input.len());
+        }
+    }
+    assert!(dp.conntrack_entries().is_empty());
+    assert!(dp.stat(Stat::Malformed) >= 5, "counted: {}", dp.stat(Stat::Malformed));
+}
+
+#[test]
+fn a_service_without_ready_backends_drops_instead_of_leaking_to_the_vip() {
+    let mut dp = datapath();
+    let input = tcp(&Ipv4Spec::new(CLIENT, EMPTY_VIP), 40500, 80, TCP_SYN, b"");
+    let (verdict, _) = run(&mut dp, PROG_INGRESS, &input);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(dp.stat(Stat::NoBackend), 1);
+    assert!(dp.conntrack_entries().is_empty());
+}
+
+/// The per-packet cost of each path, from BPF_PROG_TEST_RUN's in-kernel timer.
+///
+/// Each sample is one run on a fresh frame: with `repeat > 1` the kernel reuses
+/// the skb the first run already rewrote, so later runs would all take the
+/// miss path. New flows use a distinct client port per sample. Printed, not
+/// asserted (timing belongs to `cargo xtask bench`); every sample's output is checked.
+#[test]
+fn per_packet_cost_of_each_path() {
+    let mut dp = datapath_with_conntrack(65_536);
+    let samples = 20_000u16;
+    let mut report = Vec::new();
+    let mut measure = |name: &str, program: &'static str, frames: Vec<Vec<u8>>, translated: bool, dp: &mut Datapath| {
+        let mut ns: Vec<u128> = frames
+            .iter()
+            .map(|frame| {
+                let ((verdict, out), ns) = run_repeat(dp, program, frame, 1);
+                assert_eq!(verdict, TC_NEXT, "{name}");
+                assert_eq!(&out != frame, translated, "{name}");
+                ns
+            })
+            .collect();
+        ns.sort_unstable();
+        let (p50, p99) = (ns[ns.len() / 2], ns[ns.len() * 99 / 100]);
+        report.push(format!("{name}: p50 {p50} ns, p99 {p99} ns"));
+    };
+    let ports = || 20_000..20_000 + samples;
+    let miss = ports().map(|p| tcp(&Ipv4Spec::new(CLIENT, Ipv4Addr::new(10, 10, 0, 1)), p, 8080, TCP_ACK, b"")).collect();
+    measure("miss", PROG_INGRESS, miss, false, &mut dp);
+    let syns = ports().map(|p| tcp(&Ipv4Spec::new(CLIENT, VIP), p, 80, TCP_SYN, b"")).collect();
+    measure("new flow", PROG_INGRESS, syns, true, &mut dp);
+    let acks = ports().map(|p| tcp(&Ipv4Spec::new(CLIENT, VIP), p, 80, TCP_ACK, b"")).collect();
+    measure("established", PROG_INGRESS, acks, true, &mut dp);
+    let replies = ports()
+        .map(|p| tcp(&Ipv4Spec::new(expected_backend(p, 80, IPPROTO_TCP), CLIENT), 8080, p, TCP_ACK, b""))
+        .collect();
+    measure("reverse NAT", PROG_EGRESS, replies, true, &mut dp);
+    assert_eq!(dp.conntrack_entries().len(), usize::from(samples));
+    println!("per-packet cost ({samples} samples each): {}", report.join("; "));
+}

@@ -1,0 +1,292 @@
+//! The whole agent, driven through its CLI, with real TCP and UDP sockets in
+//! a flat clusterset built from network namespaces (see `mcs_tests::topology`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use mcs_tests::{
+    agent::Agent,
+    manifests::{self, Port, endpoint_slice, service_import},
+    netns::Netns,
+    topology::Clusterset,
+    traffic::{Connection, Server, tcp_request, udp_request},
+};
+use tempfile::TempDir;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const IMPORT_PORTS: &[Port<'static>] = &[("http", 80, "TCP"), ("dns", 53, "UDP"), ("tcp2", 4242, "TCP")];
+const SLICE_PORTS: &[Port<'static>] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
+
+/// A clusterset with backends serving `web` on every port, and an agent.
+struct Lab {
+    set: Clusterset,
+    dir: TempDir,
+    /// cluster name -> its pods' IPs
+    pods: BTreeMap<String, Vec<Ipv4Addr>>,
+    _servers: Vec<Server>,
+}
+
+impl Lab {
+    /// `pods_per_cluster`: e.g. `&[("cluster-a", 2), ("cluster-b", 1)]`.
+    fn new(pods_per_cluster: &[(&str, usize)]) -> Self {
+        let names: Vec<&str> = pods_per_cluster.iter().map(|(n, _)| *n).collect();
+        let mut set = Clusterset::new(1, &names);
+        let mut pods = BTreeMap::new();
+        let mut servers = Vec::new();
+        for (cluster, &(_, count)) in set.clusters.iter_mut().zip(pods_per_cluster) {
+            let mut ips = Vec::new();
+            for k in 1..=count {
+                let ip = cluster.add_pod();
+                let id = format!("{}/pod-{k}", cluster.name);
+                servers.push(Server::tcp(&cluster.ns, ip, 8080, &id));
+                servers.push(Server::tcp(&cluster.ns, ip, 42, &format!("{id}:42")));
+                servers.push(Server::udp(&cluster.ns, ip, 5353, &id));
+                ips.push(ip);
+            }
+            pods.insert(cluster.name.clone(), ips);
+        }
+        let lab = Self { set, dir: tempfile::tempdir().expect("tempdir"), pods, _servers: servers };
+        lab.write_import();
+        for cluster in lab.pods.keys() {
+            lab.write_slice(cluster, &[]);
+        }
+        lab
+    }
+
+    fn write_import(&self) {
+        manifests::write(self.dir.path(), "web-import.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
+    }
+
+    /// Writes `cluster`'s slice with all its pods, those in `not_ready` marked unready.
+    fn write_slice(&self, cluster: &str, not_ready: &[Ipv4Addr]) {
+        let endpoints: Vec<(Ipv4Addr, bool)> =
+            self.pods[cluster].iter().map(|ip| (*ip, !not_ready.contains(ip))).collect();
+        let yaml = endpoint_slice("demo", "web", cluster, SLICE_PORTS, &endpoints);
+        manifests::write(self.dir.path(), &format!("web-{cluster}.yaml"), &yaml);
+    }
+
+    fn agent(&self, extra: &[&str]) -> Agent {
+        Agent::start(&self.set.node, self.dir.path(), &self.set.client_ifaces(), extra)
+    }
+
+    fn client(&self) -> &Netns {
+        &self.set.clients[0].ns
+    }
+
+    fn client_ip(&self) -> Ipv4Addr {
+        self.set.clients[0].ip
+    }
+
+    fn all_pods(&self) -> usize {
+        self.pods.values().map(Vec::len).sum()
+    }
+}
+
+fn vip(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, port)
+}
+
+/// TCX programs of ours still attached to `iface` in `ns`.
+fn tcx_programs(ns: &Netns, iface: &'static str) -> Vec<String> {
+    ns.run(move || {
+        let mut names = Vec::new();
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, programs) = SchedClassifier::query_tcx(iface, attach_type).expect("query_tcx");
+            names.extend(programs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)));
+        }
+        names
+    })
+}
+
+fn netlink_filters(ns: &Netns, iface: &str) -> String {
+    let mut out = String::new();
+    for dir in ["ingress", "egress"] {
+        let listing = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "tc", "filter", "show", "dev", iface, dir])
+            .output()
+            .expect("tc");
+        out.push_str(&String::from_utf8_lossy(&listing.stdout));
+    }
+    out
+}
+
+#[test]
+fn tcp_and_udp_through_the_vip_reach_every_ready_backend_as_the_vip() {
+    let lab = Lab::new(&[("cluster-a", 2), ("cluster-b", 2)]);
+    let agent = lab.agent(&[]);
+    assert!(agent.logs().iter().any(|l| l.contains("mounted bpffs")), "the agent mounts bpffs inside `ip netns exec`");
+    let client_ip = lab.client_ip();
+
+    let mut tcp_seen = BTreeSet::new();
+    for _ in 0..80 {
+        let reply = tcp_request(lab.client(), vip(80)).expect("TCP through the VIP");
+        assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)), "getpeername must be the VIP");
+        assert_eq!(reply.peer_seen.ip(), client_ip, "the backend sees the client's own IP");
+        assert_eq!(reply.peer_seen.port(), reply.local.port(), "and its own port");
+        tcp_seen.insert(reply.identity);
+    }
+    assert_eq!(tcp_seen.len(), lab.all_pods(), "every ready backend answers: {tcp_seen:?}");
+    assert!(tcp_seen.iter().any(|id| id.starts_with("cluster-a")) && tcp_seen.iter().any(|id| id.starts_with("cluster-b")));
+
+    let mut udp_seen = BTreeSet::new();
+    for _ in 0..80 {
+        let reply = udp_request(lab.client(), vip(53)).expect("UDP through the VIP");
+        assert_eq!(reply.reply_from, SocketAddr::V4(vip(53)), "the reply's source must be the VIP");
+        assert_eq!(reply.peer_seen.ip(), client_ip);
+        udp_seen.insert(reply.identity);
+    }
+    assert_eq!(udp_seen.len(), lab.all_pods(), "{udp_seen:?}");
+
+    // Named port: VIP tcp2/4242 maps to the slices' tcp2, pod port 42.
+    for _ in 0..10 {
+        let reply = tcp_request(lab.client(), vip(4242)).expect("tcp2 through the VIP");
+        assert!(reply.identity.ends_with(":42"), "{}", reply.identity);
+        assert_eq!(reply.reply_from, SocketAddr::V4(vip(4242)));
+    }
+    // Kept-alive connection: many requests, one backend.
+    let mut conn = Connection::open(lab.client(), vip(80)).unwrap();
+    let first = conn.request().unwrap().identity;
+    for _ in 0..50 {
+        assert_eq!(conn.request().unwrap().identity, first);
+    }
+    drop(conn);
+
+    assert_eq!(tcx_programs(&lab.set.node, "pod0"), ["mcs_ingress", "mcs_egress"]);
+    let (clean_exit, logs) = agent.stop();
+    assert!(clean_exit, "SIGTERM must end the agent with status 0:\n{}", logs.join("\n"));
+    assert!(tcx_programs(&lab.set.node, "pod0").is_empty(), "nothing stays attached after a normal stop");
+    let stopped = logs.iter().find(|l| l.contains("stopped")).expect("final counters");
+    assert!(stopped.contains("rev_nat=") && !stopped.contains("new_flow=0 "), "{stopped}");
+}
+
+#[test]
+fn a_removed_endpoint_gets_no_new_connections_while_an_open_one_keeps_working() {
+    let lab = Lab::new(&[("cluster-a", 1), ("cluster-b", 1)]);
+    let mut agent = lab.agent(&[]);
+    let leaving = lab.pods["cluster-a"][0];
+
+    // An open connection to the backend that is about to leave.
+    let mut kept = None;
+    for _ in 0..64 {
+        let mut conn = Connection::open(lab.client(), vip(80)).unwrap();
+        if conn.request().unwrap().identity == "cluster-a/pod-1" {
+            kept = Some(conn);
+            break;
+        }
+    }
+    let mut kept = kept.expect("some connection must land on cluster-a/pod-1");
+
+    let generation = agent.generation();
+    lab.write_slice("cluster-a", &[leaving]);
+    agent.wait_reconciled_after(generation);
+
+    for _ in 0..60 {
+        let reply = tcp_request(lab.client(), vip(80)).unwrap();
+        assert_eq!(reply.identity, "cluster-b/pod-1", "an unready endpoint must get no new connection");
+    }
+    for _ in 0..30 {
+        let reply = udp_request(lab.client(), vip(53)).unwrap();
+        assert_eq!(reply.identity, "cluster-b/pod-1", "nor new UDP flows");
+    }
+    for _ in 0..10 {
+        let reply = kept.request().expect("the established connection keeps working");
+        assert_eq!(reply.identity, "cluster-a/pod-1");
+        assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)));
+    }
+
+    // Back to ready: it serves new connections again.
+    let generation = agent.generation();
+    lab.write_slice("cluster-a", &[]);
+    agent.wait_reconciled_after(generation);
+    let seen: BTreeSet<String> = (0..40).map(|_| tcp_request(lab.client(), vip(80)).unwrap().identity).collect();
+    assert!(seen.contains("cluster-a/pod-1"), "{seen:?}");
+}
+
+#[test]
+fn a_deleted_service_import_makes_the_vip_unreachable() {
+    let lab = Lab::new(&[("cluster-a", 1), ("cluster-b", 1)]);
+    let mut agent = lab.agent(&[]);
+    tcp_request(lab.client(), vip(80)).expect("served before the delete");
+    let generation = agent.generation();
+    manifests::remove(lab.dir.path(), "web-import.yaml");
+    agent.wait_reconciled_after(generation);
+    assert!(tcp_request(lab.client(), vip(80)).is_err(), "the VIP must stop answering TCP");
+    assert!(udp_request(lab.client(), vip(53)).is_err(), "and UDP");
+
+    let generation = agent.generation();
+    lab.write_import();
+    agent.wait_reconciled_after(generation);
+    tcp_request(lab.client(), vip(80)).expect("served again once re-imported");
+}
+
+#[test]
+fn invalid_objects_are_reported_by_file_object_and_field_and_the_rest_keeps_working() {
+    let lab = Lab::new(&[("cluster-a", 1)]);
+    let other_vip = Ipv4Addr::new(10, 96, 0, 11);
+    let bad = service_import("demo", "broken", other_vip, &[("http", 80, "TCP")]).replace("port: 80", "port: 70000");
+    manifests::write(lab.dir.path(), "broken.yaml", &bad);
+    manifests::write(lab.dir.path(), "garbage.yaml", "kind: [unclosed\n");
+    let mut agent = lab.agent(&[]);
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains("broken.yaml (document 1): ServiceImport demo/broken: spec.ports[0].port: 70000 is out of range"),
+        "{logs}"
+    );
+    assert!(logs.contains("garbage.yaml (document 1): invalid YAML"), "{logs}");
+    tcp_request(lab.client(), vip(80)).expect("the valid import is served");
+
+    // Fixing the file brings the import in, using web's endpoints.
+    let generation = agent.generation();
+    let fixed = service_import("demo", "web2", other_vip, &[("http", 80, "TCP")]);
+    manifests::write(lab.dir.path(), "broken.yaml", &fixed);
+    agent.wait_reconciled_after(generation);
+    let fixed_slice = endpoint_slice("demo", "web2", "cluster-a", SLICE_PORTS, &[(lab.pods["cluster-a"][0], true)]);
+    let generation = agent.generation();
+    manifests::write(lab.dir.path(), "web2-slice.yaml", &fixed_slice);
+    agent.wait_reconciled_after(generation);
+    let reply = tcp_request(lab.client(), SocketAddrV4::new(other_vip, 80)).expect("the fixed import is served");
+    assert_eq!(reply.reply_from, SocketAddr::V4(SocketAddrV4::new(other_vip, 80)));
+}
+
+#[test]
+fn netlink_attach_serves_and_a_crashed_agents_filters_are_removed_at_start() {
+    let lab = Lab::new(&[("cluster-a", 1), ("cluster-b", 1)]);
+    let agent = lab.agent(&["--attach", "netlink"]);
+    let reply = tcp_request(lab.client(), vip(80)).expect("served through netlink clsact filters");
+    assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)));
+    agent.crash();
+    let filters = netlink_filters(&lab.set.node, "pod0");
+    assert!(filters.contains("mcs_ingress") && filters.contains("mcs_egress"), "a crash leaves filters: {filters}");
+
+    // While no agent runs, the import goes away. A stale filter would keep
+    // translating with its stale maps and the VIP would keep answering.
+    manifests::remove(lab.dir.path(), "web-import.yaml");
+    let agent = lab.agent(&["--attach", "tcx"]);
+    let logs = agent.logs().join("\n");
+    assert!(logs.contains("removed a stale netlink filter"), "{logs}");
+    assert!(!netlink_filters(&lab.set.node, "pod0").contains("mcs_"));
+    assert!(tcp_request(lab.client(), vip(80)).is_err(), "the deleted import must not be served by a stale program");
+    let (clean, _) = agent.stop();
+    assert!(clean);
+    assert!(tcx_programs(&lab.set.node, "pod0").is_empty());
+}
+
+#[test]
+fn an_unknown_interface_is_a_clear_error() {
+    let lab = Lab::new(&[("cluster-a", 1)]);
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.set.node.name()])
+        .arg(mcs_tests::agent::agent_binary())
+        .args(["run", "--manifests"])
+        .arg(lab.dir.path())
+        .args(["--interface", "nope0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--interface nope0") && stderr.contains("no such interface"), "{stderr}");
+    assert!(tcx_programs(&lab.set.node, "pod0").is_empty(), "nothing half-attached");
+}
