@@ -18,9 +18,9 @@ use aya::{
     util::KernelVersion,
 };
 use mcs_common::{
-    Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_BACKENDS, MAP_CONNTRACK, MAP_REV_NAT, MAP_SELECTION,
-    MAP_SERVICES, MAP_STATS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue, Stat,
+    Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_BACKENDS, MAP_CONNTRACK, MAP_REV_NAT,
+    MAP_SELECTION, MAP_SERVICES, MAP_STATS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -47,7 +47,11 @@ impl AttachMode {
         match self {
             AttachMode::Auto => {
                 let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-                if tcx { AttachMode::Tcx } else { AttachMode::Netlink }
+                if tcx {
+                    AttachMode::Tcx
+                } else {
+                    AttachMode::Netlink
+                }
             }
             other => other,
         }
@@ -59,9 +63,15 @@ pub enum DatapathError {
     #[error("loading the eBPF object into the kernel: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {0} is missing from the eBPF object (was it built from this source tree?)")]
     MissingMap(&'static str),
     #[error("interface {iface}: {message}")]
@@ -69,7 +79,11 @@ pub enum DatapathError {
     #[error("bpffs at {}: {message}", path.display())]
     Bpffs { path: PathBuf, message: String },
     #[error("pinning map {name} at {}: {source}", path.display())]
-    Pin { name: &'static str, path: PathBuf, source: aya::pin::PinError },
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
 }
 
 /// Map sizes, chosen at load time.
@@ -81,7 +95,10 @@ pub struct Sizes {
 
 impl Default for Sizes {
     fn default() -> Self {
-        Self { capacity: Capacity::default(), conntrack: mcs_common::DEFAULT_MAX_CONNTRACK }
+        Self {
+            capacity: Capacity::default(),
+            conntrack: mcs_common::DEFAULT_MAX_CONNTRACK,
+        }
     }
 }
 
@@ -107,15 +124,24 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Makes sure `root` is a bpffs, mounting one if nothing is mounted there
 /// (as inside `ip netns exec`, which remounts /sys without it).
 pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
-    let err = |message: String| DatapathError::Bpffs { path: root.to_owned(), message };
+    let err = |message: String| DatapathError::Bpffs {
+        path: root.to_owned(),
+        message,
+    };
     if let Ok(stat) = nix::sys::statfs::statfs(root)
-        && stat.filesystem_type().0 as i64 == BPF_FS_MAGIC
+        && stat.filesystem_type().0 == BPF_FS_MAGIC
     {
         return Ok(());
     }
     fs::create_dir_all(root).map_err(|e| err(format!("cannot create the mount point: {e}")))?;
-    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))?;
     info!(path = %root.display(), "mounted bpffs");
     Ok(())
 }
@@ -132,7 +158,8 @@ where
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     if let Some(dir) = pin {
         let path = dir.join(name);
-        map.pin(&path).map_err(|source| DatapathError::Pin { name, path, source })?;
+        map.pin(&path)
+            .map_err(|source| DatapathError::Pin { name, path, source })?;
     }
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
@@ -141,7 +168,10 @@ impl Datapath {
     /// Loads the programs and creates the maps. With `bpffs`, the maps are
     /// pinned under [`pin_dir`]; pins left by an earlier run are replaced.
     pub fn load(sizes: Sizes, bpffs: Option<&Path>) -> Result<Self, DatapathError> {
-        let Sizes { capacity, conntrack } = sizes;
+        let Sizes {
+            capacity,
+            conntrack,
+        } = sizes;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_SERVICES, capacity.services)
@@ -151,7 +181,9 @@ impl Datapath {
             .map_max_entries(MAP_REV_NAT, conntrack);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [PROG_INGRESS, PROG_EGRESS] {
-            program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
 
         let pin_dir = match bpffs {
@@ -184,10 +216,19 @@ impl Datapath {
             rev_nat: take(&mut ebpf, MAP_REV_NAT, pin)?,
             stats: take(&mut ebpf, MAP_STATS, pin)?,
         };
-        Ok(Self { ebpf, maps, pin_dir, attached: Vec::new(), unloaded: false })
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir,
+            attached: Vec::new(),
+            unloaded: false,
+        })
     }
 
-    pub fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
+    pub fn program_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, name)
     }
 
@@ -195,9 +236,14 @@ impl Datapath {
     /// Our own programs found there from an earlier, crashed run are removed
     /// first: they would keep translating with stale maps.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DatapathError> {
-        let iface_err = |message: String| DatapathError::Interface { iface: iface.to_owned(), message };
+        let iface_err = |message: String| DatapathError::Interface {
+            iface: iface.to_owned(),
+            message,
+        };
         if nix::net::if_::if_nametoindex(iface).is_err() {
-            return Err(iface_err("no such interface in this network namespace".into()));
+            return Err(iface_err(
+                "no such interface in this network namespace".into(),
+            ));
         }
         remove_stale(iface);
         let mode = mode.resolve();
@@ -208,7 +254,10 @@ impl Datapath {
                 Err(e) => return Err(iface_err(format!("adding the clsact qdisc: {e}"))),
             }
         }
-        for (name, attach_type) in [(PROG_INGRESS, TcAttachType::Ingress), (PROG_EGRESS, TcAttachType::Egress)] {
+        for (name, attach_type) in [
+            (PROG_INGRESS, TcAttachType::Ingress),
+            (PROG_EGRESS, TcAttachType::Egress),
+        ] {
             let options = match mode {
                 AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
                 _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
@@ -233,22 +282,35 @@ impl Datapath {
         for op in ops {
             match op {
                 MapOp::PutBackend { id, backend } => {
-                    maps.backends.set(*id, backend, 0).map_err(map_err(MAP_BACKENDS))?;
+                    maps.backends
+                        .set(*id, backend, 0)
+                        .map_err(map_err(MAP_BACKENDS))?;
                 }
                 MapOp::PutSlots { offset, ids } => {
                     for (i, id) in ids.iter().enumerate() {
-                        maps.selection.set(offset + i as u32, id, 0).map_err(map_err(MAP_SELECTION))?;
+                        maps.selection
+                            .set(offset + i as u32, id, 0)
+                            .map_err(map_err(MAP_SELECTION))?;
                     }
                 }
                 MapOp::PutService { key, value } => {
-                    maps.services.insert(key, value, 0).map_err(map_err(MAP_SERVICES))?;
+                    maps.services
+                        .insert(key, value, 0)
+                        .map_err(map_err(MAP_SERVICES))?;
                 }
                 MapOp::DeleteService { key } => match maps.services.remove(key) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(source) => return Err(DatapathError::Map { name: MAP_SERVICES, source }),
+                    Err(source) => {
+                        return Err(DatapathError::Map {
+                            name: MAP_SERVICES,
+                            source,
+                        });
+                    }
                 },
                 MapOp::ClearBackend { id } => {
-                    maps.backends.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS))?;
+                    maps.backends
+                        .set(*id, Backend::default(), 0)
+                        .map_err(map_err(MAP_BACKENDS))?;
                 }
             }
         }
@@ -260,18 +322,22 @@ impl Datapath {
         Stat::ALL
             .iter()
             .map(|&stat| {
-                let values = self
-                    .maps
-                    .stats
-                    .get(&(stat as u32), 0)
-                    .map_err(|source| DatapathError::Map { name: MAP_STATS, source })?;
+                let values = self.maps.stats.get(&(stat as u32), 0).map_err(|source| {
+                    DatapathError::Map {
+                        name: MAP_STATS,
+                        source,
+                    }
+                })?;
                 Ok((stat, values.iter().sum()))
             })
             .collect()
     }
 
     pub fn stat(&self, stat: Stat) -> u64 {
-        self.stats().ok().and_then(|all| all.into_iter().find(|(s, _)| *s == stat)).map_or(0, |(_, n)| n)
+        self.stats()
+            .ok()
+            .and_then(|all| all.into_iter().find(|(s, _)| *s == stat))
+            .map_or(0, |(_, n)| n)
     }
 
     pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
@@ -292,7 +358,13 @@ impl Datapath {
 
     /// Seeds conntrack (tests and fixtures pin a flow without sending a first packet).
     pub fn insert_conntrack(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
-        self.maps.conntrack.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_CONNTRACK, source })
+        self.maps
+            .conntrack
+            .insert(key, value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: MAP_CONNTRACK,
+                source,
+            })
     }
 
     /// Detaches from every interface and removes the pins. Dropping does the
@@ -336,11 +408,17 @@ impl Drop for Datapath {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?;
-    program.try_into().map_err(|source| DatapathError::Program { name, source })
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
 }
 
 /// Finds our programs on `iface` that this process did not attach and removes
@@ -352,7 +430,12 @@ pub fn remove_stale(iface: &str) -> Vec<String> {
         for name in [PROG_INGRESS, PROG_EGRESS] {
             match tc::qdisc_detach_program(iface, attach_type, name) {
                 Ok(()) => {
-                    warn!(iface, program = name, ?attach_type, "removed a stale netlink filter left by an earlier agent");
+                    warn!(
+                        iface,
+                        program = name,
+                        ?attach_type,
+                        "removed a stale netlink filter left by an earlier agent"
+                    );
                     removed.push(format!("netlink {name} {attach_type:?}"));
                 }
                 Err(e) => debug!(iface, program = name, error = %e, "no stale netlink filter"),
@@ -373,10 +456,18 @@ pub fn remove_stale(iface: &str) -> Vec<String> {
             if link.link_type().ok() == Some(LinkType::Tcx) && stale.contains(&link.program_id()) {
                 match detach_link(link.id()) {
                     Ok(()) => {
-                        warn!(iface, link = link.id(), program = link.program_id(), ?attach_type, "detached a stale TCX link left by an earlier agent");
+                        warn!(
+                            iface,
+                            link = link.id(),
+                            program = link.program_id(),
+                            ?attach_type,
+                            "detached a stale TCX link left by an earlier agent"
+                        );
                         removed.push(format!("tcx link {} {attach_type:?}", link.id()));
                     }
-                    Err(e) => warn!(iface, link = link.id(), error = %e, "a stale TCX link could not be detached; it may shadow this agent"),
+                    Err(e) => {
+                        warn!(iface, link = link.id(), error = %e, "a stale TCX link could not be detached; it may shadow this agent")
+                    }
                 }
             }
         }
@@ -391,7 +482,14 @@ fn detach_link(link_id: u32) -> io::Result<()> {
     let mut attr = [0u32; 4];
     attr[0] = link_id;
     // SAFETY: attr is a zeroed bpf_attr prefix of the size we pass.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_ptr(), size_of_val(&attr)) };
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -399,6 +497,17 @@ fn detach_link(link_id: u32) -> io::Result<()> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let attr = [std::os::fd::AsRawFd::as_raw_fd(&fd) as u32, 0, 0, 0];
     // SAFETY: as above.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of_val(&attr)) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -14,7 +14,9 @@ use std::{
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
 
-use crate::model::{LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, Origin, ServiceImport, Snapshot, object_ref};
+use crate::model::{
+    LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, Origin, ServiceImport, Snapshot, object_ref,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -35,8 +37,13 @@ impl Protocol {
         match value.unwrap_or("") {
             "" | "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Err("protocol SCTP is not supported by the mcs-agent datapath (TCP and UDP are)".to_owned()),
-            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+            "SCTP" => Err(
+                "protocol SCTP is not supported by the mcs-agent datapath (TCP and UDP are)"
+                    .to_owned(),
+            ),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+            )),
         }
     }
 }
@@ -101,19 +108,23 @@ pub struct DesiredState {
 
 /// A rejected object: which one, where it came from, and which field is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
-#[error("{origin}{kind} {namespace}/{name}: {field}: {message}")]
+#[error("{origin}{kind} {object}: {field}: {message}")]
 pub struct ObjectError {
     /// `file (document n): ` in standalone mode, empty for API objects.
     pub origin: String,
     pub kind: &'static str,
-    pub namespace: String,
-    pub name: String,
+    /// `namespace/name`
+    pub object: String,
     pub field: String,
     pub message: String,
 }
 
 fn origin_prefix(origin: &Origin) -> String {
-    if origin.0.is_empty() { String::new() } else { format!("{origin}: ") }
+    if origin.0.is_empty() {
+        String::new()
+    } else {
+        format!("{origin}: ")
+    }
 }
 
 struct ValidImport {
@@ -125,13 +136,15 @@ struct ValidImport {
 
 /// Checks one ServiceImport. `Ok(None)`: valid but has no IPv4 VIP to serve
 /// (Headless, IPv6-only, or no IP allocated yet).
-fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<ValidImport>, ObjectError> {
+fn validate_import(
+    origin: &Origin,
+    import: &ServiceImport,
+) -> Result<Option<ValidImport>, ObjectError> {
     let (namespace, name) = object_ref(&import.metadata);
     let err = |field: String, message: String| ObjectError {
         origin: origin_prefix(origin),
         kind: "ServiceImport",
-        namespace: namespace.clone(),
-        name: name.clone(),
+        object: format!("{namespace}/{name}"),
         field,
         message,
     };
@@ -143,27 +156,47 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         Some("ClusterSetIP") => {}
         Some("Headless") => return Ok(None),
         Some(other) => {
-            return Err(err("spec.type".into(), format!("{other:?} is not ClusterSetIP or Headless")));
+            return Err(err(
+                "spec.type".into(),
+                format!("{other:?} is not ClusterSetIP or Headless"),
+            ));
         }
-        None => return Err(err("spec.type".into(), "is required (ClusterSetIP or Headless)".into())),
+        None => {
+            return Err(err(
+                "spec.type".into(),
+                "is required (ClusterSetIP or Headless)".into(),
+            ));
+        }
     }
     if spec.ips.len() > 2 {
         return Err(err(
             "spec.ips".into(),
-            format!("has {} addresses; at most 2 (one per IP family) are allowed", spec.ips.len()),
+            format!(
+                "has {} addresses; at most 2 (one per IP family) are allowed",
+                spec.ips.len()
+            ),
         ));
     }
     let mut vip = None;
     for (i, raw) in spec.ips.iter().enumerate() {
-        let ip: IpAddr = raw
-            .parse()
-            .map_err(|_| err(format!("spec.ips[{i}]"), format!("{raw:?} is not an IP address")))?;
+        let ip: IpAddr = raw.parse().map_err(|_| {
+            err(
+                format!("spec.ips[{i}]"),
+                format!("{raw:?} is not an IP address"),
+            )
+        })?;
         if let IpAddr::V4(v4) = ip {
             if vip.is_some() {
-                return Err(err(format!("spec.ips[{i}]"), "a second IPv4 address; one per family is allowed".into()));
+                return Err(err(
+                    format!("spec.ips[{i}]"),
+                    "a second IPv4 address; one per family is allowed".into(),
+                ));
             }
             if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() {
-                return Err(err(format!("spec.ips[{i}]"), format!("{v4} cannot be a service address")));
+                return Err(err(
+                    format!("spec.ips[{i}]"),
+                    format!("{v4} cannot be a service address"),
+                ));
             }
             vip = Some(v4);
         }
@@ -174,11 +207,19 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         let number = u16::try_from(port.port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| err(format!("spec.ports[{i}].port"), format!("{} is out of range 1-65535", port.port)))?;
-        let protocol =
-            Protocol::parse(port.protocol.as_deref()).map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
+            .ok_or_else(|| {
+                err(
+                    format!("spec.ports[{i}].port"),
+                    format!("{} is out of range 1-65535", port.port),
+                )
+            })?;
+        let protocol = Protocol::parse(port.protocol.as_deref())
+            .map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
         if !seen.insert((number, protocol)) {
-            return Err(err(format!("spec.ports[{i}]"), format!("duplicate port {number}/{protocol}")));
+            return Err(err(
+                format!("spec.ports[{i}]"),
+                format!("duplicate port {number}/{protocol}"),
+            ));
         }
         ports.push((number, protocol, port.name.clone().unwrap_or_default()));
     }
@@ -187,9 +228,23 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
     };
     let ports = ports
         .into_iter()
-        .map(|(port, protocol, port_name)| (FrontendKey { vip, port, protocol }, port_name))
+        .map(|(port, protocol, port_name)| {
+            (
+                FrontendKey {
+                    vip,
+                    port,
+                    protocol,
+                },
+                port_name,
+            )
+        })
         .collect();
-    Ok(Some(ValidImport { namespace, name, vip, ports }))
+    Ok(Some(ValidImport {
+        namespace,
+        name,
+        vip,
+        ports,
+    }))
 }
 
 struct ValidSlice {
@@ -200,13 +255,15 @@ struct ValidSlice {
 }
 
 /// Checks one EndpointSlice. `Ok(None)`: not an IPv4 slice (IPv6 and FQDN are not served).
-fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<ValidSlice>, ObjectError> {
+fn validate_slice(
+    origin: &Origin,
+    slice: &EndpointSlice,
+) -> Result<Option<ValidSlice>, ObjectError> {
     let (namespace, name) = object_ref(&slice.metadata);
     let err = |field: String, message: String| ObjectError {
         origin: origin_prefix(origin),
         kind: "EndpointSlice",
-        namespace: namespace.clone(),
-        name: name.clone(),
+        object: format!("{namespace}/{name}"),
         field,
         message,
     };
@@ -214,35 +271,56 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
         "IPv4" => {}
         "IPv6" | "FQDN" => return Ok(None),
         other => {
-            return Err(err("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN")));
+            return Err(err(
+                "addressType".into(),
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            ));
         }
     }
     let mut ports = BTreeMap::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
-        let protocol =
-            Protocol::parse(port.protocol.as_deref()).map_err(|m| err(format!("ports[{i}].protocol"), m))?;
+        let protocol = Protocol::parse(port.protocol.as_deref())
+            .map_err(|m| err(format!("ports[{i}].protocol"), m))?;
         // A port without a number means "all ports" in the API; nothing to translate to.
         let Some(raw) = port.port else { continue };
-        let number = u16::try_from(raw)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| err(format!("ports[{i}].port"), format!("{raw} is out of range 1-65535")))?;
+        let number = u16::try_from(raw).ok().filter(|p| *p != 0).ok_or_else(|| {
+            err(
+                format!("ports[{i}].port"),
+                format!("{raw} is out of range 1-65535"),
+            )
+        })?;
         ports.insert((port.name.clone().unwrap_or_default(), protocol), number);
     }
     let mut ready = Vec::new();
     for (i, endpoint) in slice.endpoints.iter().enumerate() {
-        let is_ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        let is_ready = endpoint
+            .conditions
+            .as_ref()
+            .and_then(|c| c.ready)
+            .unwrap_or(true);
         for (j, raw) in endpoint.addresses.iter().enumerate() {
-            let ip: Ipv4Addr = raw
-                .parse()
-                .map_err(|_| err(format!("endpoints[{i}].addresses[{j}]"), format!("{raw:?} is not an IPv4 address")))?;
+            let ip: Ipv4Addr = raw.parse().map_err(|_| {
+                err(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{raw:?} is not an IPv4 address"),
+                )
+            })?;
             if is_ready {
                 ready.push(ip);
             }
         }
     }
-    let cluster = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SOURCE_CLUSTER)).cloned();
-    Ok(Some(ValidSlice { cluster, ports, ready }))
+    let cluster = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SOURCE_CLUSTER))
+        .cloned();
+    Ok(Some(ValidSlice {
+        cluster,
+        ports,
+        ready,
+    }))
 }
 
 /// Computes what the datapath should hold. Invalid objects are reported and
@@ -255,13 +333,21 @@ pub fn compute(snapshot: &Snapshot) -> (DesiredState, Vec<ObjectError>) {
     let mut ordered_slices: Vec<_> = snapshot.slices.iter().collect();
     ordered_slices.sort_by_key(|(origin, s)| (object_ref(&s.metadata), origin.clone()));
     for (origin, slice) in ordered_slices {
-        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
             continue;
         };
         match validate_slice(origin, slice) {
             Ok(Some(valid)) => {
                 let (namespace, _) = object_ref(&slice.metadata);
-                slices.entry((namespace, service.clone())).or_default().push(valid);
+                slices
+                    .entry((namespace, service.clone()))
+                    .or_default()
+                    .push(valid);
             }
             Ok(None) => {}
             Err(e) => errors.push(e),
@@ -287,8 +373,7 @@ pub fn compute(snapshot: &Snapshot) -> (DesiredState, Vec<ObjectError>) {
             errors.push(ObjectError {
                 origin: origin_prefix(origin),
                 kind: "ServiceImport",
-                namespace: valid.namespace.clone(),
-                name: valid.name.clone(),
+                object: service.clone(),
                 field: "spec.ips".into(),
                 message: format!("{} is already the ClusterSetIP of {owner}", valid.vip),
             });
@@ -303,12 +388,23 @@ pub fn compute(snapshot: &Snapshot) -> (DesiredState, Vec<ObjectError>) {
                     continue;
                 };
                 for &ip in &slice.ready {
-                    backends.entry(BackendAddr { ip, port }).or_insert_with(|| slice.cluster.clone());
+                    backends
+                        .entry(BackendAddr { ip, port })
+                        .or_insert_with(|| slice.cluster.clone());
                 }
             }
-            let backends =
-                backends.into_iter().map(|(addr, cluster)| DesiredBackend { addr, cluster }).collect();
-            state.frontends.insert(key, Frontend { service: service.clone(), port_name, backends });
+            let backends = backends
+                .into_iter()
+                .map(|(addr, cluster)| DesiredBackend { addr, cluster })
+                .collect();
+            state.frontends.insert(
+                key,
+                Frontend {
+                    service: service.clone(),
+                    port_name,
+                    backends,
+                },
+            );
         }
     }
     (state, errors)
@@ -361,8 +457,16 @@ endpoints: {endpoints}
     }
 
     fn addrs(state: &DesiredState, vip_port: u16, protocol: Protocol) -> Vec<String> {
-        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: vip_port, protocol };
-        state.frontends[&key].backends.iter().map(|b| b.addr.to_string()).collect()
+        let key = FrontendKey {
+            vip: Ipv4Addr::new(10, 96, 0, 10),
+            port: vip_port,
+            protocol,
+        };
+        state.frontends[&key]
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect()
     }
 
     #[test]
@@ -374,25 +478,47 @@ endpoints: {endpoints}
                 "cluster-a",
                 r#"[{addresses: ["10.1.0.2"]}, {addresses: ["10.1.0.3"], conditions: {ready: false}}]"#
             ),
-            slice("web-b", "cluster-b", r#"[{addresses: ["10.2.0.2"], conditions: {ready: true}}]"#)
+            slice(
+                "web-b",
+                "cluster-b",
+                r#"[{addresses: ["10.2.0.2"], conditions: {ready: true}}]"#
+            )
         );
         let (state, errors) = compute(&snapshot(&yaml));
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(state.frontends.len(), 3);
-        assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.1.0.2:8080", "10.2.0.2:8080"]);
-        assert_eq!(addrs(&state, 4242, Protocol::Tcp), ["10.1.0.2:42", "10.2.0.2:42"]);
-        assert_eq!(addrs(&state, 53, Protocol::Udp), ["10.1.0.2:5353", "10.2.0.2:5353"]);
-        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
-        assert_eq!(state.frontends[&key].backends[1].cluster.as_deref(), Some("cluster-b"));
+        assert_eq!(
+            addrs(&state, 80, Protocol::Tcp),
+            ["10.1.0.2:8080", "10.2.0.2:8080"]
+        );
+        assert_eq!(
+            addrs(&state, 4242, Protocol::Tcp),
+            ["10.1.0.2:42", "10.2.0.2:42"]
+        );
+        assert_eq!(
+            addrs(&state, 53, Protocol::Udp),
+            ["10.1.0.2:5353", "10.2.0.2:5353"]
+        );
+        let key = FrontendKey {
+            vip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(
+            state.frontends[&key].backends[1].cluster.as_deref(),
+            Some("cluster-b")
+        );
     }
 
     #[test]
     fn headless_imports_and_unlabelled_or_foreign_slices_produce_nothing() {
-        let yaml = IMPORT.replace("ClusterSetIP", "Headless") + &slice("web-a", "a", r#"[{addresses: ["10.1.0.2"]}]"#);
+        let yaml = IMPORT.replace("ClusterSetIP", "Headless")
+            + &slice("web-a", "a", r#"[{addresses: ["10.1.0.2"]}]"#);
         let (state, errors) = compute(&snapshot(&yaml));
         assert!(errors.is_empty() && state.frontends.is_empty());
 
-        let orphan = slice("other", "a", r#"[{addresses: ["10.1.0.2"]}]"#).replace("service-name: web", "service-name: nope");
+        let orphan = slice("other", "a", r#"[{addresses: ["10.1.0.2"]}]"#)
+            .replace("service-name: web", "service-name: nope");
         let (state, errors) = compute(&snapshot(&format!("{IMPORT}{orphan}")));
         assert!(errors.is_empty());
         assert!(state.frontends.values().all(|f| f.backends.is_empty()));
@@ -401,12 +527,31 @@ endpoints: {endpoints}
     #[test]
     fn bad_fields_are_named_and_only_that_object_is_skipped() {
         let cases = [
-            (IMPORT.replace("port: 80,", "port: 70000,"), "spec.ports[0].port", "70000 is out of range"),
-            (IMPORT.replace("protocol: UDP", "protocol: ICMP"), "spec.ports[2].protocol", "unknown protocol"),
-            (IMPORT.replace("protocol: UDP", "protocol: SCTP"), "spec.ports[2].protocol", "SCTP is not supported"),
-            (IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.x"]"#), "spec.ips[0]", "not an IP address"),
             (
-                IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.10", "fd00::1", "fd00::2"]"#),
+                IMPORT.replace("port: 80,", "port: 70000,"),
+                "spec.ports[0].port",
+                "70000 is out of range",
+            ),
+            (
+                IMPORT.replace("protocol: UDP", "protocol: ICMP"),
+                "spec.ports[2].protocol",
+                "unknown protocol",
+            ),
+            (
+                IMPORT.replace("protocol: UDP", "protocol: SCTP"),
+                "spec.ports[2].protocol",
+                "SCTP is not supported",
+            ),
+            (
+                IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.x"]"#),
+                "spec.ips[0]",
+                "not an IP address",
+            ),
+            (
+                IMPORT.replace(
+                    r#"["10.96.0.10"]"#,
+                    r#"["10.96.0.10", "fd00::1", "fd00::2"]"#,
+                ),
                 "spec.ips",
                 "at most 2",
             ),
@@ -425,7 +570,11 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             assert!(text.starts_with("test.yaml"), "{text}");
             assert!(text.contains("ServiceImport demo/web"), "{text}");
             assert!(text.contains(field) && text.contains(message), "{text}");
-            assert_eq!(state.frontends.len(), 1, "the healthy import must still be served");
+            assert_eq!(
+                state.frontends.len(),
+                1,
+                "the healthy import must still be served"
+            );
         }
     }
 
@@ -438,7 +587,11 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         );
         let (state, errors) = compute(&snapshot(&yaml));
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().contains("EndpointSlice demo/web-a: endpoints[0].addresses[0]"));
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("EndpointSlice demo/web-a: endpoints[0].addresses[0]")
+        );
         assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.2.0.2:8080"]);
     }
 
@@ -447,7 +600,11 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         let second = IMPORT.replace("name: web,", "name: zzz,");
         let (state, errors) = compute(&snapshot(&format!("{IMPORT}---{second}")));
         assert_eq!(errors.len(), 1);
-        assert!(errors[0].to_string().contains("demo/zzz: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web"));
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("demo/zzz: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
+        );
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
     }
 

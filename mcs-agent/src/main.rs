@@ -69,7 +69,12 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto", env = "MCS_ATTACH")]
     attach: AttachMode,
     /// Where bpffs is (or is to be mounted). Maps are pinned under <BPFFS>/mcs/v<layout>/.
-    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/sys/fs/bpf",
+        env = "MCS_BPFFS"
+    )]
     bpffs: PathBuf,
     /// Do not pin maps (nothing is left in bpffs even after a crash).
     #[arg(long)]
@@ -114,15 +119,32 @@ fn main() -> Result<()> {
 
 fn check(dir: &Path) -> Result<()> {
     let (snapshot, mut problems) = manifests::read_dir(dir)
-        .map(|(s, errors)| (s, errors.iter().map(ToString::to_string).collect::<Vec<_>>()))
+        .map(|(s, errors)| {
+            (
+                s,
+                errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            )
+        })
         .with_context(|| format!("reading {}", dir.display()))?;
     let (state, errors) = desired::compute(&snapshot);
     problems.extend(errors.iter().map(ToString::to_string));
     for (key, frontend) in &state.frontends {
-        let port = if frontend.port_name.is_empty() { String::new() } else { format!(" ({})", frontend.port_name) };
-        println!("{key}{port}  {}  {} backend(s)", frontend.service, frontend.backends.len());
+        let port = if frontend.port_name.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", frontend.port_name)
+        };
+        println!(
+            "{key}{port}  {}  {} backend(s)",
+            frontend.service,
+            frontend.backends.len()
+        );
         for backend in &frontend.backends {
-            println!("    {}  cluster={}", backend.addr, backend.cluster.as_deref().unwrap_or("-"));
+            println!(
+                "    {}  cluster={}",
+                backend.addr,
+                backend.cluster.as_deref().unwrap_or("-")
+            );
         }
     }
     for problem in &problems {
@@ -151,16 +173,27 @@ async fn run(args: RunArgs) -> Result<()> {
     if !manifests.is_dir() {
         bail!("--manifests {}: not a directory", manifests.display());
     }
-    let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
-    let sizes = Sizes { capacity, conntrack: max_conntrack };
-    let mut datapath =
-        Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path())).context("loading the datapath")?;
+    let capacity = Capacity {
+        services: max_services,
+        backends: max_backends,
+        slots: max_selection_slots,
+    };
+    let sizes = Sizes {
+        capacity,
+        conntrack: max_conntrack,
+    };
+    let mut datapath = Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path()))
+        .context("loading the datapath")?;
 
     // Program the maps before attaching, so the first packet already sees every service.
     let mut reconciler = Reconciler::new(Applied::new(capacity));
-    reconciler.from_manifests(&manifests, &mut datapath).context("programming the maps")?;
+    reconciler
+        .from_manifests(&manifests, &mut datapath)
+        .context("programming the maps")?;
     for iface in &interfaces {
-        datapath.attach(iface, attach).with_context(|| format!("--interface {iface}"))?;
+        datapath
+            .attach(iface, attach)
+            .with_context(|| format!("--interface {iface}"))?;
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -201,7 +234,10 @@ async fn run(args: RunArgs) -> Result<()> {
     drop(watcher);
     let stats = datapath.stats().unwrap_or_default();
     datapath.shutdown();
-    let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
+    let counts: Vec<String> = stats
+        .iter()
+        .map(|(s, n)| format!("{}={n}", s.name()))
+        .collect();
     if counts.is_empty() {
         warn!("packet counters unavailable");
     } else {

@@ -34,15 +34,30 @@ impl Default for Capacity {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { id: u32, backend: Backend },
-    PutSlots { offset: u32, ids: Vec<u32> },
-    PutService { key: ServiceKey, value: ServiceValue },
-    DeleteService { key: ServiceKey },
-    ClearBackend { id: u32 },
+    PutBackend {
+        id: u32,
+        backend: Backend,
+    },
+    PutSlots {
+        offset: u32,
+        ids: Vec<u32>,
+    },
+    PutService {
+        key: ServiceKey,
+        value: ServiceValue,
+    },
+    DeleteService {
+        key: ServiceKey,
+    },
+    ClearBackend {
+        id: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
-#[error("ServiceImport {service} frontend {frontend}: not programmed, {resource} are exhausted ({capacity} in all); raise {flag}")]
+#[error(
+    "ServiceImport {service} frontend {frontend}: not programmed, {resource} are exhausted ({capacity} in all); raise {flag}"
+)]
 pub struct CapacityError {
     pub service: String,
     pub frontend: FrontendKey,
@@ -66,7 +81,13 @@ struct SlotAllocator {
 
 impl SlotAllocator {
     fn new(capacity: u32) -> Self {
-        Self { free: if capacity == 0 { BTreeMap::new() } else { BTreeMap::from([(0, capacity)]) } }
+        Self {
+            free: if capacity == 0 {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([(0, capacity)])
+            },
+        }
     }
 
     fn alloc(&mut self, len: u32) -> Option<Region> {
@@ -115,7 +136,11 @@ struct IdPool {
 
 impl IdPool {
     fn new(first: u32, limit: u32) -> Self {
-        Self { next: first, limit, free: BTreeSet::new() }
+        Self {
+            next: first,
+            limit,
+            free: BTreeSet::new(),
+        }
     }
 
     fn available(&self) -> u64 {
@@ -204,11 +229,20 @@ pub fn selection_table(frontend: &Frontend) -> Vec<BackendAddr> {
 }
 
 pub fn service_key(key: &FrontendKey) -> ServiceKey {
-    ServiceKey { vip: ip_to_map(key.vip.octets()), port: port_to_map(key.port), proto: key.protocol.number(), _pad: 0 }
+    ServiceKey {
+        vip: ip_to_map(key.vip.octets()),
+        port: port_to_map(key.port),
+        proto: key.protocol.number(),
+        _pad: 0,
+    }
 }
 
 fn backend_value(addr: &BackendAddr) -> Backend {
-    Backend { ip: ip_to_map(addr.ip.octets()), port: port_to_map(addr.port), _pad: 0 }
+    Backend {
+        ip: ip_to_map(addr.ip.octets()),
+        port: port_to_map(addr.port),
+        _pad: 0,
+    }
 }
 
 impl Applied {
@@ -241,9 +275,18 @@ impl Applied {
     pub fn plan(&self, desired: &DesiredState) -> Plan {
         let mut next = self.clone();
         let quarantine = std::mem::take(&mut next.quarantine);
-        quarantine.service_ids.into_iter().for_each(|id| next.service_pool.release(id));
-        quarantine.backend_ids.into_iter().for_each(|id| next.backend_pool.release(id));
-        quarantine.regions.into_iter().for_each(|r| next.slots.release(r));
+        quarantine
+            .service_ids
+            .into_iter()
+            .for_each(|id| next.service_pool.release(id));
+        quarantine
+            .backend_ids
+            .into_iter()
+            .for_each(|id| next.backend_pool.release(id));
+        quarantine
+            .regions
+            .into_iter()
+            .for_each(|r| next.slots.release(r));
 
         let mut puts_backend = Vec::new();
         let mut puts_slots = Vec::new();
@@ -251,11 +294,17 @@ impl Applied {
         let mut deletes = Vec::new();
         let mut errors = Vec::new();
 
-        let gone: Vec<FrontendKey> =
-            next.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
+        let gone: Vec<FrontendKey> = next
+            .frontends
+            .keys()
+            .filter(|k| !desired.frontends.contains_key(k))
+            .copied()
+            .collect();
         for key in gone {
             let old = next.frontends.remove(&key).expect("listed above");
-            deletes.push(MapOp::DeleteService { key: service_key(&key) });
+            deletes.push(MapOp::DeleteService {
+                key: service_key(&key),
+            });
             next.quarantine.service_ids.push(old.service_id);
             next.quarantine.regions.push(old.region);
         }
@@ -273,10 +322,17 @@ impl Applied {
                 capacity,
                 flag,
             };
-            let new_addrs: BTreeSet<BackendAddr> =
-                table.iter().filter(|a| !next.backend_ids.contains_key(a)).copied().collect();
+            let new_addrs: BTreeSet<BackendAddr> = table
+                .iter()
+                .filter(|a| !next.backend_ids.contains_key(a))
+                .copied()
+                .collect();
             if (new_addrs.len() as u64) > next.backend_pool.available() {
-                errors.push(capacity_error("backend ids", self.capacity.backends - 1, "--max-backends"));
+                errors.push(capacity_error(
+                    "backend ids",
+                    self.capacity.backends - 1,
+                    "--max-backends",
+                ));
                 continue;
             }
             let service_id = match old {
@@ -284,7 +340,11 @@ impl Applied {
                 None => match next.service_pool.alloc() {
                     Some(id) => id,
                     None => {
-                        errors.push(capacity_error("service entries", self.capacity.services, "--max-services"));
+                        errors.push(capacity_error(
+                            "service entries",
+                            self.capacity.services,
+                            "--max-services",
+                        ));
                         continue;
                     }
                 },
@@ -293,17 +353,30 @@ impl Applied {
                 if old.is_none() {
                     next.service_pool.release(service_id);
                 }
-                errors.push(capacity_error("selection slots", self.capacity.slots, "--max-selection-slots"));
+                errors.push(capacity_error(
+                    "selection slots",
+                    self.capacity.slots,
+                    "--max-selection-slots",
+                ));
                 continue;
             };
             for addr in new_addrs {
-                let id = next.backend_pool.alloc().expect("availability checked above");
+                let id = next
+                    .backend_pool
+                    .alloc()
+                    .expect("availability checked above");
                 next.backend_ids.insert(addr, id);
-                puts_backend.push(MapOp::PutBackend { id, backend: backend_value(&addr) });
+                puts_backend.push(MapOp::PutBackend {
+                    id,
+                    backend: backend_value(&addr),
+                });
             }
             if region.len > 0 {
                 let ids = table.iter().map(|a| next.backend_ids[a]).collect();
-                puts_slots.push(MapOp::PutSlots { offset: region.offset, ids });
+                puts_slots.push(MapOp::PutSlots {
+                    offset: region.offset,
+                    ids,
+                });
             }
             puts_service.push(MapOp::PutService {
                 key: service_key(key),
@@ -316,17 +389,29 @@ impl Applied {
             });
             let previous = next.frontends.insert(
                 *key,
-                AppliedFrontend { service: frontend.service.clone(), service_id, region, table },
+                AppliedFrontend {
+                    service: frontend.service.clone(),
+                    service_id,
+                    region,
+                    table,
+                },
             );
             if let Some(previous) = previous {
                 next.quarantine.regions.push(previous.region);
             }
         }
 
-        let referenced: BTreeSet<BackendAddr> =
-            next.frontends.values().flat_map(|f| f.table.iter().copied()).collect();
-        let unreferenced: Vec<(BackendAddr, u32)> =
-            next.backend_ids.iter().filter(|(a, _)| !referenced.contains(a)).map(|(a, id)| (*a, *id)).collect();
+        let referenced: BTreeSet<BackendAddr> = next
+            .frontends
+            .values()
+            .flat_map(|f| f.table.iter().copied())
+            .collect();
+        let unreferenced: Vec<(BackendAddr, u32)> = next
+            .backend_ids
+            .iter()
+            .filter(|(a, _)| !referenced.contains(a))
+            .map(|(a, id)| (*a, *id))
+            .collect();
         let mut clears = Vec::new();
         for (addr, id) in unreferenced {
             next.backend_ids.remove(&addr);
@@ -351,7 +436,11 @@ mod tests {
     use crate::desired::{DesiredBackend, Protocol};
 
     fn key(last: u8, port: u16) -> FrontendKey {
-        FrontendKey { vip: Ipv4Addr::new(10, 96, 0, last), port, protocol: Protocol::Tcp }
+        FrontendKey {
+            vip: Ipv4Addr::new(10, 96, 0, last),
+            port,
+            protocol: Protocol::Tcp,
+        }
     }
 
     fn frontend(backends: &[(u8, u16)]) -> Frontend {
@@ -361,7 +450,10 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|&(last, port)| DesiredBackend {
-                    addr: BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port },
+                    addr: BackendAddr {
+                        ip: Ipv4Addr::new(10, 1, 0, last),
+                        port,
+                    },
                     cluster: None,
                 })
                 .collect(),
@@ -369,7 +461,9 @@ mod tests {
     }
 
     fn desired(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
-        DesiredState { frontends: frontends.iter().cloned().collect() }
+        DesiredState {
+            frontends: frontends.iter().cloned().collect(),
+        }
     }
 
     fn kinds(ops: &[MapOp]) -> Vec<&'static str> {
@@ -386,12 +480,24 @@ mod tests {
 
     #[test]
     fn a_new_service_is_written_backends_then_table_then_flip() {
-        let plan = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
+        let plan = Applied::new(Capacity::default())
+            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
         assert!(plan.errors.is_empty());
         assert_eq!(kinds(&plan.ops), ["backend", "backend", "slots", "service"]);
-        assert_eq!(plan.ops[2], MapOp::PutSlots { offset: 0, ids: vec![1, 2] });
-        let MapOp::PutService { value, .. } = &plan.ops[3] else { panic!() };
-        assert_eq!((value.service_id, value.slot_offset, value.slot_count), (1, 0, 2));
+        assert_eq!(
+            plan.ops[2],
+            MapOp::PutSlots {
+                offset: 0,
+                ids: vec![1, 2]
+            }
+        );
+        let MapOp::PutService { value, .. } = &plan.ops[3] else {
+            panic!()
+        };
+        assert_eq!(
+            (value.service_id, value.slot_offset, value.slot_count),
+            (1, 0, 2)
+        );
     }
 
     #[test]
@@ -403,16 +509,42 @@ mod tests {
 
     #[test]
     fn an_update_writes_a_new_region_and_frees_the_old_one_a_plan_later() {
-        let first = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
-        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (4, 80)]))]));
+        let first = Applied::new(Capacity::default())
+            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
+        let second = first
+            .next
+            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (4, 80)]))]));
         assert_eq!(kinds(&second.ops), ["backend", "slots", "service", "clear"]);
         // The old region (0..2) is still quarantined: the new table lands after it.
-        assert_eq!(second.ops[1], MapOp::PutSlots { offset: 2, ids: vec![1, 3] });
+        assert_eq!(
+            second.ops[1],
+            MapOp::PutSlots {
+                offset: 2,
+                ids: vec![1, 3]
+            }
+        );
         // Backend 10.1.0.3 (id 2) is cleared now but its id is not reused yet.
         assert_eq!(second.ops[3], MapOp::ClearBackend { id: 2 });
-        let third = second.next.plan(&desired(&[(key(1, 80), frontend(&[(5, 80)]))]));
-        assert_eq!(third.ops[0], MapOp::PutBackend { id: 2, backend: backend_value(&BackendAddr { ip: Ipv4Addr::new(10, 1, 0, 5), port: 80 }) });
-        assert_eq!(third.ops[1], MapOp::PutSlots { offset: 0, ids: vec![2] });
+        let third = second
+            .next
+            .plan(&desired(&[(key(1, 80), frontend(&[(5, 80)]))]));
+        assert_eq!(
+            third.ops[0],
+            MapOp::PutBackend {
+                id: 2,
+                backend: backend_value(&BackendAddr {
+                    ip: Ipv4Addr::new(10, 1, 0, 5),
+                    port: 80
+                })
+            }
+        );
+        assert_eq!(
+            third.ops[1],
+            MapOp::PutSlots {
+                offset: 0,
+                ids: vec![2]
+            }
+        );
     }
 
     #[test]
@@ -423,25 +555,36 @@ mod tests {
         ]));
         // Both frontends share 10.1.0.2:80, which gets one id.
         assert_eq!(first.next.backend_count(), 2);
-        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
+        let second = first
+            .next
+            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
         assert_eq!(kinds(&second.ops), ["delete", "clear"]);
         assert_eq!(second.next.frontend_count(), 1);
         let third = second.next.plan(&desired(&[]));
         assert_eq!(kinds(&third.ops), ["delete", "clear"]);
-        assert_eq!((third.next.frontend_count(), third.next.backend_count()), (0, 0));
+        assert_eq!(
+            (third.next.frontend_count(), third.next.backend_count()),
+            (0, 0)
+        );
     }
 
     #[test]
     fn a_service_without_ready_backends_gets_an_empty_table() {
         let plan = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[]))]));
         assert_eq!(kinds(&plan.ops), ["service"]);
-        let MapOp::PutService { value, .. } = &plan.ops[0] else { panic!() };
+        let MapOp::PutService { value, .. } = &plan.ops[0] else {
+            panic!()
+        };
         assert_eq!(value.slot_count, 0);
     }
 
     #[test]
     fn capacity_limits_reject_only_what_does_not_fit_and_say_which_flag() {
-        let capacity = Capacity { services: 1, backends: 3, slots: 3 };
+        let capacity = Capacity {
+            services: 1,
+            backends: 3,
+            slots: 3,
+        };
         let plan = Applied::new(capacity).plan(&desired(&[
             (key(1, 80), frontend(&[(2, 80)])),
             (key(2, 80), frontend(&[(3, 80)])),
@@ -449,24 +592,48 @@ mod tests {
         assert_eq!(plan.next.frontend_count(), 1);
         assert_eq!(plan.errors.len(), 1);
         let text = plan.errors[0].to_string();
-        assert!(text.contains("10.96.0.2:80/TCP") && text.contains("--max-services"), "{text}");
+        assert!(
+            text.contains("10.96.0.2:80/TCP") && text.contains("--max-services"),
+            "{text}"
+        );
 
-        let capacity = Capacity { services: 8, backends: 3, slots: 16 };
-        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80), (4, 80)]))]));
+        let capacity = Capacity {
+            services: 8,
+            backends: 3,
+            slots: 16,
+        };
+        let plan = Applied::new(capacity).plan(&desired(&[(
+            key(1, 80),
+            frontend(&[(2, 80), (3, 80), (4, 80)]),
+        )]));
         assert!(plan.ops.is_empty());
         assert!(plan.errors[0].to_string().contains("--max-backends"));
 
-        let capacity = Capacity { services: 8, backends: 16, slots: 2 };
-        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80), (4, 80)]))]));
+        let capacity = Capacity {
+            services: 8,
+            backends: 16,
+            slots: 2,
+        };
+        let plan = Applied::new(capacity).plan(&desired(&[(
+            key(1, 80),
+            frontend(&[(2, 80), (3, 80), (4, 80)]),
+        )]));
         assert!(plan.ops.is_empty());
         assert!(plan.errors[0].to_string().contains("--max-selection-slots"));
     }
 
     #[test]
     fn a_failed_update_keeps_the_old_version_serving() {
-        let capacity = Capacity { services: 8, backends: 16, slots: 3 };
+        let capacity = Capacity {
+            services: 8,
+            backends: 16,
+            slots: 3,
+        };
         let first = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
-        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80), (4, 80)]))]));
+        let second = first.next.plan(&desired(&[(
+            key(1, 80),
+            frontend(&[(2, 80), (3, 80), (4, 80)]),
+        )]));
         assert_eq!(second.errors.len(), 1);
         assert!(second.ops.is_empty(), "{:?}", second.ops);
         assert_eq!(second.next.backend_count(), 1);

@@ -32,17 +32,29 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(applied: Applied) -> Self {
-        Self { applied, generation: 0, reported: BTreeSet::new() }
+        Self {
+            applied,
+            generation: 0,
+            reported: BTreeSet::new(),
+        }
     }
 
     /// Reads the manifests directory and brings the datapath to it.
-    pub fn from_manifests(&mut self, dir: &Path, datapath: &mut Datapath) -> Result<Report, DatapathError> {
+    pub fn from_manifests(
+        &mut self,
+        dir: &Path,
+        datapath: &mut Datapath,
+    ) -> Result<Report, DatapathError> {
         let (snapshot, parse_errors) = match manifests::read_dir(dir) {
             Ok(read) => read,
             Err(e) => {
                 // An unreadable directory must not wipe the datapath: keep the last good state.
                 warn!(error = %e, "manifests unreadable; keeping the last programmed state");
-                return Ok(Report { generation: self.generation, problems: vec![e.to_string()], ..Report::default() });
+                return Ok(Report {
+                    generation: self.generation,
+                    problems: vec![e.to_string()],
+                    ..Report::default()
+                });
             }
         };
         let problems = parse_errors.iter().map(ManifestError::to_string).collect();

@@ -203,7 +203,13 @@ const fn fmix32(mut h: u32) -> u32 {
 /// Shared so that userspace (tests, `inspect`-style tools) can predict which
 /// slot a given flow lands in. Inputs are the raw map-order values.
 #[inline(always)]
-pub const fn flow_hash(client_ip: u32, vip: u32, client_port: u16, vip_port: u16, proto: u8) -> u32 {
+pub const fn flow_hash(
+    client_ip: u32,
+    vip: u32,
+    client_port: u16,
+    vip_port: u16,
+    proto: u8,
+) -> u32 {
     let mut h = fmix32(client_ip ^ 0x9e37_79b9);
     h = fmix32(h ^ vip);
     h = fmix32(h ^ (((client_port as u32) << 16) | vip_port as u32));
@@ -266,7 +272,13 @@ mod tests {
         let client = ip_to_map([10, 1, 0, 2]);
         let mut buckets = [0u32; 4];
         for sport in 30_000u16..34_000 {
-            let h = flow_hash(client, vip, port_to_map(sport), port_to_map(80), IPPROTO_TCP);
+            let h = flow_hash(
+                client,
+                vip,
+                port_to_map(sport),
+                port_to_map(80),
+                IPPROTO_TCP,
+            );
             buckets[(h % 4) as usize] += 1;
         }
         for b in buckets {

@@ -23,7 +23,7 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let Some(rev) = REV_NAT.get_ptr(&key) else {
+    let Some(rev) = REV_NAT.get_ptr(key) else {
         return TC_NEXT;
     };
     // SAFETY: map value pointer, valid for this program run; copied before the rewrite.

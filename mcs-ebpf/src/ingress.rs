@@ -27,8 +27,13 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
             return TC_NEXT;
         }
     };
-    let key = ServiceKey { vip: flow.dst_ip, port: flow.dst_port, proto: flow.proto, _pad: 0 };
-    let Some(service) = SERVICES.get_ptr(&key) else {
+    let key = ServiceKey {
+        vip: flow.dst_ip,
+        port: flow.dst_port,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    let Some(service) = SERVICES.get_ptr(key) else {
         count(Stat::NotService);
         return TC_NEXT;
     };
@@ -81,7 +86,11 @@ fn established(flow: &Flow, ct_key: &CtKey) -> Option<Backend> {
     }
     // SAFETY: map value pointer, valid for this program run.
     let ct = unsafe { &*CONNTRACK.get_ptr(ct_key)? };
-    let pinned = Backend { ip: ct.backend_ip, port: ct.backend_port, _pad: 0 };
+    let pinned = Backend {
+        ip: ct.backend_ip,
+        port: ct.backend_port,
+        _pad: 0,
+    };
     // UDP has no connection to keep alive: once the backend is gone from the
     // service (its id freed or reused), re-select instead of sending into the void.
     // TCP keeps the pin so an established connection survives endpoint removal.
@@ -99,7 +108,13 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
     if service.slot_count == 0 {
         return None;
     }
-    let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
+    let hash = flow_hash(
+        flow.src_ip,
+        flow.dst_ip,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
     let slot = service.slot_offset.wrapping_add(hash % service.slot_count);
     let id = *SELECTION.get(slot)?;
     let backend = *BACKENDS.get(id)?;
@@ -110,7 +125,13 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
 }
 
 #[inline(always)]
-fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend: &Backend) -> Result<(), i64> {
+fn record(
+    flow: &Flow,
+    ct_key: &CtKey,
+    service: &ServiceValue,
+    id: u32,
+    backend: &Backend,
+) -> Result<(), i64> {
     let rev_key = RevNatKey {
         backend_ip: backend.ip,
         client_ip: flow.src_ip,
@@ -119,9 +140,13 @@ fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend:
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let rev = RevNatValue { vip: flow.dst_ip, vip_port: flow.dst_port, _pad: 0 };
+    let rev = RevNatValue {
+        vip: flow.dst_ip,
+        vip_port: flow.dst_port,
+        _pad: 0,
+    };
     // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
-    REV_NAT.insert(&rev_key, &rev, 0)?;
+    REV_NAT.insert(rev_key, rev, 0)?;
     let ct = CtValue {
         backend_ip: backend.ip,
         backend_port: backend.port,
@@ -129,6 +154,6 @@ fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend:
         backend_id: id,
         service_id: service.service_id,
     };
-    CONNTRACK.insert(ct_key, &ct, 0)?;
+    CONNTRACK.insert(ct_key, ct, 0)?;
     Ok(())
 }

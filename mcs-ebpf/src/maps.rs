@@ -5,15 +5,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mcs_common::{
-    Backend, CtKey, CtValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS,
-    DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, ServiceKey, ServiceValue, Stat,
+    Backend, CtKey, CtValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
+    DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, ServiceKey,
+    ServiceValue, Stat,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
 /// to the programs after us (a CNI's policy or routing). TC_ACT_OK would end
 /// the chain and bypass them.
 pub const TC_NEXT: i32 = -1;
-pub const TC_ACT_SHOT: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
+pub const TC_ACT_SHOT: i32 = 2;
 
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =

@@ -11,7 +11,10 @@ pub fn service_import(namespace: &str, name: &str, vip: Ipv4Addr, ports: &[Port<
         "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  type: ClusterSetIP\n  ips: [\"{vip}\"]\n  ports:\n"
     );
     for (port_name, port, protocol) in ports {
-        let _ = writeln!(yaml, "  - {{name: {port_name}, port: {port}, protocol: {protocol}}}");
+        let _ = writeln!(
+            yaml,
+            "  - {{name: {port_name}, port: {port}, protocol: {protocol}}}"
+        );
     }
     yaml
 }
@@ -28,14 +31,20 @@ pub fn endpoint_slice(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{cluster}\n  namespace: {namespace}\n  labels:\n    multicluster.kubernetes.io/service-name: {service}\n    multicluster.kubernetes.io/source-cluster: {cluster}\naddressType: IPv4\nports:\n"
     );
     for (port_name, port, protocol) in ports {
-        let _ = writeln!(yaml, "- {{name: {port_name}, port: {port}, protocol: {protocol}}}");
+        let _ = writeln!(
+            yaml,
+            "- {{name: {port_name}, port: {port}, protocol: {protocol}}}"
+        );
     }
     yaml.push_str("endpoints:\n");
     if endpoints.is_empty() {
         yaml.push_str("[]\n");
     }
     for (ip, ready) in endpoints {
-        let _ = writeln!(yaml, "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}");
+        let _ = writeln!(
+            yaml,
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}"
+        );
     }
     yaml
 }
@@ -44,7 +53,8 @@ pub fn endpoint_slice(
 pub fn write(dir: &Path, name: &str, contents: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
     fs::write(&tmp, contents).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
-    fs::rename(&tmp, dir.join(name)).unwrap_or_else(|e| panic!("renaming into {}: {e}", dir.display()));
+    fs::rename(&tmp, dir.join(name))
+        .unwrap_or_else(|e| panic!("renaming into {}: {e}", dir.display()));
 }
 
 pub fn remove(dir: &Path, name: &str) {

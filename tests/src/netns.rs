@@ -12,7 +12,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test, process or earlier run uses at the same time.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command and panics with its output if it fails: lab setup errors are fatal.
@@ -20,7 +24,9 @@ pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e} (is iproute2 installed? `cargo xtask setup`)"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run {args:?}: {e} (is iproute2 installed? `cargo xtask setup`)")
+        });
     assert!(
         out.status.success(),
         "{args:?} failed: {}{}",
@@ -97,14 +103,27 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes every interface inside it, veth peers included.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 /// Connects two namespaces with a veth pair, created inside `a` so the root
 /// namespace never sees it.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
-    a.ip(&["link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()]);
+    a.ip(&[
+        "link",
+        "add",
+        a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ]);
     a.ip(&["link", "set", a_name, "up"]);
     b.ip(&["link", "set", b_name, "up"]);
 }

@@ -37,12 +37,17 @@ pub struct Ipv4Spec<'a> {
 
 impl Ipv4Spec<'_> {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr) -> Self {
-        Self { src, dst, options: &[], frag: (0, 0) }
+        Self {
+            src,
+            dst,
+            options: &[],
+            frag: (0, 0),
+        }
     }
 }
 
 fn build(ip: &Ipv4Spec<'_>, proto: u8, l4: &[u8]) -> Vec<u8> {
-    assert!(ip.options.len() % 4 == 0 && ip.options.len() <= 40);
+    assert!(ip.options.len().is_multiple_of(4) && ip.options.len() <= 40);
     let ihl = 20 + ip.options.len();
     let mut p = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
     let mut hdr = vec![0u8; 20];
@@ -86,7 +91,13 @@ pub fn tcp(ip: &Ipv4Spec<'_>, sport: u16, dport: u16, flags: u8, payload: &[u8])
 }
 
 /// A UDP datagram; `zero_checksum` sends it without a checksum (allowed in IPv4).
-pub fn udp(ip: &Ipv4Spec<'_>, sport: u16, dport: u16, payload: &[u8], zero_checksum: bool) -> Vec<u8> {
+pub fn udp(
+    ip: &Ipv4Spec<'_>,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    zero_checksum: bool,
+) -> Vec<u8> {
     let mut l4 = vec![0u8; 8];
     l4[0..2].copy_from_slice(&sport.to_be_bytes());
     l4[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -124,7 +135,11 @@ pub fn view(frame: &[u8]) -> View {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let l4 = &ip[ihl..total];
     let ip_checksum_ok = checksum(&[&ip[..ihl]]) == 0;
-    let (header_len, csum_field) = if proto == 6 { (usize::from(l4[12] >> 4) * 4, 16) } else { (8, 6) };
+    let (header_len, csum_field) = if proto == 6 {
+        (usize::from(l4[12] >> 4) * 4, 16)
+    } else {
+        (8, 6)
+    };
     let raw = u16::from_be_bytes([l4[csum_field], l4[csum_field + 1]]);
     let l4_checksum_ok = if proto == 17 && raw == 0 {
         None
@@ -151,7 +166,10 @@ mod tests {
         let ip = Ipv4Spec::new(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 96, 0, 1));
         let v = view(&tcp(&ip, 40000, 80, TCP_SYN, b"abc"));
         assert!(v.ip_checksum_ok && v.l4_checksum_ok == Some(true));
-        assert_eq!((v.sport, v.dport, v.payload.as_slice()), (40000, 80, &b"abc"[..]));
+        assert_eq!(
+            (v.sport, v.dport, v.payload.as_slice()),
+            (40000, 80, &b"abc"[..])
+        );
         let v = view(&udp(&ip, 5000, 53, b"q", false));
         assert_eq!(v.l4_checksum_ok, Some(true));
         assert_eq!(view(&udp(&ip, 5000, 53, b"q", true)).l4_checksum_ok, None);

@@ -1,0 +1,154 @@
+//! Idempotent installation of the toolchain and tools, each step checked first.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::exec;
+
+/// Debian packages: (package, why).
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip and tc build the test and demo namespaces"),
+    ("procps", "sysctl enables forwarding in the node namespace"),
+    (
+        "llvm-22-dev",
+        "bpf-linker links the eBPF object with LLVM 22",
+    ),
+    (
+        "libpolly-22-dev",
+        "LLVM 22's static libraries that bpf-linker links against",
+    ),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13";
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn nightly_rust_src() -> Result<bool> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("running rustup (is Rust installed through rustup?)")?;
+    if !out.status.success() {
+        bail!(
+            "the nightly Rust toolchain is missing: {} (the eBPF crate needs nightly for -Z build-std)",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src")))
+}
+
+/// Fails with the fix when something is missing, installing nothing.
+pub fn check() -> Result<()> {
+    let mut missing: Vec<String> = PACKAGES
+        .iter()
+        .filter(|(p, _)| !installed(p))
+        .map(|(p, _)| format!("Debian package {p}"))
+        .collect();
+    if !nightly_rust_src()? {
+        missing.push("rust-src for nightly".into());
+    }
+    if !bpf_linker_ok() {
+        missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    }
+    if !missing.is_empty() {
+        bail!("missing: {}. Run `cargo xtask setup`.", missing.join(", "));
+    }
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    let mut did = false;
+
+    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+    if missing.is_empty() {
+        println!(
+            "setup: Debian packages present ({})",
+            PACKAGES
+                .iter()
+                .map(|(p, _)| *p)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    } else {
+        for (package, why) in &missing {
+            println!("setup: installing {package}: {why}");
+        }
+        exec(
+            Command::new("apt-get")
+                .args(["update", "-q"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(missing.iter().map(|(p, _)| *p))
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        did = true;
+    }
+
+    if nightly_rust_src()? {
+        println!("setup: nightly rust-src present");
+    } else {
+        println!(
+            "setup: adding rust-src to nightly: -Z build-std=core compiles core for the BPF target"
+        );
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        did = true;
+    }
+
+    if bpf_linker_ok() {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        println!(
+            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF object; takes about 3 minutes)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        exec(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    &format!("^{BPF_LINKER_VERSION}"),
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("PATH", path),
+        )?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+        }
+        did = true;
+    }
+    if did {
+        println!("setup: done in {:.1?}", started.elapsed());
+    }
+    Ok(())
+}
