@@ -11,11 +11,7 @@ fn main() -> aya_build::Result<()> {
     println!("cargo:rerun-if-changed={}", common_dir.display());
     let root = ebpf_dir.to_str().expect("workspace path is UTF-8");
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "mcs-ebpf",
-            root_dir: root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "mcs-ebpf", root_dir: root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )
 }
@@ -27,16 +23,11 @@ fn preflight() {
     if !matches!(linker, Ok(ref out) if out.status.success()) {
         missing.push("bpf-linker (built against LLVM 22)");
     }
-    let sysroot = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
-        .output();
+    let sysroot = Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]).output();
     match sysroot {
         Ok(out) if out.status.success() => {
             let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            if !Path::new(&sysroot)
-                .join("lib/rustlib/src/rust/library/core")
-                .exists()
-            {
+            if !Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
                 missing.push("rust-src for the nightly toolchain");
             }
         }

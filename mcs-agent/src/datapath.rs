@@ -18,9 +18,9 @@ use aya::{
     util::KernelVersion,
 };
 use mcs_common::{
-    Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_BACKENDS, MAP_CONNTRACK, MAP_REV_NAT,
-    MAP_SELECTION, MAP_SERVICES, MAP_STATS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey,
-    RevNatValue, ServiceKey, ServiceValue, Stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_REV_NAT, MAP_SELECTION, MAP_SERVICES, MAP_STATS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -47,11 +47,7 @@ impl AttachMode {
         match self {
             AttachMode::Auto => {
                 let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-                if tcx {
-                    AttachMode::Tcx
-                } else {
-                    AttachMode::Netlink
-                }
+                if tcx { AttachMode::Tcx } else { AttachMode::Netlink }
             }
             other => other,
         }
@@ -63,15 +59,9 @@ pub enum DatapathError {
     #[error("loading the eBPF object into the kernel: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
+    Program { name: &'static str, source: ProgramError },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
     #[error("map {0} is missing from the eBPF object (was it built from this source tree?)")]
     MissingMap(&'static str),
     #[error("interface {iface}: {message}")]
@@ -79,11 +69,7 @@ pub enum DatapathError {
     #[error("bpffs at {}: {message}", path.display())]
     Bpffs { path: PathBuf, message: String },
     #[error("pinning map {name} at {}: {source}", path.display())]
-    Pin {
-        name: &'static str,
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { name: &'static str, path: PathBuf, source: aya::pin::PinError },
 }
 
 /// Map sizes, chosen at load time.
@@ -95,10 +81,7 @@ pub struct Sizes {
 
 impl Default for Sizes {
     fn default() -> Self {
-        Self {
-            capacity: Capacity::default(),
-            conntrack: mcs_common::DEFAULT_MAX_CONNTRACK,
-        }
+        Self { capacity: Capacity::default(), conntrack: mcs_common::DEFAULT_MAX_CONNTRACK }
     }
 }
 
@@ -108,6 +91,7 @@ struct Maps {
     selection: Array<MapData, u32>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -124,24 +108,15 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Makes sure `root` is a bpffs, mounting one if nothing is mounted there
 /// (as inside `ip netns exec`, which remounts /sys without it).
 pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
-    let err = |message: String| DatapathError::Bpffs {
-        path: root.to_owned(),
-        message,
-    };
+    let err = |message: String| DatapathError::Bpffs { path: root.to_owned(), message };
     if let Ok(stat) = nix::sys::statfs::statfs(root)
         && stat.filesystem_type().0 == BPF_FS_MAGIC
     {
         return Ok(());
     }
     fs::create_dir_all(root).map_err(|e| err(format!("cannot create the mount point: {e}")))?;
-    nix::mount::mount(
-        Some("bpf"),
-        root,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))?;
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))?;
     info!(path = %root.display(), "mounted bpffs");
     Ok(())
 }
@@ -158,8 +133,7 @@ where
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     if let Some(dir) = pin {
         let path = dir.join(name);
-        map.pin(&path)
-            .map_err(|source| DatapathError::Pin { name, path, source })?;
+        map.pin(&path).map_err(|source| DatapathError::Pin { name, path, source })?;
     }
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
@@ -168,22 +142,18 @@ impl Datapath {
     /// Loads the programs and creates the maps. With `bpffs`, the maps are
     /// pinned under [`pin_dir`]; pins left by an earlier run are replaced.
     pub fn load(sizes: Sizes, bpffs: Option<&Path>) -> Result<Self, DatapathError> {
-        let Sizes {
-            capacity,
-            conntrack,
-        } = sizes;
+        let Sizes { capacity, conntrack } = sizes;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(MAP_SERVICES, capacity.services)
             .map_max_entries(MAP_BACKENDS, capacity.backends)
             .map_max_entries(MAP_SELECTION, capacity.slots)
             .map_max_entries(MAP_CONNTRACK, conntrack)
-            .map_max_entries(MAP_REV_NAT, conntrack);
+            .map_max_entries(MAP_REV_NAT, conntrack)
+            .map_max_entries(MAP_AFFINITY, conntrack);
         let mut ebpf = loader.load(OBJECT)?;
         for name in [PROG_INGRESS, PROG_EGRESS] {
-            program(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
 
         let pin_dir = match bpffs {
@@ -214,21 +184,13 @@ impl Datapath {
             selection: take(&mut ebpf, MAP_SELECTION, pin)?,
             conntrack: take(&mut ebpf, MAP_CONNTRACK, pin)?,
             rev_nat: take(&mut ebpf, MAP_REV_NAT, pin)?,
+            affinity: take(&mut ebpf, MAP_AFFINITY, pin)?,
             stats: take(&mut ebpf, MAP_STATS, pin)?,
         };
-        Ok(Self {
-            ebpf,
-            maps,
-            pin_dir,
-            attached: Vec::new(),
-            unloaded: false,
-        })
+        Ok(Self { ebpf, maps, pin_dir, attached: Vec::new(), unloaded: false })
     }
 
-    pub fn program_mut(
-        &mut self,
-        name: &'static str,
-    ) -> Result<&mut SchedClassifier, DatapathError> {
+    pub fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
         program(&mut self.ebpf, name)
     }
 
@@ -236,14 +198,9 @@ impl Datapath {
     /// Our own programs found there from an earlier, crashed run are removed
     /// first: they would keep translating with stale maps.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DatapathError> {
-        let iface_err = |message: String| DatapathError::Interface {
-            iface: iface.to_owned(),
-            message,
-        };
+        let iface_err = |message: String| DatapathError::Interface { iface: iface.to_owned(), message };
         if nix::net::if_::if_nametoindex(iface).is_err() {
-            return Err(iface_err(
-                "no such interface in this network namespace".into(),
-            ));
+            return Err(iface_err("no such interface in this network namespace".into()));
         }
         remove_stale(iface);
         let mode = mode.resolve();
@@ -254,10 +211,7 @@ impl Datapath {
                 Err(e) => return Err(iface_err(format!("adding the clsact qdisc: {e}"))),
             }
         }
-        for (name, attach_type) in [
-            (PROG_INGRESS, TcAttachType::Ingress),
-            (PROG_EGRESS, TcAttachType::Egress),
-        ] {
+        for (name, attach_type) in [(PROG_INGRESS, TcAttachType::Ingress), (PROG_EGRESS, TcAttachType::Egress)] {
             let options = match mode {
                 AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
                 _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
@@ -282,35 +236,43 @@ impl Datapath {
         for op in ops {
             match op {
                 MapOp::PutBackend { id, backend } => {
-                    maps.backends
-                        .set(*id, backend, 0)
-                        .map_err(map_err(MAP_BACKENDS))?;
+                    maps.backends.set(*id, backend, 0).map_err(map_err(MAP_BACKENDS))?;
                 }
                 MapOp::PutSlots { offset, ids } => {
                     for (i, id) in ids.iter().enumerate() {
-                        maps.selection
-                            .set(offset + i as u32, id, 0)
-                            .map_err(map_err(MAP_SELECTION))?;
+                        maps.selection.set(offset + i as u32, id, 0).map_err(map_err(MAP_SELECTION))?;
                     }
                 }
                 MapOp::PutService { key, value } => {
-                    maps.services
-                        .insert(key, value, 0)
-                        .map_err(map_err(MAP_SERVICES))?;
+                    maps.services.insert(key, value, 0).map_err(map_err(MAP_SERVICES))?;
                 }
                 MapOp::DeleteService { key } => match maps.services.remove(key) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
                     Err(source) => {
-                        return Err(DatapathError::Map {
-                            name: MAP_SERVICES,
-                            source,
-                        });
+                        return Err(DatapathError::Map { name: MAP_SERVICES, source });
                     }
                 },
+                MapOp::PurgeAffinity { service_id, backend_ids } => {
+                    // Collect first: deleting while iterating restarts the kernel's walk.
+                    let stale: Vec<AffinityKey> = maps
+                        .affinity
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|(k, v)| {
+                            k.service_id == *service_id
+                                && backend_ids.as_ref().is_none_or(|ids| ids.contains(&v.backend_id))
+                        })
+                        .map(|(k, _)| k)
+                        .collect();
+                    for key in stale {
+                        match maps.affinity.remove(&key) {
+                            Ok(()) | Err(MapError::KeyNotFound) => {}
+                            Err(source) => return Err(DatapathError::Map { name: MAP_AFFINITY, source }),
+                        }
+                    }
+                }
                 MapOp::ClearBackend { id } => {
-                    maps.backends
-                        .set(*id, Backend::default(), 0)
-                        .map_err(map_err(MAP_BACKENDS))?;
+                    maps.backends.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS))?;
                 }
             }
         }
@@ -322,22 +284,18 @@ impl Datapath {
         Stat::ALL
             .iter()
             .map(|&stat| {
-                let values = self.maps.stats.get(&(stat as u32), 0).map_err(|source| {
-                    DatapathError::Map {
-                        name: MAP_STATS,
-                        source,
-                    }
-                })?;
+                let values = self
+                    .maps
+                    .stats
+                    .get(&(stat as u32), 0)
+                    .map_err(|source| DatapathError::Map { name: MAP_STATS, source })?;
                 Ok((stat, values.iter().sum()))
             })
             .collect()
     }
 
     pub fn stat(&self, stat: Stat) -> u64 {
-        self.stats()
-            .ok()
-            .and_then(|all| all.into_iter().find(|(s, _)| *s == stat))
-            .map_or(0, |(_, n)| n)
+        self.stats().ok().and_then(|all| all.into_iter().find(|(s, _)| *s == stat)).map_or(0, |(_, n)| n)
     }
 
     pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
@@ -346,6 +304,10 @@ impl Datapath {
 
     pub fn rev_nat_entries(&self) -> Vec<(RevNatKey, RevNatValue)> {
         self.maps.rev_nat.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn affinity_entries(&self) -> Vec<(AffinityKey, AffinityValue)> {
+        self.maps.affinity.iter().filter_map(Result::ok).collect()
     }
 
     pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
@@ -358,13 +320,7 @@ impl Datapath {
 
     /// Seeds conntrack (tests and fixtures pin a flow without sending a first packet).
     pub fn insert_conntrack(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
-        self.maps
-            .conntrack
-            .insert(key, value, 0)
-            .map_err(|source| DatapathError::Map {
-                name: MAP_CONNTRACK,
-                source,
-            })
+        self.maps.conntrack.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_CONNTRACK, source })
     }
 
     /// Detaches from every interface and removes the pins. Dropping does the
@@ -408,17 +364,9 @@ impl Drop for Datapath {
     }
 }
 
-fn program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, DatapathError> {
-    let program = ebpf.program_mut(name).ok_or(DatapathError::Program {
-        name,
-        source: ProgramError::NotLoaded,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?;
+    program.try_into().map_err(|source| DatapathError::Program { name, source })
 }
 
 /// Finds our programs on `iface` that this process did not attach and removes
@@ -482,14 +430,7 @@ fn detach_link(link_id: u32) -> io::Result<()> {
     let mut attr = [0u32; 4];
     attr[0] = link_id;
     // SAFETY: attr is a zeroed bpf_attr prefix of the size we pass.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_ptr(), size_of_val(&attr)) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -497,17 +438,6 @@ fn detach_link(link_id: u32) -> io::Result<()> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let attr = [std::os::fd::AsRawFd::as_raw_fd(&fd) as u32, 0, 0, 0];
     // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of_val(&attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }

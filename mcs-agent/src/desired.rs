@@ -14,8 +14,13 @@ use std::{
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
 
-use crate::model::{
-    LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, Origin, ServiceImport, Snapshot, object_ref,
+use crate::{
+    locality::{
+        self, ANNOTATION_CLUSTER_WEIGHTS, DEFAULT_TIERS, LABEL_REGION, NodeLocality, Tier, TrafficDistribution,
+        Weighted,
+    },
+    maglev,
+    model::{LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, Origin, ServiceImport, Snapshot, object_ref},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -37,13 +42,8 @@ impl Protocol {
         match value.unwrap_or("") {
             "" | "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Err(
-                "protocol SCTP is not supported by the mcs-agent datapath (TCP and UDP are)"
-                    .to_owned(),
-            ),
-            other => Err(format!(
-                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
-            )),
+            "SCTP" => Err("protocol SCTP is not supported by the mcs-agent datapath (TCP and UDP are)".to_owned()),
+            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
         }
     }
 }
@@ -84,27 +84,85 @@ impl fmt::Display for BackendAddr {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredBackend {
-    pub addr: BackendAddr,
-    /// `multicluster.kubernetes.io/source-cluster` of its slice, if labelled.
+/// An endpoint's EndpointSlice conditions, reduced to what selection uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// `ready` true or absent.
+    Ready,
+    /// Not ready, but `serving` and `terminating`: a last resort.
+    Terminating,
+    NotReady,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    /// `multicluster.kubernetes.io/source-cluster` of its slice.
     pub cluster: Option<String>,
+    /// `endpoints[].zone`.
+    pub zone: Option<String>,
+    /// `topology.kubernetes.io/region` label of its slice.
+    pub region: Option<String>,
+    /// `endpoints[].nodeName`.
+    pub node: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: BackendAddr,
+    pub locality: Locality,
+    pub condition: Condition,
+}
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct Frontend {
     /// `namespace/name` of the ServiceImport.
     pub service: String,
     /// The import port's name (empty when unnamed).
     pub port_name: String,
-    /// Sorted by address, no duplicates.
-    pub backends: Vec<DesiredBackend>,
+    /// Every endpoint at this port, sorted by address, no duplicates.
+    pub endpoints: Vec<Endpoint>,
+    /// The tiers used (the configured ones, or those `spec.trafficDistribution` asks for).
+    pub tiers: Vec<Tier>,
+    /// Backends with a share of new connections, sorted by address.
+    pub weights: Vec<Weighted>,
+    /// Maglev table size for these weights (0 when nothing is usable).
+    pub table_size: u32,
+    /// ClientIP affinity timeout; 0 without affinity.
+    pub affinity_timeout_secs: u32,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+impl Frontend {
+    /// Backends that receive new connections.
+    pub fn backends(&self) -> impl Iterator<Item = &BackendAddr> {
+        self.weights.iter().map(|w| &w.addr)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
 }
+
+/// The node's view: where it is, and how it prefers endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub node: NodeLocality,
+    pub tiers: Vec<Tier>,
+    pub max_table_size: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            node: NodeLocality::default(),
+            tiers: DEFAULT_TIERS.to_vec(),
+            max_table_size: maglev::DEFAULT_MAX_TABLE_SIZE,
+        }
+    }
+}
+
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 
 /// A rejected object: which one, where it came from, and which field is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -120,11 +178,7 @@ pub struct ObjectError {
 }
 
 fn origin_prefix(origin: &Origin) -> String {
-    if origin.0.is_empty() {
-        String::new()
-    } else {
-        format!("{origin}: ")
-    }
+    if origin.0.is_empty() { String::new() } else { format!("{origin}: ") }
 }
 
 struct ValidImport {
@@ -132,14 +186,14 @@ struct ValidImport {
     name: String,
     vip: Ipv4Addr,
     ports: Vec<(FrontendKey, String)>,
+    affinity_timeout_secs: u32,
+    traffic_distribution: Option<TrafficDistribution>,
+    cluster_weights: Option<BTreeMap<String, u32>>,
 }
 
 /// Checks one ServiceImport. `Ok(None)`: valid but has no IPv4 VIP to serve
 /// (Headless, IPv6-only, or no IP allocated yet).
-fn validate_import(
-    origin: &Origin,
-    import: &ServiceImport,
-) -> Result<Option<ValidImport>, ObjectError> {
+fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<ValidImport>, ObjectError> {
     let (namespace, name) = object_ref(&import.metadata);
     let err = |field: String, message: String| ObjectError {
         origin: origin_prefix(origin),
@@ -156,47 +210,28 @@ fn validate_import(
         Some("ClusterSetIP") => {}
         Some("Headless") => return Ok(None),
         Some(other) => {
-            return Err(err(
-                "spec.type".into(),
-                format!("{other:?} is not ClusterSetIP or Headless"),
-            ));
+            return Err(err("spec.type".into(), format!("{other:?} is not ClusterSetIP or Headless")));
         }
         None => {
-            return Err(err(
-                "spec.type".into(),
-                "is required (ClusterSetIP or Headless)".into(),
-            ));
+            return Err(err("spec.type".into(), "is required (ClusterSetIP or Headless)".into()));
         }
     }
     if spec.ips.len() > 2 {
         return Err(err(
             "spec.ips".into(),
-            format!(
-                "has {} addresses; at most 2 (one per IP family) are allowed",
-                spec.ips.len()
-            ),
+            format!("has {} addresses; at most 2 (one per IP family) are allowed", spec.ips.len()),
         ));
     }
     let mut vip = None;
     for (i, raw) in spec.ips.iter().enumerate() {
-        let ip: IpAddr = raw.parse().map_err(|_| {
-            err(
-                format!("spec.ips[{i}]"),
-                format!("{raw:?} is not an IP address"),
-            )
-        })?;
+        let ip: IpAddr =
+            raw.parse().map_err(|_| err(format!("spec.ips[{i}]"), format!("{raw:?} is not an IP address")))?;
         if let IpAddr::V4(v4) = ip {
             if vip.is_some() {
-                return Err(err(
-                    format!("spec.ips[{i}]"),
-                    "a second IPv4 address; one per family is allowed".into(),
-                ));
+                return Err(err(format!("spec.ips[{i}]"), "a second IPv4 address; one per family is allowed".into()));
             }
             if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() {
-                return Err(err(
-                    format!("spec.ips[{i}]"),
-                    format!("{v4} cannot be a service address"),
-                ));
+                return Err(err(format!("spec.ips[{i}]"), format!("{v4} cannot be a service address")));
             }
             vip = Some(v4);
         }
@@ -207,58 +242,66 @@ fn validate_import(
         let number = u16::try_from(port.port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                err(
-                    format!("spec.ports[{i}].port"),
-                    format!("{} is out of range 1-65535", port.port),
-                )
-            })?;
-        let protocol = Protocol::parse(port.protocol.as_deref())
-            .map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
+            .ok_or_else(|| err(format!("spec.ports[{i}].port"), format!("{} is out of range 1-65535", port.port)))?;
+        let protocol =
+            Protocol::parse(port.protocol.as_deref()).map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
         if !seen.insert((number, protocol)) {
-            return Err(err(
-                format!("spec.ports[{i}]"),
-                format!("duplicate port {number}/{protocol}"),
-            ));
+            return Err(err(format!("spec.ports[{i}]"), format!("duplicate port {number}/{protocol}")));
         }
         ports.push((number, protocol, port.name.clone().unwrap_or_default()));
     }
+    let affinity_timeout_secs = match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => 0,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(i64::from(DEFAULT_AFFINITY_TIMEOUT_SECS));
+            if !(1..=86_400).contains(&timeout) {
+                return Err(err(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    format!("{timeout} is out of range 1-86400"),
+                ));
+            }
+            timeout as u32
+        }
+        Some(other) => {
+            return Err(err("spec.sessionAffinity".into(), format!("{other:?} is not ClientIP or None")));
+        }
+    };
+    let cluster_weights = match import.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_CLUSTER_WEIGHTS)) {
+        Some(value) => Some(
+            locality::parse_cluster_weights(value)
+                .map_err(|m| err(format!("metadata.annotations[{ANNOTATION_CLUSTER_WEIGHTS}]"), m))?,
+        ),
+        None => None,
+    };
     let Some(vip) = vip else {
         return Ok(None);
     };
-    let ports = ports
-        .into_iter()
-        .map(|(port, protocol, port_name)| {
-            (
-                FrontendKey {
-                    vip,
-                    port,
-                    protocol,
-                },
-                port_name,
-            )
-        })
-        .collect();
+    let ports =
+        ports.into_iter().map(|(port, protocol, port_name)| (FrontendKey { vip, port, protocol }, port_name)).collect();
     Ok(Some(ValidImport {
         namespace,
         name,
         vip,
         ports,
+        affinity_timeout_secs,
+        traffic_distribution: TrafficDistribution::parse(spec.traffic_distribution.as_deref()),
+        cluster_weights,
     }))
 }
 
 struct ValidSlice {
-    cluster: Option<String>,
     /// (name, protocol) -> port number
     ports: BTreeMap<(String, Protocol), u16>,
-    ready: Vec<Ipv4Addr>,
+    endpoints: Vec<(Ipv4Addr, Locality, Condition)>,
 }
 
 /// Checks one EndpointSlice. `Ok(None)`: not an IPv4 slice (IPv6 and FQDN are not served).
-fn validate_slice(
-    origin: &Origin,
-    slice: &EndpointSlice,
-) -> Result<Option<ValidSlice>, ObjectError> {
+fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<ValidSlice>, ObjectError> {
     let (namespace, name) = object_ref(&slice.metadata);
     let err = |field: String, message: String| ObjectError {
         origin: origin_prefix(origin),
@@ -271,61 +314,53 @@ fn validate_slice(
         "IPv4" => {}
         "IPv6" | "FQDN" => return Ok(None),
         other => {
-            return Err(err(
-                "addressType".into(),
-                format!("{other:?} is not IPv4, IPv6 or FQDN"),
-            ));
+            return Err(err("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN")));
         }
     }
     let mut ports = BTreeMap::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
-        let protocol = Protocol::parse(port.protocol.as_deref())
-            .map_err(|m| err(format!("ports[{i}].protocol"), m))?;
+        let protocol = Protocol::parse(port.protocol.as_deref()).map_err(|m| err(format!("ports[{i}].protocol"), m))?;
         // A port without a number means "all ports" in the API; nothing to translate to.
         let Some(raw) = port.port else { continue };
-        let number = u16::try_from(raw).ok().filter(|p| *p != 0).ok_or_else(|| {
-            err(
-                format!("ports[{i}].port"),
-                format!("{raw} is out of range 1-65535"),
-            )
-        })?;
+        let number = u16::try_from(raw)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| err(format!("ports[{i}].port"), format!("{raw} is out of range 1-65535")))?;
         ports.insert((port.name.clone().unwrap_or_default(), protocol), number);
     }
-    let mut ready = Vec::new();
+    let label = |key: &str| slice.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
+    let (cluster, region) = (label(LABEL_SOURCE_CLUSTER), label(LABEL_REGION));
+    let mut endpoints = Vec::new();
     for (i, endpoint) in slice.endpoints.iter().enumerate() {
-        let is_ready = endpoint
-            .conditions
-            .as_ref()
-            .and_then(|c| c.ready)
-            .unwrap_or(true);
+        let conditions = endpoint.conditions.as_ref();
+        let condition = if conditions.and_then(|c| c.ready).unwrap_or(true) {
+            Condition::Ready
+        } else if conditions.and_then(|c| c.serving).unwrap_or(false)
+            && conditions.and_then(|c| c.terminating).unwrap_or(false)
+        {
+            Condition::Terminating
+        } else {
+            Condition::NotReady
+        };
+        let locality = Locality {
+            cluster: cluster.clone(),
+            zone: endpoint.zone.clone(),
+            region: region.clone(),
+            node: endpoint.node_name.clone(),
+        };
         for (j, raw) in endpoint.addresses.iter().enumerate() {
             let ip: Ipv4Addr = raw.parse().map_err(|_| {
-                err(
-                    format!("endpoints[{i}].addresses[{j}]"),
-                    format!("{raw:?} is not an IPv4 address"),
-                )
+                err(format!("endpoints[{i}].addresses[{j}]"), format!("{raw:?} is not an IPv4 address"))
             })?;
-            if is_ready {
-                ready.push(ip);
-            }
+            endpoints.push((ip, locality.clone(), condition));
         }
     }
-    let cluster = slice
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_SOURCE_CLUSTER))
-        .cloned();
-    Ok(Some(ValidSlice {
-        cluster,
-        ports,
-        ready,
-    }))
+    Ok(Some(ValidSlice { ports, endpoints }))
 }
 
 /// Computes what the datapath should hold. Invalid objects are reported and
 /// left out whole; everything else is still computed.
-pub fn compute(snapshot: &Snapshot) -> (DesiredState, Vec<ObjectError>) {
+pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<ObjectError>) {
     let mut errors = Vec::new();
 
     // Slices by (namespace, service name).
@@ -333,21 +368,13 @@ pub fn compute(snapshot: &Snapshot) -> (DesiredState, Vec<ObjectError>) {
     let mut ordered_slices: Vec<_> = snapshot.slices.iter().collect();
     ordered_slices.sort_by_key(|(origin, s)| (object_ref(&s.metadata), origin.clone()));
     for (origin, slice) in ordered_slices {
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
+        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
             continue;
         };
         match validate_slice(origin, slice) {
             Ok(Some(valid)) => {
                 let (namespace, _) = object_ref(&slice.metadata);
-                slices
-                    .entry((namespace, service.clone()))
-                    .or_default()
-                    .push(valid);
+                slices.entry((namespace, service.clone())).or_default().push(valid);
             }
             Ok(None) => {}
             Err(e) => errors.push(e),
@@ -381,28 +408,36 @@ pub fn compute(snapshot: &Snapshot) -> (DesiredState, Vec<ObjectError>) {
         }
         vip_owner.insert(valid.vip, service.clone());
         let own_slices = slices.get(&(valid.namespace.clone(), valid.name.clone()));
+        let tiers = valid.traffic_distribution.map_or_else(|| policy.tiers.clone(), TrafficDistribution::tiers);
         for (key, port_name) in valid.ports {
-            let mut backends: BTreeMap<BackendAddr, Option<String>> = BTreeMap::new();
+            let mut endpoints: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
             for slice in own_slices.into_iter().flatten() {
                 let Some(&port) = slice.ports.get(&(port_name.clone(), key.protocol)) else {
                     continue;
                 };
-                for &ip in &slice.ready {
-                    backends
-                        .entry(BackendAddr { ip, port })
-                        .or_insert_with(|| slice.cluster.clone());
+                for (ip, locality, condition) in &slice.endpoints {
+                    let addr = BackendAddr { ip: *ip, port };
+                    endpoints.entry(addr).or_insert_with(|| Endpoint {
+                        addr,
+                        locality: locality.clone(),
+                        condition: *condition,
+                    });
                 }
             }
-            let backends = backends
-                .into_iter()
-                .map(|(addr, cluster)| DesiredBackend { addr, cluster })
-                .collect();
+            let endpoints: Vec<Endpoint> = endpoints.into_values().collect();
+            let weights = locality::weights(&endpoints, valid.cluster_weights.as_ref(), &tiers, &policy.node);
+            let table_size =
+                if weights.is_empty() { 0 } else { maglev::table_size(weights.len(), policy.max_table_size) };
             state.frontends.insert(
                 key,
                 Frontend {
                     service: service.clone(),
                     port_name,
-                    backends,
+                    endpoints,
+                    tiers: tiers.clone(),
+                    weights,
+                    table_size,
+                    affinity_timeout_secs: valid.affinity_timeout_secs,
                 },
             );
         }
@@ -457,16 +492,8 @@ endpoints: {endpoints}
     }
 
     fn addrs(state: &DesiredState, vip_port: u16, protocol: Protocol) -> Vec<String> {
-        let key = FrontendKey {
-            vip: Ipv4Addr::new(10, 96, 0, 10),
-            port: vip_port,
-            protocol,
-        };
-        state.frontends[&key]
-            .backends
-            .iter()
-            .map(|b| b.addr.to_string())
-            .collect()
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: vip_port, protocol };
+        state.frontends[&key].backends().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -478,83 +505,40 @@ endpoints: {endpoints}
                 "cluster-a",
                 r#"[{addresses: ["10.1.0.2"]}, {addresses: ["10.1.0.3"], conditions: {ready: false}}]"#
             ),
-            slice(
-                "web-b",
-                "cluster-b",
-                r#"[{addresses: ["10.2.0.2"], conditions: {ready: true}}]"#
-            )
+            slice("web-b", "cluster-b", r#"[{addresses: ["10.2.0.2"], conditions: {ready: true}}]"#)
         );
-        let (state, errors) = compute(&snapshot(&yaml));
+        let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(state.frontends.len(), 3);
-        assert_eq!(
-            addrs(&state, 80, Protocol::Tcp),
-            ["10.1.0.2:8080", "10.2.0.2:8080"]
-        );
-        assert_eq!(
-            addrs(&state, 4242, Protocol::Tcp),
-            ["10.1.0.2:42", "10.2.0.2:42"]
-        );
-        assert_eq!(
-            addrs(&state, 53, Protocol::Udp),
-            ["10.1.0.2:5353", "10.2.0.2:5353"]
-        );
-        let key = FrontendKey {
-            vip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            protocol: Protocol::Tcp,
-        };
-        assert_eq!(
-            state.frontends[&key].backends[1].cluster.as_deref(),
-            Some("cluster-b")
-        );
+        assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.1.0.2:8080", "10.2.0.2:8080"]);
+        assert_eq!(addrs(&state, 4242, Protocol::Tcp), ["10.1.0.2:42", "10.2.0.2:42"]);
+        assert_eq!(addrs(&state, 53, Protocol::Udp), ["10.1.0.2:5353", "10.2.0.2:5353"]);
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
+        assert_eq!(state.frontends[&key].weights[1].cluster.as_deref(), Some("cluster-b"));
+        assert_eq!(state.frontends[&key].endpoints.len(), 3, "the unready endpoint is kept for tier health");
     }
 
     #[test]
     fn headless_imports_and_unlabelled_or_foreign_slices_produce_nothing() {
-        let yaml = IMPORT.replace("ClusterSetIP", "Headless")
-            + &slice("web-a", "a", r#"[{addresses: ["10.1.0.2"]}]"#);
-        let (state, errors) = compute(&snapshot(&yaml));
+        let yaml = IMPORT.replace("ClusterSetIP", "Headless") + &slice("web-a", "a", r#"[{addresses: ["10.1.0.2"]}]"#);
+        let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
         assert!(errors.is_empty() && state.frontends.is_empty());
 
-        let orphan = slice("other", "a", r#"[{addresses: ["10.1.0.2"]}]"#)
-            .replace("service-name: web", "service-name: nope");
-        let (state, errors) = compute(&snapshot(&format!("{IMPORT}{orphan}")));
+        let orphan =
+            slice("other", "a", r#"[{addresses: ["10.1.0.2"]}]"#).replace("service-name: web", "service-name: nope");
+        let (state, errors) = compute(&snapshot(&format!("{IMPORT}{orphan}")), &Policy::default());
         assert!(errors.is_empty());
-        assert!(state.frontends.values().all(|f| f.backends.is_empty()));
+        assert!(state.frontends.values().all(|f| f.weights.is_empty()));
     }
 
     #[test]
     fn bad_fields_are_named_and_only_that_object_is_skipped() {
         let cases = [
-            (
-                IMPORT.replace("port: 80,", "port: 70000,"),
-                "spec.ports[0].port",
-                "70000 is out of range",
-            ),
-            (
-                IMPORT.replace("protocol: UDP", "protocol: ICMP"),
-                "spec.ports[2].protocol",
-                "unknown protocol",
-            ),
-            (
-                IMPORT.replace("protocol: UDP", "protocol: SCTP"),
-                "spec.ports[2].protocol",
-                "SCTP is not supported",
-            ),
-            (
-                IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.x"]"#),
-                "spec.ips[0]",
-                "not an IP address",
-            ),
-            (
-                IMPORT.replace(
-                    r#"["10.96.0.10"]"#,
-                    r#"["10.96.0.10", "fd00::1", "fd00::2"]"#,
-                ),
-                "spec.ips",
-                "at most 2",
-            ),
+            (IMPORT.replace("port: 80,", "port: 70000,"), "spec.ports[0].port", "70000 is out of range"),
+            (IMPORT.replace("protocol: UDP", "protocol: ICMP"), "spec.ports[2].protocol", "unknown protocol"),
+            (IMPORT.replace("protocol: UDP", "protocol: SCTP"), "spec.ports[2].protocol", "SCTP is not supported"),
+            (IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.x"]"#), "spec.ips[0]", "not an IP address"),
+            (IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.10", "fd00::1", "fd00::2"]"#), "spec.ips", "at most 2"),
         ];
         let healthy = r#"
 ---
@@ -564,17 +548,13 @@ metadata: {name: ok, namespace: demo}
 spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
 "#;
         for (yaml, field, message) in cases {
-            let (state, errors) = compute(&snapshot(&format!("{yaml}{healthy}")));
+            let (state, errors) = compute(&snapshot(&format!("{yaml}{healthy}")), &Policy::default());
             assert_eq!(errors.len(), 1, "{errors:?}");
             let text = errors[0].to_string();
             assert!(text.starts_with("test.yaml"), "{text}");
             assert!(text.contains("ServiceImport demo/web"), "{text}");
             assert!(text.contains(field) && text.contains(message), "{text}");
-            assert_eq!(
-                state.frontends.len(),
-                1,
-                "the healthy import must still be served"
-            );
+            assert_eq!(state.frontends.len(), 1, "the healthy import must still be served");
         }
     }
 
@@ -585,25 +565,19 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             slice("web-a", "a", r#"[{addresses: ["10.1.0.999"]}]"#),
             slice("web-b", "b", r#"[{addresses: ["10.2.0.2"]}]"#)
         );
-        let (state, errors) = compute(&snapshot(&yaml));
+        let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
         assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0]
-                .to_string()
-                .contains("EndpointSlice demo/web-a: endpoints[0].addresses[0]")
-        );
+        assert!(errors[0].to_string().contains("EndpointSlice demo/web-a: endpoints[0].addresses[0]"));
         assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.2.0.2:8080"]);
     }
 
     #[test]
     fn a_duplicate_vip_rejects_the_later_import() {
         let second = IMPORT.replace("name: web,", "name: zzz,");
-        let (state, errors) = compute(&snapshot(&format!("{IMPORT}---{second}")));
+        let (state, errors) = compute(&snapshot(&format!("{IMPORT}---{second}")), &Policy::default());
         assert_eq!(errors.len(), 1);
         assert!(
-            errors[0]
-                .to_string()
-                .contains("demo/zzz: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
+            errors[0].to_string().contains("demo/zzz: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
         );
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
     }
@@ -613,7 +587,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         let v6 = IMPORT.replace(r#"["10.96.0.10"]"#, r#"["fd00::10"]"#);
         let pending = IMPORT.replace(r#"ips: ["10.96.0.10"]"#, "ips: []");
         for yaml in [v6, pending] {
-            let (state, errors) = compute(&snapshot(&yaml));
+            let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
             assert!(errors.is_empty() && state.frontends.is_empty());
         }
     }

@@ -7,6 +7,8 @@
 
 pub mod datapath;
 pub mod desired;
+pub mod locality;
+pub mod maglev;
 pub mod model;
 pub mod plan;
 pub mod reconcile;

@@ -7,7 +7,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mcs_agent::{
     datapath::{AttachMode, Datapath, Sizes},
-    desired,
+    desired::{self, Policy},
+    locality::{self, NodeLocality, Tier},
+    maglev,
     plan::{Applied, Capacity},
     reconcile::Reconciler,
     source::manifests,
@@ -54,7 +56,94 @@ enum Command {
         /// Directory of Kubernetes YAML files.
         #[arg(long, value_name = "DIR")]
         manifests: PathBuf,
+        #[command(flatten)]
+        locality: LocalityArgs,
     },
+}
+
+/// Where this node is and how it prefers endpoints. Each flag can also come
+/// from its environment variable (a DaemonSet sets them from the downward API).
+#[derive(Debug, Args)]
+struct LocalityArgs {
+    /// This node's cluster (the `multicluster.kubernetes.io/source-cluster` value of its own slices).
+    #[arg(long, value_name = "ID", env = "MCS_CLUSTER_ID")]
+    cluster_id: Option<String>,
+    /// This node's zone (compared with `endpoints[].zone`).
+    #[arg(long, value_name = "ZONE", env = "MCS_ZONE")]
+    zone: Option<String>,
+    /// This node's region (compared with the slice label `topology.kubernetes.io/region`).
+    #[arg(long, value_name = "REGION", env = "MCS_REGION")]
+    region: Option<String>,
+    /// This node's name (compared with `endpoints[].nodeName`, for PreferSameNode).
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Region of a cluster whose slices carry no region label (repeatable;
+    /// in the environment, comma-separated).
+    #[arg(long = "cluster-region", value_name = "CLUSTER=REGION", env = "MCS_CLUSTER_REGIONS", value_delimiter = ',', value_parser = parse_cluster_region)]
+    cluster_regions: Vec<(String, String)>,
+    /// Locality tiers in order of preference: node, zone, cluster, region, any.
+    ///
+    /// A tier takes min(100%, 1.4 x ready/total) of new connections and the
+    /// rest spills to the next one. `cluster,region,any` is "self cluster, then
+    /// same region, then any"; `any` alone turns locality off (a ServiceImport's
+    /// spec.trafficDistribution still applies to it).
+    #[arg(long, value_name = "TIERS", env = "MCS_LOCALITY_TIERS", default_value = "zone,region,any", value_parser = parse_tier_list)]
+    locality_tiers: TierList,
+    /// Largest Maglev table per frontend, in slots (a prime). Tables get about
+    /// 1000 slots per backend up to this size; smaller saves kernel memory (4 bytes
+    /// a slot) at the price of more reshuffling when a backend changes.
+    #[arg(long, value_name = "SLOTS", default_value_t = maglev::DEFAULT_MAX_TABLE_SIZE, value_parser = parse_table_size)]
+    maglev_max_table_size: u32,
+}
+
+impl LocalityArgs {
+    fn policy(&self) -> Policy {
+        let LocalityArgs {
+            cluster_id,
+            zone,
+            region,
+            node_name,
+            cluster_regions,
+            locality_tiers,
+            maglev_max_table_size,
+        } = self;
+        Policy {
+            node: NodeLocality {
+                node: node_name.clone(),
+                zone: zone.clone(),
+                region: region.clone(),
+                cluster: cluster_id.clone(),
+                cluster_regions: cluster_regions.iter().cloned().collect(),
+            },
+            tiers: locality_tiers.0.clone(),
+            max_table_size: *maglev_max_table_size,
+        }
+    }
+}
+
+/// A whole `--locality-tiers` value (clap would read a bare `Vec` as repeated flags).
+#[derive(Clone, Debug)]
+struct TierList(Vec<Tier>);
+
+fn parse_tier_list(value: &str) -> Result<TierList, String> {
+    locality::parse_tiers(value).map(TierList)
+}
+
+fn parse_cluster_region(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((cluster, region)) if !cluster.is_empty() && !region.is_empty() => {
+            Ok((cluster.to_owned(), region.to_owned()))
+        }
+        _ => Err(format!("{value:?} is not CLUSTER=REGION")),
+    }
+}
+
+fn parse_table_size(value: &str) -> Result<u32, String> {
+    let size: u32 = value.parse().map_err(|_| format!("{value:?} is not a number"))?;
+    if size < 251 || !maglev::is_prime(size) {
+        return Err(format!("{size} must be a prime of at least 251 (e.g. 16381, 65521)"));
+    }
+    Ok(size)
 }
 
 #[derive(Debug, Args)]
@@ -69,12 +158,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "auto", env = "MCS_ATTACH")]
     attach: AttachMode,
     /// Where bpffs is (or is to be mounted). Maps are pinned under <BPFFS>/mcs/v<layout>/.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/sys/fs/bpf",
-        env = "MCS_BPFFS"
-    )]
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
     bpffs: PathBuf,
     /// Do not pin maps (nothing is left in bpffs even after a crash).
     #[arg(long)]
@@ -97,6 +181,8 @@ struct RunArgs {
     /// Re-read everything this often even without change events.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     resync_secs: u64,
+    #[command(flatten)]
+    locality: LocalityArgs,
 }
 
 fn main() -> Result<()> {
@@ -113,37 +199,46 @@ fn main() -> Result<()> {
             .build()
             .context("starting the runtime")?
             .block_on(run(args)),
-        Command::Check { manifests } => check(&manifests),
+        Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
     }
 }
 
-fn check(dir: &Path) -> Result<()> {
+fn check(dir: &Path, policy: &Policy) -> Result<()> {
     let (snapshot, mut problems) = manifests::read_dir(dir)
-        .map(|(s, errors)| {
-            (
-                s,
-                errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            )
-        })
+        .map(|(s, errors)| (s, errors.iter().map(ToString::to_string).collect::<Vec<_>>()))
         .with_context(|| format!("reading {}", dir.display()))?;
-    let (state, errors) = desired::compute(&snapshot);
+    let (state, errors) = desired::compute(&snapshot, policy);
     problems.extend(errors.iter().map(ToString::to_string));
     for (key, frontend) in &state.frontends {
-        let port = if frontend.port_name.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", frontend.port_name)
+        let port = if frontend.port_name.is_empty() { String::new() } else { format!(" ({})", frontend.port_name) };
+        let tiers: Vec<String> = frontend.tiers.iter().map(ToString::to_string).collect();
+        let affinity = match frontend.affinity_timeout_secs {
+            0 => String::new(),
+            secs => format!("  ClientIP affinity {secs}s"),
         };
         println!(
-            "{key}{port}  {}  {} backend(s)",
+            "{key}{port}  {}  {} of {} endpoint(s) serve; tiers {}; table {} slots{affinity}",
             frontend.service,
-            frontend.backends.len()
+            frontend.weights.len(),
+            frontend.endpoints.len(),
+            tiers.join(","),
+            frontend.table_size
         );
-        for backend in &frontend.backends {
+        for endpoint in &frontend.endpoints {
+            let share = frontend.weights.iter().find(|w| w.addr == endpoint.addr);
+            let (share, tier) = share.map_or(("-".to_owned(), "-".to_owned()), |w| {
+                (format!("{:.1}%", w.share * 100.0), frontend.tiers[w.tier].to_string())
+            });
+            let l = &endpoint.locality;
             println!(
-                "    {}  cluster={}",
-                backend.addr,
-                backend.cluster.as_deref().unwrap_or("-")
+                "    {:<21} {:>6}  tier={:<7} {:?}  cluster={} zone={} region={}",
+                endpoint.addr.to_string(),
+                share,
+                tier,
+                endpoint.condition,
+                l.cluster.as_deref().unwrap_or("-"),
+                l.zone.as_deref().unwrap_or("-"),
+                l.region.as_deref().unwrap_or("-"),
             );
         }
     }
@@ -169,31 +264,22 @@ async fn run(args: RunArgs) -> Result<()> {
         max_conntrack,
         debounce_ms,
         resync_secs,
+        locality,
     } = args;
     if !manifests.is_dir() {
         bail!("--manifests {}: not a directory", manifests.display());
     }
-    let capacity = Capacity {
-        services: max_services,
-        backends: max_backends,
-        slots: max_selection_slots,
-    };
-    let sizes = Sizes {
-        capacity,
-        conntrack: max_conntrack,
-    };
-    let mut datapath = Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path()))
-        .context("loading the datapath")?;
+    let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
+    let sizes = Sizes { capacity, conntrack: max_conntrack };
+    let mut datapath = Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path())).context("loading the datapath")?;
 
     // Program the maps before attaching, so the first packet already sees every service.
-    let mut reconciler = Reconciler::new(Applied::new(capacity));
-    reconciler
-        .from_manifests(&manifests, &mut datapath)
-        .context("programming the maps")?;
+    let policy = locality.policy();
+    info!(node = ?policy.node, tiers = ?policy.tiers, "locality");
+    let mut reconciler = Reconciler::new(Applied::new(capacity), policy);
+    reconciler.from_manifests(&manifests, &mut datapath).context("programming the maps")?;
     for iface in &interfaces {
-        datapath
-            .attach(iface, attach)
-            .with_context(|| format!("--interface {iface}"))?;
+        datapath.attach(iface, attach).with_context(|| format!("--interface {iface}"))?;
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -234,10 +320,7 @@ async fn run(args: RunArgs) -> Result<()> {
     drop(watcher);
     let stats = datapath.stats().unwrap_or_default();
     datapath.shutdown();
-    let counts: Vec<String> = stats
-        .iter()
-        .map(|(s, n)| format!("{}={n}", s.name()))
-        .collect();
+    let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
     if counts.is_empty() {
         warn!("packet counters unavailable");
     } else {

@@ -4,9 +4,7 @@
 //! v1alpha1 and v1beta1 share one schema) is declared here after
 //! `../shared/reference/mcs-api/multicluster.x-k8s.io_serviceimports.yaml`.
 
-use k8s_openapi::{
-    api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Deserialize, Serialize};
 
 pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
@@ -92,9 +90,6 @@ pub struct Snapshot {
 
 /// `namespace/name`, with Kubernetes' default namespace for manifests that omit it.
 pub fn object_ref(meta: &ObjectMeta) -> (String, String) {
-    let namespace = meta
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_owned());
     (namespace, meta.name.clone().unwrap_or_default())
 }

@@ -7,12 +7,18 @@
 //! until the next plan, so a packet that read the old service entry just before
 //! the flip never finds its slot or backend reused for someone else.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash as _, Hasher as _},
+};
 
 use mcs_common::{Backend, ServiceKey, ServiceValue, ip_to_map, port_to_map};
 use thiserror::Error;
 
-use crate::desired::{BackendAddr, DesiredState, Frontend, FrontendKey};
+use crate::{
+    desired::{BackendAddr, DesiredState, Frontend, FrontendKey},
+    maglev,
+};
 
 /// Map sizes the plan must fit in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +55,11 @@ pub enum MapOp {
     DeleteService {
         key: ServiceKey,
     },
+    /// Forget ClientIP affinity of these backends (all when `None`) for a frontend.
+    PurgeAffinity {
+        service_id: u32,
+        backend_ids: Option<Vec<u32>>,
+    },
     ClearBackend {
         id: u32,
     },
@@ -81,13 +92,7 @@ struct SlotAllocator {
 
 impl SlotAllocator {
     fn new(capacity: u32) -> Self {
-        Self {
-            free: if capacity == 0 {
-                BTreeMap::new()
-            } else {
-                BTreeMap::from([(0, capacity)])
-            },
-        }
+        Self { free: if capacity == 0 { BTreeMap::new() } else { BTreeMap::from([(0, capacity)]) } }
     }
 
     fn alloc(&mut self, len: u32) -> Option<Region> {
@@ -136,11 +141,7 @@ struct IdPool {
 
 impl IdPool {
     fn new(first: u32, limit: u32) -> Self {
-        Self {
-            next: first,
-            limit,
-            free: BTreeSet::new(),
-        }
+        Self { next: first, limit, free: BTreeSet::new() }
     }
 
     fn available(&self) -> u64 {
@@ -164,10 +165,13 @@ impl IdPool {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AppliedFrontend {
-    service: String,
     service_id: u32,
     region: Region,
-    table: Vec<BackendAddr>,
+    /// Digest of what the table was built from; equal digests, equal tables.
+    digest: u64,
+    /// Distinct backends in the table, sorted.
+    members: Vec<BackendAddr>,
+    affinity_timeout_secs: u32,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -206,6 +210,7 @@ impl Plan {
                 MapOp::PutSlots { ids, .. } => s.slots_written += ids.len(),
                 MapOp::PutService { .. } => s.services_written += 1,
                 MapOp::DeleteService { .. } => s.services_deleted += 1,
+                MapOp::PurgeAffinity { .. } => {}
                 MapOp::ClearBackend { .. } => s.backends_removed += 1,
             }
         }
@@ -222,27 +227,37 @@ pub struct PlanSummary {
     pub slots_written: usize,
 }
 
-/// One slot per ready backend: a uniform choice. Weighted tables (locality,
-/// Maglev) change only this function, not the layout.
+/// A backend's share as an integer Maglev weight (parts per million, at least 1).
+fn weight_units(share: f64) -> u32 {
+    (share * 1_000_000.0).round().max(1.0) as u32
+}
+
+/// The weighted Maglev table of a frontend, one backend address per slot.
 pub fn selection_table(frontend: &Frontend) -> Vec<BackendAddr> {
-    frontend.backends.iter().map(|b| b.addr).collect()
+    let input: Vec<(BackendAddr, u32)> = frontend.weights.iter().map(|w| (w.addr, weight_units(w.share))).collect();
+    if input.is_empty() || frontend.table_size == 0 {
+        return Vec::new();
+    }
+    maglev::build(&input, frontend.table_size).into_iter().map(|i| input[i as usize].0).collect()
+}
+
+fn digest(frontend: &Frontend) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    frontend.table_size.hash(&mut h);
+    frontend.affinity_timeout_secs.hash(&mut h);
+    for w in &frontend.weights {
+        w.addr.hash(&mut h);
+        weight_units(w.share).hash(&mut h);
+    }
+    h.finish()
 }
 
 pub fn service_key(key: &FrontendKey) -> ServiceKey {
-    ServiceKey {
-        vip: ip_to_map(key.vip.octets()),
-        port: port_to_map(key.port),
-        proto: key.protocol.number(),
-        _pad: 0,
-    }
+    ServiceKey { vip: ip_to_map(key.vip.octets()), port: port_to_map(key.port), proto: key.protocol.number(), _pad: 0 }
 }
 
 fn backend_value(addr: &BackendAddr) -> Backend {
-    Backend {
-        ip: ip_to_map(addr.ip.octets()),
-        port: port_to_map(addr.port),
-        _pad: 0,
-    }
+    Backend { ip: ip_to_map(addr.ip.octets()), port: port_to_map(addr.port), _pad: 0 }
 }
 
 impl Applied {
@@ -275,18 +290,9 @@ impl Applied {
     pub fn plan(&self, desired: &DesiredState) -> Plan {
         let mut next = self.clone();
         let quarantine = std::mem::take(&mut next.quarantine);
-        quarantine
-            .service_ids
-            .into_iter()
-            .for_each(|id| next.service_pool.release(id));
-        quarantine
-            .backend_ids
-            .into_iter()
-            .for_each(|id| next.backend_pool.release(id));
-        quarantine
-            .regions
-            .into_iter()
-            .for_each(|r| next.slots.release(r));
+        quarantine.service_ids.into_iter().for_each(|id| next.service_pool.release(id));
+        quarantine.backend_ids.into_iter().for_each(|id| next.backend_pool.release(id));
+        quarantine.regions.into_iter().for_each(|r| next.slots.release(r));
 
         let mut puts_backend = Vec::new();
         let mut puts_slots = Vec::new();
@@ -294,27 +300,28 @@ impl Applied {
         let mut deletes = Vec::new();
         let mut errors = Vec::new();
 
-        let gone: Vec<FrontendKey> = next
-            .frontends
-            .keys()
-            .filter(|k| !desired.frontends.contains_key(k))
-            .copied()
-            .collect();
+        let gone: Vec<FrontendKey> =
+            next.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
         for key in gone {
             let old = next.frontends.remove(&key).expect("listed above");
-            deletes.push(MapOp::DeleteService {
-                key: service_key(&key),
-            });
+            deletes.push(MapOp::DeleteService { key: service_key(&key) });
+            if old.affinity_timeout_secs != 0 {
+                // The id will serve another frontend: its affinity must not.
+                deletes.push(MapOp::PurgeAffinity { service_id: old.service_id, backend_ids: None });
+            }
             next.quarantine.service_ids.push(old.service_id);
             next.quarantine.regions.push(old.region);
         }
 
+        let mut purges = Vec::new();
         for (key, frontend) in &desired.frontends {
-            let table = selection_table(frontend);
+            let digest = digest(frontend);
             let old = next.frontends.get(key);
-            if old.is_some_and(|old| old.table == table) {
+            if old.is_some_and(|old| old.digest == digest) {
                 continue;
             }
+            let table = selection_table(frontend);
+            let members: Vec<BackendAddr> = table.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
             let capacity_error = |resource, capacity, flag| CapacityError {
                 service: frontend.service.clone(),
                 frontend: *key,
@@ -322,17 +329,10 @@ impl Applied {
                 capacity,
                 flag,
             };
-            let new_addrs: BTreeSet<BackendAddr> = table
-                .iter()
-                .filter(|a| !next.backend_ids.contains_key(a))
-                .copied()
-                .collect();
+            let new_addrs: Vec<BackendAddr> =
+                members.iter().filter(|a| !next.backend_ids.contains_key(a)).copied().collect();
             if (new_addrs.len() as u64) > next.backend_pool.available() {
-                errors.push(capacity_error(
-                    "backend ids",
-                    self.capacity.backends - 1,
-                    "--max-backends",
-                ));
+                errors.push(capacity_error("backend ids", self.capacity.backends - 1, "--max-backends"));
                 continue;
             }
             let service_id = match old {
@@ -340,11 +340,7 @@ impl Applied {
                 None => match next.service_pool.alloc() {
                     Some(id) => id,
                     None => {
-                        errors.push(capacity_error(
-                            "service entries",
-                            self.capacity.services,
-                            "--max-services",
-                        ));
+                        errors.push(capacity_error("service entries", self.capacity.services, "--max-services"));
                         continue;
                     }
                 },
@@ -353,30 +349,17 @@ impl Applied {
                 if old.is_none() {
                     next.service_pool.release(service_id);
                 }
-                errors.push(capacity_error(
-                    "selection slots",
-                    self.capacity.slots,
-                    "--max-selection-slots",
-                ));
+                errors.push(capacity_error("selection slots", self.capacity.slots, "--max-selection-slots"));
                 continue;
             };
             for addr in new_addrs {
-                let id = next
-                    .backend_pool
-                    .alloc()
-                    .expect("availability checked above");
+                let id = next.backend_pool.alloc().expect("availability checked above");
                 next.backend_ids.insert(addr, id);
-                puts_backend.push(MapOp::PutBackend {
-                    id,
-                    backend: backend_value(&addr),
-                });
+                puts_backend.push(MapOp::PutBackend { id, backend: backend_value(&addr) });
             }
             if region.len > 0 {
                 let ids = table.iter().map(|a| next.backend_ids[a]).collect();
-                puts_slots.push(MapOp::PutSlots {
-                    offset: region.offset,
-                    ids,
-                });
+                puts_slots.push(MapOp::PutSlots { offset: region.offset, ids });
             }
             puts_service.push(MapOp::PutService {
                 key: service_key(key),
@@ -384,16 +367,33 @@ impl Applied {
                     service_id,
                     slot_offset: region.offset,
                     slot_count: region.len,
+                    affinity_timeout_secs: frontend.affinity_timeout_secs,
                     ..ServiceValue::default()
                 },
             });
+            if let Some(old) = old
+                && old.affinity_timeout_secs != 0
+            {
+                // A backend that leaves breaks the affinity to it.
+                let gone: Vec<u32> = old
+                    .members
+                    .iter()
+                    .filter(|a| members.binary_search(a).is_err())
+                    .map(|a| next.backend_ids[a])
+                    .collect();
+                if !gone.is_empty() || frontend.affinity_timeout_secs == 0 {
+                    let backend_ids = (frontend.affinity_timeout_secs != 0).then_some(gone);
+                    purges.push(MapOp::PurgeAffinity { service_id, backend_ids });
+                }
+            }
             let previous = next.frontends.insert(
                 *key,
                 AppliedFrontend {
-                    service: frontend.service.clone(),
                     service_id,
                     region,
-                    table,
+                    digest,
+                    members,
+                    affinity_timeout_secs: frontend.affinity_timeout_secs,
                 },
             );
             if let Some(previous) = previous {
@@ -401,17 +401,10 @@ impl Applied {
             }
         }
 
-        let referenced: BTreeSet<BackendAddr> = next
-            .frontends
-            .values()
-            .flat_map(|f| f.table.iter().copied())
-            .collect();
-        let unreferenced: Vec<(BackendAddr, u32)> = next
-            .backend_ids
-            .iter()
-            .filter(|(a, _)| !referenced.contains(a))
-            .map(|(a, id)| (*a, *id))
-            .collect();
+        let referenced: BTreeSet<BackendAddr> =
+            next.frontends.values().flat_map(|f| f.members.iter().copied()).collect();
+        let unreferenced: Vec<(BackendAddr, u32)> =
+            next.backend_ids.iter().filter(|(a, _)| !referenced.contains(a)).map(|(a, id)| (*a, *id)).collect();
         let mut clears = Vec::new();
         for (addr, id) in unreferenced {
             next.backend_ids.remove(&addr);
@@ -423,6 +416,7 @@ impl Applied {
         ops.extend(puts_slots);
         ops.extend(puts_service);
         ops.extend(deletes);
+        ops.extend(purges);
         ops.extend(clears);
         Plan { ops, next, errors }
     }
@@ -433,37 +427,42 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::desired::{DesiredBackend, Protocol};
+    use crate::{desired::Protocol, locality::Weighted};
+
+    /// Small prime tables keep the expectations readable.
+    const SIZE: u32 = 7;
 
     fn key(last: u8, port: u16) -> FrontendKey {
-        FrontendKey {
-            vip: Ipv4Addr::new(10, 96, 0, last),
-            port,
-            protocol: Protocol::Tcp,
-        }
+        FrontendKey { vip: Ipv4Addr::new(10, 96, 0, last), port, protocol: Protocol::Tcp }
     }
 
-    fn frontend(backends: &[(u8, u16)]) -> Frontend {
+    fn addr(last: u8) -> BackendAddr {
+        BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port: 80 }
+    }
+
+    fn frontend(backends: &[u8]) -> Frontend {
+        let weights: Vec<Weighted> = backends
+            .iter()
+            .map(|&last| Weighted { addr: addr(last), share: 1.0 / backends.len() as f64, tier: 0, cluster: None })
+            .collect();
         Frontend {
             service: "demo/web".into(),
             port_name: "http".into(),
-            backends: backends
-                .iter()
-                .map(|&(last, port)| DesiredBackend {
-                    addr: BackendAddr {
-                        ip: Ipv4Addr::new(10, 1, 0, last),
-                        port,
-                    },
-                    cluster: None,
-                })
-                .collect(),
+            endpoints: Vec::new(),
+            tiers: vec![],
+            table_size: if weights.is_empty() { 0 } else { SIZE },
+            weights,
+            affinity_timeout_secs: 0,
         }
     }
 
+    fn with_affinity(mut f: Frontend) -> Frontend {
+        f.affinity_timeout_secs = 10_800;
+        f
+    }
+
     fn desired(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
-        DesiredState {
-            frontends: frontends.iter().cloned().collect(),
-        }
+        DesiredState { frontends: frontends.iter().cloned().collect() }
     }
 
     fn kinds(ops: &[MapOp]) -> Vec<&'static str> {
@@ -473,170 +472,123 @@ mod tests {
                 MapOp::PutSlots { .. } => "slots",
                 MapOp::PutService { .. } => "service",
                 MapOp::DeleteService { .. } => "delete",
+                MapOp::PurgeAffinity { .. } => "purge",
                 MapOp::ClearBackend { .. } => "clear",
             })
             .collect()
     }
 
+    fn slots(op: &MapOp) -> (u32, BTreeSet<u32>) {
+        let MapOp::PutSlots { offset, ids } = op else { panic!("{op:?}") };
+        assert_eq!(ids.len(), SIZE as usize);
+        (*offset, ids.iter().copied().collect())
+    }
+
     #[test]
     fn a_new_service_is_written_backends_then_table_then_flip() {
-        let plan = Applied::new(Capacity::default())
-            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
+        let plan = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[2, 3]))]));
         assert!(plan.errors.is_empty());
         assert_eq!(kinds(&plan.ops), ["backend", "backend", "slots", "service"]);
-        assert_eq!(
-            plan.ops[2],
-            MapOp::PutSlots {
-                offset: 0,
-                ids: vec![1, 2]
-            }
-        );
-        let MapOp::PutService { value, .. } = &plan.ops[3] else {
-            panic!()
-        };
-        assert_eq!(
-            (value.service_id, value.slot_offset, value.slot_count),
-            (1, 0, 2)
-        );
+        assert_eq!(slots(&plan.ops[2]), (0, BTreeSet::from([1, 2])));
+        let MapOp::PutService { value, .. } = &plan.ops[3] else { panic!() };
+        assert_eq!((value.service_id, value.slot_offset, value.slot_count), (1, 0, SIZE));
     }
 
     #[test]
     fn an_unchanged_state_plans_nothing() {
-        let state = desired(&[(key(1, 80), frontend(&[(2, 80)]))]);
+        let state = desired(&[(key(1, 80), frontend(&[2]))]);
         let first = Applied::new(Capacity::default()).plan(&state);
         assert!(first.next.plan(&state).ops.is_empty());
     }
 
     #[test]
     fn an_update_writes_a_new_region_and_frees_the_old_one_a_plan_later() {
-        let first = Applied::new(Capacity::default())
-            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (3, 80)]))]));
-        let second = first
-            .next
-            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80), (4, 80)]))]));
+        let first = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[2, 3]))]));
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[2, 4]))]));
         assert_eq!(kinds(&second.ops), ["backend", "slots", "service", "clear"]);
-        // The old region (0..2) is still quarantined: the new table lands after it.
-        assert_eq!(
-            second.ops[1],
-            MapOp::PutSlots {
-                offset: 2,
-                ids: vec![1, 3]
-            }
-        );
-        // Backend 10.1.0.3 (id 2) is cleared now but its id is not reused yet.
+        // The old region is still quarantined: the new table lands after it.
+        assert_eq!(slots(&second.ops[1]), (SIZE, BTreeSet::from([1, 3])));
+        // 10.1.0.3 (id 2) is cleared now but its id is not reused yet.
         assert_eq!(second.ops[3], MapOp::ClearBackend { id: 2 });
-        let third = second
-            .next
-            .plan(&desired(&[(key(1, 80), frontend(&[(5, 80)]))]));
-        assert_eq!(
-            third.ops[0],
-            MapOp::PutBackend {
-                id: 2,
-                backend: backend_value(&BackendAddr {
-                    ip: Ipv4Addr::new(10, 1, 0, 5),
-                    port: 80
-                })
-            }
-        );
-        assert_eq!(
-            third.ops[1],
-            MapOp::PutSlots {
-                offset: 0,
-                ids: vec![2]
-            }
-        );
+        let third = second.next.plan(&desired(&[(key(1, 80), frontend(&[5]))]));
+        assert_eq!(third.ops[0], MapOp::PutBackend { id: 2, backend: backend_value(&addr(5)) });
+        assert_eq!(slots(&third.ops[1]), (0, BTreeSet::from([2])));
     }
 
     #[test]
     fn a_removed_service_is_deleted_and_its_backends_cleared() {
-        let first = Applied::new(Capacity::default()).plan(&desired(&[
-            (key(1, 80), frontend(&[(2, 80)])),
-            (key(2, 80), frontend(&[(2, 80), (3, 80)])),
-        ]));
+        let first = Applied::new(Capacity::default())
+            .plan(&desired(&[(key(1, 80), frontend(&[2])), (key(2, 80), frontend(&[2, 3]))]));
         // Both frontends share 10.1.0.2:80, which gets one id.
         assert_eq!(first.next.backend_count(), 2);
-        let second = first
-            .next
-            .plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[2]))]));
         assert_eq!(kinds(&second.ops), ["delete", "clear"]);
         assert_eq!(second.next.frontend_count(), 1);
         let third = second.next.plan(&desired(&[]));
         assert_eq!(kinds(&third.ops), ["delete", "clear"]);
-        assert_eq!(
-            (third.next.frontend_count(), third.next.backend_count()),
-            (0, 0)
-        );
+        assert_eq!((third.next.frontend_count(), third.next.backend_count()), (0, 0));
     }
 
     #[test]
     fn a_service_without_ready_backends_gets_an_empty_table() {
         let plan = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), frontend(&[]))]));
         assert_eq!(kinds(&plan.ops), ["service"]);
-        let MapOp::PutService { value, .. } = &plan.ops[0] else {
-            panic!()
-        };
+        let MapOp::PutService { value, .. } = &plan.ops[0] else { panic!() };
         assert_eq!(value.slot_count, 0);
     }
 
     #[test]
     fn capacity_limits_reject_only_what_does_not_fit_and_say_which_flag() {
-        let capacity = Capacity {
-            services: 1,
-            backends: 3,
-            slots: 3,
-        };
-        let plan = Applied::new(capacity).plan(&desired(&[
-            (key(1, 80), frontend(&[(2, 80)])),
-            (key(2, 80), frontend(&[(3, 80)])),
-        ]));
+        let capacity = Capacity { services: 1, backends: 3, slots: 3 * SIZE };
+        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[2])), (key(2, 80), frontend(&[3]))]));
         assert_eq!(plan.next.frontend_count(), 1);
         assert_eq!(plan.errors.len(), 1);
         let text = plan.errors[0].to_string();
-        assert!(
-            text.contains("10.96.0.2:80/TCP") && text.contains("--max-services"),
-            "{text}"
-        );
+        assert!(text.contains("10.96.0.2:80/TCP") && text.contains("--max-services"), "{text}");
 
-        let capacity = Capacity {
-            services: 8,
-            backends: 3,
-            slots: 16,
-        };
-        let plan = Applied::new(capacity).plan(&desired(&[(
-            key(1, 80),
-            frontend(&[(2, 80), (3, 80), (4, 80)]),
-        )]));
+        let capacity = Capacity { services: 8, backends: 3, slots: 16 };
+        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[2, 3, 4]))]));
         assert!(plan.ops.is_empty());
         assert!(plan.errors[0].to_string().contains("--max-backends"));
 
-        let capacity = Capacity {
-            services: 8,
-            backends: 16,
-            slots: 2,
-        };
-        let plan = Applied::new(capacity).plan(&desired(&[(
-            key(1, 80),
-            frontend(&[(2, 80), (3, 80), (4, 80)]),
-        )]));
+        let capacity = Capacity { services: 8, backends: 16, slots: SIZE - 1 };
+        let plan = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[2, 3]))]));
         assert!(plan.ops.is_empty());
         assert!(plan.errors[0].to_string().contains("--max-selection-slots"));
     }
 
     #[test]
     fn a_failed_update_keeps_the_old_version_serving() {
-        let capacity = Capacity {
-            services: 8,
-            backends: 16,
-            slots: 3,
-        };
-        let first = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[(2, 80)]))]));
-        let second = first.next.plan(&desired(&[(
-            key(1, 80),
-            frontend(&[(2, 80), (3, 80), (4, 80)]),
-        )]));
+        let capacity = Capacity { services: 8, backends: 16, slots: SIZE + 2 };
+        let first = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[2]))]));
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[2, 3, 4]))]));
         assert_eq!(second.errors.len(), 1);
         assert!(second.ops.is_empty(), "{:?}", second.ops);
         assert_eq!(second.next.backend_count(), 1);
+    }
+
+    #[test]
+    fn a_backend_leaving_an_affinity_service_purges_its_affinity() {
+        let first = Applied::new(Capacity::default()).plan(&desired(&[(key(1, 80), with_affinity(frontend(&[2, 3])))]));
+        let MapOp::PutService { value, .. } = &first.ops[3] else { panic!() };
+        assert_eq!(value.affinity_timeout_secs, 10_800);
+        let second = first.next.plan(&desired(&[(key(1, 80), with_affinity(frontend(&[2])))]));
+        assert_eq!(kinds(&second.ops), ["slots", "service", "purge", "clear"]);
+        assert_eq!(second.ops[2], MapOp::PurgeAffinity { service_id: 1, backend_ids: Some(vec![2]) });
+        let third = second.next.plan(&desired(&[]));
+        assert_eq!(kinds(&third.ops), ["delete", "purge", "clear"]);
+        assert_eq!(third.ops[1], MapOp::PurgeAffinity { service_id: 1, backend_ids: None });
+    }
+
+    #[test]
+    fn weights_shape_the_table() {
+        let mut f = frontend(&[2, 3]);
+        f.table_size = 251;
+        f.weights[0].share = 0.9;
+        f.weights[1].share = 0.1;
+        let table = selection_table(&f);
+        let heavy = table.iter().filter(|a| **a == addr(2)).count();
+        assert!((224..=228).contains(&heavy), "{heavy} of 251 slots for a 90 % backend");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    desired::{self, DesiredState},
+    desired::{self, DesiredState, Policy},
     model::Snapshot,
     plan::{Applied, PlanSummary},
     source::manifests::{self, ManifestError},
@@ -25,36 +25,25 @@ pub struct Report {
 
 pub struct Reconciler {
     applied: Applied,
+    policy: Policy,
     generation: u64,
     /// Problems already logged, so a periodic resync does not repeat them.
     reported: BTreeSet<String>,
 }
 
 impl Reconciler {
-    pub fn new(applied: Applied) -> Self {
-        Self {
-            applied,
-            generation: 0,
-            reported: BTreeSet::new(),
-        }
+    pub fn new(applied: Applied, policy: Policy) -> Self {
+        Self { applied, policy, generation: 0, reported: BTreeSet::new() }
     }
 
     /// Reads the manifests directory and brings the datapath to it.
-    pub fn from_manifests(
-        &mut self,
-        dir: &Path,
-        datapath: &mut Datapath,
-    ) -> Result<Report, DatapathError> {
+    pub fn from_manifests(&mut self, dir: &Path, datapath: &mut Datapath) -> Result<Report, DatapathError> {
         let (snapshot, parse_errors) = match manifests::read_dir(dir) {
             Ok(read) => read,
             Err(e) => {
                 // An unreadable directory must not wipe the datapath: keep the last good state.
                 warn!(error = %e, "manifests unreadable; keeping the last programmed state");
-                return Ok(Report {
-                    generation: self.generation,
-                    problems: vec![e.to_string()],
-                    ..Report::default()
-                });
+                return Ok(Report { generation: self.generation, problems: vec![e.to_string()], ..Report::default() });
             }
         };
         let problems = parse_errors.iter().map(ManifestError::to_string).collect();
@@ -67,7 +56,7 @@ impl Reconciler {
         mut problems: Vec<String>,
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
-        let (state, object_errors) = desired::compute(snapshot);
+        let (state, object_errors) = desired::compute(snapshot, &self.policy);
         problems.extend(object_errors.iter().map(ToString::to_string));
         self.apply_state(&state, problems, datapath)
     }

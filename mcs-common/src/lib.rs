@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 /// Bumped whenever any type below changes size or meaning. Pinned maps live
 /// under a directory named after it, so an agent never adopts maps of
 /// another layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Directory below the bpffs mount that holds our pins: `<bpffs>/mcs/v<LAYOUT_VERSION>/`.
 pub const PIN_ROOT: &str = "mcs";
@@ -29,12 +29,15 @@ pub const MAP_SELECTION: &str = "SELECTION";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_REV_NAT: &str = "REV_NAT";
 pub const MAP_STATS: &str = "STATS";
+pub const MAP_AFFINITY: &str = "AFFINITY";
 
 /// Default capacities compiled into the object; the agent may resize them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-pub const DEFAULT_MAX_SELECTION_SLOTS: u32 = 1 << 20;
+/// 64 MiB: about a thousand 10-backend frontends at the default Maglev size.
+pub const DEFAULT_MAX_SELECTION_SLOTS: u32 = 1 << 24;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
+pub const DEFAULT_MAX_AFFINITY: u32 = 262_144;
 
 /// Backend id 0 is never allocated: a zeroed selection slot or conntrack entry
 /// therefore never names a live backend.
@@ -72,7 +75,8 @@ pub struct ServiceValue {
     pub slot_count: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
-    /// ClientIP affinity timeout; 0 disables affinity.
+    /// ClientIP affinity timeout; 0 disables affinity. With affinity the slot
+    /// is chosen by [`client_hash`] instead of [`flow_hash`].
     pub affinity_timeout_secs: u32,
     pub _reserved: u32,
 }
@@ -135,6 +139,25 @@ pub struct RevNatValue {
     pub _pad: u16,
 }
 
+/// `AFFINITY` key: ClientIP session affinity of one client to one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_ip: u32,
+}
+
+/// `AFFINITY` value. The agent deletes entries whose backend leaves the
+/// frontend, so a hit is always a current backend of that frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new connection that used it.
+    pub last_used_ns: u64,
+}
+
 /// Indexes into the per-CPU `STATS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,10 +180,12 @@ pub enum Stat {
     CtInsertFailed = 7,
     /// A checksum or store helper failed mid-rewrite: dropped.
     RewriteFailed = 8,
+    /// A new flow went to its client's affinity backend.
+    AffinityHit = 9,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -171,6 +196,7 @@ impl Stat {
         Stat::RevNat,
         Stat::CtInsertFailed,
         Stat::RewriteFailed,
+        Stat::AffinityHit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -184,6 +210,7 @@ impl Stat {
             Stat::RevNat => "rev_nat",
             Stat::CtInsertFailed => "ct_insert_failed",
             Stat::RewriteFailed => "rewrite_failed",
+            Stat::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -203,17 +230,18 @@ const fn fmix32(mut h: u32) -> u32 {
 /// Shared so that userspace (tests, `inspect`-style tools) can predict which
 /// slot a given flow lands in. Inputs are the raw map-order values.
 #[inline(always)]
-pub const fn flow_hash(
-    client_ip: u32,
-    vip: u32,
-    client_port: u16,
-    vip_port: u16,
-    proto: u8,
-) -> u32 {
+pub const fn flow_hash(client_ip: u32, vip: u32, client_port: u16, vip_port: u16, proto: u8) -> u32 {
     let mut h = fmix32(client_ip ^ 0x9e37_79b9);
     h = fmix32(h ^ vip);
     h = fmix32(h ^ (((client_port as u32) << 16) | vip_port as u32));
     fmix32(h ^ proto as u32)
+}
+
+/// Hash of the client address alone: with ClientIP affinity every flow of a
+/// client lands on the same slot.
+#[inline(always)]
+pub const fn client_hash(client_ip: u32) -> u32 {
+    fmix32(fmix32(client_ip ^ 0x85eb_ca6b) ^ 0x9e37_79b9)
 }
 
 /// An IPv4 address in map byte order.
@@ -240,6 +268,8 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]
@@ -257,6 +287,8 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(size_of::<RevNatKey>(), 16);
         assert_eq!(size_of::<RevNatValue>(), 8);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
     }
 
     #[test]
@@ -272,13 +304,7 @@ mod tests {
         let client = ip_to_map([10, 1, 0, 2]);
         let mut buckets = [0u32; 4];
         for sport in 30_000u16..34_000 {
-            let h = flow_hash(
-                client,
-                vip,
-                port_to_map(sport),
-                port_to_map(80),
-                IPPROTO_TCP,
-            );
+            let h = flow_hash(client, vip, port_to_map(sport), port_to_map(80), IPPROTO_TCP);
             buckets[(h % 4) as usize] += 1;
         }
         for b in buckets {

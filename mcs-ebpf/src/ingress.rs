@@ -1,14 +1,14 @@
 //! TC ingress on pod-facing interfaces: traffic leaving a client pod.
 //! `ClusterSetIP:port` is translated to the selected backend `podIP:port`.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use mcs_common::{
-    Backend, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue, Stat, flow_hash,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey, RevNatValue, ServiceKey,
+    ServiceValue, Stat, client_hash, flow_hash,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, count},
+    maps::{AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, count},
     nat::{Side, rewrite},
     parse::{Flow, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
 };
@@ -27,12 +27,7 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
             return TC_NEXT;
         }
     };
-    let key = ServiceKey {
-        vip: flow.dst_ip,
-        port: flow.dst_port,
-        proto: flow.proto,
-        _pad: 0,
-    };
+    let key = ServiceKey { vip: flow.dst_ip, port: flow.dst_port, proto: flow.proto, _pad: 0 };
     let Some(service) = SERVICES.get_ptr(key) else {
         count(Stat::NotService);
         return TC_NEXT;
@@ -86,11 +81,7 @@ fn established(flow: &Flow, ct_key: &CtKey) -> Option<Backend> {
     }
     // SAFETY: map value pointer, valid for this program run.
     let ct = unsafe { &*CONNTRACK.get_ptr(ct_key)? };
-    let pinned = Backend {
-        ip: ct.backend_ip,
-        port: ct.backend_port,
-        _pad: 0,
-    };
+    let pinned = Backend { ip: ct.backend_ip, port: ct.backend_port, _pad: 0 };
     // UDP has no connection to keep alive: once the backend is gone from the
     // service (its id freed or reused), re-select instead of sending into the void.
     // TCP keeps the pin so an established connection survives endpoint removal.
@@ -108,14 +99,38 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
     if service.slot_count == 0 {
         return None;
     }
-    let hash = flow_hash(
-        flow.src_ip,
-        flow.dst_ip,
-        flow.src_port,
-        flow.dst_port,
-        flow.proto,
-    );
-    let slot = service.slot_offset.wrapping_add(hash % service.slot_count);
+    if service.affinity_timeout_secs == 0 {
+        let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
+        return slot_backend(service, hash);
+    }
+    // ClientIP affinity: reuse the client's backend while the entry is fresh.
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = AffinityKey { service_id: service.service_id, client_ip: flow.src_ip };
+    let timeout_ns = service.affinity_timeout_secs as u64 * 1_000_000_000;
+    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: map value pointer, valid for this program run.
+        let entry = unsafe { &mut *entry };
+        if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
+            && let Some(backend) = BACKENDS.get(entry.backend_id)
+            && backend.ip != 0
+        {
+            entry.last_used_ns = now;
+            count(Stat::AffinityHit);
+            return Some((entry.backend_id, *backend));
+        }
+    }
+    let (id, backend) = slot_backend(service, client_hash(flow.src_ip))?;
+    let value = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
+    // Best effort: without the entry the next connection hashes to the same slot anyway.
+    let _ = AFFINITY.insert(&key, &value, 0);
+    Some((id, backend))
+}
+
+#[inline(always)]
+fn slot_backend(service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
+    // checked_rem: a plain `%` keeps a divide-by-zero panic the verifier rejects.
+    let slot = service.slot_offset.wrapping_add(hash.checked_rem(service.slot_count)?);
     let id = *SELECTION.get(slot)?;
     let backend = *BACKENDS.get(id)?;
     if backend.ip == 0 {
@@ -125,13 +140,7 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
 }
 
 #[inline(always)]
-fn record(
-    flow: &Flow,
-    ct_key: &CtKey,
-    service: &ServiceValue,
-    id: u32,
-    backend: &Backend,
-) -> Result<(), i64> {
+fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend: &Backend) -> Result<(), i64> {
     let rev_key = RevNatKey {
         backend_ip: backend.ip,
         client_ip: flow.src_ip,
@@ -140,11 +149,7 @@ fn record(
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let rev = RevNatValue {
-        vip: flow.dst_ip,
-        vip_port: flow.dst_port,
-        _pad: 0,
-    };
+    let rev = RevNatValue { vip: flow.dst_ip, vip_port: flow.dst_port, _pad: 0 };
     // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
     REV_NAT.insert(rev_key, rev, 0)?;
     let ct = CtValue {

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mcs_common::{
-    Backend, CtKey, CtValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNTRACK,
-    DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, ServiceKey,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, ServiceKey,
     ServiceValue, Stat,
 };
 
@@ -17,8 +17,7 @@ pub const TC_NEXT: i32 = -1;
 pub const TC_ACT_SHOT: i32 = 2;
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -27,12 +26,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static SELECTION: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS, 0);
 
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
 
 #[map]
-pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);

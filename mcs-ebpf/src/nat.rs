@@ -26,13 +26,7 @@ pub enum Side {
 
 /// Rewrites one side of the flow to `new_ip:new_port` (map byte order).
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    flow: &Flow,
-    side: Side,
-    new_ip: u32,
-    new_port: u16,
-) -> Result<(), i64> {
+pub fn rewrite(ctx: &TcContext, flow: &Flow, side: Side, new_ip: u32, new_port: u16) -> Result<(), i64> {
     let (ip_off, port_off, old_ip, old_port) = match side {
         Side::Source => (IP_SRC_OFF, flow.l4_off, flow.src_ip, flow.src_port),
         Side::Destination => (IP_DST_OFF, flow.l4_off + 2, flow.dst_ip, flow.dst_port),
@@ -43,12 +37,7 @@ pub fn rewrite(
     } else {
         (flow.l4_off + TCP_CSUM_OFF, 0)
     };
-    ctx.l4_csum_replace(
-        csum_off,
-        old_ip as u64,
-        new_ip as u64,
-        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-    )?;
+    ctx.l4_csum_replace(csum_off, old_ip as u64, new_ip as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
     ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)?;
     ctx.l3_csum_replace(IP_CSUM_OFF, old_ip as u64, new_ip as u64, 4)?;
     ctx.store(ip_off, &new_ip, 0)?;

@@ -49,11 +49,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // Headers of a paged skb may sit outside the linear area; pull what we read.
     let linear = (ctx.data_end() - ctx.data()) as u32;
     if linear < MAX_HEADERS && ctx.len() > linear {
-        let want = if ctx.len() < MAX_HEADERS {
-            ctx.len()
-        } else {
-            MAX_HEADERS
-        };
+        let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
         if ctx.pull_data(want).is_err() {
             return Parsed::Malformed;
         }
@@ -96,11 +92,7 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         let tcp = unsafe { &*tcp };
         // Byte 13 of the TCP header holds CWR..FIN; the bitfield accessors cost more.
         let flags_byte = unsafe { *((tcp as *const TcpHdr as *const u8).add(13)) };
-        (
-            u16::from_ne_bytes(tcp.source),
-            u16::from_ne_bytes(tcp.dest),
-            flags_byte,
-        )
+        (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), flags_byte)
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
             return Parsed::Malformed;
@@ -110,13 +102,5 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), 0)
     };
 
-    Parsed::Flow(Flow {
-        src_ip,
-        dst_ip,
-        src_port,
-        dst_port,
-        proto,
-        tcp_flags,
-        l4_off,
-    })
+    Parsed::Flow(Flow { src_ip, dst_ip, src_port, dst_port, proto, tcp_flags, l4_off })
 }

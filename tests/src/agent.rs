@@ -48,25 +48,14 @@ impl Agent {
         Self::start_binary(&agent_binary(), ns, manifests, interfaces, extra)
     }
 
-    pub fn start_binary(
-        binary: &Path,
-        ns: &Netns,
-        manifests: &Path,
-        interfaces: &[String],
-        extra: &[&str],
-    ) -> Self {
+    pub fn start_binary(binary: &Path, ns: &Netns, manifests: &Path, interfaces: &[String], extra: &[&str]) -> Self {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(binary)
-            .arg("run");
+        cmd.args(["netns", "exec", ns.name()]).arg(binary).arg("run");
         cmd.arg("--manifests").arg(manifests);
         for iface in interfaces {
             cmd.args(["--interface", iface]);
         }
-        cmd.args(extra)
-            .env("MCS_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(extra).env("MCS_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawning mcs-agent");
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -79,10 +68,7 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut agent = Self {
-            child: Some(child),
-            lines,
-        };
+        let mut agent = Self { child: Some(child), lines };
         agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(20));
         agent
     }
@@ -105,11 +91,7 @@ impl Agent {
                 std::thread::sleep(Duration::from_millis(100));
                 panic!("mcs-agent exited ({status}):\n{}", self.logs().join("\n"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for the agent; log:\n{}",
-                self.logs().join("\n")
-            );
+            assert!(Instant::now() < deadline, "timed out waiting for the agent; log:\n{}", self.logs().join("\n"));
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -119,14 +101,7 @@ impl Agent {
         self.logs()
             .iter()
             .filter(|l| l.contains("reconciled"))
-            .filter_map(|l| {
-                l.split("generation=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|l| l.split("generation=").nth(1)?.split_whitespace().next()?.parse().ok())
             .max()
             .unwrap_or(0)
     }

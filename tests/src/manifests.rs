@@ -7,14 +7,30 @@ use std::{fmt::Write as _, fs, net::Ipv4Addr, path::Path};
 pub type Port<'a> = (&'a str, u16, &'a str);
 
 pub fn service_import(namespace: &str, name: &str, vip: Ipv4Addr, ports: &[Port<'_>]) -> String {
+    service_import_with(namespace, name, vip, ports, &[], "")
+}
+
+/// With annotations and extra `spec` lines (each indented by two spaces).
+pub fn service_import_with(
+    namespace: &str,
+    name: &str,
+    vip: Ipv4Addr,
+    ports: &[Port<'_>],
+    annotations: &[(&str, &str)],
+    spec_extra: &str,
+) -> String {
+    let mut meta = String::new();
+    if !annotations.is_empty() {
+        meta.push_str("  annotations:\n");
+        for (key, value) in annotations {
+            let _ = writeln!(meta, "    {key}: \"{value}\"");
+        }
+    }
     let mut yaml = format!(
-        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  type: ClusterSetIP\n  ips: [\"{vip}\"]\n  ports:\n"
+        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata:\n  name: {name}\n  namespace: {namespace}\n{meta}spec:\n  type: ClusterSetIP\n  ips: [\"{vip}\"]\n{spec_extra}  ports:\n"
     );
     for (port_name, port, protocol) in ports {
-        let _ = writeln!(
-            yaml,
-            "  - {{name: {port_name}, port: {port}, protocol: {protocol}}}"
-        );
+        let _ = writeln!(yaml, "  - {{name: {port_name}, port: {port}, protocol: {protocol}}}");
     }
     yaml
 }
@@ -31,20 +47,42 @@ pub fn endpoint_slice(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-{cluster}\n  namespace: {namespace}\n  labels:\n    multicluster.kubernetes.io/service-name: {service}\n    multicluster.kubernetes.io/source-cluster: {cluster}\naddressType: IPv4\nports:\n"
     );
     for (port_name, port, protocol) in ports {
-        let _ = writeln!(
-            yaml,
-            "- {{name: {port_name}, port: {port}, protocol: {protocol}}}"
-        );
+        let _ = writeln!(yaml, "- {{name: {port_name}, port: {port}, protocol: {protocol}}}");
     }
     yaml.push_str("endpoints:\n");
     if endpoints.is_empty() {
         yaml.push_str("[]\n");
     }
     for (ip, ready) in endpoints {
-        let _ = writeln!(
-            yaml,
-            "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}"
-        );
+        let _ = writeln!(yaml, "- addresses: [\"{ip}\"]\n  conditions: {{ready: {ready}}}");
+    }
+    yaml
+}
+
+/// An endpoint with its locality.
+pub struct ZonedEndpoint<'a> {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub zone: &'a str,
+}
+
+/// A slice whose endpoints carry zones, optionally labelled with a region.
+pub fn endpoint_slice_zoned(
+    namespace: &str,
+    service: &str,
+    cluster: &str,
+    region: Option<&str>,
+    ports: &[Port<'_>],
+    endpoints: &[ZonedEndpoint<'_>],
+) -> String {
+    let plain: Vec<(Ipv4Addr, bool)> = endpoints.iter().map(|e| (e.ip, e.ready)).collect();
+    let mut yaml = endpoint_slice(namespace, service, cluster, ports, &plain);
+    if let Some(region) = region {
+        yaml = yaml.replacen("  labels:\n", &format!("  labels:\n    topology.kubernetes.io/region: {region}\n"), 1);
+    }
+    for e in endpoints {
+        let line = format!("- addresses: [\"{}\"]\n", e.ip);
+        yaml = yaml.replacen(&line, &format!("{line}  zone: {}\n", e.zone), 1);
     }
     yaml
 }
@@ -53,8 +91,7 @@ pub fn endpoint_slice(
 pub fn write(dir: &Path, name: &str, contents: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
     fs::write(&tmp, contents).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
-    fs::rename(&tmp, dir.join(name))
-        .unwrap_or_else(|e| panic!("renaming into {}: {e}", dir.display()));
+    fs::rename(&tmp, dir.join(name)).unwrap_or_else(|e| panic!("renaming into {}: {e}", dir.display()));
 }
 
 pub fn remove(dir: &Path, name: &str) {

@@ -12,11 +12,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test, process or earlier run uses at the same time.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Runs a command and panics with its output if it fails: lab setup errors are fatal.
@@ -24,9 +20,7 @@ pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {args:?}: {e} (is iproute2 installed? `cargo xtask setup`)")
-        });
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e} (is iproute2 installed? `cargo xtask setup`)"));
     assert!(
         out.status.success(),
         "{args:?} failed: {}{}",
@@ -87,10 +81,7 @@ impl Netns {
     }
 
     /// Like [`Netns::run`], but the thread keeps running in the background.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
@@ -103,27 +94,14 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes every interface inside it, veth peers included.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
 
 /// Connects two namespaces with a veth pair, created inside `a` so the root
 /// namespace never sees it.
 pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
-    a.ip(&[
-        "link",
-        "add",
-        a_name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_name,
-        "netns",
-        b.name(),
-    ]);
+    a.ip(&["link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()]);
     a.ip(&["link", "set", a_name, "up"]);
     b.ip(&["link", "set", b_name, "up"]);
 }

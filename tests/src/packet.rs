@@ -37,12 +37,7 @@ pub struct Ipv4Spec<'a> {
 
 impl Ipv4Spec<'_> {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr) -> Self {
-        Self {
-            src,
-            dst,
-            options: &[],
-            frag: (0, 0),
-        }
+        Self { src, dst, options: &[], frag: (0, 0) }
     }
 }
 
@@ -91,13 +86,7 @@ pub fn tcp(ip: &Ipv4Spec<'_>, sport: u16, dport: u16, flags: u8, payload: &[u8])
 }
 
 /// A UDP datagram; `zero_checksum` sends it without a checksum (allowed in IPv4).
-pub fn udp(
-    ip: &Ipv4Spec<'_>,
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-    zero_checksum: bool,
-) -> Vec<u8> {
+pub fn udp(ip: &Ipv4Spec<'_>, sport: u16, dport: u16, payload: &[u8], zero_checksum: bool) -> Vec<u8> {
     let mut l4 = vec![0u8; 8];
     l4[0..2].copy_from_slice(&sport.to_be_bytes());
     l4[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -135,17 +124,10 @@ pub fn view(frame: &[u8]) -> View {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let l4 = &ip[ihl..total];
     let ip_checksum_ok = checksum(&[&ip[..ihl]]) == 0;
-    let (header_len, csum_field) = if proto == 6 {
-        (usize::from(l4[12] >> 4) * 4, 16)
-    } else {
-        (8, 6)
-    };
+    let (header_len, csum_field) = if proto == 6 { (usize::from(l4[12] >> 4) * 4, 16) } else { (8, 6) };
     let raw = u16::from_be_bytes([l4[csum_field], l4[csum_field + 1]]);
-    let l4_checksum_ok = if proto == 17 && raw == 0 {
-        None
-    } else {
-        Some(checksum(&[&pseudo(src, dst, proto, l4.len()), l4]) == 0)
-    };
+    let l4_checksum_ok =
+        if proto == 17 && raw == 0 { None } else { Some(checksum(&[&pseudo(src, dst, proto, l4.len()), l4]) == 0) };
     View {
         src,
         dst,
@@ -166,10 +148,7 @@ mod tests {
         let ip = Ipv4Spec::new(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 96, 0, 1));
         let v = view(&tcp(&ip, 40000, 80, TCP_SYN, b"abc"));
         assert!(v.ip_checksum_ok && v.l4_checksum_ok == Some(true));
-        assert_eq!(
-            (v.sport, v.dport, v.payload.as_slice()),
-            (40000, 80, &b"abc"[..])
-        );
+        assert_eq!((v.sport, v.dport, v.payload.as_slice()), (40000, 80, &b"abc"[..]));
         let v = view(&udp(&ip, 5000, 53, b"q", false));
         assert_eq!(v.l4_checksum_ok, Some(true));
         assert_eq!(view(&udp(&ip, 5000, 53, b"q", true)).l4_checksum_ok, None);

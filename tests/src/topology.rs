@@ -26,8 +26,7 @@ impl Cluster {
     pub fn add_pod(&mut self) -> Ipv4Addr {
         self.pods += 1;
         let ip = Ipv4Addr::new(10, 10 + self.index, 0, self.pods);
-        self.ns
-            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        self.ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         ip
     }
 }
@@ -51,11 +50,7 @@ impl Clusterset {
         node.sysctl("net.ipv4.ip_forward", "1");
         node.sysctl("net.ipv4.conf.all.rp_filter", "0");
         node.sysctl("net.ipv4.conf.default.rp_filter", "0");
-        let mut set = Self {
-            node,
-            clients: Vec::new(),
-            clusters: Vec::new(),
-        };
+        let mut set = Self { node, clients: Vec::new(), clusters: Vec::new() };
         for i in 0..clients {
             set.add_client(i as u8);
         }
@@ -64,23 +59,11 @@ impl Clusterset {
             let j8 = j as u8;
             let node_if = format!("c{j}");
             veth(&set.node, &node_if, &ns, "eth0");
-            set.node
-                .ip(&["addr", "add", &format!("10.255.{j}.1/24"), "dev", &node_if]);
+            set.node.ip(&["addr", "add", &format!("10.255.{j}.1/24"), "dev", &node_if]);
             ns.ip(&["addr", "add", &format!("10.255.{j}.2/24"), "dev", "eth0"]);
             ns.ip(&["route", "add", "default", "via", &format!("10.255.{j}.1")]);
-            set.node.ip(&[
-                "route",
-                "add",
-                &format!("10.{}.0.0/16", 10 + j8),
-                "via",
-                &format!("10.255.{j}.2"),
-            ]);
-            set.clusters.push(Cluster {
-                name: (*name).to_owned(),
-                ns,
-                index: j8,
-                pods: 0,
-            });
+            set.node.ip(&["route", "add", &format!("10.{}.0.0/16", 10 + j8), "via", &format!("10.255.{j}.2")]);
+            set.clusters.push(Cluster { name: (*name).to_owned(), ns, index: j8, pods: 0 });
         }
         set
     }
@@ -89,8 +72,7 @@ impl Clusterset {
         let ns = Netns::new("mcs-pod");
         let node_iface = format!("pod{i}");
         veth(&self.node, &node_iface, &ns, "eth0");
-        self.node
-            .ip(&["addr", "add", &format!("10.0.{i}.1/24"), "dev", &node_iface]);
+        self.node.ip(&["addr", "add", &format!("10.0.{i}.1/24"), "dev", &node_iface]);
         let ip = Ipv4Addr::new(10, 0, i, 2);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.0.{i}.1")]);

@@ -29,9 +29,7 @@ pub struct Server {
 impl Server {
     pub fn tcp(ns: &Netns, ip: Ipv4Addr, port: u16, identity: &str) -> Self {
         let addr = SocketAddrV4::new(ip, port);
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let listener = ns.run(move || TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, id) = (stop.clone(), identity.to_owned());
@@ -42,29 +40,18 @@ impl Server {
                         let (flag, id) = (flag.clone(), id.clone());
                         std::thread::spawn(move || serve_tcp(stream, peer, &id, &flag));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
-        Self {
-            stop,
-            handle: Some(handle),
-            addr,
-            identity: identity.to_owned(),
-        }
+        Self { stop, handle: Some(handle), addr, identity: identity.to_owned() }
     }
 
     pub fn udp(ns: &Netns, ip: Ipv4Addr, port: u16, identity: &str) -> Self {
         let addr = SocketAddrV4::new(ip, port);
-        let socket = ns
-            .run(move || UdpSocket::bind(addr))
-            .unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
+        let socket = ns.run(move || UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, id) = (stop.clone(), identity.to_owned());
         let handle = std::thread::spawn(move || {
@@ -75,12 +62,7 @@ impl Server {
                 }
             }
         });
-        Self {
-            stop,
-            handle: Some(handle),
-            addr,
-            identity: identity.to_owned(),
-        }
+        Self { stop, handle: Some(handle), addr, identity: identity.to_owned() }
     }
 }
 
@@ -97,19 +79,12 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr, id: &str, stop: &AtomicBool) {
         match reader.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if writer
-                    .write_all(format!("{id} {peer}\n").as_bytes())
-                    .is_err()
-                {
+                if writer.write_all(format!("{id} {peer}\n").as_bytes()).is_err() {
                     return;
                 }
                 line.clear();
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(_) => return,
         }
     }
@@ -139,20 +114,10 @@ pub struct Reply {
 
 fn parse_reply(line: &str, reply_from: SocketAddr, local: SocketAddr) -> io::Result<Reply> {
     let mut parts = line.split_whitespace();
-    let bad = || {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected reply {line:?}"),
-        )
-    };
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected reply {line:?}"));
     let identity = parts.next().ok_or_else(bad)?.to_owned();
     let peer_seen = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-    Ok(Reply {
-        identity,
-        peer_seen,
-        reply_from,
-        local,
-    })
+    Ok(Reply { identity, peer_seen, reply_from, local })
 }
 
 /// A kept-alive TCP connection opened from inside a namespace.
@@ -163,25 +128,18 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(ns: &Netns, target: SocketAddrV4) -> io::Result<Self> {
-        let stream =
-            ns.run(move || TcpStream::connect_timeout(&SocketAddr::V4(target), IO_TIMEOUT))?;
+        let stream = ns.run(move || TcpStream::connect_timeout(&SocketAddr::V4(target), IO_TIMEOUT))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
-        Ok(Self {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
+        Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
     }
 
     pub fn request(&mut self) -> io::Result<Reply> {
         self.writer.write_all(b"hello\n")?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
         }
         let stream = self.reader.get_ref();
         parse_reply(&line, stream.peer_addr()?, stream.local_addr()?)
@@ -200,9 +158,5 @@ pub fn udp_request(ns: &Netns, target: SocketAddrV4) -> io::Result<Reply> {
     socket.send_to(b"hello\n", target)?;
     let mut buf = [0u8; 1500];
     let (n, from) = socket.recv_from(&mut buf)?;
-    parse_reply(
-        &String::from_utf8_lossy(&buf[..n]),
-        from,
-        socket.local_addr()?,
-    )
+    parse_reply(&String::from_utf8_lossy(&buf[..n]), from, socket.local_addr()?)
 }

@@ -3,19 +3,18 @@
 //! Each fixture is an input frame, the expected verdict and the expected
 //! output, with checksums recomputed from scratch by the test.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use mcs_agent::{
     datapath::{Datapath, Sizes},
+    desired::{self, BackendAddr, FrontendKey, Policy, Protocol},
     model::Origin,
-    plan::{Applied, Capacity},
+    plan::{Applied, Capacity, selection_table},
     reconcile::Reconciler,
     source::manifests::parse_documents,
 };
-use mcs_common::{
-    CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map,
-};
+use mcs_common::{CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map};
 use mcs_tests::packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view};
 
 const TC_NEXT: i32 = -1;
@@ -27,7 +26,29 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// In table order (sorted by address).
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 11, 0, 1)];
 
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+
 const MANIFESTS: &str = r#"
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {name: sticky, namespace: demo}
+spec:
+  type: ClusterSetIP
+  ips: ["10.96.0.30"]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sticky-ab
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: sticky}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: ["10.10.0.1"]}, {addresses: ["10.11.0.1"]}, {addresses: ["10.12.0.1"]}]
+---
 apiVersion: multicluster.x-k8s.io/v1beta1
 kind: ServiceImport
 metadata: {name: web, namespace: demo}
@@ -69,26 +90,15 @@ fn datapath() -> Datapath {
 }
 
 fn datapath_with_conntrack(conntrack: u32) -> Datapath {
-    let capacity = Capacity {
-        services: 64,
-        backends: 64,
-        slots: 256,
-    };
-    let mut dp = Datapath::load(
-        Sizes {
-            capacity,
-            conntrack,
-        },
-        None,
-    )
-    .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
+    let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
+    let mut dp = Datapath::load(Sizes { capacity, conntrack }, None)
+        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
     let (snapshot, errors) = parse_documents(&Origin("fixture".into()), MANIFESTS);
     assert!(errors.is_empty(), "{errors:?}");
-    let report = Reconciler::new(Applied::new(capacity))
-        .apply_snapshot(&snapshot, vec![], &mut dp)
-        .unwrap();
+    let report =
+        Reconciler::new(Applied::new(capacity), Policy::default()).apply_snapshot(&snapshot, vec![], &mut dp).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.frontends, 3);
+    assert_eq!(report.frontends, 4);
     dp
 }
 
@@ -96,31 +106,37 @@ fn run(dp: &mut Datapath, program: &'static str, input: &[u8]) -> (i32, Vec<u8>)
     run_repeat(dp, program, input, 1).0
 }
 
-fn run_repeat(
-    dp: &mut Datapath,
-    program: &'static str,
-    input: &[u8],
-    repeat: u32,
-) -> ((i32, Vec<u8>), u128) {
+fn run_repeat(dp: &mut Datapath, program: &'static str, input: &[u8], repeat: u32) -> ((i32, Vec<u8>), u128) {
     let mut out = vec![0u8; input.len() + 128];
     let prog = dp.program_mut(program).unwrap();
     let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            repeat,
-            ..Default::default()
-        })
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat, ..Default::default() })
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
-    (
-        (result.return_value as i32, out),
-        result.duration.as_nanos(),
-    )
+    ((result.return_value as i32, out), result.duration.as_nanos())
+}
+
+/// The selection table the agent programs for `VIP:port`, computed by the
+/// same pure functions (desired state, weighted Maglev).
+fn table(vip_port: u16, protocol: Protocol) -> &'static [BackendAddr] {
+    static TABLES: std::sync::OnceLock<[Vec<BackendAddr>; 2]> = std::sync::OnceLock::new();
+    let tables = TABLES.get_or_init(|| {
+        let (snapshot, _) = parse_documents(&Origin("fixture".into()), MANIFESTS);
+        let (state, _) = desired::compute(&snapshot, &Policy::default());
+        let of = |port, protocol| selection_table(&state.frontends[&FrontendKey { vip: VIP, port, protocol }]);
+        [of(80, Protocol::Tcp), of(53, Protocol::Udp)]
+    });
+    match (vip_port, protocol) {
+        (80, Protocol::Tcp) => &tables[0],
+        (53, Protocol::Udp) => &tables[1],
+        other => panic!("no fixture frontend {other:?}"),
+    }
 }
 
 /// Which backend the kernel's hash picks for a client port, as userspace predicts it.
 fn expected_backend(sport: u16, vip_port: u16, proto: u8) -> Ipv4Addr {
+    let protocol = if proto == IPPROTO_TCP { Protocol::Tcp } else { Protocol::Udp };
+    let table = table(vip_port, protocol);
     let h = flow_hash(
         ip_to_map(CLIENT.octets()),
         ip_to_map(VIP.octets()),
@@ -128,14 +144,12 @@ fn expected_backend(sport: u16, vip_port: u16, proto: u8) -> Ipv4Addr {
         port_to_map(vip_port),
         proto,
     );
-    BACKENDS[(h % 2) as usize]
+    table[(h % table.len() as u32) as usize].ip
 }
 
 /// A client port that the hash sends to `backend`.
 fn port_for(backend: Ipv4Addr) -> u16 {
-    (40000..41000)
-        .find(|&p| expected_backend(p, 80, IPPROTO_TCP) == backend)
-        .unwrap()
+    (40000..41000).find(|&p| expected_backend(p, 80, IPPROTO_TCP) == backend).unwrap()
 }
 
 #[test]
@@ -147,10 +161,7 @@ fn tcp_syn_to_the_vip_is_dnatted_with_valid_checksums_and_tracked() {
     assert_eq!(verdict, TC_NEXT);
     let v = view(&out);
     assert_eq!((v.src, v.sport), (CLIENT, sport), "source untouched");
-    assert_eq!(
-        (v.dst, v.dport),
-        (expected_backend(sport, 80, IPPROTO_TCP), 8080)
-    );
+    assert_eq!((v.dst, v.dport), (expected_backend(sport, 80, IPPROTO_TCP), 8080));
     assert!(v.ip_checksum_ok, "IPv4 header checksum");
     assert_eq!(v.l4_checksum_ok, Some(true), "TCP checksum");
     assert_eq!(out.len(), input.len());
@@ -182,37 +193,20 @@ fn established_packets_follow_conntrack_and_a_bare_syn_chooses_afresh() {
     };
     dp.insert_conntrack(key, pinned).unwrap();
 
-    let ack = tcp(
-        &Ipv4Spec::new(CLIENT, VIP),
-        sport,
-        80,
-        TCP_ACK | TCP_PSH,
-        b"GET / HTTP/1.1\r\n\r\n",
-    );
+    let ack = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK | TCP_PSH, b"GET / HTTP/1.1\r\n\r\n");
     let (verdict, out) = run(&mut dp, PROG_INGRESS, &ack);
     assert_eq!(verdict, TC_NEXT);
     let v = view(&out);
-    assert_eq!(
-        v.dst, BACKENDS[1],
-        "established packets stay on the pinned backend"
-    );
+    assert_eq!(v.dst, BACKENDS[1], "established packets stay on the pinned backend");
     assert_eq!(v.l4_checksum_ok, Some(true));
     assert_eq!(v.payload, b"GET / HTTP/1.1\r\n\r\n");
     assert_eq!(dp.stat(Stat::Established), 1);
 
     let syn = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b"");
     let (_, out) = run(&mut dp, PROG_INGRESS, &syn);
-    assert_eq!(
-        view(&out).dst,
-        BACKENDS[0],
-        "a reused client port with a new SYN is balanced afresh"
-    );
+    assert_eq!(view(&out).dst, BACKENDS[0], "a reused client port with a new SYN is balanced afresh");
     let (_, out) = run(&mut dp, PROG_INGRESS, &ack);
-    assert_eq!(
-        view(&out).dst,
-        BACKENDS[0],
-        "and conntrack now follows the new choice"
-    );
+    assert_eq!(view(&out).dst, BACKENDS[0], "and conntrack now follows the new choice");
 }
 
 #[test]
@@ -226,10 +220,7 @@ fn udp_is_dnatted_and_a_zero_checksum_stays_zero() {
         assert_eq!((v.dst, v.dport), (expected_backend(5000, 53, 17), 5353));
         assert!(v.ip_checksum_ok);
         if zero {
-            assert_eq!(
-                v.l4_checksum_ok, None,
-                "a UDP checksum of zero must stay zero"
-            );
+            assert_eq!(v.l4_checksum_ok, None, "a UDP checksum of zero must stay zero");
         } else {
             assert_eq!(v.l4_checksum_ok, Some(true));
         }
@@ -241,19 +232,9 @@ fn replies_are_reverse_natted_to_the_vip_and_others_pass_untouched() {
     let mut dp = datapath();
     let sport = 40200;
     let backend = expected_backend(sport, 80, IPPROTO_TCP);
-    run(
-        &mut dp,
-        PROG_INGRESS,
-        &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""),
-    );
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
 
-    let reply = tcp(
-        &Ipv4Spec::new(backend, CLIENT),
-        8080,
-        sport,
-        TCP_SYN | TCP_ACK,
-        b"",
-    );
+    let reply = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_SYN | TCP_ACK, b"");
     let (verdict, out) = run(&mut dp, PROG_EGRESS, &reply);
     assert_eq!(verdict, TC_NEXT);
     let v = view(&out);
@@ -264,13 +245,7 @@ fn replies_are_reverse_natted_to_the_vip_and_others_pass_untouched() {
     assert_eq!(dp.stat(Stat::RevNat), 1);
 
     // Same backend, another client port: not a translated flow.
-    let other = tcp(
-        &Ipv4Spec::new(backend, CLIENT),
-        8080,
-        sport + 1,
-        TCP_ACK,
-        b"x",
-    );
+    let other = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport + 1, TCP_ACK, b"x");
     let (verdict, out) = run(&mut dp, PROG_EGRESS, &other);
     assert_eq!((verdict, out), (TC_NEXT, other));
 }
@@ -279,13 +254,7 @@ fn replies_are_reverse_natted_to_the_vip_and_others_pass_untouched() {
 fn non_service_traffic_passes_byte_for_byte_and_creates_no_state() {
     let mut dp = datapath();
     let cases = [
-        tcp(
-            &Ipv4Spec::new(CLIENT, Ipv4Addr::new(10, 10, 0, 1)),
-            40000,
-            8080,
-            TCP_SYN,
-            b"",
-        ),
+        tcp(&Ipv4Spec::new(CLIENT, Ipv4Addr::new(10, 10, 0, 1)), 40000, 8080, TCP_SYN, b""),
         tcp(&Ipv4Spec::new(CLIENT, VIP), 40000, 81, TCP_SYN, b""),
         udp(&Ipv4Spec::new(CLIENT, VIP), 40000, 80, b"", false),
     ];
@@ -313,18 +282,12 @@ fn ip_options_shift_the_l4_header_and_are_preserved() {
     let mut dp = datapath();
     // Record-route option (type 7, length 11, pointer 4) padded with an end-of-list byte.
     let options = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    let spec = Ipv4Spec {
-        options: &options,
-        ..Ipv4Spec::new(CLIENT, VIP)
-    };
+    let spec = Ipv4Spec { options: &options, ..Ipv4Spec::new(CLIENT, VIP) };
     let input = tcp(&spec, 40300, 80, TCP_SYN, b"opt");
     let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
     assert_eq!(verdict, TC_NEXT);
     let v = view(&out);
-    assert_eq!(
-        (v.dst, v.dport),
-        (expected_backend(40300, 80, IPPROTO_TCP), 8080)
-    );
+    assert_eq!((v.dst, v.dport), (expected_backend(40300, 80, IPPROTO_TCP), 8080));
     assert!(v.ip_checksum_ok);
     assert_eq!(v.l4_checksum_ok, Some(true));
     assert_eq!(out[34..46], options, "options untouched");
@@ -337,19 +300,10 @@ fn fragments_are_never_rewritten_nor_tracked() {
     let more_fragments = 0x2000;
     let cases = [
         // Non-first fragment: no L4 header at all; its bytes would look like ports.
-        Ipv4Spec {
-            frag: (0, 100),
-            ..Ipv4Spec::new(CLIENT, VIP)
-        },
-        Ipv4Spec {
-            frag: (more_fragments, 100),
-            ..Ipv4Spec::new(CLIENT, VIP)
-        },
+        Ipv4Spec { frag: (0, 100), ..Ipv4Spec::new(CLIENT, VIP) },
+        Ipv4Spec { frag: (more_fragments, 100), ..Ipv4Spec::new(CLIENT, VIP) },
         // First fragment of a larger datagram: the rest could not follow it.
-        Ipv4Spec {
-            frag: (more_fragments, 0),
-            ..Ipv4Spec::new(CLIENT, VIP)
-        },
+        Ipv4Spec { frag: (more_fragments, 0), ..Ipv4Spec::new(CLIENT, VIP) },
     ];
     for spec in cases {
         let input = udp(&spec, 5000, 53, b"payload-bytes", false);
@@ -368,10 +322,7 @@ fn truncated_and_malformed_headers_pass_untouched() {
     let full = tcp(&Ipv4Spec::new(CLIENT, VIP), 40400, 80, TCP_SYN, b"");
     // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than a full IP
     // header, so truncation is fed from there on.
-    let mut cases: Vec<Vec<u8>> = [14 + 20, 14 + 20 + 12]
-        .iter()
-        .map(|&n| full[..n].to_vec())
-        .collect();
+    let mut cases: Vec<Vec<u8>> = [14 + 20, 14 + 20 + 12].iter().map(|&n| full[..n].to_vec()).collect();
     let mut bad_ihl = full.clone();
     bad_ihl[14] = 0x43;
     cases.push(bad_ihl);
@@ -388,20 +339,11 @@ fn truncated_and_malformed_headers_pass_untouched() {
     for input in &cases {
         for program in [PROG_INGRESS, PROG_EGRESS] {
             let (verdict, out) = run(&mut dp, program, input);
-            assert_eq!(
-                (verdict, &out),
-                (TC_NEXT, input),
-                "{program} on {} bytes",
-                input.len()
-            );
+            assert_eq!((verdict, &out), (TC_NEXT, input), "{program} on {} bytes", input.len());
         }
     }
     assert!(dp.conntrack_entries().is_empty());
-    assert!(
-        dp.stat(Stat::Malformed) >= 5,
-        "counted: {}",
-        dp.stat(Stat::Malformed)
-    );
+    assert!(dp.stat(Stat::Malformed) >= 5, "counted: {}", dp.stat(Stat::Malformed));
 }
 
 #[test]
@@ -425,11 +367,7 @@ fn per_packet_cost_of_each_path() {
     let mut dp = datapath_with_conntrack(65_536);
     let samples = 20_000u16;
     let mut report = Vec::new();
-    let mut measure = |name: &str,
-                       program: &'static str,
-                       frames: Vec<Vec<u8>>,
-                       translated: bool,
-                       dp: &mut Datapath| {
+    let mut measure = |name: &str, program: &'static str, frames: Vec<Vec<u8>>, translated: bool, dp: &mut Datapath| {
         let mut ns: Vec<u128> = frames
             .iter()
             .map(|frame| {
@@ -444,43 +382,19 @@ fn per_packet_cost_of_each_path() {
         report.push(format!("{name}: p50 {p50} ns, p99 {p99} ns"));
     };
     let ports = || 20_000..20_000 + samples;
-    let miss = ports()
-        .map(|p| {
-            tcp(
-                &Ipv4Spec::new(CLIENT, Ipv4Addr::new(10, 10, 0, 1)),
-                p,
-                8080,
-                TCP_ACK,
-                b"",
-            )
-        })
-        .collect();
+    let miss =
+        ports().map(|p| tcp(&Ipv4Spec::new(CLIENT, Ipv4Addr::new(10, 10, 0, 1)), p, 8080, TCP_ACK, b"")).collect();
     measure("miss", PROG_INGRESS, miss, false, &mut dp);
-    let syns = ports()
-        .map(|p| tcp(&Ipv4Spec::new(CLIENT, VIP), p, 80, TCP_SYN, b""))
-        .collect();
+    let syns = ports().map(|p| tcp(&Ipv4Spec::new(CLIENT, VIP), p, 80, TCP_SYN, b"")).collect();
     measure("new flow", PROG_INGRESS, syns, true, &mut dp);
-    let acks = ports()
-        .map(|p| tcp(&Ipv4Spec::new(CLIENT, VIP), p, 80, TCP_ACK, b""))
-        .collect();
+    let acks = ports().map(|p| tcp(&Ipv4Spec::new(CLIENT, VIP), p, 80, TCP_ACK, b"")).collect();
     measure("established", PROG_INGRESS, acks, true, &mut dp);
     let replies = ports()
-        .map(|p| {
-            tcp(
-                &Ipv4Spec::new(expected_backend(p, 80, IPPROTO_TCP), CLIENT),
-                8080,
-                p,
-                TCP_ACK,
-                b"",
-            )
-        })
+        .map(|p| tcp(&Ipv4Spec::new(expected_backend(p, 80, IPPROTO_TCP), CLIENT), 8080, p, TCP_ACK, b""))
         .collect();
     measure("reverse NAT", PROG_EGRESS, replies, true, &mut dp);
     assert_eq!(dp.conntrack_entries().len(), usize::from(samples));
-    println!(
-        "per-packet cost ({samples} samples each): {}",
-        report.join("; ")
-    );
+    println!("per-packet cost ({samples} samples each): {}", report.join("; "));
 }
 
 /// Unmounts the scratch bpffs even if the test panics.
@@ -498,24 +412,10 @@ fn maps_are_pinned_under_the_layout_version_and_removed_on_drop() {
     let root = mount.0.path();
     let dir = mcs_agent::datapath::pin_dir(root);
     assert!(dir.ends_with(format!("mcs/v{}", mcs_common::LAYOUT_VERSION)));
-    let sizes = Sizes {
-        capacity: Capacity {
-            services: 8,
-            backends: 8,
-            slots: 8,
-        },
-        conntrack: 64,
-    };
+    let sizes = Sizes { capacity: Capacity { services: 8, backends: 8, slots: 8 }, conntrack: 64 };
     // The scratch directory is not a bpffs: the agent mounts one there.
     let dp = Datapath::load(sizes, Some(root)).expect("load with pinning");
-    for map in [
-        "SERVICES",
-        "BACKENDS",
-        "SELECTION",
-        "CONNTRACK",
-        "REV_NAT",
-        "STATS",
-    ] {
+    for map in ["SERVICES", "BACKENDS", "SELECTION", "CONNTRACK", "REV_NAT", "STATS"] {
         assert!(dir.join(map).exists(), "{map} pinned");
     }
     // A second load (a restart after a crash) replaces stale pins instead of failing.
@@ -524,4 +424,30 @@ fn maps_are_pinned_under_the_layout_version_and_removed_on_drop() {
     drop(again);
     assert!(!dir.exists(), "no pins remain after a normal stop");
     assert!(!root.join("mcs").exists());
+}
+
+#[test]
+fn client_ip_affinity_sends_every_new_connection_of_a_client_to_one_backend() {
+    let mut dp = datapath();
+    let mut chosen = BTreeSet::new();
+    for sport in 30000..30100 {
+        let (verdict, out) =
+            run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, STICKY_VIP), sport, 80, TCP_SYN, b""));
+        assert_eq!(verdict, TC_NEXT);
+        let v = view(&out);
+        assert_eq!(v.l4_checksum_ok, Some(true));
+        chosen.insert(v.dst);
+    }
+    assert_eq!(chosen.len(), 1, "one client, one backend: {chosen:?}");
+    assert_eq!(dp.stat(Stat::AffinityHit), 99);
+    assert_eq!(dp.affinity_entries().len(), 1);
+
+    // Other clients spread over the backends.
+    let mut spread = BTreeSet::new();
+    for last in 1..=60 {
+        let client = Ipv4Addr::new(10, 0, 1, last);
+        let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(client, STICKY_VIP), 30000, 80, TCP_SYN, b""));
+        spread.insert(view(&out).dst);
+    }
+    assert_eq!(spread.len(), 3, "{spread:?}");
 }

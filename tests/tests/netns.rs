@@ -17,16 +17,8 @@ use mcs_tests::{
 use tempfile::TempDir;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const IMPORT_PORTS: &[Port<'static>] = &[
-    ("http", 80, "TCP"),
-    ("dns", 53, "UDP"),
-    ("tcp2", 4242, "TCP"),
-];
-const SLICE_PORTS: &[Port<'static>] = &[
-    ("http", 8080, "TCP"),
-    ("dns", 5353, "UDP"),
-    ("tcp2", 42, "TCP"),
-];
+const IMPORT_PORTS: &[Port<'static>] = &[("http", 80, "TCP"), ("dns", 53, "UDP"), ("tcp2", 4242, "TCP")];
+const SLICE_PORTS: &[Port<'static>] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
 
 /// A clusterset with backends serving `web` on every port, and an agent.
 struct Lab {
@@ -56,12 +48,7 @@ impl Lab {
             }
             pods.insert(cluster.name.clone(), ips);
         }
-        let lab = Self {
-            set,
-            dir: tempfile::tempdir().expect("tempdir"),
-            pods,
-            _servers: servers,
-        };
+        let lab = Self { set, dir: tempfile::tempdir().expect("tempdir"), pods, _servers: servers };
         lab.write_import();
         for cluster in lab.pods.keys() {
             lab.write_slice(cluster, &[]);
@@ -70,30 +57,19 @@ impl Lab {
     }
 
     fn write_import(&self) {
-        manifests::write(
-            self.dir.path(),
-            "web-import.yaml",
-            &service_import("demo", "web", VIP, IMPORT_PORTS),
-        );
+        manifests::write(self.dir.path(), "web-import.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
     }
 
     /// Writes `cluster`'s slice with all its pods, those in `not_ready` marked unready.
     fn write_slice(&self, cluster: &str, not_ready: &[Ipv4Addr]) {
-        let endpoints: Vec<(Ipv4Addr, bool)> = self.pods[cluster]
-            .iter()
-            .map(|ip| (*ip, !not_ready.contains(ip)))
-            .collect();
+        let endpoints: Vec<(Ipv4Addr, bool)> =
+            self.pods[cluster].iter().map(|ip| (*ip, !not_ready.contains(ip))).collect();
         let yaml = endpoint_slice("demo", "web", cluster, SLICE_PORTS, &endpoints);
         manifests::write(self.dir.path(), &format!("web-{cluster}.yaml"), &yaml);
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
-        Agent::start(
-            &self.set.node,
-            self.dir.path(),
-            &self.set.client_ifaces(),
-            extra,
-        )
+        Agent::start(&self.set.node, self.dir.path(), &self.set.client_ifaces(), extra)
     }
 
     fn client(&self) -> &Netns {
@@ -119,11 +95,7 @@ fn tcx_programs(ns: &Netns, iface: &'static str) -> Vec<String> {
         let mut names = Vec::new();
         for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
             let (_, programs) = SchedClassifier::query_tcx(iface, attach_type).expect("query_tcx");
-            names.extend(
-                programs
-                    .iter()
-                    .filter_map(|p| p.name_as_str().map(str::to_owned)),
-            );
+            names.extend(programs.iter().filter_map(|p| p.name_as_str().map(str::to_owned)));
         }
         names
     })
@@ -133,17 +105,7 @@ fn netlink_filters(ns: &Netns, iface: &str) -> String {
     let mut out = String::new();
     for dir in ["ingress", "egress"] {
         let listing = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                "tc",
-                "filter",
-                "show",
-                "dev",
-                iface,
-                dir,
-            ])
+            .args(["netns", "exec", ns.name(), "tc", "filter", "show", "dev", iface, dir])
             .output()
             .expect("tc");
         out.push_str(&String::from_utf8_lossy(&listing.stdout));
@@ -155,50 +117,26 @@ fn netlink_filters(ns: &Netns, iface: &str) -> String {
 fn tcp_and_udp_through_the_vip_reach_every_ready_backend_as_the_vip() {
     let lab = Lab::new(&[("cluster-a", 2), ("cluster-b", 2)]);
     let agent = lab.agent(&[]);
-    assert!(
-        agent.logs().iter().any(|l| l.contains("mounted bpffs")),
-        "the agent mounts bpffs inside `ip netns exec`"
-    );
+    assert!(agent.logs().iter().any(|l| l.contains("mounted bpffs")), "the agent mounts bpffs inside `ip netns exec`");
     let client_ip = lab.client_ip();
 
     let mut tcp_seen = BTreeSet::new();
     for _ in 0..80 {
         let reply = tcp_request(lab.client(), vip(80)).expect("TCP through the VIP");
-        assert_eq!(
-            reply.reply_from,
-            SocketAddr::V4(vip(80)),
-            "getpeername must be the VIP"
-        );
-        assert_eq!(
-            reply.peer_seen.ip(),
-            client_ip,
-            "the backend sees the client's own IP"
-        );
-        assert_eq!(
-            reply.peer_seen.port(),
-            reply.local.port(),
-            "and its own port"
-        );
+        assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)), "getpeername must be the VIP");
+        assert_eq!(reply.peer_seen.ip(), client_ip, "the backend sees the client's own IP");
+        assert_eq!(reply.peer_seen.port(), reply.local.port(), "and its own port");
         tcp_seen.insert(reply.identity);
     }
-    assert_eq!(
-        tcp_seen.len(),
-        lab.all_pods(),
-        "every ready backend answers: {tcp_seen:?}"
-    );
+    assert_eq!(tcp_seen.len(), lab.all_pods(), "every ready backend answers: {tcp_seen:?}");
     assert!(
-        tcp_seen.iter().any(|id| id.starts_with("cluster-a"))
-            && tcp_seen.iter().any(|id| id.starts_with("cluster-b"))
+        tcp_seen.iter().any(|id| id.starts_with("cluster-a")) && tcp_seen.iter().any(|id| id.starts_with("cluster-b"))
     );
 
     let mut udp_seen = BTreeSet::new();
     for _ in 0..80 {
         let reply = udp_request(lab.client(), vip(53)).expect("UDP through the VIP");
-        assert_eq!(
-            reply.reply_from,
-            SocketAddr::V4(vip(53)),
-            "the reply's source must be the VIP"
-        );
+        assert_eq!(reply.reply_from, SocketAddr::V4(vip(53)), "the reply's source must be the VIP");
         assert_eq!(reply.peer_seen.ip(), client_ip);
         udp_seen.insert(reply.identity);
     }
@@ -218,28 +156,12 @@ fn tcp_and_udp_through_the_vip_reach_every_ready_backend_as_the_vip() {
     }
     drop(conn);
 
-    assert_eq!(
-        tcx_programs(&lab.set.node, "pod0"),
-        ["mcs_ingress", "mcs_egress"]
-    );
+    assert_eq!(tcx_programs(&lab.set.node, "pod0"), ["mcs_ingress", "mcs_egress"]);
     let (clean_exit, logs) = agent.stop();
-    assert!(
-        clean_exit,
-        "SIGTERM must end the agent with status 0:\n{}",
-        logs.join("\n")
-    );
-    assert!(
-        tcx_programs(&lab.set.node, "pod0").is_empty(),
-        "nothing stays attached after a normal stop"
-    );
-    let stopped = logs
-        .iter()
-        .find(|l| l.contains("stopped"))
-        .expect("final counters");
-    assert!(
-        stopped.contains("rev_nat=") && !stopped.contains("new_flow=0 "),
-        "{stopped}"
-    );
+    assert!(clean_exit, "SIGTERM must end the agent with status 0:\n{}", logs.join("\n"));
+    assert!(tcx_programs(&lab.set.node, "pod0").is_empty(), "nothing stays attached after a normal stop");
+    let stopped = logs.iter().find(|l| l.contains("stopped")).expect("final counters");
+    assert!(stopped.contains("rev_nat=") && !stopped.contains("new_flow=0 "), "{stopped}");
 }
 
 #[test]
@@ -265,19 +187,14 @@ fn a_removed_endpoint_gets_no_new_connections_while_an_open_one_keeps_working() 
 
     for _ in 0..60 {
         let reply = tcp_request(lab.client(), vip(80)).unwrap();
-        assert_eq!(
-            reply.identity, "cluster-b/pod-1",
-            "an unready endpoint must get no new connection"
-        );
+        assert_eq!(reply.identity, "cluster-b/pod-1", "an unready endpoint must get no new connection");
     }
     for _ in 0..30 {
         let reply = udp_request(lab.client(), vip(53)).unwrap();
         assert_eq!(reply.identity, "cluster-b/pod-1", "nor new UDP flows");
     }
     for _ in 0..10 {
-        let reply = kept
-            .request()
-            .expect("the established connection keeps working");
+        let reply = kept.request().expect("the established connection keeps working");
         assert_eq!(reply.identity, "cluster-a/pod-1");
         assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)));
     }
@@ -286,9 +203,7 @@ fn a_removed_endpoint_gets_no_new_connections_while_an_open_one_keeps_working() 
     let generation = agent.generation();
     lab.write_slice("cluster-a", &[]);
     agent.wait_reconciled_after(generation);
-    let seen: BTreeSet<String> = (0..40)
-        .map(|_| tcp_request(lab.client(), vip(80)).unwrap().identity)
-        .collect();
+    let seen: BTreeSet<String> = (0..40).map(|_| tcp_request(lab.client(), vip(80)).unwrap().identity).collect();
     assert!(seen.contains("cluster-a/pod-1"), "{seen:?}");
 }
 
@@ -300,10 +215,7 @@ fn a_deleted_service_import_makes_the_vip_unreachable() {
     let generation = agent.generation();
     manifests::remove(lab.dir.path(), "web-import.yaml");
     agent.wait_reconciled_after(generation);
-    assert!(
-        tcp_request(lab.client(), vip(80)).is_err(),
-        "the VIP must stop answering TCP"
-    );
+    assert!(tcp_request(lab.client(), vip(80)).is_err(), "the VIP must stop answering TCP");
     assert!(udp_request(lab.client(), vip(53)).is_err(), "and UDP");
 
     let generation = agent.generation();
@@ -316,8 +228,7 @@ fn a_deleted_service_import_makes_the_vip_unreachable() {
 fn invalid_objects_are_reported_by_file_object_and_field_and_the_rest_keeps_working() {
     let lab = Lab::new(&[("cluster-a", 1)]);
     let other_vip = Ipv4Addr::new(10, 96, 0, 11);
-    let bad = service_import("demo", "broken", other_vip, &[("http", 80, "TCP")])
-        .replace("port: 80", "port: 70000");
+    let bad = service_import("demo", "broken", other_vip, &[("http", 80, "TCP")]).replace("port: 80", "port: 70000");
     manifests::write(lab.dir.path(), "broken.yaml", &bad);
     manifests::write(lab.dir.path(), "garbage.yaml", "kind: [unclosed\n");
     let mut agent = lab.agent(&[]);
@@ -326,10 +237,7 @@ fn invalid_objects_are_reported_by_file_object_and_field_and_the_rest_keeps_work
         logs.contains("broken.yaml (document 1): ServiceImport demo/broken: spec.ports[0].port: 70000 is out of range"),
         "{logs}"
     );
-    assert!(
-        logs.contains("garbage.yaml (document 1): invalid YAML"),
-        "{logs}"
-    );
+    assert!(logs.contains("garbage.yaml (document 1): invalid YAML"), "{logs}");
     tcp_request(lab.client(), vip(80)).expect("the valid import is served");
 
     // Fixing the file brings the import in, using web's endpoints.
@@ -337,22 +245,12 @@ fn invalid_objects_are_reported_by_file_object_and_field_and_the_rest_keeps_work
     let fixed = service_import("demo", "web2", other_vip, &[("http", 80, "TCP")]);
     manifests::write(lab.dir.path(), "broken.yaml", &fixed);
     agent.wait_reconciled_after(generation);
-    let fixed_slice = endpoint_slice(
-        "demo",
-        "web2",
-        "cluster-a",
-        SLICE_PORTS,
-        &[(lab.pods["cluster-a"][0], true)],
-    );
+    let fixed_slice = endpoint_slice("demo", "web2", "cluster-a", SLICE_PORTS, &[(lab.pods["cluster-a"][0], true)]);
     let generation = agent.generation();
     manifests::write(lab.dir.path(), "web2-slice.yaml", &fixed_slice);
     agent.wait_reconciled_after(generation);
-    let reply = tcp_request(lab.client(), SocketAddrV4::new(other_vip, 80))
-        .expect("the fixed import is served");
-    assert_eq!(
-        reply.reply_from,
-        SocketAddr::V4(SocketAddrV4::new(other_vip, 80))
-    );
+    let reply = tcp_request(lab.client(), SocketAddrV4::new(other_vip, 80)).expect("the fixed import is served");
+    assert_eq!(reply.reply_from, SocketAddr::V4(SocketAddrV4::new(other_vip, 80)));
 }
 
 #[test]
@@ -363,10 +261,7 @@ fn netlink_attach_serves_and_a_crashed_agents_filters_are_removed_at_start() {
     assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)));
     agent.crash();
     let filters = netlink_filters(&lab.set.node, "pod0");
-    assert!(
-        filters.contains("mcs_ingress") && filters.contains("mcs_egress"),
-        "a crash leaves filters: {filters}"
-    );
+    assert!(filters.contains("mcs_ingress") && filters.contains("mcs_egress"), "a crash leaves filters: {filters}");
 
     // While no agent runs, the import goes away. A stale filter would keep
     // translating with its stale maps and the VIP would keep answering.
@@ -375,10 +270,7 @@ fn netlink_attach_serves_and_a_crashed_agents_filters_are_removed_at_start() {
     let logs = agent.logs().join("\n");
     assert!(logs.contains("removed a stale netlink filter"), "{logs}");
     assert!(!netlink_filters(&lab.set.node, "pod0").contains("mcs_"));
-    assert!(
-        tcp_request(lab.client(), vip(80)).is_err(),
-        "the deleted import must not be served by a stale program"
-    );
+    assert!(tcp_request(lab.client(), vip(80)).is_err(), "the deleted import must not be served by a stale program");
     let (clean, _) = agent.stop();
     assert!(clean);
     assert!(tcx_programs(&lab.set.node, "pod0").is_empty());
@@ -397,14 +289,8 @@ fn an_unknown_interface_is_a_clear_error() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("--interface nope0") && stderr.contains("no such interface"),
-        "{stderr}"
-    );
-    assert!(
-        tcx_programs(&lab.set.node, "pod0").is_empty(),
-        "nothing half-attached"
-    );
+    assert!(stderr.contains("--interface nope0") && stderr.contains("no such interface"), "{stderr}");
+    assert!(tcx_programs(&lab.set.node, "pod0").is_empty(), "nothing half-attached");
 }
 
 #[test]
@@ -415,15 +301,10 @@ fn a_stale_tcx_link_of_ours_held_elsewhere_is_detached_at_start() {
     // kept attached by a link this test holds, as a wedged or pinned one would be.
     let stale = lab.set.node.run(|| {
         let mut ebpf = aya::Ebpf::load(mcs_agent::datapath::OBJECT).expect("load");
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut("mcs_ingress").unwrap().try_into().unwrap();
+        let prog: &mut SchedClassifier = ebpf.program_mut("mcs_ingress").unwrap().try_into().unwrap();
         prog.load().unwrap();
         let id = prog
-            .attach_with_options(
-                "pod0",
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
+            .attach_with_options("pod0", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
             .unwrap();
         let link = prog.take_link(id).unwrap();
         (ebpf, link)
@@ -450,10 +331,7 @@ fn capacity_limits_are_reported_and_what_fits_is_served() {
     // Three frontends (80, 53, 4242) but room for two.
     let agent = lab.agent(&["--max-services", "2"]);
     let logs = agent.logs().join("\n");
-    assert!(
-        logs.contains("ServiceImport demo/web frontend 10.96.0.10:4242/TCP: not programmed"),
-        "{logs}"
-    );
+    assert!(logs.contains("ServiceImport demo/web frontend 10.96.0.10:4242/TCP: not programmed"), "{logs}");
     assert!(logs.contains("raise --max-services"), "{logs}");
     tcp_request(lab.client(), vip(80)).expect("port 80 fits and is served");
     udp_request(lab.client(), vip(53)).expect("port 53 fits and is served");

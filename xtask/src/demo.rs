@@ -19,32 +19,17 @@ use mcs_tests::{
 
 /// The embedded default: deploy/examples, whose addresses match the topology below.
 const EXAMPLES: &[(&str, &str)] = &[
-    (
-        "web-serviceimport.yaml",
-        include_str!("../../deploy/examples/web-serviceimport.yaml"),
-    ),
-    (
-        "web-cluster-east.yaml",
-        include_str!("../../deploy/examples/web-cluster-east.yaml"),
-    ),
-    (
-        "web-cluster-west.yaml",
-        include_str!("../../deploy/examples/web-cluster-west.yaml"),
-    ),
-    (
-        "headless-serviceimport.yaml",
-        include_str!("../../deploy/examples/headless-serviceimport.yaml"),
-    ),
+    ("web-serviceimport.yaml", include_str!("../../deploy/examples/web-serviceimport.yaml")),
+    ("web-cluster-east.yaml", include_str!("../../deploy/examples/web-cluster-east.yaml")),
+    ("web-cluster-west.yaml", include_str!("../../deploy/examples/web-cluster-west.yaml")),
+    ("headless-serviceimport.yaml", include_str!("../../deploy/examples/headless-serviceimport.yaml")),
 ];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLUSTERS: [&str; 2] = ["cluster-east", "cluster-west"];
 const PODS_PER_CLUSTER: usize = 2;
 
 pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
-    println!(
-        "\n== mcs-agent demo: a clusterset of {} clusters in network namespaces",
-        CLUSTERS.len()
-    );
+    println!("\n== mcs-agent demo: a clusterset of {} clusters in network namespaces", CLUSTERS.len());
     let mut set = Clusterset::new(1, &CLUSTERS);
     let mut servers = Vec::new();
     for cluster in &mut set.clusters {
@@ -52,27 +37,12 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
         for _ in 0..PODS_PER_CLUSTER {
             let ip = cluster.add_pod();
             for port in [8080, 42] {
-                servers.push(Server::tcp(
-                    &cluster.ns,
-                    ip,
-                    port,
-                    &format!("{}/{ip}:{port}", cluster.name),
-                ));
+                servers.push(Server::tcp(&cluster.ns, ip, port, &format!("{}/{ip}:{port}", cluster.name)));
             }
-            servers.push(Server::udp(
-                &cluster.ns,
-                ip,
-                5353,
-                &format!("{}/{ip}:5353", cluster.name),
-            ));
+            servers.push(Server::udp(&cluster.ns, ip, 5353, &format!("{}/{ip}:5353", cluster.name)));
             ips.push(ip.to_string());
         }
-        println!(
-            "   {:<13} pods {}   (netns {})",
-            cluster.name,
-            ips.join(", "),
-            cluster.ns.name()
-        );
+        println!("   {:<13} pods {}   (netns {})", cluster.name, ips.join(", "), cluster.ns.name());
     }
     let client = &set.clients[0];
     println!(
@@ -81,10 +51,7 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
         client.ns.name(),
         client.node_iface
     );
-    println!(
-        "   node          netns {} runs mcs-agent; pod IPs are routed flat, no SNAT",
-        set.node.name()
-    );
+    println!("   node          netns {} runs mcs-agent; pod IPs are routed flat, no SNAT", set.node.name());
 
     let dir = tempfile::tempdir().context("manifests directory")?;
     for (name, yaml) in EXAMPLES {
@@ -95,18 +62,8 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     );
 
     let started = Instant::now();
-    let mut agent = Agent::start_binary(
-        agent_binary,
-        &set.node,
-        dir.path(),
-        &set.client_ifaces(),
-        &[],
-    );
-    println!(
-        "   agent ready in {:.0?}: {}",
-        started.elapsed(),
-        agent_mode(&agent)
-    );
+    let mut agent = Agent::start_binary(agent_binary, &set.node, dir.path(), &set.client_ifaces(), &[]);
+    println!("   agent ready in {:.0?}: {}", started.elapsed(), agent_mode(&agent));
 
     let ns = &client.ns;
     println!("\n[1] {requests} TCP connections to {VIP}:80 (connect, request, reply, close)");
@@ -115,12 +72,8 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     println!("\n[2] {} UDP requests to {VIP}:53", requests / 3);
     let mut answers = Answers::default();
     for _ in 0..requests / 3 {
-        let reply =
-            udp_request(ns, SocketAddrV4::new(VIP, 53)).context("UDP through the ClusterSetIP")?;
-        ensure!(
-            reply.reply_from == SocketAddr::V4(SocketAddrV4::new(VIP, 53)),
-            "reply not from the VIP"
-        );
+        let reply = udp_request(ns, SocketAddrV4::new(VIP, 53)).context("UDP through the ClusterSetIP")?;
+        ensure!(reply.reply_from == SocketAddr::V4(SocketAddrV4::new(VIP, 53)), "reply not from the VIP");
         answers.add(&reply.identity);
     }
     answers.print();
@@ -128,24 +81,15 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     println!("\n[3] named port: VIP port tcp2/4242 maps to the slices' tcp2, pod port 42");
     let mut answers = Answers::default();
     for _ in 0..20 {
-        answers.add(
-            &tcp_request(ns, SocketAddrV4::new(VIP, 4242))
-                .context("tcp2")?
-                .identity,
-        );
+        answers.add(&tcp_request(ns, SocketAddrV4::new(VIP, 4242)).context("tcp2")?.identity);
     }
     answers.print();
 
     println!("\n[4] cluster-east's pods turn unready (its EndpointSlice is rewritten)");
     let generation = agent.generation();
-    let east: Vec<(Ipv4Addr, bool)> = (1..=PODS_PER_CLUSTER as u8)
-        .map(|k| (Ipv4Addr::new(10, 10, 0, k), false))
-        .collect();
-    let ports = [
-        ("http", 8080, "TCP"),
-        ("dns", 5353, "UDP"),
-        ("tcp2", 42, "TCP"),
-    ];
+    let east: Vec<(Ipv4Addr, bool)> =
+        (1..=PODS_PER_CLUSTER as u8).map(|k| (Ipv4Addr::new(10, 10, 0, k), false)).collect();
+    let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
     let changed = Instant::now();
     manifests::write(
         dir.path(),
@@ -169,32 +113,17 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     }
 
     let (clean, logs) = agent.stop();
-    let counters = logs
-        .iter()
-        .find_map(|l| l.split("counters=").nth(1))
-        .unwrap_or("(not reported)");
-    println!(
-        "\nagent stopped {}; kernel counters: {counters}",
-        if clean { "cleanly" } else { "with an error" }
-    );
+    let counters = logs.iter().find_map(|l| l.split("counters=").nth(1)).unwrap_or("(not reported)");
+    println!("\nagent stopped {}; kernel counters: {counters}", if clean { "cleanly" } else { "with an error" });
     drop(servers);
     drop(set);
     println!("cleaned up: namespaces deleted, programs detached, nothing pinned\n");
-    ensure!(
-        clean,
-        "the agent did not exit cleanly:\n{}",
-        logs.join("\n")
-    );
+    ensure!(clean, "the agent did not exit cleanly:\n{}", logs.join("\n"));
     Ok(())
 }
 
 fn agent_mode(agent: &Agent) -> String {
-    agent
-        .logs()
-        .iter()
-        .find(|l| l.contains("attached"))
-        .cloned()
-        .unwrap_or_default()
+    agent.logs().iter().find(|l| l.contains("attached")).cloned().unwrap_or_default()
 }
 
 fn tcp_round(ns: &Netns, client: Ipv4Addr, target: SocketAddrV4, n: usize) -> Result<()> {
@@ -202,16 +131,8 @@ fn tcp_round(ns: &Netns, client: Ipv4Addr, target: SocketAddrV4, n: usize) -> Re
     let started = Instant::now();
     for _ in 0..n {
         let reply = tcp_request(ns, target).context("TCP through the ClusterSetIP")?;
-        ensure!(
-            reply.reply_from == SocketAddr::V4(target),
-            "getpeername said {}, not the VIP",
-            reply.reply_from
-        );
-        ensure!(
-            reply.peer_seen.ip() == client,
-            "the backend saw {}, not the client",
-            reply.peer_seen
-        );
+        ensure!(reply.reply_from == SocketAddr::V4(target), "getpeername said {}, not the VIP", reply.reply_from);
+        ensure!(reply.peer_seen.ip() == client, "the backend saw {}, not the client", reply.peer_seen);
         answers.add(&reply.identity);
     }
     answers.print();
@@ -233,10 +154,7 @@ impl Answers {
 
     fn print(&self) {
         let total: usize = self.0.values().sum();
-        println!(
-            "    {:<14} {:<20} {:>8} {:>7}",
-            "cluster", "pod", "answers", "share"
-        );
+        println!("    {:<14} {:<20} {:>8} {:>7}", "cluster", "pod", "answers", "share");
         for (identity, count) in &self.0 {
             let (cluster, pod) = identity.split_once('/').unwrap_or(("?", identity));
             let share = 100.0 * *count as f64 / total.max(1) as f64;

@@ -68,10 +68,7 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
 fn require_root(why: &str) -> Result<()> {
@@ -112,14 +109,8 @@ fn build_ebpf() -> Result<PathBuf> {
         "build-std=core",
     ]))?;
     let object = PathBuf::from("target/bpfel-unknown-none/release/mcs-ebpf");
-    let size = std::fs::metadata(&object)
-        .with_context(|| format!("{} was not produced", object.display()))?
-        .len();
-    println!(
-        "eBPF object: {} ({size} bytes) in {:.1?}",
-        object.display(),
-        started.elapsed()
-    );
+    let size = std::fs::metadata(&object).with_context(|| format!("{} was not produced", object.display()))?.len();
+    println!("eBPF object: {} ({size} bytes) in {:.1?}", object.display(), started.elapsed());
     Ok(object)
 }
 
@@ -139,12 +130,7 @@ fn test(args: &[String]) -> Result<()> {
     build_ebpf()?;
     let agent = build_agent()?;
     println!("running every test (unit, BPF_PROG_TEST_RUN fixtures, netns traffic)");
-    exec(
-        Command::new("cargo")
-            .arg("test")
-            .args(args)
-            .env("MCS_AGENT_BIN", &agent),
-    )?;
+    exec(Command::new("cargo").arg("test").args(args).env("MCS_AGENT_BIN", &agent))?;
     println!("all tests passed in {:.1?}", started.elapsed());
     Ok(())
 }

@@ -10,14 +10,8 @@ use crate::exec;
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip and tc build the test and demo namespaces"),
     ("procps", "sysctl enables forwarding in the node namespace"),
-    (
-        "llvm-22-dev",
-        "bpf-linker links the eBPF object with LLVM 22",
-    ),
-    (
-        "libpolly-22-dev",
-        "LLVM 22's static libraries that bpf-linker links against",
-    ),
+    ("llvm-22-dev", "bpf-linker links the eBPF object with LLVM 22"),
+    ("libpolly-22-dev", "LLVM 22's static libraries that bpf-linker links against"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -33,9 +27,7 @@ fn bpf_linker_ok() -> bool {
     Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
 fn nightly_rust_src() -> Result<bool> {
@@ -49,18 +41,13 @@ fn nightly_rust_src() -> Result<bool> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src")))
+    Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")))
 }
 
 /// Fails with the fix when something is missing, installing nothing.
 pub fn check() -> Result<()> {
-    let mut missing: Vec<String> = PACKAGES
-        .iter()
-        .filter(|(p, _)| !installed(p))
-        .map(|(p, _)| format!("Debian package {p}"))
-        .collect();
+    let mut missing: Vec<String> =
+        PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| format!("Debian package {p}")).collect();
     if !nightly_rust_src()? {
         missing.push("rust-src for nightly".into());
     }
@@ -81,21 +68,13 @@ pub fn run() -> Result<()> {
     if missing.is_empty() {
         println!(
             "setup: Debian packages present ({})",
-            PACKAGES
-                .iter()
-                .map(|(p, _)| *p)
-                .collect::<Vec<_>>()
-                .join(", ")
+            PACKAGES.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
         );
     } else {
         for (package, why) in &missing {
             println!("setup: installing {package}: {why}");
         }
-        exec(
-            Command::new("apt-get")
-                .args(["update", "-q"])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        exec(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
         exec(
             Command::new("apt-get")
                 .args(["install", "-y", "-q", "--no-install-recommends"])
@@ -108,16 +87,8 @@ pub fn run() -> Result<()> {
     if nightly_rust_src()? {
         println!("setup: nightly rust-src present");
     } else {
-        println!(
-            "setup: adding rust-src to nightly: -Z build-std=core compiles core for the BPF target"
-        );
-        exec(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        println!("setup: adding rust-src to nightly: -Z build-std=core compiles core for the BPF target");
+        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
         did = true;
     }
 
@@ -127,18 +98,10 @@ pub fn run() -> Result<()> {
         println!(
             "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF object; takes about 3 minutes)"
         );
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         exec(
             Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    &format!("^{BPF_LINKER_VERSION}"),
-                ])
+                .args(["install", "bpf-linker", "--version", &format!("^{BPF_LINKER_VERSION}")])
                 .args(["--no-default-features", "--features", "llvm-22"])
                 .env("PATH", path),
         )?;

@@ -18,10 +18,7 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum ManifestError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}: invalid YAML: {message}")]
     Yaml { origin: Origin, message: String },
     #[error(transparent)]
@@ -38,14 +35,8 @@ pub fn is_manifest(path: &Path) -> bool {
 
 /// Reads every manifest in `dir` (not recursive), in name order.
 pub fn read_dir(dir: &Path) -> Result<(Snapshot, Vec<ManifestError>), ManifestError> {
-    let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_manifest(p))
-        .collect();
+    let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read { path: dir.to_owned(), source })?;
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
     files.sort();
     let mut snapshot = Snapshot::default();
     let mut errors = Vec::new();
@@ -75,10 +66,7 @@ pub fn parse_documents(file: &Origin, text: &str) -> (Snapshot, Vec<ManifestErro
         match Value::deserialize(document) {
             Ok(value) => add_object(&origin, value, &mut snapshot, &mut errors),
             Err(e) => {
-                errors.push(ManifestError::Yaml {
-                    origin,
-                    message: e.to_string(),
-                });
+                errors.push(ManifestError::Yaml { origin, message: e.to_string() });
                 // The parser cannot resynchronise after a syntax error.
                 break;
             }
@@ -87,37 +75,16 @@ pub fn parse_documents(file: &Origin, text: &str) -> (Snapshot, Vec<ManifestErro
     (snapshot, errors)
 }
 
-fn add_object(
-    origin: &Origin,
-    value: Value,
-    snapshot: &mut Snapshot,
-    errors: &mut Vec<ManifestError>,
-) {
+fn add_object(origin: &Origin, value: Value, snapshot: &mut Snapshot, errors: &mut Vec<ManifestError>) {
     if value.is_null() {
         return;
     }
-    let text = |key: &str| {
-        value
-            .get(key)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
     let (api_version, kind) = (text("apiVersion"), text("kind"));
-    let meta = |key: &str| {
-        value
-            .get("metadata")
-            .and_then(|m| m.get(key))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
+    let meta = |key: &str| value.get("metadata").and_then(|m| m.get(key)).and_then(Value::as_str).map(str::to_owned);
     let object_error = |field: String, message: String| ObjectError {
         origin: format!("{origin}: "),
-        kind: if kind == "ServiceImport" {
-            "ServiceImport"
-        } else {
-            "EndpointSlice"
-        },
+        kind: if kind == "ServiceImport" { "ServiceImport" } else { "EndpointSlice" },
         object: format!(
             "{}/{}",
             meta("namespace").unwrap_or_else(|| "default".into()),
@@ -136,31 +103,19 @@ fn add_object(
             }
         }
         (version, "ServiceImport") if version.starts_with(&format!("{MCS_GROUP}/")) => {
-            if version != "multicluster.x-k8s.io/v1beta1"
-                && version != "multicluster.x-k8s.io/v1alpha1"
-            {
-                errors.push(
-                    object_error(
-                        "apiVersion".into(),
-                        format!("{version} is not v1beta1 or v1alpha1"),
-                    )
-                    .into(),
-                );
+            if version != "multicluster.x-k8s.io/v1beta1" && version != "multicluster.x-k8s.io/v1alpha1" {
+                errors.push(object_error("apiVersion".into(), format!("{version} is not v1beta1 or v1alpha1")).into());
                 return;
             }
             match serde_path_to_error::deserialize::<_, ServiceImport>(value.clone()) {
                 Ok(import) => snapshot.imports.push((origin.clone(), import)),
-                Err(e) => {
-                    errors.push(object_error(e.path().to_string(), e.inner().to_string()).into())
-                }
+                Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_path_to_error::deserialize::<_, EndpointSlice>(value.clone()) {
                 Ok(slice) => snapshot.slices.push((origin.clone(), slice)),
-                Err(e) => {
-                    errors.push(object_error(e.path().to_string(), e.inner().to_string()).into())
-                }
+                Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
             }
         }
         _ => {}
@@ -192,12 +147,7 @@ endpoints: []
         let (snapshot, errors) = parse_documents(&Origin("dir/web.yaml".into()), yaml);
         assert_eq!(errors.len(), 1);
         let text = errors[0].to_string();
-        assert!(
-            text.starts_with(
-                "dir/web.yaml (document 1): ServiceImport demo/web: spec.ports[0].port:"
-            ),
-            "{text}"
-        );
+        assert!(text.starts_with("dir/web.yaml (document 1): ServiceImport demo/web: spec.ports[0].port:"), "{text}");
         assert_eq!(snapshot.imports.len(), 0);
         assert_eq!(snapshot.slices.len(), 1);
     }
@@ -207,13 +157,7 @@ endpoints: []
         let yaml = "kind: ServiceImport\n---\nkind: [unclosed\n";
         let (_, errors) = parse_documents(&Origin("x.yaml".into()), yaml);
         assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0]
-                .to_string()
-                .starts_with("x.yaml (document 2): invalid YAML"),
-            "{}",
-            errors[0]
-        );
+        assert!(errors[0].to_string().starts_with("x.yaml (document 2): invalid YAML"), "{}", errors[0]);
     }
 
     #[test]
@@ -234,11 +178,7 @@ items:
         let (snapshot, errors) = parse_documents(&Origin("l.yaml".into()), yaml);
         assert_eq!(snapshot.imports.len(), 1);
         assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0]
-                .to_string()
-                .contains("l.yaml (document 1) items[1]: ServiceImport default/b: apiVersion")
-        );
+        assert!(errors[0].to_string().contains("l.yaml (document 1) items[1]: ServiceImport default/b: apiVersion"));
     }
 
     #[test]
