@@ -3,8 +3,10 @@
 
 use std::{
     fs, io,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::atomic::{Ordering, fence},
 };
 
 use aya::{
@@ -85,10 +87,67 @@ impl Default for Sizes {
     }
 }
 
+/// `SELECTION`, mapped into the agent's memory (the map is `BPF_F_MMAPABLE`):
+/// writing a table is one copy instead of a syscall per slot.
+struct SlotMemory {
+    base: NonNull<u32>,
+    slots: usize,
+    bytes: usize,
+}
+
+impl SlotMemory {
+    fn map(fd: &OwnedFd, slots: u32) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let bytes = (slots as usize * 4).div_ceil(page) * page;
+        // SAFETY: a shared mapping of a map fd we own, of the size the kernel allows for it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u32>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { base, slots: slots as usize, bytes })
+    }
+
+    fn write(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
+        let start = offset as usize;
+        let end = start.checked_add(ids.len()).filter(|end| *end <= self.slots).ok_or(MapError::OutOfBounds {
+            index: offset.saturating_add(ids.len() as u32),
+            max_entries: self.slots as u32,
+        })?;
+        // SAFETY: in bounds of the mapping, which lives as long as self; the
+        // kernel only reads these slots once a SERVICES entry points at them.
+        let slots = unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(start), end - start) };
+        slots.copy_from_slice(ids);
+        Ok(())
+    }
+
+    fn read(&self, index: u32) -> Option<u32> {
+        // SAFETY: bounds checked; aligned u32 reads of a live mapping.
+        ((index as usize) < self.slots).then(|| unsafe { self.base.as_ptr().add(index as usize).read_volatile() })
+    }
+}
+
+impl Drop for SlotMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
 struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
-    selection: Array<MapData, u32>,
+    selection: SlotMemory,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
@@ -126,6 +185,22 @@ pub fn pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join(PIN_ROOT).join(format!("v{LAYOUT_VERSION}"))
 }
 
+fn map_selection(ebpf: &mut Ebpf, pin: Option<&Path>, slots: u32) -> Result<SlotMemory, DatapathError> {
+    let name = MAP_SELECTION;
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    if let Some(dir) = pin {
+        let path = dir.join(name);
+        map.pin(&path).map_err(|source| DatapathError::Pin { name, path, source })?;
+    }
+    let Map::Array(data) = &map else {
+        return Err(DatapathError::Map { name, source: MapError::InvalidMapType { map_type: 0 } });
+    };
+    let io_err = |e| DatapathError::Map { name, source: MapError::IoError(e) };
+    // The mapping holds its own reference to the map; the fd can close after.
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(io_err)?;
+    SlotMemory::map(&fd, slots.div_ceil(2) * 2).map_err(io_err)
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str, pin: Option<&Path>) -> Result<T, DatapathError>
 where
     T: TryFrom<Map, Error = MapError>,
@@ -147,7 +222,7 @@ impl Datapath {
         loader
             .map_max_entries(MAP_SERVICES, capacity.services)
             .map_max_entries(MAP_BACKENDS, capacity.backends)
-            .map_max_entries(MAP_SELECTION, capacity.slots)
+            .map_max_entries(MAP_SELECTION, capacity.slots.div_ceil(2))
             .map_max_entries(MAP_CONNTRACK, conntrack)
             .map_max_entries(MAP_REV_NAT, conntrack)
             .map_max_entries(MAP_AFFINITY, conntrack);
@@ -181,7 +256,7 @@ impl Datapath {
         let maps = Maps {
             services: take(&mut ebpf, MAP_SERVICES, pin)?,
             backends: take(&mut ebpf, MAP_BACKENDS, pin)?,
-            selection: take(&mut ebpf, MAP_SELECTION, pin)?,
+            selection: map_selection(&mut ebpf, pin, capacity.slots)?,
             conntrack: take(&mut ebpf, MAP_CONNTRACK, pin)?,
             rev_nat: take(&mut ebpf, MAP_REV_NAT, pin)?,
             affinity: take(&mut ebpf, MAP_AFFINITY, pin)?,
@@ -239,9 +314,9 @@ impl Datapath {
                     maps.backends.set(*id, backend, 0).map_err(map_err(MAP_BACKENDS))?;
                 }
                 MapOp::PutSlots { offset, ids } => {
-                    for (i, id) in ids.iter().enumerate() {
-                        maps.selection.set(offset + i as u32, id, 0).map_err(map_err(MAP_SELECTION))?;
-                    }
+                    maps.selection.write(*offset, ids).map_err(map_err(MAP_SELECTION))?;
+                    // Slots must be visible before the SERVICES entry that points at them.
+                    fence(Ordering::SeqCst);
                 }
                 MapOp::PutService { key, value } => {
                     maps.services.insert(key, value, 0).map_err(map_err(MAP_SERVICES))?;
@@ -312,6 +387,10 @@ impl Datapath {
 
     pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
         self.maps.services.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn selection_slot(&self, slot: u32) -> Option<u32> {
+        self.maps.selection.read(slot)
     }
 
     pub fn backend(&self, id: u32) -> Option<Backend> {

@@ -34,7 +34,7 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 /// Default capacities compiled into the object; the agent may resize them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// 64 MiB: about a thousand 10-backend frontends at the default Maglev size.
+/// 64 MiB: about a thousand 10-backend frontends at the default Maglev size. Even.
 pub const DEFAULT_MAX_SELECTION_SLOTS: u32 = 1 << 24;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 262_144;
@@ -80,6 +80,12 @@ pub struct ServiceValue {
     pub affinity_timeout_secs: u32,
     pub _reserved: u32,
 }
+
+/// `SELECTION` element: two consecutive slots (backend ids). Slot `s` is
+/// `SELECTION[s / 2][s % 2]`. BPF arrays store elements at an 8-byte stride,
+/// so pairing keeps 4 bytes a slot, and the agent's mmap of the map reads as
+/// one flat `u32` array of slots.
+pub type SelectionPair = [u32; 2];
 
 /// `BACKENDS` value (array index = backend id). A zeroed entry is a free id.
 #[repr(C)]

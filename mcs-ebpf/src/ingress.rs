@@ -131,7 +131,7 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
 fn slot_backend(service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
     // checked_rem: a plain `%` keeps a divide-by-zero panic the verifier rejects.
     let slot = service.slot_offset.wrapping_add(hash.checked_rem(service.slot_count)?);
-    let id = *SELECTION.get(slot)?;
+    let id = SELECTION.get(slot >> 1)?[(slot & 1) as usize];
     let backend = *BACKENDS.get(id)?;
     if backend.ip == 0 {
         return None;

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue, Stat,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, SelectionPair,
+    ServiceKey, ServiceValue, Stat,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
@@ -22,8 +22,11 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entri
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Slot pairs (see `mcs_common::SelectionPair`), mmapable so the agent writes
+/// a whole table as one memory copy.
 #[map]
-pub static SELECTION: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS, 0);
+pub static SELECTION: Array<SelectionPair> =
+    Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS / 2, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
