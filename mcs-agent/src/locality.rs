@@ -285,7 +285,7 @@ mod tests {
     }
 
     fn share_by_tier(w: &[Weighted]) -> Vec<f64> {
-        let mut by = vec![0.0; 3];
+        let mut by = [0.0; 3];
         for x in w {
             by[x.tier] += x.share;
         }

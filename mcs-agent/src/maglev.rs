@@ -21,7 +21,7 @@ pub const DEFAULT_MAX_TABLE_SIZE: u32 = 65521;
 pub const SLOTS_PER_BACKEND: u64 = 1000;
 
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n)).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n)).all(|d| !n.is_multiple_of(d))
 }
 
 /// Table size for `backends` backends.

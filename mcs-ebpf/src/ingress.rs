@@ -108,7 +108,7 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = AffinityKey { service_id: service.service_id, client_ip: flow.src_ip };
     let timeout_ns = service.affinity_timeout_secs as u64 * 1_000_000_000;
-    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+    if let Some(entry) = AFFINITY.get_ptr_mut(key) {
         // SAFETY: map value pointer, valid for this program run.
         let entry = unsafe { &mut *entry };
         if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
@@ -123,7 +123,7 @@ fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
     let (id, backend) = slot_backend(service, client_hash(flow.src_ip))?;
     let value = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
     // Best effort: without the entry the next connection hashes to the same slot anyway.
-    let _ = AFFINITY.insert(&key, &value, 0);
+    let _ = AFFINITY.insert(key, value, 0);
     Some((id, backend))
 }
 

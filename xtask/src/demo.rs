@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use mcs_tests::{
     agent::Agent,
-    manifests::{self, endpoint_slice},
+    manifests::{self, ZonedEndpoint, endpoint_slice_zoned},
     netns::Netns,
     topology::Clusterset,
     traffic::{Server, tcp_request, udp_request},
@@ -26,23 +26,30 @@ const EXAMPLES: &[(&str, &str)] = &[
 ];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLUSTERS: [&str; 2] = ["cluster-east", "cluster-west"];
-const PODS_PER_CLUSTER: usize = 2;
+/// Pods per cluster and their zones, as in deploy/examples.
+const PODS: [&[&str]; 2] = [&["east-1a", "east-1a", "east-1b"], &["west-1a", "west-1a"]];
+/// Where the demo's node (and so its client pod) is.
+const NODE: [&str; 6] = ["--cluster-id", "cluster-east", "--zone", "east-1a", "--region", "east"];
+const PORTS: [(&str, u16, &str); 3] = [("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
 
 pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     println!("\n== mcs-agent demo: a clusterset of {} clusters in network namespaces", CLUSTERS.len());
     let mut set = Clusterset::new(1, &CLUSTERS);
     let mut servers = Vec::new();
-    for cluster in &mut set.clusters {
+    let mut pods: Vec<Vec<(Ipv4Addr, &str)>> = Vec::new();
+    for (cluster, zones) in set.clusters.iter_mut().zip(PODS) {
         let mut ips = Vec::new();
-        for _ in 0..PODS_PER_CLUSTER {
+        for zone in zones {
             let ip = cluster.add_pod();
             for port in [8080, 42] {
                 servers.push(Server::tcp(&cluster.ns, ip, port, &format!("{}/{ip}:{port}", cluster.name)));
             }
             servers.push(Server::udp(&cluster.ns, ip, 5353, &format!("{}/{ip}:5353", cluster.name)));
-            ips.push(ip.to_string());
+            ips.push((ip, *zone));
         }
-        println!("   {:<13} pods {}   (netns {})", cluster.name, ips.join(", "), cluster.ns.name());
+        let listing: Vec<String> = ips.iter().map(|(ip, zone)| format!("{ip} ({zone})")).collect();
+        println!("   {:<13} pods {}   (netns {})", cluster.name, listing.join(", "), cluster.ns.name());
+        pods.push(ips);
     }
     let client = &set.clients[0];
     println!(
@@ -51,7 +58,10 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
         client.ns.name(),
         client.node_iface
     );
-    println!("   node          netns {} runs mcs-agent; pod IPs are routed flat, no SNAT", set.node.name());
+    println!(
+        "   node          netns {} runs mcs-agent as a node of cluster-east, zone east-1a, region east; pod IPs are routed flat, no SNAT",
+        set.node.name()
+    );
 
     let dir = tempfile::tempdir().context("manifests directory")?;
     for (name, yaml) in EXAMPLES {
@@ -62,11 +72,14 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     );
 
     let started = Instant::now();
-    let mut agent = Agent::start_binary(agent_binary, &set.node, dir.path(), &set.client_ifaces(), &[]);
+    let mut agent = Agent::start_binary(agent_binary, &set.node, dir.path(), &set.client_ifaces(), &NODE);
     println!("   agent ready in {:.0?}: {}", started.elapsed(), agent_mode(&agent));
 
     let ns = &client.ns;
-    println!("\n[1] {requests} TCP connections to {VIP}:80 (connect, request, reply, close)");
+    println!(
+        "   locality tiers zone,region,any: a tier takes min(100%, 1.4 x ready/total) of new connections, the rest spills on"
+    );
+    println!("\n[1] {requests} TCP connections to {VIP}:80 (connect, request, reply, close), everything ready");
     tcp_round(ns, client.ip, SocketAddrV4::new(VIP, 80), requests)?;
 
     println!("\n[2] {} UDP requests to {VIP}:53", requests / 3);
@@ -85,25 +98,36 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     }
     answers.print();
 
-    println!("\n[4] cluster-east's pods turn unready (its EndpointSlice is rewritten)");
-    let generation = agent.generation();
-    let east: Vec<(Ipv4Addr, bool)> =
-        (1..=PODS_PER_CLUSTER as u8).map(|k| (Ipv4Addr::new(10, 10, 0, k), false)).collect();
-    let ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
-    let changed = Instant::now();
-    manifests::write(
-        dir.path(),
-        "web-cluster-east.yaml",
-        &endpoint_slice("demo", "web", "cluster-east", &ports, &east),
-    );
-    agent.wait_reconciled_after(generation);
-    println!(
-        "    file change to programmed datapath: {:.0?} (100 ms of it is the agent's debounce)",
-        changed.elapsed()
-    );
-    tcp_round(ns, client.ip, SocketAddrV4::new(VIP, 80), requests)?;
+    let east = |ready: [bool; 3]| {
+        let endpoints: Vec<ZonedEndpoint<'_>> =
+            pods[0].iter().zip(ready).map(|((ip, zone), ready)| ZonedEndpoint { ip: *ip, ready, zone }).collect();
+        endpoint_slice_zoned("demo", "web", "cluster-east", Some("east"), &PORTS, &endpoints)
+    };
+    for (step, title, ready) in [
+        (
+            "[4]",
+            "one of the two east-1a pods turns unready: zone tier health 1.4 x 1/2 = 70%, 30% spills to the region",
+            [true, false, true],
+        ),
+        (
+            "[5]",
+            "all of cluster-east turns unready: everything fails over to the next tier, cluster-west",
+            [false, false, false],
+        ),
+    ] {
+        println!("\n{step} {title}");
+        let generation = agent.generation();
+        let changed = Instant::now();
+        manifests::write(dir.path(), "web-cluster-east.yaml", &east(ready));
+        agent.wait_reconciled_after(generation);
+        println!(
+            "    file change to programmed datapath: {:.0?} (including the agent's 100 ms debounce window)",
+            changed.elapsed()
+        );
+        tcp_round(ns, client.ip, SocketAddrV4::new(VIP, 80), requests)?;
+    }
 
-    println!("\n[5] the ServiceImport is deleted");
+    println!("\n[6] the ServiceImport is deleted");
     let generation = agent.generation();
     manifests::remove(dir.path(), "web-serviceimport.yaml");
     agent.wait_reconciled_after(generation);
@@ -144,6 +168,15 @@ fn tcp_round(ns: &Netns, client: Ipv4Addr, target: SocketAddrV4, n: usize) -> Re
     Ok(())
 }
 
+/// The tier of a demo pod as seen from the demo's node (east-1a, region east).
+fn tier_of(pod: &str) -> &'static str {
+    match pod.split(':').next().unwrap_or_default() {
+        "10.10.0.1" | "10.10.0.2" => "zone",
+        "10.10.0.3" => "region",
+        _ => "any",
+    }
+}
+
 #[derive(Default)]
 struct Answers(BTreeMap<String, usize>);
 
@@ -154,11 +187,11 @@ impl Answers {
 
     fn print(&self) {
         let total: usize = self.0.values().sum();
-        println!("    {:<14} {:<20} {:>8} {:>7}", "cluster", "pod", "answers", "share");
+        println!("    {:<14} {:<20} {:<8} {:>8} {:>7}", "cluster", "pod", "tier", "answers", "share");
         for (identity, count) in &self.0 {
             let (cluster, pod) = identity.split_once('/').unwrap_or(("?", identity));
             let share = 100.0 * *count as f64 / total.max(1) as f64;
-            println!("    {cluster:<14} {pod:<20} {count:>8} {share:>6.1}%");
+            println!("    {cluster:<14} {pod:<20} {:<8} {count:>8} {share:>6.1}%", tier_of(pod));
         }
     }
 }
