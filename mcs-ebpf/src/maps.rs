@@ -26,7 +26,7 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 /// a whole table as one memory copy.
 #[map]
 pub static SELECTION: Array<SelectionPair> =
-    Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS / 2, aya_ebpf::bindings::BPF_F_MMAPABLE as u32);
+    Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS / 2, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
