@@ -15,7 +15,7 @@ use aya::{
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::LinkType,
-        tc::{self, NlOptions, TcAttachOptions, TcError},
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
     },
     util::KernelVersion,
 };
@@ -158,8 +158,15 @@ pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
     pin_dir: Option<PathBuf>,
-    attached: Vec<(String, AttachMode)>,
+    attached: Vec<Attachment>,
     unloaded: bool,
+}
+
+/// Our two links on one interface.
+struct Attachment {
+    iface: String,
+    mode: AttachMode,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -286,22 +293,53 @@ impl Datapath {
                 Err(e) => return Err(iface_err(format!("adding the clsact qdisc: {e}"))),
             }
         }
+        let mut links = Vec::new();
         for (name, attach_type) in [(PROG_INGRESS, TcAttachType::Ingress), (PROG_EGRESS, TcAttachType::Egress)] {
             let options = match mode {
                 AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
                 _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
             };
-            program(&mut self.ebpf, name)?
-                .attach_with_options(iface, attach_type, options)
-                .map_err(|e| iface_err(format!("attaching {name} ({mode:?}): {e}")))?;
+            match program(&mut self.ebpf, name)?.attach_with_options(iface, attach_type, options) {
+                Ok(id) => links.push((name, id)),
+                Err(e) => {
+                    // Never leave an interface half-attached (DNAT without reverse NAT).
+                    self.detach_links(links);
+                    return Err(iface_err(format!("attaching {name} ({mode:?}): {e}")));
+                }
+            }
         }
         info!(iface, ?mode, "attached");
-        self.attached.push((iface.to_owned(), mode));
+        self.attached.push(Attachment { iface: iface.to_owned(), mode, links });
         Ok(mode)
     }
 
-    pub fn attached(&self) -> &[(String, AttachMode)] {
-        &self.attached
+    /// Detaches from `iface` (or forgets it, when the interface is already gone).
+    pub fn forget(&mut self, iface: &str) -> bool {
+        let Some(pos) = self.attached.iter().position(|a| a.iface == iface) else {
+            return false;
+        };
+        let attachment = self.attached.remove(pos);
+        self.detach_links(attachment.links);
+        true
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, SchedClassifierLinkId)>) {
+        for (name, id) in links {
+            if let Ok(prog) = program(&mut self.ebpf, name)
+                && let Err(e) = prog.detach(id)
+            {
+                // The kernel already dropped the link of a deleted interface.
+                debug!(program = name, error = %e, "detach");
+            }
+        }
+    }
+
+    pub fn is_attached(&self, iface: &str) -> bool {
+        self.attached.iter().any(|a| a.iface == iface)
+    }
+
+    pub fn attached(&self) -> Vec<(String, AttachMode)> {
+        self.attached.iter().map(|a| (a.iface.clone(), a.mode)).collect()
     }
 
     /// Executes a plan's operations in order.
@@ -421,8 +459,8 @@ impl Datapath {
                 }
             }
         }
-        for (iface, _) in self.attached.drain(..) {
-            debug!(iface, "detached");
+        for attachment in self.attached.drain(..) {
+            debug!(iface = attachment.iface, "detached");
         }
         if let Some(dir) = self.pin_dir.take() {
             match fs::remove_dir_all(&dir) {

@@ -1,4 +1,5 @@
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -12,7 +13,10 @@ use mcs_agent::{
     maglev,
     plan::{Applied, Capacity},
     reconcile::Reconciler,
-    source::manifests,
+    source::{
+        links::{self, LinkEvent},
+        manifests,
+    },
 };
 use notify::Watcher as _;
 use tokio::{
@@ -152,8 +156,14 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", env = "MCS_MANIFESTS")]
     manifests: PathBuf,
     /// An interface facing client pods (repeatable). Ingress gets DNAT, egress reverse NAT.
-    #[arg(long = "interface", value_name = "IFACE", required = true)]
+    /// Failing to attach to one is fatal.
+    #[arg(long = "interface", value_name = "IFACE", required_unless_present = "interface_patterns")]
     interfaces: Vec<String>,
+    /// Attach to every interface whose name matches this glob (repeatable), now
+    /// and whenever one appears: `veth*` (Calico: `cali*`, Cilium: `lxc*`, AWS VPC CNI: `eni*`).
+    /// Interfaces that go away are forgotten.
+    #[arg(long = "interface-pattern", value_name = "GLOB", env = "MCS_INTERFACE_PATTERNS", value_delimiter = ',')]
+    interface_patterns: Vec<String>,
     /// How to hook the programs: TCX links (kernel 6.6+) or netlink clsact filters.
     #[arg(long, value_enum, default_value = "auto", env = "MCS_ATTACH")]
     attach: AttachMode,
@@ -200,6 +210,37 @@ fn main() -> Result<()> {
             .context("starting the runtime")?
             .block_on(run(args)),
         Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
+    }
+}
+
+/// Attaches to a pattern-matched link that appeared; forgets one that went away.
+fn on_link_event(event: LinkEvent, datapath: &mut Datapath, discovered: &mut BTreeMap<u32, String>, mode: AttachMode) {
+    match event {
+        LinkEvent::Present { name, index } => {
+            if discovered.get(&index) == Some(&name) {
+                return;
+            }
+            // A renamed link, or a new link reusing a name: start over.
+            if let Some(old) = discovered.remove(&index) {
+                datapath.forget(&old);
+            }
+            if datapath.is_attached(&name) {
+                datapath.forget(&name);
+            }
+            match datapath.attach(&name, mode) {
+                Ok(_) => {
+                    discovered.insert(index, name);
+                }
+                // Often a link that vanished again at once; the next event retries.
+                Err(e) => warn!(iface = name, error = %e, "attaching to a discovered interface failed"),
+            }
+        }
+        LinkEvent::Gone { name, index } => {
+            if discovered.remove(&index).is_some() {
+                datapath.forget(&name);
+                info!(iface = name, "interface gone");
+            }
+        }
     }
 }
 
@@ -255,6 +296,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let RunArgs {
         manifests,
         interfaces,
+        interface_patterns,
         attach,
         bpffs,
         no_pin,
@@ -266,6 +308,7 @@ async fn run(args: RunArgs) -> Result<()> {
         resync_secs,
         locality,
     } = args;
+    let patterns = links::Patterns::new(&interface_patterns)?;
     if !manifests.is_dir() {
         bail!("--manifests {}: not a directory", manifests.display());
     }
@@ -281,6 +324,16 @@ async fn run(args: RunArgs) -> Result<()> {
     for iface in &interfaces {
         datapath.attach(iface, attach).with_context(|| format!("--interface {iface}"))?;
     }
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    if !patterns.is_empty() {
+        tokio::spawn(async move {
+            if let Err(e) = links::watch(patterns, link_tx).await {
+                error!(error = %e, "interface discovery stopped; new pods will not be served");
+            }
+        });
+    }
+    // ifindex -> name of links attached through a pattern.
+    let mut discovered: BTreeMap<u32, String> = BTreeMap::new();
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -299,7 +352,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
     resync.tick().await;
-    info!(interfaces = ?interfaces, manifests = %manifests.display(), "agent ready");
+    info!(interfaces = ?interfaces, patterns = ?interface_patterns, manifests = %manifests.display(), "agent ready");
 
     loop {
         tokio::select! {
@@ -310,6 +363,10 @@ async fn run(args: RunArgs) -> Result<()> {
                 // Debounce: a burst of writes becomes one reconcile.
                 tokio::time::sleep(Duration::from_millis(debounce_ms)).await;
                 while rx.try_recv().is_ok() {}
+            }
+            Some(event) = link_rx.recv() => {
+                on_link_event(event, &mut datapath, &mut discovered, attach);
+                continue;
             }
         }
         if let Err(e) = reconciler.from_manifests(&manifests, &mut datapath) {

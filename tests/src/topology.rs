@@ -51,8 +51,8 @@ impl Clusterset {
         node.sysctl("net.ipv4.conf.all.rp_filter", "0");
         node.sysctl("net.ipv4.conf.default.rp_filter", "0");
         let mut set = Self { node, clients: Vec::new(), clusters: Vec::new() };
-        for i in 0..clients {
-            set.add_client(i as u8);
+        for _ in 0..clients {
+            set.add_client();
         }
         for (j, name) in cluster_names.iter().enumerate() {
             let ns = Netns::new("mcs-cl");
@@ -68,7 +68,10 @@ impl Clusterset {
         set
     }
 
-    fn add_client(&mut self, i: u8) {
+    /// A new client pod behind node interface `pod<i>`, at any time (as a CNI
+    /// would create one while the agent runs).
+    pub fn add_client(&mut self) -> &Client {
+        let i = self.clients.len() as u8;
         let ns = Netns::new("mcs-pod");
         let node_iface = format!("pod{i}");
         veth(&self.node, &node_iface, &ns, "eth0");
@@ -77,6 +80,7 @@ impl Clusterset {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.0.{i}.1")]);
         self.clients.push(Client { ns, ip, node_iface });
+        self.clients.last().expect("just pushed")
     }
 
     pub fn client_ifaces(&self) -> Vec<String> {

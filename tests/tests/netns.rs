@@ -337,3 +337,30 @@ fn capacity_limits_are_reported_and_what_fits_is_served() {
     udp_request(lab.client(), vip(53)).expect("port 53 fits and is served");
     assert!(tcp_request(lab.client(), vip(4242)).is_err());
 }
+
+#[test]
+fn pods_created_after_the_agent_starts_are_served_and_gone_ones_forgotten() {
+    let mut lab = Lab::new(&[("cluster-a", 1)]);
+    let mut agent = Agent::start(&lab.set.node, lab.dir.path(), &[], &["--interface-pattern", "pod*"]);
+    agent.wait_for(|l| l.contains("attached") && l.contains("\"pod0\""), std::time::Duration::from_secs(5));
+    tcp_request(lab.client(), vip(80)).expect("the pod present at start is served");
+
+    let (late_ns, late_ip) = {
+        let client = lab.set.add_client();
+        (client.ns.name().to_owned(), client.ip)
+    };
+    agent.wait_for(|l| l.contains("attached") && l.contains("\"pod1\""), std::time::Duration::from_secs(5));
+    let late = &lab.set.clients[1].ns;
+    assert_eq!(late.name(), late_ns);
+    let reply = tcp_request(late, vip(80)).expect("a pod created after start is served");
+    assert_eq!(reply.reply_from, SocketAddr::V4(vip(80)));
+    assert_eq!(reply.peer_seen.ip(), late_ip);
+    assert_eq!(tcx_programs(&lab.set.node, "pod1"), ["mcs_ingress", "mcs_egress"]);
+
+    // The pod goes away with its veth: the agent forgets the interface.
+    drop(lab.set.clients.pop());
+    agent.wait_for(|l| l.contains("interface gone") && l.contains("pod1"), std::time::Duration::from_secs(5));
+    tcp_request(lab.client(), vip(80)).expect("the remaining pod is still served");
+    let (clean, _) = agent.stop();
+    assert!(clean);
+}

@@ -1,4 +1,5 @@
 //! Sources turn the outside world into a [`crate::model::Snapshot`] and a
 //! "something changed" signal. Standalone mode reads a manifests directory.
 
+pub mod links;
 pub mod manifests;
