@@ -149,6 +149,8 @@ pub struct Policy {
     pub node: NodeLocality,
     pub tiers: Vec<Tier>,
     pub max_table_size: u32,
+    /// Leave imports that a derived Service already serves to kube-proxy.
+    pub skip_derived: bool,
 }
 
 impl Default for Policy {
@@ -157,9 +159,14 @@ impl Default for Policy {
             node: NodeLocality::default(),
             tiers: DEFAULT_TIERS.to_vec(),
             max_table_size: maglev::DEFAULT_MAX_TABLE_SIZE,
+            skip_derived: false,
         }
     }
 }
+
+/// Set by MCS implementations that also create a Service for the import
+/// (e.g. the mcs-api controller's `derived-<hash>` Service).
+pub const ANNOTATION_DERIVED_SERVICE: &str = "multicluster.kubernetes.io/derived-service";
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
@@ -387,6 +394,10 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
     let mut state = DesiredState::default();
     let mut vip_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for (origin, import) in imports {
+        let derived = import.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_DERIVED_SERVICE));
+        if policy.skip_derived && derived {
+            continue;
+        }
         let valid = match validate_import(origin, import) {
             Ok(Some(valid)) => valid,
             Ok(None) => continue,
@@ -580,6 +591,18 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             errors[0].to_string().contains("demo/zzz: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
         );
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
+    }
+
+    #[test]
+    fn derived_imports_are_served_unless_left_to_kube_proxy() {
+        let yaml = IMPORT.replace(
+            "metadata: {name: web, namespace: demo}",
+            "metadata: {name: web, namespace: demo, annotations: {multicluster.kubernetes.io/derived-service: derived-abc}}",
+        );
+        let (state, _) = compute(&snapshot(&yaml), &Policy::default());
+        assert_eq!(state.frontends.len(), 3, "served by default: our TC hook runs before kube-proxy");
+        let skip = Policy { skip_derived: true, ..Policy::default() };
+        assert!(compute(&snapshot(&yaml), &skip).0.frontends.is_empty());
     }
 
     #[test]

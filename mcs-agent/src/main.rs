@@ -6,14 +6,16 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use mcs_agent::{
-    datapath::{AttachMode, Datapath, Sizes},
+    datapath::{AttachMode, Datapath, DatapathError, Sizes},
     desired::{self, Policy},
     locality::{self, NodeLocality, Tier},
     maglev,
     plan::{Applied, Capacity},
     reconcile::Reconciler,
     source::{
+        kube::{KubeSource, SourceEvent},
         links::{self, LinkEvent},
         manifests,
     },
@@ -98,6 +100,11 @@ struct LocalityArgs {
     /// a slot) at the price of more reshuffling when a backend changes.
     #[arg(long, value_name = "SLOTS", default_value_t = maglev::DEFAULT_MAX_TABLE_SIZE, value_parser = parse_table_size)]
     maglev_max_table_size: u32,
+    /// Leave ServiceImports that carry `multicluster.kubernetes.io/derived-service`
+    /// to kube-proxy. By default they are programmed too: the TC hook runs
+    /// before kube-proxy's netfilter rules.
+    #[arg(long, env = "MCS_SKIP_DERIVED")]
+    skip_derived: bool,
 }
 
 impl LocalityArgs {
@@ -110,6 +117,7 @@ impl LocalityArgs {
             cluster_regions,
             locality_tiers,
             maglev_max_table_size,
+            skip_derived,
         } = self;
         Policy {
             node: NodeLocality {
@@ -121,6 +129,7 @@ impl LocalityArgs {
             },
             tiers: locality_tiers.0.clone(),
             max_table_size: *maglev_max_table_size,
+            skip_derived: *skip_derived,
         }
     }
 }
@@ -152,9 +161,14 @@ fn parse_table_size(value: &str) -> Result<u32, String> {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML files (`*.yaml`, `*.yml`; multi-document and List allowed).
+    /// Standalone mode: a directory of Kubernetes YAML files (`*.yaml`, `*.yml`;
+    /// multi-document and List allowed). Without it the agent watches the
+    /// Kubernetes API (in-cluster config, --kubeconfig or KUBECONFIG).
     #[arg(long, value_name = "DIR", env = "MCS_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for Kubernetes mode (default: in-cluster config, then KUBECONFIG, then ~/.kube/config).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// An interface facing client pods (repeatable). Ingress gets DNAT, egress reverse NAT.
     /// Failing to attach to one is fatal.
     #[arg(long = "interface", value_name = "IFACE", required_unless_present = "interface_patterns")]
@@ -292,9 +306,37 @@ fn check(dir: &Path, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
+/// Where objects come from.
+enum Source {
+    Manifests(PathBuf),
+    Kube(Box<KubeSource>),
+}
+
+/// Everything a source reports to the loop.
+enum Signal {
+    Changed,
+    WatchError { what: &'static str, message: String },
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration (not in a pod, no KUBECONFIG, no ~/.kube/config); give --manifests DIR for standalone mode",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let RunArgs {
         manifests,
+        kubeconfig,
         interfaces,
         interface_patterns,
         attach,
@@ -309,18 +351,68 @@ async fn run(args: RunArgs) -> Result<()> {
         locality,
     } = args;
     let patterns = links::Patterns::new(&interface_patterns)?;
-    if !manifests.is_dir() {
-        bail!("--manifests {}: not a directory", manifests.display());
-    }
+    let (signal_tx, mut signals) = mpsc::unbounded_channel::<Signal>();
+
+    // The source first: a wrong directory or an unreachable API fails before
+    // anything touches the kernel.
+    let mut file_watcher = None;
+    let mut recorder = None;
+    let source = match manifests {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            let tx = signal_tx.clone();
+            let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event
+                    && (event.paths.is_empty() || event.paths.iter().any(|p| manifests::is_manifest(p)))
+                {
+                    let _ = tx.send(Signal::Changed);
+                }
+            })
+            .context("starting the file watcher")?;
+            watcher
+                .watch(&dir, notify::RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+            file_watcher = Some(watcher);
+            Source::Manifests(dir)
+        }
+        None => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let node_name = locality.node_name.clone();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let forward = signal_tx.clone();
+            tokio::spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    let signal = match event {
+                        SourceEvent::Changed => Signal::Changed,
+                        SourceEvent::Error { what, message } => Signal::WatchError { what, message },
+                    };
+                    if forward.send(signal).is_err() {
+                        break;
+                    }
+                }
+            });
+            let source = KubeSource::start(client.clone(), node_name.as_deref(), tx).await?;
+            info!("waiting for the first complete list of ServiceImports, EndpointSlices and this node");
+            source.wait_ready().await;
+            let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name };
+            recorder = Some(Recorder::new(client, reporter));
+            Source::Kube(Box::new(source))
+        }
+    };
+
     let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
     let sizes = Sizes { capacity, conntrack: max_conntrack };
     let mut datapath = Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path())).context("loading the datapath")?;
 
     // Program the maps before attaching, so the first packet already sees every service.
-    let policy = locality.policy();
-    info!(node = ?policy.node, tiers = ?policy.tiers, "locality");
-    let mut reconciler = Reconciler::new(Applied::new(capacity), policy);
-    reconciler.from_manifests(&manifests, &mut datapath).context("programming the maps")?;
+    let flags_policy = locality.policy();
+    let mut reconciler = Reconciler::new(Applied::new(capacity), flags_policy.clone());
+    reconcile(&source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref())
+        .await
+        .context("programming the maps")?;
+    info!(node = ?reconciler.policy().node, tiers = ?reconciler.policy().tiers, "locality");
     for iface in &interfaces {
         datapath.attach(iface, attach).with_context(|| format!("--interface {iface}"))?;
     }
@@ -335,46 +427,53 @@ async fn run(args: RunArgs) -> Result<()> {
     // ifindex -> name of links attached through a pattern.
     let mut discovered: BTreeMap<u32, String> = BTreeMap::new();
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && (event.paths.is_empty() || event.paths.iter().any(|p| manifests::is_manifest(p)))
-        {
-            let _ = tx.send(());
-        }
-    })
-    .context("starting the file watcher")?;
-    watcher
-        .watch(&manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", manifests.display()))?;
-
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
     resync.tick().await;
-    info!(interfaces = ?interfaces, patterns = ?interface_patterns, manifests = %manifests.display(), "agent ready");
+    info!(interfaces = ?interfaces, patterns = ?interface_patterns, "agent ready");
 
+    let mut stale = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = resync.tick() => {}
-            Some(()) = rx.recv() => {
-                // Debounce: a burst of writes becomes one reconcile.
+            Some(signal) = signals.recv() => {
+                match signal {
+                    Signal::WatchError { what, message } => {
+                        if !stale {
+                            warn!(what, error = %message, "the API watch is failing; the datapath keeps its last good state (stale) while the watch backs off and retries");
+                        }
+                        stale = true;
+                        continue;
+                    }
+                    Signal::Changed => {
+                        if stale {
+                            info!("the API watch resumed; state is current again");
+                            stale = false;
+                        }
+                    }
+                }
+                // Debounce: a burst of changes becomes one reconcile.
                 tokio::time::sleep(Duration::from_millis(debounce_ms)).await;
-                while rx.try_recv().is_ok() {}
+                while let Ok(signal) = signals.try_recv() {
+                    if let Signal::WatchError { .. } = signal {
+                        stale = true;
+                    }
+                }
             }
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
                 continue;
             }
         }
-        if let Err(e) = reconciler.from_manifests(&manifests, &mut datapath) {
+        if let Err(e) = reconcile(&source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await {
             error!(error = %e, "applying to the datapath failed; retrying on the next change or resync");
         }
     }
     info!("shutting down: detaching and removing pins");
-    drop(watcher);
+    drop(file_watcher);
     let stats = datapath.stats().unwrap_or_default();
     datapath.shutdown();
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
@@ -384,4 +483,50 @@ async fn run(args: RunArgs) -> Result<()> {
         info!(counters = %counts.join(" "), "stopped");
     }
     Ok(())
+}
+
+/// One pass: read the source, bring the datapath to it, report new problems
+/// (as Kubernetes Events too, in Kubernetes mode).
+async fn reconcile(
+    source: &Source,
+    flags: &Policy,
+    reconciler: &mut Reconciler,
+    datapath: &mut Datapath,
+    recorder: Option<&Recorder>,
+) -> Result<(), DatapathError> {
+    match source {
+        Source::Manifests(dir) => reconciler.from_manifests(dir, datapath).map(|_| ()),
+        Source::Kube(kube) => {
+            // Flags win; the Node's labels and the ClusterProperty fill the gaps.
+            let mut policy = flags.clone();
+            let (zone, region) = kube.node_locality();
+            policy.node.zone = policy.node.zone.or(zone);
+            policy.node.region = policy.node.region.or(region);
+            policy.node.cluster = policy.node.cluster.or_else(|| kube.cluster_id());
+            if &policy != reconciler.policy() {
+                info!(node = ?policy.node, "node locality changed");
+                reconciler.set_policy(policy);
+            }
+            let (snapshot, conversion_errors) = kube.snapshot();
+            let problems = conversion_errors.iter().map(ToString::to_string).collect();
+            let mut report = reconciler.apply_snapshot(&snapshot, problems, datapath)?;
+            report.object_errors.extend(conversion_errors);
+            if let Some(recorder) = recorder {
+                for error in report.object_errors.iter().filter(|e| report.new_problems.contains(&e.to_string())) {
+                    let Some(reference) = kube.reference(error.kind, &error.object) else { continue };
+                    let event = Event {
+                        type_: EventType::Warning,
+                        reason: "InvalidObject".into(),
+                        note: Some(format!("{}: {}", error.field, error.message)),
+                        action: "Program".into(),
+                        secondary: None,
+                    };
+                    if let Err(e) = recorder.publish(&event, &reference).await {
+                        warn!(object = error.object, error = %e, "publishing an Event failed");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
 }

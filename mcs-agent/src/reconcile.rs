@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    desired::{self, DesiredState, Policy},
+    desired::{self, DesiredState, ObjectError, Policy},
     model::Snapshot,
     plan::{Applied, PlanSummary},
     source::manifests::{self, ManifestError},
@@ -21,6 +21,10 @@ pub struct Report {
     pub backends: usize,
     pub summary: PlanSummary,
     pub problems: Vec<String>,
+    /// Invalid objects, structured (for Kubernetes Events).
+    pub object_errors: Vec<ObjectError>,
+    /// Problems not reported by the previous pass.
+    pub new_problems: BTreeSet<String>,
 }
 
 pub struct Reconciler {
@@ -58,7 +62,9 @@ impl Reconciler {
     ) -> Result<Report, DatapathError> {
         let (state, object_errors) = desired::compute(snapshot, &self.policy);
         problems.extend(object_errors.iter().map(ToString::to_string));
-        self.apply_state(&state, problems, datapath)
+        let mut report = self.apply_state(&state, problems, datapath)?;
+        report.object_errors = object_errors;
+        Ok(report)
     }
 
     pub fn apply_state(
@@ -80,7 +86,8 @@ impl Reconciler {
         self.generation += 1;
 
         let current: BTreeSet<String> = problems.iter().cloned().collect();
-        for problem in current.difference(&self.reported) {
+        let new_problems: BTreeSet<String> = current.difference(&self.reported).cloned().collect();
+        for problem in &new_problems {
             warn!(problem = %problem, "object skipped");
         }
         for fixed in self.reported.difference(&current) {
@@ -94,6 +101,8 @@ impl Reconciler {
             backends: self.applied.backend_count(),
             summary,
             problems,
+            object_errors: Vec::new(),
+            new_problems,
         };
         if summary != PlanSummary::default() || report.generation == 1 {
             info!(
@@ -110,6 +119,15 @@ impl Reconciler {
             );
         }
         Ok(report)
+    }
+
+    /// Locality can change at run time (the Node's labels, the ClusterProperty).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     pub fn applied(&self) -> &Applied {

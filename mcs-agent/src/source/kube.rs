@@ -1,0 +1,507 @@
+//! Kubernetes mode: reflectors over ServiceImports, the MCS EndpointSlices,
+//! this node and the ClusterProperty feed the same pure reconcile as
+//! standalone mode. Every watch event is only a "something changed" signal;
+//! the agent recomputes from the whole cache (level-triggered).
+
+use std::{fmt::Debug, hash::Hash};
+
+use futures::StreamExt as _;
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, ObjectReference},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info};
+
+use crate::{
+    desired::ObjectError,
+    model::{LABEL_SERVICE_NAME, MCS_GROUP, Origin, ServiceImport, Snapshot, object_ref},
+};
+
+pub const CLUSTER_PROPERTY_GROUP: &str = "about.k8s.io";
+pub const CLUSTER_PROPERTY_VERSION: &str = "v1alpha1";
+/// The well-known ClusterProperty that names this cluster (KEP-2149).
+pub const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
+
+#[derive(Debug, Error)]
+pub enum KubeSourceError {
+    #[error(
+        "no ServiceImport API: neither multicluster.x-k8s.io/v1beta1 nor v1alpha1 serves serviceimports (install the MCS CRDs: deploy/crds)"
+    )]
+    NotInstalled,
+    #[error("asking the API server which ServiceImport version it serves: {0}")]
+    Discovery(#[source] kube::Error),
+}
+
+/// What the watchers report to the agent's loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// A cache changed (or a watch started or restarted).
+    Changed,
+    /// A watch failed; it backs off and retries on its own. `what` names the resource.
+    Error { what: &'static str, message: String },
+}
+
+/// The ServiceImport API to watch: v1beta1 when served, else v1alpha1.
+pub async fn service_import_resource(client: &Client) -> Result<ApiResource, KubeSourceError> {
+    for version in ["v1beta1", "v1alpha1"] {
+        match client.list_api_group_resources(&format!("{MCS_GROUP}/{version}")).await {
+            Ok(list) if list.resources.iter().any(|r| r.name == "serviceimports") => {
+                let gvk = GroupVersionKind::gvk(MCS_GROUP, version, "ServiceImport");
+                return Ok(ApiResource::from_gvk_with_plural(&gvk, "serviceimports"));
+            }
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(KubeSourceError::Discovery(e)),
+        }
+    }
+    Err(KubeSourceError::NotInstalled)
+}
+
+async fn cluster_property_resource(client: &Client) -> Option<ApiResource> {
+    let version = format!("{CLUSTER_PROPERTY_GROUP}/{CLUSTER_PROPERTY_VERSION}");
+    match client.list_api_group_resources(&version).await {
+        Ok(list) if list.resources.iter().any(|r| r.name == "clusterproperties") => {
+            let gvk = GroupVersionKind::gvk(CLUSTER_PROPERTY_GROUP, CLUSTER_PROPERTY_VERSION, "ClusterProperty");
+            Some(ApiResource::from_gvk_with_plural(&gvk, "clusterproperties"))
+        }
+        _ => None,
+    }
+}
+
+/// Runs one reflector until the agent stops, reporting every change and error.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    what: &'static str,
+    events: UnboundedSender<SourceEvent>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher(api, config).default_backoff().reflect(writer).boxed();
+        while let Some(event) = stream.next().await {
+            let signal = match event {
+                Ok(_) => SourceEvent::Changed,
+                Err(e) => SourceEvent::Error { what, message: e.to_string() },
+            };
+            if events.send(signal).is_err() {
+                break;
+            }
+        }
+        debug!(what, "watch ended");
+    });
+}
+
+/// The caches the agent reads.
+pub struct KubeSource {
+    import_resource: ApiResource,
+    imports: Store<DynamicObject>,
+    slices: Store<EndpointSlice>,
+    node: Option<Store<Node>>,
+    property: Option<Store<DynamicObject>>,
+}
+
+impl KubeSource {
+    /// Finds the APIs and starts the watches. `node_name` selects this node's
+    /// Node object (locality labels); without it, locality comes from flags only.
+    pub async fn start(
+        client: Client,
+        node_name: Option<&str>,
+        events: UnboundedSender<SourceEvent>,
+    ) -> Result<Self, KubeSourceError> {
+        let import_resource = service_import_resource(&client).await?;
+        info!(version = import_resource.api_version, "watching ServiceImports");
+
+        let writer = Writer::new(import_resource.clone());
+        let imports = writer.as_reader();
+        let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
+        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone());
+
+        let (slices, writer) = reflector::store();
+        let config = watcher::Config::default().labels(LABEL_SERVICE_NAME);
+        spawn_reflector(Api::<EndpointSlice>::all(client.clone()), config, writer, "EndpointSlice", events.clone());
+
+        let node = node_name.map(|name| {
+            let (store, writer) = reflector::store();
+            let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+            spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone());
+            store
+        });
+
+        let property = match cluster_property_resource(&client).await {
+            Some(resource) => {
+                let writer = Writer::new(resource.clone());
+                let store = writer.as_reader();
+                let config = watcher::Config::default().fields(&format!("metadata.name={CLUSTER_ID_PROPERTY}"));
+                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+                spawn_reflector(api, config, writer, "ClusterProperty", events);
+                Some(store)
+            }
+            None => {
+                info!("no ClusterProperty API (about.k8s.io/v1alpha1): the cluster id comes from --cluster-id only");
+                None
+            }
+        };
+        Ok(Self { import_resource, imports, slices, node, property })
+    }
+
+    /// Waits until every cache has its first complete list.
+    pub async fn wait_ready(&self) {
+        let _ = self.imports.wait_until_ready().await;
+        let _ = self.slices.wait_until_ready().await;
+        if let Some(node) = &self.node {
+            let _ = node.wait_until_ready().await;
+        }
+        if let Some(property) = &self.property {
+            let _ = property.wait_until_ready().await;
+        }
+    }
+
+    /// The objects, as the pure core takes them, plus conversion errors.
+    pub fn snapshot(&self) -> (Snapshot, Vec<ObjectError>) {
+        snapshot_from(&self.imports.state(), &self.slices.state())
+    }
+
+    /// Zone and region labels of this node, when it is known.
+    pub fn node_locality(&self) -> (Option<String>, Option<String>) {
+        let Some(node) = self.node.as_ref().and_then(|s| s.state().into_iter().next()) else {
+            return (None, None);
+        };
+        let labels = node.labels();
+        (labels.get(LABEL_ZONE).cloned(), labels.get(LABEL_REGION).cloned())
+    }
+
+    /// `spec.value` of ClusterProperty `cluster.clusterset.k8s.io`.
+    pub fn cluster_id(&self) -> Option<String> {
+        let property = self.property.as_ref()?.state().into_iter().next()?;
+        property.data.get("spec")?.get("value")?.as_str().map(str::to_owned)
+    }
+
+    /// The reference an Event about `kind namespace/name` is attached to.
+    pub fn reference(&self, kind: &str, object: &str) -> Option<ObjectReference> {
+        let (namespace, name) = object.split_once('/')?;
+        let reference = |meta: &ObjectMeta, api_version: String| ObjectReference {
+            api_version: Some(api_version),
+            kind: Some(kind.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
+            uid: meta.uid.clone(),
+            ..ObjectReference::default()
+        };
+        let matches = |meta: &ObjectMeta| object_ref(meta) == (namespace.to_owned(), name.to_owned());
+        match kind {
+            "ServiceImport" => self
+                .imports
+                .state()
+                .iter()
+                .find(|o| matches(&o.metadata))
+                .map(|o| reference(&o.metadata, self.import_resource.api_version.clone())),
+            "EndpointSlice" => self
+                .slices
+                .state()
+                .iter()
+                .find(|o| matches(&o.metadata))
+                .map(|o| reference(&o.metadata, "discovery.k8s.io/v1".into())),
+            _ => None,
+        }
+    }
+}
+
+/// Converts cached objects into a [`Snapshot`]; a ServiceImport whose fields do
+/// not fit the schema is reported with its field path and left out.
+pub fn snapshot_from(
+    imports: &[std::sync::Arc<DynamicObject>],
+    slices: &[std::sync::Arc<EndpointSlice>],
+) -> (Snapshot, Vec<ObjectError>) {
+    let mut snapshot = Snapshot::default();
+    let mut errors = Vec::new();
+    for object in imports {
+        let value = match serde_json::to_value(object.as_ref()) {
+            Ok(value) => value,
+            Err(e) => {
+                errors.push(conversion_error(&object.metadata, String::new(), e.to_string()));
+                continue;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, ServiceImport>(value) {
+            Ok(import) => snapshot.imports.push((Origin::default(), import)),
+            Err(e) => errors.push(conversion_error(&object.metadata, e.path().to_string(), e.inner().to_string())),
+        }
+    }
+    snapshot.slices = slices.iter().map(|s| (Origin::default(), s.as_ref().clone())).collect();
+    (snapshot, errors)
+}
+
+fn conversion_error(meta: &ObjectMeta, field: String, message: String) -> ObjectError {
+    let (namespace, name) = object_ref(meta);
+    ObjectError { origin: String::new(), kind: "ServiceImport", object: format!("{namespace}/{name}"), field, message }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The watcher wiring against kube-rs's mock client: a scripted fake API
+    //! server answers discovery, lists and watches.
+
+    use std::{
+        collections::{BTreeMap, VecDeque},
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+    use tower_test::mock;
+
+    use super::*;
+
+    const IMPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports";
+    const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+    const NODES: &str = "/api/v1/nodes";
+
+    enum Watch {
+        /// Send these (type, object) events, then end the response.
+        Events(Vec<(&'static str, Value)>),
+        /// Fail the watch with an HTTP error.
+        Fail(u16),
+    }
+
+    #[derive(Default)]
+    struct Fake {
+        /// resource path -> name -> object
+        current: BTreeMap<&'static str, BTreeMap<String, Value>>,
+        scripts: BTreeMap<&'static str, VecDeque<Watch>>,
+        requests: Vec<String>,
+    }
+
+    fn json_response(status: u16, body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(StatusCode::from_u16(status).unwrap())
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    fn not_found() -> Response<Body> {
+        json_response(
+            404,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+        )
+    }
+
+    fn name_of(object: &Value) -> String {
+        object["metadata"]["name"].as_str().unwrap().to_owned()
+    }
+
+    /// Serves requests until the test ends. Watches without a script are held open.
+    fn serve(fake: Arc<Mutex<Fake>>, handle: mock::Handle<Request<Body>, Response<Body>>) {
+        tokio::spawn(async move {
+            let mut handle = Box::pin(handle);
+            let mut parked = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                let query = request.uri().query().unwrap_or_default().to_owned();
+                let mut fake = fake.lock().unwrap();
+                fake.requests.push(format!("{path}?{query}"));
+                let resource = [IMPORTS, SLICES, NODES].into_iter().find(|r| *r == path);
+                let response = match (path.as_str(), resource) {
+                    ("/apis/multicluster.x-k8s.io/v1alpha1", _) => json_response(
+                        200,
+                        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "multicluster.x-k8s.io/v1alpha1",
+                            "resources": [{"name": "serviceimports", "singularName": "serviceimport", "namespaced": true,
+                            "kind": "ServiceImport", "verbs": ["get", "list", "watch"]}]}),
+                    ),
+                    (_, Some(resource)) if query.contains("watch=true") => {
+                        match fake.scripts.get_mut(resource).and_then(VecDeque::pop_front) {
+                            Some(Watch::Events(events)) => {
+                                let mut lines = Vec::new();
+                                for (kind, object) in events {
+                                    let objects = fake.current.entry(resource).or_default();
+                                    if kind == "DELETED" {
+                                        objects.remove(&name_of(&object));
+                                    } else {
+                                        objects.insert(name_of(&object), object.clone());
+                                    }
+                                    lines.extend(serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap());
+                                    lines.push(b'\n');
+                                }
+                                Response::builder().body(Body::from(lines)).unwrap()
+                            }
+                            Some(Watch::Fail(code)) => json_response(
+                                code,
+                                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "injected", "code": code}),
+                            ),
+                            None => {
+                                parked.push(send);
+                                continue;
+                            }
+                        }
+                    }
+                    (_, Some(resource)) => {
+                        let items: Vec<Value> =
+                            fake.current.get(resource).map(|m| m.values().cloned().collect()).unwrap_or_default();
+                        json_response(
+                            200,
+                            &json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
+                        )
+                    }
+                    _ => not_found(),
+                };
+                send.send_response(response);
+            }
+        });
+    }
+
+    fn import(name: &str, ip: &str, port: u16) -> Value {
+        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": name, "namespace": "demo", "resourceVersion": "2", "uid": format!("uid-{name}")},
+            "spec": {"type": "ClusterSetIP", "ips": [ip], "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}})
+    }
+
+    fn slice(name: &str, service: &str, ips: &[&str]) -> Value {
+        let endpoints: Vec<Value> =
+            ips.iter().map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}})).collect();
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "demo", "resourceVersion": "2",
+                "labels": {"multicluster.kubernetes.io/service-name": service, "multicluster.kubernetes.io/source-cluster": "a"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn ports(source: &KubeSource) -> Vec<(String, i64)> {
+        let (snapshot, errors) = source.snapshot();
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut ports: Vec<_> =
+            snapshot.imports.iter().map(|(_, i)| (i.metadata.name.clone().unwrap(), i.spec.ports[0].port)).collect();
+        ports.sort();
+        ports
+    }
+
+    fn slice_addresses(source: &KubeSource) -> usize {
+        source.snapshot().0.slices.iter().map(|(_, s)| s.endpoints.len()).sum()
+    }
+
+    #[tokio::test]
+    async fn watches_follow_lists_updates_deletes_and_resume_after_an_error() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        {
+            let mut f = fake.lock().unwrap();
+            f.current.insert(IMPORTS, BTreeMap::from([("web".into(), import("web", "10.96.0.10", 80))]));
+            f.current.insert(SLICES, BTreeMap::from([("web-a".into(), slice("web-a", "web", &["10.1.0.1"]))]));
+            f.current.insert(
+                NODES,
+                BTreeMap::from([(
+                    "node-1".into(),
+                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "resourceVersion": "2",
+                        "labels": {"topology.kubernetes.io/zone": "z1", "topology.kubernetes.io/region": "r1"}}}),
+                )]),
+            );
+            f.scripts.insert(
+                IMPORTS,
+                VecDeque::from([
+                    Watch::Events(vec![("ADDED", import("api", "10.96.0.11", 443))]),
+                    // The watch breaks: the agent must say so, keep its caches, and resume.
+                    Watch::Fail(500),
+                    Watch::Events(vec![
+                        ("MODIFIED", import("web", "10.96.0.10", 8080)),
+                        ("DELETED", import("api", "10.96.0.11", 443)),
+                    ]),
+                ]),
+            );
+            f.scripts.insert(
+                SLICES,
+                VecDeque::from([Watch::Events(vec![("MODIFIED", slice("web-a", "web", &["10.1.0.1", "10.1.0.2"]))])]),
+            );
+        }
+        serve(fake.clone(), handle);
+        let client = Client::new(service, "default");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let source = KubeSource::start(client, Some("node-1"), tx).await.expect("start");
+        assert_eq!(
+            source.import_resource.api_version, "multicluster.x-k8s.io/v1alpha1",
+            "v1beta1 is not served: fall back"
+        );
+        tokio::time::timeout(Duration::from_secs(10), source.wait_ready()).await.expect("initial lists");
+
+        eventually("the watched ADDED import", || ports(&source).len() == 2).await;
+        eventually("the slice update", || slice_addresses(&source) == 2).await;
+        eventually("resumption after the failed watch", || ports(&source) == [("web".to_owned(), 8080)]).await;
+        assert_eq!(source.node_locality(), (Some("z1".into()), Some("r1".into())));
+        assert_eq!(source.cluster_id(), None, "no ClusterProperty API here");
+        let reference = source.reference("ServiceImport", "demo/web").expect("reference for Events");
+        assert_eq!(reference.uid.as_deref(), Some("uid-web"));
+        assert_eq!(reference.api_version.as_deref(), Some("multicluster.x-k8s.io/v1alpha1"));
+
+        let mut events = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            events.push(event);
+        }
+        let error = events.iter().position(|e| matches!(e, SourceEvent::Error { what: "ServiceImport", .. }));
+        let error = error.expect("the failed watch is reported");
+        assert!(events[error..].contains(&SourceEvent::Changed), "and the resumed watch is reported after it");
+
+        let requests = fake.lock().unwrap().requests.clone();
+        assert!(
+            requests.iter().any(|r| r.starts_with("/apis/multicluster.x-k8s.io/v1beta1")),
+            "v1beta1 was tried first"
+        );
+        assert!(
+            requests.iter().any(|r| r.starts_with(SLICES) && r.contains("labelSelector=multicluster.kubernetes.io%2Fservice-name")),
+            "slices are selected by label: {requests:?}"
+        );
+        assert!(requests.iter().any(|r| r.starts_with(NODES) && r.contains("fieldSelector=metadata.name%3Dnode-1")));
+    }
+
+    #[tokio::test]
+    async fn without_the_crds_start_fails_and_names_the_fix() {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            let mut handle = Box::pin(handle);
+            while let Some((_, send)) = handle.next_request().await {
+                send.send_response(not_found());
+            }
+        });
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let error =
+            KubeSource::start(Client::new(service, "default"), None, tx).await.err().expect("no ServiceImport API");
+        assert!(error.to_string().contains("install the MCS CRDs"), "{error}");
+    }
+
+    #[test]
+    fn a_schema_violation_is_reported_with_its_field() {
+        let mut bad = import("web", "10.96.0.10", 80);
+        bad["spec"]["ports"][0]["port"] = json!("eighty");
+        let object: DynamicObject = serde_json::from_value(bad).unwrap();
+        let (snapshot, errors) = snapshot_from(&[Arc::new(object)], &[]);
+        assert!(snapshot.imports.is_empty());
+        assert_eq!(errors[0].field, "spec.ports[0].port");
+        assert!(errors[0].to_string().starts_with("ServiceImport demo/web: spec.ports[0].port:"), "{}", errors[0]);
+    }
+}
