@@ -60,7 +60,8 @@ pub struct ServicePort {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionAffinityConfig {
-    #[serde(default)]
+    // The API spells it clientIP, which camelCase renaming would not produce.
+    #[serde(default, rename = "clientIP")]
     pub client_ip: Option<ClientIpConfig>,
 }
 
