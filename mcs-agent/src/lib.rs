@@ -7,6 +7,7 @@
 
 pub mod datapath;
 pub mod desired;
+pub mod health;
 pub mod locality;
 pub mod maglev;
 pub mod model;

@@ -10,6 +10,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use mcs_agent::{
     datapath::{AttachMode, Datapath, DatapathError, Sizes},
     desired::{self, Policy},
+    health::{self, HealthHandle},
     locality::{self, NodeLocality, Tier},
     maglev,
     plan::{Applied, Capacity},
@@ -205,6 +206,9 @@ struct RunArgs {
     /// Re-read everything this often even without change events.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     resync_secs: u64,
+    /// Serve /healthz (liveness) and /readyz (programmed, attached, not stale) here.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9878", env = "MCS_HEALTH_ADDR")]
+    health_addr: std::net::SocketAddr,
     #[command(flatten)]
     locality: LocalityArgs,
 }
@@ -348,8 +352,11 @@ async fn run(args: RunArgs) -> Result<()> {
         max_conntrack,
         debounce_ms,
         resync_secs,
+        health_addr,
         locality,
     } = args;
+    let health = HealthHandle::default();
+    health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
     let patterns = links::Patterns::new(&interface_patterns)?;
     let (signal_tx, mut signals) = mpsc::unbounded_channel::<Signal>();
 
@@ -431,7 +438,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
     resync.tick().await;
-    info!(interfaces = ?interfaces, patterns = ?interface_patterns, "agent ready");
+    health.set_ready();
+    info!(interfaces = ?interfaces, patterns = ?interface_patterns, health = %health_addr, "agent ready");
 
     let mut stale = false;
     loop {
@@ -446,12 +454,14 @@ async fn run(args: RunArgs) -> Result<()> {
                             warn!(what, error = %message, "the API watch is failing; the datapath keeps its last good state (stale) while the watch backs off and retries");
                         }
                         stale = true;
+                        health.set_stale(Some(format!("{what} watch: {message}")));
                         continue;
                     }
                     Signal::Changed => {
                         if stale {
                             info!("the API watch resumed; state is current again");
                             stale = false;
+                            health.set_stale(None);
                         }
                     }
                 }
@@ -468,6 +478,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 continue;
             }
         }
+        health.beat();
         if let Err(e) = reconcile(&source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await {
             error!(error = %e, "applying to the datapath failed; retrying on the next change or resync");
         }

@@ -3,6 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
@@ -157,6 +158,16 @@ fn tcp_and_udp_through_the_vip_reach_every_ready_backend_as_the_vip() {
     drop(conn);
 
     assert_eq!(tcx_programs(&lab.set.node, "pod0"), ["mcs_ingress", "mcs_egress"]);
+    for (path, want) in [("/readyz", "200 OK"), ("/healthz", "200 OK"), ("/nope", "404")] {
+        let response = lab.set.node.run(move || {
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9878").expect("health endpoint");
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+        });
+        assert!(response.starts_with(&format!("HTTP/1.1 {want}")), "{path}: {response}");
+    }
     let (clean_exit, logs) = agent.stop();
     assert!(clean_exit, "SIGTERM must end the agent with status 0:\n{}", logs.join("\n"));
     assert!(tcx_programs(&lab.set.node, "pod0").is_empty(), "nothing stays attached after a normal stop");

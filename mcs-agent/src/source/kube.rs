@@ -278,6 +278,7 @@ mod tests {
     const IMPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports";
     const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
     const NODES: &str = "/api/v1/nodes";
+    const PROPERTIES: &str = "/apis/about.k8s.io/v1alpha1/clusterproperties";
 
     enum Watch {
         /// Send these (type, object) events, then end the response.
@@ -321,8 +322,8 @@ mod tests {
                 let path = request.uri().path().to_owned();
                 let query = request.uri().query().unwrap_or_default().to_owned();
                 let mut fake = fake.lock().unwrap();
-                fake.requests.push(format!("{path}?{query}"));
-                let resource = [IMPORTS, SLICES, NODES].into_iter().find(|r| *r == path);
+                fake.requests.push(format!("{} {path}?{query}", request.method()));
+                let resource = [IMPORTS, SLICES, NODES, PROPERTIES].into_iter().find(|r| *r == path);
                 let response = match (path.as_str(), resource) {
                     ("/apis/multicluster.x-k8s.io/v1alpha1", _) => json_response(
                         200,
@@ -330,6 +331,19 @@ mod tests {
                             "resources": [{"name": "serviceimports", "singularName": "serviceimport", "namespaced": true,
                             "kind": "ServiceImport", "verbs": ["get", "list", "watch"]}]}),
                     ),
+                    ("/apis/about.k8s.io/v1alpha1", _) => json_response(
+                        200,
+                        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "about.k8s.io/v1alpha1",
+                            "resources": [{"name": "clusterproperties", "singularName": "clusterproperty", "namespaced": false,
+                            "kind": "ClusterProperty", "verbs": ["get", "list", "watch"]}]}),
+                    ),
+                    (path, None) if path.ends_with("/events") && request.method() == http::Method::POST => {
+                        json_response(
+                            201,
+                            &json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                            "metadata": {"name": "web.1", "namespace": "demo"}, "eventTime": "2026-11-21T00:00:00.000000Z"}),
+                        )
+                    }
                     (_, Some(resource)) if query.contains("watch=true") => {
                         match fake.scripts.get_mut(resource).and_then(VecDeque::pop_front) {
                             Some(Watch::Events(events)) => {
@@ -435,6 +449,14 @@ mod tests {
                     ]),
                 ]),
             );
+            f.current.insert(
+                PROPERTIES,
+                BTreeMap::from([(
+                    CLUSTER_ID_PROPERTY.into(),
+                    json!({"apiVersion": "about.k8s.io/v1alpha1", "kind": "ClusterProperty",
+                        "metadata": {"name": CLUSTER_ID_PROPERTY, "resourceVersion": "2"}, "spec": {"value": "cluster-a"}}),
+                )]),
+            );
             f.scripts.insert(
                 SLICES,
                 VecDeque::from([Watch::Events(vec![("MODIFIED", slice("web-a", "web", &["10.1.0.1", "10.1.0.2"]))])]),
@@ -443,7 +465,7 @@ mod tests {
         serve(fake.clone(), handle);
         let client = Client::new(service, "default");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let source = KubeSource::start(client, Some("node-1"), tx).await.expect("start");
+        let source = KubeSource::start(client.clone(), Some("node-1"), tx).await.expect("start");
         assert_eq!(
             source.import_resource.api_version, "multicluster.x-k8s.io/v1alpha1",
             "v1beta1 is not served: fall back"
@@ -454,10 +476,23 @@ mod tests {
         eventually("the slice update", || slice_addresses(&source) == 2).await;
         eventually("resumption after the failed watch", || ports(&source) == [("web".to_owned(), 8080)]).await;
         assert_eq!(source.node_locality(), (Some("z1".into()), Some("r1".into())));
-        assert_eq!(source.cluster_id(), None, "no ClusterProperty API here");
+        assert_eq!(source.cluster_id().as_deref(), Some("cluster-a"), "from ClusterProperty cluster.clusterset.k8s.io");
         let reference = source.reference("ServiceImport", "demo/web").expect("reference for Events");
         assert_eq!(reference.uid.as_deref(), Some("uid-web"));
         assert_eq!(reference.api_version.as_deref(), Some("multicluster.x-k8s.io/v1alpha1"));
+
+        // The agent's only write: an Event on an invalid object.
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        let recorder =
+            Recorder::new(client, Reporter { controller: "mcs-agent".into(), instance: Some("node-1".into()) });
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "InvalidObject".into(),
+            note: Some("spec.ports[0].port: 70000 is out of range 1-65535".into()),
+            action: "Program".into(),
+            secondary: None,
+        };
+        recorder.publish(&event, &reference).await.expect("event published");
 
         let mut events = Vec::new();
         while let Ok(event) = rx.try_recv() {
@@ -468,15 +503,67 @@ mod tests {
         assert!(events[error..].contains(&SourceEvent::Changed), "and the resumed watch is reported after it");
 
         let requests = fake.lock().unwrap().requests.clone();
+        assert_every_call_is_granted_and_every_grant_used(&requests);
         assert!(
-            requests.iter().any(|r| r.starts_with("/apis/multicluster.x-k8s.io/v1beta1")),
+            requests.iter().any(|r| r.starts_with("GET /apis/multicluster.x-k8s.io/v1beta1")),
             "v1beta1 was tried first"
         );
         assert!(
-            requests.iter().any(|r| r.starts_with(SLICES) && r.contains("labelSelector=multicluster.kubernetes.io%2Fservice-name")),
+            requests.iter().any(|r| r.starts_with(&format!("GET {SLICES}")) && r.contains("labelSelector=multicluster.kubernetes.io%2Fservice-name")),
             "slices are selected by label: {requests:?}"
         );
-        assert!(requests.iter().any(|r| r.starts_with(NODES) && r.contains("fieldSelector=metadata.name%3Dnode-1")));
+        assert!(requests.iter().any(|r| r.starts_with(&format!("GET {NODES}")) && r.contains("fieldSelector=metadata.name%3Dnode-1")));
+    }
+
+    /// RBAC covers exactly what the code calls: each request maps to a rule of
+    /// deploy/clusterrole.yaml, and each rule's resource is used.
+    fn assert_every_call_is_granted_and_every_grant_used(requests: &[String]) {
+        use k8s_openapi::api::rbac::v1::ClusterRole;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/clusterrole.yaml");
+        let role: ClusterRole = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let rules = role.rules.unwrap();
+        let granted = |group: &str, resource: &str, verb: &str| {
+            rules.iter().any(|r| {
+                r.api_groups.as_ref().is_some_and(|g| g.iter().any(|g| g == group))
+                    && r.resources.as_ref().is_some_and(|rs| rs.iter().any(|x| x == resource))
+                    && r.verbs.iter().any(|v| v == verb)
+            })
+        };
+        let mut used = std::collections::BTreeSet::new();
+        for request in requests {
+            let (method, rest) = request.split_once(' ').unwrap();
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+            let (group, tail) = match parts.as_slice() {
+                ["api", "v1", tail @ ..] => ("", tail),
+                ["apis", group, _version, tail @ ..] => (*group, tail),
+                _ => panic!("unexpected request {request}"),
+            };
+            let resource = match tail {
+                // Discovery of a group version: open to every authenticated client.
+                [] => continue,
+                [resource] | ["namespaces", _, resource] => *resource,
+                [resource, _name] | ["namespaces", _, resource, _name] => *resource,
+                _ => panic!("unexpected request {request}"),
+            };
+            let verb = match method {
+                "GET" if query.contains("watch=true") => "watch",
+                "GET" => "list",
+                "POST" => "create",
+                "PATCH" => "patch",
+                other => panic!("the agent must not {other}: {request}"),
+            };
+            assert!(
+                granted(group, resource, verb),
+                "{request} needs {verb} on {group}/{resource}, not in the ClusterRole"
+            );
+            used.insert(resource.to_owned());
+        }
+        for rule in &rules {
+            for resource in rule.resources.iter().flatten() {
+                assert!(used.contains(resource), "the ClusterRole grants {resource} but the code never calls it");
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,15 @@
+# Multi-stage build of the agent image. The eBPF object is built by the
+# agent's build script (nightly + bpf-linker), so the builder needs both.
+FROM rust:1.95-bookworm AS build
+RUN apt-get update -q \
+ && apt-get install -y -q --no-install-recommends llvm-22-dev libpolly-22-dev \
+ && rustup toolchain install nightly --profile minimal --component rust-src \
+ && PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --version ^0.13 --no-default-features --features llvm-22
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p mcs-agent
+
+# distroless/cc: glibc and libgcc only; the agent needs no shell.
+FROM gcr.io/distroless/cc-debian12
+COPY --from=build /src/target/release/mcs-agent /usr/local/bin/mcs-agent
+ENTRYPOINT ["/usr/local/bin/mcs-agent"]
