@@ -53,8 +53,14 @@ enum Command {
     /// and follows every change to them within a second. Invalid objects are
     /// reported with file, object and field, and skipped; the rest keeps working.
     ///
-    /// Example:
-    ///   mcs-agent run --manifests deploy/examples --interface veth-pod1 --interface veth-pod2
+    /// Kubernetes mode (no --manifests) watches ServiceImports (v1beta1, else
+    /// v1alpha1), EndpointSlices labelled multicluster.kubernetes.io/service-name,
+    /// this node (NODE_NAME) and the ClusterProperty cluster.clusterset.k8s.io.
+    /// RBAC: get/list/watch on serviceimports, endpointslices, nodes and
+    /// clusterproperties; create/patch on events.k8s.io events (deploy/clusterrole.yaml).
+    ///
+    /// Examples: `mcs-agent run --manifests deploy/examples --interface veth-pod1`;
+    /// in a DaemonSet: `mcs-agent run --interface-pattern 'veth*'`.
     Run(RunArgs),
     /// Validate manifests and print the frontends and backends they produce.
     ///

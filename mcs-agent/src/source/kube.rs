@@ -509,10 +509,15 @@ mod tests {
             "v1beta1 was tried first"
         );
         assert!(
-            requests.iter().any(|r| r.starts_with(&format!("GET {SLICES}")) && r.contains("labelSelector=multicluster.kubernetes.io%2Fservice-name")),
+            requests.iter().any(|r| r.starts_with(&format!("GET {SLICES}"))
+                && r.contains("labelSelector=multicluster.kubernetes.io%2Fservice-name")),
             "slices are selected by label: {requests:?}"
         );
-        assert!(requests.iter().any(|r| r.starts_with(&format!("GET {NODES}")) && r.contains("fieldSelector=metadata.name%3Dnode-1")));
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(&format!("GET {NODES}")) && r.contains("fieldSelector=metadata.name%3Dnode-1"))
+        );
     }
 
     /// RBAC covers exactly what the code calls: each request maps to a rule of
