@@ -382,16 +382,16 @@ fn a_burst_of_a_thousand_changes_becomes_a_few_reconciles() {
     let mut agent = lab.agent(&[]);
     let before = agent.generation();
     let flapping = lab.pods["cluster-a"][1];
-    for i in 0..1000 {
+    // Ends with the flapping pod unready, so the burst as a whole is a change.
+    for i in 1..=1000 {
         let not_ready: &[Ipv4Addr] = if i % 2 == 0 { &[flapping] } else { &[] };
         lab.write_slice("cluster-a", not_ready);
     }
-    // The last write leaves both ready; wait until the agent has caught up.
     agent.wait_reconciled_after(before);
     std::thread::sleep(std::time::Duration::from_millis(600));
     let passes = agent.generation() - before;
-    println!("1000 manifest writes became {passes} reconcile passes");
-    assert!(passes <= 20, "{passes} passes for one burst: the changes were not debounced");
+    println!("1000 manifest writes became {passes} map diffs");
+    assert!(passes <= 20, "{passes} map diffs for one burst: the changes were not debounced");
     let seen: BTreeSet<String> = (0..40).map(|_| tcp_request(lab.client(), vip(80)).unwrap().identity).collect();
-    assert_eq!(seen.len(), 2, "the final state (both ready) is what the datapath holds: {seen:?}");
+    assert_eq!(seen, BTreeSet::from(["cluster-a/pod-1".to_owned()]), "the datapath holds the final state");
 }
