@@ -184,8 +184,18 @@ pub struct ObjectError {
     pub message: String,
 }
 
-fn origin_prefix(origin: &Origin) -> String {
-    if origin.0.is_empty() { String::new() } else { format!("{origin}: ") }
+impl ObjectError {
+    /// A builder of errors about one object: `err(field, message)`.
+    pub fn about(
+        origin: &Origin,
+        kind: &'static str,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> impl Fn(String, String) -> ObjectError {
+        let origin = if origin.0.is_empty() { String::new() } else { format!("{origin}: ") };
+        let (namespace, name) = object_ref(meta);
+        let object = format!("{namespace}/{name}");
+        move |field, message| ObjectError { origin: origin.clone(), kind, object: object.clone(), field, message }
+    }
 }
 
 struct ValidImport {
@@ -202,13 +212,7 @@ struct ValidImport {
 /// (Headless, IPv6-only, or no IP allocated yet).
 fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<ValidImport>, ObjectError> {
     let (namespace, name) = object_ref(&import.metadata);
-    let err = |field: String, message: String| ObjectError {
-        origin: origin_prefix(origin),
-        kind: "ServiceImport",
-        object: format!("{namespace}/{name}"),
-        field,
-        message,
-    };
+    let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
     if name.is_empty() {
         return Err(err("metadata.name".into(), "is required".into()));
     }
@@ -309,14 +313,7 @@ struct ValidSlice {
 
 /// Checks one EndpointSlice. `Ok(None)`: not an IPv4 slice (IPv6 and FQDN are not served).
 fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<ValidSlice>, ObjectError> {
-    let (namespace, name) = object_ref(&slice.metadata);
-    let err = |field: String, message: String| ObjectError {
-        origin: origin_prefix(origin),
-        kind: "EndpointSlice",
-        object: format!("{namespace}/{name}"),
-        field,
-        message,
-    };
+    let err = ObjectError::about(origin, "EndpointSlice", &slice.metadata);
     match slice.address_type.as_str() {
         "IPv4" => {}
         "IPv6" | "FQDN" => return Ok(None),
@@ -408,13 +405,8 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
         };
         let service = format!("{}/{}", valid.namespace, valid.name);
         if let Some(owner) = vip_owner.get(&valid.vip) {
-            errors.push(ObjectError {
-                origin: origin_prefix(origin),
-                kind: "ServiceImport",
-                object: service.clone(),
-                field: "spec.ips".into(),
-                message: format!("{} is already the ClusterSetIP of {owner}", valid.vip),
-            });
+            let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
+            errors.push(err("spec.ips".into(), format!("{} is already the ClusterSetIP of {owner}", valid.vip)));
             continue;
         }
         vip_owner.insert(valid.vip, service.clone());

@@ -252,8 +252,7 @@ pub fn snapshot_from(
 }
 
 fn conversion_error(meta: &ObjectMeta, field: String, message: String) -> ObjectError {
-    let (namespace, name) = object_ref(meta);
-    ObjectError { origin: String::new(), kind: "ServiceImport", object: format!("{namespace}/{name}"), field, message }
+    ObjectError::about(&Origin::default(), "ServiceImport", meta)(field, message)
 }
 
 #[cfg(test)]
