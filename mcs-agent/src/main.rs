@@ -244,12 +244,19 @@ fn on_link_event(event: LinkEvent, datapath: &mut Datapath, discovered: &mut BTr
             if discovered.get(&index) == Some(&name) {
                 return;
             }
-            // A renamed link, or a new link reusing a name: start over.
+            // A renamed link: start over.
             if let Some(old) = discovered.remove(&index) {
                 datapath.forget(&old);
             }
+            // Attached already (an explicit --interface): keep it, never leave a gap.
+            if datapath.is_attached(&name) && !discovered.values().any(|n| *n == name) {
+                discovered.insert(index, name);
+                return;
+            }
+            // A new link reusing the name of one whose removal we missed.
             if datapath.is_attached(&name) {
                 datapath.forget(&name);
+                discovered.retain(|_, n| *n != name);
             }
             match datapath.attach(&name, mode) {
                 Ok(_) => {

@@ -352,8 +352,8 @@ fn capacity_limits_are_reported_and_what_fits_is_served() {
 #[test]
 fn pods_created_after_the_agent_starts_are_served_and_gone_ones_forgotten() {
     let mut lab = Lab::new(&[("cluster-a", 1)]);
-    let mut agent = Agent::start(&lab.set.node, lab.dir.path(), &[], &["--interface-pattern", "pod*"]);
-    agent.wait_for(|l| l.contains("attached") && l.contains("\"pod0\""), std::time::Duration::from_secs(5));
+    // pod0 is also named explicitly: discovering it must not re-attach it.
+    let mut agent = Agent::start(&lab.set.node, lab.dir.path(), &["pod0".into()], &["--interface-pattern", "pod*"]);
     tcp_request(lab.client(), vip(80)).expect("the pod present at start is served");
 
     let (late_ns, late_ip) = {
@@ -372,8 +372,10 @@ fn pods_created_after_the_agent_starts_are_served_and_gone_ones_forgotten() {
     drop(lab.set.clients.pop());
     agent.wait_for(|l| l.contains("interface gone") && l.contains("pod1"), std::time::Duration::from_secs(5));
     tcp_request(lab.client(), vip(80)).expect("the remaining pod is still served");
-    let (clean, _) = agent.stop();
+    let (clean, logs) = agent.stop();
     assert!(clean);
+    let pod0 = logs.iter().filter(|l| l.contains(" attached") && l.contains("\"pod0\"")).count();
+    assert_eq!(pod0, 1, "pod0 attached once, never detached and re-attached:\n{}", logs.join("\n"));
 }
 
 #[test]
