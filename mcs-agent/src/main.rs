@@ -329,12 +329,6 @@ enum Source {
     Kube(Box<KubeSource>),
 }
 
-/// Everything a source reports to the loop.
-enum Signal {
-    Changed,
-    WatchError { what: &'static str, message: String },
-}
-
 async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
@@ -371,7 +365,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let health = HealthHandle::default();
     health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
     let patterns = links::Patterns::new(&interface_patterns)?;
-    let (signal_tx, mut signals) = mpsc::unbounded_channel::<Signal>();
+    // Both sources report through the same channel: a change, or a failing watch.
+    let (signal_tx, mut signals) = mpsc::unbounded_channel::<SourceEvent>();
 
     // The source first: a wrong directory or an unreachable API fails before
     // anything touches the kernel.
@@ -387,7 +382,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 if let Ok(event) = event
                     && (event.paths.is_empty() || event.paths.iter().any(|p| manifests::is_manifest(p)))
                 {
-                    let _ = tx.send(Signal::Changed);
+                    let _ = tx.send(SourceEvent::Changed);
                 }
             })
             .context("starting the file watcher")?;
@@ -400,20 +395,7 @@ async fn run(args: RunArgs) -> Result<()> {
         None => {
             let client = kube_client(kubeconfig.as_deref()).await?;
             let node_name = locality.node_name.clone();
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let forward = signal_tx.clone();
-            tokio::spawn(async move {
-                while let Some(event) = rx.recv().await {
-                    let signal = match event {
-                        SourceEvent::Changed => Signal::Changed,
-                        SourceEvent::Error { what, message } => Signal::WatchError { what, message },
-                    };
-                    if forward.send(signal).is_err() {
-                        break;
-                    }
-                }
-            });
-            let source = KubeSource::start(client.clone(), node_name.as_deref(), tx).await?;
+            let source = KubeSource::start(client.clone(), node_name.as_deref(), signal_tx.clone()).await?;
             info!("waiting for the first complete list of ServiceImports, EndpointSlices and this node");
             source.wait_ready().await;
             let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name };
@@ -462,7 +444,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = resync.tick() => {}
             Some(signal) = signals.recv() => {
                 match signal {
-                    Signal::WatchError { what, message } => {
+                    SourceEvent::Error { what, message } => {
                         if !stale {
                             warn!(what, error = %message, "the API watch is failing; the datapath keeps its last good state (stale) while the watch backs off and retries");
                         }
@@ -470,7 +452,7 @@ async fn run(args: RunArgs) -> Result<()> {
                         health.set_stale(Some(format!("{what} watch: {message}")));
                         continue;
                     }
-                    Signal::Changed => {
+                    SourceEvent::Changed => {
                         if stale {
                             info!("the API watch resumed; state is current again");
                             stale = false;
@@ -481,8 +463,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 // Debounce: a burst of changes becomes one reconcile.
                 tokio::time::sleep(Duration::from_millis(debounce_ms)).await;
                 while let Ok(signal) = signals.try_recv() {
-                    if let Signal::WatchError { .. } = signal {
+                    if let SourceEvent::Error { what, message } = signal {
                         stale = true;
+                        health.set_stale(Some(format!("{what} watch: {message}")));
                     }
                 }
             }
