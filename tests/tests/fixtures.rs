@@ -451,3 +451,22 @@ fn client_ip_affinity_sends_every_new_connection_of_a_client_to_one_backend() {
     }
     assert_eq!(spread.len(), 3, "{spread:?}");
 }
+
+#[test]
+fn the_kernel_reads_exactly_the_agents_maglev_table() {
+    let dp = datapath();
+    let want = table(80, Protocol::Tcp);
+    let key = mcs_agent::plan::service_key(&FrontendKey { vip: VIP, port: 80, protocol: Protocol::Tcp });
+    let (_, service) = dp.services().into_iter().find(|(k, _)| *k == key).expect("frontend programmed");
+    assert_eq!(service.slot_count as usize, want.len());
+    for (i, addr) in want.iter().enumerate() {
+        let id = dp.selection_slot(service.slot_offset + i as u32).expect("slot in range");
+        let backend = dp.backend(id).expect("backend id in range");
+        assert_eq!(
+            (backend.ip, backend.port),
+            (ip_to_map(addr.ip.octets()), port_to_map(addr.port)),
+            "slot {i} of {}",
+            want.len()
+        );
+    }
+}
