@@ -165,7 +165,6 @@ pub struct Datapath {
 /// Our two links on one interface.
 struct Attachment {
     iface: String,
-    mode: AttachMode,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
 }
 
@@ -309,7 +308,7 @@ impl Datapath {
             }
         }
         info!(iface, ?mode, "attached");
-        self.attached.push(Attachment { iface: iface.to_owned(), mode, links });
+        self.attached.push(Attachment { iface: iface.to_owned(), links });
         Ok(mode)
     }
 
@@ -336,10 +335,6 @@ impl Datapath {
 
     pub fn is_attached(&self, iface: &str) -> bool {
         self.attached.iter().any(|a| a.iface == iface)
-    }
-
-    pub fn attached(&self) -> Vec<(String, AttachMode)> {
-        self.attached.iter().map(|a| (a.iface.clone(), a.mode)).collect()
     }
 
     /// Executes a plan's operations in order.
@@ -408,7 +403,7 @@ impl Datapath {
     }
 
     pub fn stat(&self, stat: Stat) -> u64 {
-        self.stats().ok().and_then(|all| all.into_iter().find(|(s, _)| *s == stat)).map_or(0, |(_, n)| n)
+        self.maps.stats.get(&(stat as u32), 0).map_or(0, |values| values.iter().sum())
     }
 
     pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {

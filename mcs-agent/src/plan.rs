@@ -283,10 +283,6 @@ impl Applied {
         self.backend_ids.len()
     }
 
-    pub fn backend_id(&self, addr: &BackendAddr) -> Option<u32> {
-        self.backend_ids.get(addr).copied()
-    }
-
     pub fn plan(&self, desired: &DesiredState) -> Plan {
         let mut next = self.clone();
         let quarantine = std::mem::take(&mut next.quarantine);

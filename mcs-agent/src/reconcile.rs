@@ -129,8 +129,4 @@ impl Reconciler {
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
-
-    pub fn applied(&self) -> &Applied {
-        &self.applied
-    }
 }
