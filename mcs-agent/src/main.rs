@@ -1,7 +1,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -206,7 +206,9 @@ struct RunArgs {
     /// Capacity of the connection-tracking tables (least recently used flows are evicted).
     #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
-    /// Wait this long after a change for more changes before reconciling.
+    /// At most one reconcile per this many milliseconds. A change after a quiet
+    /// period is applied at once; changes arriving within the window of the
+    /// previous reconcile wait for the window's end and are applied together.
     #[arg(long, value_name = "MS", default_value_t = 100)]
     debounce_ms: u64,
     /// Re-read everything this often even without change events.
@@ -437,6 +439,7 @@ async fn run(args: RunArgs) -> Result<()> {
     info!(interfaces = ?interfaces, patterns = ?interface_patterns, health = %health_addr, "agent ready");
 
     let mut stale = false;
+    let mut last_reconcile = Instant::now();
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -460,8 +463,12 @@ async fn run(args: RunArgs) -> Result<()> {
                         }
                     }
                 }
-                // Debounce: a burst of changes becomes one reconcile.
-                tokio::time::sleep(Duration::from_millis(debounce_ms)).await;
+                // Leading-edge debounce: a lone change is applied at once, a burst
+                // becomes one reconcile per window.
+                let window = Duration::from_millis(debounce_ms).saturating_sub(last_reconcile.elapsed());
+                if !window.is_zero() {
+                    tokio::time::sleep(window).await;
+                }
                 while let Ok(signal) = signals.try_recv() {
                     if let SourceEvent::Error { what, message } = signal {
                         stale = true;
@@ -478,6 +485,7 @@ async fn run(args: RunArgs) -> Result<()> {
         if let Err(e) = reconcile(&source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await {
             error!(error = %e, "applying to the datapath failed; retrying on the next change or resync");
         }
+        last_reconcile = Instant::now();
     }
     info!("shutting down: detaching and removing pins");
     drop(file_watcher);

@@ -354,7 +354,13 @@ impl Applied {
                 puts_backend.push(MapOp::PutBackend { id, backend: backend_value(&addr) });
             }
             if region.len > 0 {
-                let ids = table.iter().map(|a| next.backend_ids[a]).collect();
+                // Tables have thousands of slots but few members: look each member up
+                // once, then map slots through the (sorted) member list.
+                let member_ids: Vec<u32> = members.iter().map(|a| next.backend_ids[a]).collect();
+                let ids = table
+                    .iter()
+                    .map(|a| member_ids[members.binary_search(a).expect("every slot holds a member")])
+                    .collect();
                 puts_slots.push(MapOp::PutSlots { offset: region.offset, ids });
             }
             puts_service.push(MapOp::PutService {

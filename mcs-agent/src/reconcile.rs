@@ -10,7 +10,7 @@ use crate::{
     desired::{self, DesiredState, ObjectError, Policy},
     model::Snapshot,
     plan::{Applied, PlanSummary},
-    source::manifests::{self, ManifestError},
+    source::manifests,
 };
 
 /// Outcome of one pass, for logs and tests.
@@ -20,6 +20,12 @@ pub struct Report {
     pub frontends: usize,
     pub backends: usize,
     pub summary: PlanSummary,
+    /// Time spent reading and parsing the source (manifest mode).
+    pub read_us: u64,
+    /// Time spent deciding the desired state (locality, weights, Maglev tables).
+    pub compute_us: u64,
+    /// Time spent planning and writing the maps.
+    pub apply_us: u64,
     pub problems: Vec<String>,
     /// Invalid objects, structured (for Kubernetes Events).
     pub object_errors: Vec<ObjectError>,
@@ -33,16 +39,30 @@ pub struct Reconciler {
     generation: u64,
     /// Problems already logged, so a periodic resync does not repeat them.
     reported: BTreeSet<String>,
+    /// Timings of the pass in progress, reported with it.
+    read_us: u64,
+    compute_us: u64,
+    /// Parsed manifest files, re-read only when they change.
+    manifests: manifests::Cache,
 }
 
 impl Reconciler {
     pub fn new(applied: Applied, policy: Policy) -> Self {
-        Self { applied, policy, generation: 0, reported: BTreeSet::new() }
+        Self {
+            applied,
+            policy,
+            generation: 0,
+            reported: BTreeSet::new(),
+            read_us: 0,
+            compute_us: 0,
+            manifests: manifests::Cache::default(),
+        }
     }
 
     /// Reads the manifests directory and brings the datapath to it.
     pub fn from_manifests(&mut self, dir: &Path, datapath: &mut Datapath) -> Result<Report, DatapathError> {
-        let (snapshot, parse_errors) = match manifests::read_dir(dir) {
+        let started = Instant::now();
+        let (snapshot, problems) = match self.manifests.read_dir(dir) {
             Ok(read) => read,
             Err(e) => {
                 // An unreadable directory must not wipe the datapath: keep the last good state.
@@ -50,7 +70,7 @@ impl Reconciler {
                 return Ok(Report { generation: self.generation, problems: vec![e.to_string()], ..Report::default() });
             }
         };
-        let problems = parse_errors.iter().map(ManifestError::to_string).collect();
+        self.read_us = started.elapsed().as_micros() as u64;
         self.apply_snapshot(&snapshot, problems, datapath)
     }
 
@@ -60,7 +80,9 @@ impl Reconciler {
         mut problems: Vec<String>,
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
+        let started = Instant::now();
         let (state, object_errors) = desired::compute(snapshot, &self.policy);
+        self.compute_us = started.elapsed().as_micros() as u64;
         problems.extend(object_errors.iter().map(ToString::to_string));
         let mut report = self.apply_state(&state, problems, datapath)?;
         report.object_errors = object_errors;
@@ -95,8 +117,12 @@ impl Reconciler {
         }
         self.reported = current;
 
+        let (read_us, compute_us) = (std::mem::take(&mut self.read_us), std::mem::take(&mut self.compute_us));
         let report = Report {
             generation: self.generation,
+            read_us,
+            compute_us,
+            apply_us: started.elapsed().as_micros() as u64,
             frontends: self.applied.frontend_count(),
             backends: self.applied.backend_count(),
             summary,
@@ -114,7 +140,9 @@ impl Reconciler {
                 backends_added = summary.backends_added,
                 backends_removed = summary.backends_removed,
                 skipped = report.problems.len(),
-                elapsed_us = started.elapsed().as_micros() as u64,
+                read_us = report.read_us,
+                compute_us = report.compute_us,
+                apply_us = report.apply_us,
                 "reconciled"
             );
         }

@@ -69,8 +69,15 @@ impl Agent {
             }
         });
         let mut agent = Self { child: Some(child), lines };
-        agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(20));
+        // Generous: a release agent programs 10,000 services in well under a second,
+        // a debug build on a loaded 2-core machine can take much longer.
+        agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(120));
         agent
+    }
+
+    /// The agent's process id (`ip netns exec` execs the binary in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn logs(&self) -> Vec<String> {

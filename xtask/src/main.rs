@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Developer tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
 
 mod demo;
 mod setup;
@@ -23,8 +23,9 @@ struct Cli {
 enum Task {
     /// Install what building and testing need, skipping what is already there.
     ///
-    /// Debian packages (iproute2, procps, llvm-22-dev, libpolly-22-dev), the
-    /// nightly toolchain's rust-src, and bpf-linker built against LLVM 22.
+    /// Debian packages (iproute2, procps, llvm-22-dev, libpolly-22-dev; for the
+    /// benchmark iptables, nftables, fonts-dejavu-core), the nightly
+    /// toolchain's rust-src, and bpf-linker built against LLVM 22.
     /// Safe to run again: every step checks first and says what it does.
     Setup,
     /// Build the eBPF object (mcs-ebpf) for bpfel-unknown-none.
@@ -45,6 +46,23 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         requests: usize,
     },
+    /// Measure mcs-agent against direct pod traffic and kube-proxy's iptables
+    /// and nftables modes, side by side in one run (as root).
+    ///
+    /// Installs what is missing, builds release binaries and runs mcs-bench:
+    /// data path (new connections/s, kept-alive latency, UDP rate at 1, 1,000
+    /// and 10,000 services), per-packet cost (BPF_PROG_TEST_RUN), control plane
+    /// (cold start, one change, RSS, iptables-restore and nft -f). Writes
+    /// target/bench/results.{md,json} and new-connections.png; a full run also
+    /// records BENCHMARKS.md and docs/bench/. About 10-15 minutes; --quick about 1.
+    Bench {
+        /// A smoke run in about a minute: 1 and 1,000 services, one round, short runs.
+        #[arg(long)]
+        quick: bool,
+        /// More mcs-bench arguments (see `cargo xtask bench -- --help`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -64,6 +82,7 @@ fn main() -> Result<()> {
             let agent = build_agent()?;
             demo::run(&agent, requests)
         }
+        Task::Bench { quick, args } => bench(quick, &args),
     }
 }
 
@@ -121,6 +140,28 @@ fn build_agent() -> Result<PathBuf> {
     exec(Command::new("cargo").args(["build", "--package", "mcs-agent"]))?;
     println!("built in {:.1?}", started.elapsed());
     Ok(workspace_root().join("target/debug/mcs-agent"))
+}
+
+fn bench(quick: bool, args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        exec(Command::new("cargo").args(["run", "--quiet", "--release", "--package", "mcs-bench", "--"]).args(args))?;
+        return Ok(());
+    }
+    require_root("the benchmark creates network namespaces, loads BPF programs and installs netfilter rules in them")?;
+    setup::run()?;
+    let started = Instant::now();
+    println!("building release binaries: mcs-agent (with its eBPF object) and mcs-bench");
+    exec(Command::new("cargo").args(["build", "--release", "--package", "mcs-agent", "--package", "mcs-bench"]))?;
+    println!("built in {:.1?}", started.elapsed());
+    let root = workspace_root();
+    let mut cmd = Command::new(root.join("target/release/mcs-bench"));
+    cmd.arg("--agent").arg(root.join("target/release/mcs-agent"));
+    if quick {
+        cmd.args(["--quick", "--services", "1,1000"]);
+    } else {
+        cmd.arg("--record");
+    }
+    exec(cmd.args(args))
 }
 
 fn test(args: &[String]) -> Result<()> {

@@ -12,6 +12,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "sysctl enables forwarding in the node namespace"),
     ("llvm-22-dev", "bpf-linker links the eBPF object with LLVM 22"),
     ("libpolly-22-dev", "LLVM 22's static libraries that bpf-linker links against"),
+    ("iptables", "the benchmark reproduces kube-proxy's iptables mode (iptables-restore)"),
+    ("nftables", "the benchmark reproduces kube-proxy's nftables mode (nft -f)"),
+    ("fonts-dejavu-core", "the benchmark's chart labels (DejaVuSans.ttf)"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

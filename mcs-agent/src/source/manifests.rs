@@ -56,6 +56,67 @@ pub fn read_dir(dir: &Path) -> Result<(Snapshot, Vec<ManifestError>), ManifestEr
     Ok((snapshot, errors))
 }
 
+/// What identifies a file's content without reading it: an atomic rename
+/// (how editors, kubectl-like tools and the tests write) changes the inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// Parsed files, so a change to one manifest of thousands re-parses one file.
+#[derive(Debug, Default)]
+pub struct Cache {
+    files: std::collections::HashMap<PathBuf, (Stamp, Snapshot, Vec<String>)>,
+}
+
+impl Cache {
+    /// Like [`read_dir`], re-parsing only files whose inode, size or mtime
+    /// changed; errors come back as text.
+    pub fn read_dir(&mut self, dir: &Path) -> Result<(Snapshot, Vec<String>), ManifestError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read { path: dir.to_owned(), source })?;
+        let mut files: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
+        files.sort();
+        let mut seen = std::collections::HashSet::with_capacity(files.len());
+        let mut snapshot = Snapshot::default();
+        let mut errors = Vec::new();
+        for path in files {
+            let stamp = match fs::metadata(&path) {
+                Ok(m) => Stamp { inode: m.ino(), len: m.len(), modified: m.modified().ok() },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    errors.push(ManifestError::Read { path, source }.to_string());
+                    continue;
+                }
+            };
+            let fresh = self.files.get(&path).is_some_and(|(cached, _, _)| *cached == stamp);
+            if !fresh {
+                let parsed = match fs::read_to_string(&path) {
+                    Ok(text) => {
+                        let (part, errs) = parse_documents(&Origin(path.display().to_string()), &text);
+                        (part, errs.iter().map(ToString::to_string).collect())
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(source) => {
+                        (Snapshot::default(), vec![ManifestError::Read { path: path.clone(), source }.to_string()])
+                    }
+                };
+                self.files.insert(path.clone(), (stamp, parsed.0, parsed.1));
+            }
+            let (_, part, errs) = &self.files[&path];
+            snapshot.imports.extend(part.imports.iter().cloned());
+            snapshot.slices.extend(part.slices.iter().cloned());
+            errors.extend(errs.iter().cloned());
+            seen.insert(path);
+        }
+        self.files.retain(|path, _| seen.contains(path));
+        Ok((snapshot, errors))
+    }
+}
+
 /// Parses a multi-document YAML text. Documents of other kinds are ignored;
 /// a `List` (as `kubectl get -o yaml` prints) is unpacked.
 pub fn parse_documents(file: &Origin, text: &str) -> (Snapshot, Vec<ManifestError>) {

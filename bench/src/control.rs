@@ -1,0 +1,258 @@
+//! Control plane: cold start to fully programmed, one endpoint change from
+//! the manifest event to the kernel map, the agent's memory, and kube-proxy's
+//! rule loads for the same services.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use mcs_agent::datapath::pin_dir;
+use mcs_common::{IPPROTO_TCP, MAP_SERVICES, ServiceKey, ServiceValue, ip_to_map, port_to_map};
+use mcs_tests::{agent::Agent, netns::Netns};
+use serde::Serialize;
+
+use crate::{
+    kubeproxy::{self, ServicePort},
+    lab::{self, ENDPOINTS, feed},
+    stats::{Summary, summarize},
+};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ControlPlane {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    /// Process start to "agent ready" (maps programmed, programs loaded).
+    pub cold_start_ms: Summary,
+    /// The agent's own breakdown of its first pass.
+    pub cold_read_ms: Summary,
+    pub cold_compute_ms: Summary,
+    pub cold_apply_ms: Summary,
+    /// Manifest renamed into place to the SERVICES entry flipped in the kernel.
+    pub change_ms: Summary,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+    pub iptables_restore_full_ms: Summary,
+    pub iptables_restore_change_ms: Summary,
+    pub nft_full_ms: Summary,
+    pub nft_change_ms: Summary,
+}
+
+/// A bpffs mounted on a scratch directory for the agent's pins; unmounted on drop.
+struct ScratchBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl ScratchBpffs {
+    fn new() -> Result<Self> {
+        let dir = tempfile::tempdir().context("scratch bpffs directory")?;
+        nix::mount::mount(Some("bpf"), dir.path(), Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting a bpffs on {}", dir.path().display()))?;
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for ScratchBpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The value of one `name=value` field in an agent log line.
+fn field(line: &str, name: &str) -> Option<f64> {
+    line.split(&format!("{name}=")).nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+fn changed_endpoints(change: usize) -> Vec<Ipv4Addr> {
+    // Nine fixed endpoints and a tenth that moves each time: one endpoint
+    // removed and one added, the common rollout step.
+    let mut eps: Vec<Ipv4Addr> = (1..ENDPOINTS as u8).map(|k| Ipv4Addr::new(10, 10, 0, k)).collect();
+    eps.push(Ipv4Addr::new(10, 10, 1 + (change / 250) as u8 % 200, (change % 250) as u8 + 1));
+    eps
+}
+
+pub struct Options<'a> {
+    pub agent: &'a Path,
+    pub agent_args: &'a [String],
+    pub services: usize,
+    pub cold_starts: usize,
+    pub changes: usize,
+    pub rule_loads: usize,
+    pub iptables_restore: &'a str,
+}
+
+pub fn measure(opts: &Options<'_>) -> Result<ControlPlane> {
+    let started = Instant::now();
+    let count = opts.services;
+    let measured = count / 2;
+    let pods: Vec<Ipv4Addr> = (1..=ENDPOINTS as u8).map(|k| Ipv4Addr::new(10, 10, 0, k)).collect();
+    let mut services = lab::services(count, measured, &pods);
+    let manifests = tempfile::tempdir().context("manifest directory")?;
+    lab::write_manifests(manifests.path(), &services);
+    let measured_name = services.iter().find(|s| s.vip == lab::vip(measured)).expect("measured service").name.clone();
+
+    let (mut cold, mut read, mut compute, mut apply) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut change = Vec::new();
+    let (mut rss, mut peak) = (0.0, 0.0);
+    for run in 0..opts.cold_starts {
+        let node = Netns::new("mcs-bench-cp");
+        let bpffs = ScratchBpffs::new()?;
+        // No pod interfaces: this measures programming, not traffic.
+        let mut args: Vec<String> = vec![
+            "--bpffs".into(),
+            bpffs.dir.path().display().to_string(),
+            "--interface-pattern".into(),
+            "mcs-bench-none-*".into(),
+        ];
+        args.extend(opts.agent_args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        let mut agent = Agent::start_binary(opts.agent, &node, manifests.path(), &[], &args);
+        cold.push(t0.elapsed().as_secs_f64() * 1e3);
+        let first = agent.wait_for(|l| l.contains("reconciled") && l.contains("generation=1 "), Duration::from_secs(5));
+        read.push(field(&first, "read_us").unwrap_or(f64::NAN) / 1e3);
+        compute.push(field(&first, "compute_us").unwrap_or(f64::NAN) / 1e3);
+        apply.push(field(&first, "apply_us").unwrap_or(f64::NAN) / 1e3);
+        let frontends = field(&first, "frontends").unwrap_or(0.0) as usize;
+        if frontends != services.len() {
+            bail!("the agent programmed {frontends} frontends, expected {}: {first}", services.len());
+        }
+        if run + 1 == opts.cold_starts {
+            std::thread::sleep(Duration::from_millis(200));
+            (rss, peak) = rss_mib(agent.pid().context("agent pid")?);
+            change = measure_changes(opts.changes, &bpffs, manifests.path(), &measured_name, &mut services, measured)?;
+        }
+        let (ok, log) = agent.stop();
+        if !ok {
+            bail!("the agent did not stop cleanly:\n{}", log.join("\n"));
+        }
+        eprintln!("bench: control plane, cold start {} of {}: {:.0} ms", run + 1, opts.cold_starts, cold[run]);
+    }
+
+    let (full_ipt, change_ipt, full_nft, change_nft) = rule_loads(opts, &services, measured)?;
+    eprintln!("bench: control plane measured in {:.1?}", started.elapsed());
+    Ok(ControlPlane {
+        services: count,
+        endpoints_per_service: ENDPOINTS,
+        cold_start_ms: summarize(&cold),
+        cold_read_ms: summarize(&read),
+        cold_compute_ms: summarize(&compute),
+        cold_apply_ms: summarize(&apply),
+        change_ms: summarize(&change),
+        rss_mib: rss,
+        peak_rss_mib: peak,
+        iptables_restore_full_ms: summarize(&full_ipt),
+        iptables_restore_change_ms: summarize(&change_ipt),
+        nft_full_ms: summarize(&full_nft),
+        nft_change_ms: summarize(&change_nft),
+    })
+}
+
+fn measure_changes(
+    changes: usize,
+    bpffs: &ScratchBpffs,
+    dir: &Path,
+    name: &str,
+    services: &mut [ServicePort],
+    measured: usize,
+) -> Result<Vec<f64>> {
+    let pin: PathBuf = pin_dir(bpffs.dir.path()).join(MAP_SERVICES);
+    let data = MapData::from_pin(&pin).with_context(|| format!("opening the agent's pinned {}", pin.display()))?;
+    let map: BpfHashMap<MapData, ServiceKey, ServiceValue> =
+        BpfHashMap::try_from(Map::HashMap(data)).context("SERVICES is not a hash map")?;
+    let key = ServiceKey {
+        vip: ip_to_map(lab::vip(measured).octets()),
+        port: port_to_map(lab::TCP_PORT),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let ports: Vec<ServicePort> = services.iter().filter(|s| s.name == name).cloned().collect();
+    let refs: Vec<&ServicePort> = ports.iter().collect();
+    let mut samples = Vec::with_capacity(changes);
+    for c in 0..changes {
+        let before = map.get(&key, 0).context("the measured service is not in SERVICES")?;
+        let endpoints = changed_endpoints(c);
+        let text = lab::service_manifest(&refs, &endpoints);
+        let tmp = dir.join(format!(".{name}.yaml.tmp"));
+        std::fs::write(&tmp, text)?;
+        let t0 = Instant::now();
+        std::fs::rename(&tmp, dir.join(format!("{name}.yaml")))?;
+        loop {
+            let now = map.get(&key, 0).context("the measured service vanished from SERVICES")?;
+            if bytemuck::bytes_of(&now) != bytemuck::bytes_of(&before) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("change {c}: the kernel map did not change within 10 s");
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        // Past the agent's 100 ms debounce window, so each change is a lone change
+        // (a burst is coalesced by design and would measure the window instead).
+        std::thread::sleep(Duration::from_millis(110 + (c % 7) as u64 * 5));
+    }
+    for s in services.iter_mut().filter(|s| s.name == name) {
+        s.endpoints = changed_endpoints(changes.saturating_sub(1));
+    }
+    Ok(samples)
+}
+
+type Loads = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+fn rule_loads(opts: &Options<'_>, services: &[ServicePort], measured: usize) -> Result<Loads> {
+    let index = services.iter().position(|s| s.vip == lab::vip(measured)).expect("measured service");
+    let (mut full_ipt, mut change_ipt, mut full_nft, mut change_nft) = (vec![], vec![], vec![], vec![]);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for round in 0..opts.rule_loads {
+        // One 10k-service nft transaction takes minutes on this kernel (see
+        // kubeproxy::nftables_parts): measured once, iptables-restore every round.
+        let paths: &[bool] = if round == 0 { &[false, true] } else { &[false] };
+        for &nft in paths {
+            let node = Netns::new("mcs-bench-kp");
+            let mut current = services.to_vec();
+            let full = if nft { kubeproxy::nftables(&current) } else { kubeproxy::iptables(&current) };
+            let took = if nft {
+                feed(&node, &["nft", "-f", "-"], &full)?
+            } else {
+                feed(&node, &[opts.iptables_restore], &full)?
+            };
+            if nft {
+                full_nft.push(ms(took))
+            } else {
+                full_ipt.push(ms(took))
+            }
+            // Each partial sync costs about a second at 10k services: 20 samples, first round only.
+            let partial_changes = if round == 0 { opts.changes.min(20) } else { 0 };
+            for c in 0..partial_changes {
+                let stale = current[index].endpoints.clone();
+                current[index].endpoints = changed_endpoints(1000 + c);
+                let gone: Vec<Ipv4Addr> =
+                    stale.into_iter().filter(|ip| !current[index].endpoints.contains(ip)).collect();
+                let took = if nft {
+                    feed(&node, &["nft", "-f", "-"], &kubeproxy::nftables_partial(&current, index, &gone))?
+                } else {
+                    let restore = [opts.iptables_restore, "--noflush"];
+                    feed(&node, &restore, &kubeproxy::iptables_partial(&current, index, &gone))?
+                };
+                if nft { change_nft.push(ms(took)) } else { change_ipt.push(ms(took)) }
+            }
+        }
+    }
+    Ok((full_ipt, change_ipt, full_nft, change_nft))
+}

@@ -1,0 +1,290 @@
+//! `mcs-bench`: the numbers behind `cargo xtask bench`. See BENCHMARKS.md.
+
+mod control;
+mod kubeproxy;
+mod lab;
+mod load;
+mod packet;
+mod report;
+mod stats;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use serde::Serialize;
+
+use crate::{
+    lab::{Lab, Path4, Position},
+    load::{Run, Workload},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcs-bench",
+    about = "Measure mcs-agent against direct pod traffic and kube-proxy's iptables and nftables modes",
+    long_about = "Measure mcs-agent against direct pod traffic and kube-proxy's iptables and nftables modes, \
+side by side in one run on one netns topology, and write a markdown table, JSON and a PNG chart.\n\n\
+Run it through `cargo xtask bench` (which installs what is missing and builds release binaries). \
+Needs root: it creates network namespaces, loads BPF programs and installs netfilter rules, \
+all inside namespaces it creates and deletes."
+)]
+struct Args {
+    /// The mcs-agent binary to measure (a release build).
+    #[arg(long)]
+    agent: PathBuf,
+    /// Where to write results.md, results.json and new-connections.png.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// About a minute: 1 round, short runs, the measured service last only, fewer samples.
+    #[arg(long)]
+    quick: bool,
+    /// Service counts (10 endpoints each). Default: 1,1000,10000.
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Interleaved rounds; tables report the median and the spread. Default: 3 (quick: 1).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per workload run. Default: 0.6 (quick: 0.25).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Concurrent clients for the "several clients" runs, each its own pod namespace.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// BPF_PROG_TEST_RUN runs per program path. Default: 1000000 (quick: 100000).
+    #[arg(long)]
+    packet_runs: Option<u32>,
+    /// Services for the control-plane measurements. Default: 10000 (quick: 1000).
+    #[arg(long)]
+    control_services: Option<usize>,
+    /// Endpoint changes timed from manifest to map. Default: 200 (quick: 20).
+    #[arg(long)]
+    changes: Option<usize>,
+    /// The iptables-restore that stands for kube-proxy's iptables mode
+    /// (e.g. iptables-legacy-restore). Default: the system's.
+    #[arg(long, default_value = "iptables-restore")]
+    iptables_restore: String,
+    /// Extra mcs-agent flags, for every agent the benchmark starts.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Also write BENCHMARKS.md and docs/bench/ (the recorded latest run).
+    #[arg(long)]
+    record: bool,
+    /// Write the generated kube-proxy rule sets (iptables-restore and nft -f
+    /// input) for the largest service count into this directory, and exit.
+    #[arg(long)]
+    dump_rules: Option<PathBuf>,
+    /// Parts to run.
+    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath")]
+    only: Vec<Part>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Packet,
+    Control,
+    Datapath,
+}
+
+/// Everything one configuration measured in one round.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Key {
+    pub path: Path4,
+    pub services: usize,
+    pub position: Position,
+    pub workload: Workload,
+    pub clients: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Conditions {
+    pub date: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub iptables: String,
+    pub nft: String,
+    pub agent: String,
+    pub agent_flags: Vec<String>,
+    pub quick: bool,
+    pub rounds: usize,
+    pub seconds_per_run: f64,
+    pub clients: usize,
+    pub endpoints_per_service: usize,
+}
+
+fn command_line(args: &[&str]) -> String {
+    std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("unavailable: {e}"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "run as root (or through `sudo cargo xtask bench`): the benchmark builds network namespaces and loads BPF programs"
+        );
+    }
+    if !args.agent.exists() {
+        bail!("--agent {}: no such file (build it: `cargo build --release -p mcs-agent`)", args.agent.display());
+    }
+    let quick = args.quick;
+    let rounds = args.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    let seconds = args.seconds.unwrap_or(if quick { 0.25 } else { 0.6 });
+    let counts = args.services.clone().unwrap_or_else(|| vec![1, 1000, 10_000]);
+    if counts.contains(&0) {
+        bail!("--services: every count must be at least 1");
+    }
+    let clients = args.clients.max(2);
+    if let Some(dir) = &args.dump_rules {
+        let count = counts.iter().copied().max().unwrap_or(1);
+        let pods: Vec<std::net::Ipv4Addr> =
+            (1..=lab::ENDPOINTS as u8).map(|k| std::net::Ipv4Addr::new(10, 10, 0, k)).collect();
+        let services = lab::services(count, count - 1, &pods);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("iptables.rules"), kubeproxy::iptables(&services))?;
+        std::fs::write(dir.join("nftables.nft"), kubeproxy::nftables(&services))?;
+        eprintln!("bench: kube-proxy rule sets for {count} services in {}", dir.display());
+        return Ok(());
+    }
+    // 1000-slot Maglev tables for 10k services would need 160M slots (1.3 GB of
+    // kernel memory); the benchmark sizes tables for its scale. See BENCHMARKS.md.
+    let mut agent_args = vec!["--maglev-max-table-size".to_owned(), "1021".to_owned()];
+    agent_args.extend(args.agent_args.iter().cloned());
+    let started = Instant::now();
+
+    let conditions = Conditions {
+        date: command_line(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        kernel: command_line(&["uname", "-r"]),
+        cpu: std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_default(),
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        iptables: command_line(&[&args.iptables_restore, "--version"]),
+        nft: command_line(&["nft", "--version"]),
+        agent: command_line(&[&args.agent.display().to_string(), "--version"]),
+        agent_flags: agent_args.clone(),
+        quick,
+        rounds,
+        seconds_per_run: seconds,
+        clients,
+        endpoints_per_service: lab::ENDPOINTS,
+    };
+    eprintln!(
+        "bench: {} on {} ({} CPUs), kernel {}, {rounds} round(s) of {seconds} s runs, services {counts:?}",
+        if quick { "quick run" } else { "full run" },
+        conditions.cpu,
+        conditions.cpus,
+        conditions.kernel
+    );
+
+    let packet = if args.only.contains(&Part::Packet) {
+        packet::measure(args.packet_runs.unwrap_or(if quick { 100_000 } else { 1_000_000 }))?
+    } else {
+        Vec::new()
+    };
+
+    let control = if args.only.contains(&Part::Control) {
+        let opts = control::Options {
+            agent: &args.agent,
+            agent_args: &agent_args,
+            services: args.control_services.unwrap_or(if quick { 1000 } else { 10_000 }),
+            cold_starts: if quick { 1 } else { 3 },
+            changes: args.changes.unwrap_or(if quick { 20 } else { 200 }),
+            rule_loads: if quick { 1 } else { 3 },
+            iptables_restore: &args.iptables_restore,
+        };
+        Some(control::measure(&opts)?)
+    } else {
+        None
+    };
+
+    let mut runs: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
+    if args.only.contains(&Part::Datapath) {
+        let agent_flag_refs: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+        for round in 0..rounds {
+            for &count in &counts {
+                let positions: &[Position] =
+                    if count == 1 || quick { &[Position::Last] } else { &[Position::Last, Position::Middle] };
+                let mut configs = vec![(Path4::Direct, Position::Last)];
+                for path in [Path4::McsAgent, Path4::Iptables, Path4::Nftables] {
+                    for &position in positions {
+                        configs.push((path, position));
+                    }
+                }
+                // Rotate the order each round so slow drift of the machine does not
+                // always land on the same path.
+                let shift = round % configs.len();
+                configs.rotate_left(shift);
+                for (path, position) in configs {
+                    let measured = position.index(count);
+                    let t = Instant::now();
+                    let lab = Lab::new(clients)?;
+                    let services = lab::services(count, measured, &lab.pods);
+                    let (installed, tcp, udp) =
+                        lab::install(&lab, path, &services, measured, &agent_flag_refs, &args.iptables_restore)
+                            .with_context(|| format!("installing {} for {count} services", path.label()))?;
+                    let setup = t.elapsed();
+                    // Not recorded: neighbour entries, server threads and caches warm up.
+                    load::run(Workload::TcpCrr, &lab.clients(clients), tcp, Duration::from_millis(100));
+                    let mut line = Vec::new();
+                    for workload in Workload::ALL {
+                        for n in [1, clients] {
+                            let target = if workload == Workload::UdpRr { udp } else { tcp };
+                            let run = load::run(workload, &lab.clients(n), target, Duration::from_secs_f64(seconds));
+                            check(path, count, workload, n, &run)?;
+                            line.push(format!("{workload:?}x{n} {:.0}/s", run.rate));
+                            let key = Key { path, services: count, position, workload, clients: n };
+                            runs.entry(key).or_default().push(run);
+                        }
+                    }
+                    drop(installed);
+                    drop(lab);
+                    eprintln!(
+                        "bench: [{}/{rounds}] {count} services, {}, {position:?} (setup {:.1?}): {}",
+                        round + 1,
+                        path.label(),
+                        setup,
+                        line.join(", ")
+                    );
+                }
+            }
+        }
+    }
+
+    let results = report::Results { conditions, packet, control, datapath: report::datapath(&runs) };
+    report::write(&args.out, &results)?;
+    if args.record {
+        report::record(&results, &args.out)?;
+    }
+    eprintln!("bench: done in {:.1?}; results in {}", started.elapsed(), args.out.display());
+    Ok(())
+}
+
+/// A run that moved no traffic, or a translated path that reached only one
+/// of ten backends, means the setup is broken: stop rather than print it.
+fn check(path: Path4, services: usize, workload: Workload, clients: usize, run: &Run) -> Result<()> {
+    let what = format!("{} with {services} services, {workload:?} from {clients} client(s)", path.label());
+    if run.transactions == 0 {
+        bail!("{what}: no transaction completed ({} errors)", run.errors);
+    }
+    if path != Path4::Direct && workload == Workload::TcpCrr && run.transactions >= 100 && run.backends < 2 {
+        bail!("{what}: every connection reached the same backend; the service is not load-balanced");
+    }
+    if run.errors * 100 > run.transactions {
+        eprintln!("bench: warning: {what}: {} errors in {} transactions", run.errors, run.transactions);
+    }
+    Ok(())
+}

@@ -1,0 +1,496 @@
+//! Results as a markdown table with ratios, JSON for tools, and a PNG chart.
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::{
+    Conditions, Key,
+    control::ControlPlane,
+    lab::{Path4, Position},
+    load::{Run, Workload},
+    packet::PacketCost,
+    stats::{Summary, summarize},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub key: Key,
+    pub rounds: usize,
+    /// Transactions per second.
+    pub rate: Summary,
+    pub p50_us: Summary,
+    pub p99_us: Summary,
+    pub errors: u64,
+    pub backends: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub conditions: Conditions,
+    pub packet: Vec<PacketCost>,
+    pub control: Option<ControlPlane>,
+    pub datapath: Vec<Row>,
+}
+
+pub fn datapath(runs: &BTreeMap<Key, Vec<Run>>) -> Vec<Row> {
+    runs.iter()
+        .map(|(key, runs)| {
+            let pick = |f: fn(&Run) -> f64| summarize(&runs.iter().map(f).collect::<Vec<_>>());
+            Row {
+                key: key.clone(),
+                rounds: runs.len(),
+                rate: pick(|r| r.rate),
+                p50_us: pick(|r| r.p50_us),
+                p99_us: pick(|r| r.p99_us),
+                errors: runs.iter().map(|r| r.errors).sum(),
+                backends: runs.iter().map(|r| r.backends).max().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+fn find(
+    rows: &[Row],
+    path: Path4,
+    services: usize,
+    position: Position,
+    workload: Workload,
+    clients: usize,
+) -> Option<&Row> {
+    // Direct does not depend on where the service sits: it has no services.
+    let position = if path == Path4::Direct { Position::Last } else { position };
+    rows.iter().find(|r| r.key == Key { path, services, position, workload, clients })
+}
+
+fn num(x: f64) -> String {
+    if !x.is_finite() {
+        return "–".into();
+    }
+    if x >= 100.0 {
+        let s = format!("{x:.0}");
+        // Thousands separators make 5-digit rates readable at a glance.
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// Counts are integers: 1, 1,000, 10,000.
+fn count(n: usize) -> String {
+    if n >= 100 { num(n as f64) } else { n.to_string() }
+}
+
+fn cell(s: &Summary) -> String {
+    if s.n > 1 { format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)) } else { num(s.median) }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() && b.is_finite() => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+const PATHS: [Path4; 4] = Path4::ALL;
+
+/// The rows of one workload's table; `metric` picks rate or a latency.
+fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &str, metric: fn(&Row) -> &Summary) {
+    let mut keys: Vec<(usize, Position, usize)> = rows
+        .iter()
+        .filter(|r| r.key.workload == workload && r.key.path != Path4::Direct)
+        .map(|r| (r.key.services, r.key.position, r.key.clients))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    if keys.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n#### {title}\n");
+    let _ = writeln!(
+        out,
+        "| services | measured service | clients | direct | mcs-agent | kube-proxy iptables | kube-proxy nftables | mcs-agent ÷ direct | mcs-agent ÷ iptables | mcs-agent ÷ nftables |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (services, position, clients) in keys {
+        let get = |p| find(rows, p, services, position, workload, clients);
+        let cells: Vec<String> = PATHS.iter().map(|&p| get(p).map(|r| cell(metric(r))).unwrap_or("–".into())).collect();
+        let median = |p| get(p).map(|r| metric(r).median);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} |",
+            count(services),
+            match position {
+                Position::Last => "last",
+                Position::Middle => "middle",
+            },
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            ratio(median(Path4::McsAgent), median(Path4::Direct)),
+            ratio(median(Path4::McsAgent), median(Path4::Iptables)),
+            ratio(median(Path4::McsAgent), median(Path4::Nftables)),
+        );
+    }
+}
+
+struct Target {
+    goal: &'static str,
+    measured: String,
+    met: Option<bool>,
+}
+
+fn targets(results: &Results) -> Vec<Target> {
+    let rows = &results.datapath;
+    let mut out = Vec::new();
+    let crr = |p, s, c| find(rows, p, s, Position::Last, Workload::TcpCrr, c).map(|r| r.rate.median);
+    let counts: Vec<usize> = {
+        let mut v: Vec<usize> = rows.iter().map(|r| r.key.services).collect();
+        v.dedup();
+        v
+    };
+    let clients: Vec<usize> = {
+        let mut v: Vec<usize> = rows.iter().map(|r| r.key.clients).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    if let (Some(&min), Some(&max)) = (counts.iter().min(), counts.iter().max()) {
+        let mut worst: Option<f64> = None;
+        for &s in &counts {
+            for &c in &clients {
+                if let (Some(a), Some(d)) = (crr(Path4::McsAgent, s, c), crr(Path4::Direct, s, c)) {
+                    worst = Some(worst.map_or(a / d, |w: f64| w.min(a / d)));
+                }
+            }
+        }
+        if let Some(w) = worst {
+            out.push(Target {
+                goal: "VIP new connections ≥ 0.97× direct (worst case over counts and clients)",
+                measured: format!("{w:.2}×"),
+                met: Some(w >= 0.97),
+            });
+        }
+        for &c in &clients {
+            if let (Some(a), Some(b)) = (crr(Path4::McsAgent, max, c), crr(Path4::McsAgent, min, c)) {
+                out.push(Target {
+                    goal: "VIP new connections flat from fewest to most services (±3 %)",
+                    measured: format!(
+                        "{} → {} services, {c} client(s): {:.2}×",
+                        num(min as f64),
+                        num(max as f64),
+                        a / b
+                    ),
+                    met: Some((a / b - 1.0).abs() <= 0.03),
+                });
+            }
+        }
+        for (path, goal, want) in [
+            (Path4::Iptables, "≥ 3× kube-proxy iptables at the most services", 3.0),
+            (Path4::Nftables, "≥ 1.1× kube-proxy nftables at the most services", 1.1),
+        ] {
+            for &c in &clients {
+                if let (Some(a), Some(b)) = (crr(Path4::McsAgent, max, c), crr(path, max, c)) {
+                    out.push(Target {
+                        goal,
+                        measured: format!("{} services, {c} client(s): {:.2}×", count(max), a / b),
+                        met: Some(a / b >= want),
+                    });
+                }
+            }
+        }
+    }
+    for p in &results.packet {
+        let limit = if p.path.starts_with("established") {
+            Some(("per packet ≤ 100 ns, established flow (p50)", 100))
+        } else if p.path.starts_with("new flow") {
+            Some(("per packet ≤ 500 ns, new flow (p50)", 500))
+        } else {
+            None
+        };
+        if let Some((goal, ns)) = limit {
+            out.push(Target {
+                goal,
+                measured: format!("p50 {} ns, mean {:.0} ns", p.p50_ns, p.mean_ns),
+                met: Some(p.p50_ns <= ns),
+            });
+        }
+    }
+    if let Some(c) = &results.control {
+        let programmed = c.cold_read_ms.median + c.cold_compute_ms.median + c.cold_apply_ms.median;
+        out.push(Target {
+            goal: "10k services programmed from cold < 50 ms",
+            measured: format!(
+                "{} services: process start → ready {} ms; of which read {} + compute {} + write maps {} = {} ms",
+                count(c.services),
+                num(c.cold_start_ms.median),
+                num(c.cold_read_ms.median),
+                num(c.cold_compute_ms.median),
+                num(c.cold_apply_ms.median),
+                num(programmed)
+            ),
+            met: Some(c.cold_start_ms.median < 50.0),
+        });
+        out.push(Target {
+            goal: "one change to datapath p99 < 5 ms",
+            measured: format!(
+                "p50 {} ms, p99 {} ms ({} changes)",
+                num(c.change_ms.median),
+                num(c.change_ms.p99),
+                c.change_ms.n
+            ),
+            met: Some(c.change_ms.p99 < 5.0),
+        });
+        out.push(Target {
+            goal: "agent RSS < 64 MiB at 10k services",
+            measured: format!(
+                "{} MiB ({} MiB peak) at {} services",
+                num(c.rss_mib),
+                num(c.peak_rss_mib),
+                count(c.services)
+            ),
+            met: Some(c.rss_mib < 64.0),
+        });
+    }
+    out
+}
+
+pub fn markdown(results: &Results) -> String {
+    let c = &results.conditions;
+    let mut out = String::new();
+    let _ = writeln!(out, "### Conditions\n");
+    let _ = writeln!(
+        out,
+        "{} · {} ({} CPUs) · kernel {} · {} · {} · agent `{}` with `{}` · {} round(s) of {} s per run, interleaved · several clients = {} · {} endpoints per service · {}\n",
+        c.date,
+        c.cpu,
+        c.cpus,
+        c.kernel,
+        c.iptables,
+        c.nft,
+        c.agent,
+        c.agent_flags.join(" "),
+        c.rounds,
+        c.seconds_per_run,
+        c.clients,
+        c.endpoints_per_service,
+        if c.quick { "**quick run**" } else { "full run" }
+    );
+    out.push_str("Cells: median of the rounds (min–max across rounds). Ratios divide medians; for rates above 1× favours mcs-agent, for latencies below 1× does.\n");
+
+    let targets = targets(results);
+    if !targets.is_empty() {
+        let _ = writeln!(out, "\n### Targets\n\n| target | measured | met |\n|---|---|---|");
+        for t in &targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "–",
+            };
+            let _ = writeln!(out, "| {} | {} | {met} |", t.goal, t.measured);
+        }
+    }
+
+    if !results.datapath.is_empty() {
+        let _ = writeln!(out, "\n### Data path (netns: client pods → node → backend pods, real sockets)");
+        let rows = &results.datapath;
+        workload_table(
+            &mut out,
+            rows,
+            Workload::TcpCrr,
+            "New TCP connections per second (connect, request, response, close)",
+            |r| &r.rate,
+        );
+        workload_table(&mut out, rows, Workload::TcpRr, "Kept-alive TCP request/response latency p50 (µs)", |r| {
+            &r.p50_us
+        });
+        workload_table(&mut out, rows, Workload::TcpRr, "Kept-alive TCP request/response latency p99 (µs)", |r| {
+            &r.p99_us
+        });
+        workload_table(&mut out, rows, Workload::TcpRr, "Kept-alive TCP requests per second", |r| &r.rate);
+        workload_table(&mut out, rows, Workload::UdpRr, "UDP requests per second (request/response)", |r| &r.rate);
+        let errors: u64 = rows.iter().map(|r| r.errors).sum();
+        let _ = writeln!(out, "\nFailed transactions over all runs: {errors}.");
+    }
+
+    if !results.packet.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Per packet (BPF_PROG_TEST_RUN, one run per fresh frame, in-kernel timer)\n\n| path | runs | distinct flows | p50 ns | p99 ns | mean ns |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for p in &results.packet {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.0} |",
+                p.path,
+                num(p.runs as f64),
+                num(p.distinct_flows as f64),
+                p.p50_ns,
+                p.p99_ns,
+                p.mean_ns
+            );
+        }
+    }
+
+    if let Some(c) = &results.control {
+        let _ = writeln!(
+            out,
+            "\n### Control plane ({} services × {} endpoints)\n\n| what | mcs-agent | kube-proxy iptables (`iptables-restore`) | kube-proxy nftables (`nft -f`) |\n|---|---:|---:|---:|",
+            count(c.services),
+            c.endpoints_per_service
+        );
+        let ms = |s: &Summary| format!("{} ms (p99 {}, n={})", num(s.median), num(s.p99), s.n);
+        let _ = writeln!(
+            out,
+            "| cold start to fully programmed | {} (read {} + compute {} + maps {}) | {} | {} |",
+            ms(&c.cold_start_ms),
+            num(c.cold_read_ms.median),
+            num(c.cold_compute_ms.median),
+            num(c.cold_apply_ms.median),
+            ms(&c.iptables_restore_full_ms),
+            ms(&c.nft_full_ms)
+        );
+        let _ = writeln!(
+            out,
+            "| one endpoint change (agent: manifest renamed → kernel map; kube-proxy: its partial sync) | {} | {} | {} |",
+            ms(&c.change_ms),
+            ms(&c.iptables_restore_change_ms),
+            ms(&c.nft_change_ms)
+        );
+        let _ = writeln!(
+            out,
+            "| agent RSS after programming | {} MiB (peak {} MiB) | – | – |",
+            num(c.rss_mib),
+            num(c.peak_rss_mib)
+        );
+    }
+    out
+}
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+pub fn chart(results: &Results, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let rows = &results.datapath;
+    let clients = results.conditions.clients;
+    let series: Vec<(Path4, Vec<(f64, f64)>)> = Path4::ALL
+        .iter()
+        .map(|&p| {
+            let mut points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| {
+                    r.key.path == p
+                        && r.key.workload == Workload::TcpCrr
+                        && r.key.clients == clients
+                        && r.key.position == Position::Last
+                })
+                .map(|r| (r.key.services as f64, r.rate.median))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (p, points)
+        })
+        .collect();
+    let max_x = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.0)).fold(10.0, f64::max) * 2.0;
+    let max_y = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).fold(1.0, f64::max) * 1.15;
+
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    let mut font_error = None;
+    REGISTER.call_once(|| match fs::read(FONT) {
+        Ok(bytes) => {
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice()))
+                .is_err()
+            {
+                font_error = Some(format!("{FONT} is not a usable font"));
+            }
+        }
+        Err(e) => font_error = Some(format!("{FONT}: {e} (install fonts-dejavu-core: `cargo xtask setup`)")),
+    });
+    if let Some(e) = font_error {
+        anyhow::bail!("chart: {e}");
+    }
+
+    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("New TCP connections/s vs. services ({clients} clients, measured service last)"),
+                ("sans-serif", 22),
+            )
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(80)
+            .build_cartesian_2d((0.5f64..max_x).log_scale(), 0f64..max_y)?;
+        chart
+            .configure_mesh()
+            .x_desc("services (10 endpoints each, log scale)")
+            .y_desc("connections per second")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+        let colours = [BLACK, RGBColor(0, 114, 178), RGBColor(213, 94, 0), RGBColor(0, 158, 115)];
+        for ((p, points), colour) in series.iter().zip(colours) {
+            if points.is_empty() {
+                continue;
+            }
+            let style = colour.stroke_width(3);
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), style))?
+                .label(p.label())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
+            chart.draw_series(points.iter().map(|&pt| Circle::new(pt, 5, colour.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerLeft)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}
+
+pub fn write(out: &Path, results: &Results) -> Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let md = markdown(results);
+    fs::write(out.join("results.md"), &md)?;
+    fs::write(out.join("results.json"), serde_json::to_string_pretty(results)?)?;
+    if !results.datapath.is_empty() {
+        chart(results, &out.join("new-connections.png"))?;
+    }
+    println!("{md}");
+    Ok(())
+}
+
+/// BENCHMARKS.md and docs/bench/: the latest full run, committed with the code.
+pub fn record(results: &Results, out: &Path) -> Result<()> {
+    let docs = Path::new("docs/bench");
+    fs::create_dir_all(docs)?;
+    fs::copy(out.join("results.json"), docs.join("latest.json"))?;
+    if out.join("new-connections.png").exists() {
+        fs::copy(out.join("new-connections.png"), docs.join("new-connections.png"))?;
+    }
+    let template = fs::read_to_string("BENCHMARKS.md").unwrap_or_default();
+    let marker = "<!-- latest run: written by `cargo xtask bench`, everything below is replaced -->";
+    let head = template.split(marker).next().unwrap_or_default().trim_end();
+    let text = format!(
+        "{head}\n\n{marker}\n\n## Latest run\n\n![new connections vs services](docs/bench/new-connections.png)\n\n{}",
+        markdown(results)
+    );
+    fs::write("BENCHMARKS.md", text)?;
+    Ok(())
+}
