@@ -78,38 +78,19 @@ COMMIT
     );
     // nfacct needs a module this kernel may lack and counts nothing we measure.
     out = out.replace(" -m nfacct --nfacct-name ct_state_invalid_dropped_pkts", "");
-    out.push_str(&nat_table(services, true));
+    out.push_str(&nat_table(services));
     out
 }
 
-/// The nat table; `full` adds the base chains and hooks (a first sync),
-/// otherwise only KUBE-SERVICES and the service chains (a partial sync, as
-/// kube-proxy does when a few services changed).
-pub fn nat_table(services: &[ServicePort], full: bool) -> String {
-    let mut out = String::with_capacity(services.len() * 1536);
-    out.push_str("*nat\n");
-    if full {
-        out.push_str(":KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
+fn declare_service_chains(out: &mut String, sp: &ServicePort) {
+    let _ = writeln!(out, ":{} - [0:0]", svc_chain(sp));
+    for &ep in &sp.endpoints {
+        let _ = writeln!(out, ":{} - [0:0]", sep_chain(sp, ep));
     }
-    out.push_str(":KUBE-SERVICES - [0:0]\n");
-    for sp in services {
-        let _ = writeln!(out, ":{} - [0:0]", svc_chain(sp));
-        for &ep in &sp.endpoints {
-            let _ = writeln!(out, ":{} - [0:0]", sep_chain(sp, ep));
-        }
-    }
-    if full {
-        out.push_str(
-            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
--A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
--A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
--A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
-",
-        );
-    }
+}
+
+/// KUBE-SERVICES: one rule per service port in order, then the NodePort catch-all.
+fn kube_services_rules(out: &mut String, services: &[ServicePort]) {
     for sp in services {
         let proto = sp.protocol.to_ascii_lowercase();
         let _ = writeln!(
@@ -122,41 +103,68 @@ pub fn nat_table(services: &[ServicePort], full: bool) -> String {
         );
     }
     out.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
-    for sp in services {
-        let proto = sp.protocol.to_ascii_lowercase();
-        let svc = svc_chain(sp);
-        let _ = writeln!(
-            out,
-            "-A {svc} -m comment --comment \"{} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
-            sp.id(),
-            sp.vip,
-            sp.port
-        );
-        let n = sp.endpoints.len();
-        for (i, &ep) in sp.endpoints.iter().enumerate() {
-            let sep = sep_chain(sp, ep);
-            let target = format!("{ep}:{}", sp.target_port);
-            if i + 1 < n {
-                let probability = 1.0 / (n - i) as f64;
-                let _ = writeln!(
-                    out,
-                    "-A {svc} -m comment --comment \"{} -> {target}\" -m statistic --mode random --probability {probability:.10} -j {sep}",
-                    sp.id()
-                );
-            } else {
-                let _ = writeln!(out, "-A {svc} -m comment --comment \"{} -> {target}\" -j {sep}", sp.id());
-            }
-        }
-        for &ep in &sp.endpoints {
-            let sep = sep_chain(sp, ep);
-            let _ = writeln!(out, "-A {sep} -m comment --comment {} -s {ep}/32 -j KUBE-MARK-MASQ", sp.id());
+}
+
+/// A service's KUBE-SVC chain (masquerade mark, `statistic` choice) and its KUBE-SEP chains.
+fn service_chain_rules(out: &mut String, sp: &ServicePort) {
+    let proto = sp.protocol.to_ascii_lowercase();
+    let svc = svc_chain(sp);
+    let _ = writeln!(
+        out,
+        "-A {svc} -m comment --comment \"{} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
+        sp.id(),
+        sp.vip,
+        sp.port
+    );
+    let n = sp.endpoints.len();
+    for (i, &ep) in sp.endpoints.iter().enumerate() {
+        let sep = sep_chain(sp, ep);
+        let target = format!("{ep}:{}", sp.target_port);
+        if i + 1 < n {
+            let probability = 1.0 / (n - i) as f64;
             let _ = writeln!(
                 out,
-                "-A {sep} -m comment --comment {} -m {proto} -p {proto} -j DNAT --to-destination {ep}:{}",
-                sp.id(),
-                sp.target_port
+                "-A {svc} -m comment --comment \"{} -> {target}\" -m statistic --mode random --probability {probability:.10} -j {sep}",
+                sp.id()
             );
+        } else {
+            let _ = writeln!(out, "-A {svc} -m comment --comment \"{} -> {target}\" -j {sep}", sp.id());
         }
+    }
+    for &ep in &sp.endpoints {
+        let sep = sep_chain(sp, ep);
+        let _ = writeln!(out, "-A {sep} -m comment --comment {} -s {ep}/32 -j KUBE-MARK-MASQ", sp.id());
+        let _ = writeln!(
+            out,
+            "-A {sep} -m comment --comment {} -m {proto} -p {proto} -j DNAT --to-destination {ep}:{}",
+            sp.id(),
+            sp.target_port
+        );
+    }
+}
+
+/// The nat table of a first sync: base chains and hooks, every service.
+fn nat_table(services: &[ServicePort]) -> String {
+    let mut out = String::with_capacity(services.len() * 1536);
+    out.push_str(
+        "*nat\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-SERVICES - [0:0]\n",
+    );
+    for sp in services {
+        declare_service_chains(&mut out, sp);
+    }
+    out.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+",
+    );
+    kube_services_rules(&mut out, services);
+    for sp in services {
+        service_chain_rules(&mut out, sp);
     }
     out.push_str("COMMIT\n");
     out
@@ -167,23 +175,17 @@ pub fn nat_table(services: &[ServicePort], full: bool) -> String {
 /// (`iptables-restore --noflush`).
 pub fn iptables_partial(services: &[ServicePort], changed: usize, stale: &[Ipv4Addr]) -> String {
     let sp = &services[changed];
-    let mut out = nat_table(std::slice::from_ref(sp), false);
-    // nat_table wrote KUBE-SERVICES for one service only: put every service back.
-    let all_services = nat_table(services, false);
-    let rules: String =
-        all_services.lines().filter(|l| l.starts_with("-A KUBE-SERVICES ")).map(|l| format!("{l}\n")).collect();
-    out = out
-        .lines()
-        .filter(|l| !l.starts_with("-A KUBE-SERVICES ") && *l != "COMMIT")
-        .map(|l| format!("{l}\n"))
-        .collect::<String>();
-    out.push_str(&rules);
+    let mut out = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    declare_service_chains(&mut out, sp);
+    // A chain must be empty to be deleted: declaring it in the header flushes it.
+    for &ep in stale {
+        let _ = writeln!(out, ":{} - [0:0]", sep_chain(sp, ep));
+    }
+    kube_services_rules(&mut out, services);
+    service_chain_rules(&mut out, sp);
     for &ep in stale {
         let _ = writeln!(out, "-X {}", sep_chain(sp, ep));
     }
-    // A chain must be empty to be deleted: declaring it in the header flushes it.
-    let declarations: String = stale.iter().map(|&ep| format!(":{} - [0:0]\n", sep_chain(sp, ep))).collect();
-    out = out.replacen("*nat\n", &format!("*nat\n{declarations}"), 1);
     out.push_str("COMMIT\n");
     out
 }
@@ -192,27 +194,18 @@ fn nft_proto(sp: &ServicePort) -> String {
     sp.protocol.to_ascii_lowercase()
 }
 
+/// kube-proxy's nft chain names: `<kind>-<hash>-<ns>/<name>/<proto>/<port name><suffix>`.
+fn nft_chain(kind: &str, sp: &ServicePort, hashed: &str, suffix: &str) -> String {
+    let hash = chain_hash(&format!("{}{}{hashed}", sp.id(), sp.protocol));
+    format!("{kind}-{}-{}/{}/{}/{}{suffix}", &hash[..8], sp.namespace, sp.name, nft_proto(sp), sp.port_name)
+}
+
 fn nft_svc_chain(sp: &ServicePort) -> String {
-    let proto = nft_proto(sp);
-    format!(
-        "service-{}-{}/{}/{proto}/{}",
-        &chain_hash(&format!("{}{}", sp.id(), sp.protocol))[..8],
-        sp.namespace,
-        sp.name,
-        sp.port_name
-    )
+    nft_chain("service", sp, "", "")
 }
 
 fn nft_ep_chain(sp: &ServicePort, ep: Ipv4Addr) -> String {
-    let proto = nft_proto(sp);
-    format!(
-        "endpoint-{}-{}/{}/{proto}/{}__{ep}/{}",
-        &chain_hash(&format!("{}{}{ep}", sp.id(), sp.protocol))[..8],
-        sp.namespace,
-        sp.name,
-        sp.port_name,
-        sp.target_port
-    )
+    nft_chain("endpoint", sp, &ep.to_string(), &format!("__{ep}/{}", sp.target_port))
 }
 
 fn nft_service_chains(out: &mut String, sp: &ServicePort) {

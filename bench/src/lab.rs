@@ -204,15 +204,13 @@ pub fn install(
     agent_args: &[&str],
     iptables_restore: &str,
 ) -> Result<(Installed, SocketAddrV4, SocketAddrV4)> {
-    if path == Path4::Direct {
-        let pod = lab.pods[0];
-        return Ok((Installed::Nothing, SocketAddrV4::new(pod, TCP_TARGET), SocketAddrV4::new(pod, UDP_TARGET)));
-    }
-    let measured_vip = vip(measured);
-    let tcp = SocketAddrV4::new(measured_vip, TCP_PORT);
-    let udp = SocketAddrV4::new(measured_vip, UDP_PORT);
+    let vip = vip(measured);
+    let (tcp, udp) = (SocketAddrV4::new(vip, TCP_PORT), SocketAddrV4::new(vip, UDP_PORT));
     let installed = match path {
-        Path4::Direct => unreachable!("handled above"),
+        Path4::Direct => {
+            let pod = lab.pods[0];
+            return Ok((Installed::Nothing, SocketAddrV4::new(pod, TCP_TARGET), SocketAddrV4::new(pod, UDP_TARGET)));
+        }
         Path4::McsAgent => {
             let dir = tempfile::tempdir().context("manifest directory")?;
             write_manifests(dir.path(), services);

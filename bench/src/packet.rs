@@ -61,6 +61,28 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// `runs` samples of one path; `sample` runs flow `n` and says whether the
+    /// output was right. A wrong output stops the benchmark.
+    fn path(
+        &mut self,
+        name: &'static str,
+        program: &'static str,
+        runs: u32,
+        mut sample: impl FnMut(u32, &mut Runner) -> Result<(bool, u64)>,
+    ) -> Result<PacketCost> {
+        let mut ns = Vec::with_capacity(runs as usize);
+        for flow in 0..runs {
+            let (ok, took) = sample(flow, self)?;
+            if !ok {
+                bail!("per-packet {name} ({program}): flow {flow} was not handled as expected");
+            }
+            ns.push(took);
+        }
+        Ok(summarize(name, ns, u64::from(runs)))
+    }
+}
+
 fn summarize(path: &'static str, mut ns: Vec<u64>, distinct_flows: u64) -> PacketCost {
     ns.sort_unstable();
     let runs = ns.len() as u64;
@@ -99,77 +121,47 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
     let vip = lab::vip(0);
     let mut results = Vec::new();
 
-    let check = |what: &str, ok: bool, flow: u32| -> Result<()> {
-        if !ok {
-            bail!("per-packet {what}: flow {flow} was not handled as expected");
-        }
-        Ok(())
-    };
-
     // Miss: traffic to a pod address, not a service.
-    let mut ns = Vec::with_capacity(runs as usize);
-    for flow in 0..runs {
+    results.push(runner.path("miss (not a service)", PROG_INGRESS, runs, |flow, runner| {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, pods[0]), port, lab::TCP_TARGET, TCP_ACK, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
-        check("miss", verdict == TC_NEXT && runner.out == frame, flow)?;
-        ns.push(took);
-    }
-    results.push(summarize("miss (not a service)", ns, u64::from(runs)));
+        Ok((verdict == TC_NEXT && runner.out == frame, took))
+    })?);
 
     // New flows: a SYN per distinct 5-tuple; remember which backend each got.
-    let mut ns = Vec::with_capacity(runs as usize);
     let mut chosen = Vec::with_capacity(runs as usize);
-    for flow in 0..runs {
+    results.push(runner.path("new flow (SYN, conntrack insert)", PROG_INGRESS, runs, |flow, runner| {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_SYN, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
         let v = view(&runner.out);
-        check(
-            "new flow",
-            verdict == TC_NEXT
-                && pods.contains(&v.dst)
-                && v.dport == lab::TCP_TARGET
-                && v.ip_checksum_ok
-                && v.l4_checksum_ok == Some(true),
-            flow,
-        )?;
         chosen.push(v.dst);
-        ns.push(took);
-    }
-    results.push(summarize("new flow (SYN, conntrack insert)", ns, u64::from(runs)));
+        let ok = verdict == TC_NEXT
+            && pods.contains(&v.dst)
+            && v.dport == lab::TCP_TARGET
+            && v.ip_checksum_ok
+            && v.l4_checksum_ok == Some(true);
+        Ok((ok, took))
+    })?);
 
     // Established: the next packet of every flow, in the same order.
-    let mut ns = Vec::with_capacity(runs as usize);
-    for flow in 0..runs {
+    results.push(runner.path("established flow", PROG_INGRESS, runs, |flow, runner| {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_ACK, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
         let v = view(&runner.out);
-        check(
-            "established",
-            verdict == TC_NEXT && v.dst == chosen[flow as usize] && v.l4_checksum_ok == Some(true),
-            flow,
-        )?;
-        ns.push(took);
-    }
-    results.push(summarize("established flow", ns, u64::from(runs)));
+        Ok((verdict == TC_NEXT && v.dst == chosen[flow as usize] && v.l4_checksum_ok == Some(true), took))
+    })?);
 
     // Reverse NAT: every backend's reply, back to the ClusterSetIP.
-    let mut ns = Vec::with_capacity(runs as usize);
-    for flow in 0..runs {
+    results.push(runner.path("reverse NAT (reply)", PROG_EGRESS, runs, |flow, runner| {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(chosen[flow as usize], ip), lab::TCP_TARGET, port, TCP_ACK, b"");
         let (verdict, took) = runner.run(PROG_EGRESS, &frame)?;
         let v = view(&runner.out);
-        check(
-            "reverse NAT",
-            verdict == TC_NEXT && v.src == vip && v.sport == lab::TCP_PORT && v.l4_checksum_ok == Some(true),
-            flow,
-        )?;
-        ns.push(took);
-    }
-    results.push(summarize("reverse NAT (reply)", ns, u64::from(runs)));
+        Ok((verdict == TC_NEXT && v.src == vip && v.sport == lab::TCP_PORT && v.l4_checksum_ok == Some(true), took))
+    })?);
     eprintln!("bench: per-packet, {runs} runs per path, in {:.1?}", started.elapsed());
     Ok(results)
 }

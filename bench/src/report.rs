@@ -187,12 +187,7 @@ fn targets(results: &Results) -> Vec<Target> {
             if let (Some(a), Some(b)) = (crr(Path4::McsAgent, max, c), crr(Path4::McsAgent, min, c)) {
                 out.push(Target {
                     goal: "VIP new connections flat from fewest to most services (±3 %)",
-                    measured: format!(
-                        "{} → {} services, {c} client(s): {:.2}×",
-                        num(min as f64),
-                        num(max as f64),
-                        a / b
-                    ),
+                    measured: format!("{} → {} services, {c} client(s): {:.2}×", count(min), count(max), a / b),
                     met: Some((a / b - 1.0).abs() <= 0.03),
                 });
             }

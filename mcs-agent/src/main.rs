@@ -278,9 +278,8 @@ fn on_link_event(event: LinkEvent, datapath: &mut Datapath, discovered: &mut BTr
 }
 
 fn check(dir: &Path, policy: &Policy) -> Result<()> {
-    let (snapshot, mut problems) = manifests::read_dir(dir)
-        .map(|(s, errors)| (s, errors.iter().map(ToString::to_string).collect::<Vec<_>>()))
-        .with_context(|| format!("reading {}", dir.display()))?;
+    let (snapshot, mut problems) =
+        manifests::Cache::default().read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let (state, errors) = desired::compute(&snapshot, policy);
     problems.extend(errors.iter().map(ToString::to_string));
     for (key, frontend) in &state.frontends {

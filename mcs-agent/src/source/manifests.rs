@@ -33,29 +33,6 @@ pub fn is_manifest(path: &Path) -> bool {
     !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
 }
 
-/// Reads every manifest in `dir` (not recursive), in name order.
-pub fn read_dir(dir: &Path) -> Result<(Snapshot, Vec<ManifestError>), ManifestError> {
-    let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read { path: dir.to_owned(), source })?;
-    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
-    files.sort();
-    let mut snapshot = Snapshot::default();
-    let mut errors = Vec::new();
-    for path in files {
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                let (part, errs) = parse_documents(&Origin(path.display().to_string()), &text);
-                snapshot.imports.extend(part.imports);
-                snapshot.slices.extend(part.slices);
-                errors.extend(errs);
-            }
-            // A file removed between listing and reading is simply gone.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => errors.push(ManifestError::Read { path, source }),
-        }
-    }
-    Ok((snapshot, errors))
-}
-
 /// What identifies a file's content without reading it: an atomic rename
 /// (how editors, kubectl-like tools and the tests write) changes the inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,8 +49,9 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Like [`read_dir`], re-parsing only files whose inode, size or mtime
-    /// changed; errors come back as text.
+    /// Reads every manifest in `dir` (not recursive), in name order,
+    /// re-parsing only files whose inode, size or mtime changed since the last
+    /// call; the problems come back as text.
     pub fn read_dir(&mut self, dir: &Path) -> Result<(Snapshot, Vec<String>), ManifestError> {
         use std::os::unix::fs::MetadataExt as _;
         let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read { path: dir.to_owned(), source })?;
