@@ -380,7 +380,10 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             let tx = signal_tx.clone();
             let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Opening and reading files are events too, and the agent's own reads
+                // would re-trigger a pass after every pass.
                 if let Ok(event) = event
+                    && !matches!(event.kind, notify::EventKind::Access(_))
                     && (event.paths.is_empty() || event.paths.iter().any(|p| manifests::is_manifest(p)))
                 {
                     let _ = tx.send(SourceEvent::Changed);
