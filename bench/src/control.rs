@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use mcs_agent::datapath::pin_dir;
 use mcs_common::{IPPROTO_TCP, MAP_SERVICES, ServiceKey, ServiceValue, ip_to_map, port_to_map};
-use mcs_tests::{agent::Agent, netns::Netns};
+use mcs_tests::{agent::Agent, bpffs::ScratchBpffs, netns::Netns};
 use serde::Serialize;
 
 use crate::{
@@ -39,26 +39,6 @@ pub struct ControlPlane {
     pub iptables_restore_change_ms: Summary,
     pub nft_full_ms: Summary,
     pub nft_change_ms: Summary,
-}
-
-/// A bpffs mounted on a scratch directory for the agent's pins; unmounted on drop.
-struct ScratchBpffs {
-    dir: tempfile::TempDir,
-}
-
-impl ScratchBpffs {
-    fn new() -> Result<Self> {
-        let dir = tempfile::tempdir().context("scratch bpffs directory")?;
-        nix::mount::mount(Some("bpf"), dir.path(), Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("mounting a bpffs on {}", dir.path().display()))?;
-        Ok(Self { dir })
-    }
-}
-
-impl Drop for ScratchBpffs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// The value of one `name=value` field in an agent log line.
@@ -111,11 +91,11 @@ pub fn measure(opts: &Options<'_>) -> Result<ControlPlane> {
     let (mut rss, mut peak) = (0.0, 0.0);
     for run in 0..opts.cold_starts {
         let node = Netns::new("mcs-bench-cp");
-        let bpffs = ScratchBpffs::new()?;
+        let bpffs = ScratchBpffs::new();
         // No pod interfaces: this measures programming, not traffic.
         let mut args: Vec<String> = vec![
             "--bpffs".into(),
-            bpffs.dir.path().display().to_string(),
+            bpffs.path().display().to_string(),
             "--interface-pattern".into(),
             "mcs-bench-none-*".into(),
         ];
@@ -171,7 +151,7 @@ fn measure_changes(
     services: &mut [ServicePort],
     measured: usize,
 ) -> Result<Vec<f64>> {
-    let pin: PathBuf = pin_dir(bpffs.dir.path()).join(MAP_SERVICES);
+    let pin: PathBuf = pin_dir(bpffs.path()).join(MAP_SERVICES);
     let data = MapData::from_pin(&pin).with_context(|| format!("opening the agent's pinned {}", pin.display()))?;
     let map: BpfHashMap<MapData, ServiceKey, ServiceValue> =
         BpfHashMap::try_from(Map::HashMap(data)).context("SERVICES is not a hash map")?;

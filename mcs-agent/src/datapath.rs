@@ -2,6 +2,7 @@
 //! programs to interfaces, execute plans against the maps.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -11,18 +12,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::LinkType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+        links::{FdLink, Link as _, LinkType, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
     util::KernelVersion,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_REV_NAT, MAP_SELECTION, MAP_SERVICES, MAP_STATS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, Stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
+    MAP_CONNTRACK, MAP_REV_NAT, MAP_SELECTION, MAP_SERVICES, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS,
+    RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -37,15 +38,16 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub enum AttachMode {
     /// TCX links when the kernel has them (6.6+), netlink clsact otherwise.
     Auto,
-    /// TCX links (kernel 6.6+): owned by the agent's process, gone when it exits.
+    /// TCX links (kernel 6.6+), pinned in bpffs so they outlive the agent;
+    /// a new agent swaps its programs in with BPF_LINK_UPDATE.
     Tcx,
-    /// A clsact qdisc with direct-action filters: works on older kernels, but
-    /// filters outlive a crashed agent (the next start removes them).
+    /// A clsact qdisc with direct-action filters at a fixed priority and
+    /// handle (older kernels); a new agent replaces them in place.
     Netlink,
 }
 
 impl AttachMode {
-    fn resolve(self) -> AttachMode {
+    pub fn resolve(self) -> AttachMode {
         match self {
             AttachMode::Auto => {
                 let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
@@ -70,8 +72,13 @@ pub enum DatapathError {
     Interface { iface: String, message: String },
     #[error("bpffs at {}: {message}", path.display())]
     Bpffs { path: PathBuf, message: String },
-    #[error("pinning map {name} at {}: {source}", path.display())]
-    Pin { name: &'static str, path: PathBuf, source: aya::pin::PinError },
+    #[error("pinning {name} at {}: {source}", path.display())]
+    Pin { name: String, path: PathBuf, source: aya::pin::PinError },
+    #[error(
+        "pinned map {name} at {} does not fit this agent ({message}); the layout changed without a version bump: run `mcs-agent uninstall` and start again",
+        path.display()
+    )]
+    Incompatible { name: &'static str, path: PathBuf, message: String },
 }
 
 /// Map sizes, chosen at load time.
@@ -152,20 +159,130 @@ struct Maps {
     rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, u32>,
+}
+
+/// Where one layout version keeps its pins: `<bpffs>/mcs/v<N>/<MAP>` and
+/// `<bpffs>/mcs/v<N>/links/<ingress|egress>/<iface>`.
+#[derive(Clone, Debug)]
+pub struct LayoutDir {
+    pub version: u32,
+    pub dir: PathBuf,
+}
+
+impl LayoutDir {
+    pub fn new(bpffs: &Path, version: u32) -> Self {
+        Self { version, dir: bpffs.join(PIN_ROOT).join(format!("v{version}")) }
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.dir.join(PIN_LINKS)
+    }
+
+    fn link(&self, iface: &str, attach_type: TcAttachType) -> PathBuf {
+        self.links().join(direction(attach_type)).join(escape(iface))
+    }
+
+    /// Interfaces with a pinned link in this layout, sorted.
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["ingress", "egress"]
+            .iter()
+            .flat_map(|dir| fs::read_dir(self.links().join(dir)).into_iter().flatten())
+            .filter_map(Result::ok)
+            .filter_map(|e| unescape(e.file_name().to_str()?))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Layout versions other than `current` that have pins under `bpffs`.
+    pub fn others(bpffs: &Path, current: u32) -> Vec<LayoutDir> {
+        let mut found: Vec<LayoutDir> = fs::read_dir(bpffs.join(PIN_ROOT))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse::<u32>().ok())
+            .filter(|v| *v != current)
+            .map(|v| LayoutDir::new(bpffs, v))
+            .collect();
+        found.sort_by_key(|l| l.version);
+        found
+    }
+}
+
+/// bpffs refuses names with a dot (reserved by the kernel), and interface
+/// names may have one (`eth0.100`): `%` and `.` are percent-encoded.
+fn escape(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2E")
+}
+
+fn unescape(name: &str) -> Option<String> {
+    Some(name.replace("%2E", ".").replace("%25", "%"))
+}
+
+fn direction(attach_type: TcAttachType) -> &'static str {
+    match attach_type {
+        TcAttachType::Ingress => "ingress",
+        _ => "egress",
+    }
+}
+
+/// The netlink filter slot our programs own on every interface: replacing the
+/// filter at this priority and handle swaps the program atomically.
+const NL_PRIORITY: u16 = 1;
+const NL_HANDLE: u32 = 0x4d43;
+
+/// Our two hooks on one interface.
+enum Hook {
+    /// A TCX link pinned in bpffs: it stays attached after the agent exits,
+    /// until the pin is removed.
+    Pinned { path: PathBuf, link_id: u32 },
+    /// A TCX link owned by this process only (`--no-pin`).
+    Owned(SchedClassifierLink),
+    /// A netlink filter at `NL_PRIORITY`/`NL_HANDLE`.
+    Netlink(TcAttachType),
+}
+
+struct Attachment {
+    hooks: Vec<Hook>,
+}
+
+/// What `attach` did on one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Programs were hooked where none of ours were.
+    New(AttachMode),
+    /// Our programs were already there (an earlier agent's): swapped in place, no gap.
+    Replaced(AttachMode),
+}
+
+/// The kernel state an agent finds at start, to rebuild its allocations from.
+pub struct KernelState {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    /// Non-free entries of `BACKENDS`.
+    pub backends: Vec<(u32, Backend)>,
 }
 
 pub struct Datapath {
     ebpf: Ebpf,
     maps: Maps,
-    pin_dir: Option<PathBuf>,
-    attached: Vec<Attachment>,
-    unloaded: bool,
-}
-
-/// Our two links on one interface.
-struct Attachment {
-    iface: String,
-    links: Vec<(&'static str, SchedClassifierLinkId)>,
+    sizes: Sizes,
+    layout: Option<LayoutDir>,
+    /// Older layouts whose pinned links are taken over (updated in place and
+    /// re-pinned under `layout`) when this agent attaches.
+    older: Vec<LayoutDir>,
+    /// The maps were found pinned (a restart), not created.
+    adopted: bool,
+    attached: BTreeMap<String, Attachment>,
+    /// Detach and unpin on drop (tests, the demo, `--no-pin`); otherwise the
+    /// datapath outlives the agent.
+    cleanup_on_exit: bool,
+    finished: bool,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -188,16 +305,54 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
 
 /// `<bpffs>/mcs/v<LAYOUT_VERSION>`: where this layout's maps are pinned.
 pub fn pin_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join(PIN_ROOT).join(format!("v{LAYOUT_VERSION}"))
+    LayoutDir::new(bpffs, LAYOUT_VERSION).dir
 }
 
-fn map_selection(ebpf: &mut Ebpf, pin: Option<&Path>, slots: u32) -> Result<SlotMemory, DatapathError> {
+/// What each map must look like to be adopted: type, key and value size, flags.
+fn expected(name: &str) -> (MapType, usize, usize, u32) {
+    use std::mem::size_of;
+    match name {
+        MAP_SERVICES => (MapType::Hash, size_of::<ServiceKey>(), size_of::<ServiceValue>(), 0),
+        MAP_BACKENDS => (MapType::Array, 4, size_of::<Backend>(), 0),
+        MAP_SELECTION => (MapType::Array, 4, size_of::<SelectionPair>(), aya_obj_mmapable()),
+        MAP_CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 0),
+        MAP_REV_NAT => (MapType::LruHash, size_of::<RevNatKey>(), size_of::<RevNatValue>(), 0),
+        MAP_AFFINITY => (MapType::LruHash, size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
+        MAP_CONFIG => (MapType::Array, 4, 4, 0),
+        _ => (MapType::PerCpuArray, 4, 8, 0),
+    }
+}
+
+const fn aya_obj_mmapable() -> u32 {
+    1 << 10 // BPF_F_MMAPABLE
+}
+
+/// Checks a pinned map against what this agent expects. `Ok(Some(n))` adopts
+/// it with its pinned size `n`; `Ok(None)` means it is not there.
+fn check_pinned(name: &'static str, path: &Path) -> Result<Option<u32>, DatapathError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let incompatible = |message: String| DatapathError::Incompatible { name, path: path.to_owned(), message };
+    let info = MapInfo::from_pin(path).map_err(|e| incompatible(format!("cannot open it: {e}")))?;
+    let (kind, key, value, flags) = expected(name);
+    let found = info.map_type().map_err(|e| incompatible(e.to_string()))?;
+    if found != kind || info.key_size() as usize != key || info.value_size() as usize != value {
+        return Err(incompatible(format!(
+            "{found:?} with {}-byte keys and {}-byte values, expected {kind:?} with {key} and {value}",
+            info.key_size(),
+            info.value_size()
+        )));
+    }
+    if info.map_flags() & flags != flags {
+        return Err(incompatible(format!("flags {:#x}, expected {flags:#x}", info.map_flags())));
+    }
+    Ok(Some(info.max_entries()))
+}
+
+fn map_selection(ebpf: &mut Ebpf, slots: u32) -> Result<SlotMemory, DatapathError> {
     let name = MAP_SELECTION;
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
-    if let Some(dir) = pin {
-        let path = dir.join(name);
-        map.pin(&path).map_err(|source| DatapathError::Pin { name, path, source })?;
-    }
     let Map::Array(data) = &map else {
         return Err(DatapathError::Map { name, source: MapError::InvalidMapType { map_type: 0 } });
     };
@@ -207,68 +362,157 @@ fn map_selection(ebpf: &mut Ebpf, pin: Option<&Path>, slots: u32) -> Result<Slot
     SlotMemory::map(&fd, slots.div_ceil(2) * 2).map_err(io_err)
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str, pin: Option<&Path>) -> Result<T, DatapathError>
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
-    if let Some(dir) = pin {
-        let path = dir.join(name);
-        map.pin(&path).map_err(|source| DatapathError::Pin { name, path, source })?;
-    }
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
 impl Datapath {
-    /// Loads the programs and creates the maps. With `bpffs`, the maps are
-    /// pinned under [`pin_dir`]; pins left by an earlier run are replaced.
+    /// Loads the programs and creates unpinned maps, removed on drop
+    /// (fixtures, benchmarks).
     pub fn load(sizes: Sizes, bpffs: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut dp = Self::open(sizes, bpffs.map(|root| (root, LAYOUT_VERSION)))?;
+        dp.cleanup_on_exit = true;
+        Ok(dp)
+    }
+
+    /// Loads the programs. With `pins` (bpffs root, layout version), maps
+    /// pinned there by an earlier agent are adopted as they are (their
+    /// contents, and their sizes where they differ from `sizes`) and missing
+    /// ones are created and pinned. Nothing is attached yet.
+    pub fn open(sizes: Sizes, pins: Option<(&Path, u32)>) -> Result<Self, DatapathError> {
         let Sizes { capacity, conntrack } = sizes;
+        let mut wanted = [
+            (MAP_SERVICES, capacity.services),
+            (MAP_BACKENDS, capacity.backends),
+            (MAP_SELECTION, capacity.slots.div_ceil(2)),
+            (MAP_CONNTRACK, conntrack),
+            (MAP_REV_NAT, conntrack),
+            (MAP_AFFINITY, conntrack),
+            (MAP_STATS, Stat::COUNT),
+            (MAP_CONFIG, 1),
+        ];
+        let layout = match pins {
+            Some((root, version)) => {
+                ensure_bpffs(root)?;
+                let layout = LayoutDir::new(root, version);
+                for dir in ["ingress", "egress"] {
+                    fs::create_dir_all(layout.links().join(dir)).map_err(|e| DatapathError::Bpffs {
+                        path: layout.dir.clone(),
+                        message: format!("cannot create the pin directory: {e}"),
+                    })?;
+                }
+                Some(layout)
+            }
+            None => None,
+        };
+        let mut adopted = false;
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(MAP_SERVICES, capacity.services)
-            .map_max_entries(MAP_BACKENDS, capacity.backends)
-            .map_max_entries(MAP_SELECTION, capacity.slots.div_ceil(2))
-            .map_max_entries(MAP_CONNTRACK, conntrack)
-            .map_max_entries(MAP_REV_NAT, conntrack)
-            .map_max_entries(MAP_AFFINITY, conntrack);
+        for (name, size) in &mut wanted {
+            if let Some(layout) = &layout {
+                let path = layout.map(name);
+                match check_pinned(name, &path) {
+                    Ok(Some(pinned)) if *name == MAP_STATS && pinned != Stat::COUNT => {
+                        // Counters only: start them afresh rather than refuse to start.
+                        warn!(path = %path.display(), "pinned counters have another size; starting them from zero");
+                        let _ = fs::remove_file(&path);
+                    }
+                    Ok(Some(pinned)) => {
+                        if pinned != *size {
+                            warn!(
+                                map = *name,
+                                pinned,
+                                requested = *size,
+                                "adopting the pinned map with its own size; a new size takes `mcs-agent uninstall` and a restart"
+                            );
+                            *size = pinned;
+                        }
+                        adopted |= *name == MAP_SERVICES;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(e),
+                }
+                loader.map_pin_path(name, path);
+            }
+            loader.map_max_entries(name, *size);
+        }
         let mut ebpf = loader.load(OBJECT)?;
         for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
-
-        let pin_dir = match bpffs {
-            Some(root) => {
-                ensure_bpffs(root)?;
-                let dir = pin_dir(root);
-                if dir.exists() {
-                    // Until the agent adopts pinned state across restarts, old pins
-                    // only hold stale maps alive.
-                    warn!(path = %dir.display(), "removing pinned maps left by an earlier run");
-                    fs::remove_dir_all(&dir).map_err(|e| DatapathError::Bpffs {
-                        path: dir.clone(),
-                        message: format!("cannot remove stale pins: {e}"),
-                    })?;
-                }
-                fs::create_dir_all(&dir).map_err(|e| DatapathError::Bpffs {
-                    path: dir.clone(),
-                    message: format!("cannot create the pin directory: {e}"),
-                })?;
-                Some(dir)
-            }
-            None => None,
-        };
-        let pin = pin_dir.as_deref();
+        let [services, backends, slot_pairs, conntrack, ..] = wanted.map(|(_, size)| size);
+        let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
         let maps = Maps {
-            services: take(&mut ebpf, MAP_SERVICES, pin)?,
-            backends: take(&mut ebpf, MAP_BACKENDS, pin)?,
-            selection: map_selection(&mut ebpf, pin, capacity.slots)?,
-            conntrack: take(&mut ebpf, MAP_CONNTRACK, pin)?,
-            rev_nat: take(&mut ebpf, MAP_REV_NAT, pin)?,
-            affinity: take(&mut ebpf, MAP_AFFINITY, pin)?,
-            stats: take(&mut ebpf, MAP_STATS, pin)?,
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            selection: map_selection(&mut ebpf, capacity.slots)?,
+            conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
+            rev_nat: take(&mut ebpf, MAP_REV_NAT)?,
+            affinity: take(&mut ebpf, MAP_AFFINITY)?,
+            stats: take(&mut ebpf, MAP_STATS)?,
+            config: take(&mut ebpf, MAP_CONFIG)?,
         };
-        Ok(Self { ebpf, maps, pin_dir, attached: Vec::new(), unloaded: false })
+        let cleanup_on_exit = layout.is_none();
+        Ok(Self {
+            ebpf,
+            maps,
+            sizes: Sizes { capacity, conntrack },
+            layout,
+            older: Vec::new(),
+            adopted,
+            attached: BTreeMap::new(),
+            cleanup_on_exit,
+            finished: false,
+        })
+    }
+
+    /// Older layouts to take pinned links over from (see [`retire_layout`]).
+    pub fn set_older_layouts(&mut self, older: Vec<LayoutDir>) {
+        if self.layout.is_some() {
+            self.older = older;
+        }
+    }
+
+    /// Tells the programs whether an older layout's programs run behind them.
+    pub fn set_handoff(&mut self, on: bool) -> Result<(), DatapathError> {
+        let flags = if on { mcs_common::CONFIG_F_HANDOFF } else { 0 };
+        self.maps.config.set(0, flags, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })
+    }
+
+    pub fn conntrack_len(&self) -> usize {
+        self.maps.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// The sizes in force (adopted maps keep theirs).
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    /// True when the maps were found pinned by an earlier agent.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn layout(&self) -> Option<&LayoutDir> {
+        self.layout.as_ref()
+    }
+
+    /// Detach and unpin everything when this value is dropped.
+    pub fn set_cleanup_on_exit(&mut self, cleanup: bool) {
+        self.cleanup_on_exit = cleanup || self.layout.is_none();
+    }
+
+    /// What the maps hold, for rebuilding the agent's allocations after a restart.
+    pub fn kernel_state(&self) -> KernelState {
+        let services = self.maps.services.iter().filter_map(Result::ok).collect();
+        let backends = (1..self.sizes.capacity.backends)
+            .filter_map(|id| Some((id, self.maps.backends.get(&id, 0).ok()?)))
+            .filter(|(_, b)| *b != Backend::default())
+            .collect();
+        KernelState { services, backends }
     }
 
     pub fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -276,14 +520,16 @@ impl Datapath {
     }
 
     /// Hooks ingress (DNAT) and egress (reverse NAT) to `iface`, first in line.
-    /// Our own programs found there from an earlier, crashed run are removed
-    /// first: they would keep translating with stale maps.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DatapathError> {
+    ///
+    /// Our programs already there (an earlier agent's, through a pinned TCX link
+    /// or our netlink filter slot) are replaced in place, atomically: no packet
+    /// ever passes the interface without one of them. Copies of our programs
+    /// we cannot replace (a TCX link pinned elsewhere) are removed.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DatapathError> {
         let iface_err = |message: String| DatapathError::Interface { iface: iface.to_owned(), message };
         if nix::net::if_::if_nametoindex(iface).is_err() {
             return Err(iface_err("no such interface in this network namespace".into()));
         }
-        remove_stale(iface);
         let mode = mode.resolve();
         if mode == AttachMode::Netlink {
             match tc::qdisc_add_clsact(iface) {
@@ -292,51 +538,168 @@ impl Datapath {
                 Err(e) => return Err(iface_err(format!("adding the clsact qdisc: {e}"))),
             }
         }
-        let mut links = Vec::new();
-        for (name, attach_type) in [(PROG_INGRESS, TcAttachType::Ingress), (PROG_EGRESS, TcAttachType::Egress)] {
-            let options = match mode {
-                AttachMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
-                _ => TcAttachOptions::TcxOrder(LinkOrder::first()),
+        let mut hooks = Vec::new();
+        let mut replaced = false;
+        // Reverse NAT first: a reply must never meet a translation it cannot undo
+        // (DNAT in place while the egress hook is still missing or older).
+        for (name, attach_type) in [(PROG_EGRESS, TcAttachType::Egress), (PROG_INGRESS, TcAttachType::Ingress)] {
+            let hooked = match mode {
+                AttachMode::Netlink => self.hook_netlink(iface, name, attach_type),
+                _ => self.hook_tcx(iface, name, attach_type),
             };
-            match program(&mut self.ebpf, name)?.attach_with_options(iface, attach_type, options) {
-                Ok(id) => links.push((name, id)),
-                Err(e) => {
-                    // Never leave an interface half-attached (DNAT without reverse NAT).
-                    self.detach_links(links);
-                    return Err(iface_err(format!("attaching {name} ({mode:?}): {e}")));
+            match hooked {
+                Ok((hook, was_there)) => {
+                    replaced |= was_there;
+                    hooks.push(hook);
+                }
+                Err(message) => {
+                    // Never leave an interface half-attached (DNAT without reverse NAT),
+                    // unless that half was there before us.
+                    if !replaced {
+                        release(iface, hooks);
+                    }
+                    return Err(iface_err(format!("attaching {name} ({mode:?}): {message}")));
                 }
             }
         }
-        info!(iface, ?mode, "attached");
-        self.attached.push(Attachment { iface: iface.to_owned(), links });
-        Ok(mode)
+        let mut keep: Vec<u32> = hooks.iter().filter_map(hook_link_id).collect();
+        keep.extend(self.protected_links());
+        remove_stale(iface, &keep, mode);
+        info!(iface, ?mode, replaced, "attached");
+        self.attached.insert(iface.to_owned(), Attachment { hooks });
+        Ok(if replaced { Attached::Replaced(mode) } else { Attached::New(mode) })
+    }
+
+    fn hook_tcx(&mut self, iface: &str, name: &'static str, attach_type: TcAttachType) -> Result<(Hook, bool), String> {
+        let pin = self.layout.as_ref().map(|l| l.link(iface, attach_type));
+        // An earlier agent's pinned link on this very interface (this layout's,
+        // else an older layout's): swap the program in place.
+        let candidates: Vec<PathBuf> =
+            pin.iter().cloned().chain(self.older.iter().map(|l| l.link(iface, attach_type))).collect();
+        let prog = program(&mut self.ebpf, name).map_err(|e| e.to_string())?;
+        for found in candidates.iter().filter(|p| p.exists()) {
+            let Some(link) = adopt_link(found, iface, attach_type) else {
+                // A link of an interface that was deleted and created again.
+                let _ = fs::remove_file(found);
+                continue;
+            };
+            if pin.as_ref() != Some(found) {
+                // An older layout's link: its programs know the flows of the older
+                // maps, so they stay behind ours (see `CONFIG_F_HANDOFF`) until
+                // `retire_layout` unpins them.
+                drop(link);
+                let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+                let id = prog.attach_with_options(iface, attach_type, options).map_err(|e| e.to_string())?;
+                let fd = FdLink::try_from(prog.take_link(id).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                let link_id = fd.info().map_err(|e| e.to_string())?.id();
+                let path = pin.clone().expect("older layouts are only set with pins");
+                fd.pin(&path).map_err(|e| format!("pinning the link at {}: {e}", path.display()))?;
+                return Ok((Hook::Pinned { path, link_id }, true));
+            }
+            let id = prog.attach_to_link(link).map_err(|e| format!("BPF_LINK_UPDATE: {e}"))?;
+            let link = prog.take_link(id).map_err(|e| e.to_string())?;
+            let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+            let link_id = fd.info().map_err(|e| e.to_string())?.id();
+            return Ok((Hook::Pinned { path: found.clone(), link_id }, true));
+        }
+        let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+        let id = prog.attach_with_options(iface, attach_type, options).map_err(|e| e.to_string())?;
+        let link = prog.take_link(id).map_err(|e| e.to_string())?;
+        let Some(path) = pin else {
+            return Ok((Hook::Owned(link), false));
+        };
+        let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+        let link_id = fd.info().map_err(|e| e.to_string())?.id();
+        // Dropping the PinnedLink closes our fd; the pin keeps the link attached.
+        fd.pin(&path).map_err(|e| format!("pinning the link at {}: {e}", path.display()))?;
+        Ok((Hook::Pinned { path, link_id }, false))
+    }
+
+    fn hook_netlink(
+        &mut self,
+        iface: &str,
+        name: &'static str,
+        attach_type: TcAttachType,
+    ) -> Result<(Hook, bool), String> {
+        let prog = program(&mut self.ebpf, name).map_err(|e| e.to_string())?;
+        let handle = TcHandle::from(NL_HANDLE);
+        // Replace in place when our filter is there (an earlier agent's), else create it.
+        let existing =
+            SchedClassifierLink::attached(iface, attach_type, NL_PRIORITY, handle, None).map_err(|e| e.to_string())?;
+        let (id, replaced) = match prog.attach_to_link(existing) {
+            Ok(id) => (id, true),
+            Err(_) => {
+                let options =
+                    TcAttachOptions::Netlink(NlOptions { priority: NL_PRIORITY, handle, ..Default::default() });
+                (prog.attach_with_options(iface, attach_type, options).map_err(|e| e.to_string())?, false)
+            }
+        };
+        // The filter lives in the kernel on its own; forget aya's handle so
+        // dropping the program does not remove it.
+        std::mem::forget(prog.take_link(id).map_err(|e| e.to_string())?);
+        Ok((Hook::Netlink(attach_type), replaced))
+    }
+
+    /// Links that are ours even though this call did not make them: this
+    /// agent's hooks elsewhere, and every link pinned in our layout directories
+    /// (an earlier agent's, still serving interfaces not taken over yet).
+    fn protected_links(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.attached.values().flat_map(|a| a.hooks.iter().filter_map(hook_link_id)).collect();
+        for layout in self.layout.iter().chain(&self.older) {
+            for iface in layout.pinned_interfaces() {
+                for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+                    if let Ok(pinned) = PinnedLink::from_pin(layout.link(&iface, attach_type))
+                        && let Ok(info) = FdLink::from(pinned).info()
+                    {
+                        ids.push(info.id());
+                    }
+                }
+            }
+        }
+        ids
     }
 
     /// Detaches from `iface` (or forgets it, when the interface is already gone).
     pub fn forget(&mut self, iface: &str) -> bool {
-        let Some(pos) = self.attached.iter().position(|a| a.iface == iface) else {
+        let Some(attachment) = self.attached.remove(iface) else {
             return false;
         };
-        let attachment = self.attached.remove(pos);
-        self.detach_links(attachment.links);
+        release(iface, attachment.hooks);
         true
     }
 
-    fn detach_links(&mut self, links: Vec<(&'static str, SchedClassifierLinkId)>) {
-        for (name, id) in links {
-            if let Ok(prog) = program(&mut self.ebpf, name)
-                && let Err(e) = prog.detach(id)
-            {
-                // The kernel already dropped the link of a deleted interface.
-                debug!(program = name, error = %e, "detach");
+    /// Interfaces with a pinned link that this agent has not attached (yet).
+    pub fn pinned_not_attached(&self) -> Vec<String> {
+        let Some(layout) = &self.layout else { return Vec::new() };
+        layout.pinned_interfaces().into_iter().filter(|i| !self.attached.contains_key(i)).collect()
+    }
+
+    /// Detaches and unpins an earlier agent's links on an interface this agent
+    /// does not serve (no longer named by a flag or pattern, or gone).
+    pub fn release_pinned(&mut self, iface: &str) {
+        let Some(layout) = &self.layout else { return };
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let path = layout.link(iface, attach_type);
+            if path.exists() {
+                match fs::remove_file(&path) {
+                    Ok(()) => info!(
+                        iface,
+                        direction = direction(attach_type),
+                        "released a pinned link of an interface not served any more"
+                    ),
+                    Err(e) => warn!(iface, path = %path.display(), error = %e, "removing a pinned link failed"),
+                }
             }
         }
     }
 
     pub fn is_attached(&self, iface: &str) -> bool {
-        self.attached.iter().any(|a| a.iface == iface)
+        self.attached.contains_key(iface)
     }
 
+    pub fn attached_count(&self) -> usize {
+        self.attached.len()
+    }
     /// Executes a plan's operations in order.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
         let maps = &mut self.maps;
@@ -435,45 +798,106 @@ impl Datapath {
         self.maps.conntrack.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_CONNTRACK, source })
     }
 
-    /// Detaches from every interface and removes the pins. Dropping does the
-    /// same; this is the variant that reports what happened.
+    /// Stops the agent's hold on the datapath. Unless cleanup on exit was
+    /// asked for, programs stay attached and maps pinned: the datapath keeps
+    /// serving the last programmed state until the next agent adopts it.
     pub fn shutdown(self) {
         drop(self);
     }
 
-    fn cleanup(&mut self) {
-        if self.unloaded {
+    fn finish(&mut self) {
+        if self.finished {
             return;
         }
-        self.unloaded = true;
-        for name in [PROG_INGRESS, PROG_EGRESS] {
-            if let Ok(prog) = program(&mut self.ebpf, name) {
-                // Unloading a program detaches every link aya holds for it.
-                if let Err(e) = prog.unload() {
-                    warn!(program = name, error = %e, "detaching failed");
-                }
-            }
+        self.finished = true;
+        if !self.cleanup_on_exit {
+            let pinned =
+                self.attached.values().flat_map(|a| &a.hooks).filter(|h| matches!(h, Hook::Pinned { .. })).count();
+            info!(links = pinned, "leaving programs attached and maps pinned for the next agent");
+            // Dropping a pinned link's fd leaves it attached; owned links never
+            // exist with pins.
+            return;
         }
-        for attachment in self.attached.drain(..) {
-            debug!(iface = attachment.iface, "detached");
+        for (iface, attachment) in std::mem::take(&mut self.attached) {
+            release(&iface, attachment.hooks);
+            debug!(iface, "detached");
         }
-        if let Some(dir) = self.pin_dir.take() {
-            match fs::remove_dir_all(&dir) {
-                Ok(()) => debug!(path = %dir.display(), "removed pins"),
-                Err(e) => warn!(path = %dir.display(), error = %e, "removing pins failed"),
-            }
-            // Leave the shared parent only if another layout version still uses it.
-            if let Some(parent) = dir.parent() {
-                let _ = fs::remove_dir(parent);
-            }
+        if let Some(layout) = self.layout.take() {
+            remove_layout(&layout);
         }
     }
 }
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        self.cleanup();
+        self.finish();
     }
+}
+
+/// Removes a layout's pins (links first: that detaches them) and its directory,
+/// and the shared parent when no other layout uses it.
+fn remove_layout(layout: &LayoutDir) {
+    for iface in layout.pinned_interfaces() {
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let _ = fs::remove_file(layout.link(iface.as_str(), attach_type));
+        }
+    }
+    match fs::remove_dir_all(&layout.dir) {
+        Ok(()) => debug!(path = %layout.dir.display(), "removed pins"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %layout.dir.display(), error = %e, "removing pins failed"),
+    }
+    if let Some(parent) = layout.dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
+}
+
+fn hook_link_id(hook: &Hook) -> Option<u32> {
+    match hook {
+        Hook::Pinned { link_id, .. } => Some(*link_id),
+        Hook::Owned(l) => <&FdLink>::try_from(l).ok()?.info().ok().map(|i| i.id()),
+        Hook::Netlink(_) => None,
+    }
+}
+
+/// Detaches one interface's hooks.
+fn release(iface: &str, hooks: Vec<Hook>) {
+    for hook in hooks {
+        match hook {
+            Hook::Pinned { path, .. } => {
+                // Removing the pin drops the last reference: the link detaches.
+                if let Err(e) = fs::remove_file(&path) {
+                    debug!(iface, error = %e, "unpinning a link");
+                }
+            }
+            Hook::Owned(link) => {
+                if let Err(e) = link.detach() {
+                    // The kernel already dropped the link of a deleted interface.
+                    debug!(iface, error = %e, "detach");
+                }
+            }
+            Hook::Netlink(attach_type) => {
+                if let Ok(link) =
+                    SchedClassifierLink::attached(iface, attach_type, NL_PRIORITY, TcHandle::from(NL_HANDLE), None)
+                    && let Err(e) = link.detach()
+                {
+                    debug!(iface, error = %e, "removing the netlink filter");
+                }
+            }
+        }
+    }
+}
+
+/// Opens an earlier agent's pinned link if it still hooks `iface`: the
+/// interface may have been deleted and created again under the same name.
+fn adopt_link(path: &Path, iface: &str, attach_type: TcAttachType) -> Option<SchedClassifierLink> {
+    let fd = FdLink::from(PinnedLink::from_pin(path).ok()?);
+    let prog_id = fd.info().ok()?.program_id();
+    let (_, programs) = SchedClassifier::query_tcx(iface, attach_type).ok()?;
+    if !programs.iter().any(|p| p.id() == prog_id) {
+        return None;
+    }
+    SchedClassifierLink::try_from(fd).ok()
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
@@ -481,15 +905,18 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedCl
     program.try_into().map_err(|source| DatapathError::Program { name, source })
 }
 
-/// Finds our programs on `iface` that this process did not attach and removes
-/// them, saying so: a crashed agent's netlink filters (and any TCX link kept
-/// alive by a pin) would otherwise keep translating with maps nobody updates.
-pub fn remove_stale(iface: &str) -> Vec<String> {
+/// Finds copies of our programs on `iface` that are not the hooks in `keep`
+/// and removes them, saying so: a TCX link pinned by something else, or an
+/// older agent's netlink filter at another priority, would translate with
+/// maps nobody updates.
+pub fn remove_stale(iface: &str, keep: &[u32], mode: AttachMode) -> Vec<String> {
     let mut removed = Vec::new();
     for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
-        for name in [PROG_INGRESS, PROG_EGRESS] {
-            match tc::qdisc_detach_program(iface, attach_type, name) {
-                Ok(()) => {
+        if mode != AttachMode::Netlink {
+            // Our own netlink filters only matter in netlink mode; in TCX mode
+            // every netlink copy is stale.
+            for name in [PROG_INGRESS, PROG_EGRESS] {
+                if tc::qdisc_detach_program(iface, attach_type, name).is_ok() {
                     warn!(
                         iface,
                         program = name,
@@ -498,22 +925,24 @@ pub fn remove_stale(iface: &str) -> Vec<String> {
                     );
                     removed.push(format!("netlink {name} {attach_type:?}"));
                 }
-                Err(e) => debug!(iface, program = name, error = %e, "no stale netlink filter"),
             }
         }
         let Ok((_, programs)) = SchedClassifier::query_tcx(iface, attach_type) else {
             continue;
         };
-        let stale: Vec<u32> = programs
+        let ours: Vec<u32> = programs
             .iter()
             .filter(|p| matches!(p.name_as_str(), Some(PROG_INGRESS | PROG_EGRESS)))
             .map(|p| p.id())
             .collect();
-        if stale.is_empty() {
+        if ours.is_empty() {
             continue;
         }
         for link in aya::programs::loaded_links().filter_map(Result::ok) {
-            if link.link_type().ok() == Some(LinkType::Tcx) && stale.contains(&link.program_id()) {
+            if link.link_type().ok() == Some(LinkType::Tcx)
+                && ours.contains(&link.program_id())
+                && !keep.contains(&link.id())
+            {
                 match detach_link(link.id()) {
                     Ok(()) => {
                         warn!(
@@ -548,8 +977,128 @@ fn detach_link(link_id: u32) -> io::Result<()> {
     }
     // SAFETY: the kernel just returned this descriptor to us.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let attr = [std::os::fd::AsRawFd::as_raw_fd(&fd) as u32, 0, 0, 0];
+    let attr = [fd.as_raw_fd() as u32, 0, 0, 0];
     // SAFETY: as above.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of_val(&attr)) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    pub layouts: Vec<u32>,
+    pub links: usize,
+    pub netlink_filters: usize,
+}
+
+/// Removes mcs-agent from this node: every pinned link (which detaches it),
+/// every pinned map of every layout version, and our netlink filters on every
+/// interface of this network namespace.
+pub fn uninstall(bpffs: &Path) -> Result<Uninstalled, DatapathError> {
+    let mut done = Uninstalled::default();
+    ensure_bpffs(bpffs)?;
+    for layout in LayoutDir::others(bpffs, u32::MAX) {
+        done.links += layout.pinned_interfaces().len() * 2;
+        remove_layout(&layout);
+        done.layouts.push(layout.version);
+    }
+    let _ = fs::remove_dir(bpffs.join(PIN_ROOT));
+    let interfaces = nix::net::if_::if_nameindex()
+        .map_err(|e| DatapathError::Bpffs { path: bpffs.to_owned(), message: format!("listing interfaces: {e}") })?;
+    for iface in interfaces.iter() {
+        let Ok(name) = iface.name().to_str() else { continue };
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            for prog in [PROG_INGRESS, PROG_EGRESS] {
+                if tc::qdisc_detach_program(name, attach_type, prog).is_ok() {
+                    done.netlink_filters += 1;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Copies established flows and affinity from an older layout's pinned maps
+/// into this agent's, where their shapes are the same, mapping service and
+/// backend ids through the frontends and addresses both sides know. Entries
+/// this agent already has win. Returns (conntrack, reverse NAT, affinity)
+/// entries copied.
+///
+/// A layout bump that changes `CtKey`/`CtValue`, `RevNatKey`/`RevNatValue` or
+/// the affinity types must add a conversion here (see ARCHITECTURE.md).
+pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usize) {
+    fn open<K: aya::Pod, V: aya::Pod>(old: &LayoutDir, name: &'static str) -> Option<HashMap<MapData, K, V>> {
+        let path = old.map(name);
+        let (kind, key, value, _) = expected(name);
+        let info = MapInfo::from_pin(&path).ok()?;
+        if info.map_type().ok()? != kind || info.key_size() as usize != key || info.value_size() as usize != value {
+            warn!(
+                map = name,
+                layout = old.version,
+                "the older layout's map has another shape; its entries are not carried over"
+            );
+            return None;
+        }
+        let data = MapData::from_pin(&path).ok()?;
+        let map = if kind == MapType::LruHash { Map::LruHashMap(data) } else { Map::HashMap(data) };
+        HashMap::try_from(map).ok()
+    }
+    let old_services: Option<HashMap<MapData, ServiceKey, ServiceValue>> = open(old, MAP_SERVICES);
+    let old_backends =
+        MapData::from_pin(old.map(MAP_BACKENDS)).ok().and_then(|d| Array::<_, Backend>::try_from(Map::Array(d)).ok());
+    let new_service_ids: BTreeMap<ServiceKey, u32> =
+        current.services().into_iter().map(|(k, v)| (k, v.service_id)).collect();
+    let service_id: BTreeMap<u32, u32> = old_services
+        .iter()
+        .flat_map(|m| m.iter().filter_map(Result::ok))
+        .filter_map(|(k, v)| Some((v.service_id, *new_service_ids.get(&k)?)))
+        .collect();
+    let new_backend_ids: BTreeMap<Backend, u32> =
+        current.kernel_state().backends.into_iter().map(|(id, b)| (b, id)).collect();
+    let backend_id = |old_id: u32| -> u32 {
+        old_backends
+            .as_ref()
+            .and_then(|m| m.get(&old_id, 0).ok())
+            .and_then(|b| new_backend_ids.get(&b).copied())
+            .unwrap_or(mcs_common::NO_BACKEND)
+    };
+    let no_exist = 1; // BPF_NOEXIST
+    let mut copied = (0, 0, 0);
+    if let Some(ct) = open::<CtKey, CtValue>(old, MAP_CONNTRACK) {
+        for (k, mut v) in ct.iter().filter_map(Result::ok) {
+            v.backend_id = backend_id(v.backend_id);
+            v.service_id = service_id.get(&v.service_id).copied().unwrap_or(0);
+            if current.maps.conntrack.insert(k, v, no_exist).is_ok() {
+                copied.0 += 1;
+            }
+        }
+    }
+    if let Some(rev) = open::<RevNatKey, RevNatValue>(old, MAP_REV_NAT) {
+        for (k, v) in rev.iter().filter_map(Result::ok) {
+            if current.maps.rev_nat.insert(k, v, no_exist).is_ok() {
+                copied.1 += 1;
+            }
+        }
+    }
+    if let Some(affinity) = open::<AffinityKey, AffinityValue>(old, MAP_AFFINITY) {
+        for (mut k, mut v) in affinity.iter().filter_map(Result::ok) {
+            let (Some(&sid), bid) = (service_id.get(&k.service_id), backend_id(v.backend_id)) else { continue };
+            if bid == mcs_common::NO_BACKEND {
+                continue;
+            }
+            k.service_id = sid;
+            v.backend_id = bid;
+            if current.maps.affinity.insert(k, v, no_exist).is_ok() {
+                copied.2 += 1;
+            }
+        }
+    }
+    copied
+}
+
+/// Removes an older layout once this agent serves every interface: its
+/// remaining pinned links (interfaces nobody serves now) and its maps.
+pub fn retire_layout(layout: &LayoutDir) {
+    remove_layout(layout);
+    info!(version = layout.version, path = %layout.dir.display(), "removed the older layout's pins");
 }

@@ -151,6 +151,11 @@ pub struct Policy {
     pub max_table_size: u32,
     /// Leave imports that a derived Service already serves to kube-proxy.
     pub skip_derived: bool,
+    /// `--clusterset-ip-cidr`: when set, a ClusterSetIP must fall in one of them.
+    pub vip_cidrs: Vec<ipnet::Ipv4Net>,
+    /// This node's own addresses: never a ClusterSetIP (it would capture the
+    /// node's traffic).
+    pub node_addresses: BTreeSet<Ipv4Addr>,
 }
 
 impl Default for Policy {
@@ -160,6 +165,8 @@ impl Default for Policy {
             tiers: DEFAULT_TIERS.to_vec(),
             max_table_size: maglev::DEFAULT_MAX_TABLE_SIZE,
             skip_derived: false,
+            vip_cidrs: Vec::new(),
+            node_addresses: BTreeSet::new(),
         }
     }
 }
@@ -202,6 +209,8 @@ struct ValidImport {
     namespace: String,
     name: String,
     vip: Ipv4Addr,
+    /// Where the VIP stands in `spec.ips`, for error messages.
+    vip_index: usize,
     ports: Vec<(FrontendKey, String)>,
     affinity_timeout_secs: u32,
     traffic_distribution: Option<TrafficDistribution>,
@@ -234,6 +243,7 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         ));
     }
     let mut vip = None;
+    let mut vip_index = 0;
     for (i, raw) in spec.ips.iter().enumerate() {
         let ip: IpAddr =
             raw.parse().map_err(|_| err(format!("spec.ips[{i}]"), format!("{raw:?} is not an IP address")))?;
@@ -241,10 +251,11 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
             if vip.is_some() {
                 return Err(err(format!("spec.ips[{i}]"), "a second IPv4 address; one per family is allowed".into()));
             }
-            if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() {
-                return Err(err(format!("spec.ips[{i}]"), format!("{v4} cannot be a service address")));
+            if let Some(why) = never_a_vip(v4) {
+                return Err(err(format!("spec.ips[{i}]"), format!("{v4} cannot be a ClusterSetIP: {why}")));
             }
             vip = Some(v4);
+            vip_index = i;
         }
     }
     let mut ports = Vec::with_capacity(spec.ports.len());
@@ -298,6 +309,7 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         namespace,
         name,
         vip,
+        vip_index,
         ports,
         affinity_timeout_secs,
         traffic_distribution: TrafficDistribution::parse(spec.traffic_distribution.as_deref()),
@@ -362,13 +374,61 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
     Ok(Some(ValidSlice { ports, endpoints }))
 }
 
+/// Addresses that can never be a ClusterSetIP, whatever the flags say.
+fn never_a_vip(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() || ip.octets()[0] == 0 {
+        Some("an unspecified (0.0.0.0/8) address")
+    } else if ip.is_loopback() {
+        Some("a loopback address; it would capture the pod's own traffic")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_link_local() {
+        Some("a link-local address (169.254.0.0/16, e.g. cloud metadata)")
+    } else {
+        None
+    }
+}
+
+/// Why `vip` must not be served on this node, given where pods and the node are.
+fn vip_conflict(vip: Ipv4Addr, policy: &Policy, endpoints: &BTreeMap<Ipv4Addr, String>) -> Option<String> {
+    if !policy.vip_cidrs.is_empty() && !policy.vip_cidrs.iter().any(|net| net.contains(&vip)) {
+        let cidrs: Vec<String> = policy.vip_cidrs.iter().map(ToString::to_string).collect();
+        return Some(format!("{vip} is outside --clusterset-ip-cidr {}", cidrs.join(", ")));
+    }
+    if policy.node_addresses.contains(&vip) {
+        return Some(format!("{vip} is an address of this node; serving it would capture the node's traffic"));
+    }
+    if let Some(slice) = endpoints.get(&vip) {
+        return Some(format!(
+            "{vip} is the address of an endpoint in EndpointSlice {slice}; serving it would capture that pod's traffic"
+        ));
+    }
+    None
+}
+
 /// Computes what the datapath should hold. Invalid objects are reported and
 /// left out whole; everything else is still computed.
 pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<ObjectError>) {
+    compute_with(snapshot, policy, &BTreeMap::new())
+}
+
+/// [`compute`], knowing which import holds each ClusterSetIP now (`held`:
+/// VIP -> `namespace/name`, what the datapath serves). Of two imports with one
+/// ClusterSetIP, the one holding it keeps it; otherwise the older (by
+/// `metadata.creationTimestamp`), then the first by name. The other is reported.
+pub fn compute_with(
+    snapshot: &Snapshot,
+    policy: &Policy,
+    held: &BTreeMap<Ipv4Addr, String>,
+) -> (DesiredState, Vec<ObjectError>) {
     let mut errors = Vec::new();
 
     // Slices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<ValidSlice>> = BTreeMap::new();
+    // Every pod address of every slice: none may become a ClusterSetIP.
+    let mut endpoint_ips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     let mut ordered_slices: Vec<_> = snapshot.slices.iter().collect();
     ordered_slices.sort_by_key(|(origin, s)| (object_ref(&s.metadata), origin.clone()));
     for (origin, slice) in ordered_slices {
@@ -377,7 +437,10 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
         };
         match validate_slice(origin, slice) {
             Ok(Some(valid)) => {
-                let (namespace, _) = object_ref(&slice.metadata);
+                let (namespace, name) = object_ref(&slice.metadata);
+                for (ip, _, _) in &valid.endpoints {
+                    endpoint_ips.entry(*ip).or_insert_with(|| format!("{namespace}/{name}"));
+                }
                 slices.entry((namespace, service.clone())).or_default().push(valid);
             }
             Ok(None) => {}
@@ -385,9 +448,16 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
         }
     }
 
-    // Imports in a stable order so that a VIP conflict always rejects the same one.
+    // Imports in a stable order so that a VIP conflict always rejects the same
+    // one: the current holder of a VIP first, then the oldest, then by name.
     let mut imports: Vec<_> = snapshot.imports.iter().collect();
-    imports.sort_by_key(|(origin, i)| (object_ref(&i.metadata), origin.clone()));
+    imports.sort_by_key(|(origin, i)| {
+        let (namespace, name) = object_ref(&i.metadata);
+        let service = format!("{namespace}/{name}");
+        let holds = held.values().any(|holder| *holder == service);
+        let created = i.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        (!holds, created.is_none(), created, (namespace, name), origin.clone())
+    });
     let mut state = DesiredState::default();
     let mut vip_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for (origin, import) in imports {
@@ -404,6 +474,11 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
             }
         };
         let service = format!("{}/{}", valid.namespace, valid.name);
+        if let Some(why) = vip_conflict(valid.vip, policy, &endpoint_ips) {
+            let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
+            errors.push(err(format!("spec.ips[{}]", valid.vip_index), why));
+            continue;
+        }
         if let Some(owner) = vip_owner.get(&valid.vip) {
             let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
             errors.push(err("spec.ips".into(), format!("{} is already the ClusterSetIP of {owner}", valid.vip)));

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use mcs_agent::{
-    datapath::{AttachMode, Datapath, DatapathError, Sizes},
+    datapath::{self, AttachMode, Attached, Datapath, DatapathError, Sizes},
     desired::{self, Policy},
     health::{self, HealthHandle},
     locality::{self, NodeLocality, Tier},
@@ -62,6 +62,17 @@ enum Command {
     /// Examples: `mcs-agent run --manifests deploy/examples --interface veth-pod1`;
     /// in a DaemonSet: `mcs-agent run --interface-pattern 'veth*'`.
     Run(RunArgs),
+    /// Remove mcs-agent from this node: detach its programs from every
+    /// interface and remove every pinned map and link, of every layout version.
+    ///
+    /// `run` never does this on its own (a stopped agent leaves the datapath
+    /// serving its last state, for the next agent to adopt). Run it after
+    /// deleting the DaemonSet, e.g. with deploy/uninstall/.
+    Uninstall {
+        /// Where bpffs is mounted.
+        #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
+        bpffs: PathBuf,
+    },
     /// Validate manifests and print the frontends and backends they produce.
     ///
     /// Touches nothing in the kernel. Exits non-zero when an object is invalid.
@@ -112,6 +123,13 @@ struct LocalityArgs {
     /// before kube-proxy's netfilter rules.
     #[arg(long, env = "MCS_SKIP_DERIVED")]
     skip_derived: bool,
+    /// Where ClusterSetIPs may be (repeatable; in the environment,
+    /// comma-separated), e.g. the clusterset's VIP range `10.96.0.0/16`. An
+    /// import with a ClusterSetIP outside every range is reported and skipped.
+    /// With or without it, loopback, link-local, multicast and broadcast
+    /// addresses, this node's addresses and any endpoint's address are refused.
+    #[arg(long = "clusterset-ip-cidr", value_name = "CIDR", env = "MCS_CLUSTERSET_IP_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    clusterset_ip_cidrs: Vec<ipnet::Ipv4Net>,
 }
 
 impl LocalityArgs {
@@ -125,6 +143,7 @@ impl LocalityArgs {
             locality_tiers,
             maglev_max_table_size,
             skip_derived,
+            clusterset_ip_cidrs,
         } = self;
         Policy {
             node: NodeLocality {
@@ -137,6 +156,8 @@ impl LocalityArgs {
             tiers: locality_tiers.0.clone(),
             max_table_size: *maglev_max_table_size,
             skip_derived: *skip_derived,
+            vip_cidrs: clusterset_ip_cidrs.clone(),
+            node_addresses: Default::default(),
         }
     }
 }
@@ -156,6 +177,22 @@ fn parse_cluster_region(value: &str) -> Result<(String, String), String> {
         }
         _ => Err(format!("{value:?} is not CLUSTER=REGION")),
     }
+}
+
+fn parse_cidr(value: &str) -> Result<ipnet::Ipv4Net, String> {
+    value
+        .parse::<ipnet::Ipv4Net>()
+        .map(|net| net.trunc())
+        .map_err(|_| format!("{value:?} is not an IPv4 CIDR like 10.96.0.0/16"))
+}
+
+/// This network namespace's IPv4 addresses: none may become a ClusterSetIP.
+fn local_addresses() -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .collect()
 }
 
 fn parse_table_size(value: &str) -> Result<u32, String> {
@@ -191,9 +228,19 @@ struct RunArgs {
     /// Where bpffs is (or is to be mounted). Maps are pinned under <BPFFS>/mcs/v<layout>/.
     #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
     bpffs: PathBuf,
-    /// Do not pin maps (nothing is left in bpffs even after a crash).
+    /// Do not pin maps or links: the datapath lives and dies with this
+    /// process, and nothing is left in bpffs.
     #[arg(long)]
     no_pin: bool,
+    /// On SIGINT/SIGTERM, detach the programs and remove the pins (tests, demos).
+    /// Without it a stopped agent leaves the datapath serving its last state,
+    /// and the next agent adopts it without dropping a connection.
+    #[arg(long)]
+    cleanup_on_exit: bool,
+    /// Test only: pretend the map layout has this version (pins go under
+    /// <BPFFS>/mcs/v<N>/), to exercise an upgrade across a layout change.
+    #[arg(long, value_name = "N", hide = true, default_value_t = mcs_common::LAYOUT_VERSION)]
+    layout_version: u32,
     /// Capacity of the frontend map (ClusterSetIP:port/protocol entries).
     #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_SERVICES)]
     max_services: u32,
@@ -236,6 +283,14 @@ fn main() -> Result<()> {
             .context("starting the runtime")?
             .block_on(run(args)),
         Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
+        Command::Uninstall { bpffs } => {
+            let done = datapath::uninstall(&bpffs).with_context(|| format!("--bpffs {}", bpffs.display()))?;
+            println!(
+                "removed layout version(s) {:?} ({} pinned link(s)), {} netlink filter(s)",
+                done.layouts, done.links, done.netlink_filters
+            );
+            Ok(())
+        }
     }
 }
 
@@ -345,6 +400,33 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// Connects to the API and starts the watches, retrying until it works: the
+/// datapath keeps serving its adopted state meanwhile. Configuration that
+/// cannot work (no kubeconfig at all) is fatal.
+async fn start_kube(
+    kubeconfig: Option<PathBuf>,
+    node_name: Option<String>,
+    events: mpsc::UnboundedSender<SourceEvent>,
+) -> Result<(KubeSource, Recorder)> {
+    let client = kube_client(kubeconfig.as_deref()).await?;
+    let mut backoff = Duration::from_millis(500);
+    let source = loop {
+        match KubeSource::start(client.clone(), node_name.as_deref(), events.clone()).await {
+            Ok(source) => break source,
+            Err(e) => {
+                let _ = events.send(SourceEvent::Error { what: "API discovery", message: e.to_string() });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let _ = events.send(SourceEvent::Resumed { what: "API discovery" });
+    info!("waiting for the first complete list of ServiceImports, EndpointSlices and this node");
+    source.wait_ready().await;
+    let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name };
+    Ok((source, Recorder::new(client, reporter)))
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let RunArgs {
         manifests,
@@ -354,6 +436,8 @@ async fn run(args: RunArgs) -> Result<()> {
         attach,
         bpffs,
         no_pin,
+        cleanup_on_exit,
+        layout_version,
         max_services,
         max_backends,
         max_selection_slots,
@@ -369,11 +453,11 @@ async fn run(args: RunArgs) -> Result<()> {
     // Both sources report through the same channel: a change, or a failing watch.
     let (signal_tx, mut signals) = mpsc::unbounded_channel::<SourceEvent>();
 
-    // The source first: a wrong directory or an unreachable API fails before
-    // anything touches the kernel.
+    // A wrong directory fails before anything touches the kernel.
     let mut file_watcher = None;
-    let mut recorder = None;
-    let source = match manifests {
+    let mut source = None;
+    let mut pending_kube = None;
+    match manifests {
         Some(dir) => {
             if !dir.is_dir() {
                 bail!("--manifests {}: not a directory", dir.display());
@@ -394,110 +478,207 @@ async fn run(args: RunArgs) -> Result<()> {
                 .watch(&dir, notify::RecursiveMode::NonRecursive)
                 .with_context(|| format!("watching {}", dir.display()))?;
             file_watcher = Some(watcher);
-            Source::Manifests(dir)
+            source = Some(Source::Manifests(dir));
         }
         None => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
-            let node_name = locality.node_name.clone();
-            let source = KubeSource::start(client.clone(), node_name.as_deref(), signal_tx.clone()).await?;
-            info!("waiting for the first complete list of ServiceImports, EndpointSlices and this node");
-            source.wait_ready().await;
-            let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name };
-            recorder = Some(Recorder::new(client, reporter));
-            Source::Kube(Box::new(source))
+            pending_kube = Some(tokio::spawn(start_kube(kubeconfig, locality.node_name.clone(), signal_tx.clone())));
         }
-    };
+    }
 
+    // The datapath next: an earlier agent's pinned maps are adopted as they
+    // are, and its programs keep serving them until this agent has reconciled.
     let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
     let sizes = Sizes { capacity, conntrack: max_conntrack };
-    let mut datapath = Datapath::load(sizes, (!no_pin).then_some(bpffs.as_path())).context("loading the datapath")?;
+    let pins = (!no_pin).then_some((bpffs.as_path(), layout_version));
+    let mut datapath = Datapath::open(sizes, pins).context("loading the datapath")?;
+    datapath.set_cleanup_on_exit(cleanup_on_exit);
+    let capacity = datapath.sizes().capacity;
+    let applied = if datapath.adopted() {
+        let state = datapath.kernel_state();
+        let (applied, problems) =
+            Applied::adopt(capacity, &state.services, &state.backends, |i| datapath.selection_slot(i));
+        for problem in &problems {
+            warn!(problem = %problem, "adopting the pinned state");
+        }
+        info!(
+            frontends = applied.frontend_count(),
+            backends = applied.backend_count(),
+            conntrack = datapath.conntrack_len(),
+            "adopted the datapath of an earlier agent; it keeps serving until this agent has reconciled"
+        );
+        applied
+    } else {
+        Applied::new(capacity)
+    };
+    let older = if no_pin { Vec::new() } else { datapath::LayoutDir::others(&bpffs, layout_version) };
+    if !older.is_empty() {
+        let versions: Vec<u32> = older.iter().map(|l| l.version).collect();
+        info!(?versions, current = layout_version, "found the pins of another layout version: upgrading from it");
+    }
+    datapath.set_older_layouts(older.clone());
 
-    // Program the maps before attaching, so the first packet already sees every service.
     let flags_policy = locality.policy();
-    let mut reconciler = Reconciler::new(Applied::new(capacity), flags_policy.clone());
-    reconcile(&source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref())
-        .await
-        .context("programming the maps")?;
-    info!(node = ?reconciler.policy().node, tiers = ?reconciler.policy().tiers, "locality");
-    for iface in &interfaces {
-        datapath.attach(iface, attach).with_context(|| format!("--interface {iface}"))?;
-    }
+    let mut reconciler = Reconciler::new(applied, flags_policy.clone());
+    let mut recorder = None;
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
-    if !patterns.is_empty() {
-        tokio::spawn(async move {
-            if let Err(e) = links::watch(patterns, link_tx).await {
-                error!(error = %e, "interface discovery stopped; new pods will not be served");
-            }
-        });
-    }
     // ifindex -> name of links attached through a pattern.
     let mut discovered: BTreeMap<u32, String> = BTreeMap::new();
-
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
     resync.tick().await;
-    health.set_ready();
-    info!(interfaces = ?interfaces, patterns = ?interface_patterns, health = %health_addr, "agent ready");
-
-    let mut stale = false;
+    // Failing watches by resource: ready only when none fails.
+    let mut stale: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut last_reconcile = Instant::now();
+    let mut serving = false;
+    let mut patterns = Some(patterns);
+    let mut wake = source.is_some();
+
     loop {
+        if wake && let Some(source) = &source {
+            health.beat();
+            match reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await {
+                Ok(()) if !serving => {
+                    // An upgrade across a layout change: flows first, so the new
+                    // programs know every connection when they take over.
+                    for layout in &older {
+                        let (ct, rev, affinity) = datapath::carry_over(&mut datapath, layout);
+                        info!(
+                            from = layout.version,
+                            conntrack = ct,
+                            rev_nat = rev,
+                            affinity,
+                            "carried over an older layout's flows"
+                        );
+                    }
+                    // Programs are swapped in only now: the maps hold the whole state.
+                    // Across layouts, the old programs stay behind ours for the
+                    // flows they created until the switch.
+                    datapath.set_handoff(!older.is_empty())?;
+                    take_over(&mut datapath, &interfaces, patterns.as_ref().expect("not started"), attach)?;
+                    if !older.is_empty() {
+                        for layout in &older {
+                            datapath::carry_over(&mut datapath, layout);
+                        }
+                        datapath.set_handoff(false)?;
+                        for layout in &older {
+                            datapath::retire_layout(layout);
+                        }
+                    }
+                    if let Some(patterns) = patterns.take()
+                        && !patterns.is_empty()
+                    {
+                        let tx = link_tx.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = links::watch(patterns, tx).await {
+                                error!(error = %e, "interface discovery stopped; new pods will not be served");
+                            }
+                        });
+                    }
+                    serving = true;
+                    health.set_ready();
+                    info!(node = ?reconciler.policy().node, tiers = ?reconciler.policy().tiers, "locality");
+                    info!(interfaces = ?interfaces, patterns = ?interface_patterns, health = %health_addr, "agent ready");
+                }
+                Ok(()) => {}
+                Err(e) => error!(error = %e, "applying to the datapath failed; retrying on the next change or resync"),
+            }
+            last_reconcile = Instant::now();
+        }
+        wake = false;
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = resync.tick() => {}
+            _ = resync.tick() => {
+                health.beat();
+                wake = true;
+            }
+            started = async { pending_kube.as_mut().expect("guarded").await }, if pending_kube.is_some() => {
+                pending_kube = None;
+                let (kube, events) = started.context("the API start task")??;
+                source = Some(Source::Kube(Box::new(kube)));
+                recorder = Some(events);
+                wake = true;
+            }
             Some(signal) = signals.recv() => {
-                match signal {
-                    SourceEvent::Error { what, message } => {
-                        if !stale {
-                            warn!(what, error = %message, "the API watch is failing; the datapath keeps its last good state (stale) while the watch backs off and retries");
-                        }
-                        stale = true;
-                        health.set_stale(Some(format!("{what} watch: {message}")));
-                        continue;
-                    }
-                    SourceEvent::Changed => {
-                        if stale {
-                            info!("the API watch resumed; state is current again");
-                            stale = false;
-                            health.set_stale(None);
-                        }
-                    }
-                }
+                let mut changed = false;
+                let mut pending = Some(signal);
                 // Leading-edge debounce: a lone change is applied at once, a burst
                 // becomes one reconcile per window.
                 let window = Duration::from_millis(debounce_ms).saturating_sub(last_reconcile.elapsed());
                 if !window.is_zero() {
                     tokio::time::sleep(window).await;
                 }
-                while let Ok(signal) = signals.try_recv() {
-                    if let SourceEvent::Error { what, message } = signal {
-                        stale = true;
-                        health.set_stale(Some(format!("{what} watch: {message}")));
+                while let Some(signal) = pending.take().or_else(|| signals.try_recv().ok()) {
+                    match signal {
+                        SourceEvent::Error { what, message } => {
+                            if !stale.contains_key(what) {
+                                warn!(what, error = %message, "the API is failing; the datapath keeps its last good state (stale) while the agent retries");
+                            }
+                            stale.insert(what, message);
+                        }
+                        SourceEvent::Resumed { what } => {
+                            if stale.remove(what).is_some() {
+                                info!(what, "the API works again");
+                            }
+                        }
+                        SourceEvent::Changed => changed = true,
                     }
                 }
+                let why: Vec<String> = stale.iter().map(|(what, message)| format!("{what}: {message}")).collect();
+                health.set_stale((!why.is_empty()).then(|| why.join("; ")));
+                wake = changed;
             }
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
-                continue;
             }
         }
-        health.beat();
-        if let Err(e) = reconcile(&source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await {
-            error!(error = %e, "applying to the datapath failed; retrying on the next change or resync");
-        }
-        last_reconcile = Instant::now();
     }
-    info!("shutting down: detaching and removing pins");
     drop(file_watcher);
+    if let Some(task) = pending_kube {
+        task.abort();
+    }
+    if cleanup_on_exit || no_pin {
+        info!("shutting down: detaching and removing pins");
+    }
     let stats = datapath.stats().unwrap_or_default();
     datapath.shutdown();
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
-    if counts.is_empty() {
-        warn!("packet counters unavailable");
-    } else {
-        info!(counters = %counts.join(" "), "stopped");
+    info!(counters = %counts.join(" "), "stopped");
+    Ok(())
+}
+
+/// Hooks this agent's programs everywhere: explicit interfaces (failing is
+/// fatal) and interfaces an earlier agent hooked that still match. Where an
+/// earlier agent's programs are attached they are swapped atomically.
+fn take_over(
+    datapath: &mut Datapath,
+    interfaces: &[String],
+    patterns: &links::Patterns,
+    mode: AttachMode,
+) -> Result<()> {
+    let mut replaced = 0;
+    for iface in interfaces {
+        if let Attached::Replaced(_) = datapath.attach(iface, mode).with_context(|| format!("--interface {iface}"))? {
+            replaced += 1;
+        }
+    }
+    for iface in datapath.pinned_not_attached() {
+        let present = nix::net::if_::if_nametoindex(iface.as_str()).is_ok();
+        if present && patterns.matches(&iface) {
+            match datapath.attach(&iface, mode) {
+                Ok(Attached::Replaced(_)) => replaced += 1,
+                Ok(Attached::New(_)) => {}
+                Err(e) => {
+                    warn!(iface, error = %e, "taking over a pinned interface failed; the earlier agent's programs stay")
+                }
+            }
+        } else {
+            datapath.release_pinned(&iface);
+        }
+    }
+    if replaced > 0 {
+        info!(interfaces = replaced, "replaced an earlier agent's programs in place");
     }
     Ok(())
 }
@@ -511,17 +692,26 @@ async fn reconcile(
     datapath: &mut Datapath,
     recorder: Option<&Recorder>,
 ) -> Result<(), DatapathError> {
+    let mut policy = flags.clone();
+    policy.node_addresses = local_addresses();
     match source {
-        Source::Manifests(dir) => reconciler.from_manifests(dir, datapath).map(|_| ()),
+        Source::Manifests(dir) => {
+            if &policy != reconciler.policy() {
+                reconciler.set_policy(policy);
+            }
+            reconciler.from_manifests(dir, datapath).map(|_| ())
+        }
         Source::Kube(kube) => {
             // Flags win; the Node's labels and the ClusterProperty fill the gaps.
-            let mut policy = flags.clone();
             let (zone, region) = kube.node_locality();
             policy.node.zone = policy.node.zone.or(zone);
             policy.node.region = policy.node.region.or(region);
             policy.node.cluster = policy.node.cluster.or_else(|| kube.cluster_id());
-            if &policy != reconciler.policy() {
+            policy.node_addresses.extend(kube.node_addresses());
+            if policy.node != reconciler.policy().node {
                 info!(node = ?policy.node, "node locality changed");
+            }
+            if &policy != reconciler.policy() {
                 reconciler.set_policy(policy);
             }
             let (snapshot, conversion_errors) = kube.snapshot();

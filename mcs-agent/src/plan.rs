@@ -16,7 +16,7 @@ use mcs_common::{Backend, ServiceKey, ServiceValue, ip_to_map, port_to_map};
 use thiserror::Error;
 
 use crate::{
-    desired::{BackendAddr, DesiredState, Frontend, FrontendKey},
+    desired::{BackendAddr, DesiredState, Frontend, FrontendKey, Protocol},
     maglev,
 };
 
@@ -107,6 +107,30 @@ impl SlotAllocator {
         Some(Region { offset, len })
     }
 
+    /// Takes a region that is already in use (adopted from the kernel) out of
+    /// the free runs. False when it is not entirely free (overlap, out of range).
+    fn reserve(&mut self, region: Region) -> bool {
+        if region.len == 0 {
+            return true;
+        }
+        let Some((&offset, &run)) = self.free.range(..=region.offset).next_back() else {
+            return false;
+        };
+        let end = region.offset as u64 + region.len as u64;
+        if end > offset as u64 + run as u64 {
+            return false;
+        }
+        self.free.remove(&offset);
+        if region.offset > offset {
+            self.free.insert(offset, region.offset - offset);
+        }
+        let tail = (offset as u64 + run as u64 - end) as u32;
+        if tail > 0 {
+            self.free.insert(end as u32, tail);
+        }
+        true
+    }
+
     fn release(&mut self, region: Region) {
         if region.len == 0 {
             return;
@@ -144,6 +168,13 @@ impl IdPool {
         Self { next: first, limit, free: BTreeSet::new() }
     }
 
+    /// A pool whose `used` ids are taken (adopted from the kernel).
+    fn with_used(first: u32, limit: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(first, |last| last + 1).max(first);
+        let free = (first..next).filter(|id| !used.contains(id)).collect();
+        Self { next, limit, free }
+    }
+
     fn available(&self) -> u64 {
         self.free.len() as u64 + u64::from(self.limit.saturating_sub(self.next))
     }
@@ -168,7 +199,11 @@ struct AppliedFrontend {
     service_id: u32,
     region: Region,
     /// Digest of what the table was built from; equal digests, equal tables.
+    /// `ADOPTED` for a table found in the kernel at start, whose input is unknown.
     digest: u64,
+    /// For an adopted table: a hash of its slots' backend ids, so the first
+    /// plan keeps it as it is when it would build the very same table.
+    adopted_slots: Option<u64>,
     /// Distinct backends in the table, sorted.
     members: Vec<BackendAddr>,
     affinity_timeout_secs: u32,
@@ -241,6 +276,15 @@ pub fn selection_table(frontend: &Frontend) -> Vec<BackendAddr> {
     maglev::build(&input, frontend.table_size).into_iter().map(|i| input[i as usize].0).collect()
 }
 
+/// The digest of a table adopted from the kernel, whose input is unknown.
+const ADOPTED: u64 = 0;
+
+fn slots_digest(ids: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ids.hash(&mut h);
+    h.finish()
+}
+
 fn digest(frontend: &Frontend) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     frontend.table_size.hash(&mut h);
@@ -273,6 +317,100 @@ impl Applied {
             slots: SlotAllocator::new(capacity.slots),
             quarantine: Quarantine::default(),
         }
+    }
+
+    /// Rebuilds the allocation state from what an earlier agent left in the
+    /// kernel (`services`: the SERVICES entries; `backends`: non-free BACKENDS
+    /// entries; `slot(i)`: SELECTION slot `i`). Tables are kept until the
+    /// first plan, which rewrites only those it would build differently.
+    /// Entries that do not fit (out of range, overlapping, unknown protocol,
+    /// naming a free backend id) are returned as problems and rebuilt afresh.
+    pub fn adopt(
+        capacity: Capacity,
+        services: &[(ServiceKey, ServiceValue)],
+        backends: &[(u32, Backend)],
+        slot: impl Fn(u32) -> Option<u32>,
+    ) -> (Self, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut backend_ids: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+        let mut addr_of: BTreeMap<u32, BackendAddr> = BTreeMap::new();
+        for (id, b) in backends {
+            let addr = BackendAddr { ip: std::net::Ipv4Addr::from(b.ip.to_ne_bytes()), port: u16::from_be(b.port) };
+            addr_of.insert(*id, addr);
+            // Two ids for one address cannot come from a plan; keep the first,
+            // the other is unreferenced and cleared by the first plan.
+            backend_ids.entry(addr).or_insert(*id);
+        }
+        let mut slots = SlotAllocator::new(capacity.slots);
+        let mut frontends = BTreeMap::new();
+        let mut service_ids = BTreeSet::new();
+        for (key, value) in services {
+            let protocol = match key.proto {
+                mcs_common::IPPROTO_TCP => Protocol::Tcp,
+                mcs_common::IPPROTO_UDP => Protocol::Udp,
+                other => {
+                    problems.push(format!("adopted SERVICES entry with protocol {other}: rewritten"));
+                    continue;
+                }
+            };
+            let frontend = FrontendKey {
+                vip: std::net::Ipv4Addr::from(key.vip.to_ne_bytes()),
+                port: u16::from_be(key.port),
+                protocol,
+            };
+            let region = Region { offset: value.slot_offset, len: value.slot_count };
+            let ids: Option<Vec<u32>> = (0..region.len).map(|i| slot(region.offset.checked_add(i)?)).collect();
+            let members: Option<BTreeSet<BackendAddr>> =
+                ids.as_ref().and_then(|ids| ids.iter().map(|id| addr_of.get(id).copied()).collect());
+            let (Some(ids), Some(members)) = (ids, members) else {
+                problems.push(format!("adopted frontend {frontend}: its table names a free backend id; rebuilt"));
+                continue;
+            };
+            if value.service_id == 0 || value.service_id > capacity.services || !service_ids.insert(value.service_id) {
+                problems.push(format!(
+                    "adopted frontend {frontend}: service id {} out of range or reused; rebuilt",
+                    value.service_id
+                ));
+                continue;
+            }
+            if !slots.reserve(region) {
+                service_ids.remove(&value.service_id);
+                problems.push(format!(
+                    "adopted frontend {frontend}: its table overlaps another or is out of range; rebuilt"
+                ));
+                continue;
+            }
+            let members: Vec<BackendAddr> = members.into_iter().collect();
+            // Slots must name the id the plan would give each member.
+            let canonical = ids.iter().all(|id| backend_ids.get(&addr_of[id]) == Some(id));
+            frontends.insert(
+                frontend,
+                AppliedFrontend {
+                    service_id: value.service_id,
+                    region,
+                    digest: ADOPTED,
+                    adopted_slots: canonical.then(|| slots_digest(&ids)),
+                    members,
+                    affinity_timeout_secs: value.affinity_timeout_secs,
+                },
+            );
+        }
+        let used_backends: BTreeSet<u32> = addr_of.keys().copied().collect();
+        let applied = Self {
+            capacity,
+            frontends,
+            backend_ids,
+            service_pool: IdPool::with_used(1, capacity.services.saturating_add(1), &service_ids),
+            backend_pool: IdPool::with_used(1, capacity.backends, &used_backends),
+            slots,
+            quarantine: Quarantine::default(),
+        };
+        // Ids of duplicate addresses are taken but unreferenced: clear them.
+        let orphans: Vec<u32> =
+            addr_of.iter().filter(|(id, a)| applied.backend_ids.get(a) != Some(id)).map(|(id, _)| *id).collect();
+        let mut applied = applied;
+        applied.quarantine.backend_ids.extend(&orphans);
+        (applied, problems)
     }
 
     pub fn frontend_count(&self) -> usize {
@@ -327,6 +465,23 @@ impl Applied {
             };
             let new_addrs: Vec<BackendAddr> =
                 members.iter().filter(|a| !next.backend_ids.contains_key(a)).copied().collect();
+            // After a restart: a table the kernel already holds exactly is kept,
+            // so adopting costs no writes and moves no flow.
+            if let Some(old) = old
+                && let Some(adopted) = old.adopted_slots
+                && new_addrs.is_empty()
+                && old.affinity_timeout_secs == frontend.affinity_timeout_secs
+                && old.region.len as usize == table.len()
+            {
+                let ids: Vec<u32> = table.iter().map(|a| next.backend_ids[a]).collect();
+                if slots_digest(&ids) == adopted {
+                    let kept = next.frontends.get_mut(key).expect("old is an entry of next");
+                    kept.digest = digest;
+                    kept.adopted_slots = None;
+                    kept.members = members;
+                    continue;
+                }
+            }
             if (new_addrs.len() as u64) > next.backend_pool.available() {
                 errors.push(capacity_error("backend ids", self.capacity.backends - 1, "--max-backends"));
                 continue;
@@ -394,6 +549,7 @@ impl Applied {
                     service_id,
                     region,
                     digest,
+                    adopted_slots: None,
                     members,
                     affinity_timeout_secs: frontend.affinity_timeout_secs,
                 },
@@ -465,6 +621,95 @@ mod tests {
 
     fn desired(frontends: &[(FrontendKey, Frontend)]) -> DesiredState {
         DesiredState { frontends: frontends.iter().cloned().collect() }
+    }
+
+    /// The maps as the kernel would hold them after a sequence of plans.
+    #[derive(Default)]
+    struct FakeKernel {
+        services: BTreeMap<ServiceKey, ServiceValue>,
+        backends: BTreeMap<u32, Backend>,
+        slots: BTreeMap<u32, u32>,
+    }
+
+    impl FakeKernel {
+        fn apply(&mut self, ops: &[MapOp]) {
+            for op in ops {
+                match op {
+                    MapOp::PutBackend { id, backend } => {
+                        self.backends.insert(*id, *backend);
+                    }
+                    MapOp::PutSlots { offset, ids } => {
+                        for (i, id) in ids.iter().enumerate() {
+                            self.slots.insert(offset + i as u32, *id);
+                        }
+                    }
+                    MapOp::PutService { key, value } => {
+                        self.services.insert(*key, *value);
+                    }
+                    MapOp::DeleteService { key } => {
+                        self.services.remove(key);
+                    }
+                    MapOp::PurgeAffinity { .. } => {}
+                    MapOp::ClearBackend { id } => {
+                        self.backends.remove(id);
+                    }
+                }
+            }
+        }
+
+        fn adopt(&self, capacity: Capacity) -> (Applied, Vec<String>) {
+            let services: Vec<_> = self.services.iter().map(|(k, v)| (*k, *v)).collect();
+            let backends: Vec<_> = self.backends.iter().map(|(k, v)| (*k, *v)).collect();
+            Applied::adopt(capacity, &services, &backends, |i| Some(self.slots.get(&i).copied().unwrap_or(0)))
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_the_kernel_state_and_writes_nothing_for_it() {
+        let capacity = Capacity { services: 16, backends: 16, slots: 64 };
+        let state = desired(&[(key(1, 80), frontend(&[1, 2, 3])), (key(2, 53), with_affinity(frontend(&[2, 4])))]);
+        let mut kernel = FakeKernel::default();
+        let first = Applied::new(capacity).plan(&state);
+        kernel.apply(&first.ops);
+        // Something the old agent had quarantined is released by now.
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[1, 2, 3]))]));
+        kernel.apply(&second.ops);
+        let third = second.next.plan(&state);
+        kernel.apply(&third.ops);
+
+        let (adopted, problems) = kernel.adopt(capacity);
+        assert!(problems.is_empty(), "{problems:?}");
+        let again = adopted.plan(&state);
+        assert!(again.ops.is_empty(), "an unchanged state writes nothing: {:?}", kinds(&again.ops));
+        assert!(again.errors.is_empty());
+
+        // A change after adoption touches only its frontend, in fresh slots and ids.
+        let changed = desired(&[(key(1, 80), frontend(&[1, 2, 3, 5])), (key(2, 53), with_affinity(frontend(&[2, 4])))]);
+        let plan = again.next.plan(&changed);
+        assert_eq!(kinds(&plan.ops), ["backend", "slots", "service"]);
+        let used: BTreeSet<u32> = kernel.backends.keys().copied().collect();
+        let MapOp::PutBackend { id, .. } = plan.ops[0] else { unreachable!() };
+        assert!(!used.contains(&id), "new backend id {id} collides with an adopted one {used:?}");
+        let MapOp::PutSlots { offset, ref ids } = plan.ops[1] else { unreachable!() };
+        for v in kernel.services.values() {
+            let (a, b) = (v.slot_offset, v.slot_offset + v.slot_count);
+            assert!(offset + ids.len() as u32 <= a || offset >= b, "new table overlaps an adopted one");
+        }
+    }
+
+    #[test]
+    fn adoption_rebuilds_what_it_cannot_trust() {
+        let capacity = Capacity { services: 16, backends: 16, slots: 64 };
+        let state = desired(&[(key(1, 80), frontend(&[1, 2]))]);
+        let mut kernel = FakeKernel::default();
+        kernel.apply(&Applied::new(capacity).plan(&state).ops);
+        // A backend the table names has vanished.
+        let first_backend = *kernel.backends.keys().next().unwrap();
+        kernel.backends.remove(&first_backend);
+        let (adopted, problems) = kernel.adopt(capacity);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let plan = adopted.plan(&state);
+        assert!(kinds(&plan.ops).contains(&"service"), "the frontend is rewritten: {:?}", kinds(&plan.ops));
     }
 
     fn kinds(ops: &[MapOp]) -> Vec<&'static str> {

@@ -1,7 +1,12 @@
 //! The level-triggered loop: on any change, recompute everything from the
 //! whole snapshot and apply the difference.
 
-use std::{collections::BTreeSet, path::Path, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+    time::Instant,
+};
 
 use tracing::{info, warn};
 
@@ -44,6 +49,8 @@ pub struct Reconciler {
     compute_us: u64,
     /// Parsed manifest files, re-read only when they change.
     manifests: manifests::Cache,
+    /// ClusterSetIP -> the import serving it: a newcomer never takes it over.
+    held: BTreeMap<Ipv4Addr, String>,
 }
 
 impl Reconciler {
@@ -56,6 +63,7 @@ impl Reconciler {
             read_us: 0,
             compute_us: 0,
             manifests: manifests::Cache::default(),
+            held: BTreeMap::new(),
         }
     }
 
@@ -81,7 +89,8 @@ impl Reconciler {
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
         let started = Instant::now();
-        let (state, object_errors) = desired::compute(snapshot, &self.policy);
+        let (state, object_errors) = desired::compute_with(snapshot, &self.policy, &self.held);
+        self.held = state.frontends.iter().map(|(key, f)| (key.vip, f.service.clone())).collect();
         self.compute_us = started.elapsed().as_micros() as u64;
         problems.extend(object_errors.iter().map(ToString::to_string));
         let mut report = self.apply_state(&state, problems, datapath)?;

@@ -10,10 +10,33 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Bumped whenever any type below changes size or meaning. Pinned maps live
-/// under a directory named after it, so an agent never adopts maps of
-/// another layout.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Bumped whenever any type below changes size or meaning. Pinned maps and
+/// links live under a directory named after it: an agent adopts the state of
+/// its own layout and migrates an older one (see ARCHITECTURE.md, "Restarts
+/// and upgrades").
+pub const LAYOUT_VERSION: u32 = 3;
+
+/// Subdirectory of the layout directory holding the pinned TCX links,
+/// `ingress/<iface>` and `egress/<iface>` (bpffs names cannot hold a dot:
+/// `.` in an interface name is written `%2E`).
+pub const PIN_LINKS: &str = "links";
+
+/// A TCP connection whose both sides sent FIN, or that saw a RST, keeps its
+/// translation this long for retransmissions and the last ACK, then its
+/// entries are treated as gone (an LRU map has no timer of its own).
+pub const CT_CLOSE_GRACE_NS: u64 = 10_000_000_000;
+
+/// `CtValue::flags` and `RevNatValue::flags`: what the datapath saw of a TCP
+/// connection's end. Both entries of a flow carry the same bits.
+pub const CT_F_FIN_CLIENT: u8 = 1;
+pub const CT_F_FIN_BACKEND: u8 = 2;
+pub const CT_F_RST: u8 = 4;
+
+/// True when a connection with these flags is over (both FINs, or a RST).
+#[inline(always)]
+pub const fn ct_closed(flags: u8) -> bool {
+    flags & CT_F_RST != 0 || flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) == (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND)
+}
 
 /// Directory below the bpffs mount that holds our pins: `<bpffs>/mcs/v<LAYOUT_VERSION>/`.
 pub const PIN_ROOT: &str = "mcs";
@@ -30,6 +53,15 @@ pub const MAP_CONNTRACK: &str = "CONNTRACK";
 pub const MAP_REV_NAT: &str = "REV_NAT";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
+pub const MAP_CONFIG: &str = "CONFIG";
+
+/// `CONFIG[0]` bits, written by the agent.
+///
+/// During an upgrade across layout versions, the new programs run in front
+/// of the old ones: a packet of a flow they do not know (conntrack miss,
+/// not a bare SYN) is passed on, untranslated, to the old programs, which
+/// know the flows created until the switch.
+pub const CONFIG_F_HANDOFF: u32 = 1;
 
 /// Default capacities compiled into the object; the agent may resize them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
@@ -119,9 +151,13 @@ pub struct CtKey {
 pub struct CtValue {
     pub backend_ip: u32,
     pub backend_port: u16,
-    pub _pad: u16,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
+    /// `bpf_ktime_get_ns()` when the connection closed (see [`ct_closed`]); 0 while open.
+    pub closed_ns: u64,
 }
 
 /// `REV_NAT` key: a reply's view of a flow (backend -> client).
@@ -142,7 +178,11 @@ pub struct RevNatKey {
 pub struct RevNatValue {
     pub vip: u32,
     pub vip_port: u16,
-    pub _pad: u16,
+    /// `CT_F_*`, as on the flow's `CtValue`.
+    pub flags: u8,
+    pub _pad: u8,
+    /// As `CtValue::closed_ns`.
+    pub closed_ns: u64,
 }
 
 /// `AFFINITY` key: ClientIP session affinity of one client to one frontend.
@@ -188,10 +228,15 @@ pub enum Stat {
     RewriteFailed = 8,
     /// A new flow went to its client's affinity backend.
     AffinityHit = 9,
+    /// A direct (untranslated) TCP SYN removed a reverse-NAT entry of an
+    /// earlier connection through the VIP on the same tuple.
+    StaleRevNat = 10,
+    /// A closed connection's entry was found past its grace time and dropped.
+    ClosedExpired = 11,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -203,6 +248,8 @@ impl Stat {
         Stat::CtInsertFailed,
         Stat::RewriteFailed,
         Stat::AffinityHit,
+        Stat::StaleRevNat,
+        Stat::ClosedExpired,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -217,6 +264,8 @@ impl Stat {
             Stat::CtInsertFailed => "ct_insert_failed",
             Stat::RewriteFailed => "rewrite_failed",
             Stat::AffinityHit => "affinity_hit",
+            Stat::StaleRevNat => "stale_rev_nat",
+            Stat::ClosedExpired => "closed_expired",
         }
     }
 }
@@ -290,9 +339,9 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<RevNatKey>(), 16);
-        assert_eq!(size_of::<RevNatValue>(), 8);
+        assert_eq!(size_of::<RevNatValue>(), 16);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
     }

@@ -2,10 +2,11 @@
 //! Replies from a backend get the `ClusterSetIP:port` the client connected to.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use mcs_common::{RevNatKey, Stat};
+use mcs_common::{CT_F_FIN_BACKEND, CtKey, IPPROTO_TCP, RevNatKey, Stat};
 
 use crate::{
-    maps::{REV_NAT, TC_ACT_SHOT, TC_NEXT, count},
+    ct,
+    maps::{CONNTRACK, REV_NAT, TC_ACT_SHOT, TC_NEXT, count},
     nat::{Side, rewrite},
     parse::{Parsed, parse},
 };
@@ -23,11 +24,32 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let Some(rev) = REV_NAT.get_ptr(key) else {
+    let Some(rev_ptr) = REV_NAT.get_ptr_mut(key) else {
         return TC_NEXT;
     };
     // SAFETY: map value pointer, valid for this program run; copied before the rewrite.
-    let rev = unsafe { *rev };
+    let rev = unsafe { *rev_ptr };
+    if rev.closed_ns != 0 && ct::expired(rev.closed_ns) {
+        // The connection this entry belonged to is over: whatever this is, it
+        // was not translated by us and must not be reverse-translated.
+        let _ = REV_NAT.remove(key);
+        count(Stat::ClosedExpired);
+        return TC_NEXT;
+    }
+    if flow.proto == IPPROTO_TCP {
+        let bits = ct::close_bits(flow.tcp_flags, CT_F_FIN_BACKEND);
+        if bits != 0 {
+            let ct_key = CtKey {
+                client_ip: flow.dst_ip,
+                vip: rev.vip,
+                client_port: flow.dst_port,
+                vip_port: rev.vip_port,
+                proto: flow.proto,
+                _pad: [0; 3],
+            };
+            ct::mark(CONNTRACK.get_ptr_mut(ct_key), Some(rev_ptr), bits);
+        }
+    }
     if rewrite(&ctx, &flow, Side::Source, rev.vip, rev.vip_port).is_err() {
         count(Stat::RewriteFailed);
         return TC_ACT_SHOT;

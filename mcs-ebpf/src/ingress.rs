@@ -3,12 +3,13 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue, Stat, client_hash, flow_hash,
+    AffinityKey, AffinityValue, Backend, CT_F_FIN_CLIENT, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
 };
 
 use crate::{
-    maps::{AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, count},
+    ct,
+    maps::{AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, count, handoff},
     nat::{Side, rewrite},
     parse::{Flow, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
 };
@@ -30,6 +31,9 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
     let key = ServiceKey { vip: flow.dst_ip, port: flow.dst_port, proto: flow.proto, _pad: 0 };
     let Some(service) = SERVICES.get_ptr(key) else {
         count(Stat::NotService);
+        if is_bare_syn(&flow) {
+            forget_stale_reply(&flow);
+        }
         return TC_NEXT;
     };
     // SAFETY: map value pointer, valid for this program run.
@@ -48,6 +52,9 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
             count(Stat::Established);
             backend
         }
+        // Mid-upgrade, a flow we do not know may be one the older programs
+        // behind us translated: theirs to handle.
+        None if !is_bare_syn(&flow) && handoff() => return TC_NEXT,
         None => match select(&flow, service) {
             Some((id, backend)) => {
                 if record(&flow, &ct_key, service, id, &backend).is_err() {
@@ -71,17 +78,58 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
     TC_NEXT
 }
 
+#[inline(always)]
+fn is_bare_syn(flow: &Flow) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
+#[inline(always)]
+fn rev_key(flow: &Flow, backend_ip: u32, backend_port: u16) -> RevNatKey {
+    RevNatKey {
+        backend_ip,
+        client_ip: flow.src_ip,
+        backend_port,
+        client_port: flow.src_port,
+        proto: flow.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// A direct connection from a client port that earlier talked to a VIP
+/// translated to this very pod: the old reverse entry would rewrite its
+/// SYN-ACK to come from the VIP. Only bare SYNs pay for this lookup.
+#[inline(always)]
+fn forget_stale_reply(flow: &Flow) {
+    if REV_NAT.remove(rev_key(flow, flow.dst_ip, flow.dst_port)).is_ok() {
+        count(Stat::StaleRevNat);
+    }
+}
+
 /// The backend this flow is pinned to, if it should stay pinned.
 #[inline(always)]
 fn established(flow: &Flow, ct_key: &CtKey) -> Option<Backend> {
     // A bare SYN opens a new connection: a reused client port must not inherit
     // the backend of an earlier connection.
-    if flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+    if is_bare_syn(flow) {
         return None;
     }
+    let ct_ptr = CONNTRACK.get_ptr_mut(ct_key)?;
     // SAFETY: map value pointer, valid for this program run.
-    let ct = unsafe { &*CONNTRACK.get_ptr(ct_key)? };
+    let ct = unsafe { &*ct_ptr };
     let pinned = Backend { ip: ct.backend_ip, port: ct.backend_port, _pad: 0 };
+    if ct.closed_ns != 0 && ct::expired(ct.closed_ns) {
+        // A closed connection's leftovers: never translate on them again.
+        let _ = REV_NAT.remove(rev_key(flow, pinned.ip, pinned.port));
+        let _ = CONNTRACK.remove(ct_key);
+        count(Stat::ClosedExpired);
+        return None;
+    }
+    if flow.proto == IPPROTO_TCP {
+        let bits = ct::close_bits(flow.tcp_flags, CT_F_FIN_CLIENT);
+        if bits != 0 {
+            ct::mark(Some(ct_ptr), REV_NAT.get_ptr_mut(rev_key(flow, pinned.ip, pinned.port)), bits);
+        }
+    }
     // UDP has no connection to keep alive: once the backend is gone from the
     // service (its id freed or reused), re-select instead of sending into the void.
     // TCP keeps the pin so an established connection survives endpoint removal.
@@ -141,23 +189,17 @@ fn slot_backend(service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
 
 #[inline(always)]
 fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend: &Backend) -> Result<(), i64> {
-    let rev_key = RevNatKey {
-        backend_ip: backend.ip,
-        client_ip: flow.src_ip,
-        backend_port: backend.port,
-        client_port: flow.src_port,
-        proto: flow.proto,
-        _pad: [0; 3],
-    };
-    let rev = RevNatValue { vip: flow.dst_ip, vip_port: flow.dst_port, _pad: 0 };
+    let rev = RevNatValue { vip: flow.dst_ip, vip_port: flow.dst_port, flags: 0, _pad: 0, closed_ns: 0 };
     // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
-    REV_NAT.insert(rev_key, rev, 0)?;
+    REV_NAT.insert(rev_key(flow, backend.ip, backend.port), rev, 0)?;
     let ct = CtValue {
         backend_ip: backend.ip,
         backend_port: backend.port,
+        flags: 0,
         _pad: 0,
         backend_id: id,
         service_id: service.service_id,
+        closed_ns: 0,
     };
     CONNTRACK.insert(ct_key, ct, 0)?;
     Ok(())

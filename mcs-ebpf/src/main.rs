@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod ct;
 mod egress;
 mod ingress;
 mod maps;

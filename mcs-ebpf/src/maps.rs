@@ -40,6 +40,16 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_m
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
+/// `CONFIG[0]`: `CONFIG_F_*` bits.
+#[map]
+pub static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// True while an older layout's programs run behind ours (see `CONFIG_F_HANDOFF`).
+#[inline(always)]
+pub fn handoff() -> bool {
+    CONFIG.get(0).is_some_and(|flags| flags & mcs_common::CONFIG_F_HANDOFF != 0)
+}
+
 #[inline(always)]
 pub fn count(stat: Stat) {
     if let Some(counter) = STATS.get_ptr_mut(stat as u32) {

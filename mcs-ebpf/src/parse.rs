@@ -7,7 +7,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 const ETH_P_IP: u16 = 0x0800;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// An IPv4 TCP or UDP packet's addressing, in map byte order, with the offsets
@@ -83,6 +85,12 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     let src_ip = u32::from_ne_bytes(ip.src_addr);
     let dst_ip = u32::from_ne_bytes(ip.dst_addr);
     let l4_off = l3_off + ihl;
+    // The IP packet must hold the whole L4 header: bytes past its total length
+    // (Ethernet padding, garbage) are not the packet's and are never rewritten.
+    let l4_len = if proto == IPPROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
+    if (u16::from_be_bytes(ip.tot_len) as usize) < ihl + l4_len {
+        return Parsed::Malformed;
+    }
 
     let (src_port, dst_port, tcp_flags) = if proto == IPPROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {

@@ -6,6 +6,8 @@
 //! every guard deletes exactly what it created, on panic too.
 
 pub mod agent;
+pub mod bpffs;
+pub mod disruption;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

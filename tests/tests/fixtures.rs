@@ -187,9 +187,9 @@ fn established_packets_follow_conntrack_and_a_bare_syn_chooses_afresh() {
     let pinned = CtValue {
         backend_ip: ip_to_map(BACKENDS[1].octets()),
         backend_port: port_to_map(8080),
-        _pad: 0,
         backend_id: 2,
         service_id: 1,
+        ..CtValue::default()
     };
     dp.insert_conntrack(key, pinned).unwrap();
 
@@ -418,8 +418,9 @@ fn maps_are_pinned_under_the_layout_version_and_removed_on_drop() {
     for map in ["SERVICES", "BACKENDS", "SELECTION", "CONNTRACK", "REV_NAT", "STATS"] {
         assert!(dir.join(map).exists(), "{map} pinned");
     }
-    // A second load (a restart after a crash) replaces stale pins instead of failing.
-    let again = Datapath::load(sizes, Some(root)).expect("load over stale pins");
+    // A second load (a restart after a crash) adopts the pins instead of failing.
+    let again = Datapath::load(sizes, Some(root)).expect("load over existing pins");
+    assert!(again.adopted(), "the maps of the first load are adopted");
     drop(dp);
     drop(again);
     assert!(!dir.exists(), "no pins remain after a normal stop");

@@ -29,7 +29,9 @@ const CLUSTERS: [&str; 2] = ["cluster-east", "cluster-west"];
 /// Pods per cluster and their zones, as in deploy/examples.
 const PODS: [&[&str]; 2] = [&["east-1a", "east-1a", "east-1b"], &["west-1a", "west-1a"]];
 /// Where the demo's node (and so its client pod) is.
-const NODE: [&str; 6] = ["--cluster-id", "cluster-east", "--zone", "east-1a", "--region", "east"];
+/// The demo cleans up after itself: a production agent leaves the datapath
+/// serving when it stops (`mcs-agent uninstall` removes it).
+const NODE: [&str; 7] = ["--cluster-id", "cluster-east", "--zone", "east-1a", "--region", "east", "--cleanup-on-exit"];
 const PORTS: [(&str, u16, &str); 3] = [("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
 
 pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {

@@ -33,7 +33,9 @@ use crate::{
 };
 
 pub const CLUSTER_PROPERTY_GROUP: &str = "about.k8s.io";
-pub const CLUSTER_PROPERTY_VERSION: &str = "v1alpha1";
+/// Served versions of the ClusterProperty API, preferred first (the CRD in
+/// deploy/crds serves v1beta1; older installations v1alpha1).
+pub const CLUSTER_PROPERTY_VERSIONS: [&str; 2] = ["v1beta1", "v1alpha1"];
 /// The well-known ClusterProperty that names this cluster (KEP-2149).
 pub const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
@@ -56,6 +58,8 @@ pub enum SourceEvent {
     Changed,
     /// A watch failed; it backs off and retries on its own. `what` names the resource.
     Error { what: &'static str, message: String },
+    /// The watch of `what` works again after an `Error`.
+    Resumed { what: &'static str },
 }
 
 /// The ServiceImport API to watch: v1beta1 when served, else v1alpha1.
@@ -74,15 +78,18 @@ pub async fn service_import_resource(client: &Client) -> Result<ApiResource, Kub
     Err(KubeSourceError::NotInstalled)
 }
 
+/// The ClusterProperty API to watch, found by discovery like ServiceImport's.
 async fn cluster_property_resource(client: &Client) -> Option<ApiResource> {
-    let version = format!("{CLUSTER_PROPERTY_GROUP}/{CLUSTER_PROPERTY_VERSION}");
-    match client.list_api_group_resources(&version).await {
-        Ok(list) if list.resources.iter().any(|r| r.name == "clusterproperties") => {
-            let gvk = GroupVersionKind::gvk(CLUSTER_PROPERTY_GROUP, CLUSTER_PROPERTY_VERSION, "ClusterProperty");
-            Some(ApiResource::from_gvk_with_plural(&gvk, "clusterproperties"))
+    for version in CLUSTER_PROPERTY_VERSIONS {
+        let group_version = format!("{CLUSTER_PROPERTY_GROUP}/{version}");
+        if let Ok(list) = client.list_api_group_resources(&group_version).await
+            && list.resources.iter().any(|r| r.name == "clusterproperties")
+        {
+            let gvk = GroupVersionKind::gvk(CLUSTER_PROPERTY_GROUP, version, "ClusterProperty");
+            return Some(ApiResource::from_gvk_with_plural(&gvk, "clusterproperties"));
         }
-        _ => None,
     }
+    None
 }
 
 /// Runs one reflector until the agent stops, reporting every change and error.
@@ -98,10 +105,21 @@ fn spawn_reflector<K>(
 {
     tokio::spawn(async move {
         let mut stream = watcher(api, config).default_backoff().reflect(writer).boxed();
+        let mut failing = false;
         while let Some(event) = stream.next().await {
             let signal = match event {
+                Ok(_) if failing => {
+                    failing = false;
+                    if events.send(SourceEvent::Resumed { what }).is_err() {
+                        break;
+                    }
+                    SourceEvent::Changed
+                }
                 Ok(_) => SourceEvent::Changed,
-                Err(e) => SourceEvent::Error { what, message: e.to_string() },
+                Err(e) => {
+                    failing = true;
+                    SourceEvent::Error { what, message: e.to_string() }
+                }
             };
             if events.send(signal).is_err() {
                 break;
@@ -157,7 +175,9 @@ impl KubeSource {
                 Some(store)
             }
             None => {
-                info!("no ClusterProperty API (about.k8s.io/v1alpha1): the cluster id comes from --cluster-id only");
+                info!(
+                    "no ClusterProperty API (about.k8s.io v1beta1 or v1alpha1): the cluster id comes from --cluster-id only"
+                );
                 None
             }
         };
@@ -188,6 +208,14 @@ impl KubeSource {
         };
         let labels = node.labels();
         (labels.get(LABEL_ZONE).cloned(), labels.get(LABEL_REGION).cloned())
+    }
+
+    /// This node's IPv4 addresses as the API knows them (`status.addresses`).
+    pub fn node_addresses(&self) -> Vec<std::net::Ipv4Addr> {
+        let Some(node) = self.node.as_ref().and_then(|s| s.state().into_iter().next()) else {
+            return Vec::new();
+        };
+        node.status.iter().flat_map(|s| s.addresses.iter().flatten()).filter_map(|a| a.address.parse().ok()).collect()
     }
 
     /// `spec.value` of ClusterProperty `cluster.clusterset.k8s.io`.

@@ -1,0 +1,222 @@
+//! Restarts and upgrades under continuous load: the agent must never fail a
+//! connection on its own account. Pins live on a bpffs of the test's own
+//! (`--bpffs`), as the host's /sys/fs/bpf does for a DaemonSet.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use mcs_tests::{
+    agent::{Agent, agent_binary},
+    bpffs::ScratchBpffs,
+    disruption::{Load, Phase},
+    manifests::{self, Port, endpoint_slice, service_import},
+    netns::Netns,
+    topology::Clusterset,
+    traffic::Server,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const IMPORT_PORTS: &[Port<'static>] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+const SLICE_PORTS: &[Port<'static>] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+
+/// Samples the TCX chain of one interface as fast as it can, counting
+/// samples where either direction had none of our programs.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    samples: Arc<AtomicU64>,
+    gaps: Arc<AtomicU64>,
+    handle: Option<JoinHandle<BTreeSet<(u32, &'static str)>>>,
+}
+
+impl Watch {
+    fn start(node: &Netns, iface: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(AtomicU64::new(0));
+        let gaps = Arc::new(AtomicU64::new(0));
+        let (flag, count, missing) = (stop.clone(), samples.clone(), gaps.clone());
+        let handle = node.spawn(move || {
+            // Program ids seen, to prove each agent swapped its own programs in.
+            let mut seen = BTreeSet::new();
+            while !flag.load(Ordering::Relaxed) {
+                let mut complete = true;
+                for (attach_type, name) in
+                    [(TcAttachType::Ingress, "mcs_ingress"), (TcAttachType::Egress, "mcs_egress")]
+                {
+                    let programs = SchedClassifier::query_tcx(iface, attach_type).map(|(_, p)| p).unwrap_or_default();
+                    let ours: Vec<u32> =
+                        programs.iter().filter(|p| p.name_as_str() == Some(name)).map(|p| p.id()).collect();
+                    complete &= !ours.is_empty();
+                    seen.extend(ours.into_iter().map(|id| (id, name)));
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                if !complete {
+                    missing.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            seen
+        });
+        Self { stop, samples, gaps, handle: Some(handle) }
+    }
+
+    fn finish(mut self) -> (u64, u64, BTreeSet<(u32, &'static str)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.handle.take().expect("running").join().expect("watch thread");
+        (self.samples.load(Ordering::Relaxed), self.gaps.load(Ordering::Relaxed), seen)
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Lab {
+    set: Clusterset,
+    dir: tempfile::TempDir,
+    bpffs: ScratchBpffs,
+    _servers: Vec<Server>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let mut set = Clusterset::new(1, &["cluster-a", "cluster-b"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut servers = Vec::new();
+        manifests::write(dir.path(), "web-import.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
+        for cluster in &mut set.clusters {
+            let mut endpoints = Vec::new();
+            for k in 1..=2 {
+                let ip = cluster.add_pod();
+                let id = format!("{}/pod-{k}", cluster.name);
+                servers.push(Server::tcp(&cluster.ns, ip, 8080, &id));
+                servers.push(Server::udp(&cluster.ns, ip, 5353, &id));
+                endpoints.push((ip, true));
+            }
+            let yaml = endpoint_slice("demo", "web", &cluster.name, SLICE_PORTS, &endpoints);
+            manifests::write(dir.path(), &format!("web-{}.yaml", cluster.name), &yaml);
+        }
+        Self { set, dir, bpffs: ScratchBpffs::new(), _servers: servers }
+    }
+
+    fn agent(&self, binary: &std::path::Path, extra: &[&str]) -> Agent {
+        let mut args = vec!["--bpffs".to_owned(), self.bpffs.arg()];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start_binary(binary, &self.set.node, self.dir.path(), &self.set.client_ifaces(), &args)
+    }
+}
+
+fn report(kind: &str, phase: &Phase) -> String {
+    format!(
+        "{kind:<40} tcp {:>5} ok {:>2} failed, longest gap {:>4} ms | udp {:>5} ok {:>2} failed, longest gap {:>4} ms",
+        phase.tcp.ok,
+        phase.tcp.failed,
+        phase.tcp.longest_gap.as_millis(),
+        phase.udp.ok,
+        phase.udp.failed,
+        phase.udp.longest_gap.as_millis()
+    )
+}
+
+#[test]
+fn restarts_and_upgrades_under_load_fail_no_connection() {
+    let lab = Lab::new();
+    let binary = agent_binary();
+    // "A differently built binary": another file, loaded as another program.
+    let other_build = tempfile::tempdir().expect("tempdir");
+    let next_binary = other_build.path().join("mcs-agent-next");
+    std::fs::copy(&binary, &next_binary).expect("copying the agent binary");
+    let next_layout = (mcs_common::LAYOUT_VERSION + 1).to_string();
+
+    let mut agent = lab.agent(&binary, &[]);
+    let watch = Watch::start(&lab.set.node, "pod0");
+    let load = Load::start(&lab.set.clients[0].ns, SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53), 8);
+    let settle = || std::thread::sleep(Duration::from_millis(800));
+    settle();
+    let mut phases = vec![("steady state", load.mark())];
+
+    // (1) Crash: SIGKILL, and the kubelet restarts it a moment later.
+    agent.crash();
+    settle();
+    agent = lab.agent(&binary, &[]);
+    settle();
+    phases.push(("SIGKILL, restart after 0.8 s", load.mark()));
+
+    // (2) A normal stop (rolling update, node drain of the agent).
+    let (clean, logs) = agent.stop();
+    assert!(clean, "SIGTERM ends the agent with status 0:\n{}", logs.join("\n"));
+    settle();
+    agent = lab.agent(&binary, &[]);
+    settle();
+    phases.push(("SIGTERM, restart after 0.8 s", load.mark()));
+
+    // (3) An upgrade to another build: its programs replace the running ones.
+    agent.stop();
+    agent = lab.agent(&next_binary, &[]);
+    settle();
+    phases.push(("SIGTERM, another binary", load.mark()));
+
+    // (4) An upgrade across a layout version: new maps, flows carried over,
+    // links moved, the old layout's pins removed.
+    let old_dir = mcs_agent::datapath::pin_dir(lab.bpffs.path());
+    assert!(old_dir.exists());
+    agent.stop();
+    agent = lab.agent(&next_binary, &["--layout-version", &next_layout]);
+    settle();
+    phases.push(("SIGTERM, layout version bump", load.mark()));
+    assert!(!old_dir.exists(), "the old layout's pins are removed after the upgrade");
+    let new_dir = mcs_agent::datapath::LayoutDir::new(lab.bpffs.path(), mcs_common::LAYOUT_VERSION + 1).dir;
+    assert!(new_dir.join("links/ingress/pod0").exists(), "the link now lives under the new layout");
+
+    let (last, fates) = load.finish();
+    phases.push(("after the last restart", last));
+    let (samples, gaps, seen) = watch.finish();
+
+    let lines: Vec<String> = phases.iter().map(|(kind, phase)| report(kind, phase)).collect();
+    eprintln!("disruption (client view):\n{}", lines.join("\n"));
+    eprintln!("program presence on pod0: {samples} samples, {gaps} without our programs");
+    for (kind, phase) in &phases {
+        assert_eq!(
+            (phase.tcp.failed, phase.udp.failed),
+            (0, 0),
+            "{kind}: failed connections or requests: {:?}\n{}",
+            phase.errors,
+            lines.join("\n")
+        );
+        assert!(phase.tcp.ok > 0 && phase.udp.ok > 0, "{kind}: no traffic completed");
+    }
+    for fate in &fates {
+        assert!(fate.broken.is_none(), "a long-lived connection broke: {fate:?}");
+        assert!(fate.moved_to.is_none(), "a long-lived connection changed backend: {fate:?}");
+        assert!(fate.requests > 20, "a long-lived connection stalled: {fate:?}");
+    }
+    assert!(samples > 100, "the watch sampled the interface");
+    assert_eq!(gaps, 0, "there was an instant with no program attached");
+    let ingress: BTreeSet<u32> = seen.iter().filter(|(_, n)| *n == "mcs_ingress").map(|(id, _)| *id).collect();
+    assert_eq!(ingress.len(), 5, "each of the five agents swapped in its own program: {seen:?}");
+
+    // Removing mcs-agent from the node is explicit.
+    let (clean, _) = agent.stop();
+    assert!(clean);
+    let ingress_now = lab.set.node.run(|| SchedClassifier::query_tcx("pod0", TcAttachType::Ingress).unwrap().1.len());
+    assert_eq!(ingress_now, 1, "a stopped agent leaves the datapath serving");
+    lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
+    let left = lab.set.node.run(|| {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .map(|t| SchedClassifier::query_tcx("pod0", t).unwrap().1.len())
+            .iter()
+            .sum::<usize>()
+    });
+    assert_eq!(left, 0, "uninstall detaches everything");
+    assert!(!lab.bpffs.path().join("mcs").exists(), "uninstall removes every pin");
+}
