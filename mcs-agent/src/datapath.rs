@@ -793,6 +793,11 @@ impl Datapath {
         self.maps.backends.get(&id, 0).ok()
     }
 
+    /// Seeds reverse NAT (fixtures age an entry without waiting).
+    pub fn insert_rev_nat(&mut self, key: RevNatKey, value: RevNatValue) -> Result<(), DatapathError> {
+        self.maps.rev_nat.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_REV_NAT, source })
+    }
+
     /// Seeds conntrack (tests and fixtures pin a flow without sending a first packet).
     pub fn insert_conntrack(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
         self.maps.conntrack.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_CONNTRACK, source })

@@ -650,6 +650,74 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
     }
 
     #[test]
+    fn addresses_that_can_never_be_a_vip_are_refused_with_the_field() {
+        for (vip, why) in [
+            ("127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("0.0.0.0", "unspecified"),
+        ] {
+            let yaml = IMPORT.replace("10.96.0.10", vip);
+            let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
+            assert!(state.frontends.is_empty(), "{vip} served");
+            let message = errors[0].to_string();
+            assert!(message.contains("demo/web: spec.ips[0]") && message.contains(why), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_vip_may_not_capture_a_pod_or_the_node() {
+        // An import whose ClusterSetIP is another service's pod.
+        let pod = slice("web-a", "a", r#"[{addresses: ["10.96.0.10"]}]"#);
+        let (state, errors) = compute(&snapshot(&format!("{IMPORT}{pod}")), &Policy::default());
+        assert!(state.frontends.is_empty());
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("spec.ips[0]: 10.96.0.10 is the address of an endpoint in EndpointSlice demo/web-a"),
+            "{}",
+            errors[0]
+        );
+        // The node's own address.
+        let policy = Policy { node_addresses: [Ipv4Addr::new(10, 96, 0, 10)].into(), ..Policy::default() };
+        let (state, errors) = compute(&snapshot(IMPORT), &policy);
+        assert!(state.frontends.is_empty());
+        assert!(errors[0].to_string().contains("is an address of this node"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn the_allow_list_bounds_clusterset_ips() {
+        let policy = Policy { vip_cidrs: vec!["10.97.0.0/16".parse().unwrap()], ..Policy::default() };
+        let (state, errors) = compute(&snapshot(IMPORT), &policy);
+        assert!(state.frontends.is_empty());
+        assert!(errors[0].to_string().contains("spec.ips[0]: 10.96.0.10 is outside --clusterset-ip-cidr 10.97.0.0/16"));
+        let policy = Policy { vip_cidrs: vec!["10.96.0.0/16".parse().unwrap()], ..Policy::default() };
+        let (state, errors) = compute(&snapshot(IMPORT), &policy);
+        assert!(errors.is_empty() && !state.frontends.is_empty());
+    }
+
+    #[test]
+    fn the_import_holding_a_vip_keeps_it_and_else_the_oldest_wins() {
+        // "aaa" sorts first, but "web" serves the VIP today: a newcomer never takes it.
+        let newcomer = IMPORT.replace("name: web,", "name: aaa,");
+        let yaml = format!("{IMPORT}---{newcomer}");
+        let held = BTreeMap::from([(Ipv4Addr::new(10, 96, 0, 10), "demo/web".to_owned())]);
+        let (state, errors) = compute_with(&snapshot(&yaml), &Policy::default(), &held);
+        assert!(state.frontends.values().all(|f| f.service == "demo/web"));
+        assert!(
+            errors[0].to_string().contains("demo/aaa: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
+        );
+        // Nobody holds it yet: the older object wins, whatever the names.
+        let old = IMPORT
+            .replace("metadata: {name: web,", "metadata: {creationTimestamp: \"2026-01-01T00:00:00Z\", name: web,");
+        let young = newcomer
+            .replace("metadata: {name: aaa,", "metadata: {creationTimestamp: \"2026-06-01T00:00:00Z\", name: aaa,");
+        let (state, _) = compute(&snapshot(&format!("{old}---{young}")), &Policy::default());
+        assert!(state.frontends.values().all(|f| f.service == "demo/web"));
+    }
+
+    #[test]
     fn a_duplicate_vip_rejects_the_later_import() {
         let second = IMPORT.replace("name: web,", "name: zzz,");
         let (state, errors) = compute(&snapshot(&format!("{IMPORT}---{second}")), &Policy::default());

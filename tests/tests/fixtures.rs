@@ -14,8 +14,14 @@ use mcs_agent::{
     reconcile::Reconciler,
     source::manifests::parse_documents,
 };
-use mcs_common::{CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map};
+use mcs_common::{
+    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, RevNatKey,
+    RevNatValue, Stat, flow_hash, ip_to_map, port_to_map,
+};
 use mcs_tests::packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view};
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 
 const TC_NEXT: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
@@ -470,4 +476,114 @@ fn the_kernel_reads_exactly_the_agents_maglev_table() {
             want.len()
         );
     }
+}
+
+/// Both entries of the flow `CLIENT:sport -> VIP:80`.
+fn flow_entries(dp: &Datapath, sport: u16) -> (Option<CtValue>, Option<(RevNatKey, RevNatValue)>) {
+    let ct = dp.conntrack_entries().into_iter().find(|(k, _)| k.client_port == port_to_map(sport)).map(|(_, v)| v);
+    let rev = dp.rev_nat_entries().into_iter().find(|(k, _)| k.client_port == port_to_map(sport));
+    (ct, rev)
+}
+
+#[test]
+fn a_connection_closed_by_fins_from_both_sides_is_marked_closed_in_both_entries() {
+    let mut dp = datapath();
+    let sport = 41000;
+    let backend = expected_backend(sport, 80, IPPROTO_TCP);
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    let (ct, rev) = flow_entries(&dp, sport);
+    assert_eq!((ct.unwrap().flags, rev.unwrap().1.flags), (0, 0), "an open connection");
+
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_FIN | TCP_ACK, b""));
+    let (ct, rev) = flow_entries(&dp, sport);
+    let (ct, rev) = (ct.unwrap(), rev.unwrap().1);
+    assert_eq!((ct.flags, rev.flags), (CT_F_FIN_CLIENT, CT_F_FIN_CLIENT), "the client's FIN reaches both entries");
+    assert_eq!((ct.closed_ns, rev.closed_ns), (0, 0), "half-closed is still open");
+
+    let (verdict, out) =
+        run(&mut dp, PROG_EGRESS, &tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_FIN | TCP_ACK, b""));
+    assert_eq!(verdict, TC_NEXT);
+    assert_eq!((view(&out).src, view(&out).sport), (VIP, 80), "the backend's FIN is still translated");
+    let (ct, rev) = flow_entries(&dp, sport);
+    let (ct, rev) = (ct.unwrap(), rev.unwrap().1);
+    assert_eq!(ct.flags, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND);
+    assert_eq!(rev.flags, ct.flags);
+    assert!(ct.closed_ns != 0 && ct.closed_ns == rev.closed_ns, "closed at one instant: {ct:?} {rev:?}");
+
+    // The last ACK, within the grace time, is still translated.
+    let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
+    assert_eq!(view(&out).dst, backend);
+}
+
+#[test]
+fn a_reset_closes_at_once() {
+    let mut dp = datapath();
+    let sport = 41100;
+    let backend = expected_backend(sport, 80, IPPROTO_TCP);
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    run(&mut dp, PROG_EGRESS, &tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_RST | TCP_ACK, b""));
+    let (ct, rev) = flow_entries(&dp, sport);
+    let (ct, rev) = (ct.unwrap(), rev.unwrap().1);
+    assert_eq!((ct.flags, rev.flags), (CT_F_RST, CT_F_RST));
+    assert!(ct.closed_ns != 0);
+}
+
+#[test]
+fn entries_of_a_connection_closed_long_ago_are_never_used_again() {
+    let mut dp = datapath();
+    let sport = 41200;
+    let backend = expected_backend(sport, 80, IPPROTO_TCP);
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    // Age both entries past the grace time (closed at boot + 1 ns).
+    let (ct, rev) = flow_entries(&dp, sport);
+    let (key, mut ct) = (dp.conntrack_entries()[0].0, ct.unwrap());
+    let (rev_key, mut rev) = rev.unwrap();
+    ct.flags = CT_F_RST;
+    ct.closed_ns = 1;
+    rev.flags = CT_F_RST;
+    rev.closed_ns = 1;
+    dp.insert_conntrack(key, ct).unwrap();
+    dp.insert_rev_nat(rev_key, rev).unwrap();
+
+    // A reply on the old tuple is not ours any more: untouched, and forgotten.
+    let late = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_ACK, b"late");
+    let (verdict, out) = run(&mut dp, PROG_EGRESS, &late);
+    assert_eq!((verdict, out), (TC_NEXT, late));
+    assert_eq!(dp.stat(Stat::ClosedExpired), 1);
+    assert!(flow_entries(&dp, sport).1.is_none(), "the reverse entry is gone");
+    // The client's next packet on the tuple no longer rides the old entry.
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
+    assert_eq!(dp.stat(Stat::ClosedExpired), 2);
+    let (ct, _) = flow_entries(&dp, sport);
+    assert_eq!(ct.unwrap().closed_ns, 0, "what remains is a fresh entry");
+}
+
+#[test]
+fn a_direct_syn_on_a_tuple_once_translated_removes_the_stale_reverse_entry() {
+    let mut dp = datapath();
+    let sport = 41300;
+    let backend = expected_backend(sport, 80, IPPROTO_TCP);
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    assert!(flow_entries(&dp, sport).1.is_some());
+
+    // Later the client connects to the pod directly from the same port.
+    let direct = tcp(&Ipv4Spec::new(CLIENT, backend), sport, 8080, TCP_SYN, b"");
+    let (verdict, out) = run(&mut dp, PROG_INGRESS, &direct);
+    assert_eq!((verdict, out), (TC_NEXT, direct), "direct traffic passes untouched");
+    assert_eq!(dp.stat(Stat::StaleRevNat), 1);
+    let synack = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_SYN | TCP_ACK, b"");
+    let (verdict, out) = run(&mut dp, PROG_EGRESS, &synack);
+    assert_eq!((verdict, out), (TC_NEXT, synack), "its SYN-ACK must not be rewritten to come from the VIP");
+}
+
+#[test]
+fn an_ip_total_length_that_ends_before_the_l4_header_is_malformed() {
+    let mut dp = datapath();
+    let mut frame = tcp(&Ipv4Spec::new(CLIENT, VIP), 41400, 80, TCP_SYN, b"");
+    // Claim a 30-byte IP packet: the TCP header would end 10 bytes past it.
+    frame[16..18].copy_from_slice(&30u16.to_be_bytes());
+    let (verdict, out) = run(&mut dp, PROG_INGRESS, &frame);
+    assert_eq!((verdict, out), (TC_NEXT, frame), "bytes outside the IP packet are never rewritten");
+    assert_eq!(dp.stat(Stat::Malformed), 1);
+    assert!(dp.conntrack_entries().is_empty());
 }

@@ -13,7 +13,7 @@ use mcs_tests::{
     manifests::{self, Port, endpoint_slice, service_import},
     netns::Netns,
     topology::Clusterset,
-    traffic::{Connection, Server, tcp_request, udp_request},
+    traffic::{Connection, Reply, Server, tcp_request, udp_request},
 };
 use tempfile::TempDir;
 
@@ -396,4 +396,85 @@ fn a_burst_of_a_thousand_changes_becomes_a_few_reconciles() {
     assert!(passes <= 20, "{passes} map diffs for one burst: the changes were not debounced");
     let seen: BTreeSet<String> = (0..40).map(|_| tcp_request(lab.client(), vip(80)).unwrap().identity).collect();
     assert_eq!(seen, BTreeSet::from(["cluster-a/pod-1".to_owned()]), "the datapath holds the final state");
+}
+
+#[test]
+fn a_direct_connection_from_a_port_that_once_used_the_vip_is_not_rewritten() {
+    use socket2::{Domain, Socket, Type};
+    let lab = Lab::new(&[("cluster-a", 1)]);
+    let _agent = lab.agent(&[]);
+    let pod = lab.pods["cluster-a"][0];
+    let port = 47123;
+    let connect_from = |target: SocketAddrV4| {
+        lab.client().run(move || -> std::io::Result<Reply> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())?;
+            socket.connect_timeout(&SocketAddr::V4(target).into(), std::time::Duration::from_secs(2))?;
+            let mut stream: std::net::TcpStream = socket.into();
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            stream.write_all(b"hello\n")?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stream.try_clone()?), &mut line)?;
+            let (identity, _) = line.split_once(' ').unwrap_or_default();
+            Ok(Reply {
+                identity: identity.to_owned(),
+                peer_seen: stream.local_addr()?,
+                reply_from: stream.peer_addr()?,
+                local: stream.local_addr()?,
+            })
+        })
+    };
+    let through_vip = connect_from(vip(80)).expect("through the VIP");
+    assert_eq!(through_vip.reply_from, SocketAddr::V4(vip(80)));
+    // The same client port, now straight to the pod that served it.
+    let direct = connect_from(SocketAddrV4::new(pod, 8080)).expect("a direct connection must not hang");
+    assert_eq!(direct.reply_from, SocketAddr::V4(SocketAddrV4::new(pod, 8080)), "its replies come from the pod");
+    assert_eq!(direct.identity, "cluster-a/pod-1");
+}
+
+#[test]
+fn an_import_cannot_capture_a_pods_or_the_nodes_address() {
+    let lab = Lab::new(&[("cluster-a", 1), ("cluster-b", 1)]);
+    let victim = lab.pods["cluster-b"][0];
+    // An import whose ClusterSetIP is a pod's address, and one with the node's own.
+    let hijack = service_import("evil", "pod", victim, &[("http", 8080, "TCP")]);
+    let node_ip = Ipv4Addr::new(10, 0, 0, 1);
+    let _node_daemon = Server::tcp(&lab.set.node, node_ip, 7000, "node-daemon");
+    let node = service_import("evil", "node", node_ip, &[("http", 7000, "TCP")]);
+    let loopback = service_import("evil", "loopback", Ipv4Addr::LOCALHOST, &[("http", 80, "TCP")]);
+    let slice = endpoint_slice("evil", "pod", "cluster-a", SLICE_PORTS, &[(lab.pods["cluster-a"][0], true)]);
+    let node_slice = endpoint_slice("evil", "node", "cluster-a", SLICE_PORTS, &[(lab.pods["cluster-a"][0], true)]);
+    for (file, yaml) in [
+        ("hijack.yaml", &hijack),
+        ("node.yaml", &node),
+        ("loopback.yaml", &loopback),
+        ("evil-slice.yaml", &slice),
+        ("evil-node-slice.yaml", &node_slice),
+    ] {
+        manifests::write(lab.dir.path(), file, yaml);
+    }
+    let _agent = lab.agent(&[]);
+    let reply = tcp_request(lab.client(), SocketAddrV4::new(victim, 8080)).expect("the pod is reached directly");
+    assert_eq!(reply.identity, "cluster-b/pod-1", "the pod itself answers, not the import's backend");
+    let reply = tcp_request(lab.client(), SocketAddrV4::new(node_ip, 7000)).expect("the node is reached directly");
+    assert_eq!(reply.identity, "node-daemon", "the node itself answers");
+    tcp_request(lab.client(), vip(80)).expect("the legitimate import is served");
+
+    // The operator sees why, by object and field.
+    let check = std::process::Command::new(mcs_tests::agent::agent_binary())
+        .args(["check", "--manifests"])
+        .arg(lab.dir.path())
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        stderr.contains(&format!("ServiceImport evil/pod: spec.ips[0]: {victim} is the address of an endpoint")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ServiceImport evil/loopback: spec.ips[0]: 127.0.0.1 cannot be a ClusterSetIP"),
+        "{stderr}"
+    );
 }
