@@ -416,7 +416,7 @@ async fn start_kube(
             Err(e) => {
                 let _ = events.send(SourceEvent::Error { what: "API discovery", message: e.to_string() });
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     };

@@ -49,13 +49,23 @@ impl Agent {
     }
 
     pub fn start_binary(binary: &Path, ns: &Netns, manifests: &Path, interfaces: &[String], extra: &[&str]) -> Self {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()]).arg(binary).arg("run");
-        cmd.arg("--manifests").arg(manifests);
+        let mut args = vec!["run".to_owned(), "--manifests".to_owned(), manifests.display().to_string()];
         for iface in interfaces {
-            cmd.args(["--interface", iface]);
+            args.extend(["--interface".to_owned(), iface.clone()]);
         }
-        cmd.args(extra).env("MCS_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let mut agent = Self::spawn(binary, ns, &args);
+        // Generous: a release agent programs 10,000 services in well under a second,
+        // a debug build on a loaded 2-core machine can take much longer.
+        agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(120));
+        agent
+    }
+
+    /// Starts `binary args...` in `ns` without waiting for anything.
+    pub fn spawn(binary: &Path, ns: &Netns, args: &[String]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()]).arg(binary).args(args);
+        cmd.env("MCS_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawning mcs-agent");
         let stderr = child.stderr.take().expect("stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -68,11 +78,12 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut agent = Self { child: Some(child), lines };
-        // Generous: a release agent programs 10,000 services in well under a second,
-        // a debug build on a loaded 2-core machine can take much longer.
-        agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(120));
-        agent
+        Self { child: Some(child), lines }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The agent's process id (`ip netns exec` execs the binary in place).
@@ -163,5 +174,42 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
+    }
+}
+
+/// `GET path` on the agent's health endpoint (`127.0.0.1:9878` in `ns`):
+/// the status code and body, or `None` when nothing answers.
+pub fn probe(ns: &Netns, path: &'static str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    ns.run(move || {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&"127.0.0.1:9878".parse().unwrap(), Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        Some((code, body))
+    })
+}
+
+/// Polls `probe` until `pred` holds; panics with the last answer after `timeout`.
+pub fn wait_probe(
+    ns: &Netns,
+    path: &'static str,
+    timeout: Duration,
+    pred: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answer = probe(ns, path);
+        if let Some((code, body)) = &answer
+            && pred(*code, body)
+        {
+            return (*code, body.clone());
+        }
+        assert!(Instant::now() < deadline, "{path} never reached the expected state; last answer {answer:?}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

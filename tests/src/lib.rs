@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod disruption;
+pub mod fakeapi;
 pub mod manifests;
 pub mod netns;
 pub mod packet;

@@ -3,7 +3,7 @@
 //! standalone mode. Every watch event is only a "something changed" signal;
 //! the agent recomputes from the whole cache (level-triggered).
 
-use std::{fmt::Debug, hash::Hash};
+use std::{fmt::Debug, hash::Hash, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    api::{ApiResource, DynamicObject, GroupVersionKind, ListParams},
     runtime::{
         WatchStreamExt as _,
         reflector::{self, Store, store::Writer},
@@ -92,7 +92,12 @@ async fn cluster_property_resource(client: &Client) -> Option<ApiResource> {
     None
 }
 
-/// Runs one reflector until the agent stops, reporting every change and error.
+/// How often a failing resource is asked whether it answers again: a watch
+/// that resumes without any change yields no event to notice it by.
+const RECOVERY_PROBE: Duration = Duration::from_secs(2);
+
+/// Runs one reflector until the agent stops, reporting every change and
+/// error, and when the resource answers again after an error.
 fn spawn_reflector<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -104,21 +109,36 @@ fn spawn_reflector<K>(
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     tokio::spawn(async move {
-        let mut stream = watcher(api, config).default_backoff().reflect(writer).boxed();
+        // The same selectors as the watch, one object at most: the cheapest
+        // request that needs the same permission and the same server.
+        let mut probe_params = ListParams::default().limit(1);
+        probe_params.label_selector = config.label_selector.clone();
+        probe_params.field_selector = config.field_selector.clone();
+        let mut stream = watcher(api.clone(), config).default_backoff().reflect(writer).boxed();
         let mut failing = false;
-        while let Some(event) = stream.next().await {
-            let signal = match event {
-                Ok(_) if failing => {
-                    failing = false;
-                    if events.send(SourceEvent::Resumed { what }).is_err() {
-                        break;
+        loop {
+            let signal = tokio::select! {
+                event = stream.next() => match event {
+                    None => break,
+                    Some(Ok(_)) if failing => {
+                        failing = false;
+                        if events.send(SourceEvent::Resumed { what }).is_err() {
+                            break;
+                        }
+                        SourceEvent::Changed
                     }
-                    SourceEvent::Changed
-                }
-                Ok(_) => SourceEvent::Changed,
-                Err(e) => {
-                    failing = true;
-                    SourceEvent::Error { what, message: e.to_string() }
+                    Some(Ok(_)) => SourceEvent::Changed,
+                    Some(Err(e)) => {
+                        failing = true;
+                        SourceEvent::Error { what, message: e.to_string() }
+                    }
+                },
+                () = tokio::time::sleep(RECOVERY_PROBE), if failing => {
+                    if api.list_metadata(&probe_params).await.is_err() {
+                        continue;
+                    }
+                    failing = false;
+                    SourceEvent::Resumed { what }
                 }
             };
             if events.send(signal).is_err() {

@@ -1,0 +1,242 @@
+//! Kubernetes mode against an API server of our own (`mcs_tests::fakeapi`):
+//! the real agent binary, real HTTP list/watch, and the failures a node sees
+//! (no API at start, API loss, 403 on one resource, 410 Gone), with real
+//! traffic through the VIP throughout.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use mcs_tests::{
+    agent::{Agent, agent_binary, probe, wait_probe},
+    bpffs::ScratchBpffs,
+    fakeapi::{self, Api, IMPORTS, Mode, NODES, PROPERTIES, SLICES},
+    netns::Netns,
+    topology::Clusterset,
+    traffic::{Connection, Server, tcp_request},
+};
+use serde_json::{Value, json};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const READY: Duration = Duration::from_secs(30);
+
+fn vip() -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, 80)
+}
+
+fn import(ports: &[(&str, u16)]) -> Value {
+    let ports: Vec<Value> =
+        ports.iter().map(|(name, port)| json!({"name": name, "port": port, "protocol": "TCP"})).collect();
+    json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+        "metadata": {"name": "web", "namespace": "demo"},
+        "spec": {"type": "ClusterSetIP", "ips": [VIP.to_string()], "ports": ports}})
+}
+
+fn slice(cluster: &str, pods: &[Ipv4Addr]) -> Value {
+    let endpoints: Vec<Value> = pods.iter().map(|ip| json!({"addresses": [ip.to_string()]})).collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("web-{cluster}"), "namespace": "demo",
+            "labels": {"multicluster.kubernetes.io/service-name": "web", "multicluster.kubernetes.io/source-cluster": cluster}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+struct Lab {
+    set: Clusterset,
+    api: Api,
+    pods: Vec<Ipv4Addr>,
+    port: u16,
+    dir: tempfile::TempDir,
+    bpffs: ScratchBpffs,
+    _servers: Vec<Server>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let mut set = Clusterset::new(1, &["cluster-a"]);
+        let mut pods = Vec::new();
+        let mut servers = Vec::new();
+        for k in 1..=2 {
+            let ip = set.clusters[0].add_pod();
+            servers.push(Server::tcp(&set.clusters[0].ns, ip, 8080, &format!("cluster-a/pod-{k}")));
+            pods.push(ip);
+        }
+        let api = Api::default();
+        api.put(IMPORTS, import(&[("http", 80)]));
+        api.put(SLICES, slice("cluster-a", &pods));
+        api.put(NODES, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1",
+            "labels": {"topology.kubernetes.io/zone": "z1"}}, "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}}));
+        api.put(
+            PROPERTIES,
+            json!({"apiVersion": "about.k8s.io/v1beta1", "kind": "ClusterProperty",
+            "metadata": {"name": "cluster.clusterset.k8s.io"}, "spec": {"value": "cluster-a"}}),
+        );
+        // A port nothing listens on yet, the same for every start of the API.
+        let port = set.node.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        Self { set, api, pods, port, dir: tempfile::tempdir().unwrap(), bpffs: ScratchBpffs::new(), _servers: servers }
+    }
+
+    fn serve(&self) -> fakeapi::Server {
+        self.api.serve(&self.set.node, self.port)
+    }
+
+    fn agent(&self) -> Agent {
+        let kubeconfig = fakeapi::kubeconfig(self.dir.path(), self.port);
+        let args: Vec<String> = [
+            "run",
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--interface",
+            "pod0",
+            "--node-name",
+            "node-1",
+            "--bpffs",
+            &self.bpffs.arg(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Agent::spawn(&agent_binary(), &self.set.node, &args)
+    }
+
+    fn client(&self) -> &Netns {
+        &self.set.clients[0].ns
+    }
+}
+
+fn ready(code: u16, _: &str) -> bool {
+    code == 200
+}
+
+#[test]
+fn the_agent_waits_for_an_unreachable_api_alive_and_serves_once_it_answers() {
+    let lab = Lab::new();
+    // More imports than the fake API puts on one page.
+    for (name, last) in [("extra-1", 11), ("extra-2", 12)] {
+        let mut extra = import(&[("http", 80)]);
+        extra["metadata"]["name"] = json!(name);
+        extra["spec"]["ips"] = json!([format!("10.96.0.{last}")]);
+        lab.api.put(IMPORTS, extra);
+    }
+    let mut agent = lab.agent();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(agent.running(), "the agent must not exit without the API:\n{}", agent.logs().join("\n"));
+    assert_eq!(probe(&lab.set.node, "/healthz").map(|a| a.0), Some(200), "alive while waiting");
+    let (code, body) = probe(&lab.set.node, "/readyz").expect("the health endpoint answers at once");
+    assert_eq!(code, 503, "{body}");
+
+    let _api = lab.serve();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    let reply = tcp_request(lab.client(), vip()).expect("served once the API answered");
+    assert_eq!(reply.reply_from, SocketAddr::V4(vip()));
+    let requests = lab.api.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("/about.k8s.io/v1beta1/clusterproperties")),
+        "ClusterProperty v1beta1 is found by discovery: {requests:?}"
+    );
+    assert!(requests.iter().any(|r| r.contains("continue=")), "lists are paginated: {requests:?}");
+}
+
+#[test]
+fn losing_the_api_keeps_the_datapath_and_says_stale_until_it_returns() {
+    let lab = Lab::new();
+    let api = lab.serve();
+    let agent = lab.agent();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    let mut open = Connection::open(lab.client(), vip()).expect("a connection through the VIP");
+
+    drop(api);
+    let (_, body) = wait_probe(&lab.set.node, "/readyz", READY, |code, _| code == 503);
+    assert!(body.contains("stale"), "{body}");
+    assert_eq!(probe(&lab.set.node, "/healthz").map(|a| a.0), Some(200), "alive while the API is gone");
+    tcp_request(lab.client(), vip()).expect("new connections are still served from the last good state");
+    open.request().expect("an open connection keeps working");
+
+    // The API returns with a change made meanwhile: only pod 2 serves now.
+    lab.api.put(SLICES, slice("cluster-a", &lab.pods[1..]));
+    let _api = lab.serve();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let who: Vec<String> = (0..8).map(|_| tcp_request(lab.client(), vip()).expect("served").identity).collect();
+        if who.iter().all(|w| w == "cluster-a/pod-2") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the change made while the API was away never arrived: {who:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(agent);
+}
+
+#[test]
+fn a_403_on_one_resource_keeps_the_agent_stale_while_another_changes() {
+    let lab = Lab::new();
+    let _api = lab.serve();
+    let _agent = lab.agent();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+
+    lab.api.set_mode(SLICES, Mode::Forbidden);
+    lab.api.drop_watches(false);
+    let (_, body) = wait_probe(&lab.set.node, "/readyz", READY, |code, _| code == 503);
+    assert!(body.contains("EndpointSlice") && body.contains("403"), "{body}");
+    // ServiceImport events keep flowing; they must not clear EndpointSlice's failure.
+    for port in [81, 82, 83] {
+        lab.api.put(IMPORTS, import(&[("http", 80), ("alt", port)]));
+        std::thread::sleep(Duration::from_millis(500));
+        let (code, body) = probe(&lab.set.node, "/readyz").unwrap();
+        assert_eq!(code, 503, "still stale after a ServiceImport change: {body}");
+    }
+    tcp_request(lab.client(), vip()).expect("served from the last good state");
+
+    lab.api.set_mode(SLICES, Mode::Normal);
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+}
+
+#[test]
+fn a_410_gone_makes_the_agent_list_again_and_converge() {
+    let lab = Lab::new();
+    let _api = lab.serve();
+    let _agent = lab.agent();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    let lists_before =
+        lab.api.requests().iter().filter(|r| r.contains("endpointslices") && !r.contains("watch=")).count();
+
+    // History is compacted while the watches are down; the change is only in a new list.
+    lab.api.drop_watches(true);
+    lab.api.put(SLICES, slice("cluster-a", &lab.pods[..1]));
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let who: Vec<String> = (0..8).map(|_| tcp_request(lab.client(), vip()).expect("served").identity).collect();
+        if who.iter().all(|w| w == "cluster-a/pod-1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never converged after 410 Gone: {who:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lists_after =
+        lab.api.requests().iter().filter(|r| r.contains("endpointslices") && !r.contains("watch=")).count();
+    assert!(lists_after > lists_before, "a 410 makes the watcher list again");
+}
+
+#[test]
+fn a_restart_while_the_api_is_down_keeps_serving_the_adopted_state() {
+    let lab = Lab::new();
+    let api = lab.serve();
+    let agent = lab.agent();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    let mut open = Connection::open(lab.client(), vip()).expect("a connection through the VIP");
+    let backend = open.request().unwrap().identity;
+
+    drop(agent);
+    drop(api);
+    let mut agent = lab.agent();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.running(), "{}", agent.logs().join("\n"));
+    tcp_request(lab.client(), vip()).expect("the adopted state serves new connections without any API");
+    assert_eq!(open.request().expect("the open connection survives").identity, backend);
+    assert_eq!(probe(&lab.set.node, "/healthz").map(|a| a.0), Some(200));
+    assert_eq!(probe(&lab.set.node, "/readyz").map(|a| a.0), Some(503), "not ready: nothing listed yet");
+
+    let _api = lab.serve();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    assert_eq!(open.request().expect("and after the API returns").identity, backend);
+}
