@@ -278,9 +278,9 @@ impl Api {
 fn url_pairs(query: &str) -> Vec<(String, String)> {
     query
         .split('&')
-        .filter_map(|pair| {
+        .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            Some((k.to_owned(), v.replace("%3D", "=").replace("%2F", "/")))
+            (k.to_owned(), v.replace("%3D", "=").replace("%2F", "/"))
         })
         .collect()
 }
