@@ -299,7 +299,11 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
     fs::create_dir_all(root).map_err(|e| err(format!("cannot create the mount point: {e}")))?;
     nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
         .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))?;
-    info!(path = %root.display(), "mounted bpffs");
+    warn!(
+        path = %root.display(),
+        "no bpffs there: mounted one of our own, which lives only as long as this mount namespace; \
+         for pins that outlive the agent (hitless restarts), mount bpffs on the host (systemd's sys-fs-bpf.mount does)"
+    );
     Ok(())
 }
 
@@ -1106,4 +1110,25 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usi
 pub fn retire_layout(layout: &LayoutDir) {
     remove_layout(layout);
     info!(version = layout.version, path = %layout.dir.display(), "removed the older layout's pins");
+}
+
+/// What of mcs-agent is still on this node: pinned layouts, and our TCX
+/// programs on any interface. Empty after `uninstall`. (Netlink filters are
+/// not listed: reading them needs a netlink dump aya does not expose;
+/// `uninstall` removes them all the same.)
+pub fn remains(bpffs: &Path) -> Vec<String> {
+    let mut found: Vec<String> = LayoutDir::others(bpffs, u32::MAX)
+        .iter()
+        .map(|l| format!("pins of layout v{} in {}", l.version, l.dir.display()))
+        .collect();
+    for iface in nix::net::if_::if_nameindex().iter().flat_map(|list| list.iter()) {
+        let Ok(name) = iface.name().to_str() else { continue };
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let programs = SchedClassifier::query_tcx(name, attach_type).map(|(_, p)| p).unwrap_or_default();
+            if programs.iter().any(|p| matches!(p.name_as_str(), Some(PROG_INGRESS | PROG_EGRESS))) {
+                found.push(format!("TCX {} program on {name}", direction(attach_type)));
+            }
+        }
+    }
+    found
 }

@@ -72,6 +72,14 @@ enum Command {
         /// Where bpffs is mounted.
         #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
         bpffs: PathBuf,
+        /// Keep running after uninstalling, until SIGTERM (in a DaemonSet, the
+        /// pod then stays Ready to show that its node is clean).
+        #[arg(long)]
+        stay: bool,
+        /// Remove nothing: exit 0 if nothing of mcs-agent is left on this node,
+        /// 1 (listing what is) otherwise.
+        #[arg(long, conflicts_with = "stay")]
+        check: bool,
     },
     /// Validate manifests and print the frontends and backends they produce.
     ///
@@ -283,15 +291,42 @@ fn main() -> Result<()> {
             .context("starting the runtime")?
             .block_on(run(args)),
         Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
-        Command::Uninstall { bpffs } => {
-            let done = datapath::uninstall(&bpffs).with_context(|| format!("--bpffs {}", bpffs.display()))?;
-            println!(
-                "removed layout version(s) {:?} ({} pinned link(s)), {} netlink filter(s)",
-                done.layouts, done.links, done.netlink_filters
-            );
-            Ok(())
-        }
+        Command::Uninstall { bpffs, stay, check } => uninstall(&bpffs, stay, check),
     }
+}
+
+fn uninstall(bpffs: &Path, stay: bool, check: bool) -> Result<()> {
+    if check {
+        let left = datapath::remains(bpffs);
+        if left.is_empty() {
+            println!("nothing of mcs-agent is left on this node");
+            return Ok(());
+        }
+        for what in &left {
+            println!("left: {what}");
+        }
+        std::process::exit(1);
+    }
+    let done = datapath::uninstall(bpffs).with_context(|| format!("--bpffs {}", bpffs.display()))?;
+    println!(
+        "removed layout version(s) {:?} ({} pinned link(s)), {} netlink filter(s)",
+        done.layouts, done.links, done.netlink_filters
+    );
+    let left = datapath::remains(bpffs);
+    if !left.is_empty() {
+        bail!("still on this node after uninstalling: {}", left.join("; "));
+    }
+    if stay {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+            let mut term = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            anyhow::Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// Attaches to a pattern-matched link that appeared; forgets one that went away.

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
@@ -33,7 +34,7 @@ fn typed<T: serde::de::DeserializeOwned>(doc: &Value, path: &Path) -> T {
 #[test]
 fn every_manifest_parses_into_its_kubernetes_type() {
     let mut kinds = Vec::new();
-    for dir in [deploy(), deploy().join("crds")] {
+    for dir in [deploy(), deploy().join("crds"), deploy().join("uninstall")] {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
@@ -61,6 +62,7 @@ fn every_manifest_parses_into_its_kubernetes_type() {
         }
     }
     kinds.sort();
+    assert_eq!(kinds.iter().filter(|k| *k == "DaemonSet").count(), 2, "the agent and its uninstaller");
     for kind in ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "ServiceAccount"] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in deploy/");
     }
@@ -71,13 +73,19 @@ fn every_manifest_parses_into_its_kubernetes_type() {
 fn the_daemonset_runs_on_every_node_with_named_capabilities_not_privileged() {
     let path = deploy().join("daemonset.yaml");
     let ds: DaemonSet = typed(&documents(&path)[0], &path);
-    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let spec = ds.spec.unwrap();
+    let rolling = spec.update_strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)), "two agents must never share a node's maps");
+    let pod = spec.template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     assert!(pod.tolerations.unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
     let agent = &pod.containers[0];
     let security = agent.security_context.clone().unwrap();
     assert_eq!(security.privileged, Some(false));
+    assert_eq!(security.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert_eq!(security.app_armor_profile.unwrap().type_, "Unconfined", "pinning writes below /sys/fs");
     let caps = security.capabilities.unwrap();
     assert_eq!(caps.drop.unwrap(), ["ALL"]);
     assert_eq!(caps.add.unwrap(), ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
@@ -85,9 +93,13 @@ fn the_daemonset_runs_on_every_node_with_named_capabilities_not_privileged() {
     let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     assert_eq!(node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "spec.nodeName");
     assert!(agent.liveness_probe.is_some() && agent.readiness_probe.is_some());
-    assert!(agent.resources.as_ref().unwrap().requests.is_some());
-    let mounts: Vec<&str> = agent.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
-    assert_eq!(mounts, ["/sys/fs/bpf", "/sys/fs/cgroup"]);
+    let resources = agent.resources.as_ref().unwrap();
+    assert!(resources.requests.as_ref().unwrap().contains_key("memory"));
+    assert!(resources.limits.as_ref().unwrap().contains_key("memory"), "BPF maps are charged to the pod");
+    let mounts = agent.volume_mounts.as_ref().unwrap();
+    assert_eq!(mounts.len(), 1, "only bpffs");
+    assert_eq!(mounts[0].mount_path, "/sys/fs/bpf");
+    assert_eq!(mounts[0].mount_propagation.as_deref(), Some("HostToContainer"));
     // The args are the agent's own flags.
     let args = agent.args.clone().unwrap();
     assert_eq!(args[0], "run");
@@ -127,4 +139,19 @@ fn the_cluster_role_grants_reads_of_mcs_objects_and_events_and_nothing_else() {
             ("multicluster.x-k8s.io".into(), "serviceimports".into(), read()),
         ]
     );
+}
+
+#[test]
+fn the_uninstaller_runs_uninstall_on_every_node_and_is_ready_when_clean() {
+    let path = deploy().join("uninstall/daemonset.yaml");
+    let ds: DaemonSet = typed(&documents(&path)[0], &path);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true), "netlink filters sit on host interfaces");
+    assert!(pod.tolerations.unwrap().iter().any(|t| t.operator.as_deref() == Some("Exists")));
+    let container = &pod.containers[0];
+    assert_eq!(container.args.clone().unwrap(), ["uninstall", "--stay"]);
+    let probe = container.readiness_probe.clone().unwrap().exec.unwrap().command.unwrap();
+    assert_eq!(probe[1..], ["uninstall", "--check"]);
+    let mounts = container.volume_mounts.clone().unwrap();
+    assert_eq!(mounts[0].mount_path, "/sys/fs/bpf");
 }

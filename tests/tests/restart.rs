@@ -210,7 +210,18 @@ fn restarts_and_upgrades_under_load_fail_no_connection() {
     assert!(clean);
     let ingress_now = lab.set.node.run(|| SchedClassifier::query_tcx("pod0", TcAttachType::Ingress).unwrap().1.len());
     assert_eq!(ingress_now, 1, "a stopped agent leaves the datapath serving");
+    let check = |ns: &Netns| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(&binary)
+            .args(["uninstall", "--check", "--bpffs", &lab.bpffs.arg()])
+            .status()
+            .expect("mcs-agent uninstall --check")
+            .success()
+    };
+    assert!(!check(&lab.set.node), "--check sees what is left");
     lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
+    assert!(check(&lab.set.node), "--check says the node is clean");
     let left = lab.set.node.run(|| {
         [TcAttachType::Ingress, TcAttachType::Egress]
             .map(|t| SchedClassifier::query_tcx("pod0", t).unwrap().1.len())
