@@ -1,6 +1,7 @@
 //! `mcs-bench`: the numbers behind `cargo xtask bench`. See BENCHMARKS.md.
 
 mod control;
+mod disruption;
 mod kubeproxy;
 mod lab;
 mod load;
@@ -79,8 +80,11 @@ struct Args {
     #[arg(long)]
     dump_rules: Option<PathBuf>,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath")]
+    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption")]
     only: Vec<Part>,
+    /// Services programmed during the disruption measurement. Default: 1000 (quick: 100).
+    #[arg(long)]
+    disruption_services: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -88,6 +92,8 @@ enum Part {
     Packet,
     Control,
     Datapath,
+    /// Restarts under load: mcs-agent's four kinds, kube-proxy's resync.
+    Disruption,
 }
 
 /// Everything one configuration measured in one round.
@@ -264,7 +270,21 @@ fn main() -> Result<()> {
         }
     }
 
-    let results = report::Results { conditions, packet, control, datapath: report::datapath(&runs) };
+    let disruption = if args.only.contains(&Part::Disruption) {
+        let services = args.disruption_services.unwrap_or(if quick { 100 } else { 1000 }).max(1);
+        let rows = disruption::measure(&args.agent, &agent_args, services, &args.iptables_restore)?;
+        for r in &rows {
+            eprintln!(
+                "bench: disruption {} / {}: tcp {} failed (longest gap {:.0} ms), udp {} failed (longest gap {:.0} ms)",
+                r.path, r.restart, r.tcp_failed, r.tcp_longest_gap_ms, r.udp_failed, r.udp_longest_gap_ms
+            );
+        }
+        rows
+    } else {
+        Vec::new()
+    };
+
+    let results = report::Results { conditions, packet, control, datapath: report::datapath(&runs), disruption };
     report::write(&args.out, &results)?;
     if args.record {
         report::record(&results, &args.out)?;

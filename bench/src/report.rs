@@ -33,6 +33,7 @@ pub struct Results {
     pub packet: Vec<PacketCost>,
     pub control: Option<ControlPlane>,
     pub datapath: Vec<Row>,
+    pub disruption: Vec<crate::disruption::Row>,
 }
 
 pub fn datapath(runs: &BTreeMap<Key, Vec<Run>>) -> Vec<Row> {
@@ -259,6 +260,16 @@ fn targets(results: &Results) -> Vec<Target> {
             met: Some(c.rss_mib < 64.0),
         });
     }
+    let agent: Vec<&crate::disruption::Row> = results.disruption.iter().filter(|r| r.path == "mcs-agent").collect();
+    if !agent.is_empty() {
+        let failed: u64 = agent.iter().map(|r| r.tcp_failed + r.udp_failed).sum();
+        let hurt: usize = agent.iter().map(|r| r.long_lived_hurt).sum();
+        out.push(Target {
+            goal: "no failed connection because of an agent restart (4 kinds)",
+            measured: format!("{failed} failed connections/requests, {hurt} long-lived connections broken or moved"),
+            met: Some(failed == 0 && hurt == 0),
+        });
+    }
     out
 }
 
@@ -318,6 +329,33 @@ pub fn markdown(results: &Results) -> String {
         workload_table(&mut out, rows, Workload::UdpRr, "UDP requests per second (request/response)", |r| &r.rate);
         let errors: u64 = rows.iter().map(|r| r.errors).sum();
         let _ = writeln!(out, "\nFailed transactions over all runs: {errors}.");
+    }
+
+    if !results.disruption.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Disruption (restarts under continuous load: short TCP connections and UDP requests back to back, {} long-lived connections asking every 50 ms)\n\n| path | restart | TCP ok | TCP failed | TCP longest gap ms | UDP ok | UDP failed | UDP longest gap ms | long-lived broken or moved |\n|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            results.disruption[0].long_lived
+        );
+        for r in &results.disruption {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {:.0} | {} |",
+                r.path,
+                r.restart,
+                num(r.tcp_ok as f64),
+                r.tcp_failed,
+                r.tcp_longest_gap_ms,
+                num(r.udp_ok as f64),
+                r.udp_failed,
+                r.udp_longest_gap_ms,
+                r.long_lived_hurt
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nmcs-agent's long-lived connections span all four restarts (counted on the last row). A gap is the longest time between two completed requests of one client; it includes ordinary scheduling jitter on this 2-core machine."
+        );
     }
 
     if !results.packet.is_empty() {
