@@ -107,6 +107,19 @@ fn ready(code: u16, _: &str) -> bool {
     code == 200
 }
 
+/// Waits until every new connection through the VIP reaches `identity`.
+fn only_served_by(lab: &Lab, identity: &str, what: &str) {
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let who: Vec<String> = (0..8).map(|_| tcp_request(lab.client(), vip()).expect("served").identity).collect();
+        if who.iter().all(|w| w == identity) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never reached the datapath: {who:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn the_agent_waits_for_an_unreachable_api_alive_and_serves_once_it_answers() {
     let lab = Lab::new();
@@ -155,15 +168,7 @@ fn losing_the_api_keeps_the_datapath_and_says_stale_until_it_returns() {
     lab.api.put(SLICES, slice("cluster-a", &lab.pods[1..]));
     let _api = lab.serve();
     wait_probe(&lab.set.node, "/readyz", READY, ready);
-    let deadline = std::time::Instant::now() + READY;
-    loop {
-        let who: Vec<String> = (0..8).map(|_| tcp_request(lab.client(), vip()).expect("served").identity).collect();
-        if who.iter().all(|w| w == "cluster-a/pod-2") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the change made while the API was away never arrived: {who:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    only_served_by(&lab, "cluster-a/pod-2", "the change made while the API was away");
     drop(agent);
 }
 
@@ -203,15 +208,7 @@ fn a_410_gone_makes_the_agent_list_again_and_converge() {
     // History is compacted while the watches are down; the change is only in a new list.
     lab.api.drop_watches(true);
     lab.api.put(SLICES, slice("cluster-a", &lab.pods[..1]));
-    let deadline = std::time::Instant::now() + READY;
-    loop {
-        let who: Vec<String> = (0..8).map(|_| tcp_request(lab.client(), vip()).expect("served").identity).collect();
-        if who.iter().all(|w| w == "cluster-a/pod-1") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never converged after 410 Gone: {who:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    only_served_by(&lab, "cluster-a/pod-1", "the change made across a 410 Gone");
     let lists_after =
         lab.api.requests().iter().filter(|r| r.contains("endpointslices") && !r.contains("watch=")).count();
     assert!(lists_after > lists_before, "a 410 makes the watcher list again");
