@@ -45,6 +45,11 @@ impl Netns {
         ns
     }
 
+    /// A handle on a namespace someone else owns: never deleted by this value.
+    pub fn existing(name: &str) -> Borrowed {
+        Borrowed(std::mem::ManuallyDrop::new(Self { name: name.to_owned() }))
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -104,4 +109,15 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     a.ip(&["link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b.name()]);
     a.ip(&["link", "set", a_name, "up"]);
     b.ip(&["link", "set", b_name, "up"]);
+}
+
+/// A [`Netns`] that is not deleted on drop (see [`Netns::existing`]).
+pub struct Borrowed(std::mem::ManuallyDrop<Netns>);
+
+impl std::ops::Deref for Borrowed {
+    type Target = Netns;
+
+    fn deref(&self) -> &Netns {
+        &self.0
+    }
 }

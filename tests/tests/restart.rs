@@ -128,6 +128,70 @@ fn report(kind: &str, phase: &Phase) -> String {
     )
 }
 
+/// Our netlink filters on `iface` in `ns`: (ingress, egress) counts.
+fn netlink_filters(ns: &Netns, iface: &str) -> (usize, usize) {
+    let count = |dir: &str, name: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "tc", "filter", "show", "dev", iface, dir])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(name)).count()
+    };
+    (count("ingress", "mcs_ingress"), count("egress", "mcs_egress"))
+}
+
+#[test]
+fn netlink_filters_are_replaced_in_place_under_load() {
+    let lab = Lab::new();
+    let binary = agent_binary();
+    let mut agent = lab.agent(&binary, &["--attach", "netlink"]);
+    assert_eq!(netlink_filters(&lab.set.node, "pod0"), (1, 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, node) = (stop.clone(), lab.set.node.name().to_owned());
+    // Samples the filters from another thread while the agents come and go.
+    let sampler = std::thread::spawn(move || {
+        let ns = Netns::existing(&node);
+        let (mut samples, mut gaps, mut doubles) = (0, 0, 0);
+        while !flag.load(Ordering::Relaxed) {
+            let (ingress, egress) = netlink_filters(&ns, "pod0");
+            samples += 1;
+            gaps += usize::from(ingress == 0 || egress == 0);
+            doubles += usize::from(ingress > 1 || egress > 1);
+        }
+        (samples, gaps, doubles)
+    });
+    let load = Load::start(&lab.set.clients[0].ns, SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53), 8);
+    let settle = || std::thread::sleep(Duration::from_millis(800));
+    settle();
+    load.mark();
+    agent.crash();
+    settle();
+    agent = lab.agent(&binary, &["--attach", "netlink"]);
+    settle();
+    let crash = load.mark();
+    agent.stop();
+    agent = lab.agent(&binary, &["--attach", "netlink"]);
+    settle();
+    let term = load.mark();
+    let (_, fates) = load.finish();
+    stop.store(true, Ordering::Relaxed);
+    let (samples, gaps, doubles) = sampler.join().unwrap();
+    let lines = [report("netlink: SIGKILL, restart", &crash), report("netlink: SIGTERM, restart", &term)];
+    eprintln!(
+        "disruption (client view):\n{}\nfilters: {samples} samples, {gaps} without ours, {doubles} with two",
+        lines.join("\n")
+    );
+    for phase in [&crash, &term] {
+        assert_eq!((phase.tcp.failed, phase.udp.failed), (0, 0), "{:?}\n{}", phase.errors, lines.join("\n"));
+    }
+    assert!(fates.iter().all(|f| f.broken.is_none() && f.moved_to.is_none()), "{fates:?}");
+    assert!(samples > 10);
+    assert_eq!((gaps, doubles), (0, 0), "one filter of ours per direction at every instant");
+    agent.stop();
+    lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
+    assert_eq!(netlink_filters(&lab.set.node, "pod0"), (0, 0), "uninstall removes the filters");
+}
+
 #[test]
 fn restarts_and_upgrades_under_load_fail_no_connection() {
     let lab = Lab::new();
