@@ -1083,7 +1083,8 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usi
         }
     }
     if let Some(rev) = open::<RevNatKey, RevNatValue>(old, MAP_REV_NAT) {
-        for (k, v) in rev.iter().filter_map(Result::ok) {
+        for (k, mut v) in rev.iter().filter_map(Result::ok) {
+            v.backend_id = backend_id(v.backend_id);
             if current.maps.rev_nat.insert(k, v, no_exist).is_ok() {
                 copied.1 += 1;
             }

@@ -312,9 +312,17 @@ fn uninstall(bpffs: &Path, stay: bool, check: bool) -> Result<()> {
         "removed layout version(s) {:?} ({} pinned link(s)), {} netlink filter(s)",
         done.layouts, done.links, done.netlink_filters
     );
-    let left = datapath::remains(bpffs);
+    // The kernel detaches an unpinned link from a work queue, a moment later.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let left = loop {
+        let left = datapath::remains(bpffs);
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     if !left.is_empty() {
-        bail!("still on this node after uninstalling: {}", left.join("; "));
+        bail!("still on this node after uninstalling: {} (is an agent still running? stop it first)", left.join("; "));
     }
     if stay {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {

@@ -181,6 +181,9 @@ pub struct RevNatValue {
     /// `CT_F_*`, as on the flow's `CtValue`.
     pub flags: u8,
     pub _pad: u8,
+    /// The backend the flow went to (per-backend accounting of replies).
+    pub backend_id: u32,
+    pub _pad2: u32,
     /// As `CtValue::closed_ns`.
     pub closed_ns: u64,
 }
@@ -341,7 +344,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 24);
         assert_eq!(size_of::<RevNatKey>(), 16);
-        assert_eq!(size_of::<RevNatValue>(), 16);
+        assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
     }

@@ -189,7 +189,15 @@ fn slot_backend(service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
 
 #[inline(always)]
 fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend: &Backend) -> Result<(), i64> {
-    let rev = RevNatValue { vip: flow.dst_ip, vip_port: flow.dst_port, flags: 0, _pad: 0, closed_ns: 0 };
+    let rev = RevNatValue {
+        vip: flow.dst_ip,
+        vip_port: flow.dst_port,
+        flags: 0,
+        _pad: 0,
+        backend_id: id,
+        _pad2: 0,
+        closed_ns: 0,
+    };
     // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
     REV_NAT.insert(rev_key(flow, backend.ip, backend.port), rev, 0)?;
     let ct = CtValue {

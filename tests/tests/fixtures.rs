@@ -492,7 +492,9 @@ fn a_connection_closed_by_fins_from_both_sides_is_marked_closed_in_both_entries(
     let backend = expected_backend(sport, 80, IPPROTO_TCP);
     run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
     let (ct, rev) = flow_entries(&dp, sport);
-    assert_eq!((ct.unwrap().flags, rev.unwrap().1.flags), (0, 0), "an open connection");
+    let (ct, rev) = (ct.unwrap(), rev.unwrap().1);
+    assert_eq!((ct.flags, rev.flags), (0, 0), "an open connection");
+    assert!(ct.backend_id != 0 && rev.backend_id == ct.backend_id, "both entries name the backend: {ct:?} {rev:?}");
 
     run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_FIN | TCP_ACK, b""));
     let (ct, rev) = flow_entries(&dp, sport);

@@ -46,12 +46,17 @@ impl Watch {
         let handle = node.spawn(move || {
             // Program ids seen, to prove each agent swapped its own programs in.
             let mut seen = BTreeSet::new();
-            while !flag.load(Ordering::Relaxed) {
+            'sample: while !flag.load(Ordering::Relaxed) {
                 let mut complete = true;
                 for (attach_type, name) in
                     [(TcAttachType::Ingress, "mcs_ingress"), (TcAttachType::Egress, "mcs_egress")]
                 {
-                    let programs = SchedClassifier::query_tcx(iface, attach_type).map(|(_, p)| p).unwrap_or_default();
+                    // The query lists program ids, then opens each: a program freed in
+                    // between (just replaced) fails the whole query. Such a sample says
+                    // nothing either way, so it is not counted.
+                    let Ok((_, programs)) = SchedClassifier::query_tcx(iface, attach_type) else {
+                        continue 'sample;
+                    };
                     let ours: Vec<u32> =
                         programs.iter().filter(|p| p.name_as_str() == Some(name)).map(|p| p.id()).collect();
                     complete &= !ours.is_empty();
