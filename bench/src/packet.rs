@@ -112,7 +112,7 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
     // "established" sample into a new flow.
     let conntrack = (runs * 2).next_power_of_two().max(1024);
     let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
-    let mut dp = Datapath::load(Sizes { capacity, conntrack }, None)
+    let mut dp = Datapath::load(Sizes { capacity, conntrack, ..Sizes::default() }, None)
         .context("loading the eBPF programs (needs root: CAP_BPF and CAP_NET_ADMIN)")?;
     Reconciler::new(Applied::new(capacity), Policy::default())
         .apply_snapshot(&snapshot, vec![], &mut dp)

@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuValues},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, Link as _, LinkType, PinnedLink},
@@ -21,9 +21,10 @@ use aya::{
     util::KernelVersion,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_REV_NAT, MAP_SELECTION, MAP_SERVICES, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS,
-    RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceValue, Stat,
+    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_REV_NAT, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS,
+    PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceStats,
+    ServiceValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -86,17 +87,23 @@ pub enum DatapathError {
 pub struct Sizes {
     pub capacity: Capacity,
     pub conntrack: u32,
+    /// Backend and service ids with their own counters.
+    pub stats_entries: u32,
 }
 
 impl Default for Sizes {
     fn default() -> Self {
-        Self { capacity: Capacity::default(), conntrack: mcs_common::DEFAULT_MAX_CONNTRACK }
+        Self {
+            capacity: Capacity::default(),
+            conntrack: mcs_common::DEFAULT_MAX_CONNTRACK,
+            stats_entries: mcs_common::DEFAULT_STATS_ENTRIES,
+        }
     }
 }
 
 /// `SELECTION`, mapped into the agent's memory (the map is `BPF_F_MMAPABLE`):
 /// writing a table is one copy instead of a syscall per slot.
-struct SlotMemory {
+pub(crate) struct SlotMemory {
     base: NonNull<u32>,
     slots: usize,
     bytes: usize,
@@ -138,7 +145,15 @@ impl SlotMemory {
         Ok(())
     }
 
-    fn read(&self, index: u32) -> Option<u32> {
+    /// Maps a pinned `SELECTION` (for `inspect`, which only reads).
+    pub(crate) fn open_pinned(path: &Path) -> io::Result<Self> {
+        let info = MapInfo::from_pin(path).map_err(io::Error::other)?;
+        let data = MapData::from_pin(path).map_err(io::Error::other)?;
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
+        Self::map(&fd, info.max_entries() * 2)
+    }
+
+    pub(crate) fn read(&self, index: u32) -> Option<u32> {
         // SAFETY: bounds checked; aligned u32 reads of a live mapping.
         ((index as usize) < self.slots).then(|| unsafe { self.base.as_ptr().add(index as usize).read_volatile() })
     }
@@ -160,6 +175,18 @@ struct Maps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+}
+
+/// Zeroes one per-CPU counter entry; ids past the map's size have none.
+fn zero<T: aya::Pod + Default + Clone>(map: &mut PerCpuArray<MapData, T>, id: u32) -> Result<(), MapError> {
+    if id >= map.len() {
+        return Ok(());
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
+    let values = PerCpuValues::try_from(vec![T::default(); cpus]).map_err(MapError::IoError)?;
+    map.set(id, values, 0)
 }
 
 /// Where one layout version keeps its pins: `<bpffs>/mcs/v<N>/<MAP>` and
@@ -323,6 +350,8 @@ fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_REV_NAT => (MapType::LruHash, size_of::<RevNatKey>(), size_of::<RevNatValue>(), 0),
         MAP_AFFINITY => (MapType::LruHash, size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
         MAP_CONFIG => (MapType::Array, 4, 4, 0),
+        MAP_BACKEND_STATS => (MapType::PerCpuArray, 4, size_of::<BackendStats>(), 0),
+        MAP_SERVICE_STATS => (MapType::PerCpuArray, 4, size_of::<ServiceStats>(), 0),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }
@@ -388,7 +417,7 @@ impl Datapath {
     /// contents, and their sizes where they differ from `sizes`) and missing
     /// ones are created and pinned. Nothing is attached yet.
     pub fn open(sizes: Sizes, pins: Option<(&Path, u32)>) -> Result<Self, DatapathError> {
-        let Sizes { capacity, conntrack } = sizes;
+        let Sizes { capacity, conntrack, stats_entries } = sizes;
         let mut wanted = [
             (MAP_SERVICES, capacity.services),
             (MAP_BACKENDS, capacity.backends),
@@ -398,6 +427,8 @@ impl Datapath {
             (MAP_AFFINITY, conntrack),
             (MAP_STATS, Stat::COUNT),
             (MAP_CONFIG, 1),
+            (MAP_BACKEND_STATS, capacity.backends.min(stats_entries)),
+            (MAP_SERVICE_STATS, capacity.services.saturating_add(1).min(stats_entries)),
         ];
         let layout = match pins {
             Some((root, version)) => {
@@ -458,12 +489,14 @@ impl Datapath {
             affinity: take(&mut ebpf, MAP_AFFINITY)?,
             stats: take(&mut ebpf, MAP_STATS)?,
             config: take(&mut ebpf, MAP_CONFIG)?,
+            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
         };
         let cleanup_on_exit = layout.is_none();
         Ok(Self {
             ebpf,
             maps,
-            sizes: Sizes { capacity, conntrack },
+            sizes: Sizes { capacity, conntrack, stats_entries },
             layout,
             older: Vec::new(),
             adopted,
@@ -484,6 +517,27 @@ impl Datapath {
     pub fn set_handoff(&mut self, on: bool) -> Result<(), DatapathError> {
         let flags = if on { mcs_common::CONFIG_F_HANDOFF } else { 0 };
         self.maps.config.set(0, flags, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })
+    }
+
+    /// Counters of backend `id`, summed over CPUs (`None` past the map's size).
+    pub fn backend_stats(&self, id: u32) -> Option<BackendStats> {
+        let values = self.maps.backend_stats.get(&id, 0).ok()?;
+        Some(values.iter().fold(BackendStats::default(), |a, v| BackendStats {
+            new_flows: a.new_flows + v.new_flows,
+            packets_to: a.packets_to + v.packets_to,
+            bytes_to: a.bytes_to + v.bytes_to,
+            packets_from: a.packets_from + v.packets_from,
+            bytes_from: a.bytes_from + v.bytes_from,
+        }))
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Option<ServiceStats> {
+        let values = self.maps.service_stats.get(&id, 0).ok()?;
+        Some(values.iter().fold(ServiceStats::default(), |a, v| ServiceStats {
+            new_flows: a.new_flows + v.new_flows,
+            no_backend: a.no_backend + v.no_backend,
+        }))
     }
 
     pub fn conntrack_len(&self) -> usize {
@@ -711,6 +765,8 @@ impl Datapath {
         for op in ops {
             match op {
                 MapOp::PutBackend { id, backend } => {
+                    // A new id: its counters must not carry an earlier backend's.
+                    zero(&mut maps.backend_stats, *id).map_err(map_err(MAP_BACKEND_STATS))?;
                     maps.backends.set(*id, backend, 0).map_err(map_err(MAP_BACKENDS))?;
                 }
                 MapOp::PutSlots { offset, ids } => {
@@ -718,7 +774,10 @@ impl Datapath {
                     // Slots must be visible before the SERVICES entry that points at them.
                     fence(Ordering::SeqCst);
                 }
-                MapOp::PutService { key, value } => {
+                MapOp::PutService { key, value, fresh } => {
+                    if *fresh {
+                        zero(&mut maps.service_stats, value.service_id).map_err(map_err(MAP_SERVICE_STATS))?;
+                    }
                     maps.services.insert(key, value, 0).map_err(map_err(MAP_SERVICES))?;
                 }
                 MapOp::DeleteService { key } => match maps.services.remove(key) {

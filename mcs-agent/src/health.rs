@@ -1,4 +1,4 @@
-//! `/healthz` and `/readyz` for the kubelet's probes.
+//! `/healthz` and `/readyz` for the kubelet's probes, `/metrics` for Prometheus.
 //!
 //! Live: the agent's loop turned over recently. Ready: the maps hold a
 //! complete reconcile and the explicit interfaces are attached, and the API
@@ -18,11 +18,15 @@ use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, 
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+/// A scrape: the agent's loop answers with the exposition text.
+pub type ScrapeRequest = tokio::sync::oneshot::Sender<String>;
+
 #[derive(Debug)]
 pub struct Health {
     ready: bool,
     stale: Option<String>,
     heartbeat: Instant,
+    scrape: Option<tokio::sync::mpsc::UnboundedSender<ScrapeRequest>>,
 }
 
 /// Shared between the agent's loop (writer) and the HTTP server (reader).
@@ -35,7 +39,7 @@ pub const LIVENESS_WINDOW: Duration = Duration::from_secs(120);
 
 impl Default for HealthHandle {
     fn default() -> Self {
-        Self(Arc::new(Mutex::new(Health { ready: false, stale: None, heartbeat: Instant::now() })))
+        Self(Arc::new(Mutex::new(Health { ready: false, stale: None, heartbeat: Instant::now(), scrape: None })))
     }
 }
 
@@ -46,6 +50,26 @@ impl HealthHandle {
 
     pub fn set_stale(&self, why: Option<String>) {
         self.0.lock().expect("health lock").stale = why;
+    }
+
+    /// Where `/metrics` asks for the exposition text.
+    pub fn serve_metrics(&self, to: tokio::sync::mpsc::UnboundedSender<ScrapeRequest>) {
+        self.0.lock().expect("health lock").scrape = Some(to);
+    }
+
+    async fn metrics(&self) -> (StatusCode, String) {
+        let scrape = self.0.lock().expect("health lock").scrape.clone();
+        let Some(scrape) = scrape else {
+            return (StatusCode::SERVICE_UNAVAILABLE, "metrics are not ready yet\n".into());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if scrape.send(tx).is_err() {
+            return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n".into());
+        }
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(text)) => (StatusCode::OK, text),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "the agent's loop did not answer in 10 s\n".into()),
+        }
     }
 
     pub fn beat(&self) {
@@ -62,7 +86,7 @@ impl HealthHandle {
                 (None, true) => (StatusCode::OK, "ready\n".into()),
                 (None, false) => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
             },
-            _ => (StatusCode::NOT_FOUND, "try /healthz or /readyz\n".into()),
+            _ => (StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n".into()),
         }
     }
 }
@@ -82,11 +106,20 @@ pub async fn serve(addr: SocketAddr, health: HealthHandle) -> std::io::Result<()
             let health = health.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let (status, body) = health.answer(request.uri().path());
+                    let health = health.clone();
                     async move {
+                        let path = request.uri().path();
+                        let (status, body, content_type) = if path == "/metrics" {
+                            let (status, body) = health.metrics().await;
+                            (status, body, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        } else {
+                            let (status, body) = health.answer(path);
+                            (status, body, "text/plain; charset=utf-8")
+                        };
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .status(status)
+                                .header("content-type", content_type)
                                 .body(Full::new(Bytes::from(body)))
                                 .expect("static response parts"),
                         )

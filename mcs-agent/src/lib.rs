@@ -8,8 +8,11 @@
 pub mod datapath;
 pub mod desired;
 pub mod health;
+pub mod inspect;
+pub mod inventory;
 pub mod locality;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod reconcile;

@@ -13,6 +13,7 @@ use mcs_agent::{
     health::{self, HealthHandle},
     locality::{self, NodeLocality, Tier},
     maglev,
+    metrics::{AgentMetrics, AgentView, Kernel},
     plan::{Applied, Capacity},
     reconcile::Reconciler,
     source::{
@@ -81,6 +82,14 @@ enum Command {
         #[arg(long, conflicts_with = "stay")]
         check: bool,
     },
+    /// Show this node's datapath: frontends and their backends, flows,
+    /// affinity, counters.
+    ///
+    /// Reads the pinned maps (works while the agent is stopped too) and names
+    /// what is behind each id from the agent's state.json (--state-dir).
+    /// Examples: `mcs-agent inspect services`, `mcs-agent inspect conntrack
+    /// --service demo/web -o json`.
+    Inspect(InspectArgs),
     /// Validate manifests and print the frontends and backends they produce.
     ///
     /// Touches nothing in the kernel. Exits non-zero when an object is invalid.
@@ -91,6 +100,162 @@ enum Command {
         #[command(flatten)]
         locality: LocalityArgs,
     },
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    #[command(subcommand)]
+    what: InspectWhat,
+    /// `table` for people, `json` for tools.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    output: Output,
+    /// Where bpffs is mounted (the agent's --bpffs).
+    #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS", global = true)]
+    bpffs: PathBuf,
+    /// The agent's --state-dir.
+    #[arg(long, value_name = "DIR", default_value = "/run/mcs-agent", env = "MCS_STATE_DIR", global = true)]
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum InspectWhat {
+    /// Each ClusterSetIP:port/protocol with its ServiceImport, table size and
+    /// backends (cluster, zone, tier, intended weight, share of the table, counters).
+    Services,
+    /// Translated flows: client, ClusterSetIP, backend, protocol, age, state.
+    Conntrack {
+        /// Only this ServiceImport's flows (namespace/name).
+        #[arg(long, value_name = "NS/NAME")]
+        service: Option<String>,
+    },
+    /// ClientIP affinity entries: client, backend, idle time.
+    Affinity,
+    /// The datapath's event counters.
+    Stats,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
+    use mcs_agent::inspect;
+    let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
+    let json = args.output == Output::Json;
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    let text = match &args.what {
+        InspectWhat::Services => {
+            let rows = inspect::services(&pinned);
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                let mut out = String::new();
+                for s in &rows {
+                    let affinity = match s.affinity_timeout_secs {
+                        0 => String::new(),
+                        t => format!("  ClientIP affinity {t}s"),
+                    };
+                    out.push_str(&format!(
+                        "{}  {} ({})  table {} slots  {} new connections, {} dropped (no backend){affinity}\n",
+                        s.frontend,
+                        opt(&s.service),
+                        opt(&s.port_name),
+                        s.table_size,
+                        s.new_connections,
+                        s.no_backend_drops,
+                    ));
+                    let cells: Vec<Vec<String>> = s
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            vec![
+                                format!("  {}", b.address),
+                                opt(&b.cluster),
+                                opt(&b.zone),
+                                opt(&b.tier),
+                                b.weight.map_or_else(|| "-".into(), |w| format!("{:.1}%", w * 100.0)),
+                                format!("{:.1}%", b.table_share * 100.0),
+                                b.new_connections.to_string(),
+                                b.packets_to.to_string(),
+                                b.packets_from.to_string(),
+                            ]
+                        })
+                        .collect();
+                    out.push_str(&inspect::table(
+                        &[
+                            "  BACKEND",
+                            "CLUSTER",
+                            "ZONE",
+                            "TIER",
+                            "WEIGHT",
+                            "TABLE",
+                            "NEW CONNS",
+                            "PKTS TO",
+                            "PKTS FROM",
+                        ],
+                        &cells,
+                    ));
+                }
+                if pinned.inventory.is_none() {
+                    out.push_str("(no state.json in --state-dir: services, clusters, zones and tiers unknown)\n");
+                }
+                out
+            }
+        }
+        InspectWhat::Conntrack { service } => {
+            let rows = inspect::conntrack(&pinned, service.as_deref());
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.client.clone(),
+                            r.vip.clone(),
+                            r.backend.clone(),
+                            r.protocol.to_owned(),
+                            opt(&r.service),
+                            format!("{:.1}s", r.age_secs),
+                            r.state.to_owned(),
+                        ]
+                    })
+                    .collect();
+                inspect::table(&["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE"], &cells)
+            }
+        }
+        InspectWhat::Affinity => {
+            let rows = inspect::affinity(&pinned);
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![opt(&r.service), r.client.to_string(), opt(&r.backend), format!("{:.1}s", r.idle_secs)]
+                    })
+                    .collect();
+                inspect::table(&["SERVICE", "CLIENT", "BACKEND", "IDLE"], &cells)
+            }
+        }
+        InspectWhat::Stats => {
+            let rows = inspect::stats(&pinned);
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                let cells: Vec<Vec<String>> =
+                    rows.iter().map(|r| vec![r.event.to_owned(), r.count.to_string()]).collect();
+                inspect::table(&["EVENT", "PACKETS"], &cells)
+            }
+        }
+    };
+    print!("{text}");
+    if json {
+        println!();
+    }
+    Ok(())
 }
 
 /// Where this node is and how it prefers endpoints. Each flag can also come
@@ -261,6 +426,11 @@ struct RunArgs {
     /// Capacity of the connection-tracking tables (least recently used flows are evicted).
     #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// Backends and frontends with their own packet counters (per-CPU maps:
+    /// this many × 40 bytes × CPUs of kernel memory). Ids are handed out
+    /// smallest first, so only nodes with more backends than this miss some.
+    #[arg(long, value_name = "N", default_value_t = mcs_common::DEFAULT_STATS_ENTRIES)]
+    stats_entries: u32,
     /// At most one reconcile per this many milliseconds. A change after a quiet
     /// period is applied at once; changes arriving within the window of the
     /// previous reconcile wait for the window's end and are applied together.
@@ -269,9 +439,18 @@ struct RunArgs {
     /// Re-read everything this often even without change events.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     resync_secs: u64,
-    /// Serve /healthz (liveness) and /readyz (programmed, attached, not stale) here.
+    /// Serve /healthz (liveness), /readyz (programmed, attached, not stale) and
+    /// /metrics (Prometheus) here.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9878", env = "MCS_HEALTH_ADDR")]
     health_addr: std::net::SocketAddr,
+    /// Label per-backend metrics with the pod's IP:port too (one series per
+    /// endpoint: mind the cardinality on large clustersets).
+    #[arg(long)]
+    metrics_backend_label: bool,
+    /// Where the agent describes what it programmed (state.json: services,
+    /// clusters, zones, tiers behind each id), for `mcs-agent inspect`.
+    #[arg(long, value_name = "DIR", default_value = "/run/mcs-agent", env = "MCS_STATE_DIR")]
+    state_dir: PathBuf,
     #[command(flatten)]
     locality: LocalityArgs,
 }
@@ -292,6 +471,7 @@ fn main() -> Result<()> {
             .block_on(run(args)),
         Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
         Command::Uninstall { bpffs, stay, check } => uninstall(&bpffs, stay, check),
+        Command::Inspect(args) => inspect(&args),
     }
 }
 
@@ -485,9 +665,12 @@ async fn run(args: RunArgs) -> Result<()> {
         max_backends,
         max_selection_slots,
         max_conntrack,
+        stats_entries,
         debounce_ms,
         resync_secs,
         health_addr,
+        metrics_backend_label,
+        state_dir,
         locality,
     } = args;
     let health = HealthHandle::default();
@@ -531,7 +714,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // The datapath next: an earlier agent's pinned maps are adopted as they
     // are, and its programs keep serving them until this agent has reconciled.
     let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
-    let sizes = Sizes { capacity, conntrack: max_conntrack };
+    let sizes = Sizes { capacity, conntrack: max_conntrack, stats_entries };
     let pins = (!no_pin).then_some((bpffs.as_path(), layout_version));
     let mut datapath = Datapath::open(sizes, pins).context("loading the datapath")?;
     datapath.set_cleanup_on_exit(cleanup_on_exit);
@@ -576,11 +759,28 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut serving = false;
     let mut patterns = Some(patterns);
     let mut wake = source.is_some();
+    let metrics = AgentMetrics::default();
+    let (scrape_tx, mut scrapes) = mpsc::unbounded_channel();
+    health.serve_metrics(scrape_tx);
+    // Counting conntrack entries walks the map: at most every 10 s.
+    let mut conntrack_count: Option<(Instant, u64)> = None;
+    let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
 
     loop {
         if wake && let Some(source) = &source {
             health.beat();
-            match reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await {
+            let started = Instant::now();
+            let result = reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await;
+            match &result {
+                Ok(()) => metrics.reconciled(started.elapsed()),
+                Err(_) => metrics.reconcile_failed(),
+            }
+            if reconciler.take_inventory_changed()
+                && let Err(e) = reconciler.inventory().write(&state_dir)
+            {
+                warn!(dir = %state_dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
+            }
+            match result {
                 Ok(()) if !serving => {
                     // An upgrade across a layout change: flows first, so the new
                     // programs know every connection when they take over.
@@ -674,6 +874,42 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
+            }
+            Some(reply) = scrapes.recv() => {
+                let now = Instant::now();
+                let ct = match conntrack_count {
+                    Some((at, n)) if now.duration_since(at) < Duration::from_secs(10) => n,
+                    _ => {
+                        let n = datapath.conntrack_len() as u64;
+                        conntrack_count = Some((now, n));
+                        n
+                    }
+                };
+                let sizes = datapath.sizes();
+                let applied = reconciler.applied();
+                let view = AgentView {
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    attach_mode: mode_name.clone(),
+                    stale: !stale.is_empty(),
+                    interfaces: datapath.attached_count(),
+                    objects: reconciler
+                        .objects()
+                        .iter()
+                        .flat_map(|(kind, valid, invalid)| [(*kind, "valid", *valid), (*kind, "invalid", *invalid)])
+                        .collect(),
+                    fill: vec![
+                        ("conntrack", ct, u64::from(sizes.conntrack)),
+                        ("services", applied.frontend_count() as u64, u64::from(sizes.capacity.services)),
+                        ("backends", applied.backend_count() as u64, u64::from(sizes.capacity.backends.saturating_sub(1))),
+                        ("selection", applied.slots_used(), u64::from(sizes.capacity.slots)),
+                    ],
+                };
+                let kernel = Kernel {
+                    backend: &|id| datapath.backend_stats(id),
+                    service: &|id| datapath.service_stats(id),
+                    datapath: datapath.stats().unwrap_or_default(),
+                };
+                let _ = reply.send(mcs_agent::metrics::render(&metrics, &view, reconciler.inventory(), &kernel, metrics_backend_label));
             }
         }
     }

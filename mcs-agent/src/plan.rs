@@ -51,6 +51,8 @@ pub enum MapOp {
     PutService {
         key: ServiceKey,
         value: ServiceValue,
+        /// The service id is newly allocated: its counters start from zero.
+        fresh: bool,
     },
     DeleteService {
         key: ServiceKey,
@@ -413,6 +415,25 @@ impl Applied {
         (applied, problems)
     }
 
+    /// The backend id of an address, while some frontend uses it.
+    pub fn backend_id(&self, addr: &BackendAddr) -> Option<u32> {
+        self.backend_ids.get(addr).copied()
+    }
+
+    /// The service id and table size of a programmed frontend.
+    pub fn frontend(&self, key: &FrontendKey) -> Option<(u32, u32)> {
+        self.frontends.get(key).map(|f| (f.service_id, f.region.len))
+    }
+
+    /// Selection slots in use, over all frontends.
+    pub fn slots_used(&self) -> u64 {
+        self.frontends.values().map(|f| u64::from(f.region.len)).sum()
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
     }
@@ -527,6 +548,7 @@ impl Applied {
                     affinity_timeout_secs: frontend.affinity_timeout_secs,
                     ..ServiceValue::default()
                 },
+                fresh: old.is_none(),
             });
             if let Some(old) = old
                 && old.affinity_timeout_secs != 0
@@ -643,7 +665,7 @@ mod tests {
                             self.slots.insert(offset + i as u32, *id);
                         }
                     }
-                    MapOp::PutService { key, value } => {
+                    MapOp::PutService { key, value, .. } => {
                         self.services.insert(*key, *value);
                     }
                     MapOp::DeleteService { key } => {

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, DatapathError},
     desired::{self, DesiredState, ObjectError, Policy},
+    inventory::Inventory,
     model::Snapshot,
     plan::{Applied, PlanSummary},
     source::manifests,
@@ -51,6 +52,11 @@ pub struct Reconciler {
     manifests: manifests::Cache,
     /// ClusterSetIP -> the import serving it: a newcomer never takes it over.
     held: BTreeMap<Ipv4Addr, String>,
+    /// What is programmed, for people (metrics labels, `inspect`).
+    inventory: Inventory,
+    inventory_changed: bool,
+    /// Objects seen by the last pass: (kind, valid, invalid).
+    objects: [(&'static str, u64, u64); 2],
 }
 
 impl Reconciler {
@@ -64,6 +70,9 @@ impl Reconciler {
             compute_us: 0,
             manifests: manifests::Cache::default(),
             held: BTreeMap::new(),
+            inventory: Inventory::default(),
+            inventory_changed: false,
+            objects: [("ServiceImport", 0, 0), ("EndpointSlice", 0, 0)],
         }
     }
 
@@ -91,6 +100,12 @@ impl Reconciler {
         let started = Instant::now();
         let (state, object_errors) = desired::compute_with(snapshot, &self.policy, &self.held);
         self.held = state.frontends.iter().map(|(key, f)| (key.vip, f.service.clone())).collect();
+        let invalid = |kind| object_errors.iter().filter(|e| e.kind == kind).count() as u64;
+        let (imports, slices) = (snapshot.imports.len() as u64, snapshot.slices.len() as u64);
+        self.objects = [
+            ("ServiceImport", imports.saturating_sub(invalid("ServiceImport")), invalid("ServiceImport")),
+            ("EndpointSlice", slices.saturating_sub(invalid("EndpointSlice")), invalid("EndpointSlice")),
+        ];
         self.compute_us = started.elapsed().as_micros() as u64;
         problems.extend(object_errors.iter().map(ToString::to_string));
         let mut report = self.apply_state(&state, problems, datapath)?;
@@ -115,6 +130,10 @@ impl Reconciler {
         }
         self.applied = plan.next;
         self.generation += 1;
+        if summary != PlanSummary::default() || self.generation == 1 {
+            self.inventory = Inventory::build(state, &self.applied);
+            self.inventory_changed = true;
+        }
 
         let current: BTreeSet<String> = problems.iter().cloned().collect();
         let new_problems: BTreeSet<String> = current.difference(&self.reported).cloned().collect();
@@ -156,6 +175,24 @@ impl Reconciler {
             );
         }
         Ok(report)
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    /// True once after each pass that changed what is programmed.
+    pub fn take_inventory_changed(&mut self) -> bool {
+        std::mem::take(&mut self.inventory_changed)
+    }
+
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+
+    /// (kind, valid, invalid) objects of the last pass.
+    pub fn objects(&self) -> &[(&'static str, u64, u64)] {
+        &self.objects
     }
 
     /// Locality can change at run time (the Node's labels, the ClusterProperty).

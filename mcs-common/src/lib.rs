@@ -54,6 +54,13 @@ pub const MAP_REV_NAT: &str = "REV_NAT";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
+
+/// Default number of backend ids and service ids with their own counters.
+/// Ids are allocated smallest first, so this covers the first 16,383 of
+/// each; per-CPU maps cost `entries × value size × CPUs` of kernel memory.
+pub const DEFAULT_STATS_ENTRIES: u32 = 16_384;
 
 /// `CONFIG[0]` bits, written by the agent.
 ///
@@ -158,6 +165,8 @@ pub struct CtValue {
     pub service_id: u32,
     /// `bpf_ktime_get_ns()` when the connection closed (see [`ct_closed`]); 0 while open.
     pub closed_ns: u64,
+    /// `bpf_ktime_get_ns()` when the flow was first translated (CLOCK_MONOTONIC).
+    pub created_ns: u64,
 }
 
 /// `REV_NAT` key: a reply's view of a flow (backend -> client).
@@ -205,6 +214,30 @@ pub struct AffinityValue {
     pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last new connection that used it.
     pub last_used_ns: u64,
+}
+
+/// `BACKEND_STATS` value (per CPU, index = backend id): what went to and came
+/// from one backend. Zeroed by the agent before an id is (re)used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendStats {
+    /// New flows (connections, UDP flows) sent to this backend.
+    pub new_flows: u64,
+    /// Client → backend packets and their bytes (IP length, headers included).
+    pub packets_to: u64,
+    pub bytes_to: u64,
+    /// Backend → client packets (reverse-translated) and bytes.
+    pub packets_from: u64,
+    pub bytes_from: u64,
+}
+
+/// `SERVICE_STATS` value (per CPU, index = service id): one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ServiceStats {
+    pub new_flows: u64,
+    /// Packets dropped because the frontend had no usable backend.
+    pub no_backend: u64,
 }
 
 /// Indexes into the per-CPU `STATS` array.
@@ -328,6 +361,8 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
 
 #[cfg(test)]
@@ -342,11 +377,13 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 24);
+        assert_eq!(size_of::<CtValue>(), 32);
         assert_eq!(size_of::<RevNatKey>(), 16);
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<BackendStats>(), 40);
+        assert_eq!(size_of::<ServiceStats>(), 16);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use mcs_common::{CT_F_FIN_BACKEND, CtKey, IPPROTO_TCP, RevNatKey, Stat};
 
 use crate::{
     ct,
-    maps::{CONNTRACK, REV_NAT, TC_ACT_SHOT, TC_NEXT, count},
+    maps::{BACKENDS, CONNTRACK, REV_NAT, TC_ACT_SHOT, TC_NEXT, backend_stats, count},
     nat::{Side, rewrite},
     parse::{Parsed, parse},
 };
@@ -55,5 +55,12 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     count(Stat::RevNat);
+    // As on ingress: only while the id still names this backend.
+    if let Some(stats) = backend_stats(rev.backend_id)
+        && BACKENDS.get(rev.backend_id).is_some_and(|b| b.ip == flow.src_ip && b.port == flow.src_port)
+    {
+        stats.packets_from += 1;
+        stats.bytes_from += u64::from(flow.ip_len);
+    }
     TC_NEXT
 }

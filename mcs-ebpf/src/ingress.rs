@@ -9,7 +9,10 @@ use mcs_common::{
 
 use crate::{
     ct,
-    maps::{AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, count, handoff},
+    maps::{
+        AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, backend_stats, count,
+        handoff, service_stats,
+    },
     nat::{Side, rewrite},
     parse::{Flow, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
 };
@@ -48,8 +51,16 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
         _pad: [0; 3],
     };
     let backend = match established(&flow, &ct_key) {
-        Some(backend) => {
+        Some((id, backend)) => {
             count(Stat::Established);
+            // A TCP flow outlives its backend's id, which may now name another:
+            // count it only while the id still means this address.
+            if let Some(stats) = backend_stats(id)
+                && BACKENDS.get(id).is_some_and(|b| b.ip == backend.ip && b.port == backend.port)
+            {
+                stats.packets_to += 1;
+                stats.bytes_to += u64::from(flow.ip_len);
+            }
             backend
         }
         // Mid-upgrade, a flow we do not know may be one the older programs
@@ -62,10 +73,21 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
                     return TC_ACT_SHOT;
                 }
                 count(Stat::NewFlow);
+                if let Some(stats) = backend_stats(id) {
+                    stats.new_flows += 1;
+                    stats.packets_to += 1;
+                    stats.bytes_to += u64::from(flow.ip_len);
+                }
+                if let Some(stats) = service_stats(service.service_id) {
+                    stats.new_flows += 1;
+                }
                 backend
             }
             None => {
                 count(Stat::NoBackend);
+                if let Some(stats) = service_stats(service.service_id) {
+                    stats.no_backend += 1;
+                }
                 return TC_ACT_SHOT;
             }
         },
@@ -105,9 +127,10 @@ fn forget_stale_reply(flow: &Flow) {
     }
 }
 
-/// The backend this flow is pinned to, if it should stay pinned.
+/// The backend this flow is pinned to (its id when pinned, and address), if
+/// it should stay pinned.
 #[inline(always)]
-fn established(flow: &Flow, ct_key: &CtKey) -> Option<Backend> {
+fn established(flow: &Flow, ct_key: &CtKey) -> Option<(u32, Backend)> {
     // A bare SYN opens a new connection: a reused client port must not inherit
     // the backend of an earlier connection.
     if is_bare_syn(flow) {
@@ -139,7 +162,7 @@ fn established(flow: &Flow, ct_key: &CtKey) -> Option<Backend> {
             return None;
         }
     }
-    Some(pinned)
+    Some((ct.backend_id, pinned))
 }
 
 #[inline(always)]
@@ -208,6 +231,8 @@ fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend:
         backend_id: id,
         service_id: service.service_id,
         closed_ns: 0,
+        // SAFETY: helper without preconditions.
+        created_ns: unsafe { bpf_ktime_get_ns() },
     };
     CONNTRACK.insert(ct_key, ct, 0)?;
     Ok(())

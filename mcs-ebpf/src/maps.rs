@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, RevNatKey, RevNatValue, SelectionPair,
-    ServiceKey, ServiceValue, Stat,
+    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES, RevNatKey,
+    RevNatValue, SelectionPair, ServiceKey, ServiceStats, ServiceValue, Stat,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
@@ -39,6 +39,25 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_m
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_STATS_ENTRIES, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(DEFAULT_STATS_ENTRIES, 0);
+
+/// The counters of backend `id`, if it has its own (ids past the map's size do not).
+#[inline(always)]
+pub fn backend_stats(id: u32) -> Option<&'static mut BackendStats> {
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU; valid for this program run.
+    BACKEND_STATS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn service_stats(id: u32) -> Option<&'static mut ServiceStats> {
+    // SAFETY: as above.
+    SERVICE_STATS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
+}
 
 /// `CONFIG[0]`: `CONFIG_F_*` bits.
 #[map]

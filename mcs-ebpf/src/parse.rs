@@ -22,6 +22,8 @@ pub struct Flow {
     pub proto: u8,
     pub tcp_flags: u8,
     pub l4_off: usize,
+    /// IPv4 total length: the bytes counted per backend.
+    pub ip_len: u16,
 }
 
 pub enum Parsed {
@@ -88,7 +90,8 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     // The IP packet must hold the whole L4 header: bytes past its total length
     // (Ethernet padding, garbage) are not the packet's and are never rewritten.
     let l4_len = if proto == IPPROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
-    if (u16::from_be_bytes(ip.tot_len) as usize) < ihl + l4_len {
+    let ip_len = u16::from_be_bytes(ip.tot_len);
+    if (ip_len as usize) < ihl + l4_len {
         return Parsed::Malformed;
     }
 
@@ -110,5 +113,5 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), 0)
     };
 
-    Parsed::Flow(Flow { src_ip, dst_ip, src_port, dst_port, proto, tcp_flags, l4_off })
+    Parsed::Flow(Flow { src_ip, dst_ip, src_port, dst_port, proto, tcp_flags, l4_off, ip_len })
 }

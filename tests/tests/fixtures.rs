@@ -97,7 +97,7 @@ fn datapath() -> Datapath {
 
 fn datapath_with_conntrack(conntrack: u32) -> Datapath {
     let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
-    let mut dp = Datapath::load(Sizes { capacity, conntrack }, None)
+    let mut dp = Datapath::load(Sizes { capacity, conntrack, ..Sizes::default() }, None)
         .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
     let (snapshot, errors) = parse_documents(&Origin("fixture".into()), MANIFESTS);
     assert!(errors.is_empty(), "{errors:?}");
@@ -418,7 +418,7 @@ fn maps_are_pinned_under_the_layout_version_and_removed_on_drop() {
     let root = mount.0.path();
     let dir = mcs_agent::datapath::pin_dir(root);
     assert!(dir.ends_with(format!("mcs/v{}", mcs_common::LAYOUT_VERSION)));
-    let sizes = Sizes { capacity: Capacity { services: 8, backends: 8, slots: 8 }, conntrack: 64 };
+    let sizes = Sizes { capacity: Capacity { services: 8, backends: 8, slots: 8 }, conntrack: 64, ..Sizes::default() };
     // The scratch directory is not a bpffs: the agent mounts one there.
     let dp = Datapath::load(sizes, Some(root)).expect("load with pinning");
     for map in ["SERVICES", "BACKENDS", "SELECTION", "CONNTRACK", "REV_NAT", "STATS"] {

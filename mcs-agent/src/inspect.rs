@@ -1,0 +1,318 @@
+//! `mcs-agent inspect`: the node's datapath as the pinned maps hold it,
+//! named with the agent's `state.json`. Reads only; works while the agent is
+//! stopped (the datapath keeps serving then).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use mcs_common::{
+    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, IPPROTO_TCP, MAP_AFFINITY, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, ServiceKey, ServiceStats,
+    ServiceValue, Stat, ct_closed,
+};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    datapath::{LayoutDir, SlotMemory},
+    inventory::{FrontendInfo, Inventory},
+};
+
+#[derive(Debug, Error)]
+pub enum InspectError {
+    #[error(
+        "no mcs-agent state is pinned on this node under {0} (is the agent running with this --bpffs? an agent run with --no-pin leaves nothing to inspect)"
+    )]
+    NothingPinned(String),
+    #[error("reading pinned map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("reading the agent's state.json: {0}")]
+    State(#[from] std::io::Error),
+}
+
+/// The pinned maps of one layout.
+pub struct Pinned {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, Backend>,
+    selection: SlotMemory,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    stats: PerCpuArray<MapData, u64>,
+    backend_stats: Option<PerCpuArray<MapData, BackendStats>>,
+    service_stats: Option<PerCpuArray<MapData, ServiceStats>>,
+    /// What `state.json` says is behind the ids, if the agent wrote one.
+    pub inventory: Option<Inventory>,
+}
+
+fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    layout: &LayoutDir,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, InspectError> {
+    let err = |message: String| InspectError::Map { name, message };
+    let data = MapData::from_pin(layout.map(name)).map_err(|e| err(e.to_string()))?;
+    T::try_from(wrap(data)).map_err(|e| err(e.to_string()))
+}
+
+impl Pinned {
+    pub fn open(bpffs: &Path, state_dir: &Path) -> Result<Self, InspectError> {
+        let layout = LayoutDir::new(bpffs, mcs_common::LAYOUT_VERSION);
+        if !layout.map(MAP_SERVICES).exists() {
+            return Err(InspectError::NothingPinned(layout.dir.display().to_string()));
+        }
+        let selection = SlotMemory::open_pinned(&layout.map(MAP_SELECTION))
+            .map_err(|e| InspectError::Map { name: MAP_SELECTION, message: e.to_string() })?;
+        Ok(Self {
+            services: open(&layout, MAP_SERVICES, Map::HashMap)?,
+            backends: open(&layout, MAP_BACKENDS, Map::Array)?,
+            selection,
+            conntrack: open(&layout, MAP_CONNTRACK, Map::LruHashMap)?,
+            affinity: open(&layout, MAP_AFFINITY, Map::LruHashMap)?,
+            stats: open(&layout, MAP_STATS, Map::PerCpuArray)?,
+            backend_stats: open(&layout, MAP_BACKEND_STATS, Map::PerCpuArray).ok(),
+            service_stats: open(&layout, MAP_SERVICE_STATS, Map::PerCpuArray).ok(),
+            inventory: Inventory::read(state_dir)?,
+        })
+    }
+
+    fn backend(&self, id: u32) -> Option<SocketAddrV4> {
+        let b = self.backends.get(&id, 0).ok()?;
+        (b != Backend::default()).then(|| SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port)))
+    }
+
+    fn backend_stats(&self, id: u32) -> BackendStats {
+        let Some(values) = self.backend_stats.as_ref().and_then(|m| m.get(&id, 0).ok()) else {
+            return BackendStats::default();
+        };
+        values.iter().fold(BackendStats::default(), |a, v| BackendStats {
+            new_flows: a.new_flows + v.new_flows,
+            packets_to: a.packets_to + v.packets_to,
+            bytes_to: a.bytes_to + v.bytes_to,
+            packets_from: a.packets_from + v.packets_from,
+            bytes_from: a.bytes_from + v.bytes_from,
+        })
+    }
+
+    fn service_stats(&self, id: u32) -> ServiceStats {
+        let Some(values) = self.service_stats.as_ref().and_then(|m| m.get(&id, 0).ok()) else {
+            return ServiceStats::default();
+        };
+        values.iter().fold(ServiceStats::default(), |a, v| ServiceStats {
+            new_flows: a.new_flows + v.new_flows,
+            no_backend: a.no_backend + v.no_backend,
+        })
+    }
+
+    fn info(&self, service_id: u32) -> Option<&FrontendInfo> {
+        self.inventory.as_ref()?.frontends.iter().find(|f| f.service_id == service_id)
+    }
+}
+
+fn frontend_name(key: &ServiceKey) -> String {
+    let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+    format!("{}:{}/{proto}", Ipv4Addr::from(key.vip.to_ne_bytes()), u16::from_be(key.port))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub service: Option<String>,
+    pub port_name: Option<String>,
+    pub service_id: u32,
+    pub table_size: u32,
+    pub affinity_timeout_secs: u32,
+    pub new_connections: u64,
+    pub no_backend_drops: u64,
+    pub backends: Vec<BackendRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendRow {
+    pub address: String,
+    pub backend_id: u32,
+    pub cluster: Option<String>,
+    pub zone: Option<String>,
+    pub tier: Option<String>,
+    /// The share the agent intended (0-1).
+    pub weight: Option<f64>,
+    /// The share of the kernel's selection table this backend holds (0-1).
+    pub table_share: f64,
+    pub new_connections: u64,
+    pub packets_to: u64,
+    pub packets_from: u64,
+}
+
+/// Every frontend with its table's members, sorted by frontend.
+pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
+    let mut rows: Vec<ServiceRow> = pinned
+        .services
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, value)| {
+            let mut held: BTreeMap<u32, u32> = BTreeMap::new();
+            for slot in value.slot_offset..value.slot_offset.saturating_add(value.slot_count) {
+                if let Some(id) = pinned.selection.read(slot) {
+                    *held.entry(id).or_default() += 1;
+                }
+            }
+            let info = pinned.info(value.service_id).filter(|f| f.key() == frontend_name(&key));
+            let backends = held
+                .iter()
+                .map(|(&id, &slots)| {
+                    let address = pinned.backend(id);
+                    let known = info.and_then(|f| {
+                        f.backends
+                            .iter()
+                            .find(|b| b.backend_id == Some(id) && Some(SocketAddrV4::new(b.ip, b.port)) == address)
+                    });
+                    let stats = pinned.backend_stats(id);
+                    BackendRow {
+                        address: address.map_or_else(|| "(freed id)".to_owned(), |a| a.to_string()),
+                        backend_id: id,
+                        cluster: known.and_then(|b| b.cluster.clone()),
+                        zone: known.and_then(|b| b.zone.clone()),
+                        tier: known.map(|b| b.tier.clone()),
+                        weight: known.map(|b| b.weight),
+                        table_share: f64::from(slots) / f64::from(value.slot_count.max(1)),
+                        new_connections: stats.new_flows,
+                        packets_to: stats.packets_to,
+                        packets_from: stats.packets_from,
+                    }
+                })
+                .collect();
+            let stats = pinned.service_stats(value.service_id);
+            ServiceRow {
+                frontend: frontend_name(&key),
+                service: info.map(|f| f.service.clone()),
+                port_name: info.map(|f| f.port_name.clone()),
+                service_id: value.service_id,
+                table_size: value.slot_count,
+                affinity_timeout_secs: value.affinity_timeout_secs,
+                new_connections: stats.new_flows,
+                no_backend_drops: stats.no_backend,
+                backends,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    rows
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRow {
+    pub client: String,
+    pub vip: String,
+    pub backend: String,
+    pub protocol: &'static str,
+    pub service: Option<String>,
+    pub age_secs: f64,
+    /// `open`, `closing` (one side sent FIN) or `closed` (both FINs or a RST).
+    pub state: &'static str,
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Translated flows, oldest first; `service` keeps only one ServiceImport's.
+pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
+    let now = monotonic_ns();
+    let mut rows: Vec<FlowRow> = pinned
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| {
+            let name = pinned.info(v.service_id).map(|f| f.service.clone());
+            let protocol = if k.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+            FlowRow {
+                client: SocketAddrV4::new(Ipv4Addr::from(k.client_ip.to_ne_bytes()), u16::from_be(k.client_port))
+                    .to_string(),
+                vip: SocketAddrV4::new(Ipv4Addr::from(k.vip.to_ne_bytes()), u16::from_be(k.vip_port)).to_string(),
+                backend: SocketAddrV4::new(Ipv4Addr::from(v.backend_ip.to_ne_bytes()), u16::from_be(v.backend_port))
+                    .to_string(),
+                protocol,
+                service: name,
+                age_secs: now.saturating_sub(v.created_ns) as f64 / 1e9,
+                state: if ct_closed(v.flags) {
+                    "closed"
+                } else if v.flags != 0 {
+                    "closing"
+                } else {
+                    "open"
+                },
+            }
+        })
+        .filter(|row| service.is_none_or(|s| row.service.as_deref() == Some(s)))
+        .collect();
+    rows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
+    rows
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AffinityRow {
+    pub service: Option<String>,
+    pub service_id: u32,
+    pub client: Ipv4Addr,
+    pub backend: Option<String>,
+    pub idle_secs: f64,
+}
+
+pub fn affinity(pinned: &Pinned) -> Vec<AffinityRow> {
+    let now = monotonic_ns();
+    let mut rows: Vec<AffinityRow> = pinned
+        .affinity
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| AffinityRow {
+            service: pinned.info(k.service_id).map(|f| f.service.clone()),
+            service_id: k.service_id,
+            client: Ipv4Addr::from(k.client_ip.to_ne_bytes()),
+            backend: pinned.backend(v.backend_id).map(|a| a.to_string()),
+            idle_secs: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
+        })
+        .collect();
+    rows.sort_by_key(|r| (r.service_id, r.client));
+    rows
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StatRow {
+    pub event: &'static str,
+    pub count: u64,
+}
+
+pub fn stats(pinned: &Pinned) -> Vec<StatRow> {
+    Stat::ALL
+        .iter()
+        .map(|&stat| StatRow {
+            event: stat.name(),
+            count: pinned.stats.get(&(stat as u32), 0).map_or(0, |v| v.iter().sum()),
+        })
+        .collect()
+}
+
+/// Left-aligned columns, as wide as their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}

@@ -1,0 +1,144 @@
+//! What is programmed, described for people: which ServiceImport, port name,
+//! cluster, zone and tier stand behind each frontend and backend id. The
+//! maps only hold addresses and ids; `/metrics` labels its series from this,
+//! and the agent writes it next to the pins (`state.json` in `--state-dir`)
+//! so `mcs-agent inspect` can name things even while the agent is stopped.
+
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    desired::{Condition, DesiredState},
+    plan::Applied,
+};
+
+/// Bumped when a field changes meaning; readers refuse other versions.
+pub const SCHEMA: u32 = 1;
+pub const FILE: &str = "state.json";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub schema: u32,
+    pub layout_version: u32,
+    pub frontends: Vec<FrontendInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FrontendInfo {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    /// `namespace/name` of the ServiceImport.
+    pub service: String,
+    pub port_name: String,
+    pub service_id: u32,
+    pub table_size: u32,
+    pub affinity_timeout_secs: u32,
+    pub tiers: Vec<String>,
+    pub backends: Vec<BackendInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// `None` for an endpoint that gets no new connections (not in the table).
+    pub backend_id: Option<u32>,
+    pub cluster: Option<String>,
+    pub zone: Option<String>,
+    pub region: Option<String>,
+    /// The locality tier it serves in (`-` when it serves in none).
+    pub tier: String,
+    /// Intended share of new connections, 0 to 1.
+    pub weight: f64,
+    /// `ready`, `terminating` (serving as a last resort) or `not-ready`.
+    pub condition: String,
+}
+
+impl FrontendInfo {
+    pub fn key(&self) -> String {
+        format!("{}:{}/{}", self.vip, self.port, self.protocol)
+    }
+}
+
+impl Inventory {
+    /// Joins the desired state with the ids the plan gave it. Frontends that
+    /// did not fit (capacity) are left out: they are not programmed.
+    pub fn build(state: &DesiredState, applied: &Applied) -> Self {
+        let frontends = state
+            .frontends
+            .iter()
+            .filter_map(|(key, frontend)| {
+                let (service_id, table_size) = applied.frontend(key)?;
+                let backends = frontend
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| {
+                        let weighted = frontend.weights.iter().find(|w| w.addr == endpoint.addr);
+                        BackendInfo {
+                            ip: endpoint.addr.ip,
+                            port: endpoint.addr.port,
+                            backend_id: weighted.and_then(|_| applied.backend_id(&endpoint.addr)),
+                            cluster: endpoint.locality.cluster.clone(),
+                            zone: endpoint.locality.zone.clone(),
+                            region: endpoint.locality.region.clone(),
+                            tier: weighted.map_or_else(|| "-".to_owned(), |w| frontend.tiers[w.tier].to_string()),
+                            weight: weighted.map_or(0.0, |w| w.share),
+                            condition: match endpoint.condition {
+                                Condition::Ready => "ready",
+                                Condition::Terminating => "terminating",
+                                Condition::NotReady => "not-ready",
+                            }
+                            .to_owned(),
+                        }
+                    })
+                    .collect();
+                Some(FrontendInfo {
+                    vip: key.vip,
+                    port: key.port,
+                    protocol: key.protocol.to_string(),
+                    service: frontend.service.clone(),
+                    port_name: frontend.port_name.clone(),
+                    service_id,
+                    table_size,
+                    affinity_timeout_secs: frontend.affinity_timeout_secs,
+                    tiers: frontend.tiers.iter().map(ToString::to_string).collect(),
+                    backends,
+                })
+            })
+            .collect();
+        Self { schema: SCHEMA, layout_version: mcs_common::LAYOUT_VERSION, frontends }
+    }
+
+    /// Writes `dir/state.json` atomically (a reader never sees half a file).
+    pub fn write(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        std::fs::rename(&tmp, dir.join(FILE))
+    }
+
+    /// Reads `dir/state.json`; `Ok(None)` when there is none.
+    pub fn read(dir: &Path) -> io::Result<Option<Self>> {
+        let path: PathBuf = dir.join(FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let inventory: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+        if inventory.schema != SCHEMA {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: schema {} (this agent reads {SCHEMA})", path.display(), inventory.schema),
+            ));
+        }
+        Ok(Some(inventory))
+    }
+}

@@ -1,0 +1,254 @@
+//! `/metrics`: what the datapath did, per ClusterSetIP, source cluster and
+//! locality tier, and how the agent is doing. Kernel counters are read at
+//! scrape time (per-CPU maps, summed); labels come from the [`Inventory`].
+//!
+//! Cardinality: every label is bounded by what is programmed (imports,
+//! ports, clusters, zones, tiers); the `backend` label (pod IP:port) only
+//! with `--metrics-backend-label`.
+
+use std::{
+    collections::BTreeSet,
+    sync::atomic::AtomicU64,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use mcs_common::{BackendStats, ServiceStats, Stat};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::{Registry, Unit},
+};
+
+use crate::inventory::Inventory;
+
+type Labels = Vec<(String, String)>;
+
+/// Metrics the agent keeps between scrapes.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    reconcile_seconds: Histogram,
+    reconcile_failures: Counter,
+    last_reconcile: Gauge<f64, AtomicU64>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            // 100 µs to ~26 s.
+            reconcile_seconds: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 4.0, 10,
+            )),
+            reconcile_failures: Counter::default(),
+            last_reconcile: Gauge::default(),
+        }
+    }
+}
+
+impl AgentMetrics {
+    pub fn reconciled(&self, took: Duration) {
+        self.reconcile_seconds.observe(took.as_secs_f64());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.last_reconcile.set(now.as_secs_f64());
+    }
+
+    pub fn reconcile_failed(&self) {
+        self.reconcile_failures.inc();
+    }
+}
+
+/// What the agent knows of itself at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct AgentView {
+    pub version: String,
+    pub attach_mode: String,
+    pub stale: bool,
+    pub interfaces: usize,
+    /// (kind, state "valid"/"invalid", count)
+    pub objects: Vec<(&'static str, &'static str, u64)>,
+    /// (map, entries used, capacity)
+    pub fill: Vec<(&'static str, u64, u64)>,
+}
+
+/// Kernel counters, read on demand.
+pub struct Kernel<'a> {
+    pub backend: &'a dyn Fn(u32) -> Option<BackendStats>,
+    pub service: &'a dyn Fn(u32) -> Option<ServiceStats>,
+    pub datapath: Vec<(Stat, u64)>,
+}
+
+/// Drops, by reason: the datapath events that lose a packet.
+fn drop_reason(stat: Stat) -> Option<&'static str> {
+    match stat {
+        Stat::NoBackend => Some("no_backend"),
+        Stat::CtInsertFailed => Some("conntrack_insert_failed"),
+        Stat::RewriteFailed => Some("rewrite_failed"),
+        _ => None,
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// The exposition text (OpenMetrics, which Prometheus reads).
+pub fn render(
+    agent: &AgentMetrics,
+    view: &AgentView,
+    inventory: &Inventory,
+    kernel: &Kernel<'_>,
+    backend_label: bool,
+) -> String {
+    let mut registry = Registry::with_prefix("mcs_agent");
+
+    let new_flows = Family::<Labels, Counter>::default();
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let weight = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let frontend_flows = Family::<Labels, Counter>::default();
+    let frontend_drops = Family::<Labels, Counter>::default();
+    let frontend_backends = Family::<Labels, Gauge>::default();
+    // A backend id shared by two frontends is counted once, under the first.
+    let mut counted = BTreeSet::new();
+    for frontend in &inventory.frontends {
+        let port = format!("{}/{}", frontend.port, frontend.protocol);
+        let service = &frontend.service;
+        if let Some(stats) = (kernel.service)(frontend.service_id) {
+            let l = labels(&[("service", service), ("port", &port)]);
+            frontend_flows.get_or_create(&l).inc_by(stats.new_flows);
+            frontend_drops
+                .get_or_create(&labels(&[("service", service), ("port", &port), ("reason", "no_backend")]))
+                .inc_by(stats.no_backend);
+        }
+        let serving = frontend.backends.iter().filter(|b| b.backend_id.is_some()).count();
+        frontend_backends.get_or_create(&labels(&[("service", service), ("port", &port)])).set(serving as i64);
+        for backend in &frontend.backends {
+            let Some(id) = backend.backend_id else { continue };
+            let cluster = backend.cluster.as_deref().unwrap_or("");
+            let zone = backend.zone.as_deref().unwrap_or("");
+            let mut base = labels(&[
+                ("service", service),
+                ("port", &port),
+                ("cluster", cluster),
+                ("zone", zone),
+                ("tier", &backend.tier),
+            ]);
+            if backend_label {
+                base.push(("backend".into(), format!("{}:{}", backend.ip, backend.port)));
+            }
+            weight.get_or_create(&base).set(weight.get_or_create(&base).get() + backend.weight);
+            if !counted.insert(id) {
+                continue;
+            }
+            let Some(stats) = (kernel.backend)(id) else { continue };
+            new_flows.get_or_create(&base).inc_by(stats.new_flows);
+            for (direction, p, b) in [
+                ("to_backend", stats.packets_to, stats.bytes_to),
+                ("from_backend", stats.packets_from, stats.bytes_from),
+            ] {
+                let mut l = base.clone();
+                l.push(("direction".into(), direction.into()));
+                packets.get_or_create(&l).inc_by(p);
+                bytes.get_or_create(&l).inc_by(b);
+            }
+        }
+    }
+    registry.register(
+        "backend_new_connections",
+        "New connections (TCP) and flows (UDP) sent to backends, by ClusterSetIP, source cluster, zone and tier",
+        new_flows,
+    );
+    registry.register(
+        "backend_packets",
+        "Packets to and from backends, by ClusterSetIP, source cluster, zone and tier",
+        packets,
+    );
+    registry.register_with_unit(
+        "backend",
+        "IP bytes to and from backends, by ClusterSetIP, source cluster, zone and tier",
+        Unit::Bytes,
+        bytes,
+    );
+    registry.register(
+        "backend_weight",
+        "Intended share of a frontend's new connections (0-1), by source cluster, zone and tier: spill-over shows here",
+        weight,
+    );
+    registry.register("frontend_new_connections", "New connections and flows per ClusterSetIP port", frontend_flows);
+    registry.register("frontend_drops", "Packets to a ClusterSetIP port dropped, by reason", frontend_drops);
+    registry.register(
+        "frontend_backends",
+        "Backends receiving new connections per ClusterSetIP port",
+        frontend_backends,
+    );
+
+    let events = Family::<Labels, Counter>::default();
+    let drops = Family::<Labels, Counter>::default();
+    for (stat, value) in &kernel.datapath {
+        events.get_or_create(&labels(&[("event", stat.name())])).inc_by(*value);
+        if let Some(reason) = drop_reason(*stat) {
+            drops.get_or_create(&labels(&[("reason", reason)])).inc_by(*value);
+        }
+    }
+    registry.register(
+        "datapath_events",
+        "Datapath events on every attached interface (see `mcs-agent inspect stats`)",
+        events,
+    );
+    registry.register("datapath_drops", "Packets the datapath dropped, by reason", drops);
+
+    registry.register(
+        "reconcile_duration_seconds",
+        "Time to read, decide and write one reconcile pass",
+        agent.reconcile_seconds.clone(),
+    );
+    registry.register(
+        "reconcile_failures",
+        "Reconcile passes whose map writes failed (retried)",
+        agent.reconcile_failures.clone(),
+    );
+    registry.register(
+        "last_reconcile_timestamp_seconds",
+        "Unix time of the last successful reconcile pass",
+        agent.last_reconcile.clone(),
+    );
+    let objects = Family::<Labels, Gauge>::default();
+    for (kind, state, count) in &view.objects {
+        objects.get_or_create(&labels(&[("kind", kind), ("state", state)])).set(*count as i64);
+    }
+    registry.register("objects", "ServiceImports and EndpointSlices seen, valid or invalid (skipped)", objects);
+    let frontends = Gauge::<i64>::default();
+    frontends.set(inventory.frontends.len() as i64);
+    registry.register("frontends", "Frontends (ClusterSetIP:port/protocol) programmed", frontends);
+    let entries = Family::<Labels, Gauge>::default();
+    let capacity = Family::<Labels, Gauge>::default();
+    for (map, used, cap) in &view.fill {
+        entries.get_or_create(&labels(&[("map", map)])).set(*used as i64);
+        capacity.get_or_create(&labels(&[("map", map)])).set(*cap as i64);
+    }
+    registry.register("map_entries", "Entries in use in a datapath map (selection: slots)", entries);
+    registry.register("map_capacity", "Capacity of a datapath map (selection: slots)", capacity);
+    let stale = Gauge::<i64>::default();
+    stale.set(i64::from(view.stale));
+    registry.register(
+        "stale",
+        "1 while a watch of the Kubernetes API fails (the datapath keeps its last good state)",
+        stale,
+    );
+    let interfaces = Gauge::<i64>::default();
+    interfaces.set(view.interfaces as i64);
+    registry.register("interfaces_attached", "Interfaces with the agent's programs attached", interfaces);
+    let layout = mcs_common::LAYOUT_VERSION.to_string();
+    registry.register(
+        "build",
+        "The agent's version, map layout version and attach mode",
+        Info::new(labels(&[
+            ("version", &view.version),
+            ("layout_version", &layout),
+            ("attach_mode", &view.attach_mode),
+        ])),
+    );
+
+    let mut out = String::new();
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    out
+}
