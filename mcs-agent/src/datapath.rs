@@ -82,6 +82,44 @@ pub enum DatapathError {
     Incompatible { name: &'static str, path: PathBuf, message: String },
 }
 
+/// Which of the kernel programs' own log lines (aya-log) reach the agent's log.
+/// Off by default: the level is a constant of the loaded programs, so the
+/// verifier drops the logging code and a packet pays nothing for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum KernelLog {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Forwards the kernel programs' records to `tracing` (target `mcs_kernel`).
+pub struct KernelLogBridge;
+
+impl log::Log for KernelLogBridge {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "mcs_kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "mcs_kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "mcs_kernel", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "mcs_kernel", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "mcs_kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+pub type KernelLogger = aya_log::EbpfLogger<KernelLogBridge>;
+
 /// Map sizes, chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
@@ -303,6 +341,8 @@ pub struct Datapath {
     /// Older layouts whose pinned links are taken over (updated in place and
     /// re-pinned under `layout`) when this agent attaches.
     older: Vec<LayoutDir>,
+    /// The kernel programs' log reader, with `--kernel-log` on.
+    logger: Option<KernelLogger>,
     /// The maps were found pinned (a restart), not created.
     adopted: bool,
     attached: BTreeMap<String, Attachment>,
@@ -407,7 +447,7 @@ impl Datapath {
     /// Loads the programs and creates unpinned maps, removed on drop
     /// (fixtures, benchmarks).
     pub fn load(sizes: Sizes, bpffs: Option<&Path>) -> Result<Self, DatapathError> {
-        let mut dp = Self::open(sizes, bpffs.map(|root| (root, LAYOUT_VERSION)))?;
+        let mut dp = Self::open(sizes, bpffs.map(|root| (root, LAYOUT_VERSION)), KernelLog::Off)?;
         dp.cleanup_on_exit = true;
         Ok(dp)
     }
@@ -416,7 +456,7 @@ impl Datapath {
     /// pinned there by an earlier agent are adopted as they are (their
     /// contents, and their sizes where they differ from `sizes`) and missing
     /// ones are created and pinned. Nothing is attached yet.
-    pub fn open(sizes: Sizes, pins: Option<(&Path, u32)>) -> Result<Self, DatapathError> {
+    pub fn open(sizes: Sizes, pins: Option<(&Path, u32)>, kernel_log: KernelLog) -> Result<Self, DatapathError> {
         let Sizes { capacity, conntrack, stats_entries } = sizes;
         let mut wanted = [
             (MAP_SERVICES, capacity.services),
@@ -474,7 +514,17 @@ impl Datapath {
             }
             loader.map_max_entries(name, *size);
         }
+        let level = kernel_log as u8;
+        loader.override_global(aya_log::LEVEL, &level, false);
         let mut ebpf = loader.load(OBJECT)?;
+        // Before the programs load: they refer to the log ring buffer, which
+        // the logger takes out of `ebpf` and must keep open.
+        let logger = match kernel_log {
+            KernelLog::Off => None,
+            _ => Some(aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLogBridge).map_err(|e| {
+                DatapathError::Map { name: "AYA_LOGS", source: MapError::IoError(io::Error::other(e)) }
+            })?),
+        };
         for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
@@ -499,6 +549,7 @@ impl Datapath {
             sizes: Sizes { capacity, conntrack, stats_entries },
             layout,
             older: Vec::new(),
+            logger,
             adopted,
             attached: BTreeMap::new(),
             cleanup_on_exit,
@@ -542,6 +593,11 @@ impl Datapath {
 
     pub fn conntrack_len(&self) -> usize {
         self.maps.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    /// The kernel log reader, to be polled for records (see [`KernelLogger::flush`]).
+    pub fn take_kernel_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// The sizes in force (adopted maps keep theirs).

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use mcs_agent::{
-    datapath::{self, AttachMode, Attached, Datapath, DatapathError, Sizes},
+    datapath::{self, AttachMode, Attached, Datapath, DatapathError, KernelLog, Sizes},
     desired::{self, Policy},
     health::{self, HealthHandle},
     locality::{self, NodeLocality, Tier},
@@ -398,6 +398,12 @@ struct RunArgs {
     /// How to hook the programs: TCX links (kernel 6.6+) or netlink clsact filters.
     #[arg(long, value_enum, default_value = "auto", env = "MCS_ATTACH")]
     attach: AttachMode,
+    /// Let the kernel programs log rare events (a failed rewrite or conntrack
+    /// insert, a malformed packet) at this level and above, into this log
+    /// (target `mcs_kernel`). Off costs nothing per packet: the verifier drops
+    /// the logging code.
+    #[arg(long, value_enum, default_value = "off", env = "MCS_KERNEL_LOG")]
+    kernel_log: KernelLog,
     /// Where bpffs is (or is to be mounted). Maps are pinned under <BPFFS>/mcs/v<layout>/.
     #[arg(long, value_name = "PATH", default_value = "/sys/fs/bpf", env = "MCS_BPFFS")]
     bpffs: PathBuf,
@@ -657,6 +663,7 @@ async fn run(args: RunArgs) -> Result<()> {
         interfaces,
         interface_patterns,
         attach,
+        kernel_log,
         bpffs,
         no_pin,
         cleanup_on_exit,
@@ -716,7 +723,20 @@ async fn run(args: RunArgs) -> Result<()> {
     let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
     let sizes = Sizes { capacity, conntrack: max_conntrack, stats_entries };
     let pins = (!no_pin).then_some((bpffs.as_path(), layout_version));
-    let mut datapath = Datapath::open(sizes, pins).context("loading the datapath")?;
+    let mut datapath = Datapath::open(sizes, pins, kernel_log).context("loading the datapath")?;
+    if let Some(logger) = datapath.take_kernel_logger() {
+        // SAFETY: the logger owns the ring buffer's fd, open and unchanged for as
+        // long as the AsyncFd owns the logger.
+        let mut logger =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("watching the kernel log ring buffer: {e}"))?;
+        tokio::spawn(async move {
+            while let Ok(mut ready) = logger.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+    }
     datapath.set_cleanup_on_exit(cleanup_on_exit);
     let capacity = datapath.sizes().capacity;
     let applied = if datapath.adopted() {

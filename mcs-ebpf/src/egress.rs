@@ -2,6 +2,7 @@
 //! Replies from a backend get the `ClusterSetIP:port` the client connected to.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_log_ebpf::warn;
 use mcs_common::{CT_F_FIN_BACKEND, CtKey, IPPROTO_TCP, RevNatKey, Stat};
 
 use crate::{
@@ -50,8 +51,9 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
             ct::mark(CONNTRACK.get_ptr_mut(ct_key), Some(rev_ptr), bits);
         }
     }
-    if rewrite(&ctx, &flow, Side::Source, rev.vip, rev.vip_port).is_err() {
+    if let Err(e) = rewrite(&ctx, &flow, Side::Source, rev.vip, rev.vip_port) {
         count(Stat::RewriteFailed);
+        warn!(&ctx, "reverse NAT rewrite failed ({}): packet dropped", e);
         return TC_ACT_SHOT;
     }
     count(Stat::RevNat);

@@ -2,6 +2,7 @@
 //! `ClusterSetIP:port` is translated to the selected backend `podIP:port`.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
+use aya_log_ebpf::{debug, warn};
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, CT_F_FIN_CLIENT, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey,
     RevNatValue, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
@@ -28,6 +29,7 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
         }
         Parsed::Malformed => {
             count(Stat::Malformed);
+            debug!(&ctx, "malformed packet passed untouched ({} bytes)", ctx.len());
             return TC_NEXT;
         }
     };
@@ -68,8 +70,9 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
         None if !is_bare_syn(&flow) && handoff() => return TC_NEXT,
         None => match select(&flow, service) {
             Some((id, backend)) => {
-                if record(&flow, &ct_key, service, id, &backend).is_err() {
+                if let Err(e) = record(&flow, &ct_key, service, id, &backend) {
                     count(Stat::CtInsertFailed);
+                    warn!(&ctx, "conntrack insert failed ({}) for service {}: packet dropped", e, service.service_id);
                     return TC_ACT_SHOT;
                 }
                 count(Stat::NewFlow);
@@ -93,8 +96,9 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
         },
     };
 
-    if rewrite(&ctx, &flow, Side::Destination, backend.ip, backend.port).is_err() {
+    if let Err(e) = rewrite(&ctx, &flow, Side::Destination, backend.ip, backend.port) {
         count(Stat::RewriteFailed);
+        warn!(&ctx, "DNAT rewrite failed ({}): packet dropped", e);
         return TC_ACT_SHOT;
     }
     TC_NEXT

@@ -589,3 +589,59 @@ fn an_ip_total_length_that_ends_before_the_l4_header_is_malformed() {
     assert_eq!(dp.stat(Stat::Malformed), 1);
     assert!(dp.conntrack_entries().is_empty());
 }
+
+/// A tracing writer the test reads back.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn kernel_log_reports_rare_events_at_the_chosen_level_and_nothing_when_off() {
+    use mcs_agent::datapath::KernelLog;
+    let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
+    let sizes = Sizes { capacity, conntrack: 1024, ..Sizes::default() };
+    let mut malformed = tcp(&Ipv4Spec::new(CLIENT, VIP), 41500, 80, TCP_SYN, b"");
+    malformed[14] = 0x43; // IHL 12 bytes: invalid
+
+    let mut logged = |level: KernelLog| {
+        let mut dp = Datapath::open(sizes, None, level).expect("loading with a kernel log level");
+        let logger = dp.take_kernel_logger();
+        assert_eq!(logger.is_some(), level != KernelLog::Off, "a reader only when logging is on");
+        run(&mut dp, PROG_INGRESS, &malformed);
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        if let Some(mut logger) = logger {
+            tracing::subscriber::with_default(subscriber, || logger.flush());
+        }
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    };
+    // Off is a constant of the loaded program (.rodata, frozen): the verifier
+    // removes the logging code, so the translated program is smaller.
+    let translated = |level| {
+        let mut dp = Datapath::open(sizes, None, level).unwrap();
+        dp.program_mut(PROG_INGRESS).unwrap().info().unwrap().size_translated().unwrap()
+    };
+    let (off, on) = (translated(KernelLog::Off), translated(KernelLog::Debug));
+    eprintln!("mcs_ingress translated: {off} bytes with --kernel-log off, {on} with debug");
+    assert!(off < on, "logging compiled out when off: {off} vs {on} bytes");
+    let debug = logged(KernelLog::Debug);
+    assert!(debug.contains("malformed packet passed untouched"), "{debug:?}");
+    assert!(debug.contains("mcs_kernel"), "under the mcs_kernel target: {debug:?}");
+    assert!(logged(KernelLog::Warn).is_empty(), "a debug event is below warn");
+    assert!(logged(KernelLog::Off).is_empty());
+}
