@@ -613,7 +613,7 @@ fn kernel_log_reports_rare_events_at_the_chosen_level_and_nothing_when_off() {
     let mut malformed = tcp(&Ipv4Spec::new(CLIENT, VIP), 41500, 80, TCP_SYN, b"");
     malformed[14] = 0x43; // IHL 12 bytes: invalid
 
-    let mut logged = |level: KernelLog| {
+    let logged = |level: KernelLog| {
         let mut dp = Datapath::open(sizes, None, level).expect("loading with a kernel log level");
         let logger = dp.take_kernel_logger();
         assert_eq!(logger.is_some(), level != KernelLog::Off, "a reader only when logging is on");
