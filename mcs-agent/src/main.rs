@@ -449,6 +449,10 @@ struct RunArgs {
     /// /metrics (Prometheus) here.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9878", env = "MCS_HEALTH_ADDR")]
     health_addr: std::net::SocketAddr,
+    /// Also serve /metrics (and the probes) here, e.g. `$(POD_IP):9879` in a
+    /// DaemonSet, for Prometheus to scrape; the health address stays on loopback.
+    #[arg(long, value_name = "ADDR", env = "MCS_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Label per-backend metrics with the pod's IP:port too (one series per
     /// endpoint: mind the cardinality on large clustersets).
     #[arg(long)]
@@ -676,12 +680,16 @@ async fn run(args: RunArgs) -> Result<()> {
         debounce_ms,
         resync_secs,
         health_addr,
+        metrics_addr,
         metrics_backend_label,
         state_dir,
         locality,
     } = args;
     let health = HealthHandle::default();
     health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
+    if let Some(addr) = metrics_addr {
+        health::serve(addr, health.clone()).await.with_context(|| format!("--metrics-addr {addr}"))?;
+    }
     let patterns = links::Patterns::new(&interface_patterns)?;
     // Both sources report through the same channel: a change, or a failing watch.
     let (signal_tx, mut signals) = mpsc::unbounded_channel::<SourceEvent>();

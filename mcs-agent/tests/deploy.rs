@@ -34,7 +34,7 @@ fn typed<T: serde::de::DeserializeOwned>(doc: &Value, path: &Path) -> T {
 #[test]
 fn every_manifest_parses_into_its_kubernetes_type() {
     let mut kinds = Vec::new();
-    for dir in [deploy(), deploy().join("crds"), deploy().join("uninstall")] {
+    for dir in [deploy(), deploy().join("crds"), deploy().join("uninstall"), deploy().join("monitoring")] {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
@@ -50,11 +50,15 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                     "DaemonSet" => drop(typed::<DaemonSet>(&doc, &path)),
                     "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(&doc, &path)),
                     "Kustomization" | "Component" => {
-                        for resource in doc["resources"].as_sequence().unwrap() {
+                        let generated = doc["configMapGenerator"].as_sequence().into_iter().flatten();
+                        let files = generated.flat_map(|g| g["files"].as_sequence().unwrap().iter());
+                        for resource in doc["resources"].as_sequence().unwrap().iter().chain(files) {
                             let file = dir.join(resource.as_str().unwrap());
                             assert!(file.exists(), "{} lists missing {}", path.display(), file.display());
                         }
                     }
+                    // Prometheus Operator objects: checked against the metrics below.
+                    "PodMonitor" | "PrometheusRule" => {}
                     other => panic!("{}: unexpected kind {other}", path.display()),
                 }
                 kinds.push(kind);
@@ -97,8 +101,8 @@ fn the_daemonset_runs_on_every_node_with_named_capabilities_not_privileged() {
     assert!(resources.requests.as_ref().unwrap().contains_key("memory"));
     assert!(resources.limits.as_ref().unwrap().contains_key("memory"), "BPF maps are charged to the pod");
     let mounts = agent.volume_mounts.as_ref().unwrap();
-    assert_eq!(mounts.len(), 1, "only bpffs");
-    assert_eq!(mounts[0].mount_path, "/sys/fs/bpf");
+    let paths: Vec<&str> = mounts.iter().map(|m| m.mount_path.as_str()).collect();
+    assert_eq!(paths, ["/sys/fs/bpf", "/run/mcs-agent"], "bpffs and the state for inspect");
     assert_eq!(mounts[0].mount_propagation.as_deref(), Some("HostToContainer"));
     // The args are the agent's own flags.
     let args = agent.args.clone().unwrap();
@@ -154,4 +158,86 @@ fn the_uninstaller_runs_uninstall_on_every_node_and_is_ready_when_clean() {
     assert_eq!(probe[1..], ["uninstall", "--check"]);
     let mounts = container.volume_mounts.clone().unwrap();
     assert_eq!(mounts[0].mount_path, "/sys/fs/bpf");
+}
+
+/// Metric names the agent exposes, from a real rendering.
+fn exposed_metrics() -> std::collections::BTreeSet<String> {
+    use mcs_agent::{
+        inventory::{BackendInfo, FrontendInfo, Inventory},
+        metrics::{AgentMetrics, AgentView, Kernel, render},
+    };
+    let inventory = Inventory {
+        schema: mcs_agent::inventory::SCHEMA,
+        layout_version: mcs_common::LAYOUT_VERSION,
+        frontends: vec![FrontendInfo {
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: "TCP".into(),
+            service: "demo/web".into(),
+            port_name: "http".into(),
+            service_id: 1,
+            table_size: 251,
+            affinity_timeout_secs: 0,
+            tiers: vec!["zone".into()],
+            backends: vec![BackendInfo {
+                ip: "10.10.0.1".parse().unwrap(),
+                port: 8080,
+                backend_id: Some(1),
+                cluster: Some("a".into()),
+                zone: None,
+                region: None,
+                tier: "zone".into(),
+                weight: 1.0,
+                condition: "ready".into(),
+            }],
+        }],
+    };
+    let agent = AgentMetrics::default();
+    agent.reconciled(std::time::Duration::from_millis(3));
+    let view = AgentView {
+        objects: vec![("ServiceImport", "valid", 1)],
+        fill: vec![("conntrack", 1, 10)],
+        ..AgentView::default()
+    };
+    let kernel = Kernel {
+        backend: &|_| Some(mcs_common::BackendStats::default()),
+        service: &|_| Some(mcs_common::ServiceStats::default()),
+        datapath: vec![(mcs_common::Stat::NoBackend, 1)],
+    };
+    render(&agent, &view, &inventory, &kernel, false)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+        .collect()
+}
+
+/// `mcs_agent_*` identifiers used in a text.
+fn referenced(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("mcs_agent_") {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn alerts_and_the_dashboard_use_only_metrics_the_agent_exposes() {
+    let exposed = exposed_metrics();
+    assert!(exposed.contains("mcs_agent_backend_new_connections_total"), "{exposed:?}");
+    for file in ["monitoring/prometheusrule.yaml", "monitoring/mcs-agent-dashboard.json"] {
+        let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+        let names = referenced(&text);
+        assert!(names.len() >= 4, "{file} uses the agent's metrics");
+        for name in names {
+            assert!(exposed.contains(&name), "{file} uses {name}, which the agent does not expose ({exposed:?})");
+        }
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy().join("monitoring/mcs-agent-dashboard.json")).unwrap())
+            .expect("the dashboard is JSON");
+    assert!(dashboard["panels"].as_array().unwrap().len() >= 3);
 }
