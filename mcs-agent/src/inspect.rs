@@ -141,6 +141,8 @@ pub struct BackendRow {
     pub weight: Option<f64>,
     /// The share of the kernel's selection table this backend holds (0-1).
     pub table_share: f64,
+    /// `ready`, `terminating` or `not-ready`, from the agent's state.json.
+    pub condition: Option<String>,
     pub new_connections: u64,
     pub packets_to: u64,
     pub packets_from: u64,
@@ -160,7 +162,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                 }
             }
             let info = pinned.info(value.service_id).filter(|f| f.key() == frontend_name(&key));
-            let backends = held
+            let mut backends: Vec<BackendRow> = held
                 .iter()
                 .map(|(&id, &slots)| {
                     let address = pinned.backend(id);
@@ -178,12 +180,30 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                         tier: known.map(|b| b.tier.clone()),
                         weight: known.map(|b| b.weight),
                         table_share: f64::from(slots) / f64::from(value.slot_count.max(1)),
+                        condition: known.map(|b| b.condition.clone()),
                         new_connections: stats.new_flows,
                         packets_to: stats.packets_to,
                         packets_from: stats.packets_from,
                     }
                 })
                 .collect();
+            // Endpoints that get no new connections (not ready, or a tier that takes
+            // nothing): not in the table, but part of the picture.
+            for b in info.iter().flat_map(|f| &f.backends).filter(|b| b.backend_id.is_none()) {
+                backends.push(BackendRow {
+                    address: SocketAddrV4::new(b.ip, b.port).to_string(),
+                    backend_id: 0,
+                    cluster: b.cluster.clone(),
+                    zone: b.zone.clone(),
+                    tier: Some(b.tier.clone()),
+                    weight: Some(b.weight),
+                    table_share: 0.0,
+                    condition: Some(b.condition.clone()),
+                    new_connections: 0,
+                    packets_to: 0,
+                    packets_from: 0,
+                });
+            }
             let stats = pinned.service_stats(value.service_id);
             ServiceRow {
                 frontend: frontend_name(&key),

@@ -188,11 +188,15 @@ fn inspect_shows_the_programmed_state_while_running_and_stopped() {
     assert_eq!(web["service"], "demo/web");
     assert_eq!(web["port_name"], "http");
     assert!(web["table_size"].as_u64().unwrap() > 0);
-    let backends = web["backends"].as_array().unwrap();
-    assert_eq!(backends.len(), 3, "the unready pod is not in the table: {backends:?}");
+    let all = web["backends"].as_array().unwrap();
+    let unready: Vec<&Value> = all.iter().filter(|b| b["condition"] == "not-ready").collect();
+    assert_eq!(unready.len(), 1, "the unready pod is listed: {all:?}");
+    assert_eq!(unready[0]["table_share"], 0.0, "and holds no slot");
+    let backends: Vec<&Value> = all.iter().filter(|b| b["condition"] == "ready").collect();
+    assert_eq!(backends.len(), 3, "the ready pods fill the table: {all:?}");
     let share: f64 = backends.iter().map(|b| b["table_share"].as_f64().unwrap()).sum();
     assert!((share - 1.0).abs() < 1e-9);
-    for b in backends {
+    for b in &backends {
         let (weight, table) = (b["weight"].as_f64().unwrap(), b["table_share"].as_f64().unwrap());
         assert!((weight - table).abs() < 0.01, "the table follows the weights: {b}");
         let tier = if b["cluster"] == "cluster-a" { "cluster" } else { "any" };

@@ -10,7 +10,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use mcs_tests::{
-    agent::Agent,
+    agent::{Agent, probe},
+    bpffs::ScratchBpffs,
     manifests::{self, ZonedEndpoint, endpoint_slice_zoned},
     netns::Netns,
     topology::Clusterset,
@@ -73,8 +74,15 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
         "   manifests     deploy/examples: ServiceImport demo/web, ClusterSetIP {VIP}, ports http 80/TCP, dns 53/UDP, tcp2 4242/TCP"
     );
 
+    // Pins on a bpffs of the demo's own, so `mcs-agent inspect` can read them
+    // from here (`ip netns exec` gives the agent a private /sys).
+    let bpffs = ScratchBpffs::new();
+    let state = tempfile::tempdir().context("state directory")?;
+    let mut args: Vec<String> = NODE.iter().map(|s| (*s).to_owned()).collect();
+    args.extend(["--bpffs".into(), bpffs.arg(), "--state-dir".into(), state.path().display().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
-    let mut agent = Agent::start_binary(agent_binary, &set.node, dir.path(), &set.client_ifaces(), &NODE);
+    let mut agent = Agent::start_binary(agent_binary, &set.node, dir.path(), &set.client_ifaces(), &args);
     println!("   agent ready in {:.0?}: {}", started.elapsed(), agent_mode(&agent));
 
     let ns = &client.ns;
@@ -129,7 +137,27 @@ pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
         tcp_round(ns, client.ip, SocketAddrV4::new(VIP, 80), requests)?;
     }
 
-    println!("\n[6] the ServiceImport is deleted");
+    println!("\n[6] what the agent shows an operator: `mcs-agent inspect services`");
+    let inspect = std::process::Command::new(agent_binary)
+        .args(["inspect", "services", "--bpffs", &bpffs.arg(), "--state-dir"])
+        .arg(state.path())
+        .output()
+        .context("running mcs-agent inspect")?;
+    ensure!(inspect.status.success(), "inspect failed: {}", String::from_utf8_lossy(&inspect.stderr));
+    for line in String::from_utf8_lossy(&inspect.stdout).lines() {
+        println!("    {line}");
+    }
+    println!("\n    and a few lines of its /metrics (new connections by source cluster and tier, drops):");
+    let (_, metrics) = probe(&set.node, "/metrics").context("scraping /metrics")?;
+    for line in metrics.lines().filter(|l| {
+        (l.starts_with("mcs_agent_backend_new_connections_total{") && l.contains("port=\"80/TCP\""))
+            || l.starts_with("mcs_agent_datapath_drops_total")
+            || l.starts_with("mcs_agent_frontend_backends{")
+    }) {
+        println!("    {line}");
+    }
+
+    println!("\n[7] the ServiceImport is deleted");
     let generation = agent.generation();
     manifests::remove(dir.path(), "web-serviceimport.yaml");
     agent.wait_reconciled_after(generation);
