@@ -62,7 +62,7 @@ enum Command {
     ///
     /// Examples: `mcs-agent run --manifests deploy/examples --interface veth-pod1`;
     /// in a DaemonSet: `mcs-agent run --interface-pattern 'veth*'`.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove mcs-agent from this node: detach its programs from every
     /// interface and remove every pinned map and link, of every layout version.
     ///
@@ -480,7 +480,7 @@ fn main() -> Result<()> {
             .enable_all()
             .build()
             .context("starting the runtime")?
-            .block_on(run(args)),
+            .block_on(run(*args)),
         Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
         Command::Uninstall { bpffs, stay, check } => uninstall(&bpffs, stay, check),
         Command::Inspect(args) => inspect(&args),
