@@ -98,6 +98,20 @@ fn traffic(lab: &Lab, tcp: usize, udp: usize) -> BTreeMap<String, u64> {
 fn scrape(lab: &Lab) -> prometheus_parse::Scrape {
     let (code, body) = probe(&lab.set.node, "/metrics").expect("/metrics answers");
     assert_eq!(code, 200, "{body}");
+    // Prometheus naming: counters' samples end in _total, byte counters say
+    // their unit, durations are in seconds.
+    for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut parts = line.split_whitespace().skip(2);
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        if kind == "counter" {
+            assert!(
+                body.lines().any(|l| l.starts_with(&format!("{name}_total"))),
+                "counter {name} without _total samples"
+            );
+        }
+        assert!(!name.contains("milliseconds") && !name.contains("_ms"), "{name}: base units");
+    }
+    assert!(body.contains("mcs_agent_backend_bytes_total"), "bytes carry their unit");
     let lines = body.lines().map(|l| Ok(l.to_owned()));
     prometheus_parse::Scrape::parse(lines).expect("the exposition parses")
 }
