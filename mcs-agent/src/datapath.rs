@@ -573,13 +573,7 @@ impl Datapath {
     /// Counters of backend `id`, summed over CPUs (`None` past the map's size).
     pub fn backend_stats(&self, id: u32) -> Option<BackendStats> {
         let values = self.maps.backend_stats.get(&id, 0).ok()?;
-        Some(values.iter().fold(BackendStats::default(), |a, v| BackendStats {
-            new_flows: a.new_flows + v.new_flows,
-            packets_to: a.packets_to + v.packets_to,
-            bytes_to: a.bytes_to + v.bytes_to,
-            packets_from: a.packets_from + v.packets_from,
-            bytes_from: a.bytes_from + v.bytes_from,
-        }))
+        Some(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
     }
 
     /// Counters of service `id`, summed over CPUs.

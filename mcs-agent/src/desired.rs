@@ -374,6 +374,66 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
     Ok(Some(ValidSlice { ports, endpoints }))
 }
 
+/// What the agent knows at run time beyond the objects and the node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Runtime {
+    /// ClusterSetIP -> the import serving it: a newcomer never takes it over.
+    pub held: BTreeMap<Ipv4Addr, String>,
+    /// Backends passive health ejected: no new connections, unhealthy in their tier.
+    pub ejected: BTreeSet<BackendAddr>,
+    /// Backends back from an ejection: unhealthy in their tier, but each gets
+    /// [`PROBE_SHARE`] of new connections to prove itself.
+    pub probing: BTreeSet<BackendAddr>,
+}
+
+/// The share of a frontend's new connections a probing backend gets.
+pub const PROBE_SHARE: f64 = 0.05;
+
+/// `status.clusterSelectorResults` (KEP-5939): ordered sets of cluster ids.
+/// `Ok(None)` when absent; `Err((field, message))` for a shape we do not know.
+fn cluster_selector_results(import: &ServiceImport) -> Result<Option<Vec<BTreeSet<String>>>, (String, String)> {
+    let Some(results) = import.status.as_ref().and_then(|s| s.get("clusterSelectorResults")) else {
+        return Ok(None);
+    };
+    let field = "status.clusterSelectorResults".to_owned();
+    let list = results.as_array().ok_or_else(|| (field.clone(), "is not a list".to_owned()))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, result)| {
+            let clusters = match result.get("clusters") {
+                None => return Ok(BTreeSet::new()),
+                Some(c) => c,
+            };
+            let field = format!("{field}[{i}].clusters");
+            clusters
+                .as_array()
+                .ok_or_else(|| (field.clone(), "is not a list of cluster ids".to_owned()))?
+                .iter()
+                .map(|c| {
+                    c.as_str().map(str::to_owned).ok_or_else(|| (field.clone(), format!("{c} is not a cluster id")))
+                })
+                .collect()
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// KEP-5939: the clusters of the first result with at least one endpoint
+/// that is ready or serving (and not ejected); all clusters when none has.
+fn selected_clusters<'a>(
+    results: &'a [BTreeSet<String>],
+    endpoints: &[Endpoint],
+    ejected: &BTreeSet<BackendAddr>,
+) -> Option<&'a BTreeSet<String>> {
+    results.iter().find(|clusters| {
+        endpoints.iter().any(|e| {
+            e.condition != Condition::NotReady
+                && !ejected.contains(&e.addr)
+                && e.locality.cluster.as_ref().is_some_and(|c| clusters.contains(c))
+        })
+    })
+}
+
 /// Addresses that can never be a ClusterSetIP, whatever the flags say.
 fn never_a_vip(ip: Ipv4Addr) -> Option<&'static str> {
     if ip.is_unspecified() || ip.octets()[0] == 0 {
@@ -408,21 +468,70 @@ fn vip_conflict(vip: Ipv4Addr, policy: &Policy, endpoints: &BTreeMap<Ipv4Addr, S
     None
 }
 
+/// Shares of new connections for one frontend: KEP-5939 cluster selection
+/// first, then passive health (ejected and probing backends count as
+/// unhealthy in their tier), then locality tiers and weights.
+fn health_weights(
+    endpoints: &[Endpoint],
+    cluster_weights: Option<&BTreeMap<String, u32>>,
+    selector_results: Option<&[BTreeSet<String>]>,
+    tiers: &[locality::Tier],
+    policy: &Policy,
+    runtime: &Runtime,
+) -> Vec<locality::Weighted> {
+    let selected = selector_results.and_then(|r| selected_clusters(r, endpoints, &runtime.ejected));
+    let in_selection = |e: &Endpoint| {
+        selected.is_none_or(|clusters| e.locality.cluster.as_ref().is_some_and(|c| clusters.contains(c)))
+    };
+    let out_of_service = |e: &Endpoint| runtime.ejected.contains(&e.addr) || runtime.probing.contains(&e.addr);
+    let view: Vec<Endpoint> = endpoints
+        .iter()
+        .filter(|e| in_selection(e))
+        .map(|e| if out_of_service(e) { Endpoint { condition: Condition::NotReady, ..e.clone() } } else { e.clone() })
+        .collect();
+    let mut weights = locality::weights(&view, cluster_weights, tiers, &policy.node);
+    let probing: Vec<&Endpoint> = endpoints
+        .iter()
+        .filter(|e| in_selection(e) && runtime.probing.contains(&e.addr) && e.condition == Condition::Ready)
+        .collect();
+    if probing.is_empty() {
+        return weights;
+    }
+    if weights.is_empty() {
+        // Nothing else serves: the probing backends are all there is.
+        let view: Vec<Endpoint> =
+            endpoints.iter().filter(|e| in_selection(e) && !runtime.ejected.contains(&e.addr)).cloned().collect();
+        return locality::weights(&view, cluster_weights, tiers, &policy.node);
+    }
+    let probe_total = (PROBE_SHARE * probing.len() as f64).min(0.5);
+    for w in &mut weights {
+        w.share *= 1.0 - probe_total;
+    }
+    for e in probing {
+        let Some(tier) = locality::tier_of(e, tiers, &policy.node) else { continue };
+        weights.push(locality::Weighted {
+            addr: e.addr,
+            share: probe_total / (probe_total / PROBE_SHARE).round().max(1.0),
+            tier,
+            cluster: e.locality.cluster.clone(),
+        });
+    }
+    weights.sort_by_key(|w| w.addr);
+    weights
+}
+
 /// Computes what the datapath should hold. Invalid objects are reported and
 /// left out whole; everything else is still computed.
 pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<ObjectError>) {
-    compute_with(snapshot, policy, &BTreeMap::new())
+    compute_with(snapshot, policy, &Runtime::default())
 }
 
 /// [`compute`], knowing which import holds each ClusterSetIP now (`held`:
 /// VIP -> `namespace/name`, what the datapath serves). Of two imports with one
 /// ClusterSetIP, the one holding it keeps it; otherwise the older (by
 /// `metadata.creationTimestamp`), then the first by name. The other is reported.
-pub fn compute_with(
-    snapshot: &Snapshot,
-    policy: &Policy,
-    held: &BTreeMap<Ipv4Addr, String>,
-) -> (DesiredState, Vec<ObjectError>) {
+pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> (DesiredState, Vec<ObjectError>) {
+    let held = &runtime.held;
     let mut errors = Vec::new();
 
     // Slices by (namespace, service name).
@@ -485,6 +594,16 @@ pub fn compute_with(
             continue;
         }
         vip_owner.insert(valid.vip, service.clone());
+        let selector_results = match cluster_selector_results(import) {
+            Ok(results) => results,
+            Err((field, message)) => {
+                // Alpha and optional: a shape we do not know leaves the import
+                // served by all clusters, and is reported.
+                let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
+                errors.push(err(field, format!("{message}; all clusters are used")));
+                None
+            }
+        };
         let own_slices = slices.get(&(valid.namespace.clone(), valid.name.clone()));
         let tiers = valid.traffic_distribution.map_or_else(|| policy.tiers.clone(), TrafficDistribution::tiers);
         for (key, port_name) in valid.ports {
@@ -503,7 +622,14 @@ pub fn compute_with(
                 }
             }
             let endpoints: Vec<Endpoint> = endpoints.into_values().collect();
-            let weights = locality::weights(&endpoints, valid.cluster_weights.as_ref(), &tiers, &policy.node);
+            let weights = health_weights(
+                &endpoints,
+                valid.cluster_weights.as_ref(),
+                selector_results.as_deref(),
+                &tiers,
+                policy,
+                runtime,
+            );
             let table_size =
                 if weights.is_empty() { 0 } else { maglev::table_size(weights.len(), policy.max_table_size) };
             state.frontends.insert(
@@ -703,7 +829,8 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         let newcomer = IMPORT.replace("name: web,", "name: aaa,");
         let yaml = format!("{IMPORT}---{newcomer}");
         let held = BTreeMap::from([(Ipv4Addr::new(10, 96, 0, 10), "demo/web".to_owned())]);
-        let (state, errors) = compute_with(&snapshot(&yaml), &Policy::default(), &held);
+        let runtime = Runtime { held, ..Runtime::default() };
+        let (state, errors) = compute_with(&snapshot(&yaml), &Policy::default(), &runtime);
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
         assert!(
             errors[0].to_string().contains("demo/aaa: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
@@ -715,6 +842,113 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             .replace("metadata: {name: aaa,", "metadata: {creationTimestamp: \"2026-06-01T00:00:00Z\", name: aaa,");
         let (state, _) = compute(&snapshot(&format!("{old}---{young}")), &Policy::default());
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
+    }
+
+    /// Shares per cluster of the http frontend.
+    fn shares(state: &DesiredState) -> BTreeMap<String, f64> {
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
+        let mut by: BTreeMap<String, f64> = BTreeMap::new();
+        for w in &state.frontends[&key].weights {
+            *by.entry(w.cluster.clone().unwrap_or_default()).or_default() += (w.share * 1000.0).round() / 1000.0;
+        }
+        by
+    }
+
+    const SELECTOR_RESULTS: &str = "status:\n  clusterSelectorResults:\n  - clusters: [self]\n  - clusters: [self, peer]\n  - clusters: [self, peer, far]\n";
+
+    fn three_clusters(self_ready: bool, peer_ready: bool) -> String {
+        let ready = |r: bool| if r { "true" } else { "false" };
+        format!(
+            "{IMPORT}{SELECTOR_RESULTS}{}{}{}",
+            slice(
+                "web-self",
+                "self",
+                &format!("[{{addresses: [\"10.1.0.1\"], conditions: {{ready: {}}}}}]", ready(self_ready))
+            ),
+            slice(
+                "web-peer",
+                "peer",
+                &format!("[{{addresses: [\"10.2.0.1\"], conditions: {{ready: {}}}}}]", ready(peer_ready))
+            ),
+            slice("web-far", "far", r#"[{addresses: ["10.3.0.1"]}]"#),
+        )
+    }
+
+    #[test]
+    fn kep_5939_uses_the_first_result_with_a_ready_endpoint_then_all_clusters() {
+        let any = Policy { tiers: vec![locality::Tier::Any], ..Policy::default() };
+        let (state, errors) = compute(&snapshot(&three_clusters(true, true)), &any);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(shares(&state), BTreeMap::from([("self".into(), 1.0)]), "the first result serves alone");
+        let (state, _) = compute(&snapshot(&three_clusters(false, true)), &any);
+        assert_eq!(shares(&state), BTreeMap::from([("peer".into(), 1.0)]), "self down: its region peers take over");
+        // Nothing ready in any result: all clusters (here: only far is ready).
+        let empty = three_clusters(false, false).replace("  - clusters: [self, peer, far]\n", "");
+        let (state, _) = compute(&snapshot(&empty), &any);
+        assert_eq!(shares(&state), BTreeMap::from([("far".into(), 1.0)]));
+        // Selection first, then tiers: the node's own zone does not pull traffic
+        // out of the selected clusters.
+        let near_far = Policy {
+            node: NodeLocality { cluster: Some("far".into()), ..NodeLocality::default() },
+            tiers: vec![locality::Tier::Cluster, locality::Tier::Any],
+            ..Policy::default()
+        };
+        let (state, _) = compute(&snapshot(&three_clusters(true, true)), &near_far);
+        assert_eq!(shares(&state), BTreeMap::from([("self".into(), 1.0)]));
+    }
+
+    #[test]
+    fn an_ejected_cluster_counts_as_having_no_usable_endpoint() {
+        let any = Policy { tiers: vec![locality::Tier::Any], ..Policy::default() };
+        let self_pod = BackendAddr { ip: Ipv4Addr::new(10, 1, 0, 1), port: 8080 };
+        let runtime = Runtime { ejected: [self_pod].into(), ..Runtime::default() };
+        let (state, _) = compute_with(&snapshot(&three_clusters(true, true)), &any, &runtime);
+        assert_eq!(shares(&state), BTreeMap::from([("peer".into(), 1.0)]));
+    }
+
+    #[test]
+    fn an_unknown_selector_result_shape_is_reported_and_all_clusters_serve() {
+        let yaml = format!(
+            "{IMPORT}status:\n  clusterSelectorResults: [{{clusters: self}}]\n{}",
+            slice("web-a", "a", r#"[{addresses: ["10.1.0.1"]}]"#)
+        );
+        let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().contains("status.clusterSelectorResults[0].clusters: is not a list"),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.1.0.1:8080"], "the import is still served");
+    }
+
+    #[test]
+    fn ejected_backends_spill_their_tier_and_probing_ones_get_a_small_share() {
+        let policy = Policy {
+            node: NodeLocality { cluster: Some("a".into()), ..NodeLocality::default() },
+            tiers: vec![locality::Tier::Cluster, locality::Tier::Any],
+            ..Policy::default()
+        };
+        let yaml = format!(
+            "{IMPORT}{}{}",
+            slice("web-a", "a", r#"[{addresses: ["10.1.0.1"]}, {addresses: ["10.1.0.2"]}]"#),
+            slice("web-b", "b", r#"[{addresses: ["10.2.0.1"]}]"#)
+        );
+        let pod = |last| BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port: 8080 };
+        let (state, _) = compute(&snapshot(&yaml), &policy);
+        assert_eq!(shares(&state), BTreeMap::from([("a".into(), 1.0)]));
+        // One of two local pods ejected: tier health 1.4 × 1/2 = 70 %.
+        let ejected = Runtime { ejected: [pod(2)].into(), ..Runtime::default() };
+        let (state, _) = compute_with(&snapshot(&yaml), &policy, &ejected);
+        assert_eq!(shares(&state), BTreeMap::from([("a".into(), 0.7), ("b".into(), 0.3)]));
+        // Back and probing: 5 % for it, the rest as before.
+        let probing = Runtime { probing: [pod(2)].into(), ..Runtime::default() };
+        let (state, _) = compute_with(&snapshot(&yaml), &policy, &probing);
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
+        let probe = state.frontends[&key].weights.iter().find(|w| w.addr == pod(2)).unwrap().share;
+        assert!((probe - PROBE_SHARE).abs() < 1e-9, "{probe}");
+        let total: f64 = state.frontends[&key].weights.iter().map(|w| w.share).sum();
+        assert!((total - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -88,13 +88,7 @@ impl Pinned {
         let Some(values) = self.backend_stats.as_ref().and_then(|m| m.get(&id, 0).ok()) else {
             return BackendStats::default();
         };
-        values.iter().fold(BackendStats::default(), |a, v| BackendStats {
-            new_flows: a.new_flows + v.new_flows,
-            packets_to: a.packets_to + v.packets_to,
-            bytes_to: a.bytes_to + v.bytes_to,
-            packets_from: a.packets_from + v.packets_from,
-            bytes_from: a.bytes_from + v.bytes_from,
-        })
+        values.iter().fold(BackendStats::default(), |a, v| a.plus(*v))
     }
 
     fn service_stats(&self, id: u32) -> ServiceStats {

@@ -13,7 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    desired::{Condition, DesiredState},
+    desired::{Condition, DesiredState, Runtime},
     plan::Applied,
 };
 
@@ -58,6 +58,9 @@ pub struct BackendInfo {
     pub weight: f64,
     /// `ready`, `terminating` (serving as a last resort) or `not-ready`.
     pub condition: String,
+    /// Passive health: `healthy`, `ejected` or `probing`.
+    #[serde(default)]
+    pub health: String,
 }
 
 impl FrontendInfo {
@@ -69,7 +72,7 @@ impl FrontendInfo {
 impl Inventory {
     /// Joins the desired state with the ids the plan gave it. Frontends that
     /// did not fit (capacity) are left out: they are not programmed.
-    pub fn build(state: &DesiredState, applied: &Applied) -> Self {
+    pub fn build(state: &DesiredState, applied: &Applied, runtime: &Runtime) -> Self {
         let frontends = state
             .frontends
             .iter()
@@ -93,6 +96,14 @@ impl Inventory {
                                 Condition::Ready => "ready",
                                 Condition::Terminating => "terminating",
                                 Condition::NotReady => "not-ready",
+                            }
+                            .to_owned(),
+                            health: if runtime.ejected.contains(&endpoint.addr) {
+                                "ejected"
+                            } else if runtime.probing.contains(&endpoint.addr) {
+                                "probing"
+                            } else {
+                                "healthy"
                             }
                             .to_owned(),
                         }

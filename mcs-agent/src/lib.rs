@@ -14,6 +14,7 @@ pub mod locality;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod outlier;
 pub mod plan;
 pub mod reconcile;
 pub mod source;

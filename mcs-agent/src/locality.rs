@@ -198,6 +198,11 @@ fn in_tier(tier: Tier, e: &Endpoint, node: &NodeLocality) -> bool {
     }
 }
 
+/// The first of `tiers` an endpoint falls in.
+pub fn tier_of(e: &Endpoint, tiers: &[Tier], node: &NodeLocality) -> Option<usize> {
+    tiers.iter().position(|t| in_tier(*t, e, node))
+}
+
 /// Shares of new connections for one frontend's endpoints. Endpoints in no
 /// tier, of a drained cluster, or not usable get nothing. Serving-but-
 /// terminating endpoints are used only when no endpoint is ready.

@@ -9,11 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use mcs_agent::{
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, KernelLog, Sizes},
-    desired::{self, Policy},
+    desired::{self, BackendAddr, Policy},
     health::{self, HealthHandle},
     locality::{self, NodeLocality, Tier},
     maglev,
     metrics::{AgentMetrics, AgentView, Kernel},
+    outlier::{Counters, Detector, Event as OutlierEvent, OutlierConfig},
     plan::{Applied, Capacity},
     reconcile::Reconciler,
     source::{
@@ -455,6 +456,24 @@ struct RunArgs {
     /// DaemonSet, for Prometheus to scrape; the health address stays on loopback.
     #[arg(long, value_name = "ADDR", env = "MCS_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Passive health: eject backends whose connection attempts fail (SYNs
+    /// unanswered, or answered by RST) from new connections, with no control-plane
+    /// change; their tier's share spills to the next one. Established
+    /// connections are never moved.
+    #[arg(long, value_enum, default_value = "on", env = "MCS_OUTLIER_DETECTION")]
+    outlier_detection: OnOff,
+    /// Consecutive connect failures that eject a backend.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    outlier_consecutive_failures: u32,
+    /// First ejection's length; each further one lasts this much longer (at most 300 s).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    outlier_base_ejection_secs: u64,
+    /// Never eject more than this share of a frontend's backends.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50)]
+    outlier_max_ejection_percent: u32,
+    /// How often the kernel's connect counters are read.
+    #[arg(long, value_name = "MS", default_value_t = 250)]
+    outlier_interval_ms: u64,
     /// Label per-backend metrics with the pod's IP:port too (one series per
     /// endpoint: mind the cardinality on large clustersets).
     #[arg(long)]
@@ -683,6 +702,11 @@ async fn run(args: RunArgs) -> Result<()> {
         resync_secs,
         health_addr,
         metrics_addr,
+        outlier_detection,
+        outlier_consecutive_failures,
+        outlier_base_ejection_secs,
+        outlier_max_ejection_percent,
+        outlier_interval_ms,
         metrics_backend_label,
         state_dir,
         locality,
@@ -795,6 +819,14 @@ async fn run(args: RunArgs) -> Result<()> {
     // Counting conntrack entries walks the map: at most every 10 s.
     let mut conntrack_count: Option<(Instant, u64)> = None;
     let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
+    let mut detector = Detector::new(OutlierConfig {
+        consecutive_failures: outlier_consecutive_failures.max(1),
+        base_ejection: Duration::from_secs(outlier_base_ejection_secs.max(1)),
+        max_ejection: Duration::from_secs(300).max(Duration::from_secs(outlier_base_ejection_secs)),
+        max_ejected_percent: outlier_max_ejection_percent.min(100),
+    });
+    let mut outlier_tick = tokio::time::interval(Duration::from_millis(outlier_interval_ms.max(10)));
+    outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         if wake && let Some(source) = &source {
@@ -905,6 +937,11 @@ async fn run(args: RunArgs) -> Result<()> {
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
             }
+            _ = outlier_tick.tick(), if outlier_detection == OnOff::On && serving => {
+                if observe_health(&mut detector, &datapath, &mut reconciler) {
+                    wake = true;
+                }
+            }
             Some(reply) = scrapes.recv() => {
                 let now = Instant::now();
                 let ct = match conntrack_count {
@@ -922,6 +959,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     attach_mode: mode_name.clone(),
                     stale: !stale.is_empty(),
                     interfaces: datapath.attached_count(),
+                    ejections: detector.ejections_total(),
                     objects: reconciler
                         .objects()
                         .iter()
@@ -955,6 +993,57 @@ async fn run(args: RunArgs) -> Result<()> {
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
     info!(counters = %counts.join(" "), "stopped");
     Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+/// One passive-health tick: read the connect counters of every programmed
+/// backend, update the detector, and hand its verdict to the reconciler.
+/// True when the verdict changed (a reconcile is due).
+fn observe_health(detector: &mut Detector, datapath: &Datapath, reconciler: &mut Reconciler) -> bool {
+    let inventory = reconciler.inventory();
+    let mut counters = BTreeMap::new();
+    let mut groups = Vec::new();
+    for frontend in &inventory.frontends {
+        let mut group = Vec::new();
+        for backend in &frontend.backends {
+            let addr = BackendAddr { ip: backend.ip, port: backend.port };
+            // Ejected backends are out of the table but still tracked.
+            let id = backend.backend_id.or_else(|| reconciler.applied().backend_id(&addr));
+            if let Some(stats) = id.and_then(|id| datapath.backend_stats(id)) {
+                counters.insert(addr, Counters { syns: stats.syns, synacks: stats.synacks, syn_rsts: stats.syn_rsts });
+            }
+            if backend.condition == "ready" {
+                group.push(addr);
+            }
+        }
+        groups.push(group);
+    }
+    // Backends out of every table keep their last verdict until it expires.
+    for addr in detector.ejected().into_iter().chain(detector.probing()) {
+        counters.entry(addr).or_default();
+    }
+    for event in detector.observe(Instant::now(), &counters, &groups) {
+        match event {
+            OutlierEvent::Ejected { addr, failures, duration, ejections } => warn!(
+                backend = %addr, failures, seconds = duration.as_secs(), ejections,
+                "passive health: backend ejected from new connections (connect attempts failing)"
+            ),
+            OutlierEvent::Probing { addr } => {
+                info!(backend = %addr, "passive health: ejection over, probing with a small share of new connections")
+            }
+            OutlierEvent::Recovered { addr } => info!(backend = %addr, "passive health: backend answers again"),
+            OutlierEvent::Spared { addr, failures } => warn!(
+                backend = %addr, failures,
+                "passive health: backend failing but not ejected, its frontend is at --outlier-max-ejection-percent"
+            ),
+        }
+    }
+    reconciler.set_health(detector.ejected(), detector.probing())
 }
 
 /// Hooks this agent's programs everywhere: explicit interfaces (failing is

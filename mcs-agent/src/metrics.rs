@@ -67,6 +67,8 @@ pub struct AgentView {
     pub objects: Vec<(&'static str, &'static str, u64)>,
     /// (map, entries used, capacity)
     pub fill: Vec<(&'static str, u64, u64)>,
+    /// Passive health ejections since the agent started.
+    pub ejections: u64,
 }
 
 /// Kernel counters, read on demand.
@@ -107,6 +109,7 @@ pub fn render(
     let frontend_flows = Family::<Labels, Counter>::default();
     let frontend_drops = Family::<Labels, Counter>::default();
     let frontend_backends = Family::<Labels, Gauge>::default();
+    let ejected = Family::<Labels, Gauge>::default();
     // A backend id shared by two frontends is counted once, under the first.
     let mut counted = BTreeSet::new();
     for frontend in &inventory.frontends {
@@ -122,9 +125,13 @@ pub fn render(
         let serving = frontend.backends.iter().filter(|b| b.backend_id.is_some()).count();
         frontend_backends.get_or_create(&labels(&[("service", service), ("port", &port)])).set(serving as i64);
         for backend in &frontend.backends {
-            let Some(id) = backend.backend_id else { continue };
             let cluster = backend.cluster.as_deref().unwrap_or("");
             let zone = backend.zone.as_deref().unwrap_or("");
+            if backend.health == "ejected" {
+                let l = labels(&[("service", service), ("port", &port), ("cluster", cluster), ("zone", zone)]);
+                ejected.get_or_create(&l).inc();
+            }
+            let Some(id) = backend.backend_id else { continue };
             let mut base = labels(&[
                 ("service", service),
                 ("port", &port),
@@ -168,6 +175,14 @@ pub fn render(
         Unit::Bytes,
         bytes,
     );
+    registry.register(
+        "backend_ejected",
+        "Backends passive health ejected (no new connections), by ClusterSetIP port, source cluster and zone",
+        ejected,
+    );
+    let ejections = Counter::<u64>::default();
+    ejections.inc_by(view.ejections);
+    registry.register("outlier_ejections", "Passive health ejections since the agent started", ejections);
     registry.register(
         "backend_weight",
         "Intended share of a frontend's new connections (0-1), by source cluster, zone and tier: spill-over shows here",

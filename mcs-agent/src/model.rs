@@ -22,6 +22,11 @@ pub struct ServiceImport {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: ServiceImportSpec,
+    /// Kept raw: the agent reads `status.clusterSelectorResults` (KEP-5939,
+    /// alpha) itself, so that an unexpected shape is reported without losing
+    /// the import.
+    #[serde(default)]
+    pub status: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -1,18 +1,13 @@
 //! The level-triggered loop: on any change, recompute everything from the
 //! whole snapshot and apply the difference.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    path::Path,
-    time::Instant,
-};
+use std::{collections::BTreeSet, path::Path, time::Instant};
 
 use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    desired::{self, DesiredState, ObjectError, Policy},
+    desired::{self, BackendAddr, DesiredState, ObjectError, Policy, Runtime},
     inventory::Inventory,
     model::Snapshot,
     plan::{Applied, PlanSummary},
@@ -50,8 +45,8 @@ pub struct Reconciler {
     compute_us: u64,
     /// Parsed manifest files, re-read only when they change.
     manifests: manifests::Cache,
-    /// ClusterSetIP -> the import serving it: a newcomer never takes it over.
-    held: BTreeMap<Ipv4Addr, String>,
+    /// VIP holders and passive health, fed to every pass.
+    runtime: Runtime,
     /// What is programmed, for people (metrics labels, `inspect`).
     inventory: Inventory,
     inventory_changed: bool,
@@ -69,7 +64,7 @@ impl Reconciler {
             read_us: 0,
             compute_us: 0,
             manifests: manifests::Cache::default(),
-            held: BTreeMap::new(),
+            runtime: Runtime::default(),
             inventory: Inventory::default(),
             inventory_changed: false,
             objects: [("ServiceImport", 0, 0), ("EndpointSlice", 0, 0)],
@@ -98,8 +93,8 @@ impl Reconciler {
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
         let started = Instant::now();
-        let (state, object_errors) = desired::compute_with(snapshot, &self.policy, &self.held);
-        self.held = state.frontends.iter().map(|(key, f)| (key.vip, f.service.clone())).collect();
+        let (state, object_errors) = desired::compute_with(snapshot, &self.policy, &self.runtime);
+        self.runtime.held = state.frontends.iter().map(|(key, f)| (key.vip, f.service.clone())).collect();
         let invalid = |kind| object_errors.iter().filter(|e| e.kind == kind).count() as u64;
         let (imports, slices) = (snapshot.imports.len() as u64, snapshot.slices.len() as u64);
         self.objects = [
@@ -131,7 +126,7 @@ impl Reconciler {
         self.applied = plan.next;
         self.generation += 1;
         if summary != PlanSummary::default() || self.generation == 1 {
-            self.inventory = Inventory::build(state, &self.applied);
+            self.inventory = Inventory::build(state, &self.applied, &self.runtime);
             self.inventory_changed = true;
         }
 
@@ -175,6 +170,18 @@ impl Reconciler {
             );
         }
         Ok(report)
+    }
+
+    /// Passive health's verdict; true when it differs from the last one.
+    pub fn set_health(&mut self, ejected: BTreeSet<BackendAddr>, probing: BTreeSet<BackendAddr>) -> bool {
+        let changed = ejected != self.runtime.ejected || probing != self.runtime.probing;
+        self.runtime.ejected = ejected;
+        self.runtime.probing = probing;
+        changed
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     pub fn inventory(&self) -> &Inventory {

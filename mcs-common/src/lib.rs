@@ -31,6 +31,8 @@ pub const CT_CLOSE_GRACE_NS: u64 = 10_000_000_000;
 pub const CT_F_FIN_CLIENT: u8 = 1;
 pub const CT_F_FIN_BACKEND: u8 = 2;
 pub const CT_F_RST: u8 = 4;
+/// The backend answered the connection's SYN (passive health: it is alive).
+pub const CT_F_SYNACK: u8 = 8;
 
 /// True when a connection with these flags is over (both FINs, or a RST).
 #[inline(always)]
@@ -229,6 +231,27 @@ pub struct BackendStats {
     /// Backend → client packets (reverse-translated) and bytes.
     pub packets_from: u64,
     pub bytes_from: u64,
+    /// Passive health: TCP connection attempts (bare SYNs) sent to it, the
+    /// SYN-ACKs that came back, and RSTs it sent instead of a SYN-ACK.
+    pub syns: u64,
+    pub synacks: u64,
+    pub syn_rsts: u64,
+}
+
+impl BackendStats {
+    /// Field by field: per-CPU values add up to the backend's total.
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            new_flows: self.new_flows + o.new_flows,
+            packets_to: self.packets_to + o.packets_to,
+            bytes_to: self.bytes_to + o.bytes_to,
+            packets_from: self.packets_from + o.packets_from,
+            bytes_from: self.bytes_from + o.bytes_from,
+            syns: self.syns + o.syns,
+            synacks: self.synacks + o.synacks,
+            syn_rsts: self.syn_rsts + o.syn_rsts,
+        }
+    }
 }
 
 /// `SERVICE_STATS` value (per CPU, index = service id): one frontend.
@@ -382,7 +405,7 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
-        assert_eq!(size_of::<BackendStats>(), 40);
+        assert_eq!(size_of::<BackendStats>(), 64);
         assert_eq!(size_of::<ServiceStats>(), 16);
     }
 

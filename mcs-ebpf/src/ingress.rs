@@ -80,6 +80,9 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
                     stats.new_flows += 1;
                     stats.packets_to += 1;
                     stats.bytes_to += u64::from(flow.ip_len);
+                    if is_bare_syn(&flow) {
+                        stats.syns += 1;
+                    }
                 }
                 if let Some(stats) = service_stats(service.service_id) {
                     stats.new_flows += 1;
