@@ -189,6 +189,7 @@ fn exposed_metrics() -> std::collections::BTreeSet<String> {
                 tier: "zone".into(),
                 weight: 1.0,
                 condition: "ready".into(),
+                health: "ejected".into(),
             }],
         }],
     };

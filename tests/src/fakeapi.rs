@@ -218,6 +218,7 @@ impl Api {
             (state.watch_epoch, state.compacted)
         };
         if from < compacted {
+            self.state.lock().unwrap().requests.push(format!("410 Gone to a watch of {resource} from {from}"));
             let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": "Expired", "code": 410, "message": format!("too old resource version: {from} ({compacted})")}});
             let mut line = serde_json::to_vec(&gone).unwrap();
