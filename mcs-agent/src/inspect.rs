@@ -106,6 +106,14 @@ impl Pinned {
     }
 }
 
+/// The endpoint's condition, unless passive health overrides it.
+fn state_of(condition: &str, health: &str) -> String {
+    match health {
+        "ejected" | "probing" => health.to_owned(),
+        _ => condition.to_owned(),
+    }
+}
+
 fn frontend_name(key: &ServiceKey) -> String {
     let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
     format!("{}:{}/{proto}", Ipv4Addr::from(key.vip.to_ne_bytes()), u16::from_be(key.port))
@@ -135,7 +143,8 @@ pub struct BackendRow {
     pub weight: Option<f64>,
     /// The share of the kernel's selection table this backend holds (0-1).
     pub table_share: f64,
-    /// `ready`, `terminating` or `not-ready`, from the agent's state.json.
+    /// `ready`, `terminating` or `not-ready` from the agent's state.json, or
+    /// `ejected` / `probing` when passive health says so.
     pub condition: Option<String>,
     pub new_connections: u64,
     pub packets_to: u64,
@@ -174,7 +183,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                         tier: known.map(|b| b.tier.clone()),
                         weight: known.map(|b| b.weight),
                         table_share: f64::from(slots) / f64::from(value.slot_count.max(1)),
-                        condition: known.map(|b| b.condition.clone()),
+                        condition: known.map(|b| state_of(&b.condition, &b.health)),
                         new_connections: stats.new_flows,
                         packets_to: stats.packets_to,
                         packets_from: stats.packets_from,
@@ -192,7 +201,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                     tier: Some(b.tier.clone()),
                     weight: Some(b.weight),
                     table_share: 0.0,
-                    condition: Some(b.condition.clone()),
+                    condition: Some(state_of(&b.condition, &b.health)),
                     new_connections: 0,
                     packets_to: 0,
                     packets_from: 0,
