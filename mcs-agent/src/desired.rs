@@ -215,6 +215,9 @@ struct ValidImport {
     affinity_timeout_secs: u32,
     traffic_distribution: Option<TrafficDistribution>,
     cluster_weights: Option<BTreeMap<String, u32>>,
+    /// Ports left out (a protocol the datapath does not carry): reported,
+    /// while the other ports are served.
+    skipped: Vec<ObjectError>,
 }
 
 /// Checks one ServiceImport. `Ok(None)`: valid but has no IPv4 VIP to serve
@@ -260,13 +263,20 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
     }
     let mut ports = Vec::with_capacity(spec.ports.len());
     let mut seen = BTreeSet::new();
+    let mut skipped = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
         let number = u16::try_from(port.port)
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| err(format!("spec.ports[{i}].port"), format!("{} is out of range 1-65535", port.port)))?;
-        let protocol =
-            Protocol::parse(port.protocol.as_deref()).map_err(|m| err(format!("spec.ports[{i}].protocol"), m))?;
+        let protocol = match Protocol::parse(port.protocol.as_deref()) {
+            Ok(protocol) => protocol,
+            Err(message) => {
+                // Ports are independent: this one is left out, the others serve.
+                skipped.push(err(format!("spec.ports[{i}].protocol"), format!("{message}; this port is not served")));
+                continue;
+            }
+        };
         if !seen.insert((number, protocol)) {
             return Err(err(format!("spec.ports[{i}]"), format!("duplicate port {number}/{protocol}")));
         }
@@ -314,10 +324,13 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         affinity_timeout_secs,
         traffic_distribution: TrafficDistribution::parse(spec.traffic_distribution.as_deref()),
         cluster_weights,
+        skipped,
     }))
 }
 
 struct ValidSlice {
+    /// Ports left out (a protocol the datapath does not carry).
+    skipped: Vec<ObjectError>,
     /// (name, protocol) -> port number
     ports: BTreeMap<(String, Protocol), u16>,
     endpoints: Vec<(Ipv4Addr, Locality, Condition)>,
@@ -334,8 +347,15 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
         }
     }
     let mut ports = BTreeMap::new();
+    let mut skipped = Vec::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
-        let protocol = Protocol::parse(port.protocol.as_deref()).map_err(|m| err(format!("ports[{i}].protocol"), m))?;
+        let protocol = match Protocol::parse(port.protocol.as_deref()) {
+            Ok(protocol) => protocol,
+            Err(message) => {
+                skipped.push(err(format!("ports[{i}].protocol"), format!("{message}; this port is not served")));
+                continue;
+            }
+        };
         // A port without a number means "all ports" in the API; nothing to translate to.
         let Some(raw) = port.port else { continue };
         let number = u16::try_from(raw)
@@ -371,7 +391,7 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
             endpoints.push((ip, locality.clone(), condition));
         }
     }
-    Ok(Some(ValidSlice { ports, endpoints }))
+    Ok(Some(ValidSlice { skipped, ports, endpoints }))
 }
 
 /// What the agent knows at run time beyond the objects and the node.
@@ -545,7 +565,8 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
             continue;
         };
         match validate_slice(origin, slice) {
-            Ok(Some(valid)) => {
+            Ok(Some(mut valid)) => {
+                errors.append(&mut valid.skipped);
                 let (namespace, name) = object_ref(&slice.metadata);
                 for (ip, _, _) in &valid.endpoints {
                     endpoint_ips.entry(*ip).or_insert_with(|| format!("{namespace}/{name}"));
@@ -574,7 +595,7 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
         if policy.skip_derived && derived {
             continue;
         }
-        let valid = match validate_import(origin, import) {
+        let mut valid = match validate_import(origin, import) {
             Ok(Some(valid)) => valid,
             Ok(None) => continue,
             Err(e) => {
@@ -582,6 +603,7 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
                 continue;
             }
         };
+        errors.append(&mut valid.skipped);
         let service = format!("{}/{}", valid.namespace, valid.name);
         if let Some(why) = vip_conflict(valid.vip, policy, &endpoint_ips) {
             let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
@@ -739,8 +761,6 @@ endpoints: {endpoints}
     fn bad_fields_are_named_and_only_that_object_is_skipped() {
         let cases = [
             (IMPORT.replace("port: 80,", "port: 70000,"), "spec.ports[0].port", "70000 is out of range"),
-            (IMPORT.replace("protocol: UDP", "protocol: ICMP"), "spec.ports[2].protocol", "unknown protocol"),
-            (IMPORT.replace("protocol: UDP", "protocol: SCTP"), "spec.ports[2].protocol", "SCTP is not supported"),
             (IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.x"]"#), "spec.ips[0]", "not an IP address"),
             (IMPORT.replace(r#"["10.96.0.10"]"#, r#"["10.96.0.10", "fd00::1", "fd00::2"]"#), "spec.ips", "at most 2"),
         ];
@@ -759,6 +779,27 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             assert!(text.contains("ServiceImport demo/web"), "{text}");
             assert!(text.contains(field) && text.contains(message), "{text}");
             assert_eq!(state.frontends.len(), 1, "the healthy import must still be served");
+        }
+    }
+
+    #[test]
+    fn a_port_with_an_unsupported_protocol_is_skipped_and_the_other_ports_serve() {
+        for (protocol, message) in [("SCTP", "SCTP is not supported"), ("ICMP", "unknown protocol")] {
+            let import = IMPORT.replace("protocol: UDP", &format!("protocol: {protocol}"));
+            let slice_yaml = slice("web-a", "a", r#"[{addresses: ["10.1.0.1"]}]"#)
+                .replace("ports:\n", &format!("ports:\n- {{name: sctp, port: 9, protocol: {protocol}}}\n"));
+            let (state, errors) = compute(&snapshot(&format!("{import}{slice_yaml}")), &Policy::default());
+            let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            assert_eq!(texts.len(), 2, "{texts:?}");
+            assert!(
+                texts.iter().any(|t| t.contains("ServiceImport demo/web: spec.ports[2].protocol")
+                    && t.contains(message)
+                    && t.contains("this port is not served")),
+                "{texts:?}"
+            );
+            assert!(texts.iter().any(|t| t.contains("EndpointSlice demo/web-a: ports[0].protocol")), "{texts:?}");
+            assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.1.0.1:8080"], "the TCP ports keep working");
+            assert_eq!(state.frontends.len(), 2, "http and tcp2; not the {protocol} port");
         }
     }
 
