@@ -21,10 +21,10 @@ use aya::{
     util::KernelVersion,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, LAYOUT_VERSION, MAP_AFFINITY, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_REV_NAT, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS,
-    PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceStats,
-    ServiceValue, Stat,
+    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, Health, LAYOUT_VERSION, MAP_AFFINITY,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_HEALTH, MAP_REV_NAT, MAP_SELECTION,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
+    SelectionPair, ServiceKey, ServiceStats, ServiceValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -215,6 +215,70 @@ struct Maps {
     config: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
+    /// `HEALTH`, mapped: passive health reads every backend without a syscall.
+    health: HealthMemory,
+}
+
+/// `HEALTH` (mmapable array of [`Health`]) in the agent's memory.
+struct HealthMemory {
+    base: NonNull<Health>,
+    len: usize,
+    bytes: usize,
+}
+
+impl HealthMemory {
+    fn map(fd: &OwnedFd, len: u32) -> io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let bytes = (len as usize * size_of::<Health>()).div_ceil(page).max(1) * page;
+        // SAFETY: a shared mapping of a mmapable map we hold, of the size the kernel allows.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<Health>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { base, len: len as usize, bytes })
+    }
+
+    fn get(&self, id: u32) -> Option<Health> {
+        // SAFETY: bounds checked; the kernel adds to these words concurrently,
+        // and a torn read of one counter cannot happen for aligned u64s.
+        ((id as usize) < self.len).then(|| unsafe { self.base.as_ptr().add(id as usize).read_volatile() })
+    }
+
+    fn zero(&mut self, id: u32) {
+        if (id as usize) < self.len {
+            // SAFETY: as above; the id is not in any table yet.
+            unsafe { self.base.as_ptr().add(id as usize).write_volatile(Health::default()) };
+        }
+    }
+}
+
+impl Drop for HealthMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
+    }
+}
+
+fn map_health(ebpf: &mut Ebpf, len: u32) -> Result<HealthMemory, DatapathError> {
+    let name = MAP_HEALTH;
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    let Map::Array(data) = &map else {
+        return Err(DatapathError::Map { name, source: MapError::InvalidMapType { map_type: 0 } });
+    };
+    let io_err = |e| DatapathError::Map { name, source: MapError::IoError(e) };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(io_err)?;
+    HealthMemory::map(&fd, len).map_err(io_err)
 }
 
 /// Zeroes one per-CPU counter entry; ids past the map's size have none.
@@ -392,6 +456,7 @@ fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_CONFIG => (MapType::Array, 4, 4, 0),
         MAP_BACKEND_STATS => (MapType::PerCpuArray, 4, size_of::<BackendStats>(), 0),
         MAP_SERVICE_STATS => (MapType::PerCpuArray, 4, size_of::<ServiceStats>(), 0),
+        MAP_HEALTH => (MapType::Array, 4, size_of::<Health>(), aya_obj_mmapable()),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }
@@ -469,6 +534,7 @@ impl Datapath {
             (MAP_CONFIG, 1),
             (MAP_BACKEND_STATS, capacity.backends.min(stats_entries)),
             (MAP_SERVICE_STATS, capacity.services.saturating_add(1).min(stats_entries)),
+            (MAP_HEALTH, capacity.backends.min(stats_entries)),
         ];
         let layout = match pins {
             Some((root, version)) => {
@@ -528,7 +594,7 @@ impl Datapath {
         for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
-        let [services, backends, slot_pairs, conntrack, ..] = wanted.map(|(_, size)| size);
+        let [services, backends, slot_pairs, conntrack, .., health_entries] = wanted.map(|(_, size)| size);
         let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
         let maps = Maps {
             services: take(&mut ebpf, MAP_SERVICES)?,
@@ -541,6 +607,7 @@ impl Datapath {
             config: take(&mut ebpf, MAP_CONFIG)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            health: map_health(&mut ebpf, health_entries)?,
         };
         let cleanup_on_exit = layout.is_none();
         Ok(Self {
@@ -574,6 +641,11 @@ impl Datapath {
     pub fn backend_stats(&self, id: u32) -> Option<BackendStats> {
         let values = self.maps.backend_stats.get(&id, 0).ok()?;
         Some(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
+    }
+
+    /// Passive health's counters of backend `id` (a memory read, no syscall).
+    pub fn health(&self, id: u32) -> Option<Health> {
+        self.maps.health.get(id)
     }
 
     /// Counters of service `id`, summed over CPUs.
@@ -817,6 +889,7 @@ impl Datapath {
                 MapOp::PutBackend { id, backend } => {
                     // A new id: its counters must not carry an earlier backend's.
                     zero(&mut maps.backend_stats, *id).map_err(map_err(MAP_BACKEND_STATS))?;
+                    maps.health.zero(*id);
                     maps.backends.set(*id, backend, 0).map_err(map_err(MAP_BACKENDS))?;
                 }
                 MapOp::PutSlots { offset, ids } => {

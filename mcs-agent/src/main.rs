@@ -825,6 +825,9 @@ async fn run(args: RunArgs) -> Result<()> {
         max_ejection: Duration::from_secs(300).max(Duration::from_secs(outlier_base_ejection_secs)),
         max_ejected_percent: outlier_max_ejection_percent.min(100),
     });
+    let mut health_view = HealthView::default();
+    let mut state_dirty = false;
+    let mut last_state_write = Instant::now() - Duration::from_secs(60);
     let mut outlier_tick = tokio::time::interval(Duration::from_millis(outlier_interval_ms.max(10)));
     outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -837,10 +840,14 @@ async fn run(args: RunArgs) -> Result<()> {
                 Ok(()) => metrics.reconciled(started.elapsed()),
                 Err(_) => metrics.reconcile_failed(),
             }
-            if reconciler.take_inventory_changed()
-                && let Err(e) = reconciler.inventory().write(&state_dir)
-            {
-                warn!(dir = %state_dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
+            if reconciler.take_inventory_changed() {
+                health_view.rebuild(reconciler.inventory());
+                state_dirty = true;
+                if last_state_write.elapsed() >= Duration::from_secs(2) {
+                    write_state(&reconciler, &state_dir);
+                    state_dirty = false;
+                    last_state_write = Instant::now();
+                }
             }
             match result {
                 Ok(()) if !serving => {
@@ -937,9 +944,17 @@ async fn run(args: RunArgs) -> Result<()> {
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
             }
-            _ = outlier_tick.tick(), if outlier_detection == OnOff::On && serving => {
-                if observe_health(&mut detector, &datapath, &mut reconciler) {
+            _ = outlier_tick.tick(), if serving => {
+                if outlier_detection == OnOff::On
+                    && observe_health(&mut detector, &mut health_view, &datapath, &mut reconciler)
+                {
                     wake = true;
+                }
+                // state.json at most every 2 s: at 10,000 services it is megabytes.
+                if state_dirty && last_state_write.elapsed() >= Duration::from_secs(2) {
+                    write_state(&reconciler, &state_dir);
+                    state_dirty = false;
+                    last_state_write = Instant::now();
                 }
             }
             Some(reply) = scrapes.recv() => {
@@ -988,11 +1003,20 @@ async fn run(args: RunArgs) -> Result<()> {
     if cleanup_on_exit || no_pin {
         info!("shutting down: detaching and removing pins");
     }
+    if state_dirty {
+        write_state(&reconciler, &state_dir);
+    }
     let stats = datapath.stats().unwrap_or_default();
     datapath.shutdown();
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
     info!(counters = %counts.join(" "), "stopped");
     Ok(())
+}
+
+fn write_state(reconciler: &Reconciler, dir: &Path) {
+    if let Err(e) = reconciler.inventory().write(dir) {
+        warn!(dir = %dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1001,33 +1025,53 @@ enum OnOff {
     Off,
 }
 
+/// Passive health's view of what is programmed, kept between ticks.
+#[derive(Default)]
+struct HealthView {
+    /// Each frontend's ready backends (the ejection limit), rebuilt when the
+    /// inventory changes.
+    groups: Vec<Vec<BackendAddr>>,
+    /// Counters as last read, by backend id.
+    last: BTreeMap<u32, mcs_common::Health>,
+}
+
+impl HealthView {
+    fn rebuild(&mut self, inventory: &mcs_agent::inventory::Inventory) {
+        self.groups = inventory
+            .frontends
+            .iter()
+            .map(|f| {
+                f.backends
+                    .iter()
+                    .filter(|b| b.condition == "ready")
+                    .map(|b| BackendAddr { ip: b.ip, port: b.port })
+                    .collect()
+            })
+            .collect();
+    }
+}
+
 /// One passive-health tick: read the connect counters of every programmed
-/// backend, update the detector, and hand its verdict to the reconciler.
-/// True when the verdict changed (a reconcile is due).
-fn observe_health(detector: &mut Detector, datapath: &Datapath, reconciler: &mut Reconciler) -> bool {
-    let inventory = reconciler.inventory();
-    let mut counters = BTreeMap::new();
-    let mut groups = Vec::new();
-    for frontend in &inventory.frontends {
-        let mut group = Vec::new();
-        for backend in &frontend.backends {
-            let addr = BackendAddr { ip: backend.ip, port: backend.port };
-            // Ejected backends are out of the table but still tracked.
-            let id = backend.backend_id.or_else(|| reconciler.applied().backend_id(&addr));
-            if let Some(stats) = id.and_then(|id| datapath.backend_stats(id)) {
-                counters.insert(addr, Counters { syns: stats.syns, synacks: stats.synacks, syn_rsts: stats.syn_rsts });
-            }
-            if backend.condition == "ready" {
-                group.push(addr);
-            }
+/// backend (memory reads of the mmapped HEALTH map), feed the ones that moved
+/// to the detector, and hand its verdict to the reconciler. True when the
+/// verdict changed (a reconcile is due).
+fn observe_health(
+    detector: &mut Detector,
+    view: &mut HealthView,
+    datapath: &Datapath,
+    reconciler: &mut Reconciler,
+) -> bool {
+    let mut changed = BTreeMap::new();
+    let mut seen = BTreeMap::new();
+    for (addr, id) in reconciler.applied().backends() {
+        let Some(now) = datapath.health(id) else { continue };
+        if view.last.get(&id) != Some(&now) {
+            changed.insert(*addr, Counters { syns: now.syns, synacks: now.synacks, syn_rsts: now.syn_rsts });
         }
-        groups.push(group);
+        seen.insert(id, now);
     }
-    // Backends out of every table keep their last verdict until it expires.
-    for addr in detector.ejected().into_iter().chain(detector.probing()) {
-        counters.entry(addr).or_default();
-    }
-    for event in detector.observe(Instant::now(), &counters, &groups) {
+    view.last = seen;
+    for event in detector.observe(Instant::now(), &changed, &view.groups) {
         match event {
             OutlierEvent::Ejected { addr, failures, duration, ejections } => warn!(
                 backend = %addr, failures, seconds = duration.as_secs(), ejections,

@@ -106,20 +106,22 @@ impl Detector {
         Self { config, tracks: BTreeMap::new(), ejections_total: 0 }
     }
 
-    /// One tick. `counters`: every programmed backend's cumulative counters
-    /// (backends missing from it are forgotten). `groups`: each frontend's
-    /// backends, for the ejection limit.
+    /// One tick. `changed`: cumulative counters of the backends whose
+    /// counters moved since the last tick (the others are taken as unchanged).
+    /// `groups`: each frontend's backends, for the ejection limit.
     pub fn observe(
         &mut self,
         now: Instant,
-        counters: &BTreeMap<BackendAddr, Counters>,
+        changed: &BTreeMap<BackendAddr, Counters>,
         groups: &[Vec<BackendAddr>],
     ) -> Vec<Event> {
         let config = self.config;
-        self.tracks.retain(|addr, _| counters.contains_key(addr));
         let mut events = Vec::new();
         let mut candidates = Vec::new();
-        for (addr, now_counters) in counters {
+        let unchanged: Vec<(BackendAddr, Counters)> =
+            self.tracks.iter().filter(|(a, _)| !changed.contains_key(a)).map(|(a, t)| (*a, t.last)).collect();
+        for (addr, now_counters) in changed.iter().map(|(a, c)| (*a, *c)).chain(unchanged) {
+            let (addr, now_counters) = (&addr, &now_counters);
             let track = self.tracks.entry(*addr).or_insert_with(|| Track {
                 last: *now_counters,
                 outstanding: 0,
@@ -193,6 +195,11 @@ impl Detector {
             track.consecutive = 0;
             self.ejections_total += 1;
             events.push(Event::Ejected { addr, failures, duration, ejections: track.ejections });
+        }
+        // A backend no frontend lists any more is forgotten.
+        if !groups.is_empty() {
+            let listed: BTreeSet<&BackendAddr> = groups.iter().flatten().collect();
+            self.tracks.retain(|addr, _| listed.contains(addr) || changed.contains_key(addr));
         }
         events
     }

@@ -420,6 +420,11 @@ impl Applied {
         self.backend_ids.get(addr).copied()
     }
 
+    /// Every backend some frontend uses, with its id.
+    pub fn backends(&self) -> impl Iterator<Item = (&BackendAddr, u32)> {
+        self.backend_ids.iter().map(|(a, id)| (a, *id))
+    }
+
     /// The service id and table size of a programmed frontend.
     pub fn frontend(&self, key: &FrontendKey) -> Option<(u32, u32)> {
         self.frontends.get(key).map(|f| (f.service_id, f.region.len))

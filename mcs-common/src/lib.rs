@@ -58,6 +58,7 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
+pub const MAP_HEALTH: &str = "HEALTH";
 
 /// Default number of backend ids and service ids with their own counters.
 /// Ids are allocated smallest first, so this covers the first 16,383 of
@@ -231,11 +232,20 @@ pub struct BackendStats {
     /// Backend → client packets (reverse-translated) and bytes.
     pub packets_from: u64,
     pub bytes_from: u64,
-    /// Passive health: TCP connection attempts (bare SYNs) sent to it, the
-    /// SYN-ACKs that came back, and RSTs it sent instead of a SYN-ACK.
+}
+
+/// `HEALTH` value (index = backend id; shared by all CPUs, atomic adds,
+/// mmapable so the agent reads every backend without a syscall): passive
+/// health's evidence, TCP connection attempts (bare SYNs) sent to it, the
+/// SYN-ACKs that came back, and RSTs it sent instead of a SYN-ACK. Only
+/// those packets write it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Health {
     pub syns: u64,
     pub synacks: u64,
     pub syn_rsts: u64,
+    pub _reserved: u64,
 }
 
 impl BackendStats {
@@ -247,9 +257,6 @@ impl BackendStats {
             bytes_to: self.bytes_to + o.bytes_to,
             packets_from: self.packets_from + o.packets_from,
             bytes_from: self.bytes_from + o.bytes_from,
-            syns: self.syns + o.syns,
-            synacks: self.synacks + o.synacks,
-            syn_rsts: self.syn_rsts + o.syn_rsts,
         }
     }
 }
@@ -386,6 +393,7 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for Health {}
 }
 
 #[cfg(test)]
@@ -405,7 +413,8 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
-        assert_eq!(size_of::<BackendStats>(), 64);
+        assert_eq!(size_of::<BackendStats>(), 40);
+        assert_eq!(size_of::<Health>(), 32);
         assert_eq!(size_of::<ServiceStats>(), 16);
     }
 

@@ -7,7 +7,7 @@ use mcs_common::{CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, IPPROTO_TCP, RevNatKey, S
 
 use crate::{
     ct,
-    maps::{BACKENDS, CONNTRACK, REV_NAT, TC_ACT_SHOT, TC_NEXT, backend_stats, count},
+    maps::{BACKENDS, CONNTRACK, REV_NAT, TC_ACT_SHOT, TC_NEXT, backend_stats, count, health_add},
     nat::{Side, rewrite},
     parse::{Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse},
 };
@@ -63,16 +63,16 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
     {
         stats.packets_from += 1;
         stats.bytes_from += u64::from(flow.ip_len);
-        // Passive health: the first answer to a connection's SYN says whether
-        // the backend is alive. Only SYN-ACKs and RSTs pay for this.
-        if flow.proto == IPPROTO_TCP && rev.flags & CT_F_SYNACK == 0 {
-            if flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK {
-                stats.synacks += 1;
-                // SAFETY: map value pointer, valid for this program run.
-                unsafe { (*rev_ptr).flags |= CT_F_SYNACK };
-            } else if flow.tcp_flags & TCP_FLAG_RST != 0 {
-                stats.syn_rsts += 1;
-            }
+    }
+    // Passive health: the first answer to a connection's SYN says whether
+    // the backend is alive. Only SYN-ACKs and RSTs pay for this.
+    if flow.proto == IPPROTO_TCP && rev.flags & CT_F_SYNACK == 0 {
+        if flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK {
+            health_add(rev.backend_id, |h| &mut h.synacks);
+            // SAFETY: map value pointer, valid for this program run.
+            unsafe { (*rev_ptr).flags |= CT_F_SYNACK };
+        } else if flow.tcp_flags & TCP_FLAG_RST != 0 {
+            health_add(rev.backend_id, |h| &mut h.syn_rsts);
         }
     }
     TC_NEXT

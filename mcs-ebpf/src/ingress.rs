@@ -12,7 +12,7 @@ use crate::{
     ct,
     maps::{
         AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, backend_stats, count,
-        handoff, service_stats,
+        handoff, health_add, service_stats,
     },
     nat::{Side, rewrite},
     parse::{Flow, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
@@ -80,9 +80,9 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
                     stats.new_flows += 1;
                     stats.packets_to += 1;
                     stats.bytes_to += u64::from(flow.ip_len);
-                    if is_bare_syn(&flow) {
-                        stats.syns += 1;
-                    }
+                }
+                if is_bare_syn(&flow) {
+                    health_add(id, |h| &mut h.syns);
                 }
                 if let Some(stats) = service_stats(service.service_id) {
                     stats.new_flows += 1;

@@ -3,6 +3,8 @@
 
 #![no_std]
 #![no_main]
+// BPF's atomic add, for counters every CPU writes.
+#![feature(asm_experimental_arch)]
 
 mod ct;
 mod egress;

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES, RevNatKey,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES, Health, RevNatKey,
     RevNatValue, SelectionPair, ServiceKey, ServiceStats, ServiceValue, Stat,
 };
 
@@ -45,6 +45,24 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 
 #[map]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(DEFAULT_STATS_ENTRIES, 0);
+
+#[map]
+pub static HEALTH: Array<Health> = Array::with_max_entries(DEFAULT_STATS_ENTRIES, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
+/// Adds one to a passive-health counter of backend `id` (atomically: all
+/// CPUs share the entry; only SYNs, SYN-ACKs and RSTs come here).
+#[inline(always)]
+pub fn health_add(id: u32, field: fn(&mut Health) -> &mut u64) {
+    if let Some(entry) = HEALTH.get_ptr_mut(id) {
+        // SAFETY: an aligned u64 inside a live map value. Every CPU writes the
+        // entry, so the add is BPF's atomic one (core's atomics have no
+        // read-modify-write for this target).
+        unsafe {
+            let counter: *mut u64 = field(&mut *entry);
+            core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) counter, in(reg) 1u64);
+        }
+    }
+}
 
 /// The counters of backend `id`, if it has its own (ids past the map's size do not).
 #[inline(always)]
