@@ -841,7 +841,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 Err(_) => metrics.reconcile_failed(),
             }
             if reconciler.take_inventory_changed() {
-                health_view.rebuild(reconciler.inventory());
+                health_view.rebuild(reconciler.inventory(), &mut detector);
                 state_dirty = true;
                 if last_state_write.elapsed() >= Duration::from_secs(2) {
                     write_state(&reconciler, &state_dir);
@@ -1036,7 +1036,7 @@ struct HealthView {
 }
 
 impl HealthView {
-    fn rebuild(&mut self, inventory: &mcs_agent::inventory::Inventory) {
+    fn rebuild(&mut self, inventory: &mcs_agent::inventory::Inventory, detector: &mut Detector) {
         self.groups = inventory
             .frontends
             .iter()
@@ -1048,6 +1048,7 @@ impl HealthView {
                     .collect()
             })
             .collect();
+        detector.retain_listed(&self.groups);
     }
 }
 
@@ -1061,16 +1062,16 @@ fn observe_health(
     datapath: &Datapath,
     reconciler: &mut Reconciler,
 ) -> bool {
+    let counters = |h: mcs_common::Health| Counters { syns: h.syns, synacks: h.synacks, syn_rsts: h.syn_rsts };
     let mut changed = BTreeMap::new();
-    let mut seen = BTreeMap::new();
     for (addr, id) in reconciler.applied().backends() {
         let Some(now) = datapath.health(id) else { continue };
-        if view.last.get(&id) != Some(&now) {
-            changed.insert(*addr, Counters { syns: now.syns, synacks: now.synacks, syn_rsts: now.syn_rsts });
+        let last = view.last.entry(id).or_default();
+        if *last != now {
+            changed.insert(*addr, (counters(*last), counters(now)));
+            *last = now;
         }
-        seen.insert(id, now);
     }
-    view.last = seen;
     for event in detector.observe(Instant::now(), &changed, &view.groups) {
         match event {
             OutlierEvent::Ejected { addr, failures, duration, ejections } => warn!(

@@ -106,24 +106,24 @@ impl Detector {
         Self { config, tracks: BTreeMap::new(), ejections_total: 0 }
     }
 
-    /// One tick. `changed`: cumulative counters of the backends whose
-    /// counters moved since the last tick (the others are taken as unchanged).
-    /// `groups`: each frontend's backends, for the ejection limit.
+    /// One tick. `changed`: (previous, current) cumulative counters of the
+    /// backends whose counters moved since the last tick; the others are taken
+    /// as unchanged. `groups`: each frontend's backends, for the ejection limit.
     pub fn observe(
         &mut self,
         now: Instant,
-        changed: &BTreeMap<BackendAddr, Counters>,
+        changed: &BTreeMap<BackendAddr, (Counters, Counters)>,
         groups: &[Vec<BackendAddr>],
     ) -> Vec<Event> {
         let config = self.config;
         let mut events = Vec::new();
         let mut candidates = Vec::new();
-        let unchanged: Vec<(BackendAddr, Counters)> =
-            self.tracks.iter().filter(|(a, _)| !changed.contains_key(a)).map(|(a, t)| (*a, t.last)).collect();
-        for (addr, now_counters) in changed.iter().map(|(a, c)| (*a, *c)).chain(unchanged) {
+        let unchanged: Vec<(BackendAddr, Counters, Counters)> =
+            self.tracks.iter().filter(|(a, _)| !changed.contains_key(a)).map(|(a, t)| (*a, t.last, t.last)).collect();
+        for (addr, previous, now_counters) in changed.iter().map(|(a, (p, c))| (*a, *p, *c)).chain(unchanged) {
             let (addr, now_counters) = (&addr, &now_counters);
             let track = self.tracks.entry(*addr).or_insert_with(|| Track {
-                last: *now_counters,
+                last: previous,
                 outstanding: 0,
                 consecutive: 0,
                 ejections: 0,
@@ -196,12 +196,17 @@ impl Detector {
             self.ejections_total += 1;
             events.push(Event::Ejected { addr, failures, duration, ejections: track.ejections });
         }
-        // A backend no frontend lists any more is forgotten.
-        if !groups.is_empty() {
-            let listed: BTreeSet<&BackendAddr> = groups.iter().flatten().collect();
-            self.tracks.retain(|addr, _| listed.contains(addr) || changed.contains_key(addr));
-        }
+        // Healthy and quiet: nothing to remember (the caller keeps the counters).
+        self.tracks.retain(|_, t| {
+            !(t.state == State::Healthy && t.consecutive == 0 && t.outstanding == 0 && t.ejections == 0)
+        });
         events
+    }
+
+    /// Forgets backends no frontend lists any more.
+    pub fn retain_listed(&mut self, groups: &[Vec<BackendAddr>]) {
+        let listed: BTreeSet<&BackendAddr> = groups.iter().flatten().collect();
+        self.tracks.retain(|addr, _| listed.contains(addr));
     }
 
     /// Every frontend `addr` belongs to stays within the ejection limit.
@@ -260,14 +265,19 @@ mod tests {
         /// Advances 250 ms: each backend got `syns` attempts; `alive` answer them.
         fn step(&mut self, syns: u64, alive: &[u8]) -> Vec<Event> {
             self.tick += 1;
+            let mut changed = BTreeMap::new();
             for (a, c) in &mut self.counters {
+                let previous = *c;
                 c.syns += syns;
                 if alive.iter().any(|b| addr(*b) == *a) {
                     c.synacks += syns;
                 }
+                if *c != previous {
+                    changed.insert(*a, (previous, *c));
+                }
             }
             let now = self.start + Duration::from_millis(250) * self.tick;
-            self.detector.observe(now, &self.counters, &self.groups)
+            self.detector.observe(now, &changed, &self.groups)
         }
 
         fn at(&self) -> Duration {
@@ -348,14 +358,13 @@ mod tests {
         let a = addr(1);
         let group = vec![vec![a, addr(2), addr(3)]];
         let t0 = Instant::now();
-        let mut c = BTreeMap::from([(a, Counters::default())]);
-        d.observe(t0, &c, &group);
         // Five RSTs instead of SYN-ACKs: failures at once.
-        c.insert(a, Counters { syns: 5, synacks: 0, syn_rsts: 5 });
+        let rsts = Counters { syns: 5, synacks: 0, syn_rsts: 5 };
+        let c = BTreeMap::from([(a, (Counters::default(), rsts))]);
         let events = d.observe(t0 + Duration::from_millis(250), &c, &group);
         assert!(matches!(events.as_slice(), [Event::Ejected { .. }]), "{events:?}");
         // Counters going backwards (an id reused) start the tracking over.
-        c.insert(a, Counters::default());
+        let c = BTreeMap::from([(a, (rsts, Counters::default()))]);
         assert!(d.observe(t0 + Duration::from_millis(500), &c, &group).is_empty());
     }
 }
