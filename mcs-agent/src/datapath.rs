@@ -147,26 +147,26 @@ pub(crate) struct SlotMemory {
     bytes: usize,
 }
 
+/// A shared, writable mapping of a `BPF_F_MMAPABLE` map's first `bytes`
+/// (rounded up to whole pages); returns the base and the mapped length.
+fn mmap_map<T>(fd: &OwnedFd, bytes: usize) -> io::Result<(NonNull<T>, usize)> {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let bytes = bytes.div_ceil(page).max(1) * page;
+    // SAFETY: a shared mapping of a map fd we hold, of the size the kernel allows for it.
+    let ptr = unsafe {
+        libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = NonNull::new(ptr.cast::<T>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+    Ok((base, bytes))
+}
+
 impl SlotMemory {
     fn map(fd: &OwnedFd, slots: u32) -> io::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let bytes = (slots as usize * 4).div_ceil(page) * page;
-        // SAFETY: a shared mapping of a map fd we own, of the size the kernel allows for it.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(ptr.cast::<u32>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let (base, bytes) = mmap_map(fd, slots as usize * 4)?;
         Ok(Self { base, slots: slots as usize, bytes })
     }
 
@@ -228,24 +228,7 @@ struct HealthMemory {
 
 impl HealthMemory {
     fn map(fd: &OwnedFd, len: u32) -> io::Result<Self> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let bytes = (len as usize * size_of::<Health>()).div_ceil(page).max(1) * page;
-        // SAFETY: a shared mapping of a mmapable map we hold, of the size the kernel allows.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(ptr.cast::<Health>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let (base, bytes) = mmap_map(fd, len as usize * size_of::<Health>())?;
         Ok(Self { base, len: len as usize, bytes })
     }
 
