@@ -141,6 +141,19 @@ enum Output {
     Json,
 }
 
+/// `rows` as JSON, or as a table of `cells` per row.
+fn rows_or_table<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> Result<String> {
+    if json {
+        return Ok(serde_json::to_string_pretty(rows)?);
+    }
+    Ok(mcs_agent::inspect::table(header, &rows.iter().map(cells).collect::<Vec<_>>()))
+}
+
 fn inspect(args: &InspectArgs) -> Result<()> {
     use mcs_agent::inspect;
     let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
@@ -207,52 +220,30 @@ fn inspect(args: &InspectArgs) -> Result<()> {
                 out
             }
         }
-        InspectWhat::Conntrack { service } => {
-            let rows = inspect::conntrack(&pinned, service.as_deref());
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.client.clone(),
-                            r.vip.clone(),
-                            r.backend.clone(),
-                            r.protocol.to_owned(),
-                            opt(&r.service),
-                            format!("{:.1}s", r.age_secs),
-                            r.state.to_owned(),
-                        ]
-                    })
-                    .collect();
-                inspect::table(&["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE"], &cells)
-            }
-        }
+        InspectWhat::Conntrack { service } => rows_or_table(
+            &inspect::conntrack(&pinned, service.as_deref()),
+            json,
+            &["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE"],
+            |r| {
+                vec![
+                    r.client.clone(),
+                    r.vip.clone(),
+                    r.backend.clone(),
+                    r.protocol.to_owned(),
+                    opt(&r.service),
+                    format!("{:.1}s", r.age_secs),
+                    r.state.to_owned(),
+                ]
+            },
+        )?,
         InspectWhat::Affinity => {
-            let rows = inspect::affinity(&pinned);
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        vec![opt(&r.service), r.client.to_string(), opt(&r.backend), format!("{:.1}s", r.idle_secs)]
-                    })
-                    .collect();
-                inspect::table(&["SERVICE", "CLIENT", "BACKEND", "IDLE"], &cells)
-            }
+            rows_or_table(&inspect::affinity(&pinned), json, &["SERVICE", "CLIENT", "BACKEND", "IDLE"], |r| {
+                vec![opt(&r.service), r.client.to_string(), opt(&r.backend), format!("{:.1}s", r.idle_secs)]
+            })?
         }
-        InspectWhat::Stats => {
-            let rows = inspect::stats(&pinned);
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                let cells: Vec<Vec<String>> =
-                    rows.iter().map(|r| vec![r.event.to_owned(), r.count.to_string()]).collect();
-                inspect::table(&["EVENT", "PACKETS"], &cells)
-            }
-        }
+        InspectWhat::Stats => rows_or_table(&inspect::stats(&pinned), json, &["EVENT", "PACKETS"], |r| {
+            vec![r.event.to_owned(), r.count.to_string()]
+        })?,
     };
     print!("{text}");
     if json {

@@ -12,7 +12,10 @@
 
 use std::net::Ipv4Addr;
 
-use crate::netns::{Netns, veth};
+use crate::{
+    netns::{Netns, veth},
+    traffic::Server,
+};
 
 pub struct Cluster {
     pub name: String,
@@ -28,6 +31,22 @@ impl Cluster {
         let ip = Ipv4Addr::new(10, 10 + self.index, 0, self.pods);
         self.ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
         ip
+    }
+
+    /// Adds `count` pods, each answering TCP on `tcp` and UDP on `udp` as
+    /// `<cluster>/pod-<k>`; the servers stop when dropped.
+    pub fn add_serving_pods(&mut self, count: usize, tcp: u16, udp: u16) -> (Vec<Ipv4Addr>, Vec<Server>) {
+        let mut servers = Vec::new();
+        let ips = (1..=count)
+            .map(|k| {
+                let ip = self.add_pod();
+                let id = format!("{}/pod-{k}", self.name);
+                servers.push(Server::tcp(&self.ns, ip, tcp, &id));
+                servers.push(Server::udp(&self.ns, ip, udp, &id));
+                ip
+            })
+            .collect();
+        (ips, servers)
     }
 }
 

@@ -38,14 +38,11 @@ fn lab() -> Lab {
     manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
     manifests::write(dir.path(), "empty.yaml", &service_import("demo", "empty", EMPTY_VIP, &[("http", 80, "TCP")]));
     for cluster in &mut set.clusters {
-        let mut endpoints = Vec::new();
-        for k in 1..=2 {
-            let ip = cluster.add_pod();
-            let id = format!("{}/pod-{k}", cluster.name);
-            servers.push(Server::tcp(&cluster.ns, ip, 8080, &id));
-            servers.push(Server::udp(&cluster.ns, ip, 5353, &id));
-            endpoints.push((ip, !(cluster.name == "cluster-a" && k == 2)));
-        }
+        let (ips, serving) = cluster.add_serving_pods(2, 8080, 5353);
+        servers.extend(serving);
+        // cluster-a's second pod is not ready.
+        let endpoints: Vec<(Ipv4Addr, bool)> =
+            ips.iter().enumerate().map(|(k, ip)| (*ip, !(cluster.name == "cluster-a" && k == 1))).collect();
         let yaml = endpoint_slice("demo", "web", &cluster.name, SLICE_PORTS, &endpoints);
         manifests::write(dir.path(), &format!("web-{}.yaml", cluster.name), &yaml);
     }

@@ -99,14 +99,9 @@ impl Lab {
         let mut servers = Vec::new();
         manifests::write(dir.path(), "web-import.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
         for cluster in &mut set.clusters {
-            let mut endpoints = Vec::new();
-            for k in 1..=2 {
-                let ip = cluster.add_pod();
-                let id = format!("{}/pod-{k}", cluster.name);
-                servers.push(Server::tcp(&cluster.ns, ip, 8080, &id));
-                servers.push(Server::udp(&cluster.ns, ip, 5353, &id));
-                endpoints.push((ip, true));
-            }
+            let (ips, serving) = cluster.add_serving_pods(2, 8080, 5353);
+            servers.extend(serving);
+            let endpoints: Vec<(Ipv4Addr, bool)> = ips.into_iter().map(|ip| (ip, true)).collect();
             let yaml = endpoint_slice("demo", "web", &cluster.name, SLICE_PORTS, &endpoints);
             manifests::write(dir.path(), &format!("web-{}.yaml", cluster.name), &yaml);
         }
