@@ -59,6 +59,14 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
 pub const MAP_HEALTH: &str = "HEALTH";
+pub const MAP_FRAGS: &str = "FRAGS";
+/// The IPv6 family's maps: the same types at [`Ip6`].
+pub const MAP_SERVICES6: &str = "SERVICES6";
+pub const MAP_BACKENDS6: &str = "BACKENDS6";
+pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
+pub const MAP_REV_NAT6: &str = "REV_NAT6";
+pub const MAP_AFFINITY6: &str = "AFFINITY6";
+pub const MAP_FRAGS6: &str = "FRAGS6";
 
 /// Default number of backend ids and service ids with their own counters.
 /// Ids are allocated smallest first, so this covers the first 16,383 of
@@ -80,6 +88,8 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_SELECTION_SLOTS: u32 = 1 << 24;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 262_144;
 pub const DEFAULT_MAX_AFFINITY: u32 = 262_144;
+/// Fragmented datagrams in flight (per family); LRU.
+pub const DEFAULT_MAX_FRAGS: u32 = 8_192;
 
 /// Backend id 0 is never allocated: a zeroed selection slot or conntrack entry
 /// therefore never names a live backend.
@@ -87,13 +97,59 @@ pub const NO_BACKEND: u32 = 0;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// `SERVICES` key: one frontend, `ClusterSetIP:port/protocol`.
+/// An IPv4 address in map byte order.
+pub type Ip4 = u32;
+/// An IPv6 address in map byte order: the 16 wire bytes as four native words
+/// (compared and checksummed as they are, never swapped).
+pub type Ip6 = [u32; 4];
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Ip4 {}
+    impl Sealed for super::Ip6 {}
+}
+
+/// The two address types a key or value is generic over. Each family has
+/// its own maps (`SERVICES` and `SERVICES6`, ...) with the same types
+/// instantiated at [`Ip4`] or [`Ip6`]: an IPv4 entry never pays for 16-byte
+/// addresses, and the IPv6 maps came without changing the IPv4 layout.
+///
+/// Sealed: the `Pod` impls below are sound because every generic type has no
+/// padding for exactly these two (checked by `const` assertions).
+pub trait MapAddr:
+    sealed::Sealed + Copy + Default + PartialEq + Eq + core::hash::Hash + Ord + core::fmt::Debug + Pod + 'static
+{
+    /// The unspecified address (a zeroed, free `BACKENDS` entry).
+    const ZERO: Self;
+    /// Mixes the address into a running hash.
+    fn mix(self, h: u32) -> u32;
+}
+
+impl MapAddr for Ip4 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn mix(self, h: u32) -> u32 {
+        fmix32(h ^ self)
+    }
+}
+
+impl MapAddr for Ip6 {
+    const ZERO: Self = [0; 4];
+    #[inline(always)]
+    fn mix(self, h: u32) -> u32 {
+        fmix32(fmix32(fmix32(fmix32(h ^ self[0]) ^ self[1]) ^ self[2]) ^ self[3])
+    }
+}
+
+/// `SERVICES` (`SERVICES6`) key: one frontend, `ClusterSetIP:port/protocol`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct ServiceKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey<A = Ip4> {
     /// ClusterSetIP, network byte order.
-    pub vip: u32,
+    pub vip: A,
     /// Port, network byte order.
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
@@ -129,12 +185,15 @@ pub struct ServiceValue {
 /// one flat `u32` array of slots.
 pub type SelectionPair = [u32; 2];
 
-/// `BACKENDS` value (array index = backend id). A zeroed entry is a free id.
+/// `BACKENDS` (`BACKENDS6`) value (array index = backend id). A zeroed entry
+/// is a free id. Ids are one space over both families: an IPv6 backend's id
+/// is zero in `BACKENDS` and the other way round, and `SELECTION`,
+/// `BACKEND_STATS` and `HEALTH` are shared.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct Backend {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend<A = Ip4> {
     /// Pod IP, network byte order.
-    pub ip: u32,
+    pub ip: A,
     /// Pod port, network byte order.
     pub port: u16,
     pub _pad: u16,
@@ -142,10 +201,10 @@ pub struct Backend {
 
 /// `CONNTRACK` key: the client's view of a flow (client -> VIP).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct CtKey {
-    pub client_ip: u32,
-    pub vip: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey<A = Ip4> {
+    pub client_ip: A,
+    pub vip: A,
     pub client_port: u16,
     pub vip_port: u16,
     pub proto: u8,
@@ -156,10 +215,13 @@ pub struct CtKey {
 ///
 /// The address is stored, not only the id, so an established flow keeps its
 /// backend even after the backend id is freed and reused.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct CtValue {
-    pub backend_ip: u32,
+///
+/// `packed(4)`: with 16-byte addresses the `u64`s would otherwise sit after
+/// 4 bytes of padding; the IPv4 layout is the same either way.
+#[repr(C, packed(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue<A = Ip4> {
+    pub backend_ip: A,
     pub backend_port: u16,
     /// `CT_F_*`.
     pub flags: u8,
@@ -174,10 +236,10 @@ pub struct CtValue {
 
 /// `REV_NAT` key: a reply's view of a flow (backend -> client).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RevNatKey {
-    pub backend_ip: u32,
-    pub client_ip: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey<A = Ip4> {
+    pub backend_ip: A,
+    pub client_ip: A,
     pub backend_port: u16,
     pub client_port: u16,
     pub proto: u8,
@@ -185,10 +247,11 @@ pub struct RevNatKey {
 }
 
 /// `REV_NAT` value: the address the client believes it talks to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RevNatValue {
-    pub vip: u32,
+/// `packed(4)` as [`CtValue`].
+#[repr(C, packed(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue<A = Ip4> {
+    pub vip: A,
     pub vip_port: u16,
     /// `CT_F_*`, as on the flow's `CtValue`.
     pub flags: u8,
@@ -202,11 +265,40 @@ pub struct RevNatValue {
 
 /// `AFFINITY` key: ClientIP session affinity of one client to one frontend.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct AffinityKey {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey<A = Ip4> {
     pub service_id: u32,
-    pub client_ip: u32,
+    pub client_ip: A,
 }
+
+/// `FRAGS` (`FRAGS6`) key: one fragmented datagram as it arrives, by its
+/// addresses, protocol and IP id (IPv4: 16 bits; IPv6: the fragment
+/// header's 32). Both directions use it: a client's datagram to a VIP and a
+/// backend's reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey<A = Ip4> {
+    pub src: A,
+    pub dst: A,
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `FRAGS` value: what the first fragment was translated to. Later
+/// fragments carry no ports, so only the address changes for them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue<A = Ip4> {
+    /// The new destination (DNAT) or source (reverse NAT) address.
+    pub addr: A,
+    /// 1: the destination was rewritten; 2: the source.
+    pub side: u32,
+}
+
+/// `FragValue::side`.
+pub const FRAG_DNAT: u32 = 1;
+pub const FRAG_REV_NAT: u32 = 2;
 
 /// `AFFINITY` value. The agent deletes entries whose backend leaves the
 /// frontend, so a hit is always a current backend of that frontend.
@@ -217,6 +309,31 @@ pub struct AffinityValue {
     pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last new connection that used it.
     pub last_used_ns: u64,
+}
+
+/// Zeroable and Pod for the family-generic types: `#[repr(C)]` (or packed),
+/// and no padding for either address type, as the sizes below prove (each
+/// is the sum of its fields' sizes).
+macro_rules! pod_for_both {
+    ($($ty:ident: $v4:expr, $v6:expr;)*) => {$(
+        // SAFETY: see above; `MapAddr` is sealed to `Ip4` and `Ip6`.
+        unsafe impl<A: MapAddr> Zeroable for $ty<A> {}
+        // SAFETY: as above.
+        unsafe impl<A: MapAddr> Pod for $ty<A> {}
+        const _: () = assert!(core::mem::size_of::<$ty<Ip4>>() == $v4 && core::mem::size_of::<$ty<Ip6>>() == $v6);
+    )*};
+}
+
+pod_for_both! {
+    ServiceKey: 4 + 4, 16 + 4;
+    Backend: 4 + 4, 16 + 4;
+    CtKey: 8 + 8, 32 + 8;
+    CtValue: 4 + 28, 16 + 28;
+    RevNatKey: 8 + 8, 32 + 8;
+    RevNatValue: 4 + 20, 16 + 20;
+    AffinityKey: 4 + 4, 4 + 16;
+    FragKey: 8 + 8, 32 + 8;
+    FragValue: 4 + 4, 16 + 4;
 }
 
 /// `BACKEND_STATS` value (per CPU, index = backend id): what went to and came
@@ -274,7 +391,7 @@ pub struct ServiceStats {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Ingress IPv4 TCP/UDP packet whose destination is not a frontend.
+    /// Ingress TCP/UDP packet whose destination is not a frontend.
     NotService = 0,
     /// New flow: a backend was selected and conntrack written.
     NewFlow = 1,
@@ -282,7 +399,8 @@ pub enum Stat {
     Established = 2,
     /// Frontend without a ready backend: dropped.
     NoBackend = 3,
-    /// IPv4 fragment: passed untouched.
+    /// First fragment of a datagram to a VIP: translated, and remembered
+    /// for the datagram's later fragments.
     Fragment = 4,
     /// Truncated or malformed header: passed untouched.
     Malformed = 5,
@@ -299,10 +417,23 @@ pub enum Stat {
     StaleRevNat = 10,
     /// A closed connection's entry was found past its grace time and dropped.
     ClosedExpired = 11,
+    /// An ICMP or ICMPv6 error quoting a translated flow was reverse-translated.
+    IcmpRevNat = 12,
+    /// A later fragment followed its first fragment's translation.
+    FragmentTranslated = 13,
+    /// A later fragment of a datagram to a VIP arrived without its first
+    /// (reordered, or the entry was evicted): dropped, it cannot be routed.
+    FragmentMiss = 14,
+    /// A frontend without a usable backend answered a new flow with an ICMP
+    /// unreachable (port unreachable / ICMPv6 port unreachable).
+    Rejected = 15,
+    /// IPv6 extension headers beyond what is parsed, or an IPv6 packet
+    /// otherwise not handled: passed untouched.
+    Ipv6Unparsed = 16,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -316,6 +447,11 @@ impl Stat {
         Stat::AffinityHit,
         Stat::StaleRevNat,
         Stat::ClosedExpired,
+        Stat::IcmpRevNat,
+        Stat::FragmentTranslated,
+        Stat::FragmentMiss,
+        Stat::Rejected,
+        Stat::Ipv6Unparsed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -332,6 +468,11 @@ impl Stat {
             Stat::AffinityHit => "affinity_hit",
             Stat::StaleRevNat => "stale_rev_nat",
             Stat::ClosedExpired => "closed_expired",
+            Stat::IcmpRevNat => "icmp_rev_nat",
+            Stat::FragmentTranslated => "fragment_translated",
+            Stat::FragmentMiss => "fragment_miss",
+            Stat::Rejected => "rejected",
+            Stat::Ipv6Unparsed => "ipv6_unparsed",
         }
     }
 }
@@ -351,9 +492,9 @@ const fn fmix32(mut h: u32) -> u32 {
 /// Shared so that userspace (tests, `inspect`-style tools) can predict which
 /// slot a given flow lands in. Inputs are the raw map-order values.
 #[inline(always)]
-pub const fn flow_hash(client_ip: u32, vip: u32, client_port: u16, vip_port: u16, proto: u8) -> u32 {
-    let mut h = fmix32(client_ip ^ 0x9e37_79b9);
-    h = fmix32(h ^ vip);
+pub fn flow_hash<A: MapAddr>(client_ip: A, vip: A, client_port: u16, vip_port: u16, proto: u8) -> u32 {
+    let mut h = client_ip.mix(0x9e37_79b9);
+    h = vip.mix(h);
     h = fmix32(h ^ (((client_port as u32) << 16) | vip_port as u32));
     fmix32(h ^ proto as u32)
 }
@@ -361,8 +502,31 @@ pub const fn flow_hash(client_ip: u32, vip: u32, client_port: u16, vip_port: u16
 /// Hash of the client address alone: with ClientIP affinity every flow of a
 /// client lands on the same slot.
 #[inline(always)]
-pub const fn client_hash(client_ip: u32) -> u32 {
-    fmix32(fmix32(client_ip ^ 0x85eb_ca6b) ^ 0x9e37_79b9)
+pub fn client_hash<A: MapAddr>(client_ip: A) -> u32 {
+    fmix32(client_ip.mix(0x85eb_ca6b) ^ 0x9e37_79b9)
+}
+
+/// An IPv6 address in map byte order.
+#[inline(always)]
+pub fn ip6_to_map(octets: [u8; 16]) -> Ip6 {
+    let w = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The wire bytes of a map-order IPv6 address.
+#[inline(always)]
+pub fn ip6_from_map(addr: Ip6) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = addr[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
 }
 
 /// An IPv4 address in map byte order.
@@ -382,14 +546,16 @@ mod user {
     use super::*;
 
     // SAFETY: every type is #[repr(C)], has no implicit padding and is bytemuck::Pod.
-    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl<A: MapAddr> aya::Pod for ServiceKey<A> {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for RevNatKey {}
-    unsafe impl aya::Pod for RevNatValue {}
-    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl<A: MapAddr> aya::Pod for Backend<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for CtKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for CtValue<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for RevNatKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for RevNatValue<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for FragKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for FragValue<A> {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
@@ -416,6 +582,24 @@ mod tests {
         assert_eq!(size_of::<BackendStats>(), 40);
         assert_eq!(size_of::<Health>(), 32);
         assert_eq!(size_of::<ServiceStats>(), 16);
+        assert_eq!(size_of::<CtValue<Ip6>>(), 44);
+        assert_eq!(size_of::<RevNatValue<Ip6>>(), 36);
+    }
+
+    #[test]
+    fn the_ipv4_hash_did_not_change_with_generics() {
+        // Pinned conntrack outlives agents; the slot a flow hashes to must
+        // not move under an upgrade.
+        let (c, v) = (ip_to_map([10, 1, 0, 2]), ip_to_map([10, 96, 0, 1]));
+        let old = fmix32(fmix32(fmix32(fmix32(c ^ 0x9e37_79b9) ^ v) ^ ((1234u32 << 16) | 80)) ^ 6);
+        assert_eq!(flow_hash(c, v, 1234, 80, 6), old);
+        assert_eq!(client_hash(c), fmix32(fmix32(c ^ 0x85eb_ca6b) ^ 0x9e37_79b9));
+    }
+
+    #[test]
+    fn ipv6_map_order_round_trips() {
+        let octets = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+        assert_eq!(ip6_from_map(ip6_to_map(octets)), octets);
     }
 
     #[test]

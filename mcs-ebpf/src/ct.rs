@@ -4,7 +4,7 @@
 //! both, and both expire together once the connection is over.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mcs_common::{CT_CLOSE_GRACE_NS, CT_F_RST, CtValue, RevNatValue, ct_closed};
+use mcs_common::{CT_CLOSE_GRACE_NS, CT_F_RST, CtValue, MapAddr, RevNatValue, ct_closed};
 
 use crate::parse::{TCP_FLAG_FIN, TCP_FLAG_RST};
 
@@ -25,7 +25,7 @@ pub fn close_bits(tcp_flags: u8, fin_bit: u8) -> u8 {
 /// Adds `bits` to both entries (either may be missing after an eviction) and
 /// starts the grace time once the connection is over.
 #[inline(always)]
-pub fn mark(ct: Option<*mut CtValue>, rev: Option<*mut RevNatValue>, bits: u8) {
+pub fn mark<A: MapAddr>(ct: Option<*mut CtValue<A>>, rev: Option<*mut RevNatValue<A>>, bits: u8) {
     // SAFETY: map value pointers, valid for this program run.
     let mut flags = bits;
     if let Some(ct) = ct {
@@ -44,13 +44,13 @@ pub fn mark(ct: Option<*mut CtValue>, rev: Option<*mut RevNatValue>, bits: u8) {
     unsafe {
         if let Some(ct) = ct {
             (*ct).flags = flags;
-            if (*ct).closed_ns == 0 {
+            if { (*ct).closed_ns } == 0 {
                 (*ct).closed_ns = closed_ns;
             }
         }
         if let Some(rev) = rev {
             (*rev).flags = flags;
-            if (*rev).closed_ns == 0 {
+            if { (*rev).closed_ns } == 0 {
                 (*rev).closed_ns = closed_ns;
             }
         }

@@ -3,20 +3,36 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::warn;
-use mcs_common::{CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, IPPROTO_TCP, RevNatKey, Stat};
+use mcs_common::{CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP, RevNatKey, Stat};
 
 use crate::{
     ct,
-    maps::{BACKENDS, CONNTRACK, REV_NAT, TC_ACT_SHOT, TC_NEXT, backend_stats, count, health_add},
-    nat::{Side, rewrite},
-    parse::{Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse},
+    family::{Family, V4, V6},
+    icmp,
+    maps::{TC_ACT_SHOT, TC_NEXT, backend_stats, count, health_add},
+    nat::{Side, follow_fragment, rewrite},
+    parse::{Flow, Frag, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse},
 };
 
 #[classifier]
 pub fn mcs_egress(ctx: TcContext) -> i32 {
-    let Parsed::Flow(flow) = parse(&ctx) else {
-        return TC_NEXT;
-    };
+    match parse(&ctx) {
+        Parsed::V4(flow) => egress::<V4>(&ctx, &flow),
+        Parsed::V6(flow) => egress::<V6>(&ctx, &flow),
+        _ => TC_NEXT,
+    }
+}
+
+// A subprogram per family: inlined, both families' locals would share
+// one stack frame, past BPF's 512 bytes.
+#[inline(never)]
+fn egress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
+    if flow.proto == F::ICMP {
+        return icmp::translate_error::<F>(ctx, flow);
+    }
+    if let Frag::Later(id) = flow.frag {
+        return follow_fragment::<F>(ctx, flow, id, Side::Source, false);
+    }
     let key = RevNatKey {
         backend_ip: flow.src_ip,
         client_ip: flow.dst_ip,
@@ -25,7 +41,7 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let Some(rev_ptr) = REV_NAT.get_ptr_mut(key) else {
+    let Some(rev_ptr) = F::rev_nat().get_ptr_mut(key) else {
         return TC_NEXT;
     };
     // SAFETY: map value pointer, valid for this program run; copied before the rewrite.
@@ -33,7 +49,7 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
     if rev.closed_ns != 0 && ct::expired(rev.closed_ns) {
         // The connection this entry belonged to is over: whatever this is, it
         // was not translated by us and must not be reverse-translated.
-        let _ = REV_NAT.remove(key);
+        let _ = F::rev_nat().remove(key);
         count(Stat::ClosedExpired);
         return TC_NEXT;
     }
@@ -48,18 +64,22 @@ pub fn mcs_egress(ctx: TcContext) -> i32 {
                 proto: flow.proto,
                 _pad: [0; 3],
             };
-            ct::mark(CONNTRACK.get_ptr_mut(ct_key), Some(rev_ptr), bits);
+            ct::mark(F::conntrack().get_ptr_mut(ct_key), Some(rev_ptr), bits);
         }
     }
-    if let Err(e) = rewrite(&ctx, &flow, Side::Source, rev.vip, rev.vip_port) {
+    if let Frag::First(id) = flow.frag {
+        let key = FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
+        let _ = F::frags().insert(key, FragValue { addr: rev.vip, side: FRAG_REV_NAT }, 0);
+    }
+    if let Err(e) = rewrite::<F>(ctx, flow, Side::Source, rev.vip, rev.vip_port) {
         count(Stat::RewriteFailed);
-        warn!(&ctx, "reverse NAT rewrite failed ({}): packet dropped", e);
+        warn!(ctx, "reverse NAT rewrite failed ({}): packet dropped", e);
         return TC_ACT_SHOT;
     }
     count(Stat::RevNat);
     // As on ingress: only while the id still names this backend.
     if let Some(stats) = backend_stats(rev.backend_id)
-        && BACKENDS.get(rev.backend_id).is_some_and(|b| b.ip == flow.src_ip && b.port == flow.src_port)
+        && F::backends().get(rev.backend_id).is_some_and(|b| b.ip == flow.src_ip && b.port == flow.src_port)
     {
         stats.packets_from += 1;
         stats.bytes_from += u64::from(flow.ip_len);

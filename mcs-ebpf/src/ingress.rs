@@ -4,40 +4,63 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use aya_log_ebpf::{debug, warn};
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CT_F_FIN_CLIENT, CtKey, CtValue, IPPROTO_TCP, IPPROTO_UDP, RevNatKey,
-    RevNatValue, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
+    AffinityKey, AffinityValue, Backend, CT_F_FIN_CLIENT, CtKey, CtValue, FRAG_DNAT, FragKey, FragValue, IPPROTO_TCP,
+    IPPROTO_UDP, MapAddr, RevNatKey, RevNatValue, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
 };
 
 use crate::{
     ct,
-    maps::{
-        AFFINITY, BACKENDS, CONNTRACK, REV_NAT, SELECTION, SERVICES, TC_ACT_SHOT, TC_NEXT, backend_stats, count,
-        handoff, health_add, service_stats,
-    },
-    nat::{Side, rewrite},
-    parse::{Flow, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
+    family::{Family, V4, V6},
+    icmp,
+    maps::{SELECTION, TC_ACT_SHOT, TC_NEXT, backend_stats, count, handoff, health_add, service_stats},
+    nat::{Side, follow_fragment, rewrite},
+    parse::{Flow, Frag, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
 };
+
+/// `ingress`'s answer for a new flow to a frontend with no backend.
+const REJECT: i32 = i32::MIN;
 
 #[classifier]
 pub fn mcs_ingress(ctx: TcContext) -> i32 {
-    let flow = match parse(&ctx) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Other => return TC_NEXT,
-        Parsed::Fragment => {
-            count(Stat::Fragment);
-            return TC_NEXT;
+    // A rejection is made here, not in `ingress`: its buffers and the
+    // translation's must not share a call chain's 512 bytes of stack.
+    match parse(&ctx) {
+        Parsed::V4(flow) => match ingress::<V4>(&ctx, &flow) {
+            REJECT => icmp::reject::<V4>(&ctx, &flow),
+            verdict => verdict,
+        },
+        Parsed::V6(flow) => match ingress::<V6>(&ctx, &flow) {
+            REJECT => icmp::reject::<V6>(&ctx, &flow),
+            verdict => verdict,
+        },
+        Parsed::Other => TC_NEXT,
+        Parsed::Unparsed6 => {
+            count(Stat::Ipv6Unparsed);
+            TC_NEXT
         }
         Parsed::Malformed => {
             count(Stat::Malformed);
             debug!(&ctx, "malformed packet passed untouched ({} bytes)", ctx.len());
-            return TC_NEXT;
+            TC_NEXT
         }
-    };
+    }
+}
+
+// A subprogram per family: inlined, both families' locals would share
+// one stack frame, past BPF's 512 bytes.
+#[inline(never)]
+fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
+    if flow.proto == F::ICMP {
+        return TC_NEXT;
+    }
+    if let Frag::Later(id) = flow.frag {
+        return follow_fragment::<F>(ctx, flow, id, Side::Destination, true);
+    }
     let key = ServiceKey { vip: flow.dst_ip, port: flow.dst_port, proto: flow.proto, _pad: 0 };
-    let Some(service) = SERVICES.get_ptr(key) else {
+    let Some(service) = F::services().get_ptr(key) else {
         count(Stat::NotService);
-        if is_bare_syn(&flow) {
-            forget_stale_reply(&flow);
+        if is_bare_syn(flow) {
+            forget_stale_reply::<F>(flow);
         }
         return TC_NEXT;
     };
@@ -52,13 +75,13 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
         proto: flow.proto,
         _pad: [0; 3],
     };
-    let backend = match established(&flow, &ct_key) {
+    let backend = match established::<F>(flow, &ct_key) {
         Some((id, backend)) => {
             count(Stat::Established);
             // A TCP flow outlives its backend's id, which may now name another:
             // count it only while the id still means this address.
             if let Some(stats) = backend_stats(id)
-                && BACKENDS.get(id).is_some_and(|b| b.ip == backend.ip && b.port == backend.port)
+                && F::backends().get(id).is_some_and(|b| b.ip == backend.ip && b.port == backend.port)
             {
                 stats.packets_to += 1;
                 stats.bytes_to += u64::from(flow.ip_len);
@@ -67,12 +90,12 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
         }
         // Mid-upgrade, a flow we do not know may be one the older programs
         // behind us translated: theirs to handle.
-        None if !is_bare_syn(&flow) && handoff() => return TC_NEXT,
-        None => match select(&flow, service) {
+        None if !is_bare_syn(flow) && handoff() => return TC_NEXT,
+        None => match select::<F>(flow, service) {
             Some((id, backend)) => {
-                if let Err(e) = record(&flow, &ct_key, service, id, &backend) {
+                if let Err(e) = record::<F>(flow, &ct_key, service, id, &backend) {
                     count(Stat::CtInsertFailed);
-                    warn!(&ctx, "conntrack insert failed ({}) for service {}: packet dropped", e, service.service_id);
+                    warn!(ctx, "conntrack insert failed ({}) for service {}: packet dropped", e, service.service_id);
                     return TC_ACT_SHOT;
                 }
                 count(Stat::NewFlow);
@@ -81,7 +104,7 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
                     stats.packets_to += 1;
                     stats.bytes_to += u64::from(flow.ip_len);
                 }
-                if is_bare_syn(&flow) {
+                if is_bare_syn(flow) {
                     health_add(id, |h| &mut h.syns);
                 }
                 if let Some(stats) = service_stats(service.service_id) {
@@ -94,26 +117,44 @@ pub fn mcs_ingress(ctx: TcContext) -> i32 {
                 if let Some(stats) = service_stats(service.service_id) {
                     stats.no_backend += 1;
                 }
+                // Fail fast, as kube-proxy does: only a flow's opening packet
+                // is answered (a reply to every packet of a stream is noise).
+                if flow.proto == IPPROTO_UDP || is_bare_syn(flow) {
+                    return REJECT;
+                }
                 return TC_ACT_SHOT;
             }
         },
     };
 
-    if let Err(e) = rewrite(&ctx, &flow, Side::Destination, backend.ip, backend.port) {
+    if let Frag::First(id) = flow.frag {
+        remember_fragment::<F>(flow, id, backend.ip);
+    }
+    if let Err(e) = rewrite::<F>(ctx, flow, Side::Destination, backend.ip, backend.port) {
         count(Stat::RewriteFailed);
-        warn!(&ctx, "DNAT rewrite failed ({}): packet dropped", e);
+        warn!(ctx, "DNAT rewrite failed ({}): packet dropped", e);
         return TC_ACT_SHOT;
     }
     TC_NEXT
 }
 
+/// The first fragment of a datagram to a VIP: its later fragments, which
+/// carry no ports, go where it went.
 #[inline(always)]
-fn is_bare_syn(flow: &Flow) -> bool {
+fn remember_fragment<F: Family>(flow: &Flow<F::A>, id: u32, backend_ip: F::A) {
+    count(Stat::Fragment);
+    let key = FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
+    // Best effort: without it the later fragments are counted as misses.
+    let _ = F::frags().insert(key, FragValue { addr: backend_ip, side: FRAG_DNAT }, 0);
+}
+
+#[inline(always)]
+fn is_bare_syn<A>(flow: &Flow<A>) -> bool {
     flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
 
 #[inline(always)]
-fn rev_key(flow: &Flow, backend_ip: u32, backend_port: u16) -> RevNatKey {
+fn rev_key<A: MapAddr>(flow: &Flow<A>, backend_ip: A, backend_port: u16) -> RevNatKey<A> {
     RevNatKey {
         backend_ip,
         client_ip: flow.src_ip,
@@ -128,8 +169,8 @@ fn rev_key(flow: &Flow, backend_ip: u32, backend_port: u16) -> RevNatKey {
 /// translated to this very pod: the old reverse entry would rewrite its
 /// SYN-ACK to come from the VIP. Only bare SYNs pay for this lookup.
 #[inline(always)]
-fn forget_stale_reply(flow: &Flow) {
-    if REV_NAT.remove(rev_key(flow, flow.dst_ip, flow.dst_port)).is_ok() {
+fn forget_stale_reply<F: Family>(flow: &Flow<F::A>) {
+    if F::rev_nat().remove(rev_key(flow, flow.dst_ip, flow.dst_port)).is_ok() {
         count(Stat::StaleRevNat);
     }
 }
@@ -137,34 +178,34 @@ fn forget_stale_reply(flow: &Flow) {
 /// The backend this flow is pinned to (its id when pinned, and address), if
 /// it should stay pinned.
 #[inline(always)]
-fn established(flow: &Flow, ct_key: &CtKey) -> Option<(u32, Backend)> {
+fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u32, Backend<F::A>)> {
     // A bare SYN opens a new connection: a reused client port must not inherit
     // the backend of an earlier connection.
     if is_bare_syn(flow) {
         return None;
     }
-    let ct_ptr = CONNTRACK.get_ptr_mut(ct_key)?;
+    let ct_ptr = F::conntrack().get_ptr_mut(ct_key)?;
     // SAFETY: map value pointer, valid for this program run.
-    let ct = unsafe { &*ct_ptr };
+    let ct = unsafe { *ct_ptr };
     let pinned = Backend { ip: ct.backend_ip, port: ct.backend_port, _pad: 0 };
     if ct.closed_ns != 0 && ct::expired(ct.closed_ns) {
         // A closed connection's leftovers: never translate on them again.
-        let _ = REV_NAT.remove(rev_key(flow, pinned.ip, pinned.port));
-        let _ = CONNTRACK.remove(ct_key);
+        let _ = F::rev_nat().remove(rev_key(flow, pinned.ip, pinned.port));
+        let _ = F::conntrack().remove(ct_key);
         count(Stat::ClosedExpired);
         return None;
     }
     if flow.proto == IPPROTO_TCP {
         let bits = ct::close_bits(flow.tcp_flags, CT_F_FIN_CLIENT);
         if bits != 0 {
-            ct::mark(Some(ct_ptr), REV_NAT.get_ptr_mut(rev_key(flow, pinned.ip, pinned.port)), bits);
+            ct::mark(Some(ct_ptr), F::rev_nat().get_ptr_mut(rev_key(flow, pinned.ip, pinned.port)), bits);
         }
     }
     // UDP has no connection to keep alive: once the backend is gone from the
     // service (its id freed or reused), re-select instead of sending into the void.
     // TCP keeps the pin so an established connection survives endpoint removal.
     if flow.proto == IPPROTO_UDP {
-        let current = BACKENDS.get(ct.backend_id)?;
+        let current = F::backends().get(ct.backend_id)?;
         if current.ip != pinned.ip || current.port != pinned.port {
             return None;
         }
@@ -173,52 +214,58 @@ fn established(flow: &Flow, ct_key: &CtKey) -> Option<(u32, Backend)> {
 }
 
 #[inline(always)]
-fn select(flow: &Flow, service: &ServiceValue) -> Option<(u32, Backend)> {
+fn select<F: Family>(flow: &Flow<F::A>, service: &ServiceValue) -> Option<(u32, Backend<F::A>)> {
     if service.slot_count == 0 {
         return None;
     }
     if service.affinity_timeout_secs == 0 {
         let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
-        return slot_backend(service, hash);
+        return slot_backend::<F>(service, hash);
     }
     // ClientIP affinity: reuse the client's backend while the entry is fresh.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = AffinityKey { service_id: service.service_id, client_ip: flow.src_ip };
     let timeout_ns = service.affinity_timeout_secs as u64 * 1_000_000_000;
-    if let Some(entry) = AFFINITY.get_ptr_mut(key) {
+    if let Some(entry) = F::affinity().get_ptr_mut(key) {
         // SAFETY: map value pointer, valid for this program run.
         let entry = unsafe { &mut *entry };
         if now.wrapping_sub(entry.last_used_ns) <= timeout_ns
-            && let Some(backend) = BACKENDS.get(entry.backend_id)
-            && backend.ip != 0
+            && let Some(backend) = F::backends().get(entry.backend_id)
+            && backend.ip != F::A::ZERO
         {
             entry.last_used_ns = now;
             count(Stat::AffinityHit);
             return Some((entry.backend_id, *backend));
         }
     }
-    let (id, backend) = slot_backend(service, client_hash(flow.src_ip))?;
+    let (id, backend) = slot_backend::<F>(service, client_hash(flow.src_ip))?;
     let value = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
     // Best effort: without the entry the next connection hashes to the same slot anyway.
-    let _ = AFFINITY.insert(key, value, 0);
+    let _ = F::affinity().insert(key, value, 0);
     Some((id, backend))
 }
 
 #[inline(always)]
-fn slot_backend(service: &ServiceValue, hash: u32) -> Option<(u32, Backend)> {
+fn slot_backend<F: Family>(service: &ServiceValue, hash: u32) -> Option<(u32, Backend<F::A>)> {
     // checked_rem: a plain `%` keeps a divide-by-zero panic the verifier rejects.
     let slot = service.slot_offset.wrapping_add(hash.checked_rem(service.slot_count)?);
     let id = SELECTION.get(slot >> 1)?[(slot & 1) as usize];
-    let backend = *BACKENDS.get(id)?;
-    if backend.ip == 0 {
+    let backend = *F::backends().get(id)?;
+    if backend.ip == F::A::ZERO {
         return None;
     }
     Some((id, backend))
 }
 
 #[inline(always)]
-fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend: &Backend) -> Result<(), i64> {
+fn record<F: Family>(
+    flow: &Flow<F::A>,
+    ct_key: &CtKey<F::A>,
+    service: &ServiceValue,
+    id: u32,
+    backend: &Backend<F::A>,
+) -> Result<(), i64> {
     let rev = RevNatValue {
         vip: flow.dst_ip,
         vip_port: flow.dst_port,
@@ -229,7 +276,7 @@ fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend:
         closed_ns: 0,
     };
     // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
-    REV_NAT.insert(rev_key(flow, backend.ip, backend.port), rev, 0)?;
+    F::rev_nat().insert(rev_key(flow, backend.ip, backend.port), rev, 0)?;
     let ct = CtValue {
         backend_ip: backend.ip,
         backend_port: backend.port,
@@ -241,6 +288,6 @@ fn record(flow: &Flow, ct_key: &CtKey, service: &ServiceValue, id: u32, backend:
         // SAFETY: helper without preconditions.
         created_ns: unsafe { bpf_ktime_get_ns() },
     };
-    CONNTRACK.insert(ct_key, ct, 0)?;
+    F::conntrack().insert(ct_key, ct, 0)?;
     Ok(())
 }

@@ -1,13 +1,16 @@
 //! mcs-agent's kernel programs: ClusterSetIP DNAT on TC ingress and reverse NAT
-//! on TC egress of the interfaces that face client pods.
+//! on TC egress of the interfaces that face client pods, for IPv4 and IPv6.
 
 #![no_std]
 #![no_main]
 // BPF's atomic add, for counters every CPU writes.
 #![feature(asm_experimental_arch)]
 
+mod csum;
 mod ct;
 mod egress;
+mod family;
+mod icmp;
 mod ingress;
 mod maps;
 mod nat;

@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES, Health, RevNatKey,
-    RevNatValue, SelectionPair, ServiceKey, ServiceStats, ServiceValue, Stat,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES,
+    FragKey, FragValue, Health, Ip6, RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceStats, ServiceValue,
+    Stat,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
@@ -36,6 +37,32 @@ pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_en
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(DEFAULT_MAX_FRAGS, 0);
+
+// The IPv6 family: the same types at 16-byte addresses. Backend ids are
+// shared with IPv4 (see `mcs_common::Backend`).
+
+#[map]
+pub static SERVICES6: HashMap<ServiceKey<Ip6>, ServiceValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+pub static BACKENDS6: Array<Backend<Ip6>> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static CONNTRACK6: LruHashMap<CtKey<Ip6>, CtValue<Ip6>> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+pub static REV_NAT6: LruHashMap<RevNatKey<Ip6>, RevNatValue<Ip6>> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+pub static AFFINITY6: LruHashMap<AffinityKey<Ip6>, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+#[map]
+pub static FRAGS6: LruHashMap<FragKey<Ip6>, FragValue<Ip6>> = LruHashMap::with_max_entries(DEFAULT_MAX_FRAGS, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);

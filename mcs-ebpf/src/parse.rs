@@ -1,117 +1,287 @@
 //! Header parsing with a bounds check right before every access.
 
 use aya_ebpf::programs::TcContext;
-use mcs_common::{IPPROTO_TCP, IPPROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use mcs_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6};
 
+pub const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
+pub const IPV6_LEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up (Cilium walks 4 as well):
+/// a packet with more is passed untouched and counted.
+const MAX_EXT_HEADERS: usize = 4;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+const ICMP_LEN: usize = 8;
 
-/// An IPv4 TCP or UDP packet's addressing, in map byte order, with the offsets
-/// the NAT helpers need.
-pub struct Flow {
-    pub src_ip: u32,
-    pub dst_ip: u32,
+/// Where a packet sits in a fragmented datagram. Ids are the IPv4 id or the
+/// IPv6 fragment header's, as read (never swapped).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    Whole,
+    /// Offset 0 with more to come: it carries the ports.
+    First(u32),
+    /// No L4 header: only addresses, protocol and id say whose it is.
+    Later(u32),
+}
+
+/// A TCP, UDP or ICMP packet's addressing, in map byte order, with the
+/// offsets the NAT helpers need. `A` is [`Ip4`] or [`Ip6`].
+pub struct Flow<A> {
+    pub src_ip: A,
+    pub dst_ip: A,
+    /// Zero in a later fragment and in ICMP.
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// ICMP or ICMPv6 type; 0 otherwise.
+    pub icmp_type: u8,
     pub l4_off: usize,
-    /// IPv4 total length: the bytes counted per backend.
+    /// The IP packet's length, headers included: the bytes counted per backend.
     pub ip_len: u16,
+    pub frag: Frag,
 }
 
 pub enum Parsed {
-    /// Not IPv4 TCP/UDP: none of our business.
+    /// Not IP TCP/UDP/ICMP: none of our business.
     Other,
-    /// An IPv4 fragment: ports are absent or cannot be trusted alone.
-    Fragment,
     /// A header is cut short or invalid.
     Malformed,
-    Flow(Flow),
+    /// IPv6 with more extension headers than we walk, or ones we do not parse.
+    Unparsed6,
+    V4(Flow<Ip4>),
+    V6(Flow<Ip6>),
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + off) as *const T)
+    Some((start + off) as *mut T)
 }
 
-/// Largest header stack we read: Ethernet + IPv4 with 40 bytes of options + TCP.
-const MAX_HEADERS: u32 = (EthHdr::LEN + 60 + TcpHdr::LEN) as u32;
+/// Reads a `T` at `off`, unaligned.
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    // SAFETY: bounds checked by ptr_at.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Largest header stack the common path reads: Ethernet + IPv4 with 40
+/// bytes of options + TCP (IPv6 + TCP is shorter).
+const MAX_HEADERS: u32 = (ETH_LEN + 60 + TCP_LEN) as u32;
+
+/// Makes the first `want` bytes (or the whole packet, if shorter) linear:
+/// headers of a paged skb may sit outside the linear area.
+#[inline(always)]
+pub fn pull(ctx: &TcContext, want: u32) -> bool {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if linear < want && ctx.len() > linear {
+        let want = if ctx.len() < want { ctx.len() } else { want };
+        return ctx.pull_data(want).is_ok();
+    }
+    true
+}
+
+/// As [`pull`], unconditionally: for rare packets (extension headers, ICMP
+/// errors), where computing the linear length again trips the verifier (the
+/// compiler reuses the packet pointer it read before an earlier pull).
+#[inline(always)]
+pub fn pull_more(ctx: &TcContext, want: u32) -> bool {
+    let len = ctx.len();
+    ctx.pull_data(if len < want { len } else { want }).is_ok()
+}
 
 pub fn parse(ctx: &TcContext) -> Parsed {
-    // Headers of a paged skb may sit outside the linear area; pull what we read.
-    let linear = (ctx.data_end() - ctx.data()) as u32;
-    if linear < MAX_HEADERS && ctx.len() > linear {
-        let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
-        if ctx.pull_data(want).is_err() {
-            return Parsed::Malformed;
+    if !pull(ctx, MAX_HEADERS) {
+        return Parsed::Malformed;
+    }
+    let Some(ether_type) = load::<[u8; 2]>(ctx, 12) else {
+        return Parsed::Other;
+    };
+    match u16::from_be_bytes(ether_type) {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => Parsed::Other,
+    }
+}
+
+/// Ports, TCP flags and ICMP type at `l4_off`; `None` when cut short.
+#[inline(always)]
+fn l4(ctx: &TcContext, proto: u8, l4_off: usize) -> Option<(u16, u16, u8, u8)> {
+    match proto {
+        IPPROTO_TCP => {
+            // Byte 13 holds CWR..FIN.
+            let h = load::<[u8; 14]>(ctx, l4_off)?;
+            Some((u16::from_ne_bytes([h[0], h[1]]), u16::from_ne_bytes([h[2], h[3]]), h[13], 0))
+        }
+        IPPROTO_UDP => {
+            let h = load::<[u8; 4]>(ctx, l4_off)?;
+            Some((u16::from_ne_bytes([h[0], h[1]]), u16::from_ne_bytes([h[2], h[3]]), 0, 0))
+        }
+        _ => {
+            // Two bytes, not one: `p + 1 > end` compiles to `p >= end`,
+            // from which the verifier learns no readable range.
+            let h = load::<[u8; 2]>(ctx, l4_off)?;
+            Some((0, 0, 0, h[0]))
         }
     }
+}
 
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Parsed::Other;
-    };
-    // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return Parsed::Other;
+#[inline(always)]
+const fn l4_min(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => TCP_LEN,
+        IPPROTO_UDP => UDP_LEN,
+        _ => ICMP_LEN,
     }
-    let l3_off = EthHdr::LEN;
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+}
+
+fn parse_v4(ctx: &TcContext) -> Parsed {
+    let l3_off = ETH_LEN;
+    let Some(ip) = load::<[u8; 20]>(ctx, l3_off) else {
         return Parsed::Malformed;
     };
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &*ip };
-    let proto = ip.proto;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let proto = ip[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
         return Parsed::Other;
     }
-    let ihl = (ip.vihl & 0x0f) as usize * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
     }
-    let frags = u16::from_be_bytes(ip.frags);
-    if frags & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return Parsed::Fragment;
-    }
-    let src_ip = u32::from_ne_bytes(ip.src_addr);
-    let dst_ip = u32::from_ne_bytes(ip.dst_addr);
+    let ip_len = u16::from_be_bytes([ip[2], ip[3]]);
+    let id = u32::from(u16::from_ne_bytes([ip[4], ip[5]]));
+    let frags = u16::from_be_bytes([ip[6], ip[7]]);
+    let frag = if frags & IP_OFFSET_MASK != 0 {
+        Frag::Later(id)
+    } else if frags & IP_MF != 0 {
+        Frag::First(id)
+    } else {
+        Frag::Whole
+    };
+    let src_ip = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    let dst_ip = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
     let l4_off = l3_off + ihl;
+    let mut flow =
+        Flow { src_ip, dst_ip, src_port: 0, dst_port: 0, proto, tcp_flags: 0, icmp_type: 0, l4_off, ip_len, frag };
+    if let Frag::Later(_) = frag {
+        return Parsed::V4(flow);
+    }
     // The IP packet must hold the whole L4 header: bytes past its total length
     // (Ethernet padding, garbage) are not the packet's and are never rewritten.
-    let l4_len = if proto == IPPROTO_TCP { TcpHdr::LEN } else { UdpHdr::LEN };
-    let ip_len = u16::from_be_bytes(ip.tot_len);
-    if (ip_len as usize) < ihl + l4_len {
+    if (ip_len as usize) < ihl + l4_min(proto) {
         return Parsed::Malformed;
     }
-
-    let (src_port, dst_port, tcp_flags) = if proto == IPPROTO_TCP {
-        let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
-            return Parsed::Malformed;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let tcp = unsafe { &*tcp };
-        // Byte 13 of the TCP header holds CWR..FIN; the bitfield accessors cost more.
-        let flags_byte = unsafe { *((tcp as *const TcpHdr as *const u8).add(13)) };
-        (u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), flags_byte)
-    } else {
-        let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
-            return Parsed::Malformed;
-        };
-        // SAFETY: bounds checked by ptr_at.
-        let udp = unsafe { &*udp };
-        (u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), 0)
+    let Some((src_port, dst_port, tcp_flags, icmp_type)) = l4(ctx, proto, l4_off) else {
+        return Parsed::Malformed;
     };
+    flow.src_port = src_port;
+    flow.dst_port = dst_port;
+    flow.tcp_flags = tcp_flags;
+    flow.icmp_type = icmp_type;
+    Parsed::V4(flow)
+}
 
-    Parsed::Flow(Flow { src_ip, dst_ip, src_port, dst_port, proto, tcp_flags, l4_off, ip_len })
+fn parse_v6(ctx: &TcContext) -> Parsed {
+    let l3_off = ETH_LEN;
+    let Some(ip) = load::<[u8; 8]>(ctx, l3_off) else {
+        return Parsed::Malformed;
+    };
+    if ip[0] >> 4 != 6 {
+        return Parsed::Malformed;
+    }
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
+    let (Some(src_ip), Some(dst_ip)) = (load::<Ip6>(ctx, l3_off + 8), load::<Ip6>(ctx, l3_off + 24)) else {
+        return Parsed::Malformed;
+    };
+    let mut next = ip[6];
+    let mut off = l3_off + IPV6_LEN;
+    let mut frag = Frag::Whole;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                if !pull_more(ctx, (off + 2) as u32) {
+                    return Parsed::Malformed;
+                }
+                let Some(h) = load::<[u8; 2]>(ctx, off) else {
+                    return Parsed::Malformed;
+                };
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                if !pull_more(ctx, (off + 8) as u32) {
+                    return Parsed::Malformed;
+                }
+                let Some(h) = load::<[u8; 8]>(ctx, off) else {
+                    return Parsed::Malformed;
+                };
+                next = h[0];
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                let id = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+                frag = if offset_flags & 0xfff8 != 0 {
+                    Frag::Later(id)
+                } else if offset_flags & 1 != 0 {
+                    Frag::First(id)
+                } else {
+                    // An atomic fragment (RFC 6946): a whole datagram.
+                    Frag::Whole
+                };
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    let proto = next;
+    if matches!(proto, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT) {
+        return Parsed::Unparsed6;
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMPV6 {
+        return Parsed::Other;
+    }
+    let ip_len = payload_len.saturating_add(IPV6_LEN as u16);
+    let mut flow = Flow {
+        src_ip,
+        dst_ip,
+        src_port: 0,
+        dst_port: 0,
+        proto,
+        tcp_flags: 0,
+        icmp_type: 0,
+        l4_off: off,
+        ip_len,
+        frag,
+    };
+    if let Frag::Later(_) = frag {
+        return Parsed::V6(flow);
+    }
+    if (ip_len as usize) < off - l3_off + l4_min(proto) {
+        return Parsed::Malformed;
+    }
+    if off > ETH_LEN + IPV6_LEN && !pull_more(ctx, (off + TCP_LEN) as u32) {
+        return Parsed::Malformed;
+    }
+    let Some((src_port, dst_port, tcp_flags, icmp_type)) = l4(ctx, proto, off) else {
+        return Parsed::Malformed;
+    };
+    flow.src_port = src_port;
+    flow.dst_port = dst_port;
+    flow.tcp_flags = tcp_flags;
+    flow.icmp_type = icmp_type;
+    Parsed::V6(flow)
 }

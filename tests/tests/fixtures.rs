@@ -557,7 +557,7 @@ fn entries_of_a_connection_closed_long_ago_are_never_used_again() {
     run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
     assert_eq!(dp.stat(Stat::ClosedExpired), 2);
     let (ct, _) = flow_entries(&dp, sport);
-    assert_eq!(ct.unwrap().closed_ns, 0, "what remains is a fresh entry");
+    assert_eq!({ ct.unwrap().closed_ns }, 0, "what remains is a fresh entry");
 }
 
 #[test]

@@ -1,0 +1,266 @@
+//! ICMP and ICMPv6: errors about translated flows, on their way back to the
+//! client, and the errors we send ourselves for a frontend that has no
+//! backend.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use mcs_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RevNatKey, Stat};
+
+use crate::{
+    csum::{Delta, fold},
+    family::{Family, write_ip},
+    maps::{TC_ACT_SHOT, TC_NEXT, count},
+    parse::{ETH_LEN, Flow, IPV6_LEN, load, ptr_at, pull_more},
+};
+
+const ICMP_HDR: usize = 8;
+/// An inner header stack we read: IPv4 with options (or IPv6) and the TCP
+/// header up to its checksum.
+const QUOTE_MAX: usize = 60 + 18;
+
+/// Errors that quote the packet they are about (RFC 792, RFC 4443).
+#[inline(always)]
+fn is_error<F: Family>(icmp_type: u8) -> bool {
+    if F::HEADER_CSUM {
+        // Destination unreachable (incl. fragmentation needed), time
+        // exceeded, parameter problem.
+        matches!(icmp_type, 3 | 11 | 12)
+    } else {
+        // Destination unreachable, packet too big, time exceeded, parameter problem.
+        matches!(icmp_type, 1..=4)
+    }
+}
+
+/// An ICMP error to a client about a packet we translated (client → VIP,
+/// sent on as client → pod) quotes the pod's address. The client's kernel
+/// matches errors to sockets by the quote, so it would never learn of it:
+/// the quote's destination becomes the VIP again, with its checksums, and
+/// if the pod itself sent the error, so does the outer source.
+#[inline(always)]
+pub fn translate_error<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
+    if !is_error::<F>(flow.icmp_type) {
+        return TC_NEXT;
+    }
+    let inner = flow.l4_off + ICMP_HDR;
+    if !pull_more(ctx, (inner + QUOTE_MAX) as u32) {
+        return TC_NEXT;
+    }
+    match translate_quote::<F>(ctx, flow, inner) {
+        Ok(true) => {
+            count(Stat::IcmpRevNat);
+            TC_NEXT
+        }
+        Ok(false) => TC_NEXT,
+        Err(_) => {
+            count(Stat::RewriteFailed);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) -> Result<bool, i64> {
+    // The quoted header: its length, protocol and addresses.
+    let (ihl, proto) = if F::HEADER_CSUM {
+        let Some(h) = load::<[u8; 10]>(ctx, inner) else { return Ok(false) };
+        ((h[0] & 0x0f) as usize * 4, h[9])
+    } else {
+        let Some(h) = load::<[u8; 8]>(ctx, inner) else { return Ok(false) };
+        (IPV6_LEN, h[6])
+    };
+    if ihl < 20 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return Ok(false);
+    }
+    // One at a time: a pair of Options leaves an uninitialised register on
+    // the path where the first is None, which the verifier refuses.
+    let Some(client) = load::<F::A>(ctx, inner + F::SRC_OFF) else { return Ok(false) };
+    let Some(backend) = load::<F::A>(ctx, inner + F::DST_OFF) else { return Ok(false) };
+    // The error must be about the very client it goes to.
+    if client != flow.dst_ip {
+        return Ok(false);
+    }
+    let l4 = inner + ihl;
+    let Some(ports) = load::<[u16; 2]>(ctx, l4) else { return Ok(false) };
+    let key = RevNatKey {
+        backend_ip: backend,
+        client_ip: client,
+        backend_port: ports[1],
+        client_port: ports[0],
+        proto,
+        _pad: [0; 3],
+    };
+    let Some(rev) = F::rev_nat().get_ptr(&key) else { return Ok(false) };
+    // SAFETY: map value pointer, valid for this program run; copied.
+    let rev = unsafe { *rev };
+    let (vip, vip_port) = (rev.vip, rev.vip_port);
+
+    // Every pointer is checked before the first write.
+    let icmp_csum = ptr_at::<u16>(ctx, flow.l4_off + 2).ok_or(-1i64)?;
+    let quoted_dst = ptr_at::<F::A>(ctx, inner + F::DST_OFF).ok_or(-1i64)?;
+    let quoted_port = ptr_at::<u16>(ctx, l4 + 2).ok_or(-1i64)?;
+    let quoted_ip_csum = if F::HEADER_CSUM { ptr_at::<u16>(ctx, inner + 10) } else { None };
+    // The quoted L4 checksum, when the quote is long enough to hold it.
+    let quoted_l4_csum = ptr_at::<u16>(ctx, l4 + if proto == IPPROTO_UDP { 6 } else { 16 });
+
+    let addr = F::delta(Delta::NONE, backend, vip);
+    let port = Delta::NONE.word(ports[1], vip_port);
+    // SAFETY: every pointer was bounds-checked by ptr_at above.
+    let mut icmp = unsafe {
+        quoted_dst.write_unaligned(vip);
+        quoted_port.write_unaligned(vip_port);
+        addr.word(ports[1], vip_port)
+    };
+    if let Some(p) = quoted_ip_csum {
+        // SAFETY: as above.
+        unsafe {
+            let old = p.read_unaligned();
+            let new = addr.apply(old);
+            p.write_unaligned(new);
+            icmp = icmp.word(old, new);
+        }
+    }
+    if let Some(p) = quoted_l4_csum {
+        // SAFETY: as above.
+        unsafe {
+            let old = p.read_unaligned();
+            // A UDP checksum of zero means "none".
+            if !(proto == IPPROTO_UDP && old == 0) {
+                let mut new = Delta(addr.0.wrapping_add(port.0)).apply(old);
+                if proto == IPPROTO_UDP && new == 0 {
+                    new = 0xffff;
+                }
+                p.write_unaligned(new);
+                icmp = icmp.word(old, new);
+            }
+        }
+    }
+    // The pod itself answered (port unreachable): it speaks as the VIP.
+    if flow.src_ip == backend {
+        let outer = write_ip::<F>(ctx, F::SRC_OFF, backend, vip)?;
+        if !F::HEADER_CSUM {
+            // ICMPv6's checksum covers the pseudo-header.
+            icmp = Delta(icmp.0.wrapping_add(outer.0));
+        }
+    }
+    // write_ip validated its own pointers; ours are still in bounds (no helper ran).
+    let icmp_csum = ptr_at::<u16>(ctx, flow.l4_off + 2).unwrap_or(icmp_csum);
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { icmp_csum.write_unaligned(icmp.apply(icmp_csum.read_unaligned())) };
+    Ok(true)
+}
+
+/// Answers a new flow to a frontend without a usable backend with an ICMP
+/// port unreachable from the VIP, back out of the interface it came in on:
+/// the client's connect() or recv() fails at once with ECONNREFUSED, as with
+/// kube-proxy's REJECT. The packet itself becomes the error (trimmed to its
+/// headers and 8 bytes, the error's headers pushed in front), so nothing is
+/// allocated. Packets with IP options or IPv6 extension headers are dropped
+/// instead.
+#[inline(always)]
+pub fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
+    let made = if F::HEADER_CSUM { reject4(ctx, flow.l4_off) } else { reject6(ctx, flow.l4_off) };
+    if made.is_err() {
+        return TC_ACT_SHOT;
+    }
+    count(Stat::Rejected);
+    // SAFETY: a plain skb field read.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: helper without preconditions.
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    if action == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as i32 } else { TC_ACT_SHOT }
+}
+
+/// The ones'-complement sum of wire-order 16-bit words.
+#[inline(always)]
+fn sum_words<const N: usize>(words: &[u16; N]) -> u32 {
+    let mut s = 0u32;
+    for w in words {
+        s += u32::from(*w);
+    }
+    s
+}
+
+/// A 16-bit word of two wire bytes.
+#[inline(always)]
+const fn w(a: u8, b: u8) -> u16 {
+    u16::from_ne_bytes([a, b])
+}
+
+/// Trims the packet to its headers and 8 bytes of L4 (`keep`), makes room
+/// after the Ethernet header for the error's own headers, writes `error`
+/// (those headers, then the quote) there and swaps the Ethernet addresses.
+#[inline(always)]
+fn turn_around<T>(ctx: &TcContext, keep: u32, error: &T) -> Result<(), i64> {
+    let eth: [u16; 6] = ctx.load(0)?;
+    // SAFETY: the context's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, keep, 0) } != 0 {
+        return Err(-1);
+    }
+    let grow = core::mem::size_of::<T>() - (keep as usize - ETH_LEN);
+    ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)?;
+    ctx.store(ETH_LEN, error, 0)?;
+    let swapped = [eth[3], eth[4], eth[5], eth[0], eth[1], eth[2]];
+    ctx.store(0, &swapped, 0)?;
+    Ok(())
+}
+
+#[repr(C)]
+struct Error4 {
+    ip: [u16; 10],
+    icmp: [u16; 4],
+    /// The client's IPv4 header and its first 8 L4 bytes.
+    quote: [u16; 14],
+}
+
+#[repr(C)]
+struct Error6 {
+    ip: [u16; 20],
+    icmp: [u16; 4],
+    /// The client's IPv6 header and its first 8 L4 bytes.
+    quote: [u16; 24],
+}
+
+// Subprograms: their buffers get frames of their own.
+#[inline(never)]
+fn reject4(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+    if l4_off != ETH_LEN + 20 {
+        return Err(-1);
+    }
+    let quote: [u16; 14] = ctx.load(ETH_LEN)?;
+    let len = core::mem::size_of::<Error4>() as u16;
+    let mut e = Error4 {
+        ip: [w(0x45, 0), len.to_be(), 0, 0, w(64, IPPROTO_ICMP), 0, quote[8], quote[9], quote[6], quote[7]],
+        // Destination unreachable, port unreachable.
+        icmp: [w(3, 3), 0, 0, 0],
+        quote,
+    };
+    e.ip[5] = !fold(0, sum_words(&e.ip));
+    e.icmp[1] = !fold(sum_words(&e.icmp), sum_words(&e.quote));
+    turn_around(ctx, (ETH_LEN + 28) as u32, &e)
+}
+
+#[inline(never)]
+fn reject6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+    if l4_off != ETH_LEN + IPV6_LEN {
+        return Err(-1);
+    }
+    let quote: [u16; 24] = ctx.load(ETH_LEN)?;
+    let payload = (core::mem::size_of::<Error6>() - IPV6_LEN) as u16;
+    let mut e = Error6 { ip: [0; 20], icmp: [w(1, 4), 0, 0, 0], quote };
+    e.ip[0] = w(0x60, 0);
+    e.ip[2] = payload.to_be();
+    e.ip[3] = w(IPPROTO_ICMPV6, 64);
+    // Source: the VIP the client asked for; destination: the client.
+    for i in 0..8 {
+        e.ip[4 + i] = quote[12 + i];
+        e.ip[12 + i] = quote[4 + i];
+    }
+    // The pseudo-header (both addresses, the length, the next header) and the message.
+    let mut sum = sum_words(&e.ip) - u32::from(e.ip[0]) - u32::from(e.ip[2]) - u32::from(e.ip[3]);
+    sum += u32::from(payload.to_be()) + u32::from(w(0, IPPROTO_ICMPV6));
+    e.icmp[1] = !fold(sum + sum_words(&e.icmp), sum_words(&e.quote));
+    turn_around(ctx, (ETH_LEN + IPV6_LEN + 8) as u32, &e)
+}
