@@ -21,15 +21,19 @@ use aya::{
     util::KernelVersion,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, Health, LAYOUT_VERSION, MAP_AFFINITY,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_HEALTH, MAP_REV_NAT, MAP_SELECTION,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
+    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, FragKey, FragValue, Health, Ip6, LAYOUT_VERSION,
+    MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONNTRACK,
+    MAP_CONNTRACK6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_REV_NAT, MAP_REV_NAT6, MAP_SELECTION, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SERVICES6, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
     SelectionPair, ServiceKey, ServiceStats, ServiceValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::plan::{Capacity, MapOp};
+use crate::{
+    desired::{BackendAddr, FrontendKey},
+    plan::{Capacity, FamilyBackend, FamilyKey, MapOp, backend_addr, frontend_of},
+};
 
 /// The eBPF object, built by this crate's build script from `mcs-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcs-ebpf"));
@@ -207,10 +211,15 @@ impl Drop for SlotMemory {
 struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: Array<MapData, Backend>,
+    services6: HashMap<MapData, ServiceKey<Ip6>, ServiceValue>,
+    backends6: Array<MapData, Backend<Ip6>>,
     selection: SlotMemory,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    conntrack6: HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>,
+    rev_nat6: HashMap<MapData, RevNatKey<Ip6>, RevNatValue<Ip6>>,
+    affinity6: HashMap<MapData, AffinityKey<Ip6>, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
@@ -375,9 +384,10 @@ pub enum Attached {
 
 /// The kernel state an agent finds at start, to rebuild its allocations from.
 pub struct KernelState {
-    pub services: Vec<(ServiceKey, ServiceValue)>,
-    /// Non-free entries of `BACKENDS`.
-    pub backends: Vec<(u32, Backend)>,
+    /// `SERVICES` and `SERVICES6`, as frontends (or the unknown protocol).
+    pub services: Vec<(Result<FrontendKey, u8>, ServiceValue)>,
+    /// Non-free entries of `BACKENDS` and `BACKENDS6`.
+    pub backends: Vec<(u32, BackendAddr)>,
 }
 
 pub struct Datapath {
@@ -421,6 +431,29 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Forgets ClientIP affinity of these backends (all when `None`) for a
+/// frontend, in one family's map.
+fn purge_affinity<A: mcs_common::MapAddr>(
+    map: &mut HashMap<MapData, AffinityKey<A>, AffinityValue>,
+    service_id: u32,
+    backend_ids: Option<&[u32]>,
+) -> Result<(), MapError> {
+    // Collect first: deleting while iterating restarts the kernel's walk.
+    let stale: Vec<AffinityKey<A>> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| k.service_id == service_id && backend_ids.is_none_or(|ids| ids.contains(&v.backend_id)))
+        .map(|(k, _)| k)
+        .collect();
+    for key in stale {
+        match map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// `<bpffs>/mcs/v<LAYOUT_VERSION>`: where this layout's maps are pinned.
 pub fn pin_dir(bpffs: &Path) -> PathBuf {
     LayoutDir::new(bpffs, LAYOUT_VERSION).dir
@@ -432,6 +465,13 @@ fn expected(name: &str) -> (MapType, usize, usize, u32) {
     match name {
         MAP_SERVICES => (MapType::Hash, size_of::<ServiceKey>(), size_of::<ServiceValue>(), 0),
         MAP_BACKENDS => (MapType::Array, 4, size_of::<Backend>(), 0),
+        MAP_SERVICES6 => (MapType::Hash, size_of::<ServiceKey<Ip6>>(), size_of::<ServiceValue>(), 0),
+        MAP_BACKENDS6 => (MapType::Array, 4, size_of::<Backend<Ip6>>(), 0),
+        MAP_CONNTRACK6 => (MapType::LruHash, size_of::<CtKey<Ip6>>(), size_of::<CtValue<Ip6>>(), 0),
+        MAP_REV_NAT6 => (MapType::LruHash, size_of::<RevNatKey<Ip6>>(), size_of::<RevNatValue<Ip6>>(), 0),
+        MAP_AFFINITY6 => (MapType::LruHash, size_of::<AffinityKey<Ip6>>(), size_of::<AffinityValue>(), 0),
+        MAP_FRAGS => (MapType::LruHash, size_of::<FragKey>(), size_of::<FragValue>(), 0),
+        MAP_FRAGS6 => (MapType::LruHash, size_of::<FragKey<Ip6>>(), size_of::<FragValue<Ip6>>(), 0),
         MAP_SELECTION => (MapType::Array, 4, size_of::<SelectionPair>(), aya_obj_mmapable()),
         MAP_CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 0),
         MAP_REV_NAT => (MapType::LruHash, size_of::<RevNatKey>(), size_of::<RevNatValue>(), 0),
@@ -517,6 +557,14 @@ impl Datapath {
             (MAP_CONFIG, 1),
             (MAP_BACKEND_STATS, capacity.backends.min(stats_entries)),
             (MAP_SERVICE_STATS, capacity.services.saturating_add(1).min(stats_entries)),
+            (MAP_SERVICES6, capacity.services),
+            (MAP_BACKENDS6, capacity.backends),
+            (MAP_CONNTRACK6, conntrack),
+            (MAP_REV_NAT6, conntrack),
+            (MAP_AFFINITY6, conntrack),
+            (MAP_FRAGS, mcs_common::DEFAULT_MAX_FRAGS),
+            (MAP_FRAGS6, mcs_common::DEFAULT_MAX_FRAGS),
+            // Last: its size is read back below.
             (MAP_HEALTH, capacity.backends.min(stats_entries)),
         ];
         let layout = match pins {
@@ -582,6 +630,11 @@ impl Datapath {
         let maps = Maps {
             services: take(&mut ebpf, MAP_SERVICES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
+            services6: take(&mut ebpf, MAP_SERVICES6)?,
+            backends6: take(&mut ebpf, MAP_BACKENDS6)?,
+            conntrack6: take(&mut ebpf, MAP_CONNTRACK6)?,
+            rev_nat6: take(&mut ebpf, MAP_REV_NAT6)?,
+            affinity6: take(&mut ebpf, MAP_AFFINITY6)?,
             selection: map_selection(&mut ebpf, capacity.slots)?,
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
             rev_nat: take(&mut ebpf, MAP_REV_NAT)?,
@@ -670,10 +723,19 @@ impl Datapath {
 
     /// What the maps hold, for rebuilding the agent's allocations after a restart.
     pub fn kernel_state(&self) -> KernelState {
-        let services = self.maps.services.iter().filter_map(Result::ok).collect();
-        let backends = (1..self.sizes.capacity.backends)
-            .filter_map(|id| Some((id, self.maps.backends.get(&id, 0).ok()?)))
+        let maps = &self.maps;
+        let services = (maps.services.iter().filter_map(Result::ok).map(|(k, v)| (frontend_of(&k), v)))
+            .chain(maps.services6.iter().filter_map(Result::ok).map(|(k, v)| (frontend_of(&k), v)))
+            .collect();
+        let ids = 1..self.sizes.capacity.backends;
+        let backends = (ids.clone().filter_map(|id| Some((id, maps.backends.get(&id, 0).ok()?))))
             .filter(|(_, b)| *b != Backend::default())
+            .map(|(id, b)| (id, backend_addr(&b)))
+            .chain(
+                ids.filter_map(|id| Some((id, maps.backends6.get(&id, 0).ok()?)))
+                    .filter(|(_, b)| *b != Backend::default())
+                    .map(|(id, b)| (id, backend_addr(&b))),
+            )
             .collect();
         KernelState { services, backends }
     }
@@ -873,7 +935,10 @@ impl Datapath {
                     // A new id: its counters must not carry an earlier backend's.
                     zero(&mut maps.backend_stats, *id).map_err(map_err(MAP_BACKEND_STATS))?;
                     maps.health.zero(*id);
-                    maps.backends.set(*id, backend, 0).map_err(map_err(MAP_BACKENDS))?;
+                    match backend {
+                        FamilyBackend::V4(b) => maps.backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?,
+                        FamilyBackend::V6(b) => maps.backends6.set(*id, b, 0).map_err(map_err(MAP_BACKENDS6))?,
+                    }
                 }
                 MapOp::PutSlots { offset, ids } => {
                     maps.selection.write(*offset, ids).map_err(map_err(MAP_SELECTION))?;
@@ -884,35 +949,31 @@ impl Datapath {
                     if *fresh {
                         zero(&mut maps.service_stats, value.service_id).map_err(map_err(MAP_SERVICE_STATS))?;
                     }
-                    maps.services.insert(key, value, 0).map_err(map_err(MAP_SERVICES))?;
-                }
-                MapOp::DeleteService { key } => match maps.services.remove(key) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(source) => {
-                        return Err(DatapathError::Map { name: MAP_SERVICES, source });
+                    match key {
+                        FamilyKey::V4(k) => maps.services.insert(k, value, 0).map_err(map_err(MAP_SERVICES))?,
+                        FamilyKey::V6(k) => maps.services6.insert(k, value, 0).map_err(map_err(MAP_SERVICES6))?,
                     }
-                },
+                }
+                MapOp::DeleteService { key } => {
+                    let (name, result) = match key {
+                        FamilyKey::V4(k) => (MAP_SERVICES, maps.services.remove(k)),
+                        FamilyKey::V6(k) => (MAP_SERVICES6, maps.services6.remove(k)),
+                    };
+                    match result {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(source) => return Err(DatapathError::Map { name, source }),
+                    }
+                }
                 MapOp::PurgeAffinity { service_id, backend_ids } => {
-                    // Collect first: deleting while iterating restarts the kernel's walk.
-                    let stale: Vec<AffinityKey> = maps
-                        .affinity
-                        .iter()
-                        .filter_map(Result::ok)
-                        .filter(|(k, v)| {
-                            k.service_id == *service_id
-                                && backend_ids.as_ref().is_none_or(|ids| ids.contains(&v.backend_id))
-                        })
-                        .map(|(k, _)| k)
-                        .collect();
-                    for key in stale {
-                        match maps.affinity.remove(&key) {
-                            Ok(()) | Err(MapError::KeyNotFound) => {}
-                            Err(source) => return Err(DatapathError::Map { name: MAP_AFFINITY, source }),
-                        }
-                    }
+                    let ids = backend_ids.as_deref();
+                    purge_affinity(&mut maps.affinity, *service_id, ids).map_err(map_err(MAP_AFFINITY))?;
+                    purge_affinity(&mut maps.affinity6, *service_id, ids).map_err(map_err(MAP_AFFINITY6))?;
                 }
-                MapOp::ClearBackend { id } => {
+                MapOp::ClearBackend { id, v6: false } => {
                     maps.backends.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS))?;
+                }
+                MapOp::ClearBackend { id, v6: true } => {
+                    maps.backends6.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS6))?;
                 }
             }
         }
@@ -1227,13 +1288,13 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usi
         .flat_map(|m| m.iter().filter_map(Result::ok))
         .filter_map(|(k, v)| Some((v.service_id, *new_service_ids.get(&k)?)))
         .collect();
-    let new_backend_ids: BTreeMap<Backend, u32> =
+    let new_backend_ids: BTreeMap<BackendAddr, u32> =
         current.kernel_state().backends.into_iter().map(|(id, b)| (b, id)).collect();
     let backend_id = |old_id: u32| -> u32 {
         old_backends
             .as_ref()
             .and_then(|m| m.get(&old_id, 0).ok())
-            .and_then(|b| new_backend_ids.get(&b).copied())
+            .and_then(|b| new_backend_ids.get(&backend_addr(&b)).copied())
             .unwrap_or(mcs_common::NO_BACKEND)
     };
     let no_exist = 1; // BPF_NOEXIST

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -60,27 +60,28 @@ impl fmt::Display for Protocol {
 /// `ClusterSetIP:port/protocol`, what a client dials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
-    pub vip: Ipv4Addr,
+    /// One entry of `spec.ips`: each family's ClusterSetIP is its own frontend.
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for FrontendKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.vip, self.port, self.protocol)
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.vip, self.port), self.protocol)
     }
 }
 
 /// A pod `IP:port` that serves a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
     }
 }
 
@@ -151,11 +152,14 @@ pub struct Policy {
     pub max_table_size: u32,
     /// Leave imports that a derived Service already serves to kube-proxy.
     pub skip_derived: bool,
-    /// `--clusterset-ip-cidr`: when set, a ClusterSetIP must fall in one of them.
-    pub vip_cidrs: Vec<ipnet::Ipv4Net>,
+    /// `--clusterset-ip-cidr`: when one of a family is set, a ClusterSetIP of
+    /// that family must fall in one of them.
+    pub vip_cidrs: Vec<ipnet::IpNet>,
     /// This node's own addresses: never a ClusterSetIP (it would capture the
     /// node's traffic).
-    pub node_addresses: BTreeSet<Ipv4Addr>,
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// The node has IPv6 (not disabled): IPv6 ClusterSetIPs can be served.
+    pub ipv6: bool,
 }
 
 impl Default for Policy {
@@ -167,6 +171,7 @@ impl Default for Policy {
             skip_derived: false,
             vip_cidrs: Vec::new(),
             node_addresses: BTreeSet::new(),
+            ipv6: true,
         }
     }
 }
@@ -208,9 +213,8 @@ impl ObjectError {
 struct ValidImport {
     namespace: String,
     name: String,
-    vip: Ipv4Addr,
-    /// Where the VIP stands in `spec.ips`, for error messages.
-    vip_index: usize,
+    /// Each ClusterSetIP with its index in `spec.ips` (for error messages).
+    vips: Vec<(IpAddr, usize)>,
     ports: Vec<(FrontendKey, String)>,
     affinity_timeout_secs: u32,
     traffic_distribution: Option<TrafficDistribution>,
@@ -220,8 +224,8 @@ struct ValidImport {
     skipped: Vec<ObjectError>,
 }
 
-/// Checks one ServiceImport. `Ok(None)`: valid but has no IPv4 VIP to serve
-/// (Headless, IPv6-only, or no IP allocated yet).
+/// Checks one ServiceImport. `Ok(None)`: valid but has no VIP to serve
+/// (Headless, or no IP allocated yet).
 fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<ValidImport>, ObjectError> {
     let (namespace, name) = object_ref(&import.metadata);
     let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
@@ -245,20 +249,41 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
             format!("has {} addresses; at most 2 (one per IP family) are allowed", spec.ips.len()),
         ));
     }
-    let mut vip = None;
-    let mut vip_index = 0;
+    let mut vips: Vec<(IpAddr, usize)> = Vec::new();
     for (i, raw) in spec.ips.iter().enumerate() {
         let ip: IpAddr =
             raw.parse().map_err(|_| err(format!("spec.ips[{i}]"), format!("{raw:?} is not an IP address")))?;
-        if let IpAddr::V4(v4) = ip {
-            if vip.is_some() {
-                return Err(err(format!("spec.ips[{i}]"), "a second IPv4 address; one per family is allowed".into()));
+        if vips.iter().any(|(other, _)| other.is_ipv4() == ip.is_ipv4()) {
+            return Err(err(
+                format!("spec.ips[{i}]"),
+                format!("a second {} address; one per family is allowed", family_name(ip)),
+            ));
+        }
+        if let Some(why) = never_a_vip(ip) {
+            return Err(err(format!("spec.ips[{i}]"), format!("{ip} cannot be a ClusterSetIP: {why}")));
+        }
+        vips.push((ip, i));
+    }
+    // Optional; when present it names the family of each entry of `ips`.
+    if !spec.ip_families.is_empty() {
+        if spec.ip_families.len() != spec.ips.len() {
+            return Err(err(
+                "spec.ipFamilies".into(),
+                format!(
+                    "lists {} families for {} addresses in spec.ips; they must match element by element",
+                    spec.ip_families.len(),
+                    spec.ips.len()
+                ),
+            ));
+        }
+        for (ip, i) in &vips {
+            let family = &spec.ip_families[*i];
+            if family != family_name(*ip) {
+                return Err(err(
+                    format!("spec.ipFamilies[{i}]"),
+                    format!("{family:?} does not match spec.ips[{i}] {ip} ({})", family_name(*ip)),
+                ));
             }
-            if let Some(why) = never_a_vip(v4) {
-                return Err(err(format!("spec.ips[{i}]"), format!("{v4} cannot be a ClusterSetIP: {why}")));
-            }
-            vip = Some(v4);
-            vip_index = i;
         }
     }
     let mut ports = Vec::with_capacity(spec.ports.len());
@@ -310,16 +335,19 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         ),
         None => None,
     };
-    let Some(vip) = vip else {
+    if vips.is_empty() {
         return Ok(None);
-    };
-    let ports =
-        ports.into_iter().map(|(port, protocol, port_name)| (FrontendKey { vip, port, protocol }, port_name)).collect();
+    }
+    let ports = ports
+        .into_iter()
+        .map(|(port, protocol, port_name)| {
+            (FrontendKey { vip: Ipv4Addr::UNSPECIFIED.into(), port, protocol }, port_name)
+        })
+        .collect();
     Ok(Some(ValidImport {
         namespace,
         name,
-        vip,
-        vip_index,
+        vips,
         ports,
         affinity_timeout_secs,
         traffic_distribution: TrafficDistribution::parse(spec.traffic_distribution.as_deref()),
@@ -333,19 +361,25 @@ struct ValidSlice {
     skipped: Vec<ObjectError>,
     /// (name, protocol) -> port number
     ports: BTreeMap<(String, Protocol), u16>,
-    endpoints: Vec<(Ipv4Addr, Locality, Condition)>,
+    endpoints: Vec<(IpAddr, Locality, Condition)>,
 }
 
-/// Checks one EndpointSlice. `Ok(None)`: not an IPv4 slice (IPv6 and FQDN are not served).
+/// `IPv4` or `IPv6`, as `ipFamilies` and `addressType` spell them.
+pub fn family_name(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Checks one EndpointSlice. `Ok(None)`: an FQDN slice (not served).
 fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<ValidSlice>, ObjectError> {
     let err = ObjectError::about(origin, "EndpointSlice", &slice.metadata);
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" | "FQDN" => return Ok(None),
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return Ok(None),
         other => {
             return Err(err("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN")));
         }
-    }
+    };
     let mut ports = BTreeMap::new();
     let mut skipped = Vec::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
@@ -385,9 +419,17 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
             node: endpoint.node_name.clone(),
         };
         for (j, raw) in endpoint.addresses.iter().enumerate() {
-            let ip: Ipv4Addr = raw.parse().map_err(|_| {
-                err(format!("endpoints[{i}].addresses[{j}]"), format!("{raw:?} is not an IPv4 address"))
-            })?;
+            let ip: IpAddr =
+                if v6 { raw.parse::<Ipv6Addr>().map(IpAddr::from) } else { raw.parse::<Ipv4Addr>().map(IpAddr::from) }
+                    .map_err(|_| {
+                        err(
+                            format!("endpoints[{i}].addresses[{j}]"),
+                            format!(
+                                "{raw:?} is not an {} address (addressType {})",
+                                slice.address_type, slice.address_type
+                            ),
+                        )
+                    })?;
             endpoints.push((ip, locality.clone(), condition));
         }
     }
@@ -398,7 +440,7 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Runtime {
     /// ClusterSetIP -> the import serving it: a newcomer never takes it over.
-    pub held: BTreeMap<Ipv4Addr, String>,
+    pub held: BTreeMap<IpAddr, String>,
     /// Backends passive health ejected: no new connections, unhealthy in their tier.
     pub ejected: BTreeSet<BackendAddr>,
     /// Backends back from an ejection: unhealthy in their tier, but each gets
@@ -455,7 +497,25 @@ fn selected_clusters<'a>(
 }
 
 /// Addresses that can never be a ClusterSetIP, whatever the flags say.
-fn never_a_vip(ip: Ipv4Addr) -> Option<&'static str> {
+fn never_a_vip(ip: IpAddr) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(ip) => {
+            return if ip.is_unspecified() {
+                Some("the unspecified address ::")
+            } else if ip.is_loopback() {
+                Some("the loopback address; it would capture the pod's own traffic")
+            } else if ip.is_multicast() {
+                Some("a multicast address")
+            } else if ip.is_unicast_link_local() {
+                Some("a link-local address (fe80::/10)")
+            } else if ip.to_ipv4_mapped().is_some() {
+                Some("an IPv4-mapped address (::ffff:0:0/96); list the IPv4 address itself")
+            } else {
+                None
+            };
+        }
+    };
     if ip.is_unspecified() || ip.octets()[0] == 0 {
         Some("an unspecified (0.0.0.0/8) address")
     } else if ip.is_loopback() {
@@ -472,10 +532,17 @@ fn never_a_vip(ip: Ipv4Addr) -> Option<&'static str> {
 }
 
 /// Why `vip` must not be served on this node, given where pods and the node are.
-fn vip_conflict(vip: Ipv4Addr, policy: &Policy, endpoints: &BTreeMap<Ipv4Addr, String>) -> Option<String> {
-    if !policy.vip_cidrs.is_empty() && !policy.vip_cidrs.iter().any(|net| net.contains(&vip)) {
-        let cidrs: Vec<String> = policy.vip_cidrs.iter().map(ToString::to_string).collect();
+fn vip_conflict(vip: IpAddr, policy: &Policy, endpoints: &BTreeMap<IpAddr, String>) -> Option<String> {
+    let same_family: Vec<&ipnet::IpNet> =
+        policy.vip_cidrs.iter().filter(|net| net.addr().is_ipv4() == vip.is_ipv4()).collect();
+    if !same_family.is_empty() && !same_family.iter().any(|net| net.contains(&vip)) {
+        let cidrs: Vec<String> = same_family.iter().map(ToString::to_string).collect();
         return Some(format!("{vip} is outside --clusterset-ip-cidr {}", cidrs.join(", ")));
+    }
+    if vip.is_ipv6() && !policy.ipv6 {
+        return Some(format!(
+            "{vip} is IPv6 and this node has IPv6 disabled (net.ipv6.conf.all.disable_ipv6); the import's other family is still served"
+        ));
     }
     if policy.node_addresses.contains(&vip) {
         return Some(format!("{vip} is an address of this node; serving it would capture the node's traffic"));
@@ -557,7 +624,7 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
     // Slices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<ValidSlice>> = BTreeMap::new();
     // Every pod address of every slice: none may become a ClusterSetIP.
-    let mut endpoint_ips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut endpoint_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut ordered_slices: Vec<_> = snapshot.slices.iter().collect();
     ordered_slices.sort_by_key(|(origin, s)| (object_ref(&s.metadata), origin.clone()));
     for (origin, slice) in ordered_slices {
@@ -589,7 +656,7 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
         (!holds, created.is_none(), created, (namespace, name), origin.clone())
     });
     let mut state = DesiredState::default();
-    let mut vip_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut vip_owner: BTreeMap<IpAddr, String> = BTreeMap::new();
     for (origin, import) in imports {
         let derived = import.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_DERIVED_SERVICE));
         if policy.skip_derived && derived {
@@ -605,17 +672,25 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
         };
         errors.append(&mut valid.skipped);
         let service = format!("{}/{}", valid.namespace, valid.name);
-        if let Some(why) = vip_conflict(valid.vip, policy, &endpoint_ips) {
+        // Families are independent, as ports are: a VIP that may not be
+        // served is reported, the import's other VIP still is.
+        let mut vips = Vec::new();
+        for (vip, index) in &valid.vips {
             let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
-            errors.push(err(format!("spec.ips[{}]", valid.vip_index), why));
+            if let Some(why) = vip_conflict(*vip, policy, &endpoint_ips) {
+                errors.push(err(format!("spec.ips[{index}]"), why));
+            } else if let Some(owner) = vip_owner.get(vip) {
+                errors.push(err(format!("spec.ips[{index}]"), format!("{vip} is already the ClusterSetIP of {owner}")));
+            } else {
+                vips.push(*vip);
+            }
+        }
+        if vips.is_empty() {
             continue;
         }
-        if let Some(owner) = vip_owner.get(&valid.vip) {
-            let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
-            errors.push(err("spec.ips".into(), format!("{} is already the ClusterSetIP of {owner}", valid.vip)));
-            continue;
+        for vip in &vips {
+            vip_owner.insert(*vip, service.clone());
         }
-        vip_owner.insert(valid.vip, service.clone());
         let selector_results = match cluster_selector_results(import) {
             Ok(results) => results,
             Err((field, message)) => {
@@ -628,13 +703,19 @@ pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> 
         };
         let own_slices = slices.get(&(valid.namespace.clone(), valid.name.clone()));
         let tiers = valid.traffic_distribution.map_or_else(|| policy.tiers.clone(), TrafficDistribution::tiers);
-        for (key, port_name) in valid.ports {
+        let frontends = vips.iter().flat_map(|vip| {
+            valid.ports.iter().map(move |(key, port_name)| (FrontendKey { vip: *vip, ..*key }, port_name.clone()))
+        });
+        for (key, port_name) in frontends {
             let mut endpoints: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
             for slice in own_slices.into_iter().flatten() {
                 let Some(&port) = slice.ports.get(&(port_name.clone(), key.protocol)) else {
                     continue;
                 };
-                for (ip, locality, condition) in &slice.endpoints {
+                // A frontend is balanced over endpoints of its own family.
+                for (ip, locality, condition) in
+                    slice.endpoints.iter().filter(|(ip, ..)| ip.is_ipv4() == key.vip.is_ipv4())
+                {
                     let addr = BackendAddr { ip: *ip, port };
                     endpoints.entry(addr).or_insert_with(|| Endpoint {
                         addr,
@@ -718,7 +799,7 @@ endpoints: {endpoints}
     }
 
     fn addrs(state: &DesiredState, vip_port: u16, protocol: Protocol) -> Vec<String> {
-        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: vip_port, protocol };
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: vip_port, protocol };
         state.frontends[&key].backends().map(ToString::to_string).collect()
     }
 
@@ -739,7 +820,7 @@ endpoints: {endpoints}
         assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.1.0.2:8080", "10.2.0.2:8080"]);
         assert_eq!(addrs(&state, 4242, Protocol::Tcp), ["10.1.0.2:42", "10.2.0.2:42"]);
         assert_eq!(addrs(&state, 53, Protocol::Udp), ["10.1.0.2:5353", "10.2.0.2:5353"]);
-        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, protocol: Protocol::Tcp };
         assert_eq!(state.frontends[&key].weights[1].cluster.as_deref(), Some("cluster-b"));
         assert_eq!(state.frontends[&key].endpoints.len(), 3, "the unready endpoint is kept for tier health");
     }
@@ -847,7 +928,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             errors[0]
         );
         // The node's own address.
-        let policy = Policy { node_addresses: [Ipv4Addr::new(10, 96, 0, 10)].into(), ..Policy::default() };
+        let policy = Policy { node_addresses: [Ipv4Addr::new(10, 96, 0, 10).into()].into(), ..Policy::default() };
         let (state, errors) = compute(&snapshot(IMPORT), &policy);
         assert!(state.frontends.is_empty());
         assert!(errors[0].to_string().contains("is an address of this node"), "{}", errors[0]);
@@ -869,12 +950,12 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         // "aaa" sorts first, but "web" serves the VIP today: a newcomer never takes it.
         let newcomer = IMPORT.replace("name: web,", "name: aaa,");
         let yaml = format!("{IMPORT}---{newcomer}");
-        let held = BTreeMap::from([(Ipv4Addr::new(10, 96, 0, 10), "demo/web".to_owned())]);
+        let held = BTreeMap::from([(Ipv4Addr::new(10, 96, 0, 10).into(), "demo/web".to_owned())]);
         let runtime = Runtime { held, ..Runtime::default() };
         let (state, errors) = compute_with(&snapshot(&yaml), &Policy::default(), &runtime);
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
         assert!(
-            errors[0].to_string().contains("demo/aaa: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
+            errors[0].to_string().contains("demo/aaa: spec.ips[0]: 10.96.0.10 is already the ClusterSetIP of demo/web")
         );
         // Nobody holds it yet: the older object wins, whatever the names.
         let old = IMPORT
@@ -887,7 +968,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
 
     /// Shares per cluster of the http frontend.
     fn shares(state: &DesiredState) -> BTreeMap<String, f64> {
-        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, protocol: Protocol::Tcp };
         let mut by: BTreeMap<String, f64> = BTreeMap::new();
         for w in &state.frontends[&key].weights {
             *by.entry(w.cluster.clone().unwrap_or_default()).or_default() += (w.share * 1000.0).round() / 1000.0;
@@ -941,7 +1022,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
     #[test]
     fn an_ejected_cluster_counts_as_having_no_usable_endpoint() {
         let any = Policy { tiers: vec![locality::Tier::Any], ..Policy::default() };
-        let self_pod = BackendAddr { ip: Ipv4Addr::new(10, 1, 0, 1), port: 8080 };
+        let self_pod = BackendAddr { ip: Ipv4Addr::new(10, 1, 0, 1).into(), port: 8080 };
         let runtime = Runtime { ejected: [self_pod].into(), ..Runtime::default() };
         let (state, _) = compute_with(&snapshot(&three_clusters(true, true)), &any, &runtime);
         assert_eq!(shares(&state), BTreeMap::from([("peer".into(), 1.0)]));
@@ -975,7 +1056,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
             slice("web-a", "a", r#"[{addresses: ["10.1.0.1"]}, {addresses: ["10.1.0.2"]}]"#),
             slice("web-b", "b", r#"[{addresses: ["10.2.0.1"]}]"#)
         );
-        let pod = |last| BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port: 8080 };
+        let pod = |last| BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last).into(), port: 8080 };
         let (state, _) = compute(&snapshot(&yaml), &policy);
         assert_eq!(shares(&state), BTreeMap::from([("a".into(), 1.0)]));
         // One of two local pods ejected: tier health 1.4 × 1/2 = 70 %.
@@ -985,7 +1066,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         // Back and probing: 5 % for it, the rest as before.
         let probing = Runtime { probing: [pod(2)].into(), ..Runtime::default() };
         let (state, _) = compute_with(&snapshot(&yaml), &policy, &probing);
-        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10), port: 80, protocol: Protocol::Tcp };
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, protocol: Protocol::Tcp };
         let probe = state.frontends[&key].weights.iter().find(|w| w.addr == pod(2)).unwrap().share;
         assert!((probe - PROBE_SHARE).abs() < 1e-9, "{probe}");
         let total: f64 = state.frontends[&key].weights.iter().map(|w| w.share).sum();
@@ -998,7 +1079,7 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         let (state, errors) = compute(&snapshot(&format!("{IMPORT}---{second}")), &Policy::default());
         assert_eq!(errors.len(), 1);
         assert!(
-            errors[0].to_string().contains("demo/zzz: spec.ips: 10.96.0.10 is already the ClusterSetIP of demo/web")
+            errors[0].to_string().contains("demo/zzz: spec.ips[0]: 10.96.0.10 is already the ClusterSetIP of demo/web")
         );
         assert!(state.frontends.values().all(|f| f.service == "demo/web"));
     }
@@ -1016,12 +1097,107 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
     }
 
     #[test]
-    fn ipv6_only_and_pending_imports_are_valid_but_not_served() {
-        let v6 = IMPORT.replace(r#"["10.96.0.10"]"#, r#"["fd00::10"]"#);
+    fn a_pending_import_is_valid_but_not_served() {
         let pending = IMPORT.replace(r#"ips: ["10.96.0.10"]"#, "ips: []");
-        for yaml in [v6, pending] {
-            let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
-            assert!(errors.is_empty() && state.frontends.is_empty());
+        let (state, errors) = compute(&snapshot(&pending), &Policy::default());
+        assert!(errors.is_empty() && state.frontends.is_empty());
+    }
+
+    const DUAL_STACK: &str = r#"
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {name: web, namespace: demo}
+spec:
+  type: ClusterSetIP
+  ips: ["10.96.0.10", "fd00:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a4
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: ["10.1.0.1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a6
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: ["fd00:1::1"]}, {addresses: ["fd00:1::2"]}]
+"#;
+
+    #[test]
+    fn each_ip_of_a_dual_stack_import_is_a_frontend_over_endpoints_of_its_family() {
+        let (state, errors) = compute(&snapshot(DUAL_STACK), &Policy::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let v4 =
+            &state.frontends[&FrontendKey { vip: "10.96.0.10".parse().unwrap(), port: 80, protocol: Protocol::Tcp }];
+        let v6 =
+            &state.frontends[&FrontendKey { vip: "fd00:96::10".parse().unwrap(), port: 80, protocol: Protocol::Tcp }];
+        assert_eq!(v4.backends().map(ToString::to_string).collect::<Vec<_>>(), ["10.1.0.1:8080"]);
+        assert_eq!(
+            v6.backends().map(ToString::to_string).collect::<Vec<_>>(),
+            ["[fd00:1::1]:8080", "[fd00:1::2]:8080"]
+        );
+        assert_eq!(v4.service, v6.service);
+    }
+
+    #[test]
+    fn ip_families_must_match_ips_and_a_family_the_node_lacks_is_reported() {
+        let swapped = DUAL_STACK.replace("ipFamilies: [IPv4, IPv6]", "ipFamilies: [IPv6, IPv4]");
+        let (state, errors) = compute(&snapshot(&swapped), &Policy::default());
+        assert!(state.frontends.is_empty());
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("demo/web: spec.ipFamilies[0]: \"IPv6\" does not match spec.ips[0] 10.96.0.10"),
+            "{errors:?}"
+        );
+        let short = DUAL_STACK.replace("ipFamilies: [IPv4, IPv6]", "ipFamilies: [IPv4]");
+        let (_, errors) = compute(&snapshot(&short), &Policy::default());
+        assert!(errors[0].to_string().contains("spec.ipFamilies: lists 1 families for 2 addresses"), "{errors:?}");
+        let two_v4 = DUAL_STACK.replace(r#""fd00:96::10""#, r#""10.96.0.11""#).replace("ipFamilies: [IPv4, IPv6]", "");
+        let (_, errors) = compute(&snapshot(&two_v4), &Policy::default());
+        assert!(errors[0].to_string().contains("spec.ips[1]: a second IPv4 address"), "{errors:?}");
+
+        let no_v6 = Policy { ipv6: false, ..Policy::default() };
+        let (state, errors) = compute(&snapshot(DUAL_STACK), &no_v6);
+        assert_eq!(state.frontends.len(), 1, "the IPv4 VIP is still served");
+        assert!(errors[0].to_string().contains("spec.ips[1]: fd00:96::10 is IPv6 and this node has IPv6 disabled"));
+    }
+
+    #[test]
+    fn ipv6_vips_are_checked_like_ipv4_ones() {
+        for (vip, why) in [("::1", "loopback"), ("fe80::1", "link-local"), ("::ffff:10.96.0.10", "IPv4-mapped")] {
+            let yaml = DUAL_STACK.replace("fd00:96::10", vip);
+            let (_, errors) = compute(&snapshot(&yaml), &Policy::default());
+            assert!(errors[0].to_string().contains(why), "{vip}: {errors:?}");
         }
+        // A pod's address, and a range per family.
+        let (_, errors) = compute(&snapshot(&DUAL_STACK.replace("fd00:96::10", "fd00:1::2")), &Policy::default());
+        assert!(errors[0].to_string().contains("capture that pod's traffic"), "{errors:?}");
+        let policy = Policy {
+            vip_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:97::/112".parse().unwrap()],
+            ..Policy::default()
+        };
+        let (state, errors) = compute(&snapshot(DUAL_STACK), &policy);
+        assert_eq!(state.frontends.len(), 1);
+        assert!(
+            errors[0].to_string().contains("spec.ips[1]: fd00:96::10 is outside --clusterset-ip-cidr fd00:97::/112")
+        );
+        let slice = DUAL_STACK.replace(r#"addresses: ["fd00:1::1"]"#, r#"addresses: ["10.1.0.9"]"#);
+        let (_, errors) = compute(&snapshot(&slice), &Policy::default());
+        assert!(
+            errors[0].to_string().contains("endpoints[0].addresses[0]: \"10.1.0.9\" is not an IPv6 address"),
+            "{errors:?}"
+        );
     }
 }

@@ -4,15 +4,15 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, IPPROTO_TCP, MAP_AFFINITY, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_CONNTRACK, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, ServiceKey, ServiceStats,
-    ServiceValue, Stat, ct_closed,
+    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, IPPROTO_TCP, Ip6, MAP_AFFINITY, MAP_AFFINITY6,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_SELECTION, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SERVICES6, MAP_STATS, ServiceKey, ServiceStats, ServiceValue, Stat, ct_closed,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::{
     datapath::{LayoutDir, SlotMemory},
     inventory::{FrontendInfo, Inventory},
+    plan::{ToIp, backend_addr},
 };
 
 #[derive(Debug, Error)]
@@ -41,6 +42,11 @@ pub struct Pinned {
     selection: SlotMemory,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// The IPv6 family's maps (absent when pinned by an agent without them).
+    services6: Option<HashMap<MapData, ServiceKey<Ip6>, ServiceValue>>,
+    backends6: Option<Array<MapData, Backend<Ip6>>>,
+    conntrack6: Option<HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>>,
+    affinity6: Option<HashMap<MapData, AffinityKey<Ip6>, AffinityValue>>,
     stats: PerCpuArray<MapData, u64>,
     backend_stats: Option<PerCpuArray<MapData, BackendStats>>,
     service_stats: Option<PerCpuArray<MapData, ServiceStats>>,
@@ -72,6 +78,10 @@ impl Pinned {
             selection,
             conntrack: open(&layout, MAP_CONNTRACK, Map::LruHashMap)?,
             affinity: open(&layout, MAP_AFFINITY, Map::LruHashMap)?,
+            services6: open(&layout, MAP_SERVICES6, Map::HashMap).ok(),
+            backends6: open(&layout, MAP_BACKENDS6, Map::Array).ok(),
+            conntrack6: open(&layout, MAP_CONNTRACK6, Map::LruHashMap).ok(),
+            affinity6: open(&layout, MAP_AFFINITY6, Map::LruHashMap).ok(),
             stats: open(&layout, MAP_STATS, Map::PerCpuArray)?,
             backend_stats: open(&layout, MAP_BACKEND_STATS, Map::PerCpuArray).ok(),
             service_stats: open(&layout, MAP_SERVICE_STATS, Map::PerCpuArray).ok(),
@@ -79,9 +89,13 @@ impl Pinned {
         })
     }
 
-    fn backend(&self, id: u32) -> Option<SocketAddrV4> {
-        let b = self.backends.get(&id, 0).ok()?;
-        (b != Backend::default()).then(|| SocketAddrV4::new(Ipv4Addr::from(b.ip.to_ne_bytes()), u16::from_be(b.port)))
+    /// A backend id's address, in whichever family's array holds it.
+    fn backend(&self, id: u32) -> Option<SocketAddr> {
+        let addr = match self.backends.get(&id, 0).ok().filter(|b| *b != Backend::default()) {
+            Some(b) => backend_addr(&b),
+            None => backend_addr(&self.backends6.as_ref()?.get(&id, 0).ok().filter(|b| *b != Backend::default())?),
+        };
+        Some(SocketAddr::new(addr.ip, addr.port))
     }
 
     fn backend_stats(&self, id: u32) -> BackendStats {
@@ -114,9 +128,14 @@ fn state_of(condition: &str, health: &str) -> String {
     }
 }
 
-fn frontend_name(key: &ServiceKey) -> String {
+fn frontend_name<A: ToIp>(key: &ServiceKey<A>) -> String {
     let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-    format!("{}:{}/{proto}", Ipv4Addr::from(key.vip.to_ne_bytes()), u16::from_be(key.port))
+    format!("{}/{proto}", socket(key.vip, key.port))
+}
+
+/// A map-order address and port.
+fn socket<A: ToIp>(ip: A, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.to_ip(), u16::from_be(port))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -153,18 +172,18 @@ pub struct BackendRow {
 
 /// Every frontend with its table's members, sorted by frontend.
 pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
-    let mut rows: Vec<ServiceRow> = pinned
-        .services
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(key, value)| {
+    let v6 = pinned.services6.iter().flat_map(|m| m.iter().filter_map(Result::ok));
+    let entries = pinned.services.iter().filter_map(Result::ok).map(|(k, v)| (frontend_name(&k), v));
+    let mut rows: Vec<ServiceRow> = entries
+        .chain(v6.map(|(k, v)| (frontend_name(&k), v)))
+        .map(|(name, value)| {
             let mut held: BTreeMap<u32, u32> = BTreeMap::new();
             for slot in value.slot_offset..value.slot_offset.saturating_add(value.slot_count) {
                 if let Some(id) = pinned.selection.read(slot) {
                     *held.entry(id).or_default() += 1;
                 }
             }
-            let info = pinned.info(value.service_id).filter(|f| f.key() == frontend_name(&key));
+            let info = pinned.info(value.service_id).filter(|f| f.key() == name);
             let mut backends: Vec<BackendRow> = held
                 .iter()
                 .map(|(&id, &slots)| {
@@ -172,7 +191,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                     let known = info.and_then(|f| {
                         f.backends
                             .iter()
-                            .find(|b| b.backend_id == Some(id) && Some(SocketAddrV4::new(b.ip, b.port)) == address)
+                            .find(|b| b.backend_id == Some(id) && Some(SocketAddr::new(b.ip, b.port)) == address)
                     });
                     let stats = pinned.backend_stats(id);
                     BackendRow {
@@ -194,7 +213,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
             // nothing): not in the table, but part of the picture.
             for b in info.iter().flat_map(|f| &f.backends).filter(|b| b.backend_id.is_none()) {
                 backends.push(BackendRow {
-                    address: SocketAddrV4::new(b.ip, b.port).to_string(),
+                    address: SocketAddr::new(b.ip, b.port).to_string(),
                     backend_id: 0,
                     cluster: b.cluster.clone(),
                     zone: b.zone.clone(),
@@ -209,7 +228,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
             }
             let stats = pinned.service_stats(value.service_id);
             ServiceRow {
-                frontend: frontend_name(&key),
+                frontend: name,
                 service: info.map(|f| f.service.clone()),
                 port_name: info.map(|f| f.port_name.clone()),
                 service_id: value.service_id,
@@ -247,59 +266,57 @@ fn monotonic_ns() -> u64 {
 /// Translated flows, oldest first; `service` keeps only one ServiceImport's.
 pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
     let now = monotonic_ns();
-    let mut rows: Vec<FlowRow> = pinned
-        .conntrack
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, v)| {
-            let name = pinned.info(v.service_id).map(|f| f.service.clone());
-            let protocol = if k.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-            FlowRow {
-                client: SocketAddrV4::new(Ipv4Addr::from(k.client_ip.to_ne_bytes()), u16::from_be(k.client_port))
-                    .to_string(),
-                vip: SocketAddrV4::new(Ipv4Addr::from(k.vip.to_ne_bytes()), u16::from_be(k.vip_port)).to_string(),
-                backend: SocketAddrV4::new(Ipv4Addr::from(v.backend_ip.to_ne_bytes()), u16::from_be(v.backend_port))
-                    .to_string(),
-                protocol,
-                service: name,
-                age_secs: now.saturating_sub(v.created_ns) as f64 / 1e9,
-                state: if ct_closed(v.flags) {
-                    "closed"
-                } else if v.flags != 0 {
-                    "closing"
-                } else {
-                    "open"
-                },
-            }
-        })
+    let v4 = pinned.conntrack.iter().filter_map(Result::ok).map(|(k, v)| flow_row(pinned, now, &k, &v));
+    let v6 = pinned.conntrack6.iter().flat_map(|m| m.iter().filter_map(Result::ok));
+    let mut rows: Vec<FlowRow> = v4
+        .chain(v6.map(|(k, v)| flow_row(pinned, now, &k, &v)))
         .filter(|row| service.is_none_or(|s| row.service.as_deref() == Some(s)))
         .collect();
     rows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
     rows
 }
 
+fn flow_row<A: ToIp>(pinned: &Pinned, now: u64, k: &CtKey<A>, v: &CtValue<A>) -> FlowRow {
+    let flags = v.flags;
+    FlowRow {
+        client: socket(k.client_ip, k.client_port).to_string(),
+        vip: socket(k.vip, k.vip_port).to_string(),
+        backend: socket(v.backend_ip, v.backend_port).to_string(),
+        protocol: if k.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
+        service: pinned.info(v.service_id).map(|f| f.service.clone()),
+        age_secs: now.saturating_sub(v.created_ns) as f64 / 1e9,
+        state: if ct_closed(flags) {
+            "closed"
+        } else if flags != 0 {
+            "closing"
+        } else {
+            "open"
+        },
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct AffinityRow {
     pub service: Option<String>,
     pub service_id: u32,
-    pub client: Ipv4Addr,
+    pub client: IpAddr,
     pub backend: Option<String>,
     pub idle_secs: f64,
 }
 
 pub fn affinity(pinned: &Pinned) -> Vec<AffinityRow> {
     let now = monotonic_ns();
-    let mut rows: Vec<AffinityRow> = pinned
-        .affinity
-        .iter()
-        .filter_map(Result::ok)
-        .map(|(k, v)| AffinityRow {
-            service: pinned.info(k.service_id).map(|f| f.service.clone()),
-            service_id: k.service_id,
-            client: Ipv4Addr::from(k.client_ip.to_ne_bytes()),
-            backend: pinned.backend(v.backend_id).map(|a| a.to_string()),
-            idle_secs: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
-        })
+    let row = |service_id: u32, client: IpAddr, v: AffinityValue| AffinityRow {
+        service: pinned.info(service_id).map(|f| f.service.clone()),
+        service_id,
+        client,
+        backend: pinned.backend(v.backend_id).map(|a| a.to_string()),
+        idle_secs: now.saturating_sub(v.last_used_ns) as f64 / 1e9,
+    };
+    let v6 = pinned.affinity6.iter().flat_map(|m| m.iter().filter_map(Result::ok));
+    let mut rows: Vec<AffinityRow> = (pinned.affinity.iter().filter_map(Result::ok))
+        .map(|(k, v)| row(k.service_id, k.client_ip.to_ip(), v))
+        .chain(v6.map(|(k, v)| row(k.service_id, k.client_ip.to_ip(), v)))
         .collect();
     rows.sort_by_key(|r| (r.service_id, r.client));
     rows

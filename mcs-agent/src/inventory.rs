@@ -6,7 +6,7 @@
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -30,7 +30,7 @@ pub struct Inventory {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FrontendInfo {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// `namespace/name` of the ServiceImport.
@@ -45,7 +45,7 @@ pub struct FrontendInfo {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendInfo {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     /// `None` for an endpoint that gets no new connections (not in the table).
     pub backend_id: Option<u32>,
@@ -65,7 +65,7 @@ pub struct BackendInfo {
 
 impl FrontendInfo {
     pub fn key(&self) -> String {
-        format!("{}:{}/{}", self.vip, self.port, self.protocol)
+        format!("{}/{}", std::net::SocketAddr::new(self.vip, self.port), self.protocol)
     }
 }
 

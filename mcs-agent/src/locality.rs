@@ -278,7 +278,7 @@ mod tests {
 
     fn ep(last: u8, cluster: &str, zone: &str, region: Option<&str>, condition: Condition) -> Endpoint {
         Endpoint {
-            addr: BackendAddr { ip: Ipv4Addr::new(10, 0, 0, last), port: 80 },
+            addr: BackendAddr { ip: Ipv4Addr::new(10, 0, 0, last).into(), port: 80 },
             locality: Locality {
                 cluster: Some(cluster.into()),
                 zone: Some(zone.into()),

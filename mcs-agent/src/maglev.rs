@@ -33,7 +33,18 @@ pub fn table_size(backends: usize, max: u32) -> u32 {
 /// FNV-1a, seeded: stable across builds, platforms and processes.
 fn hash(addr: &BackendAddr, seed: u64) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325_u64 ^ seed;
-    for byte in addr.ip.octets().into_iter().chain(addr.port.to_be_bytes()) {
+    let (v4, v6);
+    let ip: &[u8] = match addr.ip {
+        std::net::IpAddr::V4(ip) => {
+            v4 = ip.octets();
+            &v4
+        }
+        std::net::IpAddr::V6(ip) => {
+            v6 = ip.octets();
+            &v6
+        }
+    };
+    for &byte in ip.iter().chain(&addr.port.to_be_bytes()) {
         h ^= u64::from(byte);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -103,7 +114,9 @@ mod tests {
 
     fn backends(n: usize) -> Vec<(BackendAddr, u32)> {
         (0..n)
-            .map(|i| (BackendAddr { ip: Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250) as u8 + 1), port: 8080 }, 1))
+            .map(|i| {
+                (BackendAddr { ip: Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250) as u8 + 1).into(), port: 8080 }, 1)
+            })
             .collect()
     }
 

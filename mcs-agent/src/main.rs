@@ -291,12 +291,14 @@ struct LocalityArgs {
     #[arg(long, env = "MCS_SKIP_DERIVED")]
     skip_derived: bool,
     /// Where ClusterSetIPs may be (repeatable; in the environment,
-    /// comma-separated), e.g. the clusterset's VIP range `10.96.0.0/16`. An
-    /// import with a ClusterSetIP outside every range is reported and skipped.
+    /// comma-separated), e.g. the clusterset's VIP ranges `10.96.0.0/16` and
+    /// `fd00:96::/112`. Each family is checked against its own ranges (none
+    /// given for a family: any address of it); a ClusterSetIP outside them is
+    /// reported and skipped, the import's other family still served.
     /// With or without it, loopback, link-local, multicast and broadcast
     /// addresses, this node's addresses and any endpoint's address are refused.
     #[arg(long = "clusterset-ip-cidr", value_name = "CIDR", env = "MCS_CLUSTERSET_IP_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
-    clusterset_ip_cidrs: Vec<ipnet::Ipv4Net>,
+    clusterset_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl LocalityArgs {
@@ -325,6 +327,7 @@ impl LocalityArgs {
             skip_derived: *skip_derived,
             vip_cidrs: clusterset_ip_cidrs.clone(),
             node_addresses: Default::default(),
+            ipv6: ipv6_enabled(),
         }
     }
 }
@@ -346,20 +349,33 @@ fn parse_cluster_region(value: &str) -> Result<(String, String), String> {
     }
 }
 
-fn parse_cidr(value: &str) -> Result<ipnet::Ipv4Net, String> {
+fn parse_cidr(value: &str) -> Result<ipnet::IpNet, String> {
     value
-        .parse::<ipnet::Ipv4Net>()
+        .parse::<ipnet::IpNet>()
         .map(|net| net.trunc())
-        .map_err(|_| format!("{value:?} is not an IPv4 CIDR like 10.96.0.0/16"))
+        .map_err(|_| format!("{value:?} is not a CIDR like 10.96.0.0/16 or fd00:96::/112"))
 }
 
-/// This network namespace's IPv4 addresses: none may become a ClusterSetIP.
-fn local_addresses() -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+/// This network namespace's addresses: none may become a ClusterSetIP.
+fn local_addresses() -> std::collections::BTreeSet<std::net::IpAddr> {
     nix::ifaddrs::getifaddrs()
         .into_iter()
         .flatten()
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|a| {
+            let address = a.address?;
+            match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(std::net::IpAddr::V4(v4.ip())),
+                (_, Some(v6)) => Some(std::net::IpAddr::V6(v6.ip())),
+                _ => None,
+            }
+        })
         .collect()
+}
+
+/// IPv6 is on in this network namespace: the kernel has it and it is not
+/// disabled by sysctl.
+fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6").is_ok_and(|v| v.trim() == "0")
 }
 
 fn parse_table_size(value: &str) -> Result<u32, String> {

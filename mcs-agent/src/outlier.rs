@@ -243,7 +243,7 @@ mod tests {
     use super::*;
 
     fn addr(last: u8) -> BackendAddr {
-        BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port: 80 }
+        BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last).into(), port: 80 }
     }
 
     /// A fake world: cumulative counters per backend, advanced by hand.

@@ -10,9 +10,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::{Hash as _, Hasher as _},
+    net::IpAddr,
 };
 
-use mcs_common::{Backend, ServiceKey, ServiceValue, ip_to_map, port_to_map};
+use mcs_common::{
+    Backend, Ip4, Ip6, MapAddr, ServiceKey, ServiceValue, ip_to_map, ip6_from_map, ip6_to_map, port_to_map,
+};
 use thiserror::Error;
 
 use crate::{
@@ -42,28 +45,30 @@ impl Default for Capacity {
 pub enum MapOp {
     PutBackend {
         id: u32,
-        backend: Backend,
+        backend: FamilyBackend,
     },
     PutSlots {
         offset: u32,
         ids: Vec<u32>,
     },
     PutService {
-        key: ServiceKey,
+        key: FamilyKey,
         value: ServiceValue,
         /// The service id is newly allocated: its counters start from zero.
         fresh: bool,
     },
     DeleteService {
-        key: ServiceKey,
+        key: FamilyKey,
     },
     /// Forget ClientIP affinity of these backends (all when `None`) for a frontend.
     PurgeAffinity {
         service_id: u32,
         backend_ids: Option<Vec<u32>>,
     },
+    /// Frees a backend id in its family's array.
     ClearBackend {
         id: u32,
+        v6: bool,
     },
 }
 
@@ -298,12 +303,65 @@ fn digest(frontend: &Frontend) -> u64 {
     h.finish()
 }
 
-pub fn service_key(key: &FrontendKey) -> ServiceKey {
-    ServiceKey { vip: ip_to_map(key.vip.octets()), port: port_to_map(key.port), proto: key.protocol.number(), _pad: 0 }
+/// A frontend's key in its family's map (`SERVICES` or `SERVICES6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FamilyKey {
+    V4(ServiceKey<Ip4>),
+    V6(ServiceKey<Ip6>),
 }
 
-fn backend_value(addr: &BackendAddr) -> Backend {
-    Backend { ip: ip_to_map(addr.ip.octets()), port: port_to_map(addr.port), _pad: 0 }
+/// A backend in its family's array (`BACKENDS` or `BACKENDS6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FamilyBackend {
+    V4(Backend<Ip4>),
+    V6(Backend<Ip6>),
+}
+
+/// A map-order address as an `IpAddr`.
+pub trait ToIp: MapAddr {
+    fn to_ip(self) -> IpAddr;
+}
+
+impl ToIp for Ip4 {
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(self.to_ne_bytes().into())
+    }
+}
+
+impl ToIp for Ip6 {
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(ip6_from_map(self).into())
+    }
+}
+
+pub fn service_key(key: &FrontendKey) -> FamilyKey {
+    let (port, proto) = (port_to_map(key.port), key.protocol.number());
+    match key.vip {
+        IpAddr::V4(vip) => FamilyKey::V4(ServiceKey { vip: ip_to_map(vip.octets()), port, proto, _pad: 0 }),
+        IpAddr::V6(vip) => FamilyKey::V6(ServiceKey { vip: ip6_to_map(vip.octets()), port, proto, _pad: 0 }),
+    }
+}
+
+pub fn backend_value(addr: &BackendAddr) -> FamilyBackend {
+    let port = port_to_map(addr.port);
+    match addr.ip {
+        IpAddr::V4(ip) => FamilyBackend::V4(Backend { ip: ip_to_map(ip.octets()), port, _pad: 0 }),
+        IpAddr::V6(ip) => FamilyBackend::V6(Backend { ip: ip6_to_map(ip.octets()), port, _pad: 0 }),
+    }
+}
+
+pub fn backend_addr<A: ToIp>(b: &Backend<A>) -> BackendAddr {
+    BackendAddr { ip: b.ip.to_ip(), port: u16::from_be(b.port) }
+}
+
+/// A map key read back: its frontend, or the unknown protocol number.
+pub fn frontend_of<A: ToIp>(key: &ServiceKey<A>) -> Result<FrontendKey, u8> {
+    let protocol = match key.proto {
+        mcs_common::IPPROTO_TCP => Protocol::Tcp,
+        mcs_common::IPPROTO_UDP => Protocol::Udp,
+        other => return Err(other),
+    };
+    Ok(FrontendKey { vip: key.vip.to_ip(), port: u16::from_be(key.port), protocol })
 }
 
 impl Applied {
@@ -329,15 +387,15 @@ impl Applied {
     /// naming a free backend id) are returned as problems and rebuilt afresh.
     pub fn adopt(
         capacity: Capacity,
-        services: &[(ServiceKey, ServiceValue)],
-        backends: &[(u32, Backend)],
+        services: &[(Result<FrontendKey, u8>, ServiceValue)],
+        backends: &[(u32, BackendAddr)],
         slot: impl Fn(u32) -> Option<u32>,
     ) -> (Self, Vec<String>) {
         let mut problems = Vec::new();
         let mut backend_ids: BTreeMap<BackendAddr, u32> = BTreeMap::new();
         let mut addr_of: BTreeMap<u32, BackendAddr> = BTreeMap::new();
-        for (id, b) in backends {
-            let addr = BackendAddr { ip: std::net::Ipv4Addr::from(b.ip.to_ne_bytes()), port: u16::from_be(b.port) };
+        for (id, addr) in backends {
+            let addr = *addr;
             addr_of.insert(*id, addr);
             // Two ids for one address cannot come from a plan; keep the first,
             // the other is unreferenced and cleared by the first plan.
@@ -347,18 +405,12 @@ impl Applied {
         let mut frontends = BTreeMap::new();
         let mut service_ids = BTreeSet::new();
         for (key, value) in services {
-            let protocol = match key.proto {
-                mcs_common::IPPROTO_TCP => Protocol::Tcp,
-                mcs_common::IPPROTO_UDP => Protocol::Udp,
-                other => {
+            let frontend = match key {
+                Ok(frontend) => *frontend,
+                Err(other) => {
                     problems.push(format!("adopted SERVICES entry with protocol {other}: rewritten"));
                     continue;
                 }
-            };
-            let frontend = FrontendKey {
-                vip: std::net::Ipv4Addr::from(key.vip.to_ne_bytes()),
-                port: u16::from_be(key.port),
-                protocol,
             };
             let region = Region { offset: value.slot_offset, len: value.slot_count };
             let ids: Option<Vec<u32>> = (0..region.len).map(|i| slot(region.offset.checked_add(i)?)).collect();
@@ -594,7 +646,7 @@ impl Applied {
         for (addr, id) in unreferenced {
             next.backend_ids.remove(&addr);
             next.quarantine.backend_ids.push(id);
-            clears.push(MapOp::ClearBackend { id });
+            clears.push(MapOp::ClearBackend { id, v6: addr.ip.is_ipv6() });
         }
 
         let mut ops = puts_backend;
@@ -618,11 +670,11 @@ mod tests {
     const SIZE: u32 = 7;
 
     fn key(last: u8, port: u16) -> FrontendKey {
-        FrontendKey { vip: Ipv4Addr::new(10, 96, 0, last), port, protocol: Protocol::Tcp }
+        FrontendKey { vip: Ipv4Addr::new(10, 96, 0, last).into(), port, protocol: Protocol::Tcp }
     }
 
     fn addr(last: u8) -> BackendAddr {
-        BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last), port: 80 }
+        BackendAddr { ip: Ipv4Addr::new(10, 1, 0, last).into(), port: 80 }
     }
 
     fn frontend(backends: &[u8]) -> Frontend {
@@ -653,9 +705,16 @@ mod tests {
     /// The maps as the kernel would hold them after a sequence of plans.
     #[derive(Default)]
     struct FakeKernel {
-        services: BTreeMap<ServiceKey, ServiceValue>,
-        backends: BTreeMap<u32, Backend>,
+        services: BTreeMap<FrontendKey, ServiceValue>,
+        backends: BTreeMap<u32, BackendAddr>,
         slots: BTreeMap<u32, u32>,
+    }
+
+    fn frontend_key(key: &FamilyKey) -> FrontendKey {
+        match key {
+            FamilyKey::V4(k) => frontend_of(k).unwrap(),
+            FamilyKey::V6(k) => frontend_of(k).unwrap(),
+        }
     }
 
     impl FakeKernel {
@@ -663,7 +722,11 @@ mod tests {
             for op in ops {
                 match op {
                     MapOp::PutBackend { id, backend } => {
-                        self.backends.insert(*id, *backend);
+                        let addr = match backend {
+                            FamilyBackend::V4(b) => backend_addr(b),
+                            FamilyBackend::V6(b) => backend_addr(b),
+                        };
+                        self.backends.insert(*id, addr);
                     }
                     MapOp::PutSlots { offset, ids } => {
                         for (i, id) in ids.iter().enumerate() {
@@ -671,13 +734,13 @@ mod tests {
                         }
                     }
                     MapOp::PutService { key, value, .. } => {
-                        self.services.insert(*key, *value);
+                        self.services.insert(frontend_key(key), *value);
                     }
                     MapOp::DeleteService { key } => {
-                        self.services.remove(key);
+                        self.services.remove(&frontend_key(key));
                     }
                     MapOp::PurgeAffinity { .. } => {}
-                    MapOp::ClearBackend { id } => {
+                    MapOp::ClearBackend { id, .. } => {
                         self.backends.remove(id);
                     }
                 }
@@ -685,7 +748,7 @@ mod tests {
         }
 
         fn adopt(&self, capacity: Capacity) -> (Applied, Vec<String>) {
-            let services: Vec<_> = self.services.iter().map(|(k, v)| (*k, *v)).collect();
+            let services: Vec<_> = self.services.iter().map(|(k, v)| (Ok(*k), *v)).collect();
             let backends: Vec<_> = self.backends.iter().map(|(k, v)| (*k, *v)).collect();
             Applied::adopt(capacity, &services, &backends, |i| Some(self.slots.get(&i).copied().unwrap_or(0)))
         }
@@ -783,7 +846,7 @@ mod tests {
         // The old region is still quarantined: the new table lands after it.
         assert_eq!(slots(&second.ops[1]), (SIZE, BTreeSet::from([1, 3])));
         // 10.1.0.3 (id 2) is cleared now but its id is not reused yet.
-        assert_eq!(second.ops[3], MapOp::ClearBackend { id: 2 });
+        assert_eq!(second.ops[3], MapOp::ClearBackend { id: 2, v6: false });
         let third = second.next.plan(&desired(&[(key(1, 80), frontend(&[5]))]));
         assert_eq!(third.ops[0], MapOp::PutBackend { id: 2, backend: backend_value(&addr(5)) });
         assert_eq!(slots(&third.ops[1]), (0, BTreeSet::from([2])));

@@ -22,7 +22,7 @@ fn load(file: &str, policy: &Policy) -> DesiredState {
 }
 
 fn key(vip: [u8; 4], port: u16, protocol: Protocol) -> FrontendKey {
-    FrontendKey { vip: Ipv4Addr::from(vip), port, protocol }
+    FrontendKey { vip: Ipv4Addr::from(vip).into(), port, protocol }
 }
 
 fn serving(state: &DesiredState, key: &FrontendKey) -> Vec<String> {

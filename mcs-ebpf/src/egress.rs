@@ -3,7 +3,9 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::warn;
-use mcs_common::{CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP, RevNatKey, Stat};
+use mcs_common::{
+    CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP, RevNatKey, Stat,
+};
 
 use crate::{
     ct,

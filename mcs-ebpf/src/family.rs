@@ -6,8 +6,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, RevNatKey,
-    RevNatValue, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue,
 };
 
 use crate::{

@@ -255,18 +255,8 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
         return Parsed::Other;
     }
     let ip_len = payload_len.saturating_add(IPV6_LEN as u16);
-    let mut flow = Flow {
-        src_ip,
-        dst_ip,
-        src_port: 0,
-        dst_port: 0,
-        proto,
-        tcp_flags: 0,
-        icmp_type: 0,
-        l4_off: off,
-        ip_len,
-        frag,
-    };
+    let mut flow =
+        Flow { src_ip, dst_ip, src_port: 0, dst_port: 0, proto, tcp_flags: 0, icmp_type: 0, l4_off: off, ip_len, frag };
     if let Frag::Later(_) = frag {
         return Parsed::V6(flow);
     }

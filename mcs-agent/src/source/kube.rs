@@ -231,7 +231,7 @@ impl KubeSource {
     }
 
     /// This node's IPv4 addresses as the API knows them (`status.addresses`).
-    pub fn node_addresses(&self) -> Vec<std::net::Ipv4Addr> {
+    pub fn node_addresses(&self) -> Vec<std::net::IpAddr> {
         let Some(node) = self.node.as_ref().and_then(|s| s.state().into_iter().next()) else {
             return Vec::new();
         };
