@@ -120,23 +120,22 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
-/// Ports, TCP flags and ICMP type at `l4_off`; `None` when cut short.
+/// Ports, TCP flags and ICMP type at `l4_off`; `None` when the frame does
+/// not hold the whole header (every field a rewrite touches must be there).
 #[inline(always)]
 fn l4(ctx: &TcContext, proto: u8, l4_off: usize) -> Option<(u16, u16, u8, u8)> {
     match proto {
         IPPROTO_TCP => {
             // Byte 13 holds CWR..FIN.
-            let h = load::<[u8; 14]>(ctx, l4_off)?;
+            let h = load::<[u8; TCP_LEN]>(ctx, l4_off)?;
             Some((u16::from_ne_bytes([h[0], h[1]]), u16::from_ne_bytes([h[2], h[3]]), h[13], 0))
         }
         IPPROTO_UDP => {
-            let h = load::<[u8; 4]>(ctx, l4_off)?;
+            let h = load::<[u8; UDP_LEN]>(ctx, l4_off)?;
             Some((u16::from_ne_bytes([h[0], h[1]]), u16::from_ne_bytes([h[2], h[3]]), 0, 0))
         }
         _ => {
-            // Two bytes, not one: `p + 1 > end` compiles to `p >= end`,
-            // from which the verifier learns no readable range.
-            let h = load::<[u8; 2]>(ctx, l4_off)?;
+            let h = load::<[u8; ICMP_LEN]>(ctx, l4_off)?;
             Some((0, 0, 0, h[0]))
         }
     }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod disruption;
 pub mod fakeapi;
+pub mod frame;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
