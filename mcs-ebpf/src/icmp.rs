@@ -152,16 +152,27 @@ fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) 
     Ok(true)
 }
 
-/// Answers a new flow to a frontend without a usable backend with an ICMP
-/// port unreachable from the VIP, back out of the interface it came in on:
-/// the client's connect() or recv() fails at once with ECONNREFUSED, as with
-/// kube-proxy's REJECT. The packet itself becomes the error (trimmed to its
-/// headers and 8 bytes, the error's headers pushed in front), so nothing is
+/// Answers a new flow to a frontend without a usable backend, from the VIP,
+/// back out of the interface it came in on: a TCP SYN gets a RST, UDP an
+/// ICMP port unreachable, so the client's connect() or recv() fails at once
+/// with ECONNREFUSED, as with kube-proxy's REJECT. The packet itself becomes the error (trimmed to its
+/// IP and L4 headers, the error's headers pushed in front), so nothing is
 /// allocated. Packets with IP options or IPv6 extension headers are dropped
 /// instead.
 #[inline(always)]
 pub fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
-    let made = if F::HEADER_CSUM { reject4(ctx, flow.l4_off) } else { reject6(ctx, flow.l4_off) };
+    // The quote keeps the whole L4 header: a locally sent TCP segment is
+    // CHECKSUM_PARTIAL, and the kernel refuses to trim it short of its
+    // checksum field.
+    // A SYN gets a RST rather than an ICMP error: the error often arrives
+    // while connect() still holds the socket, and Linux then only notes it
+    // (LockDroppedIcmps) and retransmits; a RST is queued and always refuses.
+    let made = match (F::HEADER_CSUM, flow.proto == IPPROTO_TCP) {
+        (true, true) => reset4(ctx, flow.l4_off),
+        (true, false) => reject4::<{ (20 + 8) / 2 }>(ctx, flow.l4_off),
+        (false, true) => reset6(ctx, flow.l4_off),
+        (false, false) => reject6::<{ (IPV6_LEN + 8) / 2 }>(ctx, flow.l4_off),
+    };
     if made.is_err() {
         return TC_ACT_SHOT;
     }
@@ -200,37 +211,40 @@ fn turn_around<T>(ctx: &TcContext, keep: u32, error: &T) -> Result<(), i64> {
         return Err(-1);
     }
     let grow = core::mem::size_of::<T>() - (keep as usize - ETH_LEN);
-    ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)?;
+    if grow > 0 {
+        ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)?;
+    }
     ctx.store(ETH_LEN, error, 0)?;
     let swapped = [eth[3], eth[4], eth[5], eth[0], eth[1], eth[2]];
     ctx.store(0, &swapped, 0)?;
     Ok(())
 }
 
+/// `Q`: the quote's length in 16-bit words.
 #[repr(C)]
-struct Error4 {
+struct Error4<const Q: usize> {
     ip: [u16; 10],
     icmp: [u16; 4],
-    /// The client's IPv4 header and its first 8 L4 bytes.
-    quote: [u16; 14],
+    /// The client's IPv4 header and its L4 header.
+    quote: [u16; Q],
 }
 
 #[repr(C)]
-struct Error6 {
+struct Error6<const Q: usize> {
     ip: [u16; 20],
     icmp: [u16; 4],
-    /// The client's IPv6 header and its first 8 L4 bytes.
-    quote: [u16; 24],
+    /// The client's IPv6 header and its L4 header.
+    quote: [u16; Q],
 }
 
 // Subprograms: their buffers get frames of their own.
 #[inline(never)]
-fn reject4(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+fn reject4<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     if l4_off != ETH_LEN + 20 {
         return Err(-1);
     }
-    let quote: [u16; 14] = ctx.load(ETH_LEN)?;
-    let len = core::mem::size_of::<Error4>() as u16;
+    let quote: [u16; Q] = ctx.load(ETH_LEN)?;
+    let len = core::mem::size_of::<Error4<Q>>() as u16;
     let mut e = Error4 {
         ip: [w(0x45, 0), len.to_be(), 0, 0, w(64, IPPROTO_ICMP), 0, quote[8], quote[9], quote[6], quote[7]],
         // Destination unreachable, port unreachable.
@@ -239,16 +253,16 @@ fn reject4(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     };
     e.ip[5] = !fold(0, sum_words(&e.ip));
     e.icmp[1] = !fold(sum_words(&e.icmp), sum_words(&e.quote));
-    turn_around(ctx, (ETH_LEN + 28) as u32, &e)
+    turn_around(ctx, (ETH_LEN + Q * 2) as u32, &e)
 }
 
 #[inline(never)]
-fn reject6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+fn reject6<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     if l4_off != ETH_LEN + IPV6_LEN {
         return Err(-1);
     }
-    let quote: [u16; 24] = ctx.load(ETH_LEN)?;
-    let payload = (core::mem::size_of::<Error6>() - IPV6_LEN) as u16;
+    let quote: [u16; Q] = ctx.load(ETH_LEN)?;
+    let payload = (core::mem::size_of::<Error6<Q>>() - IPV6_LEN) as u16;
     let mut e = Error6 { ip: [0; 20], icmp: [w(1, 4), 0, 0, 0], quote };
     e.ip[0] = w(0x60, 0);
     e.ip[2] = payload.to_be();
@@ -262,5 +276,72 @@ fn reject6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     let mut sum = sum_words(&e.ip) - u32::from(e.ip[0]) - u32::from(e.ip[2]) - u32::from(e.ip[3]);
     sum += u32::from(payload.to_be()) + u32::from(w(0, IPPROTO_ICMPV6));
     e.icmp[1] = !fold(sum + sum_words(&e.icmp), sum_words(&e.quote));
-    turn_around(ctx, (ETH_LEN + IPV6_LEN + 8) as u32, &e)
+    turn_around(ctx, (ETH_LEN + Q * 2) as u32, &e)
+}
+
+/// The acknowledgment of a SYN whose sequence number is in two wire words.
+#[inline(always)]
+fn ack_of(seq: [u16; 2]) -> [u16; 2] {
+    let [a, b] = seq[0].to_ne_bytes();
+    let [c, d] = seq[1].to_ne_bytes();
+    let [a, b, c, d] = u32::from_be_bytes([a, b, c, d]).wrapping_add(1).to_be_bytes();
+    [w(a, b), w(c, d)]
+}
+
+/// A bare TCP header answering a SYN: RST|ACK, the SYN acknowledged,
+/// ports swapped (`ports`: the SYN's source and destination port words).
+#[inline(always)]
+fn rst_header(sport: u16, dport: u16, seq: [u16; 2], pseudo: u32) -> [u16; 10] {
+    let ack = ack_of(seq);
+    let mut tcp = [dport, sport, 0, 0, ack[0], ack[1], w(5 << 4, 0x14), 0, 0, 0];
+    tcp[8] = !fold(pseudo, sum_words(&tcp));
+    tcp
+}
+
+#[repr(C)]
+struct Reset4 {
+    ip: [u16; 10],
+    tcp: [u16; 10],
+}
+
+#[repr(C)]
+struct Reset6 {
+    ip: [u16; 20],
+    tcp: [u16; 10],
+}
+
+#[inline(never)]
+fn reset4(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+    if l4_off != ETH_LEN + 20 {
+        return Err(-1);
+    }
+    // The SYN's IPv4 header, ports and sequence number.
+    let syn: [u16; 14] = ctx.load(ETH_LEN)?;
+    let mut ip = [w(0x45, 0), 40u16.to_be(), 0, 0, w(64, IPPROTO_TCP), 0, syn[8], syn[9], syn[6], syn[7]];
+    ip[5] = !fold(0, sum_words(&ip));
+    let pseudo = sum_words(&[ip[6], ip[7], ip[8], ip[9], w(0, IPPROTO_TCP), 20u16.to_be()]);
+    let r = Reset4 { ip, tcp: rst_header(syn[10], syn[11], [syn[12], syn[13]], pseudo) };
+    turn_around(ctx, (ETH_LEN + 40) as u32, &r)
+}
+
+#[inline(never)]
+fn reset6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+    if l4_off != ETH_LEN + IPV6_LEN {
+        return Err(-1);
+    }
+    let syn: [u16; 24] = ctx.load(ETH_LEN)?;
+    let mut ip = [0u16; 20];
+    ip[0] = w(0x60, 0);
+    ip[2] = 20u16.to_be();
+    ip[3] = w(IPPROTO_TCP, 64);
+    for i in 0..8 {
+        ip[4 + i] = syn[12 + i];
+        ip[12 + i] = syn[4 + i];
+    }
+    let mut pseudo = u32::from(20u16.to_be()) + u32::from(w(0, IPPROTO_TCP));
+    for word in &ip[4..20] {
+        pseudo += u32::from(*word);
+    }
+    let r = Reset6 { ip, tcp: rst_header(syn[20], syn[21], [syn[22], syn[23]], pseudo) };
+    turn_around(ctx, (ETH_LEN + IPV6_LEN + 20) as u32, &r)
 }

@@ -42,6 +42,11 @@ impl Netns {
         sh(&["ip", "netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
+        // IPv6 addresses, link-local ones included, usable at once: duplicate
+        // address detection would hold a fresh link's first packets for a
+        // second or two.
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
         ns
     }
 

@@ -9,8 +9,22 @@
 //! Clients reach ClusterSetIPs through their default route to the node, where
 //! the agent's TC ingress on `pod<i>` translates them; pod IPs are routed
 //! unchanged (no SNAT), as on a flat multi-cluster pod network.
+//!
+//! Dual-stack: every address `10.a.b.c` above has an IPv6 twin [`v6`]
+//! `fd00:a:b::c` on the same interface, routed the same way.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// The IPv6 twin of a clusterset address: `10.a.b.c` -> `fd00:a:b::c`.
+pub fn v6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, a, b, c] = ip.octets();
+    Ipv6Addr::new(0xfd00, a.into(), b.into(), 0, 0, 0, 0, c.into())
+}
+
+/// `ip addr add` of an IPv6 address, usable at once (no duplicate address detection).
+fn add_v6(ns: &Netns, addr: &str, dev: &str) {
+    ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+}
 
 use crate::{
     netns::{Netns, veth},
@@ -30,11 +44,12 @@ impl Cluster {
         self.pods += 1;
         let ip = Ipv4Addr::new(10, 10 + self.index, 0, self.pods);
         self.ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        add_v6(&self.ns, &format!("{}/128", v6(ip)), "eth0");
         ip
     }
 
     /// Adds `count` pods, each answering TCP on `tcp` and UDP on `udp` as
-    /// `<cluster>/pod-<k>`; the servers stop when dropped.
+    /// `<cluster>/pod-<k>`, on both of its addresses; the servers stop when dropped.
     pub fn add_serving_pods(&mut self, count: usize, tcp: u16, udp: u16) -> (Vec<Ipv4Addr>, Vec<Server>) {
         let mut servers = Vec::new();
         let ips = (1..=count)
@@ -43,6 +58,8 @@ impl Cluster {
                 let id = format!("{}/pod-{k}", self.name);
                 servers.push(Server::tcp(&self.ns, ip, tcp, &id));
                 servers.push(Server::udp(&self.ns, ip, udp, &id));
+                servers.push(Server::tcp(&self.ns, v6(ip), tcp, &id));
+                servers.push(Server::udp(&self.ns, v6(ip), udp, &id));
                 ip
             })
             .collect();
@@ -69,6 +86,7 @@ impl Clusterset {
         node.sysctl("net.ipv4.ip_forward", "1");
         node.sysctl("net.ipv4.conf.all.rp_filter", "0");
         node.sysctl("net.ipv4.conf.default.rp_filter", "0");
+        node.sysctl("net.ipv6.conf.all.forwarding", "1");
         let mut set = Self { node, clients: Vec::new(), clusters: Vec::new() };
         for _ in 0..clients {
             set.add_client();
@@ -82,6 +100,12 @@ impl Clusterset {
             ns.ip(&["addr", "add", &format!("10.255.{j}.2/24"), "dev", "eth0"]);
             ns.ip(&["route", "add", "default", "via", &format!("10.255.{j}.1")]);
             set.node.ip(&["route", "add", &format!("10.{}.0.0/16", 10 + j8), "via", &format!("10.255.{j}.2")]);
+            let (node6, cluster6) = (v6(Ipv4Addr::new(10, 255, j8, 1)), v6(Ipv4Addr::new(10, 255, j8, 2)));
+            add_v6(&set.node, &format!("{node6}/64"), &node_if);
+            add_v6(&ns, &format!("{cluster6}/64"), "eth0");
+            ns.ip(&["-6", "route", "add", "default", "via", &node6.to_string()]);
+            let pods6 = Ipv6Addr::new(0xfd00, (10 + j8).into(), 0, 0, 0, 0, 0, 0);
+            set.node.ip(&["-6", "route", "add", &format!("{pods6}/48"), "via", &cluster6.to_string()]);
             set.clusters.push(Cluster { name: (*name).to_owned(), ns, index: j8, pods: 0 });
         }
         set
@@ -98,6 +122,10 @@ impl Clusterset {
         let ip = Ipv4Addr::new(10, 0, i, 2);
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.0.{i}.1")]);
+        let gateway6 = v6(Ipv4Addr::new(10, 0, i, 1));
+        add_v6(&self.node, &format!("{gateway6}/64"), &node_iface);
+        add_v6(&ns, &format!("{}/64", v6(ip)), "eth0");
+        ns.ip(&["-6", "route", "add", "default", "via", &gateway6.to_string()]);
         self.clients.push(Client { ns, ip, node_iface });
         self.clients.last().expect("just pushed")
     }

@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -22,13 +22,13 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Server {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub identity: String,
 }
 
 impl Server {
-    pub fn tcp(ns: &Netns, ip: Ipv4Addr, port: u16, identity: &str) -> Self {
-        let addr = SocketAddrV4::new(ip, port);
+    pub fn tcp(ns: &Netns, ip: impl Into<IpAddr>, port: u16, identity: &str) -> Self {
+        let addr = SocketAddr::new(ip.into(), port);
         let listener = ns.run(move || TcpListener::bind(addr)).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
@@ -48,14 +48,14 @@ impl Server {
         Self { stop, handle: Some(handle), addr, identity: identity.to_owned() }
     }
 
-    pub fn udp(ns: &Netns, ip: Ipv4Addr, port: u16, identity: &str) -> Self {
-        let addr = SocketAddrV4::new(ip, port);
+    pub fn udp(ns: &Netns, ip: impl Into<IpAddr>, port: u16, identity: &str) -> Self {
+        let addr = SocketAddr::new(ip.into(), port);
         let socket = ns.run(move || UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
         socket.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, id) = (stop.clone(), identity.to_owned());
         let handle = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
+            let mut buf = [0u8; 65536];
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = socket.recv_from(&mut buf) {
                     let _ = socket.send_to(format!("{id} {peer}\n").as_bytes(), peer);
@@ -127,8 +127,9 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn open(ns: &Netns, target: SocketAddrV4) -> io::Result<Self> {
-        let stream = ns.run(move || TcpStream::connect_timeout(&SocketAddr::V4(target), IO_TIMEOUT))?;
+    pub fn open(ns: &Netns, target: impl Into<SocketAddr>) -> io::Result<Self> {
+        let target = target.into();
+        let stream = ns.run(move || TcpStream::connect_timeout(&target, IO_TIMEOUT))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -147,13 +148,15 @@ impl Connection {
 }
 
 /// One TCP connection, one request: connect, ask, read, close.
-pub fn tcp_request(ns: &Netns, target: SocketAddrV4) -> io::Result<Reply> {
+pub fn tcp_request(ns: &Netns, target: impl Into<SocketAddr>) -> io::Result<Reply> {
     Connection::open(ns, target)?.request()
 }
 
 /// One UDP datagram and its answer.
-pub fn udp_request(ns: &Netns, target: SocketAddrV4) -> io::Result<Reply> {
-    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:0"))?;
+pub fn udp_request(ns: &Netns, target: impl Into<SocketAddr>) -> io::Result<Reply> {
+    let target = target.into();
+    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let socket = ns.run(move || UdpSocket::bind(any))?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.send_to(b"hello\n", target)?;
     let mut buf = [0u8; 1500];

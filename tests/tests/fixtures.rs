@@ -24,10 +24,8 @@ const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
 const TC_NEXT: i32 = -1;
-const TC_ACT_SHOT: i32 = 2;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// In table order (sorted by address).
 const BACKENDS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 11, 0, 1)];
@@ -444,12 +442,7 @@ fn the_kernel_reads_exactly_the_agents_maglev_table() {
     for (i, addr) in want.iter().enumerate() {
         let id = dp.selection_slot(service.slot_offset + i as u32).expect("slot in range");
         let backend = dp.backend(id).expect("backend id in range");
-        assert_eq!(
-            mcs_agent::plan::backend_addr(&backend),
-            *addr,
-            "slot {i} of {}",
-            want.len()
-        );
+        assert_eq!(mcs_agent::plan::backend_addr(&backend), *addr, "slot {i} of {}", want.len());
     }
 }
 

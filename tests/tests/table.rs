@@ -244,26 +244,48 @@ fn rows(f: &Family) -> Vec<Row> {
     let (from_be, from_vip) = (udp(be, c, 5353, 5001, &payload), udp(vip, c, 53, 5001, &payload));
     let [in_first, in_rest] = fragments(be, c, UDP, &from_be, 1008, 0x6161);
     let [out_first, out_rest] = fragments(vip, c, UDP, &from_vip, 1008, 0x6161);
-    rows.push(row(f, "a fragmented reply's first fragment comes from the VIP", PROG_EGRESS, in_first, TC_NEXT, out_first));
+    rows.push(row(
+        f,
+        "a fragmented reply's first fragment comes from the VIP",
+        PROG_EGRESS,
+        in_first,
+        TC_NEXT,
+        out_first,
+    ));
     rows.push(row(f, "and so does the rest of it", PROG_EGRESS, in_rest, TC_NEXT, out_rest));
 
-    // No backend: an ICMP port unreachable from the VIP, back where it came from.
+    // No backend: refused from the VIP, back where it came from. A SYN gets
+    // a RST (the SYN acknowledged: its sequence number 1000, plus one).
     let empty = f.empty;
+    let mut rst = tcp(empty, c, 80, 40001, 0x14, b"");
+    rst[4..12].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0x03, 0xe9]);
+    rst[14..16].copy_from_slice(&[0, 0]);
+    rst[16..18].copy_from_slice(&[0, 0]);
+    let csum = mcs_tests::packet::checksum(&[&mcs_tests::frame::pseudo(empty, c, TCP, rst.len()), &rst]);
+    rst[16..18].copy_from_slice(&csum.to_be_bytes());
+    rows.push(row(
+        f,
+        "a SYN to a VIP without backends is reset",
+        PROG_INGRESS,
+        packet(c, empty, TCP, &tcp(c, empty, 40001, 80, SYN, b"")),
+        TC_ACT_REDIRECT,
+        turned(packet(empty, c, TCP, &rst)),
+    ));
     let (kind, code) = f.port_unreachable;
-    for (what, proto, l4) in [
-        ("a SYN to a VIP without backends is refused", TCP, tcp(c, empty, 40001, 80, SYN, b"")),
-        ("UDP to a VIP without backends is refused", UDP, udp(c, empty, 5002, 53, b"query")),
-    ] {
-        let quoted = quote(c, empty, proto, &l4, f.header + 8);
-        rows.push(row(
-            f,
-            what,
-            PROG_INGRESS,
-            packet(c, empty, proto, &l4),
-            TC_ACT_REDIRECT,
-            turned(packet(empty, c, f.icmp, &icmp(empty, c, kind, code, [0; 4], &quoted))),
-        ));
-    }
+    let query = udp(c, empty, 5002, 53, b"query");
+    rows.push(row(
+        f,
+        "UDP to a VIP without backends gets port unreachable",
+        PROG_INGRESS,
+        packet(c, empty, UDP, &query),
+        TC_ACT_REDIRECT,
+        turned(packet(
+            empty,
+            c,
+            f.icmp,
+            &icmp(empty, c, kind, code, [0; 4], &quote(c, empty, UDP, &query, f.header + 8)),
+        )),
+    ));
     rows.push(pass(f, "traffic to a pod passes byte for byte", PROG_INGRESS, packet(c, other, TCP, &direct)));
     if f.name == "IPv6" {
         // Hop-by-hop (a PadN option) and destination options before TCP.
