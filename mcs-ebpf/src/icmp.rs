@@ -92,7 +92,7 @@ fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) 
         proto,
         _pad: [0; 3],
     };
-    let Some(rev) = F::rev_nat().get_ptr(&key) else { return Ok(false) };
+    let Some(rev) = F::rev_nat().get_ptr(key) else { return Ok(false) };
     // SAFETY: map value pointer, valid for this program run; copied.
     let rev = unsafe { *rev };
     let (vip, vip_port) = (rev.vip, rev.vip_port);
@@ -181,7 +181,7 @@ pub fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: helper without preconditions.
     let action = unsafe { bpf_redirect(ifindex, 0) };
-    if action == TC_ACT_REDIRECT as i64 { TC_ACT_REDIRECT as i32 } else { TC_ACT_SHOT }
+    if action == i64::from(TC_ACT_REDIRECT) { TC_ACT_REDIRECT } else { TC_ACT_SHOT }
 }
 
 /// The ones'-complement sum of wire-order 16-bit words.
@@ -268,10 +268,8 @@ fn reject6<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     e.ip[2] = payload.to_be();
     e.ip[3] = w(IPPROTO_ICMPV6, 64);
     // Source: the VIP the client asked for; destination: the client.
-    for i in 0..8 {
-        e.ip[4 + i] = quote[12 + i];
-        e.ip[12 + i] = quote[4 + i];
-    }
+    e.ip[4..12].copy_from_slice(&quote[12..20]);
+    e.ip[12..20].copy_from_slice(&quote[4..12]);
     // The pseudo-header (both addresses, the length, the next header) and the message.
     let mut sum = sum_words(&e.ip) - u32::from(e.ip[0]) - u32::from(e.ip[2]) - u32::from(e.ip[3]);
     sum += u32::from(payload.to_be()) + u32::from(w(0, IPPROTO_ICMPV6));
@@ -334,10 +332,8 @@ fn reset6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     ip[0] = w(0x60, 0);
     ip[2] = 20u16.to_be();
     ip[3] = w(IPPROTO_TCP, 64);
-    for i in 0..8 {
-        ip[4 + i] = syn[12 + i];
-        ip[12 + i] = syn[4 + i];
-    }
+    ip[4..12].copy_from_slice(&syn[12..20]);
+    ip[12..20].copy_from_slice(&syn[4..12]);
     let mut pseudo = u32::from(20u16.to_be()) + u32::from(w(0, IPPROTO_TCP));
     for word in &ip[4..20] {
         pseudo += u32::from(*word);
