@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeSet,
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     sync::{
         Arc, Barrier,
         atomic::{AtomicBool, Ordering},
@@ -39,9 +39,11 @@ pub struct Servers {
 impl Servers {
     pub fn start(ns: &Netns, pods: &[Ipv4Addr], tcp_port: u16, udp_port: u16) -> io::Result<Self> {
         let listener = ns.run(move || -> io::Result<Socket> {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            // Dual-stack: IPv4 pods' addresses arrive as v4-mapped ones.
+            let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_only_v6(false)?;
             socket.set_reuse_address(true)?;
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, tcp_port)).into())?;
+            socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, tcp_port)).into())?;
             // Bursts of new connections from several clients must not overflow the
             // accept queue: a dropped SYN costs a 1 s retransmit and ruins the rate.
             socket.listen(4096)?;
@@ -79,8 +81,14 @@ impl Servers {
 }
 
 fn serve_tcp(mut stream: TcpStream, stop: &AtomicBool) {
-    let Ok(SocketAddr::V4(local)) = stream.local_addr() else { return };
-    let reply = format!("{}\n", local.ip());
+    let reply = match stream.local_addr() {
+        Ok(SocketAddr::V4(local)) => format!("{}\n", local.ip()),
+        Ok(SocketAddr::V6(local)) => match local.ip().to_ipv4_mapped() {
+            Some(v4) => format!("{v4}\n"),
+            None => format!("{}\n", local.ip()),
+        },
+        Err(_) => return,
+    };
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut buf = [0u8; 512];
@@ -150,12 +158,12 @@ struct WorkerResult {
     ok: u64,
     errors: u64,
     latencies_ns: Vec<u64>,
-    answered: BTreeSet<Ipv4Addr>,
+    answered: BTreeSet<IpAddr>,
 }
 
 /// Runs `workload` against `target` from every client namespace at once for
 /// `duration`, one worker thread per client.
-pub fn run(workload: Workload, clients: &[&Netns], target: SocketAddrV4, duration: Duration) -> Run {
+pub fn run(workload: Workload, clients: &[&Netns], target: SocketAddr, duration: Duration) -> Run {
     let barrier = Arc::new(Barrier::new(clients.len()));
     let handles: Vec<JoinHandle<WorkerResult>> = clients
         .iter()
@@ -198,12 +206,12 @@ pub fn run(workload: Workload, clients: &[&Netns], target: SocketAddrV4, duratio
     }
 }
 
-fn parse_reply(buf: &[u8]) -> Option<Ipv4Addr> {
+fn parse_reply(buf: &[u8]) -> Option<IpAddr> {
     std::str::from_utf8(buf).ok()?.trim_end().parse().ok()
 }
 
 /// Reads one newline-terminated reply.
-fn read_reply(stream: &mut TcpStream, buf: &mut [u8; 64]) -> io::Result<Ipv4Addr> {
+fn read_reply(stream: &mut TcpStream, buf: &mut [u8; 64]) -> io::Result<IpAddr> {
     let mut len = 0;
     loop {
         let n = stream.read(&mut buf[len..])?;
@@ -220,14 +228,14 @@ fn read_reply(stream: &mut TcpStream, buf: &mut [u8; 64]) -> io::Result<Ipv4Addr
     }
 }
 
-fn connect(target: SocketAddrV4) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&SocketAddr::V4(target), IO_TIMEOUT)?;
+fn connect(target: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&target, IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
 
-fn crr(target: SocketAddrV4, deadline: Instant) -> WorkerResult {
+fn crr(target: SocketAddr, deadline: Instant) -> WorkerResult {
     let mut result = WorkerResult::default();
     let mut buf = [0u8; 64];
     while Instant::now() < deadline {
@@ -248,7 +256,7 @@ fn crr(target: SocketAddrV4, deadline: Instant) -> WorkerResult {
     result
 }
 
-fn rr(target: SocketAddrV4, deadline: Instant) -> WorkerResult {
+fn rr(target: SocketAddr, deadline: Instant) -> WorkerResult {
     let mut result = WorkerResult::default();
     let mut buf = [0u8; 64];
     let mut stream = None;
@@ -279,9 +287,11 @@ fn rr(target: SocketAddrV4, deadline: Instant) -> WorkerResult {
     result
 }
 
-fn udp(target: SocketAddrV4, deadline: Instant) -> WorkerResult {
+fn udp(target: SocketAddr, deadline: Instant) -> WorkerResult {
     let mut result = WorkerResult::default();
-    let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+    let any: IpAddr =
+        if target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+    let socket = match UdpSocket::bind((any, 0))
         .and_then(|s| s.connect(target).map(|()| s))
         .and_then(|s| s.set_read_timeout(Some(Duration::from_millis(200))).map(|()| s))
     {

@@ -2,6 +2,7 @@
 
 mod control;
 mod disruption;
+mod family;
 mod kubeproxy;
 mod lab;
 mod load;
@@ -80,7 +81,7 @@ struct Args {
     #[arg(long)]
     dump_rules: Option<PathBuf>,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption")]
+    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption,family")]
     only: Vec<Part>,
     /// Services programmed during the disruption measurement. Default: 1000 (quick: 100).
     #[arg(long)]
@@ -94,6 +95,8 @@ enum Part {
     Datapath,
     /// Restarts under load: mcs-agent's four kinds, kube-proxy's resync.
     Disruption,
+    /// IPv6 beside IPv4: new connections per second, direct and through a dual-stack VIP.
+    Family,
 }
 
 /// Everything one configuration measured in one round.
@@ -244,12 +247,13 @@ fn main() -> Result<()> {
                             .with_context(|| format!("installing {} for {count} services", path.label()))?;
                     let setup = t.elapsed();
                     // Not recorded: neighbour entries, server threads and caches warm up.
-                    load::run(Workload::TcpCrr, &lab.clients(clients), tcp, Duration::from_millis(100));
+                    load::run(Workload::TcpCrr, &lab.clients(clients), tcp.into(), Duration::from_millis(100));
                     let mut line = Vec::new();
                     for workload in Workload::ALL {
                         for n in [1, clients] {
                             let target = if workload == Workload::UdpRr { udp } else { tcp };
-                            let run = load::run(workload, &lab.clients(n), target, Duration::from_secs_f64(seconds));
+                            let run =
+                                load::run(workload, &lab.clients(n), target.into(), Duration::from_secs_f64(seconds));
                             check(path, count, workload, n, &run)?;
                             line.push(format!("{workload:?}x{n} {:.0}/s", run.rate));
                             let key = Key { path, services: count, position, workload, clients: n };
@@ -284,7 +288,15 @@ fn main() -> Result<()> {
         Vec::new()
     };
 
-    let results = report::Results { conditions, packet, control, datapath: report::datapath(&runs), disruption };
+    let families = if args.only.contains(&Part::Family) {
+        let (rounds, seconds) = if quick { (1, 0.5) } else { (5, 2.0) };
+        family::measure(&args.agent, rounds, seconds)?
+    } else {
+        Vec::new()
+    };
+
+    let results =
+        report::Results { conditions, packet, control, datapath: report::datapath(&runs), disruption, families };
     report::write(&args.out, &results)?;
     if args.record {
         report::record(&results, &args.out)?;

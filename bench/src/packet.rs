@@ -4,7 +4,10 @@
 //! first run already rewrote). Every output is checked, so a path that
 //! silently stopped translating fails the benchmark instead of looking fast.
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
@@ -17,7 +20,10 @@ use mcs_agent::{
     source::manifests::parse_documents,
 };
 use mcs_common::{PROG_EGRESS, PROG_INGRESS};
-use mcs_tests::packet::{Ipv4Spec, TCP_ACK, TCP_SYN, tcp, view};
+use mcs_tests::{
+    frame,
+    packet::{Ipv4Spec, TCP_ACK, TCP_SYN, checksum, tcp, view},
+};
 use serde::Serialize;
 
 use crate::lab::{self, ENDPOINTS};
@@ -103,7 +109,7 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
     let pods: Vec<Ipv4Addr> = (1..=ENDPOINTS as u8).map(|k| Ipv4Addr::new(10, 10, 0, k)).collect();
     let services = lab::services(1, 0, &pods);
     let refs: Vec<&_> = services.iter().collect();
-    let yaml = lab::service_manifest(&refs, &pods);
+    let yaml = format!("{}---\n{}", lab::service_manifest(&refs, &pods), manifest6());
     let (snapshot, errors) = parse_documents(&Origin("bench".into()), &yaml);
     if !errors.is_empty() {
         bail!("the benchmark's own manifest is invalid: {errors:?}");
@@ -162,6 +168,97 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
         let v = view(&runner.out);
         Ok((verdict == TC_NEXT && v.src == vip && v.sport == lab::TCP_PORT && v.l4_checksum_ok == Some(true), took))
     })?);
+    results.extend(measure6(&mut runner, runs)?);
     eprintln!("bench: per-packet, {runs} runs per path, in {:.1?}", started.elapsed());
+    Ok(results)
+}
+
+const VIP6: &str = "fd00:96::1";
+
+fn pod6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 10, 0, 0, 0, 0, 0, k as u16)
+}
+
+/// The same service in IPv6: one VIP, ten IPv6 endpoints.
+fn manifest6() -> String {
+    let endpoints: Vec<String> = (1..=ENDPOINTS).map(|k| format!(r#"{{addresses: ["{}"]}}"#, pod6(k))).collect();
+    format!(
+        r#"apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {{name: bench6, namespace: bench}}
+spec: {{type: ClusterSetIP, ips: ["{VIP6}"], ipFamilies: [IPv6], ports: [{{name: http, port: {}, protocol: TCP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: bench6
+  namespace: bench
+  labels: {{multicluster.kubernetes.io/service-name: bench6, multicluster.kubernetes.io/source-cluster: bench}}
+addressType: IPv6
+ports: [{{name: http, port: {}, protocol: TCP}}]
+endpoints: [{}]
+"#,
+        lab::TCP_PORT,
+        lab::TCP_TARGET,
+        endpoints.join(", ")
+    )
+}
+
+fn client6(flow: u32) -> (IpAddr, u16) {
+    let (ip, port) = client(flow);
+    let [_, b, c, d] = ip.octets();
+    (Ipv6Addr::new(0xfd00, 64, b.into(), 0, 0, 0, c.into(), d.into()).into(), port)
+}
+
+/// An IPv6 TCP frame's source, destination and ports, if its TCP checksum
+/// verifies from scratch.
+fn view6(out: &[u8]) -> Option<(IpAddr, IpAddr, u16, u16)> {
+    if out.len() < 14 + 40 + 20 || out[12..14] != [0x86, 0xdd] {
+        return None;
+    }
+    let ip = |at: usize| IpAddr::from(<[u8; 16]>::try_from(&out[at..at + 16]).unwrap());
+    let (src, dst) = (ip(22), ip(38));
+    let l4 = &out[54..];
+    let ok = checksum(&[&frame::pseudo(src, dst, frame::TCP, l4.len()), l4]) == 0;
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    ok.then(|| (src, dst, port(0), port(2)))
+}
+
+/// The IPv6 paths, beside IPv4's.
+fn measure6(runner: &mut Runner, runs: u32) -> Result<Vec<PacketCost>> {
+    let vip: IpAddr = VIP6.parse().expect("literal");
+    let pods: Vec<IpAddr> = (1..=ENDPOINTS).map(|k| IpAddr::V6(pod6(k))).collect();
+    let segment = |src, dst, sport, dport, flags| {
+        frame::packet(src, dst, frame::TCP, &frame::tcp(src, dst, sport, dport, flags, b""))
+    };
+    let mut results = Vec::new();
+    results.push(runner.path("IPv6 miss (not a service)", PROG_INGRESS, runs, |flow, runner| {
+        let (ip, port) = client6(flow);
+        let input = segment(ip, pods[0], port, lab::TCP_TARGET, TCP_ACK);
+        let (verdict, took) = runner.run(PROG_INGRESS, &input)?;
+        Ok((verdict == TC_NEXT && runner.out == input, took))
+    })?);
+    let mut chosen = Vec::with_capacity(runs as usize);
+    results.push(runner.path("IPv6 new flow (SYN, conntrack insert)", PROG_INGRESS, runs, |flow, runner| {
+        let (ip, port) = client6(flow);
+        let (verdict, took) = runner.run(PROG_INGRESS, &segment(ip, vip, port, lab::TCP_PORT, TCP_SYN))?;
+        let seen = view6(&runner.out);
+        chosen.push(seen.map_or(vip, |(_, dst, _, _)| dst));
+        let ok = seen.is_some_and(|(_, dst, _, dport)| pods.contains(&dst) && dport == lab::TCP_TARGET);
+        Ok((verdict == TC_NEXT && ok, took))
+    })?);
+    results.push(runner.path("IPv6 established flow", PROG_INGRESS, runs, |flow, runner| {
+        let (ip, port) = client6(flow);
+        let (verdict, took) = runner.run(PROG_INGRESS, &segment(ip, vip, port, lab::TCP_PORT, TCP_ACK))?;
+        let ok = view6(&runner.out).is_some_and(|(_, dst, _, _)| dst == chosen[flow as usize]);
+        Ok((verdict == TC_NEXT && ok, took))
+    })?);
+    results.push(runner.path("IPv6 reverse NAT (reply)", PROG_EGRESS, runs, |flow, runner| {
+        let (ip, port) = client6(flow);
+        let input = segment(chosen[flow as usize], ip, lab::TCP_TARGET, port, TCP_ACK);
+        let (verdict, took) = runner.run(PROG_EGRESS, &input)?;
+        let ok = view6(&runner.out).is_some_and(|(src, _, sport, _)| src == vip && sport == lab::TCP_PORT);
+        Ok((verdict == TC_NEXT && ok, took))
+    })?);
     Ok(results)
 }

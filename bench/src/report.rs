@@ -34,6 +34,7 @@ pub struct Results {
     pub control: Option<ControlPlane>,
     pub datapath: Vec<Row>,
     pub disruption: Vec<crate::disruption::Row>,
+    pub families: Vec<crate::family::Row>,
 }
 
 pub fn datapath(runs: &BTreeMap<Key, Vec<Run>>) -> Vec<Row> {
@@ -329,6 +330,29 @@ pub fn markdown(results: &Results) -> String {
         workload_table(&mut out, rows, Workload::UdpRr, "UDP requests per second (request/response)", |r| &r.rate);
         let errors: u64 = rows.iter().map(|r| r.errors).sum();
         let _ = writeln!(out, "\nFailed transactions over all runs: {errors}.");
+    }
+
+    if !results.families.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### IPv6 beside IPv4 (new TCP connections per second, one client back to back, a dual-stack import, median of {} rounds)\n\n| family | path | connections/s | ÷ direct, same family |\n|---|---|---:|---:|",
+            results.families[0].rounds
+        );
+        for r in &results.families {
+            let direct = results
+                .families
+                .iter()
+                .find(|d| d.family == r.family && d.path == "direct")
+                .map_or(f64::NAN, |d| d.connections_per_sec);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.2}× |",
+                r.family,
+                r.path,
+                num(r.connections_per_sec),
+                r.connections_per_sec / direct
+            );
+        }
     }
 
     if !results.disruption.is_empty() {
