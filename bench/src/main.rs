@@ -1,6 +1,8 @@
 //! `mcs-bench`: the numbers behind `cargo xtask bench`. See BENCHMARKS.md.
 
 mod control;
+use clap::ValueEnum as _;
+
 mod disruption;
 mod family;
 mod kubeproxy;
@@ -298,7 +300,12 @@ fn main() -> Result<()> {
     let results =
         report::Results { conditions, packet, control, datapath: report::datapath(&runs), disruption, families };
     report::write(&args.out, &results)?;
-    if args.record {
+    // A partial run (`--only`) is not the latest run: it would replace the
+    // recorded results with a fraction of them.
+    let all_parts = Part::value_variants().iter().all(|p| args.only.contains(p));
+    if args.record && !all_parts {
+        eprintln!("bench: not recording BENCHMARKS.md: only {:?} ran", args.only);
+    } else if args.record {
         report::record(&results, &args.out)?;
     }
     eprintln!("bench: done in {:.1?}; results in {}", started.elapsed(), args.out.display());
