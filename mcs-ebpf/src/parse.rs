@@ -141,6 +141,19 @@ fn l4(ctx: &TcContext, proto: u8, l4_off: usize) -> Option<(u16, u16, u8, u8)> {
     }
 }
 
+/// Fills the flow's ports, TCP flags and ICMP type; false when cut short.
+#[inline(always)]
+fn read_l4<A>(ctx: &TcContext, flow: &mut Flow<A>) -> bool {
+    let Some((src_port, dst_port, tcp_flags, icmp_type)) = l4(ctx, flow.proto, flow.l4_off) else {
+        return false;
+    };
+    flow.src_port = src_port;
+    flow.dst_port = dst_port;
+    flow.tcp_flags = tcp_flags;
+    flow.icmp_type = icmp_type;
+    true
+}
+
 #[inline(always)]
 const fn l4_min(proto: u8) -> usize {
     match proto {
@@ -186,13 +199,9 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     if (ip_len as usize) < ihl + l4_min(proto) {
         return Parsed::Malformed;
     }
-    let Some((src_port, dst_port, tcp_flags, icmp_type)) = l4(ctx, proto, l4_off) else {
+    if !read_l4(ctx, &mut flow) {
         return Parsed::Malformed;
-    };
-    flow.src_port = src_port;
-    flow.dst_port = dst_port;
-    flow.tcp_flags = tcp_flags;
-    flow.icmp_type = icmp_type;
+    }
     Parsed::V4(flow)
 }
 
@@ -265,12 +274,8 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
     if off > ETH_LEN + IPV6_LEN && !pull_more(ctx, (off + TCP_LEN) as u32) {
         return Parsed::Malformed;
     }
-    let Some((src_port, dst_port, tcp_flags, icmp_type)) = l4(ctx, proto, off) else {
+    if !read_l4(ctx, &mut flow) {
         return Parsed::Malformed;
-    };
-    flow.src_port = src_port;
-    flow.dst_port = dst_port;
-    flow.tcp_flags = tcp_flags;
-    flow.icmp_type = icmp_type;
+    }
     Parsed::V6(flow)
 }
