@@ -13,5 +13,6 @@ pub mod frame;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
+pub mod testrun;
 pub mod topology;
 pub mod traffic;

@@ -2,6 +2,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::frame;
+
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_PSH: u8 = 0x08;
@@ -63,41 +65,18 @@ fn build(ip: &Ipv4Spec<'_>, proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12);
-    v.extend_from_slice(&src.octets());
-    v.extend_from_slice(&dst.octets());
-    v.extend_from_slice(&[0, proto]);
-    v.extend_from_slice(&(len as u16).to_be_bytes());
-    v
+    frame::pseudo(src.into(), dst.into(), proto, len)
 }
 
 pub fn tcp(ip: &Ipv4Spec<'_>, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = vec![0u8; 20];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    l4[12] = 5 << 4;
-    l4[13] = flags;
-    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    l4.extend_from_slice(payload);
-    let csum = checksum(&[&pseudo(ip.src, ip.dst, 6, l4.len()), &l4]);
-    l4[16..18].copy_from_slice(&csum.to_be_bytes());
-    build(ip, 6, &l4)
+    build(ip, 6, &frame::tcp(ip.src.into(), ip.dst.into(), sport, dport, flags, payload))
 }
 
 /// A UDP datagram; `zero_checksum` sends it without a checksum (allowed in IPv4).
 pub fn udp(ip: &Ipv4Spec<'_>, sport: u16, dport: u16, payload: &[u8], zero_checksum: bool) -> Vec<u8> {
-    let mut l4 = vec![0u8; 8];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    l4[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    l4.extend_from_slice(payload);
-    if !zero_checksum {
-        let mut csum = checksum(&[&pseudo(ip.src, ip.dst, 17, l4.len()), &l4]);
-        if csum == 0 {
-            csum = 0xffff;
-        }
-        l4[6..8].copy_from_slice(&csum.to_be_bytes());
+    let mut l4 = frame::udp(ip.src.into(), ip.dst.into(), sport, dport, payload);
+    if zero_checksum {
+        l4[6..8].copy_from_slice(&[0, 0]);
     }
     build(ip, 17, &l4)
 }

@@ -5,20 +5,21 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use mcs_agent::{
     datapath::{Datapath, Sizes},
     desired::{self, BackendAddr, FrontendKey, Policy, Protocol},
     model::Origin,
-    plan::{Applied, Capacity, selection_table},
-    reconcile::Reconciler,
+    plan::{Capacity, selection_table},
     source::manifests::parse_documents,
 };
 use mcs_common::{
     CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, RevNatKey,
     RevNatValue, Stat, flow_hash, ip_to_map, port_to_map,
 };
-use mcs_tests::packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view};
+use mcs_tests::{
+    packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view},
+    testrun::{programmed, run, run_repeat},
+};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
@@ -94,30 +95,7 @@ fn datapath() -> Datapath {
 }
 
 fn datapath_with_conntrack(conntrack: u32) -> Datapath {
-    let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
-    let mut dp = Datapath::load(Sizes { capacity, conntrack, ..Sizes::default() }, None)
-        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
-    let (snapshot, errors) = parse_documents(&Origin("fixture".into()), MANIFESTS);
-    assert!(errors.is_empty(), "{errors:?}");
-    let report =
-        Reconciler::new(Applied::new(capacity), Policy::default()).apply_snapshot(&snapshot, vec![], &mut dp).unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.frontends, 4);
-    dp
-}
-
-fn run(dp: &mut Datapath, program: &'static str, input: &[u8]) -> (i32, Vec<u8>) {
-    run_repeat(dp, program, input, 1).0
-}
-
-fn run_repeat(dp: &mut Datapath, program: &'static str, input: &[u8], repeat: u32) -> ((i32, Vec<u8>), u128) {
-    let mut out = vec![0u8; input.len() + 128];
-    let prog = dp.program_mut(program).unwrap();
-    let result = prog
-        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat, ..Default::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    ((result.return_value as i32, out), result.duration.as_nanos())
+    programmed(MANIFESTS, conntrack, 4)
 }
 
 /// The selection table the agent programs for `VIP:port`, computed by the

@@ -8,17 +8,11 @@
 
 use std::net::IpAddr;
 
-use aya::programs::{TestRun as _, TestRunOptions};
-use mcs_agent::{
-    datapath::{Datapath, Sizes},
-    desired::Policy,
-    model::Origin,
-    plan::{Applied, Capacity},
-    reconcile::Reconciler,
-    source::manifests::parse_documents,
-};
 use mcs_common::{PROG_EGRESS, PROG_INGRESS, Stat};
-use mcs_tests::frame::{ICMP, ICMPV6, Ip, TCP, UDP, fragments, frame, icmp, ip_packet, packet, tcp, turned, udp};
+use mcs_tests::{
+    frame::{ICMP, ICMPV6, Ip, TCP, UDP, fragments, frame, icmp, ip_packet, packet, tcp, turned, udp},
+    testrun::{programmed, run},
+};
 
 const TC_NEXT: i32 = -1;
 const TC_ACT_REDIRECT: i32 = 7;
@@ -303,37 +297,14 @@ fn rows(f: &Family) -> Vec<Row> {
     rows
 }
 
-fn datapath() -> Datapath {
-    let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
-    let mut dp = Datapath::load(Sizes { capacity, conntrack: 1024, ..Sizes::default() }, None)
-        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
-    let (snapshot, errors) = parse_documents(&Origin("table".into()), MANIFESTS);
-    assert!(errors.is_empty(), "{errors:?}");
-    let report =
-        Reconciler::new(Applied::new(capacity), Policy::default()).apply_snapshot(&snapshot, vec![], &mut dp).unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.frontends, 8, "two families × (web, empty) × two ports");
-    dp
-}
-
-fn run(dp: &mut Datapath, program: &'static str, input: &[u8]) -> (i32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 256];
-    let result = dp
-        .program_mut(program)
-        .unwrap()
-        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value as i32, out)
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
 #[test]
 fn the_packet_table_ipv4_and_ipv6_side_by_side() {
-    let mut dp = datapath();
+    // Two families × (web, empty) × two ports.
+    let mut dp = programmed(MANIFESTS, 1024, 8);
     let mut failures = Vec::new();
     let mut count = 0;
     for family in families() {

@@ -1,0 +1,45 @@
+//! The real programs on test frames (BPF_PROG_TEST_RUN), with maps
+//! programmed by the agent's own reconcile path from manifests.
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use mcs_agent::{
+    datapath::{Datapath, Sizes},
+    desired::Policy,
+    model::Origin,
+    plan::{Applied, Capacity},
+    reconcile::Reconciler,
+    source::manifests::parse_documents,
+};
+
+/// Loads the programs with small maps and programs `manifests`, which must
+/// be valid and yield `frontends` frontends.
+pub fn programmed(manifests: &str, conntrack: u32, frontends: usize) -> Datapath {
+    let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
+    let mut dp = Datapath::load(Sizes { capacity, conntrack, ..Sizes::default() }, None)
+        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
+    let (snapshot, errors) = parse_documents(&Origin("fixture".into()), manifests);
+    assert!(errors.is_empty(), "{errors:?}");
+    let report =
+        Reconciler::new(Applied::new(capacity), Policy::default()).apply_snapshot(&snapshot, vec![], &mut dp).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.frontends, frontends);
+    dp
+}
+
+/// One run of `program` on `input`: its verdict and output frame.
+pub fn run(dp: &mut Datapath, program: &'static str, input: &[u8]) -> (i32, Vec<u8>) {
+    run_repeat(dp, program, input, 1).0
+}
+
+/// `repeat` runs; also the kernel's mean time per run, in ns. The output
+/// has room for a frame that grows (a rejection pushes headers).
+pub fn run_repeat(dp: &mut Datapath, program: &'static str, input: &[u8], repeat: u32) -> ((i32, Vec<u8>), u128) {
+    let mut out = vec![0u8; input.len() + 256];
+    let result = dp
+        .program_mut(program)
+        .unwrap()
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), repeat, ..Default::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    ((result.return_value as i32, out), result.duration.as_nanos())
+}
