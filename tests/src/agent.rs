@@ -158,13 +158,29 @@ impl Agent {
             return false;
         };
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Kubernetes' default grace period. In manifests mode the exit waits
+        // for the kernel to tear down the agent's inotify instance, which on
+        // a loaded machine has taken over 10 s (an SRCU grace period).
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
+                if !status.success() {
+                    eprintln!("agent {} ended with {status} after SIGTERM", child.id());
+                }
                 return status.success();
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Where it is stuck, for the failure's record.
+        let stacks = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("for t in /proc/{}/task/*; do echo \"$t $(cat $t/comm)\"; cat $t/stack; done", child.id()))
+            .output();
+        eprintln!(
+            "agent {} still running 30 s after SIGTERM, killed; its threads:\n{}",
+            child.id(),
+            stacks.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+        );
         let _ = child.kill();
         let _ = child.wait();
         false
