@@ -82,6 +82,10 @@ struct Args {
     /// input) for the largest service count into this directory, and exit.
     #[arg(long)]
     dump_rules: Option<PathBuf>,
+    /// Write the manifests the control-plane part feeds the agent
+    /// (`--control-services` services, one file each) into this directory, and exit.
+    #[arg(long)]
+    dump_manifests: Option<PathBuf>,
     /// Parts to run.
     #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption,family")]
     only: Vec<Part>,
@@ -163,6 +167,15 @@ fn main() -> Result<()> {
         std::fs::write(dir.join("iptables.rules"), kubeproxy::iptables(&services))?;
         std::fs::write(dir.join("nftables.nft"), kubeproxy::nftables(&services))?;
         eprintln!("bench: kube-proxy rule sets for {count} services in {}", dir.display());
+        return Ok(());
+    }
+    if let Some(dir) = &args.dump_manifests {
+        let count = args.control_services.unwrap_or(10_000);
+        let pods: Vec<std::net::Ipv4Addr> =
+            (1..=lab::ENDPOINTS as u8).map(|k| std::net::Ipv4Addr::new(10, 10, 0, k)).collect();
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        lab::write_manifests(dir, &lab::services(count, count / 2, &pods));
+        eprintln!("bench: {count} services' manifests in {}", dir.display());
         return Ok(());
     }
     // 1000-slot Maglev tables for 10k services would need 160M slots (1.3 GB of

@@ -6,7 +6,7 @@
 //! has the same name and protocol as the import port.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -210,9 +210,8 @@ impl ObjectError {
     }
 }
 
+#[derive(Debug)]
 struct ValidImport {
-    namespace: String,
-    name: String,
     /// Each ClusterSetIP with its index in `spec.ips` (for error messages).
     vips: Vec<(IpAddr, usize)>,
     ports: Vec<(FrontendKey, String)>,
@@ -227,7 +226,7 @@ struct ValidImport {
 /// Checks one ServiceImport. `Ok(None)`: valid but has no VIP to serve
 /// (Headless, or no IP allocated yet).
 fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<ValidImport>, ObjectError> {
-    let (namespace, name) = object_ref(&import.metadata);
+    let (_, name) = object_ref(&import.metadata);
     let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
     if name.is_empty() {
         return Err(err("metadata.name".into(), "is required".into()));
@@ -345,8 +344,6 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
         })
         .collect();
     Ok(Some(ValidImport {
-        namespace,
-        name,
         vips,
         ports,
         affinity_timeout_secs,
@@ -356,6 +353,7 @@ fn validate_import(origin: &Origin, import: &ServiceImport) -> Result<Option<Val
     }))
 }
 
+#[derive(Debug)]
 struct ValidSlice {
     /// Ports left out (a protocol the datapath does not carry).
     skipped: Vec<ObjectError>,
@@ -433,6 +431,7 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
             endpoints.push((ip, locality.clone(), condition));
         }
     }
+    endpoints.shrink_to_fit();
     Ok(Some(ValidSlice { skipped, ports, endpoints }))
 }
 
@@ -446,6 +445,15 @@ pub struct Runtime {
     /// Backends back from an ejection: unhealthy in their tier, but each gets
     /// [`PROBE_SHARE`] of new connections to prove itself.
     pub probing: BTreeSet<BackendAddr>,
+    /// Selection slots per backend the tables are sized for: the slot budget
+    /// lowers it when the tables would not fit (0: [`maglev::SLOTS_PER_BACKEND`]).
+    pub slots_per_backend: u32,
+}
+
+impl Runtime {
+    pub fn slots_per_backend(&self) -> u32 {
+        if self.slots_per_backend == 0 { maglev::SLOTS_PER_BACKEND } else { self.slots_per_backend }
+    }
 }
 
 /// The share of a frontend's new connections a probing backend gets.
@@ -532,7 +540,11 @@ fn never_a_vip(ip: IpAddr) -> Option<&'static str> {
 }
 
 /// Why `vip` must not be served on this node, given where pods and the node are.
-fn vip_conflict(vip: IpAddr, policy: &Policy, endpoints: &BTreeMap<IpAddr, String>) -> Option<String> {
+fn vip_conflict<'a>(
+    vip: IpAddr,
+    policy: &Policy,
+    endpoint_slice: impl Fn(IpAddr) -> Option<&'a str>,
+) -> Option<String> {
     let same_family: Vec<&ipnet::IpNet> =
         policy.vip_cidrs.iter().filter(|net| net.addr().is_ipv4() == vip.is_ipv4()).collect();
     if !same_family.is_empty() && !same_family.iter().any(|net| net.contains(&vip)) {
@@ -547,7 +559,7 @@ fn vip_conflict(vip: IpAddr, policy: &Policy, endpoints: &BTreeMap<IpAddr, Strin
     if policy.node_addresses.contains(&vip) {
         return Some(format!("{vip} is an address of this node; serving it would capture the node's traffic"));
     }
-    if let Some(slice) = endpoints.get(&vip) {
+    if let Some(slice) = endpoint_slice(vip) {
         return Some(format!(
             "{vip} is the address of an endpoint in EndpointSlice {slice}; serving it would capture that pod's traffic"
         ));
@@ -617,139 +629,596 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
 /// VIP -> `namespace/name`, what the datapath serves). Of two imports with one
 /// ClusterSetIP, the one holding it keeps it; otherwise the older (by
 /// `metadata.creationTimestamp`), then the first by name. The other is reported.
+///
+/// The whole-snapshot pass: the same per-service code as the incremental
+/// [`Model`], over every service at once.
 pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> (DesiredState, Vec<ObjectError>) {
-    let held = &runtime.held;
-    let mut errors = Vec::new();
+    let mut model = Model::with_held(runtime.held.clone());
+    model.replace(group_snapshot(snapshot), policy, runtime);
+    let errors = model.errors().cloned().collect();
+    (model.into_state(), errors)
+}
 
-    // Slices by (namespace, service name).
-    let mut slices: BTreeMap<(String, String), Vec<ValidSlice>> = BTreeMap::new();
-    // Every pod address of every slice: none may become a ClusterSetIP.
-    let mut endpoint_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
-    let mut ordered_slices: Vec<_> = snapshot.slices.iter().collect();
-    ordered_slices.sort_by_key(|(origin, s)| (object_ref(&s.metadata), origin.clone()));
-    for (origin, slice) in ordered_slices {
-        let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            continue;
-        };
-        match validate_slice(origin, slice) {
-            Ok(Some(mut valid)) => {
-                errors.append(&mut valid.skipped);
-                let (namespace, name) = object_ref(&slice.metadata);
-                for (ip, _, _) in &valid.endpoints {
-                    endpoint_ips.entry(*ip).or_insert_with(|| format!("{namespace}/{name}"));
-                }
-                slices.entry((namespace, service.clone())).or_default().push(valid);
-            }
-            Ok(None) => {}
-            Err(e) => errors.push(e),
+/// `(namespace, service name)`: what ties an import to its slices.
+pub type ServiceRef = (String, String);
+
+/// A ServiceImport, checked once when it arrives: passes read this, never
+/// the object again, and only what a pass needs is kept.
+#[derive(Debug)]
+pub struct ImportEntry {
+    origin: Origin,
+    namespace: String,
+    name: String,
+    created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    derived: bool,
+    valid: Result<Option<ValidImport>, ObjectError>,
+    selector_results: Result<Option<Vec<BTreeSet<String>>>, (String, String)>,
+}
+
+impl ImportEntry {
+    pub fn new(origin: &Origin, import: &ServiceImport) -> Self {
+        let (namespace, name) = object_ref(&import.metadata);
+        Self {
+            origin: origin.clone(),
+            namespace,
+            name,
+            created: import.metadata.creation_timestamp.clone(),
+            derived: import.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_DERIVED_SERVICE)),
+            valid: validate_import(origin, import),
+            selector_results: cluster_selector_results(import),
         }
     }
 
-    // Imports in a stable order so that a VIP conflict always rejects the same
-    // one: the current holder of a VIP first, then the oldest, then by name.
-    let mut imports: Vec<_> = snapshot.imports.iter().collect();
-    imports.sort_by_key(|(origin, i)| {
-        let (namespace, name) = object_ref(&i.metadata);
-        let service = format!("{namespace}/{name}");
-        let holds = held.values().any(|holder| *holder == service);
-        let created = i.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        (!holds, created.is_none(), created, (namespace, name), origin.clone())
-    });
-    let mut state = DesiredState::default();
-    let mut vip_owner: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for (origin, import) in imports {
-        let derived = import.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_DERIVED_SERVICE));
-        if policy.skip_derived && derived {
-            continue;
+    pub fn service(&self) -> ServiceRef {
+        (self.namespace.clone(), self.name.clone())
+    }
+
+    fn error(&self, field: String, message: String) -> ObjectError {
+        let origin = if self.origin.0.is_empty() { String::new() } else { format!("{}: ", self.origin) };
+        let object = format!("{}/{}", self.namespace, self.name);
+        ObjectError { origin, kind: "ServiceImport", object, field, message }
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid.is_ok()
+    }
+
+    /// The ClusterSetIPs it asks for, when it is valid.
+    fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.valid.as_ref().ok().and_then(Option::as_ref).into_iter().flat_map(|v| v.vips.iter().map(|(ip, _)| *ip))
+    }
+}
+
+/// An EndpointSlice, checked once when it arrives.
+#[derive(Debug)]
+pub struct SliceEntry {
+    origin: Origin,
+    namespace: String,
+    name: String,
+    /// Its `multicluster.kubernetes.io/service-name`: slices without it are not ours.
+    service: Option<String>,
+    valid: Result<Option<ValidSlice>, ObjectError>,
+}
+
+impl SliceEntry {
+    pub fn new(origin: &Origin, slice: &EndpointSlice) -> Self {
+        let (namespace, name) = object_ref(&slice.metadata);
+        let service = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned();
+        // An unlabelled slice is never read: not worth checking.
+        let valid = if service.is_some() { validate_slice(origin, slice) } else { Ok(None) };
+        Self { origin: origin.clone(), namespace, name, service, valid }
+    }
+
+    pub fn service(&self) -> Option<ServiceRef> {
+        self.service.as_ref().map(|s| (self.namespace.clone(), s.clone()))
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid.is_ok()
+    }
+
+    fn sort_key(&self) -> (&str, &str, &Origin) {
+        (&self.namespace, &self.name, &self.origin)
+    }
+
+    /// (address, `namespace/name`) of each endpoint, when it is valid.
+    fn addresses(&self) -> BTreeSet<(IpAddr, std::sync::Arc<str>)> {
+        let Ok(Some(valid)) = &self.valid else { return BTreeSet::new() };
+        let name: std::sync::Arc<str> = format!("{}/{}", self.namespace, self.name).into();
+        valid.endpoints.iter().map(|(ip, ..)| (*ip, name.clone())).collect()
+    }
+}
+
+/// Everything one service is made of: its import(s) and its slices.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    pub imports: Vec<std::sync::Arc<ImportEntry>>,
+    pub slices: Vec<std::sync::Arc<SliceEntry>>,
+}
+
+impl Group {
+    pub fn is_empty(&self) -> bool {
+        self.imports.is_empty() && self.slices.is_empty()
+    }
+
+    /// Same entries (by identity) in the same order: nothing to recompute.
+    pub fn same_as(&self, other: &Group) -> bool {
+        use std::sync::Arc;
+        self.imports.len() == other.imports.len()
+            && self.slices.len() == other.slices.len()
+            && self.imports.iter().zip(&other.imports).all(|(a, b)| Arc::ptr_eq(a, b))
+            && self.slices.iter().zip(&other.slices).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    /// Puts slices in the order every pass reads them.
+    pub fn sort(&mut self) {
+        self.slices.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    }
+}
+
+/// Groups a snapshot's objects by service.
+pub fn group_snapshot(snapshot: &Snapshot) -> Vec<(ServiceRef, Group)> {
+    let mut groups: BTreeMap<ServiceRef, Group> = BTreeMap::new();
+    for (origin, import) in &snapshot.imports {
+        let entry = ImportEntry::new(origin, import);
+        groups.entry(entry.service()).or_default().imports.push(entry.into());
+    }
+    for (origin, slice) in &snapshot.slices {
+        let entry = SliceEntry::new(origin, slice);
+        if let Some(service) = entry.service() {
+            groups.entry(service).or_default().slices.push(entry.into());
         }
-        let mut valid = match validate_import(origin, import) {
-            Ok(Some(valid)) => valid,
-            Ok(None) => continue,
-            Err(e) => {
-                errors.push(e);
+    }
+    groups
+        .into_iter()
+        .map(|(service, mut group)| {
+            group.sort();
+            (service, group)
+        })
+        .collect()
+}
+
+/// One service recomputed: its frontends and problems.
+type Computed = (ServiceRef, Vec<(FrontendKey, Frontend)>, Vec<ObjectError>);
+
+/// What one service contributed to the last pass.
+#[derive(Debug, Default)]
+struct Output {
+    frontends: Vec<FrontendKey>,
+    errors: Vec<ObjectError>,
+}
+
+/// What a pass changed: the frontends to re-plan, the problems that appeared
+/// and those that went away.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub frontends: BTreeSet<FrontendKey>,
+    pub added: Vec<ObjectError>,
+    /// As text: what was reported when it appeared.
+    pub removed: Vec<String>,
+    pub services: usize,
+}
+
+/// The objects by service and the desired state computed from them, kept
+/// between passes so that a change recomputes only the services it touches.
+///
+/// Services depend on each other in two ways only, and both are indexed: a
+/// ClusterSetIP claimed by several imports goes to one of them (`claims`),
+/// and a ClusterSetIP may not be an endpoint's address (`endpoints`). A
+/// change recomputes its own service and every service claiming an address
+/// whose claim or endpoint use changed.
+#[derive(Debug, Default)]
+pub struct Model {
+    groups: HashMap<ServiceRef, Group>,
+    /// Endpoint address -> slices (`namespace/name`) listing it, with counts.
+    endpoints: HashMap<IpAddr, Listers>,
+    /// ClusterSetIP -> services whose valid imports ask for it, with counts.
+    claims: HashMap<IpAddr, BTreeMap<ServiceRef, u32>>,
+    outputs: HashMap<ServiceRef, Output>,
+    state: DesiredState,
+    /// ClusterSetIP -> the service serving it.
+    held: BTreeMap<IpAddr, String>,
+    /// Slots the desired tables take, over all frontends.
+    slots: u64,
+}
+
+/// The slices listing one endpoint address: almost always one, so that case
+/// takes no allocation of its own (at 100,000 endpoints this index is large).
+#[derive(Debug)]
+enum Listers {
+    One(std::sync::Arc<str>),
+    Many(BTreeMap<std::sync::Arc<str>, u32>),
+}
+
+impl Listers {
+    fn add(&mut self, slice: std::sync::Arc<str>) {
+        match self {
+            Listers::One(only) => {
+                let mut many = BTreeMap::from([(only.clone(), 1)]);
+                *many.entry(slice).or_default() += 1;
+                *self = Listers::Many(many);
+            }
+            Listers::Many(many) => *many.entry(slice).or_default() += 1,
+        }
+    }
+
+    /// False when no slice lists the address any more.
+    fn remove(&mut self, slice: &str) -> bool {
+        match self {
+            Listers::One(only) => **only != *slice,
+            Listers::Many(many) => {
+                if let Some(n) = many.get_mut(slice) {
+                    *n -= 1;
+                    if *n == 0 {
+                        many.remove(slice);
+                    }
+                }
+                !many.is_empty()
+            }
+        }
+    }
+
+    fn first(&self) -> Option<&std::sync::Arc<str>> {
+        match self {
+            Listers::One(only) => Some(only),
+            Listers::Many(many) => many.keys().next(),
+        }
+    }
+}
+
+fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) {
+    if add {
+        *map.entry(key).or_default() += 1;
+    } else if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Model {
+    pub fn with_held(held: BTreeMap<IpAddr, String>) -> Self {
+        Self { held, ..Self::default() }
+    }
+
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    pub fn into_state(self) -> DesiredState {
+        self.state
+    }
+
+    pub fn held(&self) -> &BTreeMap<IpAddr, String> {
+        &self.held
+    }
+
+    /// Slots the desired selection tables take.
+    pub fn slots(&self) -> u64 {
+        self.slots
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceRef, &Group)> {
+        self.groups.iter()
+    }
+
+    pub fn group(&self, service: &ServiceRef) -> Option<&Group> {
+        self.groups.get(service)
+    }
+
+    /// Every current problem with an object.
+    pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
+        self.outputs.values().flat_map(|o| o.errors.iter())
+    }
+
+    /// (imports, invalid imports, slices, invalid slices) over all services.
+    pub fn counts(&self) -> [u64; 4] {
+        let mut c = [0u64; 4];
+        for group in self.groups.values() {
+            c[0] += group.imports.len() as u64;
+            c[1] += group.imports.iter().filter(|i| !i.is_valid()).count() as u64;
+            c[2] += group.slices.len() as u64;
+            c[3] += group.slices.iter().filter(|s| !s.is_valid()).count() as u64;
+        }
+        c
+    }
+
+    /// Replaces services' objects (an empty group removes the service) and
+    /// recomputes them and the services that depend on them.
+    pub fn replace(&mut self, changes: Vec<(ServiceRef, Group)>, policy: &Policy, runtime: &Runtime) -> Delta {
+        let mut dirty: BTreeSet<ServiceRef> = BTreeSet::new();
+        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
+        for (service, mut group) in changes {
+            group.sort();
+            let old = self.groups.remove(&service).unwrap_or_default();
+            let addresses = |g: &Group| g.slices.iter().flat_map(|s| s.addresses()).collect::<BTreeSet<_>>();
+            let (before, after) = (addresses(&old), addresses(&group));
+            for (ip, slice) in before.difference(&after) {
+                touched.insert(*ip);
+                if let Some(listers) = self.endpoints.get_mut(ip)
+                    && !listers.remove(slice)
+                {
+                    self.endpoints.remove(ip);
+                }
+            }
+            for (ip, slice) in after.difference(&before) {
+                touched.insert(*ip);
+                match self.endpoints.get_mut(ip) {
+                    Some(listers) => listers.add(slice.clone()),
+                    None => {
+                        self.endpoints.insert(*ip, Listers::One(slice.clone()));
+                    }
+                }
+            }
+            for (entries, add) in [(&old.imports, false), (&group.imports, true)] {
+                for entry in entries.iter() {
+                    for vip in entry.vips() {
+                        touched.insert(vip);
+                        let claimants = self.claims.entry(vip).or_default();
+                        bump(claimants, service.clone(), add);
+                        if claimants.is_empty() {
+                            self.claims.remove(&vip);
+                        }
+                    }
+                }
+            }
+            dirty.insert(service.clone());
+            if !group.is_empty() {
+                self.groups.insert(service, group);
+            }
+        }
+        for ip in &touched {
+            if let Some(claimants) = self.claims.get(ip) {
+                dirty.extend(claimants.keys().cloned());
+            }
+            // A service that held this address and lost its claim must be seen too.
+            if let Some(holder) = self.held.get(ip)
+                && let Some((namespace, name)) = holder.split_once('/')
+            {
+                dirty.insert((namespace.to_owned(), name.to_owned()));
+            }
+        }
+        self.recompute(dirty, policy, runtime)
+    }
+
+    /// Recomputes every service (policy or passive health changed, or a full
+    /// resync).
+    pub fn recompute_all(&mut self, policy: &Policy, runtime: &Runtime) -> Delta {
+        let dirty: BTreeSet<ServiceRef> = self.groups.keys().chain(self.outputs.keys()).cloned().collect();
+        self.recompute(dirty, policy, runtime)
+    }
+
+    fn recompute(&mut self, dirty: BTreeSet<ServiceRef>, policy: &Policy, runtime: &Runtime) -> Delta {
+        let mut delta = Delta { services: dirty.len(), ..Delta::default() };
+        // Decide every dirty service against the state before this pass, then apply.
+        let dirty: Vec<ServiceRef> = dirty.into_iter().collect();
+        let compute = |part: &[ServiceRef]| -> Vec<Computed> {
+            part.iter()
+                .map(|service| {
+                    let (frontends, errors) = self.compute_service(service, policy, runtime);
+                    (service.clone(), frontends, errors)
+                })
+                .collect()
+        };
+        // A full pass over tens of thousands of services: on every CPU.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let results = if dirty.len() < 512 || workers == 1 {
+            compute(&dirty)
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = dirty
+                    .chunks(dirty.len().div_ceil(workers))
+                    .map(|part| scope.spawn(move || compute(part)))
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().expect("a compute thread panicked")).collect::<Vec<_>>()
+            })
+        };
+        let mut old_errors = Vec::new();
+        for (service, ..) in &results {
+            let Some(old) = self.outputs.remove(service) else { continue };
+            let name = format!("{}/{}", service.0, service.1);
+            for key in old.frontends {
+                if let Some(f) = self.state.frontends.remove(&key) {
+                    self.slots -= u64::from(f.table_size);
+                }
+                if self.held.get(&key.vip) == Some(&name) {
+                    self.held.remove(&key.vip);
+                }
+                delta.frontends.insert(key);
+            }
+            old_errors.push(old.errors);
+        }
+        let old_errors: BTreeSet<String> = old_errors.iter().flatten().map(ToString::to_string).collect();
+        let mut new_errors = BTreeSet::new();
+        for (service, frontends, errors) in results {
+            let name = format!("{}/{}", service.0, service.1);
+            let mut keys = Vec::with_capacity(frontends.len());
+            for (key, frontend) in frontends {
+                self.slots += u64::from(frontend.table_size);
+                self.held.insert(key.vip, name.clone());
+                self.state.frontends.insert(key, frontend);
+                delta.frontends.insert(key);
+                keys.push(key);
+            }
+            for e in &errors {
+                let text = e.to_string();
+                if !old_errors.contains(&text) {
+                    delta.added.push(e.clone());
+                }
+                new_errors.insert(text);
+            }
+            if !keys.is_empty() || !errors.is_empty() {
+                self.outputs.insert(service, Output { frontends: keys, errors });
+            }
+        }
+        // Problems of recomputed services that are gone now.
+        delta.removed = old_errors.difference(&new_errors).cloned().collect();
+        delta
+    }
+
+    /// Sizes every table for `per_backend` slots per backend (the slot
+    /// budget), as a recompute would; the frontends whose size changed.
+    pub fn resize_tables(&mut self, max: u32, per_backend: u32) -> BTreeSet<FrontendKey> {
+        let mut changed = BTreeSet::new();
+        for (key, f) in &mut self.state.frontends {
+            let size = if f.weights.is_empty() { 0 } else { maglev::table_size_for(f.weights.len(), max, per_backend) };
+            if size != f.table_size {
+                self.slots = self.slots - u64::from(f.table_size) + u64::from(size);
+                f.table_size = size;
+                changed.insert(*key);
+            }
+        }
+        changed
+    }
+
+    /// The first slice (by `namespace/name`) listing `ip` as an endpoint.
+    fn endpoint_slice(&self, ip: IpAddr) -> Option<&str> {
+        self.endpoints.get(&ip).and_then(Listers::first).map(|s| &**s)
+    }
+
+    /// Which import gets `vip`: of the valid imports asking for it, the one
+    /// whose service serves it now, then the oldest, then the first by name.
+    fn order_key<'a>(&self, vip: IpAddr, entry: &'a ImportEntry) -> impl Ord + 'a {
+        let holds = self.held.get(&vip).is_some_and(|h| {
+            h.len() == entry.namespace.len() + 1 + entry.name.len()
+                && h.starts_with(entry.namespace.as_str())
+                && h.ends_with(entry.name.as_str())
+        });
+        let created = entry.created.as_ref().map(|t| t.0);
+        (!holds, created.is_none(), created, &entry.namespace, &entry.name, &entry.origin)
+    }
+
+    fn owner(&self, vip: IpAddr, policy: &Policy) -> Option<&std::sync::Arc<ImportEntry>> {
+        let claimants = self.claims.get(&vip)?;
+        claimants
+            .keys()
+            .filter_map(|service| self.groups.get(service))
+            .flat_map(|g| g.imports.iter())
+            .filter(|entry| !(policy.skip_derived && entry.derived) && entry.vips().any(|v| v == vip))
+            .min_by(|a, b| self.order_key(vip, a).cmp(&self.order_key(vip, b)))
+    }
+
+    fn compute_service(
+        &self,
+        service: &ServiceRef,
+        policy: &Policy,
+        runtime: &Runtime,
+    ) -> (Vec<(FrontendKey, Frontend)>, Vec<ObjectError>) {
+        let mut errors = Vec::new();
+        let mut frontends = Vec::new();
+        let Some(group) = self.groups.get(service) else { return (frontends, errors) };
+        let mut slices = Vec::new();
+        for slice in &group.slices {
+            match &slice.valid {
+                Ok(Some(valid)) => {
+                    errors.extend(valid.skipped.iter().cloned());
+                    slices.push(valid);
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(e.clone()),
+            }
+        }
+        let mut imports: Vec<&std::sync::Arc<ImportEntry>> = group.imports.iter().collect();
+        imports.sort_by_key(|e| (e.created.as_ref().map(|t| t.0), &e.origin));
+        let name = format!("{}/{}", service.0, service.1);
+        for entry in imports {
+            if policy.skip_derived && entry.derived {
                 continue;
             }
-        };
-        errors.append(&mut valid.skipped);
-        let service = format!("{}/{}", valid.namespace, valid.name);
-        // Families are independent, as ports are: a VIP that may not be
-        // served is reported, the import's other VIP still is.
-        let mut vips = Vec::new();
-        for (vip, index) in &valid.vips {
-            let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
-            if let Some(why) = vip_conflict(*vip, policy, &endpoint_ips) {
-                errors.push(err(format!("spec.ips[{index}]"), why));
-            } else if let Some(owner) = vip_owner.get(vip) {
-                errors.push(err(format!("spec.ips[{index}]"), format!("{vip} is already the ClusterSetIP of {owner}")));
-            } else {
-                vips.push(*vip);
-            }
-        }
-        if vips.is_empty() {
-            continue;
-        }
-        for vip in &vips {
-            vip_owner.insert(*vip, service.clone());
-        }
-        let selector_results = match cluster_selector_results(import) {
-            Ok(results) => results,
-            Err((field, message)) => {
-                // Alpha and optional: a shape we do not know leaves the import
-                // served by all clusters, and is reported.
-                let err = ObjectError::about(origin, "ServiceImport", &import.metadata);
-                errors.push(err(field, format!("{message}; all clusters are used")));
-                None
-            }
-        };
-        let own_slices = slices.get(&(valid.namespace.clone(), valid.name.clone()));
-        let tiers = valid.traffic_distribution.map_or_else(|| policy.tiers.clone(), TrafficDistribution::tiers);
-        let frontends = vips.iter().flat_map(|vip| {
-            valid.ports.iter().map(move |(key, port_name)| (FrontendKey { vip: *vip, ..*key }, port_name.clone()))
-        });
-        for (key, port_name) in frontends {
-            let mut endpoints: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
-            for slice in own_slices.into_iter().flatten() {
-                let Some(&port) = slice.ports.get(&(port_name.clone(), key.protocol)) else {
+            let valid = match &entry.valid {
+                Ok(Some(valid)) => valid,
+                Ok(None) => continue,
+                Err(e) => {
+                    errors.push(e.clone());
                     continue;
-                };
-                // A frontend is balanced over endpoints of its own family.
-                for (ip, locality, condition) in
-                    slice.endpoints.iter().filter(|(ip, ..)| ip.is_ipv4() == key.vip.is_ipv4())
+                }
+            };
+            errors.extend(valid.skipped.iter().cloned());
+            // Families are independent, as ports are: a VIP that may not be
+            // served is reported, the import's other VIP still is.
+            let mut vips = Vec::new();
+            for (vip, index) in &valid.vips {
+                if let Some(why) = vip_conflict(*vip, policy, |ip| self.endpoint_slice(ip)) {
+                    errors.push(entry.error(format!("spec.ips[{index}]"), why));
+                } else if let Some(owner) = self.owner(*vip, policy)
+                    && !std::sync::Arc::ptr_eq(owner, entry)
                 {
-                    let addr = BackendAddr { ip: *ip, port };
-                    endpoints.entry(addr).or_insert_with(|| Endpoint {
-                        addr,
-                        locality: locality.clone(),
-                        condition: *condition,
-                    });
+                    let owner = format!("{}/{}", owner.namespace, owner.name);
+                    errors.push(
+                        entry.error(
+                            format!("spec.ips[{index}]"),
+                            format!("{vip} is already the ClusterSetIP of {owner}"),
+                        ),
+                    );
+                } else {
+                    vips.push(*vip);
                 }
             }
-            let endpoints: Vec<Endpoint> = endpoints.into_values().collect();
-            let weights = health_weights(
-                &endpoints,
-                valid.cluster_weights.as_ref(),
-                selector_results.as_deref(),
-                &tiers,
-                policy,
-                runtime,
-            );
-            let table_size =
-                if weights.is_empty() { 0 } else { maglev::table_size(weights.len(), policy.max_table_size) };
-            state.frontends.insert(
-                key,
-                Frontend {
-                    service: service.clone(),
-                    port_name,
-                    endpoints,
-                    tiers: tiers.clone(),
-                    weights,
-                    table_size,
-                    affinity_timeout_secs: valid.affinity_timeout_secs,
-                },
-            );
+            if vips.is_empty() {
+                continue;
+            }
+            let selector_results = match &entry.selector_results {
+                Ok(results) => results.as_deref(),
+                Err((field, message)) => {
+                    // Alpha and optional: a shape we do not know leaves the import
+                    // served by all clusters, and is reported.
+                    errors.push(entry.error(field.clone(), format!("{message}; all clusters are used")));
+                    None
+                }
+            };
+            let tiers = valid.traffic_distribution.map_or_else(|| policy.tiers.clone(), TrafficDistribution::tiers);
+            for vip in &vips {
+                for (key, port_name) in &valid.ports {
+                    let key = FrontendKey { vip: *vip, ..*key };
+                    let mut endpoints: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
+                    for slice in &slices {
+                        let Some(&port) = slice.ports.get(&(port_name.clone(), key.protocol)) else {
+                            continue;
+                        };
+                        // A frontend is balanced over endpoints of its own family.
+                        for (ip, locality, condition) in
+                            slice.endpoints.iter().filter(|(ip, ..)| ip.is_ipv4() == key.vip.is_ipv4())
+                        {
+                            let addr = BackendAddr { ip: *ip, port };
+                            endpoints.entry(addr).or_insert_with(|| Endpoint {
+                                addr,
+                                locality: locality.clone(),
+                                condition: *condition,
+                            });
+                        }
+                    }
+                    let endpoints: Vec<Endpoint> = endpoints.into_values().collect();
+                    let weights = health_weights(
+                        &endpoints,
+                        valid.cluster_weights.as_ref(),
+                        selector_results,
+                        &tiers,
+                        policy,
+                        runtime,
+                    );
+                    let table_size = if weights.is_empty() {
+                        0
+                    } else {
+                        maglev::table_size_for(weights.len(), policy.max_table_size, runtime.slots_per_backend())
+                    };
+                    frontends.push((
+                        key,
+                        Frontend {
+                            service: name.clone(),
+                            port_name: port_name.clone(),
+                            endpoints,
+                            tiers: tiers.clone(),
+                            weights,
+                            table_size,
+                            affinity_timeout_secs: valid.affinity_timeout_secs,
+                        },
+                    ));
+                }
+            }
         }
+        (frontends, errors)
     }
-    (state, errors)
 }
 
 #[cfg(test)]
@@ -1199,5 +1668,144 @@ endpoints: [{addresses: ["fd00:1::1"]}, {addresses: ["fd00:1::2"]}]
             errors[0].to_string().contains("endpoints[0].addresses[0]: \"10.1.0.9\" is not an IPv6 address"),
             "{errors:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod incremental_tests {
+    //! The incremental model against the whole-snapshot pass: after every
+    //! change of a random sequence, recomputing only what the change touched
+    //! gives the state and problems a full pass gives from the same start.
+
+    use super::*;
+    use crate::source::manifests::parse_documents;
+
+    /// xorshift: deterministic, no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    const SERVICES: u64 = 6;
+    /// VIPs and endpoint addresses share a pool, so imports contend for VIPs
+    /// and endpoints capture them.
+    fn addr(i: u64) -> String {
+        format!("10.0.0.{}", i + 1)
+    }
+
+    fn random_service(rng: &mut Rng, i: u64) -> String {
+        let mut yaml = String::new();
+        if rng.next(5) > 0 {
+            let ips = match rng.next(6) {
+                0 => String::new(),
+                1 => r#""not-an-ip""#.to_owned(),
+                _ => format!(r#""{}""#, addr(rng.next(8))),
+            };
+            let created = if rng.next(3) == 0 {
+                String::new()
+            } else {
+                format!("creationTimestamp: \"2026-01-0{}T00:00:00Z\"", 1 + rng.next(3))
+            };
+            let port = if rng.next(2) == 0 { "80" } else { "8080" };
+            yaml.push_str(&format!(
+                "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata: {{name: svc-{i}, namespace: ns, {created}}}\nspec:\n  type: ClusterSetIP\n  ips: [{ips}]\n  ports:\n  - {{name: http, port: {port}, protocol: TCP}}\n---\n"
+            ));
+        }
+        for s in 0..rng.next(3) {
+            let endpoints: Vec<String> = (0..rng.next(4))
+                .map(|_| {
+                    let ready = rng.next(4) > 0;
+                    format!(
+                        "  - addresses: [\"{}\"]\n    conditions: {{ready: {ready}}}\n",
+                        addr(8 + rng.next(6).min(5) - if rng.next(3) == 0 { 8 } else { 0 })
+                    )
+                })
+                .collect();
+            let cluster = ["east", "west"][rng.next(2) as usize];
+            let target = 8000 + rng.next(2);
+            yaml.push_str(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-{s}\n  namespace: ns\n  labels: {{multicluster.kubernetes.io/service-name: svc-{i}, multicluster.kubernetes.io/source-cluster: {cluster}}}\naddressType: IPv4\nports:\n- {{name: http, port: {target}, protocol: TCP}}\nendpoints:\n{}---\n",
+                if endpoints.is_empty() { "  []\n".to_owned() } else { endpoints.concat() }
+            ).replace("endpoints:\n  []\n", "endpoints: []\n"));
+        }
+        yaml
+    }
+
+    fn groups(files: &BTreeMap<u64, String>) -> Vec<(ServiceRef, Group)> {
+        let mut snapshot = Snapshot::default();
+        for (i, yaml) in files {
+            let (part, errors) = parse_documents(&Origin(format!("svc-{i}.yaml")), yaml);
+            assert!(errors.is_empty(), "{errors:?}\n{yaml}");
+            snapshot.imports.extend(part.imports);
+            snapshot.slices.extend(part.slices);
+        }
+        group_snapshot(&snapshot)
+    }
+
+    fn sorted_errors(model: &Model) -> Vec<String> {
+        let mut errors: Vec<String> = model.errors().map(ToString::to_string).collect();
+        errors.sort();
+        errors
+    }
+
+    #[test]
+    fn incremental_passes_give_what_a_full_pass_gives() {
+        let policy = Policy::default();
+        let mut seen = [0usize; 3];
+        for seed in 1..=40u64 {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+            let mut files: BTreeMap<u64, String> = BTreeMap::new();
+            let mut incremental = Model::default();
+            for step in 0..60 {
+                let held = incremental.held().clone();
+                // One to three services change at once, as in a debounce window.
+                let mut changed = BTreeSet::new();
+                for _ in 0..=rng.next(3) {
+                    let i = rng.next(SERVICES);
+                    changed.insert(i);
+                    if rng.next(6) == 0 {
+                        files.remove(&i);
+                    } else {
+                        files.insert(i, random_service(&mut rng, i));
+                    }
+                }
+                // What the manifest source hands over: every object of each changed service.
+                let all = groups(&files);
+                let changes: Vec<(ServiceRef, Group)> = changed
+                    .iter()
+                    .map(|i| {
+                        let service = ("ns".to_owned(), format!("svc-{i}"));
+                        let group = all.iter().find(|(s, _)| *s == service).map(|(_, g)| g.clone()).unwrap_or_default();
+                        (service, group)
+                    })
+                    .collect();
+                incremental.replace(changes, &policy, &Runtime::default());
+
+                let mut full = Model::with_held(held);
+                full.replace(groups(&files), &policy, &Runtime::default());
+                assert_eq!(
+                    incremental.state(),
+                    full.state(),
+                    "seed {seed} step {step}: the incremental state differs from a full pass\n{files:#?}"
+                );
+                assert_eq!(
+                    sorted_errors(&incremental),
+                    sorted_errors(&full),
+                    "seed {seed} step {step}: problems differ"
+                );
+                assert_eq!(incremental.slots(), full.slots());
+                let errors = sorted_errors(&full);
+                seen[0] += full.state().frontends.len();
+                seen[1] += errors.iter().filter(|e| e.contains("is already the ClusterSetIP")).count();
+                seen[2] += errors.iter().filter(|e| e.contains("is the address of an endpoint")).count();
+            }
+        }
+        // The sequences must exercise what makes services depend on each other.
+        assert!(seen.iter().all(|&n| n > 100), "frontends, contended VIPs, captured VIPs: {seen:?}");
     }
 }

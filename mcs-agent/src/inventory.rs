@@ -13,7 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    desired::{Condition, DesiredState, Runtime},
+    desired::{Condition, DesiredState, Frontend, FrontendKey, Runtime},
     plan::Applied,
 };
 
@@ -76,54 +76,62 @@ impl Inventory {
         let frontends = state
             .frontends
             .iter()
-            .filter_map(|(key, frontend)| {
-                let (service_id, table_size) = applied.frontend(key)?;
-                let backends = frontend
-                    .endpoints
-                    .iter()
-                    .map(|endpoint| {
-                        let weighted = frontend.weights.iter().find(|w| w.addr == endpoint.addr);
-                        BackendInfo {
-                            ip: endpoint.addr.ip,
-                            port: endpoint.addr.port,
-                            backend_id: weighted.and_then(|_| applied.backend_id(&endpoint.addr)),
-                            cluster: endpoint.locality.cluster.clone(),
-                            zone: endpoint.locality.zone.clone(),
-                            region: endpoint.locality.region.clone(),
-                            tier: weighted.map_or_else(|| "-".to_owned(), |w| frontend.tiers[w.tier].to_string()),
-                            weight: weighted.map_or(0.0, |w| w.share),
-                            condition: match endpoint.condition {
-                                Condition::Ready => "ready",
-                                Condition::Terminating => "terminating",
-                                Condition::NotReady => "not-ready",
-                            }
-                            .to_owned(),
-                            health: if runtime.ejected.contains(&endpoint.addr) {
-                                "ejected"
-                            } else if runtime.probing.contains(&endpoint.addr) {
-                                "probing"
-                            } else {
-                                "healthy"
-                            }
-                            .to_owned(),
-                        }
-                    })
-                    .collect();
-                Some(FrontendInfo {
-                    vip: key.vip,
-                    port: key.port,
-                    protocol: key.protocol.to_string(),
-                    service: frontend.service.clone(),
-                    port_name: frontend.port_name.clone(),
-                    service_id,
-                    table_size,
-                    affinity_timeout_secs: frontend.affinity_timeout_secs,
-                    tiers: frontend.tiers.iter().map(ToString::to_string).collect(),
-                    backends,
-                })
-            })
+            .filter_map(|(key, frontend)| Self::frontend(key, frontend, applied, runtime))
             .collect();
         Self { schema: SCHEMA, layout_version: mcs_common::LAYOUT_VERSION, frontends }
+    }
+
+    /// One frontend, when it is programmed.
+    pub fn frontend(
+        key: &FrontendKey,
+        frontend: &Frontend,
+        applied: &Applied,
+        runtime: &Runtime,
+    ) -> Option<FrontendInfo> {
+        let (service_id, table_size) = applied.frontend(key)?;
+        let backends = frontend
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                let weighted = frontend.weights.iter().find(|w| w.addr == endpoint.addr);
+                BackendInfo {
+                    ip: endpoint.addr.ip,
+                    port: endpoint.addr.port,
+                    backend_id: weighted.and_then(|_| applied.backend_id(&endpoint.addr)),
+                    cluster: endpoint.locality.cluster.clone(),
+                    zone: endpoint.locality.zone.clone(),
+                    region: endpoint.locality.region.clone(),
+                    tier: weighted.map_or_else(|| "-".to_owned(), |w| frontend.tiers[w.tier].to_string()),
+                    weight: weighted.map_or(0.0, |w| w.share),
+                    condition: match endpoint.condition {
+                        Condition::Ready => "ready",
+                        Condition::Terminating => "terminating",
+                        Condition::NotReady => "not-ready",
+                    }
+                    .to_owned(),
+                    health: if runtime.ejected.contains(&endpoint.addr) {
+                        "ejected"
+                    } else if runtime.probing.contains(&endpoint.addr) {
+                        "probing"
+                    } else {
+                        "healthy"
+                    }
+                    .to_owned(),
+                }
+            })
+            .collect();
+        Some(FrontendInfo {
+            vip: key.vip,
+            port: key.port,
+            protocol: key.protocol.to_string(),
+            service: frontend.service.clone(),
+            port_name: frontend.port_name.clone(),
+            service_id,
+            table_size,
+            affinity_timeout_secs: frontend.affinity_timeout_secs,
+            tiers: frontend.tiers.iter().map(ToString::to_string).collect(),
+            backends,
+        })
     }
 
     /// Writes `dir/state.json` atomically (a reader never sees half a file).
@@ -151,5 +159,97 @@ impl Inventory {
             ));
         }
         Ok(Some(inventory))
+    }
+}
+
+/// Frontends programmed (`Some`) or removed (`None`).
+pub type Changes = Vec<(crate::desired::FrontendKey, Option<FrontendInfo>)>;
+
+/// Keeps `state.json` current off the reconcile loop. The writer thread holds
+/// each programmed frontend as JSON, takes changed frontends as they are
+/// programmed, and rewrites the file at most every `interval`: at 100,000
+/// services the file is tens of megabytes, and building it must not delay
+/// the next change.
+pub struct StateWriter {
+    tx: Option<std::sync::mpsc::Sender<Changes>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StateWriter {
+    pub fn spawn(dir: PathBuf, interval: std::time::Duration) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Changes>();
+        let handle = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || {
+                let mut frontends: std::collections::BTreeMap<crate::desired::FrontendKey, Box<str>> =
+                    std::collections::BTreeMap::new();
+                let mut dirty = false;
+                let mut last = std::time::Instant::now() - interval;
+                loop {
+                    let wait = if dirty { interval.saturating_sub(last.elapsed()) } else { interval * 1000 };
+                    match rx.recv_timeout(wait) {
+                        Ok(changes) => {
+                            for (key, info) in changes {
+                                match info.and_then(|i| serde_json::to_string(&i).ok()) {
+                                    Some(json) => frontends.insert(key, json.into()),
+                                    None => frontends.remove(&key),
+                                };
+                            }
+                            dirty = true;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            if dirty {
+                                write_joined(&dir, &frontends);
+                            }
+                            return;
+                        }
+                    }
+                    if dirty && last.elapsed() >= interval {
+                        write_joined(&dir, &frontends);
+                        dirty = false;
+                        last = std::time::Instant::now();
+                    }
+                }
+            })
+            .expect("spawning the state.json writer");
+        Self { tx: Some(tx), handle: Some(handle) }
+    }
+
+    /// Frontends programmed (`Some`) or removed (`None`) since the last update.
+    pub fn update(&self, changes: Changes) {
+        if !changes.is_empty()
+            && let Some(tx) = &self.tx
+        {
+            let _ = tx.send(changes);
+        }
+    }
+
+    /// Writes what is pending and stops the thread.
+    pub fn finish(mut self) {
+        drop(self.tx.take());
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn write_joined(dir: &Path, frontends: &std::collections::BTreeMap<crate::desired::FrontendKey, Box<str>>) {
+    let mut text = String::with_capacity(frontends.values().map(|f| f.len() + 1).sum::<usize>() + 64);
+    text.push_str(&format!("{{\"schema\":{SCHEMA},\"layout_version\":{},\"frontends\":[", mcs_common::LAYOUT_VERSION));
+    for (i, json) in frontends.values().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(json);
+    }
+    text.push_str("]}");
+    let result = std::fs::create_dir_all(dir).and_then(|()| {
+        let tmp = dir.join(format!(".{FILE}.tmp"));
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, dir.join(FILE))
+    });
+    if let Err(e) = result {
+        tracing::warn!(dir = %dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
     }
 }

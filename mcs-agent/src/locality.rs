@@ -256,6 +256,8 @@ pub fn weights(
         }
     }
     out.sort_by_key(|w| w.addr);
+    // Kept for as long as the frontend: no spare capacity.
+    out.shrink_to_fit();
     out
 }
 

@@ -16,9 +16,13 @@
 use crate::desired::BackendAddr;
 
 /// Primes, roughly doubling.
-pub const TABLE_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
+pub const TABLE_SIZES: [u32; 13] = [13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
 pub const DEFAULT_MAX_TABLE_SIZE: u32 = 65521;
-pub const SLOTS_PER_BACKEND: u64 = 1000;
+pub const SLOTS_PER_BACKEND: u32 = 1000;
+/// Slots per backend the slot budget steps down through when the tables of
+/// every frontend would not fit (`--max-selection-slots`): each step roughly
+/// halves kernel memory, at the price of more disruption (see ARCHITECTURE.md).
+pub const SLOT_LADDER: [u32; 9] = [1000, 500, 250, 100, 50, 20, 10, 5, 2];
 
 pub fn is_prime(n: u32) -> bool {
     n >= 2 && (2..).take_while(|d: &u32| u64::from(*d) * u64::from(*d) <= u64::from(n)).all(|d| !n.is_multiple_of(d))
@@ -26,8 +30,33 @@ pub fn is_prime(n: u32) -> bool {
 
 /// Table size for `backends` backends.
 pub fn table_size(backends: usize, max: u32) -> u32 {
-    let want = backends as u64 * SLOTS_PER_BACKEND;
-    TABLE_SIZES.iter().copied().find(|&m| u64::from(m) >= want && m <= max).unwrap_or(max)
+    table_size_for(backends, max, SLOTS_PER_BACKEND)
+}
+
+/// Table size for `backends` backends at `per_backend` slots each: the
+/// smallest size of the ladder with that many, and never fewer slots than
+/// backends (or the largest size `max` allows).
+pub fn table_size_for(backends: usize, max: u32, per_backend: u32) -> u32 {
+    let want = (backends as u64 * u64::from(per_backend.max(1))).max(backends as u64);
+    let fitting = TABLE_SIZES.iter().copied().filter(|&m| m <= max);
+    fitting.clone().find(|&m| u64::from(m) >= want).or_else(|| fitting.max()).unwrap_or(max)
+}
+
+/// The most slots per backend (a step of [`SLOT_LADDER`]) at which tables for
+/// frontends of these backend counts fit in `budget` slots, with the total
+/// they take; the last step when even that does not fit.
+pub fn fit_budget(backend_counts: &[usize], max: u32, budget: u64) -> (u32, u64) {
+    let total = |per: u32| -> u64 {
+        backend_counts.iter().filter(|&&n| n > 0).map(|&n| u64::from(table_size_for(n, max, per))).sum()
+    };
+    for per in SLOT_LADDER {
+        let t = total(per);
+        if t <= budget {
+            return (per, t);
+        }
+    }
+    let last = SLOT_LADDER[SLOT_LADDER.len() - 1];
+    (last, total(last))
 }
 
 /// FNV-1a, seeded: stable across builds, platforms and processes.

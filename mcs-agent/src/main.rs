@@ -1,5 +1,5 @@
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -11,6 +11,7 @@ use mcs_agent::{
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, KernelLog, Sizes},
     desired::{self, BackendAddr, Policy},
     health::{self, HealthHandle},
+    inventory::StateWriter,
     locality::{self, NodeLocality, Tier},
     maglev,
     metrics::{AgentMetrics, AgentView, Kernel},
@@ -594,11 +595,14 @@ fn on_link_event(event: LinkEvent, datapath: &mut Datapath, discovered: &mut BTr
 }
 
 fn check(dir: &Path, policy: &Policy) -> Result<()> {
-    let (snapshot, mut problems) =
-        manifests::Cache::default().read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let (state, errors) = desired::compute(&snapshot, policy);
-    problems.extend(errors.iter().map(ToString::to_string));
-    for (key, frontend) in &state.frontends {
+    let read = manifests::Cache::default().read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut model = desired::Model::default();
+    model.replace(read.changes, policy, &desired::Runtime::default());
+    let mut problems = read.problems;
+    let mut errors: Vec<String> = model.errors().map(ToString::to_string).collect();
+    errors.sort();
+    problems.extend(errors);
+    for (key, frontend) in &model.state().frontends {
         let port = if frontend.port_name.is_empty() { String::new() } else { format!(" ({})", frontend.port_name) };
         let tiers: Vec<String> = frontend.tiers.iter().map(ToString::to_string).collect();
         let affinity = match frontend.affinity_timeout_secs {
@@ -742,9 +746,13 @@ async fn run(args: RunArgs) -> Result<()> {
                 // would re-trigger a pass after every pass.
                 if let Ok(event) = event
                     && !matches!(event.kind, notify::EventKind::Access(_))
-                    && (event.paths.is_empty() || event.paths.iter().any(|p| manifests::is_manifest(p)))
                 {
-                    let _ = tx.send(SourceEvent::Changed);
+                    // Without paths (an overflowed queue, a rescan) only a full read is safe.
+                    if event.paths.is_empty() || event.need_rescan() {
+                        let _ = tx.send(SourceEvent::Changed);
+                    } else if event.paths.iter().any(|p| manifests::is_manifest(p)) {
+                        let _ = tx.send(SourceEvent::Files(event.paths));
+                    }
                 }
             })
             .context("starting the file watcher")?;
@@ -819,7 +827,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut last_reconcile = Instant::now();
     let mut serving = false;
     let mut patterns = Some(patterns);
-    let mut wake = source.is_some();
+    let mut due = Due { full: source.is_some(), ..Due::default() };
+    let mut resyncs = 0u64;
     let metrics = AgentMetrics::default();
     let (scrape_tx, mut scrapes) = mpsc::unbounded_channel();
     health.serve_metrics(scrape_tx);
@@ -833,28 +842,28 @@ async fn run(args: RunArgs) -> Result<()> {
         max_ejected_percent: outlier_max_ejection_percent.min(100),
     });
     let mut health_view = HealthView::default();
-    let mut state_dirty = false;
-    let mut last_state_write = Instant::now() - Duration::from_secs(60);
+    let mut health_view_stale = true;
+    let state_writer = StateWriter::spawn(state_dir.clone(), Duration::from_secs(2));
     let mut outlier_tick = tokio::time::interval(Duration::from_millis(outlier_interval_ms.max(10)));
     outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        if wake && let Some(source) = &source {
+        if due.any()
+            && let Some(source) = &source
+        {
             health.beat();
             let started = Instant::now();
-            let result = reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref()).await;
+            let work = std::mem::take(&mut due);
+            let result =
+                reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref(), work).await;
             match &result {
                 Ok(()) => metrics.reconciled(started.elapsed()),
                 Err(_) => metrics.reconcile_failed(),
             }
-            if reconciler.take_inventory_changed() {
-                health_view.rebuild(reconciler.inventory(), &mut detector);
-                state_dirty = true;
-                if last_state_write.elapsed() >= Duration::from_secs(2) {
-                    write_state(&reconciler, &state_dir);
-                    state_dirty = false;
-                    last_state_write = Instant::now();
-                }
+            let changed = reconciler.take_changed();
+            if !changed.is_empty() {
+                health_view_stale = true;
+                state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
             }
             match result {
                 Ok(()) if !serving => {
@@ -904,23 +913,25 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             last_reconcile = Instant::now();
         }
-        wake = false;
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = resync.tick() => {
                 health.beat();
-                wake = true;
+                due.full = true;
+                // Every tenth resync also recomputes every service from scratch:
+                // the check that the incremental state is what a full pass gives.
+                resyncs += 1;
+                due.recompute |= resyncs.is_multiple_of(10);
             }
             started = async { pending_kube.as_mut().expect("guarded").await }, if pending_kube.is_some() => {
                 pending_kube = None;
                 let (kube, events) = started.context("the API start task")??;
                 source = Some(Source::Kube(Box::new(kube)));
                 recorder = Some(events);
-                wake = true;
+                due.full = true;
             }
             Some(signal) = signals.recv() => {
-                let mut changed = false;
                 let mut pending = Some(signal);
                 // Leading-edge debounce: a lone change is applied at once, a burst
                 // becomes one reconcile per window.
@@ -941,27 +952,22 @@ async fn run(args: RunArgs) -> Result<()> {
                                 info!(what, "the API works again");
                             }
                         }
-                        SourceEvent::Changed => changed = true,
+                        SourceEvent::Changed => due.full = true,
+                        SourceEvent::Files(paths) => due.paths.extend(paths),
                     }
                 }
                 let why: Vec<String> = stale.iter().map(|(what, message)| format!("{what}: {message}")).collect();
                 health.set_stale((!why.is_empty()).then(|| why.join("; ")));
-                wake = changed;
             }
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
             }
-            _ = outlier_tick.tick(), if serving => {
-                if outlier_detection == OnOff::On
-                    && observe_health(&mut detector, &mut health_view, &datapath, &mut reconciler)
-                {
-                    wake = true;
+            _ = outlier_tick.tick(), if serving && outlier_detection == OnOff::On => {
+                if std::mem::take(&mut health_view_stale) {
+                    health_view.rebuild(&reconciler, &mut detector);
                 }
-                // state.json at most every 2 s: at 10,000 services it is megabytes.
-                if state_dirty && last_state_write.elapsed() >= Duration::from_secs(2) {
-                    write_state(&reconciler, &state_dir);
-                    state_dirty = false;
-                    last_state_write = Instant::now();
+                if observe_health(&mut detector, &mut health_view, &datapath, &mut reconciler) {
+                    due.recompute = true;
                 }
             }
             Some(reply) = scrapes.recv() => {
@@ -999,7 +1005,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     service: &|id| datapath.service_stats(id),
                     datapath: datapath.stats().unwrap_or_default(),
                 };
-                let _ = reply.send(mcs_agent::metrics::render(&metrics, &view, reconciler.inventory(), &kernel, metrics_backend_label));
+                let _ = reply.send(mcs_agent::metrics::render(&metrics, &view, &reconciler.inventory(), &kernel, metrics_backend_label));
             }
         }
     }
@@ -1010,20 +1016,12 @@ async fn run(args: RunArgs) -> Result<()> {
     if cleanup_on_exit || no_pin {
         info!("shutting down: detaching and removing pins");
     }
-    if state_dirty {
-        write_state(&reconciler, &state_dir);
-    }
+    state_writer.finish();
     let stats = datapath.stats().unwrap_or_default();
     datapath.shutdown();
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
     info!(counters = %counts.join(" "), "stopped");
     Ok(())
-}
-
-fn write_state(reconciler: &Reconciler, dir: &Path) {
-    if let Err(e) = reconciler.inventory().write(dir) {
-        warn!(dir = %dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1043,15 +1041,18 @@ struct HealthView {
 }
 
 impl HealthView {
-    fn rebuild(&mut self, inventory: &mcs_agent::inventory::Inventory, detector: &mut Detector) {
-        self.groups = inventory
+    fn rebuild(&mut self, reconciler: &Reconciler, detector: &mut Detector) {
+        let applied = reconciler.applied();
+        self.groups = reconciler
+            .state()
             .frontends
             .iter()
-            .map(|f| {
-                f.backends
+            .filter(|(key, _)| applied.frontend(key).is_some())
+            .map(|(_, f)| {
+                f.endpoints
                     .iter()
-                    .filter(|b| b.condition == "ready")
-                    .map(|b| BackendAddr { ip: b.ip, port: b.port })
+                    .filter(|e| e.condition == mcs_agent::desired::Condition::Ready)
+                    .map(|e| e.addr)
                     .collect()
             })
             .collect();
@@ -1135,21 +1136,46 @@ fn take_over(
 
 /// One pass: read the source, bring the datapath to it, report new problems
 /// (as Kubernetes Events too, in Kubernetes mode).
+/// What the next pass has to do.
+#[derive(Debug, Default)]
+struct Due {
+    /// Read the whole source (start, resync, a watch that restarted).
+    full: bool,
+    /// Manifest files the watcher named.
+    paths: BTreeSet<PathBuf>,
+    /// Recompute every service (passive health changed, periodic check).
+    recompute: bool,
+}
+
+impl Due {
+    fn any(&self) -> bool {
+        self.full || self.recompute || !self.paths.is_empty()
+    }
+}
+
 async fn reconcile(
     source: &Source,
     flags: &Policy,
     reconciler: &mut Reconciler,
     datapath: &mut Datapath,
     recorder: Option<&Recorder>,
+    due: Due,
 ) -> Result<(), DatapathError> {
     let mut policy = flags.clone();
     policy.node_addresses = local_addresses();
-    match source {
+    let report = match source {
         Source::Manifests(dir) => {
-            if &policy != reconciler.policy() {
-                reconciler.set_policy(policy);
+            let recompute = reconciler.set_policy(policy) || due.recompute;
+            if due.full {
+                reconciler.from_manifests(dir, datapath)?;
+            } else if !due.paths.is_empty() {
+                let paths: Vec<PathBuf> = due.paths.into_iter().collect();
+                reconciler.from_manifest_paths(&paths, datapath)?;
             }
-            reconciler.from_manifests(dir, datapath).map(|_| ())
+            if recompute {
+                reconciler.recompute_all(datapath)?;
+            }
+            return Ok(());
         }
         Source::Kube(kube) => {
             // Flags win; the Node's labels and the ClusterProperty fill the gaps.
@@ -1161,29 +1187,39 @@ async fn reconcile(
             if policy.node != reconciler.policy().node {
                 info!(node = ?policy.node, "node locality changed");
             }
-            if &policy != reconciler.policy() {
-                reconciler.set_policy(policy);
+            let recompute = reconciler.set_policy(policy) || due.recompute;
+            let mut report = if due.full || due.paths.is_empty() {
+                let (groups, conversion_errors) = kube.groups();
+                let problems = conversion_errors.iter().map(ToString::to_string).collect();
+                let mut report = reconciler.apply_groups(groups, problems, datapath)?;
+                report.object_errors.extend(conversion_errors);
+                report
+            } else {
+                Default::default()
+            };
+            if recompute {
+                let again = reconciler.recompute_all(datapath)?;
+                report.object_errors.extend(again.object_errors);
+                report.new_problems.extend(again.new_problems);
             }
-            let (snapshot, conversion_errors) = kube.snapshot();
-            let problems = conversion_errors.iter().map(ToString::to_string).collect();
-            let mut report = reconciler.apply_snapshot(&snapshot, problems, datapath)?;
-            report.object_errors.extend(conversion_errors);
-            if let Some(recorder) = recorder {
-                for error in report.object_errors.iter().filter(|e| report.new_problems.contains(&e.to_string())) {
-                    let Some(reference) = kube.reference(error.kind, &error.object) else { continue };
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: "InvalidObject".into(),
-                        note: Some(format!("{}: {}", error.field, error.message)),
-                        action: "Program".into(),
-                        secondary: None,
-                    };
-                    if let Err(e) = recorder.publish(&event, &reference).await {
-                        warn!(object = error.object, error = %e, "publishing an Event failed");
-                    }
-                }
+            (report, kube)
+        }
+    };
+    let (report, kube) = report;
+    if let Some(recorder) = recorder {
+        for error in report.object_errors.iter().filter(|e| report.new_problems.contains(&e.to_string())) {
+            let Some(reference) = kube.reference(error.kind, &error.object) else { continue };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "InvalidObject".into(),
+                note: Some(format!("{}: {}", error.field, error.message)),
+                action: "Program".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(object = error.object, error = %e, "publishing an Event failed");
             }
-            Ok(())
         }
     }
+    Ok(())
 }

@@ -74,7 +74,8 @@ pub enum MapOp {
 
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[error(
-    "ServiceImport {service} frontend {frontend}: not programmed, {resource} are exhausted ({capacity} in all); raise {flag}"
+    "ServiceImport {service} frontend {frontend}: {}, {resource} are exhausted ({capacity} in all); raise {flag}",
+    if *kept { "its update is not programmed (the previous version keeps serving)" } else { "not programmed" }
 )]
 pub struct CapacityError {
     pub service: String,
@@ -82,6 +83,8 @@ pub struct CapacityError {
     pub resource: &'static str,
     pub capacity: u32,
     pub flag: &'static str,
+    /// An earlier version of the frontend is programmed and keeps serving.
+    pub kept: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -229,6 +232,8 @@ pub struct Applied {
     capacity: Capacity,
     frontends: BTreeMap<FrontendKey, AppliedFrontend>,
     backend_ids: BTreeMap<BackendAddr, u32>,
+    /// How many frontends' tables name each backend: at zero its id is freed.
+    backend_refs: BTreeMap<BackendAddr, u32>,
     service_pool: IdPool,
     backend_pool: IdPool,
     slots: SlotAllocator,
@@ -245,8 +250,14 @@ pub struct Plan {
 
 impl Plan {
     pub fn summary(&self) -> PlanSummary {
+        PlanSummary::of(&self.ops)
+    }
+}
+
+impl PlanSummary {
+    pub fn of(ops: &[MapOp]) -> Self {
         let mut s = PlanSummary::default();
-        for op in &self.ops {
+        for op in ops {
             match op {
                 MapOp::PutBackend { .. } => s.backends_added += 1,
                 MapOp::PutSlots { ids, .. } => s.slots_written += ids.len(),
@@ -276,11 +287,58 @@ fn weight_units(share: f64) -> u32 {
 
 /// The weighted Maglev table of a frontend, one backend address per slot.
 pub fn selection_table(frontend: &Frontend) -> Vec<BackendAddr> {
-    let input: Vec<(BackendAddr, u32)> = frontend.weights.iter().map(|w| (w.addr, weight_units(w.share))).collect();
-    if input.is_empty() || frontend.table_size == 0 {
-        return Vec::new();
+    let table = Table::build(frontend);
+    table.slots.iter().map(|&i| table.members[i as usize]).collect()
+}
+
+/// A frontend's selection table: its distinct members, sorted, and per slot
+/// an index into them.
+#[derive(Debug, Default)]
+struct Table {
+    members: Vec<BackendAddr>,
+    slots: Vec<u32>,
+}
+
+impl Table {
+    fn build(frontend: &Frontend) -> Self {
+        let mut input: Vec<(BackendAddr, u32)> =
+            frontend.weights.iter().map(|w| (w.addr, weight_units(w.share))).collect();
+        if input.is_empty() || frontend.table_size == 0 {
+            return Self::default();
+        }
+        input.sort_by_key(|(addr, _)| *addr);
+        let raw = maglev::build(&input, frontend.table_size);
+        let mut index = vec![u32::MAX; input.len()];
+        for &i in &raw {
+            index[i as usize] = 0;
+        }
+        let mut members = Vec::new();
+        for (i, slot) in index.iter_mut().enumerate() {
+            if *slot == 0 {
+                *slot = members.len() as u32;
+                members.push(input[i].0);
+            }
+        }
+        let slots = raw.iter().map(|&i| index[i as usize]).collect();
+        Self { members, slots }
     }
-    maglev::build(&input, frontend.table_size).into_iter().map(|i| input[i as usize].0).collect()
+
+    /// Tables of many frontends, on every CPU: at cold start there are
+    /// tens of thousands.
+    fn build_all<'a>(frontends: Vec<(&'a FrontendKey, &'a Frontend)>) -> BTreeMap<FrontendKey, Table> {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        if frontends.len() < 256 || workers == 1 {
+            return frontends.into_iter().map(|(k, f)| (*k, Self::build(f))).collect();
+        }
+        let chunk = frontends.len().div_ceil(workers);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = frontends
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(|(k, f)| (**k, Self::build(f))).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("a table builder panicked")).collect()
+        })
+    }
 }
 
 /// The digest of a table adopted from the kernel, whose input is unknown.
@@ -371,6 +429,7 @@ impl Applied {
             capacity,
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
+            backend_refs: BTreeMap::new(),
             service_pool: IdPool::new(1, capacity.services.saturating_add(1)),
             // Backend id 0 is NO_BACKEND; ids index the BACKENDS array.
             backend_pool: IdPool::new(1, capacity.backends),
@@ -450,10 +509,17 @@ impl Applied {
             );
         }
         let used_backends: BTreeSet<u32> = addr_of.keys().copied().collect();
+        let mut backend_refs: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+        for f in frontends.values() {
+            for addr in &f.members {
+                *backend_refs.entry(*addr).or_default() += 1;
+            }
+        }
         let applied = Self {
             capacity,
             frontends,
             backend_ids,
+            backend_refs,
             service_pool: IdPool::with_used(1, capacity.services.saturating_add(1), &service_ids),
             backend_pool: IdPool::with_used(1, capacity.backends, &used_backends),
             slots,
@@ -491,6 +557,11 @@ impl Applied {
         self.capacity
     }
 
+    /// Every programmed frontend.
+    pub fn keys(&self) -> impl Iterator<Item = &FrontendKey> {
+        self.frontends.keys()
+    }
+
     pub fn frontend_count(&self) -> usize {
         self.frontends.len()
     }
@@ -499,8 +570,40 @@ impl Applied {
         self.backend_ids.len()
     }
 
+    /// Plans every frontend: desired and programmed.
     pub fn plan(&self, desired: &DesiredState) -> Plan {
+        let keys: BTreeSet<FrontendKey> = self.frontends.keys().chain(desired.frontends.keys()).copied().collect();
+        self.plan_keys(desired, &keys)
+    }
+
+    fn release_ref(&mut self, addr: &BackendAddr, unreferenced: &mut BTreeSet<BackendAddr>) {
+        if let Some(n) = self.backend_refs.get_mut(addr) {
+            *n -= 1;
+            if *n == 0 {
+                self.backend_refs.remove(addr);
+                unreferenced.insert(*addr);
+            }
+        }
+    }
+
+    /// Plans the frontends in `keys` only (those a change touched): each is
+    /// written, rewritten or deleted to match `desired`; the others are not
+    /// looked at.
+    pub fn plan_keys(&self, desired: &DesiredState, keys: &BTreeSet<FrontendKey>) -> Plan {
         let mut next = self.clone();
+        let (ops, errors) = next.plan_in_place(desired, keys);
+        Plan { ops, next, errors }
+    }
+
+    /// [`Applied::plan_keys`] without the copy (which costs O(all frontends)):
+    /// `self` becomes the state after the writes. When the writes fail, the
+    /// caller must not keep `self` (re-adopt the kernel's state instead).
+    pub fn plan_in_place(
+        &mut self,
+        desired: &DesiredState,
+        keys: &BTreeSet<FrontendKey>,
+    ) -> (Vec<MapOp>, Vec<CapacityError>) {
+        let next = self;
         let quarantine = std::mem::take(&mut next.quarantine);
         quarantine.service_ids.into_iter().for_each(|id| next.service_pool.release(id));
         quarantine.backend_ids.into_iter().for_each(|id| next.backend_pool.release(id));
@@ -511,9 +614,14 @@ impl Applied {
         let mut puts_service = Vec::new();
         let mut deletes = Vec::new();
         let mut errors = Vec::new();
+        // Backends whose last reference went: cleared unless taken again.
+        let mut unreferenced: BTreeSet<BackendAddr> = BTreeSet::new();
 
-        let gone: Vec<FrontendKey> =
-            next.frontends.keys().filter(|k| !desired.frontends.contains_key(k)).copied().collect();
+        let gone: Vec<FrontendKey> = keys
+            .iter()
+            .filter(|k| !desired.frontends.contains_key(k) && next.frontends.contains_key(k))
+            .copied()
+            .collect();
         for key in gone {
             let old = next.frontends.remove(&key).expect("listed above");
             deletes.push(MapOp::DeleteService { key: service_key(&key) });
@@ -521,26 +629,60 @@ impl Applied {
                 // The id will serve another frontend: its affinity must not.
                 deletes.push(MapOp::PurgeAffinity { service_id: old.service_id, backend_ids: None });
             }
+            for addr in &old.members {
+                next.release_ref(addr, &mut unreferenced);
+            }
             next.quarantine.service_ids.push(old.service_id);
             next.quarantine.regions.push(old.region);
         }
 
         let mut purges = Vec::new();
-        for (key, frontend) in &desired.frontends {
-            let digest = digest(frontend);
+        let stale: Vec<(&FrontendKey, &Frontend, u64)> = keys
+            .iter()
+            .filter_map(|k| desired.frontends.get_key_value(k))
+            .map(|(k, f)| (k, f, digest(f)))
+            .filter(|(k, _, digest)| next.frontends.get(k).is_none_or(|old| old.digest != *digest))
+            .collect();
+        let mut tables = Table::build_all(stale.iter().map(|(k, f, _)| (*k, *f)).collect());
+        for (key, frontend, digest) in stale {
             let old = next.frontends.get(key);
-            if old.is_some_and(|old| old.digest == digest) {
-                continue;
-            }
-            let table = selection_table(frontend);
-            let members: Vec<BackendAddr> = table.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
-            let capacity_error = |resource, capacity, flag| CapacityError {
+            let capacity_error = |resource, capacity, flag, kept| CapacityError {
                 service: frontend.service.clone(),
                 frontend: *key,
                 resource,
                 capacity,
                 flag,
+                kept,
             };
+            let kept = old.is_some();
+            let len = frontend.table_size;
+            // Capacity first: a table is built only when it has somewhere to go.
+            let service_id = match old {
+                Some(old) => old.service_id,
+                None => match next.service_pool.alloc() {
+                    Some(id) => id,
+                    None => {
+                        errors.push(capacity_error("service entries", next.capacity.services, "--max-services", kept));
+                        continue;
+                    }
+                },
+            };
+            // A new region, so the frontend flips from the old table to the
+            // new one in one write. With none free, a table of the same size is
+            // rewritten in place: each slot names an old or a new member
+            // (both programmed) while the rewrite runs.
+            let region = match next.slots.alloc(len) {
+                Some(region) => Some(region),
+                None if old.is_some_and(|o| o.region.len == len) => None,
+                None => {
+                    if old.is_none() {
+                        next.service_pool.release(service_id);
+                    }
+                    errors.push(capacity_error("selection slots", next.capacity.slots, "--max-selection-slots", kept));
+                    continue;
+                }
+            };
+            let Table { members, slots: table } = tables.remove(key).unwrap_or_default();
             let new_addrs: Vec<BackendAddr> =
                 members.iter().filter(|a| !next.backend_ids.contains_key(a)).copied().collect();
             // After a restart: a table the kernel already holds exactly is kept,
@@ -551,49 +693,44 @@ impl Applied {
                 && old.affinity_timeout_secs == frontend.affinity_timeout_secs
                 && old.region.len as usize == table.len()
             {
-                let ids: Vec<u32> = table.iter().map(|a| next.backend_ids[a]).collect();
+                let member_ids: Vec<u32> = members.iter().map(|a| next.backend_ids[a]).collect();
+                let ids: Vec<u32> = table.iter().map(|&i| member_ids[i as usize]).collect();
                 if slots_digest(&ids) == adopted {
+                    if let Some(region) = region {
+                        next.slots.release(region);
+                    }
                     let kept = next.frontends.get_mut(key).expect("old is an entry of next");
                     kept.digest = digest;
                     kept.adopted_slots = None;
-                    kept.members = members;
                     continue;
                 }
             }
             if (new_addrs.len() as u64) > next.backend_pool.available() {
-                errors.push(capacity_error("backend ids", self.capacity.backends - 1, "--max-backends"));
-                continue;
-            }
-            let service_id = match old {
-                Some(old) => old.service_id,
-                None => match next.service_pool.alloc() {
-                    Some(id) => id,
-                    None => {
-                        errors.push(capacity_error("service entries", self.capacity.services, "--max-services"));
-                        continue;
-                    }
-                },
-            };
-            let Some(region) = next.slots.alloc(table.len() as u32) else {
+                if let Some(region) = region {
+                    next.slots.release(region);
+                }
                 if old.is_none() {
                     next.service_pool.release(service_id);
                 }
-                errors.push(capacity_error("selection slots", self.capacity.slots, "--max-selection-slots"));
+                errors.push(capacity_error("backend ids", next.capacity.backends - 1, "--max-backends", kept));
                 continue;
-            };
+            }
+            let region = region.unwrap_or_else(|| old.expect("in place only over an old table").region);
             for addr in new_addrs {
                 let id = next.backend_pool.alloc().expect("availability checked above");
                 next.backend_ids.insert(addr, id);
+                unreferenced.remove(&addr);
                 puts_backend.push(MapOp::PutBackend { id, backend: backend_value(&addr) });
+            }
+            for addr in &members {
+                *next.backend_refs.entry(*addr).or_default() += 1;
+                unreferenced.remove(addr);
             }
             if region.len > 0 {
                 // Tables have thousands of slots but few members: look each member up
                 // once, then map slots through the (sorted) member list.
                 let member_ids: Vec<u32> = members.iter().map(|a| next.backend_ids[a]).collect();
-                let ids = table
-                    .iter()
-                    .map(|a| member_ids[members.binary_search(a).expect("every slot holds a member")])
-                    .collect();
+                let ids = table.iter().map(|&i| member_ids[i as usize]).collect();
                 puts_slots.push(MapOp::PutSlots { offset: region.offset, ids });
             }
             puts_service.push(MapOp::PutService {
@@ -607,6 +744,7 @@ impl Applied {
                 },
                 fresh: old.is_none(),
             });
+            let old_members = old.map(|o| o.members.clone()).unwrap_or_default();
             if let Some(old) = old
                 && old.affinity_timeout_secs != 0
             {
@@ -633,20 +771,22 @@ impl Applied {
                     affinity_timeout_secs: frontend.affinity_timeout_secs,
                 },
             );
-            if let Some(previous) = previous {
+            for addr in &old_members {
+                next.release_ref(addr, &mut unreferenced);
+            }
+            if let Some(previous) = previous
+                && previous.region != region
+            {
                 next.quarantine.regions.push(previous.region);
             }
         }
 
-        let referenced: BTreeSet<BackendAddr> =
-            next.frontends.values().flat_map(|f| f.members.iter().copied()).collect();
-        let unreferenced: Vec<(BackendAddr, u32)> =
-            next.backend_ids.iter().filter(|(a, _)| !referenced.contains(a)).map(|(a, id)| (*a, *id)).collect();
         let mut clears = Vec::new();
-        for (addr, id) in unreferenced {
-            next.backend_ids.remove(&addr);
-            next.quarantine.backend_ids.push(id);
-            clears.push(MapOp::ClearBackend { id, v6: addr.ip.is_ipv6() });
+        for addr in unreferenced {
+            if let Some(id) = next.backend_ids.remove(&addr) {
+                next.quarantine.backend_ids.push(id);
+                clears.push(MapOp::ClearBackend { id, v6: addr.ip.is_ipv6() });
+            }
         }
 
         let mut ops = puts_backend;
@@ -655,7 +795,7 @@ impl Applied {
         ops.extend(deletes);
         ops.extend(purges);
         ops.extend(clears);
-        Plan { ops, next, errors }
+        (ops, errors)
     }
 }
 
@@ -898,10 +1038,47 @@ mod tests {
     fn a_failed_update_keeps_the_old_version_serving() {
         let capacity = Capacity { services: 8, backends: 16, slots: SIZE + 2 };
         let first = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[2]))]));
-        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[2, 3, 4]))]));
+        let mut bigger = frontend(&[2, 3, 4]);
+        bigger.table_size = 11;
+        let second = first.next.plan(&desired(&[(key(1, 80), bigger)]));
         assert_eq!(second.errors.len(), 1);
+        let text = second.errors[0].to_string();
+        assert!(text.contains("the previous version keeps serving"), "{text}");
         assert!(second.ops.is_empty(), "{:?}", second.ops);
         assert_eq!(second.next.backend_count(), 1);
+    }
+
+    /// The capacity freeze: with every slot taken, a change to a programmed
+    /// frontend must still be applied (its table rewritten where it is).
+    #[test]
+    fn with_no_room_for_a_second_table_an_update_is_rewritten_in_place() {
+        let capacity = Capacity { services: 8, backends: 16, slots: SIZE };
+        let first = Applied::new(capacity).plan(&desired(&[(key(1, 80), frontend(&[2]))]));
+        let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[2, 3, 4]))]));
+        assert!(second.errors.is_empty(), "{:?}", second.errors);
+        assert_eq!(kinds(&second.ops), ["backend", "backend", "slots", "service"]);
+        let (offset, ids) = slots(&second.ops[2]);
+        assert_eq!((offset, ids.len()), (0, 3), "the same region, now over three backends");
+        let third = second.next.plan(&desired(&[(key(1, 80), frontend(&[3]))]));
+        assert!(third.errors.is_empty(), "{:?}", third.errors);
+        assert_eq!(kinds(&third.ops), ["slots", "service", "clear", "clear"]);
+        assert_eq!(third.next.backend_count(), 1);
+    }
+
+    /// Planning only the frontends a change touched gives what planning all does.
+    #[test]
+    fn planning_touched_frontends_matches_planning_all() {
+        let start =
+            desired(&[(key(1, 80), frontend(&[2, 3])), (key(2, 80), frontend(&[3, 4])), (key(3, 80), frontend(&[5]))]);
+        let base = Applied::new(Capacity::default()).plan(&start).next;
+        let mut changed = start.clone();
+        changed.frontends.insert(key(1, 80), frontend(&[2, 6]));
+        changed.frontends.remove(&key(3, 80));
+        let all = base.plan(&changed);
+        let touched = base.plan_keys(&changed, &BTreeSet::from([key(1, 80), key(3, 80)]));
+        assert_eq!(all.ops, touched.ops);
+        assert_eq!(kinds(&touched.ops), ["backend", "slots", "service", "delete", "clear"]);
+        assert_eq!(touched.next.backend_count(), 4, "3 is still used by 10.96.0.2, 5 is cleared");
     }
 
     #[test]

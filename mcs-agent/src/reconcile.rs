@@ -1,14 +1,22 @@
-//! The level-triggered loop: on any change, recompute everything from the
-//! whole snapshot and apply the difference.
+//! The reconcile loop's core: a change to some objects recomputes the
+//! services they belong to (and those that depend on them), plans the
+//! frontends that moved and writes only what differs. A whole-snapshot pass
+//! (start, resync, a policy or health change) goes through the same steps
+//! with every service.
 
-use std::{collections::BTreeSet, path::Path, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    desired::{self, BackendAddr, DesiredState, ObjectError, Policy, Runtime},
-    inventory::Inventory,
+    desired::{BackendAddr, Delta, DesiredState, FrontendKey, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
+    inventory::{FrontendInfo, Inventory},
+    maglev,
     model::Snapshot,
     plan::{Applied, PlanSummary},
     source::manifests,
@@ -21,37 +29,50 @@ pub struct Report {
     pub frontends: usize,
     pub backends: usize,
     pub summary: PlanSummary,
+    /// Services recomputed by this pass.
+    pub services: usize,
     /// Time spent reading and parsing the source (manifest mode).
     pub read_us: u64,
-    /// Time spent deciding the desired state (locality, weights, Maglev tables).
+    /// Time spent deciding the desired state (locality, weights).
     pub compute_us: u64,
-    /// Time spent planning and writing the maps.
+    /// Time spent planning (Maglev tables) and writing the maps.
     pub apply_us: u64,
+    /// Every current problem.
     pub problems: Vec<String>,
-    /// Invalid objects, structured (for Kubernetes Events).
+    /// Invalid objects reported for the first time by this pass (for Kubernetes Events).
     pub object_errors: Vec<ObjectError>,
     /// Problems not reported by the previous pass.
     pub new_problems: BTreeSet<String>,
+}
+
+/// The share of `--max-selection-slots` the desired tables may take; the
+/// rest leaves room for a new table to be written beside the one it replaces.
+fn slot_budget(slots: u32) -> u64 {
+    u64::from(slots) - u64::from(slots) / 8
 }
 
 pub struct Reconciler {
     applied: Applied,
     policy: Policy,
     generation: u64,
-    /// Problems already logged, so a periodic resync does not repeat them.
+    /// Object problems reported and not resolved since.
     reported: BTreeSet<String>,
+    /// Frontends that did not fit, by frontend.
+    capacity: BTreeMap<FrontendKey, String>,
+    /// The source's own problems (unreadable files, YAML errors).
+    source_problems: BTreeSet<String>,
     /// Timings of the pass in progress, reported with it.
     read_us: u64,
-    compute_us: u64,
     /// Parsed manifest files, re-read only when they change.
     manifests: manifests::Cache,
-    /// VIP holders and passive health, fed to every pass.
+    /// Passive health and the slot budget, fed to every pass.
     runtime: Runtime,
-    /// What is programmed, for people (metrics labels, `inspect`).
-    inventory: Inventory,
-    inventory_changed: bool,
-    /// Objects seen by the last pass: (kind, valid, invalid).
-    objects: [(&'static str, u64, u64); 2],
+    /// Objects by service and the desired state, kept between passes.
+    model: Model,
+    /// Frontends changed since the last [`Reconciler::take_changed`].
+    changed: BTreeSet<FrontendKey>,
+    /// Frontends a failed write left unplanned: planned again next pass.
+    pending: BTreeSet<FrontendKey>,
 }
 
 impl Reconciler {
@@ -61,20 +82,22 @@ impl Reconciler {
             policy,
             generation: 0,
             reported: BTreeSet::new(),
+            capacity: BTreeMap::new(),
+            source_problems: BTreeSet::new(),
             read_us: 0,
-            compute_us: 0,
             manifests: manifests::Cache::default(),
             runtime: Runtime::default(),
-            inventory: Inventory::default(),
-            inventory_changed: false,
-            objects: [("ServiceImport", 0, 0), ("EndpointSlice", 0, 0)],
+            model: Model::default(),
+            changed: BTreeSet::new(),
+            pending: BTreeSet::new(),
         }
     }
 
-    /// Reads the manifests directory and brings the datapath to it.
+    /// Reads the whole manifests directory (re-parsing changed files only)
+    /// and brings the datapath to it.
     pub fn from_manifests(&mut self, dir: &Path, datapath: &mut Datapath) -> Result<Report, DatapathError> {
         let started = Instant::now();
-        let (snapshot, problems) = match self.manifests.read_dir(dir) {
+        let read = match self.manifests.read_dir(dir) {
             Ok(read) => read,
             Err(e) => {
                 // An unreadable directory must not wipe the datapath: keep the last good state.
@@ -83,74 +106,234 @@ impl Reconciler {
             }
         };
         self.read_us = started.elapsed().as_micros() as u64;
-        self.apply_snapshot(&snapshot, problems, datapath)
+        self.apply_changes(read.changes, Some(read.problems), datapath)
     }
 
+    /// Re-reads only these manifest files (as the file watcher named them).
+    pub fn from_manifest_paths(&mut self, paths: &[PathBuf], datapath: &mut Datapath) -> Result<Report, DatapathError> {
+        let started = Instant::now();
+        let read = self.manifests.read_paths(paths);
+        self.read_us = started.elapsed().as_micros() as u64;
+        self.apply_changes(read.changes, Some(read.problems), datapath)
+    }
+
+    /// A whole snapshot (tests, tools): every service is replaced.
     pub fn apply_snapshot(
         &mut self,
         snapshot: &Snapshot,
-        mut problems: Vec<String>,
+        problems: Vec<String>,
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
-        let started = Instant::now();
-        let (state, object_errors) = desired::compute_with(snapshot, &self.policy, &self.runtime);
-        self.runtime.held = state.frontends.iter().map(|(key, f)| (key.vip, f.service.clone())).collect();
-        let invalid = |kind| object_errors.iter().filter(|e| e.kind == kind).count() as u64;
-        let (imports, slices) = (snapshot.imports.len() as u64, snapshot.slices.len() as u64);
-        self.objects = [
-            ("ServiceImport", imports.saturating_sub(invalid("ServiceImport")), invalid("ServiceImport")),
-            ("EndpointSlice", slices.saturating_sub(invalid("EndpointSlice")), invalid("EndpointSlice")),
-        ];
-        self.compute_us = started.elapsed().as_micros() as u64;
-        problems.extend(object_errors.iter().map(ToString::to_string));
-        let mut report = self.apply_state(&state, problems, datapath)?;
-        report.object_errors = object_errors;
-        Ok(report)
+        self.apply_groups(crate::desired::group_snapshot(snapshot), problems, datapath)
     }
 
-    pub fn apply_state(
+    /// Every service the source knows, with its objects: services whose
+    /// entries are the very ones of the last pass are not recomputed.
+    pub fn apply_groups(
         &mut self,
-        state: &DesiredState,
-        mut problems: Vec<String>,
+        groups: Vec<(ServiceRef, Group)>,
+        problems: Vec<String>,
+        datapath: &mut Datapath,
+    ) -> Result<Report, DatapathError> {
+        let listed: BTreeSet<&ServiceRef> = groups.iter().map(|(s, _)| s).collect();
+        let gone: Vec<(ServiceRef, Group)> = self
+            .model
+            .services()
+            .filter(|(s, _)| !listed.contains(s))
+            .map(|(s, _)| (s.clone(), Group::default()))
+            .collect();
+        let mut changes: Vec<(ServiceRef, Group)> = groups
+            .into_iter()
+            .filter(|(service, group)| self.model.group(service).is_none_or(|old| !old.same_as(group)))
+            .collect();
+        changes.extend(gone);
+        self.apply_changes(changes, Some(problems), datapath)
+    }
+
+    /// Replaces the objects of these services and brings the datapath to the
+    /// result. `source_problems`, when given, replaces the source's list.
+    pub fn apply_changes(
+        &mut self,
+        changes: Vec<(ServiceRef, Group)>,
+        source_problems: Option<Vec<String>>,
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
         let started = Instant::now();
-        let plan = self.applied.plan(state);
-        problems.extend(plan.errors.iter().map(ToString::to_string));
-        let summary = plan.summary();
-        if !plan.ops.is_empty() {
-            // On failure the old Applied stays: the next pass re-plans against it and
-            // rewrites whatever this one left half done.
-            datapath.apply(&plan.ops)?;
-        }
-        self.applied = plan.next;
-        self.generation += 1;
-        if summary != PlanSummary::default() || self.generation == 1 {
-            self.inventory = Inventory::build(state, &self.applied, &self.runtime);
-            self.inventory_changed = true;
-        }
+        let delta = self.model.replace(changes, &self.policy, &self.runtime);
+        self.finish(delta, started, source_problems, datapath)
+    }
 
-        let current: BTreeSet<String> = problems.iter().cloned().collect();
-        let new_problems: BTreeSet<String> = current.difference(&self.reported).cloned().collect();
+    /// Recomputes every service (after a policy or health change, and as the
+    /// periodic check that the incremental state is what a full pass gives).
+    pub fn recompute_all(&mut self, datapath: &mut Datapath) -> Result<Report, DatapathError> {
+        let started = Instant::now();
+        let delta = self.model.recompute_all(&self.policy, &self.runtime);
+        self.finish(delta, started, None, datapath)
+    }
+
+    /// Slot budget: when the desired tables do not fit, every table is sized
+    /// for fewer slots per backend (the same step for all, so shares stay
+    /// even); on a full pass it grows back once it fits with room to spare.
+    fn fit_budget(&mut self, may_grow: bool) -> Option<Delta> {
+        let budget = slot_budget(self.applied.capacity().slots);
+        let current = self.runtime.slots_per_backend();
+        let over = self.model.slots() > budget;
+        let may_grow = may_grow && current < maglev::SLOTS_PER_BACKEND;
+        if !over && !may_grow {
+            return None;
+        }
+        let counts: Vec<usize> = self.model.state().frontends.values().map(|f| f.weights.len()).collect();
+        let max = self.policy.max_table_size;
+        let (per, total) = if over {
+            maglev::fit_budget(&counts, max, budget)
+        } else {
+            // Growing back needs a fifth of the budget spare, so that a few
+            // services more do not shrink every table again.
+            let (per, total) = maglev::fit_budget(&counts, max, budget / 5 * 4);
+            if per <= current {
+                return None;
+            }
+            (per, total)
+        };
+        if per == current {
+            warn!(
+                slots_per_backend = per,
+                needed = total,
+                budget,
+                "the selection tables do not fit even at the smallest size; raise --max-selection-slots"
+            );
+            return None;
+        }
+        self.runtime.slots_per_backend = per;
+        let delta = Delta { frontends: self.model.resize_tables(max, per), ..Delta::default() };
+        let shrunk: Vec<String> = self
+            .model
+            .state()
+            .frontends
+            .iter()
+            .filter(|(_, f)| f.table_size < maglev::table_size(f.weights.len(), max))
+            .map(|(key, f)| format!("{} {key}", f.service))
+            .collect();
+        let examples = shrunk.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        if per < maglev::SLOTS_PER_BACKEND {
+            warn!(
+                slots_per_backend = per,
+                slots = self.model.slots(),
+                budget,
+                frontends = shrunk.len(),
+                examples = %examples,
+                "selection slot budget: tables sized down to fit --max-selection-slots (more disruption when a backend changes; see ARCHITECTURE.md)"
+            );
+        } else {
+            info!(slots_per_backend = per, slots = self.model.slots(), "selection tables back to full size");
+        }
+        Some(delta)
+    }
+
+    fn finish(
+        &mut self,
+        mut delta: Delta,
+        started: Instant,
+        source_problems: Option<Vec<String>>,
+        datapath: &mut Datapath,
+    ) -> Result<Report, DatapathError> {
+        let full = delta.services >= self.model.services().count().max(1);
+        if let Some(resized) = self.fit_budget(full) {
+            delta.frontends.extend(resized.frontends);
+            delta.added.extend(resized.added);
+            delta.removed.extend(resized.removed);
+            delta.services = delta.services.max(resized.services);
+        }
+        let compute_us = started.elapsed().as_micros() as u64;
+        let applying = Instant::now();
+        let mut keys = std::mem::take(&mut self.pending);
+        keys.extend(delta.frontends.iter().copied());
+        let (ops, errors) = self.applied.plan_in_place(self.model.state(), &keys);
+        let summary = PlanSummary::of(&ops);
+        if !ops.is_empty()
+            && let Err(e) = datapath.apply(&ops)
+        {
+            // What the kernel holds is now unknown: start again from it, as a
+            // restarted agent would, and plan every frontend next pass.
+            let kernel = datapath.kernel_state();
+            let (applied, _) = Applied::adopt(self.applied.capacity(), &kernel.services, &kernel.backends, |i| {
+                datapath.selection_slot(i)
+            });
+            self.pending = self.model.state().frontends.keys().chain(applied.keys()).copied().collect();
+            self.applied = applied;
+            return Err(e);
+        }
+        self.generation += 1;
+        if delta.services >= 1000 {
+            // A big pass (start, resync) frees most of what it parsed and
+            // built; glibc keeps freed heap unless asked to give it back.
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
+        self.changed.extend(keys.iter().copied());
+
+        // Problems: objects (from the delta), capacity (by frontend), the source.
+        let mut new_problems = BTreeSet::new();
+        let mut resolved = Vec::new();
+        for text in &delta.removed {
+            if self.reported.remove(text) {
+                resolved.push(text.clone());
+            }
+        }
+        let mut object_errors = Vec::new();
+        for error in delta.added {
+            let text = error.to_string();
+            if self.reported.insert(text.clone()) {
+                new_problems.insert(text);
+                object_errors.push(error);
+            }
+        }
+        let mut capacity_now: BTreeMap<FrontendKey, String> = BTreeMap::new();
+        for error in &errors {
+            capacity_now.insert(error.frontend, error.to_string());
+        }
+        for key in &keys {
+            let before = self.capacity.remove(key);
+            let now = capacity_now.remove(key);
+            match (before, now) {
+                (Some(b), Some(n)) if b == n => {
+                    self.capacity.insert(*key, n);
+                }
+                (before, now) => {
+                    if let Some(b) = before {
+                        resolved.push(b);
+                    }
+                    if let Some(n) = now {
+                        new_problems.insert(n.clone());
+                        self.capacity.insert(*key, n);
+                    }
+                }
+            }
+        }
+        if let Some(problems) = source_problems {
+            let problems: BTreeSet<String> = problems.into_iter().collect();
+            resolved.extend(self.source_problems.difference(&problems).cloned());
+            new_problems.extend(problems.difference(&self.source_problems).cloned());
+            self.source_problems = problems;
+        }
         for problem in &new_problems {
             warn!(problem = %problem, "object skipped");
         }
-        for fixed in self.reported.difference(&current) {
+        for fixed in &resolved {
             info!(problem = %fixed, "resolved");
         }
-        self.reported = current;
 
-        let (read_us, compute_us) = (std::mem::take(&mut self.read_us), std::mem::take(&mut self.compute_us));
         let report = Report {
             generation: self.generation,
-            read_us,
+            read_us: std::mem::take(&mut self.read_us),
             compute_us,
-            apply_us: started.elapsed().as_micros() as u64,
+            apply_us: applying.elapsed().as_micros() as u64,
             frontends: self.applied.frontend_count(),
             backends: self.applied.backend_count(),
+            services: delta.services,
             summary,
-            problems,
-            object_errors: Vec::new(),
+            problems: self.problems(),
+            object_errors,
             new_problems,
         };
         if summary != PlanSummary::default() || report.generation == 1 {
@@ -158,11 +341,12 @@ impl Reconciler {
                 generation = report.generation,
                 frontends = report.frontends,
                 backends = report.backends,
+                services = report.services,
                 services_written = summary.services_written,
                 services_deleted = summary.services_deleted,
                 backends_added = summary.backends_added,
                 backends_removed = summary.backends_removed,
-                skipped = report.problems.len(),
+                skipped = self.problem_count(),
                 read_us = report.read_us,
                 compute_us = report.compute_us,
                 apply_us = report.apply_us,
@@ -170,6 +354,16 @@ impl Reconciler {
             );
         }
         Ok(report)
+    }
+
+    /// Every current problem: invalid objects, frontends that do not fit,
+    /// the source's own.
+    pub fn problems(&self) -> Vec<String> {
+        self.reported.iter().chain(self.capacity.values()).chain(&self.source_problems).cloned().collect()
+    }
+
+    fn problem_count(&self) -> usize {
+        self.reported.len() + self.capacity.len() + self.source_problems.len()
     }
 
     /// Passive health's verdict; true when it differs from the last one.
@@ -184,30 +378,51 @@ impl Reconciler {
         &self.runtime
     }
 
-    pub fn inventory(&self) -> &Inventory {
-        &self.inventory
+    pub fn state(&self) -> &DesiredState {
+        self.model.state()
     }
 
-    /// True once after each pass that changed what is programmed.
-    pub fn take_inventory_changed(&mut self) -> bool {
-        std::mem::take(&mut self.inventory_changed)
+    /// What is programmed, described for people (built on demand: at 100,000
+    /// services it is large).
+    pub fn inventory(&self) -> Inventory {
+        Inventory::build(self.model.state(), &self.applied, &self.runtime)
+    }
+
+    /// One frontend as [`Inventory`] describes it, when it is programmed.
+    pub fn frontend_info(&self, key: &FrontendKey) -> Option<FrontendInfo> {
+        let frontend = self.model.state().frontends.get(key)?;
+        Inventory::frontend(key, frontend, &self.applied, &self.runtime)
+    }
+
+    /// Frontends written, rewritten or deleted since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<FrontendKey> {
+        std::mem::take(&mut self.changed)
     }
 
     pub fn applied(&self) -> &Applied {
         &self.applied
     }
 
-    /// (kind, valid, invalid) objects of the last pass.
-    pub fn objects(&self) -> &[(&'static str, u64, u64)] {
-        &self.objects
+    /// (kind, valid, invalid) objects.
+    pub fn objects(&self) -> [(&'static str, u64, u64); 2] {
+        let [imports, bad_imports, slices, bad_slices] = self.model.counts();
+        [("ServiceImport", imports - bad_imports, bad_imports), ("EndpointSlice", slices - bad_slices, bad_slices)]
     }
 
     /// Locality can change at run time (the Node's labels, the ClusterProperty).
-    pub fn set_policy(&mut self, policy: Policy) {
+    /// True when it changed: a full recompute is due.
+    pub fn set_policy(&mut self, policy: Policy) -> bool {
+        let changed = policy != self.policy;
         self.policy = policy;
+        changed
     }
 
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Selection slots per backend the tables are sized for now.
+    pub fn slots_per_backend(&self) -> u32 {
+        self.runtime.slots_per_backend()
     }
 }

@@ -3,7 +3,13 @@
 //! standalone mode. Every watch event is only a "something changed" signal;
 //! the agent recomputes from the whole cache (level-triggered).
 
-use std::{fmt::Debug, hash::Hash, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Debug,
+    hash::Hash,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use k8s_openapi::{
@@ -28,7 +34,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
 use crate::{
-    desired::ObjectError,
+    desired::{Group, ImportEntry, ObjectError, ServiceRef, SliceEntry},
     model::{LABEL_SERVICE_NAME, MCS_GROUP, Origin, ServiceImport, Snapshot, object_ref},
 };
 
@@ -56,6 +62,8 @@ pub enum KubeSourceError {
 pub enum SourceEvent {
     /// A cache changed (or a watch started or restarted).
     Changed,
+    /// These manifest files changed (standalone mode).
+    Files(Vec<std::path::PathBuf>),
     /// A watch failed; it backs off and retries on its own. `what` names the resource.
     Error { what: &'static str, message: String },
     /// The watch of `what` works again after an `Error`.
@@ -156,6 +164,20 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     node: Option<Store<Node>>,
     property: Option<Store<DynamicObject>>,
+    /// Checked objects by (kind, uid) with the resourceVersion they were
+    /// checked at: an unchanged object is never converted or checked again,
+    /// and its service is not recomputed.
+    entries: std::sync::Mutex<HashMap<ObjectId, (Option<String>, Checked)>>,
+}
+
+/// (is a ServiceImport, uid).
+type ObjectId = (bool, String);
+
+#[derive(Clone)]
+enum Checked {
+    Import(Arc<ImportEntry>),
+    Slice(Arc<SliceEntry>),
+    Invalid(ObjectError),
 }
 
 impl KubeSource {
@@ -201,7 +223,7 @@ impl KubeSource {
                 None
             }
         };
-        Ok(Self { import_resource, imports, slices, node, property })
+        Ok(Self { import_resource, imports, slices, node, property, entries: Default::default() })
     }
 
     /// Waits until every cache has its first complete list.
@@ -219,6 +241,53 @@ impl KubeSource {
     /// The objects, as the pure core takes them, plus conversion errors.
     pub fn snapshot(&self) -> (Snapshot, Vec<ObjectError>) {
         snapshot_from(&self.imports.state(), &self.slices.state())
+    }
+
+    /// Every service with its checked objects, plus conversion errors.
+    /// Objects unchanged since the last call (same uid and resourceVersion)
+    /// come back as the same entries, so the reconciler skips their services.
+    pub fn groups(&self) -> (Vec<(ServiceRef, Group)>, Vec<ObjectError>) {
+        let mut cache = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next: HashMap<ObjectId, (Option<String>, Checked)> = HashMap::with_capacity(cache.len());
+        let mut groups: BTreeMap<ServiceRef, Group> = BTreeMap::new();
+        let mut errors = Vec::new();
+        let mut check = |kind: bool, meta: &ObjectMeta, convert: &dyn Fn() -> Checked| {
+            let (namespace, name) = object_ref(meta);
+            let id = (kind, meta.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}")));
+            let checked = match cache.remove(&id) {
+                Some((version, checked)) if version == meta.resource_version && version.is_some() => checked,
+                _ => convert(),
+            };
+            next.insert(id, (meta.resource_version.clone(), checked.clone()));
+            checked
+        };
+        for object in self.imports.state() {
+            match check(true, &object.metadata, &|| match import_from(&object) {
+                Ok(import) => Checked::Import(Arc::new(ImportEntry::new(&Origin::default(), &import))),
+                Err(e) => Checked::Invalid(e),
+            }) {
+                Checked::Import(entry) => groups.entry(entry.service()).or_default().imports.push(entry),
+                Checked::Invalid(e) => errors.push(e),
+                Checked::Slice(_) => {}
+            }
+        }
+        for object in self.slices.state() {
+            if let Checked::Slice(entry) = check(false, &object.metadata, &|| {
+                Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), &object)))
+            }) && let Some(service) = entry.service()
+            {
+                groups.entry(service).or_default().slices.push(entry);
+            }
+        }
+        *cache = next;
+        let groups = groups
+            .into_iter()
+            .map(|(service, mut group)| {
+                group.sort();
+                (service, group)
+            })
+            .collect();
+        (groups, errors)
     }
 
     /// Zone and region labels of this node, when it is known.
@@ -283,20 +352,22 @@ pub fn snapshot_from(
     let mut snapshot = Snapshot::default();
     let mut errors = Vec::new();
     for object in imports {
-        let value = match serde_json::to_value(object.as_ref()) {
-            Ok(value) => value,
-            Err(e) => {
-                errors.push(conversion_error(&object.metadata, String::new(), e.to_string()));
-                continue;
-            }
-        };
-        match serde_path_to_error::deserialize::<_, ServiceImport>(value) {
+        match import_from(object) {
             Ok(import) => snapshot.imports.push((Origin::default(), import)),
-            Err(e) => errors.push(conversion_error(&object.metadata, e.path().to_string(), e.inner().to_string())),
+            Err(e) => errors.push(e),
         }
     }
     snapshot.slices = slices.iter().map(|s| (Origin::default(), s.as_ref().clone())).collect();
     (snapshot, errors)
+}
+
+/// A watched ServiceImport as the typed object; a field that does not fit
+/// the schema is named.
+fn import_from(object: &DynamicObject) -> Result<ServiceImport, ObjectError> {
+    let value =
+        serde_json::to_value(object).map_err(|e| conversion_error(&object.metadata, String::new(), e.to_string()))?;
+    serde_path_to_error::deserialize::<_, ServiceImport>(value)
+        .map_err(|e| conversion_error(&object.metadata, e.path().to_string(), e.inner().to_string()))
 }
 
 fn conversion_error(meta: &ObjectMeta, field: String, message: String) -> ObjectError {

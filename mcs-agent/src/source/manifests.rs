@@ -1,8 +1,10 @@
 //! Standalone mode: Kubernetes YAML files in a directory.
 
 use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -11,7 +13,7 @@ use serde_yaml::Value;
 use thiserror::Error;
 
 use crate::{
-    desired::ObjectError,
+    desired::{Group, ImportEntry, ObjectError, ServiceRef, SliceEntry},
     model::{MCS_GROUP, Origin, ServiceImport, Snapshot},
 };
 
@@ -42,57 +44,181 @@ struct Stamp {
     modified: Option<std::time::SystemTime>,
 }
 
-/// Parsed files, so a change to one manifest of thousands re-parses one file.
+/// One manifest file, parsed and checked.
+#[derive(Debug)]
+struct File {
+    stamp: Stamp,
+    imports: Vec<Arc<ImportEntry>>,
+    slices: Vec<Arc<SliceEntry>>,
+    /// Problems with the file itself (YAML, schema), as text.
+    errors: Vec<String>,
+}
+
+impl File {
+    fn services(&self) -> BTreeSet<ServiceRef> {
+        self.imports.iter().map(|i| i.service()).chain(self.slices.iter().filter_map(|s| s.service())).collect()
+    }
+}
+
+/// What a read found: the services whose objects changed, with all their
+/// objects now (empty: the service is gone), and the files' own problems.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub changes: Vec<(ServiceRef, Group)>,
+    pub problems: Vec<String>,
+    /// Files parsed (not found unchanged).
+    pub parsed: usize,
+}
+
+/// Parsed files, so a change to one manifest of thousands re-parses one file,
+/// and the services each file contributes to, so it recomputes only those.
 #[derive(Debug, Default)]
 pub struct Cache {
-    files: std::collections::HashMap<PathBuf, (Stamp, Snapshot, Vec<String>)>,
+    files: HashMap<PathBuf, File>,
+    by_service: HashMap<ServiceRef, BTreeSet<PathBuf>>,
+    /// Files with problems of their own.
+    broken: BTreeMap<PathBuf, Vec<String>>,
+}
+
+fn stamp_of(path: &Path) -> Result<Option<Stamp>, ManifestError> {
+    use std::os::unix::fs::MetadataExt as _;
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(Stamp { inode: m.ino(), len: m.len(), modified: m.modified().ok() })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ManifestError::Read { path: path.to_owned(), source }),
+    }
+}
+
+/// Reads and parses one file; `None` when it vanished meanwhile.
+fn parse_file(path: &Path, stamp: Stamp) -> Option<File> {
+    let (snapshot, errors) = match fs::read_to_string(path) {
+        Ok(text) => {
+            let (part, errs) = parse_documents(&Origin(path.display().to_string()), &text);
+            (part, errs.iter().map(ToString::to_string).collect())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(source) => (Snapshot::default(), vec![ManifestError::Read { path: path.to_owned(), source }.to_string()]),
+    };
+    Some(File {
+        stamp,
+        imports: snapshot.imports.iter().map(|(o, i)| Arc::new(ImportEntry::new(o, i))).collect(),
+        slices: snapshot.slices.iter().map(|(o, s)| Arc::new(SliceEntry::new(o, s))).collect(),
+        errors,
+    })
 }
 
 impl Cache {
-    /// Reads every manifest in `dir` (not recursive), in name order,
-    /// re-parsing only files whose inode, size or mtime changed since the last
-    /// call; the problems come back as text.
-    pub fn read_dir(&mut self, dir: &Path) -> Result<(Snapshot, Vec<String>), ManifestError> {
-        use std::os::unix::fs::MetadataExt as _;
+    /// Reads every manifest in `dir` (not recursive), re-parsing only files
+    /// whose inode, size or mtime changed since the last read, in parallel.
+    pub fn read_dir(&mut self, dir: &Path) -> Result<Read, ManifestError> {
         let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read { path: dir.to_owned(), source })?;
-        let mut files: Vec<PathBuf> =
+        let present: BTreeSet<PathBuf> =
             entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect();
-        files.sort();
-        let mut seen = std::collections::HashSet::with_capacity(files.len());
-        let mut snapshot = Snapshot::default();
-        let mut errors = Vec::new();
-        for path in files {
-            let stamp = match fs::metadata(&path) {
-                Ok(m) => Stamp { inode: m.ino(), len: m.len(), modified: m.modified().ok() },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    errors.push(ManifestError::Read { path, source }.to_string());
-                    continue;
-                }
-            };
-            let fresh = self.files.get(&path).is_some_and(|(cached, _, _)| *cached == stamp);
-            if !fresh {
-                let parsed = match fs::read_to_string(&path) {
-                    Ok(text) => {
-                        let (part, errs) = parse_documents(&Origin(path.display().to_string()), &text);
-                        (part, errs.iter().map(ToString::to_string).collect())
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(source) => {
-                        (Snapshot::default(), vec![ManifestError::Read { path: path.clone(), source }.to_string()])
-                    }
-                };
-                self.files.insert(path.clone(), (stamp, parsed.0, parsed.1));
-            }
-            let (_, part, errs) = &self.files[&path];
-            snapshot.imports.extend(part.imports.iter().cloned());
-            snapshot.slices.extend(part.slices.iter().cloned());
-            errors.extend(errs.iter().cloned());
-            seen.insert(path);
-        }
-        self.files.retain(|path, _| seen.contains(path));
-        Ok((snapshot, errors))
+        let vanished: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains(*p)).cloned().collect();
+        let mut paths: Vec<PathBuf> = present.into_iter().collect();
+        paths.extend(vanished);
+        Ok(self.read_paths(&paths))
     }
+
+    /// Re-reads these files only (what the file watcher named): changed ones
+    /// are parsed again, vanished ones forgotten.
+    pub fn read_paths(&mut self, paths: &[PathBuf]) -> Read {
+        let mut read = Read::default();
+        let mut stale = Vec::new();
+        let mut affected: BTreeSet<ServiceRef> = BTreeSet::new();
+        for path in paths.iter().filter(|p| is_manifest(p)) {
+            match stamp_of(path) {
+                Ok(Some(stamp)) if self.files.get(path).is_some_and(|f| f.stamp == stamp) => {}
+                Ok(Some(stamp)) => stale.push((path.clone(), stamp)),
+                Ok(None) => {
+                    if let Some(old) = self.forget(path) {
+                        affected.extend(old.services());
+                    }
+                }
+                Err(e) => {
+                    self.broken.insert(path.clone(), vec![e.to_string()]);
+                }
+            }
+        }
+        read.parsed = stale.len();
+        for (path, parsed) in parse_all(stale) {
+            let Some(file) = parsed else {
+                if let Some(old) = self.forget(&path) {
+                    affected.extend(old.services());
+                }
+                continue;
+            };
+            if let Some(old) = self.forget(&path) {
+                affected.extend(old.services());
+            }
+            let services = file.services();
+            for service in &services {
+                self.by_service.entry(service.clone()).or_default().insert(path.clone());
+            }
+            affected.extend(services);
+            if file.errors.is_empty() {
+                self.broken.remove(&path);
+            } else {
+                self.broken.insert(path.clone(), file.errors.clone());
+            }
+            self.files.insert(path, file);
+        }
+        read.changes = affected.into_iter().map(|service| (service.clone(), self.group(&service))).collect();
+        read.problems = self.broken.values().flatten().cloned().collect();
+        read
+    }
+
+    fn forget(&mut self, path: &Path) -> Option<File> {
+        let old = self.files.remove(path)?;
+        self.broken.remove(path);
+        for service in old.services() {
+            if let Some(files) = self.by_service.get_mut(&service) {
+                files.remove(path);
+                if files.is_empty() {
+                    self.by_service.remove(&service);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Every object of `service`, over the files that have some, in file order.
+    fn group(&self, service: &ServiceRef) -> Group {
+        let mut group = Group::default();
+        for path in self.by_service.get(service).into_iter().flatten() {
+            let file = &self.files[path];
+            group.imports.extend(file.imports.iter().filter(|i| i.service() == *service).cloned());
+            group.slices.extend(file.slices.iter().filter(|s| s.service().as_ref() == Some(service)).cloned());
+        }
+        group.sort();
+        group
+    }
+}
+
+/// Parses files on every CPU: at cold start there can be tens of thousands.
+fn parse_all(stale: Vec<(PathBuf, Stamp)>) -> Vec<(PathBuf, Option<File>)> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if stale.len() < 64 || workers == 1 {
+        return stale
+            .into_iter()
+            .map(|(path, stamp)| {
+                let file = parse_file(&path, stamp);
+                (path, file)
+            })
+            .collect();
+    }
+    let chunk = stale.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = stale
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter().map(|(path, stamp)| (path.clone(), parse_file(path, *stamp))).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a parser thread panicked")).collect()
+    })
 }
 
 /// Parses a multi-document YAML text. Documents of other kinds are ignored;
@@ -121,14 +247,12 @@ fn add_object(origin: &Origin, value: Value, snapshot: &mut Snapshot, errors: &m
     let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
     let (api_version, kind) = (text("apiVersion"), text("kind"));
     let meta = |key: &str| value.get("metadata").and_then(|m| m.get(key)).and_then(Value::as_str).map(str::to_owned);
+    let object =
+        format!("{}/{}", meta("namespace").unwrap_or_else(|| "default".into()), meta("name").unwrap_or_default());
     let object_error = |field: String, message: String| ObjectError {
         origin: format!("{origin}: "),
         kind: if kind == "ServiceImport" { "ServiceImport" } else { "EndpointSlice" },
-        object: format!(
-            "{}/{}",
-            meta("namespace").unwrap_or_else(|| "default".into()),
-            meta("name").unwrap_or_default()
-        ),
+        object: object.clone(),
         field,
         message,
     };
@@ -146,17 +270,15 @@ fn add_object(origin: &Origin, value: Value, snapshot: &mut Snapshot, errors: &m
                 errors.push(object_error("apiVersion".into(), format!("{version} is not v1beta1 or v1alpha1")).into());
                 return;
             }
-            match serde_path_to_error::deserialize::<_, ServiceImport>(value.clone()) {
+            match serde_path_to_error::deserialize::<_, ServiceImport>(value) {
                 Ok(import) => snapshot.imports.push((origin.clone(), import)),
                 Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
             }
         }
-        ("discovery.k8s.io/v1", "EndpointSlice") => {
-            match serde_path_to_error::deserialize::<_, EndpointSlice>(value.clone()) {
-                Ok(slice) => snapshot.slices.push((origin.clone(), slice)),
-                Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
-            }
-        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => match serde_path_to_error::deserialize::<_, EndpointSlice>(value) {
+            Ok(slice) => snapshot.slices.push((origin.clone(), slice)),
+            Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
+        },
         _ => {}
     }
 }
