@@ -35,6 +35,11 @@ pub struct ControlPlane {
     pub change_ms: Summary,
     pub rss_mib: f64,
     pub peak_rss_mib: f64,
+    /// The agent's own memory (heap, stacks): RSS less the BPF maps it has mmapped.
+    pub rss_anon_mib: f64,
+    /// BPF maps mmapped by the agent (selection tables, health counters):
+    /// kernel memory that RSS counts because the agent maps it.
+    pub rss_maps_mib: f64,
     pub iptables_restore_full_ms: Summary,
     pub iptables_restore_change_ms: Summary,
     pub nft_full_ms: Summary,
@@ -46,7 +51,8 @@ fn field(line: &str, name: &str) -> Option<f64> {
     line.split(&format!("{name}=")).nth(1)?.split_whitespace().next()?.parse().ok()
 }
 
-fn rss_mib(pid: u32) -> (f64, f64) {
+/// (VmRSS, VmHWM, RssAnon, RssFile) in MiB.
+fn rss_mib(pid: u32) -> (f64, f64, f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib = |key: &str| {
         status
@@ -55,7 +61,7 @@ fn rss_mib(pid: u32) -> (f64, f64) {
             .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0, kib("RssAnon:") / 1024.0, kib("RssFile:") / 1024.0)
 }
 
 fn changed_endpoints(change: usize) -> Vec<Ipv4Addr> {
@@ -88,7 +94,7 @@ pub fn measure(opts: &Options<'_>) -> Result<ControlPlane> {
 
     let (mut cold, mut read, mut compute, mut apply) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut change = Vec::new();
-    let (mut rss, mut peak) = (0.0, 0.0);
+    let (mut rss, mut peak, mut anon, mut maps) = (0.0, 0.0, 0.0, 0.0);
     for run in 0..opts.cold_starts {
         let node = Netns::new("mcs-bench-cp");
         let bpffs = ScratchBpffs::new();
@@ -104,7 +110,8 @@ pub fn measure(opts: &Options<'_>) -> Result<ControlPlane> {
         let t0 = Instant::now();
         let mut agent = Agent::start_binary(opts.agent, &node, manifests.path(), &[], &args);
         cold.push(t0.elapsed().as_secs_f64() * 1e3);
-        let first = agent.wait_for(|l| l.contains("reconciled") && l.contains("generation=1 "), Duration::from_secs(5));
+        let first =
+            agent.wait_for(|l| l.contains("reconciled") && l.contains("generation=1 "), Duration::from_secs(120));
         read.push(field(&first, "read_us").unwrap_or(f64::NAN) / 1e3);
         compute.push(field(&first, "compute_us").unwrap_or(f64::NAN) / 1e3);
         apply.push(field(&first, "apply_us").unwrap_or(f64::NAN) / 1e3);
@@ -114,7 +121,7 @@ pub fn measure(opts: &Options<'_>) -> Result<ControlPlane> {
         }
         if run + 1 == opts.cold_starts {
             std::thread::sleep(Duration::from_millis(200));
-            (rss, peak) = rss_mib(agent.pid().context("agent pid")?);
+            (rss, peak, anon, maps) = rss_mib(agent.pid().context("agent pid")?);
             change = measure_changes(opts.changes, &bpffs, manifests.path(), &measured_name, &mut services, measured)?;
         }
         let (ok, log) = agent.stop();
@@ -136,6 +143,8 @@ pub fn measure(opts: &Options<'_>) -> Result<ControlPlane> {
         change_ms: summarize(&change),
         rss_mib: rss,
         peak_rss_mib: peak,
+        rss_anon_mib: anon,
+        rss_maps_mib: maps,
         iptables_restore_full_ms: summarize(&full_ipt),
         iptables_restore_change_ms: summarize(&change_ipt),
         nft_full_ms: summarize(&full_nft),

@@ -65,6 +65,10 @@ struct Args {
     /// Services for the control-plane measurements. Default: 10000 (quick: 1000).
     #[arg(long)]
     control_services: Option<usize>,
+    /// Services for the large control-plane run (mcs-agent only: kube-proxy
+    /// does not load that many in bounded time). Default: 100000 (quick: none); 0 skips it.
+    #[arg(long)]
+    control_large: Option<usize>,
     /// Endpoint changes timed from manifest to map. Default: 200 (quick: 20).
     #[arg(long)]
     changes: Option<usize>,
@@ -178,10 +182,8 @@ fn main() -> Result<()> {
         eprintln!("bench: {count} services' manifests in {}", dir.display());
         return Ok(());
     }
-    // 1000-slot Maglev tables for 10k services would need 160M slots (1.3 GB of
-    // kernel memory); the benchmark sizes tables for its scale. See BENCHMARKS.md.
-    let mut agent_args = vec!["--maglev-max-table-size".to_owned(), "1021".to_owned()];
-    agent_args.extend(args.agent_args.iter().cloned());
+    // Default flags: the slot budget sizes Maglev tables for the scale.
+    let agent_args = args.agent_args.clone();
     let started = Instant::now();
 
     let conditions = Conditions {
@@ -228,6 +230,24 @@ fn main() -> Result<()> {
             cold_starts: if quick { 1 } else { 3 },
             changes: args.changes.unwrap_or(if quick { 20 } else { 200 }),
             rule_loads: if quick { 1 } else { 3 },
+            iptables_restore: &args.iptables_restore,
+        };
+        Some(control::measure(&opts)?)
+    } else {
+        None
+    };
+    let large = args.control_large.unwrap_or(if quick { 0 } else { 100_000 });
+    let control_large = if args.only.contains(&Part::Control) && large > 0 {
+        // A million backends and 100,000 frontends are past the default map sizes.
+        let mut flags = agent_args.clone();
+        flags.extend(["--max-services", "131072", "--max-backends", "1048576"].map(String::from));
+        let opts = control::Options {
+            agent: &args.agent,
+            agent_args: &flags,
+            services: large,
+            cold_starts: 1,
+            changes: args.changes.unwrap_or(200),
+            rule_loads: 0,
             iptables_restore: &args.iptables_restore,
         };
         Some(control::measure(&opts)?)
@@ -310,8 +330,15 @@ fn main() -> Result<()> {
         Vec::new()
     };
 
-    let results =
-        report::Results { conditions, packet, control, datapath: report::datapath(&runs), disruption, families };
+    let results = report::Results {
+        conditions,
+        packet,
+        control,
+        control_large,
+        datapath: report::datapath(&runs),
+        disruption,
+        families,
+    };
     report::write(&args.out, &results)?;
     // A partial run (`--only`) is not the latest run: it would replace the
     // recorded results with a fraction of them.

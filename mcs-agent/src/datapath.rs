@@ -224,6 +224,31 @@ struct Maps {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     /// `HEALTH`, mapped: passive health reads every backend without a syscall.
     health: HealthMemory,
+    /// Descriptors of the maps written in batches (the typed maps hide theirs).
+    fds: BatchFds,
+}
+
+struct BatchFds {
+    services: OwnedFd,
+    services6: OwnedFd,
+    backends: OwnedFd,
+    backends6: OwnedFd,
+    backend_stats: OwnedFd,
+    service_stats: OwnedFd,
+}
+
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DatapathError> {
+    let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
+        Map::Array(d) | Map::HashMap(d) | Map::PerCpuArray(d) => d,
+        _ => return Err(DatapathError::MissingMap(name)),
+    };
+    data.fd().as_fd().try_clone_to_owned().map_err(|e| DatapathError::Map { name, source: MapError::IoError(e) })
+}
+
+/// Zeroed per-CPU values for `n` elements of `T`.
+fn per_cpu_zeros<T>(n: usize) -> Result<Vec<u8>, MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::IoError(e))?;
+    Ok(vec![0u8; n * cpus * std::mem::size_of::<T>().next_multiple_of(8)])
 }
 
 /// `HEALTH` (mmapable array of [`Health`]) in the agent's memory.
@@ -625,7 +650,16 @@ impl Datapath {
         }
         let [services, backends, slot_pairs, conntrack, .., health_entries] = wanted.map(|(_, size)| size);
         let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
+        let fds = BatchFds {
+            services: map_fd(&ebpf, MAP_SERVICES)?,
+            services6: map_fd(&ebpf, MAP_SERVICES6)?,
+            backends: map_fd(&ebpf, MAP_BACKENDS)?,
+            backends6: map_fd(&ebpf, MAP_BACKENDS6)?,
+            backend_stats: map_fd(&ebpf, MAP_BACKEND_STATS)?,
+            service_stats: map_fd(&ebpf, MAP_SERVICE_STATS)?,
+        };
         let maps = Maps {
+            fds,
             services: take(&mut ebpf, MAP_SERVICES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             services6: take(&mut ebpf, MAP_SERVICES6)?,
@@ -923,9 +957,112 @@ impl Datapath {
     }
     /// Executes a plan's operations in order.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+        // Runs of new backends and of service entries go in batches: at cold
+        // start they are nearly every write. Order between runs is kept.
+        let mut i = 0;
+        while i < ops.len() {
+            let run = |same: fn(&MapOp) -> bool| ops[i..].iter().take_while(|op| same(op)).count();
+            match &ops[i] {
+                MapOp::PutBackend { .. } => {
+                    let n = run(|op| matches!(op, MapOp::PutBackend { .. }));
+                    let batched = n >= 8
+                        && self
+                            .put_backends(&ops[i..i + n])
+                            .inspect_err(
+                                |e| debug!(error = %e, "batched map update failed; writing element by element"),
+                            )
+                            .is_ok();
+                    if !batched {
+                        ops[i..i + n].iter().try_for_each(|op| self.apply_one(op))?;
+                    }
+                    i += n;
+                }
+                MapOp::PutService { .. } => {
+                    let n = run(|op| matches!(op, MapOp::PutService { .. }));
+                    let batched = n >= 8
+                        && self
+                            .put_services(&ops[i..i + n])
+                            .inspect_err(
+                                |e| debug!(error = %e, "batched map update failed; writing element by element"),
+                            )
+                            .is_ok();
+                    if !batched {
+                        ops[i..i + n].iter().try_for_each(|op| self.apply_one(op))?;
+                    }
+                    i += n;
+                }
+                op => {
+                    self.apply_one(op)?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// New backends in batches: counters zeroed, then the addresses.
+    /// On an error the caller writes them one by one (which reports it).
+    fn put_backends(&mut self, ops: &[MapOp]) -> io::Result<()> {
+        // Counters exist for the first `--stats-entries` ids only.
+        let counted = self.maps.backend_stats.len();
+        let (mut ids, mut ids4, mut ids6) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut v4, mut v6): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+        for op in ops {
+            let MapOp::PutBackend { id, backend } = op else { continue };
+            if *id < counted {
+                ids.extend_from_slice(&id.to_ne_bytes());
+            }
+            match backend {
+                FamilyBackend::V4(b) => {
+                    ids4.extend_from_slice(&id.to_ne_bytes());
+                    v4.extend_from_slice(bytemuck::bytes_of(b));
+                }
+                FamilyBackend::V6(b) => {
+                    ids6.extend_from_slice(&id.to_ne_bytes());
+                    v6.extend_from_slice(bytemuck::bytes_of(b));
+                }
+            }
+            self.maps.health.zero(*id);
+        }
+        let fds = &self.maps.fds;
+        let zeros = per_cpu_zeros::<BackendStats>(ids.len() / 4).map_err(io::Error::other)?;
+        crate::batch::update(fds.backend_stats.as_fd(), &ids, &zeros, ids.len() / 4)?;
+        crate::batch::update(fds.backends.as_fd(), &ids4, &v4, ids4.len() / 4)?;
+        crate::batch::update(fds.backends6.as_fd(), &ids6, &v6, ids6.len() / 4)
+    }
+
+    /// Service entries in batches (their slots are already written).
+    fn put_services(&mut self, ops: &[MapOp]) -> io::Result<()> {
+        let counted = self.maps.service_stats.len();
+        let (mut fresh, mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for op in ops {
+            let MapOp::PutService { key, value, fresh: is_fresh } = op else { continue };
+            if *is_fresh && value.service_id < counted {
+                fresh.extend_from_slice(&value.service_id.to_ne_bytes());
+            }
+            match key {
+                FamilyKey::V4(k) => {
+                    k4.extend_from_slice(bytemuck::bytes_of(k));
+                    v4.extend_from_slice(bytemuck::bytes_of(value));
+                }
+                FamilyKey::V6(k) => {
+                    k6.extend_from_slice(bytemuck::bytes_of(k));
+                    v6.extend_from_slice(bytemuck::bytes_of(value));
+                }
+            }
+        }
+        let fds = &self.maps.fds;
+        let size = std::mem::size_of::<ServiceValue>();
+        let zeros = per_cpu_zeros::<ServiceStats>(fresh.len() / 4).map_err(io::Error::other)?;
+        crate::batch::update(fds.service_stats.as_fd(), &fresh, &zeros, fresh.len() / 4)?;
+        crate::batch::update(fds.services.as_fd(), &k4, &v4, v4.len() / size)?;
+        crate::batch::update(fds.services6.as_fd(), &k6, &v6, v6.len() / size)
+    }
+
+    fn apply_one(&mut self, op: &MapOp) -> Result<(), DatapathError> {
         let maps = &mut self.maps;
         let map_err = |name| move |source| DatapathError::Map { name, source };
-        for op in ops {
+        {
             match op {
                 MapOp::PutBackend { id, backend } => {
                     // A new id: its counters must not carry an earlier backend's.

@@ -241,6 +241,37 @@ mod tests {
         }
     }
 
+    /// `cargo test -p mcs-agent --release -- --ignored budget_survey --nocapture`
+    #[test]
+    #[ignore = "a survey for the docs, not a check"]
+    fn budget_survey() {
+        let n = 10;
+        let input = backends(n);
+        for per in SLOT_LADDER {
+            let size = table_size_for(n, DEFAULT_MAX_TABLE_SIZE, per);
+            let before = as_addrs(&build(&input, size), &input);
+            let worst = (0..n)
+                .map(|r| {
+                    let removed = input[r].0;
+                    let rest: Vec<_> = input.iter().filter(|(a, _)| *a != removed).copied().collect();
+                    extra_disruption(&before, &as_addrs(&build(&rest, size), &rest), &removed)
+                })
+                .fold(0.0, f64::max);
+            println!("| {per} | {size} | {} bytes | {:.2} % |", size * 4, 100.0 * worst);
+        }
+    }
+
+    #[test]
+    fn the_slot_budget_steps_down_until_the_tables_fit() {
+        let counts = vec![10; 10_000];
+        assert_eq!(fit_budget(&counts, DEFAULT_MAX_TABLE_SIZE, u64::MAX), (1000, 10_000 * 16381));
+        assert_eq!(fit_budget(&counts, DEFAULT_MAX_TABLE_SIZE, 14_680_064), (100, 10_000 * 1021));
+        let counts = vec![10; 100_000];
+        assert_eq!(fit_budget(&counts, DEFAULT_MAX_TABLE_SIZE, 14_680_064), (10, 100_000 * 127));
+        assert_eq!(table_size_for(40, DEFAULT_MAX_TABLE_SIZE, 2), 127, "never fewer slots than backends");
+        assert_eq!(table_size_for(10, DEFAULT_MAX_TABLE_SIZE, 1000), table_size(10, DEFAULT_MAX_TABLE_SIZE));
+    }
+
     #[test]
     fn the_same_input_in_any_order_gives_the_same_table() {
         let input = backends(20);
