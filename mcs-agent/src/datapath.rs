@@ -959,43 +959,27 @@ impl Datapath {
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
         // Runs of new backends and of service entries go in batches: at cold
         // start they are nearly every write. Order between runs is kept.
+        type Batch = fn(&mut Datapath, &[MapOp]) -> io::Result<()>;
         let mut i = 0;
         while i < ops.len() {
-            let run = |same: fn(&MapOp) -> bool| ops[i..].iter().take_while(|op| same(op)).count();
-            match &ops[i] {
-                MapOp::PutBackend { .. } => {
-                    let n = run(|op| matches!(op, MapOp::PutBackend { .. }));
-                    let batched = n >= 8
-                        && self
-                            .put_backends(&ops[i..i + n])
-                            .inspect_err(
-                                |e| debug!(error = %e, "batched map update failed; writing element by element"),
-                            )
-                            .is_ok();
-                    if !batched {
-                        ops[i..i + n].iter().try_for_each(|op| self.apply_one(op))?;
-                    }
-                    i += n;
-                }
-                MapOp::PutService { .. } => {
-                    let n = run(|op| matches!(op, MapOp::PutService { .. }));
-                    let batched = n >= 8
-                        && self
-                            .put_services(&ops[i..i + n])
-                            .inspect_err(
-                                |e| debug!(error = %e, "batched map update failed; writing element by element"),
-                            )
-                            .is_ok();
-                    if !batched {
-                        ops[i..i + n].iter().try_for_each(|op| self.apply_one(op))?;
-                    }
-                    i += n;
-                }
+            let (same, batch): (fn(&MapOp) -> bool, Batch) = match &ops[i] {
+                MapOp::PutBackend { .. } => (|op| matches!(op, MapOp::PutBackend { .. }), Self::put_backends),
+                MapOp::PutService { .. } => (|op| matches!(op, MapOp::PutService { .. }), Self::put_services),
                 op => {
                     self.apply_one(op)?;
                     i += 1;
+                    continue;
                 }
+            };
+            let n = ops[i..].iter().take_while(|op| same(op)).count();
+            let batched = n >= 8
+                && batch(self, &ops[i..i + n])
+                    .inspect_err(|e| debug!(error = %e, "batched map update failed; writing element by element"))
+                    .is_ok();
+            if !batched {
+                ops[i..i + n].iter().try_for_each(|op| self.apply_one(op))?;
             }
+            i += n;
         }
         Ok(())
     }
@@ -1062,52 +1046,50 @@ impl Datapath {
     fn apply_one(&mut self, op: &MapOp) -> Result<(), DatapathError> {
         let maps = &mut self.maps;
         let map_err = |name| move |source| DatapathError::Map { name, source };
-        {
-            match op {
-                MapOp::PutBackend { id, backend } => {
-                    // A new id: its counters must not carry an earlier backend's.
-                    zero(&mut maps.backend_stats, *id).map_err(map_err(MAP_BACKEND_STATS))?;
-                    maps.health.zero(*id);
-                    match backend {
-                        FamilyBackend::V4(b) => maps.backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?,
-                        FamilyBackend::V6(b) => maps.backends6.set(*id, b, 0).map_err(map_err(MAP_BACKENDS6))?,
-                    }
+        match op {
+            MapOp::PutBackend { id, backend } => {
+                // A new id: its counters must not carry an earlier backend's.
+                zero(&mut maps.backend_stats, *id).map_err(map_err(MAP_BACKEND_STATS))?;
+                maps.health.zero(*id);
+                match backend {
+                    FamilyBackend::V4(b) => maps.backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?,
+                    FamilyBackend::V6(b) => maps.backends6.set(*id, b, 0).map_err(map_err(MAP_BACKENDS6))?,
                 }
-                MapOp::PutSlots { offset, ids } => {
-                    maps.selection.write(*offset, ids).map_err(map_err(MAP_SELECTION))?;
-                    // Slots must be visible before the SERVICES entry that points at them.
-                    fence(Ordering::SeqCst);
+            }
+            MapOp::PutSlots { offset, ids } => {
+                maps.selection.write(*offset, ids).map_err(map_err(MAP_SELECTION))?;
+                // Slots must be visible before the SERVICES entry that points at them.
+                fence(Ordering::SeqCst);
+            }
+            MapOp::PutService { key, value, fresh } => {
+                if *fresh {
+                    zero(&mut maps.service_stats, value.service_id).map_err(map_err(MAP_SERVICE_STATS))?;
                 }
-                MapOp::PutService { key, value, fresh } => {
-                    if *fresh {
-                        zero(&mut maps.service_stats, value.service_id).map_err(map_err(MAP_SERVICE_STATS))?;
-                    }
-                    match key {
-                        FamilyKey::V4(k) => maps.services.insert(k, value, 0).map_err(map_err(MAP_SERVICES))?,
-                        FamilyKey::V6(k) => maps.services6.insert(k, value, 0).map_err(map_err(MAP_SERVICES6))?,
-                    }
+                match key {
+                    FamilyKey::V4(k) => maps.services.insert(k, value, 0).map_err(map_err(MAP_SERVICES))?,
+                    FamilyKey::V6(k) => maps.services6.insert(k, value, 0).map_err(map_err(MAP_SERVICES6))?,
                 }
-                MapOp::DeleteService { key } => {
-                    let (name, result) = match key {
-                        FamilyKey::V4(k) => (MAP_SERVICES, maps.services.remove(k)),
-                        FamilyKey::V6(k) => (MAP_SERVICES6, maps.services6.remove(k)),
-                    };
-                    match result {
-                        Ok(()) | Err(MapError::KeyNotFound) => {}
-                        Err(source) => return Err(DatapathError::Map { name, source }),
-                    }
+            }
+            MapOp::DeleteService { key } => {
+                let (name, result) = match key {
+                    FamilyKey::V4(k) => (MAP_SERVICES, maps.services.remove(k)),
+                    FamilyKey::V6(k) => (MAP_SERVICES6, maps.services6.remove(k)),
+                };
+                match result {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(source) => return Err(DatapathError::Map { name, source }),
                 }
-                MapOp::PurgeAffinity { service_id, backend_ids } => {
-                    let ids = backend_ids.as_deref();
-                    purge_affinity(&mut maps.affinity, *service_id, ids).map_err(map_err(MAP_AFFINITY))?;
-                    purge_affinity(&mut maps.affinity6, *service_id, ids).map_err(map_err(MAP_AFFINITY6))?;
-                }
-                MapOp::ClearBackend { id, v6: false } => {
-                    maps.backends.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS))?;
-                }
-                MapOp::ClearBackend { id, v6: true } => {
-                    maps.backends6.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS6))?;
-                }
+            }
+            MapOp::PurgeAffinity { service_id, backend_ids } => {
+                let ids = backend_ids.as_deref();
+                purge_affinity(&mut maps.affinity, *service_id, ids).map_err(map_err(MAP_AFFINITY))?;
+                purge_affinity(&mut maps.affinity6, *service_id, ids).map_err(map_err(MAP_AFFINITY6))?;
+            }
+            MapOp::ClearBackend { id, v6: false } => {
+                maps.backends.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS))?;
+            }
+            MapOp::ClearBackend { id, v6: true } => {
+                maps.backends6.set(*id, Backend::default(), 0).map_err(map_err(MAP_BACKENDS6))?;
             }
         }
         Ok(())

@@ -899,6 +899,10 @@ impl Model {
         self.slots
     }
 
+    pub fn service_count(&self) -> usize {
+        self.groups.len()
+    }
+
     pub fn services(&self) -> impl Iterator<Item = (&ServiceRef, &Group)> {
         self.groups.iter()
     }
@@ -1080,11 +1084,8 @@ impl Model {
     /// Which import gets `vip`: of the valid imports asking for it, the one
     /// whose service serves it now, then the oldest, then the first by name.
     fn order_key<'a>(&self, vip: IpAddr, entry: &'a ImportEntry) -> impl Ord + 'a {
-        let holds = self.held.get(&vip).is_some_and(|h| {
-            h.len() == entry.namespace.len() + 1 + entry.name.len()
-                && h.starts_with(entry.namespace.as_str())
-                && h.ends_with(entry.name.as_str())
-        });
+        let holds = self.held.get(&vip).and_then(|h| h.split_once('/'))
+            == Some((entry.namespace.as_str(), entry.name.as_str()));
         let created = entry.created.as_ref().map(|t| t.0);
         (!holds, created.is_none(), created, &entry.namespace, &entry.name, &entry.origin)
     }

@@ -1197,7 +1197,7 @@ async fn reconcile(
                 info!(node = ?policy.node, "node locality changed");
             }
             let recompute = reconciler.set_policy(policy) || due.recompute;
-            let mut report = if due.full || due.paths.is_empty() {
+            let mut report = if due.full {
                 let (groups, conversion_errors) = kube.groups();
                 let problems = conversion_errors.iter().map(ToString::to_string).collect();
                 let mut report = reconciler.apply_groups(groups, problems, datapath)?;

@@ -37,7 +37,7 @@ pub struct Report {
     pub compute_us: u64,
     /// Time spent planning (Maglev tables) and writing the maps.
     pub apply_us: u64,
-    /// Every current problem.
+    /// Every current problem (full passes; see [`Reconciler::problems`]).
     pub problems: Vec<String>,
     /// Invalid objects reported for the first time by this pass (for Kubernetes Events).
     pub object_errors: Vec<ObjectError>,
@@ -237,7 +237,7 @@ impl Reconciler {
         source_problems: Option<Vec<String>>,
         datapath: &mut Datapath,
     ) -> Result<Report, DatapathError> {
-        let full = delta.services >= self.model.services().count().max(1);
+        let full = delta.services >= self.model.service_count().max(1);
         if let Some(resized) = self.fit_budget(full) {
             delta.frontends.extend(resized.frontends);
             delta.added.extend(resized.added);
@@ -332,7 +332,8 @@ impl Reconciler {
             backends: self.applied.backend_count(),
             services: delta.services,
             summary,
-            problems: self.problems(),
+            // Listing every problem costs a copy of each: full passes only.
+            problems: if full { self.problems() } else { Vec::new() },
             object_errors,
             new_problems,
         };
