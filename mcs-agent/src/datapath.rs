@@ -24,11 +24,14 @@ use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, FragKey, FragValue, Health, Ip6, LAYOUT_VERSION,
     MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONNTRACK,
     MAP_CONNTRACK6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_REV_NAT, MAP_REV_NAT6, MAP_SELECTION, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_SERVICES6, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
-    SelectionPair, ServiceKey, ServiceStats, ServiceValue, Stat,
+    MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
+    SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
+
+mod sock;
+pub use sock::{cgroup_id, cgroup2_root};
 
 use crate::{
     desired::{BackendAddr, FrontendKey},
@@ -77,6 +80,10 @@ pub enum DatapathError {
     Interface { iface: String, message: String },
     #[error("bpffs at {}: {message}", path.display())]
     Bpffs { path: PathBuf, message: String },
+    #[error("cgroup {}: {message}", path.display())]
+    Cgroup { path: PathBuf, message: String },
+    #[error("the eBPF object has no program {0}: it was built from other sources than this agent")]
+    MissingProgram(&'static str),
     #[error("pinning {name} at {}: {source}", path.display())]
     Pin { name: String, path: PathBuf, source: aya::pin::PinError },
     #[error(
@@ -224,6 +231,7 @@ struct Maps {
     service_stats: PerCpuArray<MapData, ServiceStats>,
     /// `HEALTH`, mapped: passive health reads every backend without a syscall.
     health: HealthMemory,
+    sock_exclude: HashMap<MapData, u64, u32>,
     /// Descriptors of the maps written in batches (the typed maps hide theirs).
     fds: BatchFds,
 }
@@ -426,6 +434,12 @@ pub struct Datapath {
     /// The maps were found pinned (a restart), not created.
     adopted: bool,
     attached: BTreeMap<String, Attachment>,
+    /// The socket programs' cgroup attachment (socket-level load balancing).
+    sockets: Option<sock::SockAttachment>,
+    /// Why the socket programs could not be loaded, if they could not.
+    sock_load: Option<DatapathError>,
+    /// What `CONFIG[0]` holds (`CONFIG_F_*`).
+    config_flags: u32,
     /// Detach and unpin on drop (tests, the demo, `--no-pin`); otherwise the
     /// datapath outlives the agent.
     cleanup_on_exit: bool,
@@ -503,6 +517,9 @@ fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_BACKEND_STATS => (MapType::PerCpuArray, 4, size_of::<BackendStats>(), 0),
         MAP_SERVICE_STATS => (MapType::PerCpuArray, 4, size_of::<ServiceStats>(), 0),
         MAP_HEALTH => (MapType::Array, 4, size_of::<Health>(), aya_obj_mmapable()),
+        MAP_SOCK_REV => (MapType::LruHash, size_of::<SockRevKey>(), size_of::<SockRevValue>(), 0),
+        MAP_SOCK_REV6 => (MapType::LruHash, size_of::<SockRevKey<Ip6>>(), size_of::<SockRevValue<Ip6>>(), 0),
+        MAP_SOCK_EXCLUDE => (MapType::Hash, 8, 4, 0),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }
@@ -587,6 +604,9 @@ impl Datapath {
             (MAP_AFFINITY6, conntrack),
             (MAP_FRAGS, mcs_common::DEFAULT_MAX_FRAGS),
             (MAP_FRAGS6, mcs_common::DEFAULT_MAX_FRAGS),
+            (MAP_SOCK_REV, conntrack),
+            (MAP_SOCK_REV6, conntrack),
+            (MAP_SOCK_EXCLUDE, 256),
             // Last: its size is read back below.
             (MAP_HEALTH, capacity.backends.min(stats_entries)),
         ];
@@ -648,6 +668,10 @@ impl Datapath {
         for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
+        // Now, while every map descriptor the programs refer to is open (the
+        // selection map's closes once it is mapped). A kernel without them
+        // still gets the TC path.
+        let sock_load = sock::load_programs(&mut ebpf).err();
         let [services, backends, slot_pairs, conntrack, .., health_entries] = wanted.map(|(_, size)| size);
         let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
         let fds = BatchFds {
@@ -674,8 +698,10 @@ impl Datapath {
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             health: map_health(&mut ebpf, health_entries)?,
+            sock_exclude: take(&mut ebpf, MAP_SOCK_EXCLUDE)?,
         };
         let cleanup_on_exit = layout.is_none();
+        let config_flags = maps.config.get(&0, 0).unwrap_or(0);
         Ok(Self {
             ebpf,
             maps,
@@ -685,6 +711,9 @@ impl Datapath {
             logger,
             adopted,
             attached: BTreeMap::new(),
+            sockets: None,
+            sock_load,
+            config_flags,
             cleanup_on_exit,
             finished: false,
         })
@@ -699,8 +728,14 @@ impl Datapath {
 
     /// Tells the programs whether an older layout's programs run behind them.
     pub fn set_handoff(&mut self, on: bool) -> Result<(), DatapathError> {
-        let flags = if on { mcs_common::CONFIG_F_HANDOFF } else { 0 };
-        self.maps.config.set(0, flags, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })
+        self.set_config(mcs_common::CONFIG_F_HANDOFF, on)
+    }
+
+    fn set_config(&mut self, bit: u32, on: bool) -> Result<(), DatapathError> {
+        let flags = if on { self.config_flags | bit } else { self.config_flags & !bit };
+        self.maps.config.set(0, flags, 0).map_err(|source| DatapathError::Map { name: MAP_CONFIG, source })?;
+        self.config_flags = flags;
+        Ok(())
     }
 
     /// Counters of backend `id`, summed over CPUs (`None` past the map's size).
@@ -1171,6 +1206,9 @@ impl Datapath {
         for (iface, attachment) in std::mem::take(&mut self.attached) {
             release(&iface, attachment.hooks);
             debug!(iface, "detached");
+        }
+        if let Some(sockets) = self.sockets.take() {
+            sock::release_sockets(sockets);
         }
         if let Some(layout) = self.layout.take() {
             remove_layout(&layout);

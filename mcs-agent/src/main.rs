@@ -486,6 +486,27 @@ struct RunArgs {
     /// endpoint: mind the cardinality on large clustersets).
     #[arg(long)]
     metrics_backend_label: bool,
+    /// Socket-level load balancing: pick the backend when a process calls
+    /// connect() (TCP, connected UDP) or sendmsg() (unconnected UDP) to a
+    /// ClusterSetIP, so its packets go to the pod directly with no per-packet
+    /// translation; recvmsg() and getpeername() still show the ClusterSetIP.
+    /// It also serves hostNetwork pods and node processes, which the TC
+    /// programs on pod interfaces never see. Default: on where the kernel and
+    /// a cgroup2 mount allow it (a warning otherwise, and the TC path serves
+    /// pods); `on` makes a failure to attach fatal; `off` detaches it (an
+    /// earlier agent's too) and leaves translation to the TC path.
+    #[arg(long, value_enum, env = "MCS_SOCKET_LB")]
+    socket_lb: Option<OnOff>,
+    /// The cgroup v2 directory whose processes get socket-level load
+    /// balancing. Default: the root of the host's cgroup2 mount (every pod and
+    /// process of the node).
+    #[arg(long, value_name = "PATH", env = "MCS_SOCKET_LB_CGROUP")]
+    socket_lb_cgroup: Option<PathBuf>,
+    /// Leave the sockets of this cgroup and its descendants (12 levels deep)
+    /// to the TC path, for sidecar meshes that must see the ClusterSetIP
+    /// (repeatable; a pod's cgroup, or a QoS class's).
+    #[arg(long = "socket-lb-exclude-cgroup", value_name = "PATH", env = "MCS_SOCKET_LB_EXCLUDE_CGROUPS", value_delimiter = ',')]
+    socket_lb_exclude_cgroups: Vec<PathBuf>,
     /// Where the agent describes what it programmed (state.json: services,
     /// clusters, zones, tiers behind each id), for `mcs-agent inspect`.
     #[arg(long, value_name = "DIR", default_value = "/run/mcs-agent", env = "MCS_STATE_DIR")]
@@ -719,9 +740,13 @@ async fn run(args: RunArgs) -> Result<()> {
         outlier_max_ejection_percent,
         outlier_interval_ms,
         metrics_backend_label,
+        socket_lb,
+        socket_lb_cgroup,
+        socket_lb_exclude_cgroups,
         state_dir,
         locality,
     } = args;
+    let socket_lb = SocketLb::new(socket_lb, socket_lb_cgroup, socket_lb_exclude_cgroups)?;
     let health = HealthHandle::default();
     health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
     if let Some(addr) = metrics_addr {
@@ -885,6 +910,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     // flows they created until the switch.
                     datapath.set_handoff(!older.is_empty())?;
                     take_over(&mut datapath, &interfaces, patterns.as_ref().expect("not started"), attach)?;
+                    socket_lb.apply(&mut datapath)?;
                     if !older.is_empty() {
                         for layout in &older {
                             datapath::carry_over(&mut datapath, layout);
@@ -1032,6 +1058,57 @@ async fn run(args: RunArgs) -> Result<()> {
 enum OnOff {
     On,
     Off,
+}
+
+/// What `--socket-lb*` asked for.
+struct SocketLb {
+    mode: Option<OnOff>,
+    cgroup: Option<PathBuf>,
+    exclude: Vec<PathBuf>,
+}
+
+impl SocketLb {
+    /// Checks the paths before anything touches the kernel.
+    fn new(mode: Option<OnOff>, cgroup: Option<PathBuf>, exclude: Vec<PathBuf>) -> Result<Self> {
+        if mode != Some(OnOff::Off) {
+            for path in &exclude {
+                datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
+            }
+        }
+        Ok(Self { mode, cgroup, exclude })
+    }
+
+    /// Attaches (or detaches) the socket programs once the maps hold the
+    /// whole state. By default a failure is a warning: pods are still served
+    /// by the TC path.
+    fn apply(&self, datapath: &mut Datapath) -> Result<()> {
+        if self.mode == Some(OnOff::Off) {
+            datapath.detach_sockets();
+            return Ok(());
+        }
+        let attached = (|| -> Result<PathBuf> {
+            let cgroup = match &self.cgroup {
+                Some(path) => path.clone(),
+                None => datapath::cgroup2_root().context(
+                    "no cgroup2 mount in /proc/self/mounts (mount the host's, or pass --socket-lb-cgroup)",
+                )?,
+            };
+            datapath.set_sock_exclude(&self.exclude).context("--socket-lb-exclude-cgroup")?;
+            datapath.attach_sockets(&cgroup).context("--socket-lb-cgroup")?;
+            Ok(cgroup)
+        })();
+        match attached {
+            Ok(_) => Ok(()),
+            Err(e) if self.mode.is_none() => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "socket-level load balancing is not available; pods are served by the TC path, hostNetwork clients are not"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Passive health's view of what is programmed, kept between ticks.

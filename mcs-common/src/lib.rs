@@ -46,6 +46,48 @@ pub const PIN_ROOT: &str = "mcs";
 /// Names of the programs, as the kernel reports them (used to find stale attachments).
 pub const PROG_INGRESS: &str = "mcs_ingress";
 pub const PROG_EGRESS: &str = "mcs_egress";
+/// Socket-level load balancing: cgroup `sock_addr` programs, one per hook.
+/// Socket-level load balancing: cgroup `sock_addr` programs, one per hook,
+/// in attach order (the reverse translations before the calls that need them).
+pub const PROG_SOCK: [(&str, SockHook); 8] = [
+    ("mcs_recvmsg4", SockHook::Recvmsg4),
+    ("mcs_recvmsg6", SockHook::Recvmsg6),
+    ("mcs_peername4", SockHook::Getpeername4),
+    ("mcs_peername6", SockHook::Getpeername6),
+    ("mcs_connect4", SockHook::Connect4),
+    ("mcs_connect6", SockHook::Connect6),
+    ("mcs_sendmsg4", SockHook::Sendmsg4),
+    ("mcs_sendmsg6", SockHook::Sendmsg6),
+];
+
+/// The cgroup hooks of socket-level load balancing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockHook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+    Recvmsg4,
+    Recvmsg6,
+    Getpeername4,
+    Getpeername6,
+}
+
+impl SockHook {
+    /// The name of its pinned link, `<layout>/links/cgroup/<name>`.
+    pub const fn pin_name(self) -> &'static str {
+        match self {
+            SockHook::Connect4 => "connect4",
+            SockHook::Connect6 => "connect6",
+            SockHook::Sendmsg4 => "sendmsg4",
+            SockHook::Sendmsg6 => "sendmsg6",
+            SockHook::Recvmsg4 => "recvmsg4",
+            SockHook::Recvmsg6 => "recvmsg6",
+            SockHook::Getpeername4 => "getpeername4",
+            SockHook::Getpeername6 => "getpeername6",
+        }
+    }
+}
 
 /// Map names, identical on both sides.
 pub const MAP_SERVICES: &str = "SERVICES";
@@ -67,6 +109,11 @@ pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
 pub const MAP_REV_NAT6: &str = "REV_NAT6";
 pub const MAP_AFFINITY6: &str = "AFFINITY6";
 pub const MAP_FRAGS6: &str = "FRAGS6";
+/// Socket-level load balancing: what a socket's backend address stands for.
+pub const MAP_SOCK_REV: &str = "SOCK_REV";
+pub const MAP_SOCK_REV6: &str = "SOCK_REV6";
+/// cgroup ids (and their descendants) that socket-level load balancing skips.
+pub const MAP_SOCK_EXCLUDE: &str = "SOCK_EXCLUDE";
 
 /// Default number of backend ids and service ids with their own counters.
 /// Ids are allocated smallest first, so this covers the first 16,383 of
@@ -80,6 +127,16 @@ pub const DEFAULT_STATS_ENTRIES: u32 = 16_384;
 /// not a bare SYN) is passed on, untranslated, to the old programs, which
 /// know the flows created until the switch.
 pub const CONFIG_F_HANDOFF: u32 = 1;
+/// `SOCK_EXCLUDE` has entries: the socket programs walk the caller's cgroup
+/// ancestors. Without it they skip the walk.
+pub const CONFIG_F_SOCK_EXCLUDE: u32 = 2;
+
+/// How many cgroup levels below the attach point an exclusion is looked up
+/// at (deeper descendants are translated).
+pub const SOCK_EXCLUDE_DEPTH: i32 = 12;
+
+/// Sockets remembered for reverse translation (per family; LRU).
+pub const DEFAULT_MAX_SOCK_REV: u32 = 262_144;
 
 /// Default capacities compiled into the object; the agent may resize them at load time.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
@@ -271,6 +328,43 @@ pub struct AffinityKey<A = Ip4> {
     pub client_ip: A,
 }
 
+/// `SOCK_REV` (`SOCK_REV6`) key: a socket translated at `connect()` or
+/// `sendmsg()`, by its cookie and the backend it was sent to. A reply's
+/// source (`recvmsg`) and a connected socket's peer (`getpeername`) are
+/// looked up here to show the VIP instead. The cookie is split in two
+/// words so the key has no padding for either family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey<A = Ip4> {
+    pub cookie_lo: u32,
+    pub cookie_hi: u32,
+    pub backend_ip: A,
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// `SOCK_REV` value: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevValue<A = Ip4> {
+    pub vip: A,
+    pub vip_port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+impl<A: MapAddr> SockRevKey<A> {
+    #[inline(always)]
+    pub fn new(cookie: u64, backend_ip: A, backend_port: u16) -> Self {
+        Self { cookie_lo: cookie as u32, cookie_hi: (cookie >> 32) as u32, backend_ip, backend_port, _pad: 0 }
+    }
+
+    pub fn cookie(&self) -> u64 {
+        u64::from(self.cookie_hi) << 32 | u64::from(self.cookie_lo)
+    }
+}
+
 /// `FRAGS` (`FRAGS6`) key: one fragmented datagram as it arrives, by its
 /// addresses, protocol and IP id (IPv4: 16 bits; IPv6: the fragment
 /// header's 32). Both directions use it: a client's datagram to a VIP and a
@@ -334,6 +428,8 @@ pod_for_both! {
     AffinityKey: 4 + 4, 4 + 16;
     FragKey: 8 + 8, 32 + 8;
     FragValue: 4 + 4, 16 + 4;
+    SockRevKey: 8 + 4 + 4, 8 + 16 + 4;
+    SockRevValue: 4 + 12, 16 + 12;
 }
 
 /// `BACKEND_STATS` value (per CPU, index = backend id): what went to and came
@@ -430,10 +526,20 @@ pub enum Stat {
     /// IPv6 extension headers beyond what is parsed, or an IPv6 packet
     /// otherwise not handled: passed untouched.
     Ipv6Unparsed = 16,
+    /// A socket's `connect()` to a frontend was sent to a backend (socket-level LB).
+    SockConnect = 17,
+    /// An unconnected UDP datagram to a frontend was sent to a backend.
+    SockSendmsg = 18,
+    /// A socket call to a frontend without a usable backend failed with ECONNREFUSED.
+    SockRefused = 19,
+    /// A reply's source or a socket's peer was shown as the frontend again.
+    SockRevNat = 20,
+    /// A socket call to a frontend from an excluded cgroup, left to the TC path.
+    SockExcluded = 21,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -452,6 +558,11 @@ impl Stat {
         Stat::FragmentMiss,
         Stat::Rejected,
         Stat::Ipv6Unparsed,
+        Stat::SockConnect,
+        Stat::SockSendmsg,
+        Stat::SockRefused,
+        Stat::SockRevNat,
+        Stat::SockExcluded,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -473,6 +584,11 @@ impl Stat {
             Stat::FragmentMiss => "fragment_miss",
             Stat::Rejected => "rejected",
             Stat::Ipv6Unparsed => "ipv6_unparsed",
+            Stat::SockConnect => "sock_connect",
+            Stat::SockSendmsg => "sock_sendmsg",
+            Stat::SockRefused => "sock_refused",
+            Stat::SockRevNat => "sock_rev_nat",
+            Stat::SockExcluded => "sock_excluded",
         }
     }
 }
@@ -497,6 +613,15 @@ pub fn flow_hash<A: MapAddr>(client_ip: A, vip: A, client_port: u16, vip_port: u
     h = vip.mix(h);
     h = fmix32(h ^ (((client_port as u32) << 16) | vip_port as u32));
     fmix32(h ^ proto as u32)
+}
+
+/// Hash of a socket's request for a frontend at `connect()` or
+/// `sendmsg()`, where the source port is not known yet: the socket cookie
+/// stands in for it, so one socket's datagrams stay on one backend.
+#[inline(always)]
+pub fn socket_hash<A: MapAddr>(cookie: u64, vip: A, vip_port: u16, proto: u8) -> u32 {
+    let h = fmix32(0x27d4_eb2f ^ cookie as u32) ^ (cookie >> 32) as u32;
+    fmix32(vip.mix(fmix32(h)) ^ (((vip_port as u32) << 8) | proto as u32))
 }
 
 /// Hash of the client address alone: with ClientIP affinity every flow of a
@@ -556,6 +681,8 @@ mod user {
     unsafe impl<A: MapAddr> aya::Pod for AffinityKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for FragKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for FragValue<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for SockRevKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for SockRevValue<A> {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}

@@ -7,14 +7,14 @@ use aya_ebpf::{
 };
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
 };
 
 use crate::{
     csum::Delta,
     maps::{
         AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGS, FRAGS6, REV_NAT, REV_NAT6, SERVICES,
-        SERVICES6,
+        SERVICES6, SOCK_REV, SOCK_REV6,
     },
     parse::{ETH_LEN, ptr_at},
 };
@@ -36,6 +36,7 @@ pub trait Family {
     fn rev_nat() -> &'static LruHashMap<RevNatKey<Self::A>, RevNatValue<Self::A>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::A>, AffinityValue>;
     fn frags() -> &'static LruHashMap<FragKey<Self::A>, FragValue<Self::A>>;
+    fn sock_rev() -> &'static LruHashMap<SockRevKey<Self::A>, SockRevValue<Self::A>>;
     /// The checksum change of an address changing from `old` to `new`.
     fn delta(d: Delta, old: Self::A, new: Self::A) -> Delta;
 }
@@ -75,6 +76,10 @@ impl Family for V4 {
         &FRAGS
     }
     #[inline(always)]
+    fn sock_rev() -> &'static LruHashMap<SockRevKey<Ip4>, SockRevValue<Ip4>> {
+        &SOCK_REV
+    }
+    #[inline(always)]
     fn delta(d: Delta, old: Ip4, new: Ip4) -> Delta {
         d.dword(old, new)
     }
@@ -110,6 +115,10 @@ impl Family for V6 {
     #[inline(always)]
     fn frags() -> &'static LruHashMap<FragKey<Ip6>, FragValue<Ip6>> {
         &FRAGS6
+    }
+    #[inline(always)]
+    fn sock_rev() -> &'static LruHashMap<SockRevKey<Ip6>, SockRevValue<Ip6>> {
+        &SOCK_REV6
     }
     #[inline(always)]
     fn delta(d: Delta, old: Ip6, new: Ip6) -> Delta {

@@ -91,7 +91,7 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         // Mid-upgrade, a flow we do not know may be one the older programs
         // behind us translated: theirs to handle.
         None if !is_bare_syn(flow) && handoff() => return TC_NEXT,
-        None => match select::<F>(flow, service) {
+        None => match select::<F>(service, flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto), flow.src_ip) {
             Some((id, backend)) => {
                 if let Err(e) = record::<F>(flow, &ct_key, service, id, &backend) {
                     count(Stat::CtInsertFailed);
@@ -213,19 +213,21 @@ fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u3
     Some((ct.backend_id, pinned))
 }
 
+/// The backend for a new flow: the slot `hash` picks, or with ClientIP
+/// affinity the backend `client` had. The socket programs share it, so both
+/// paths select alike.
 #[inline(always)]
-fn select<F: Family>(flow: &Flow<F::A>, service: &ServiceValue) -> Option<(u32, Backend<F::A>)> {
+pub fn select<F: Family>(service: &ServiceValue, hash: u32, client: F::A) -> Option<(u32, Backend<F::A>)> {
     if service.slot_count == 0 {
         return None;
     }
     if service.affinity_timeout_secs == 0 {
-        let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
         return slot_backend::<F>(service, hash);
     }
     // ClientIP affinity: reuse the client's backend while the entry is fresh.
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = AffinityKey { service_id: service.service_id, client_ip: flow.src_ip };
+    let key = AffinityKey { service_id: service.service_id, client_ip: client };
     let timeout_ns = service.affinity_timeout_secs as u64 * 1_000_000_000;
     if let Some(entry) = F::affinity().get_ptr_mut(key) {
         // SAFETY: map value pointer, valid for this program run.
@@ -239,7 +241,7 @@ fn select<F: Family>(flow: &Flow<F::A>, service: &ServiceValue) -> Option<(u32, 
             return Some((entry.backend_id, *backend));
         }
     }
-    let (id, backend) = slot_backend::<F>(service, client_hash(flow.src_ip))?;
+    let (id, backend) = slot_backend::<F>(service, client_hash(client))?;
     let value = AffinityValue { backend_id: id, _pad: 0, last_used_ns: now };
     // Best effort: without the entry the next connection hashes to the same slot anyway.
     let _ = F::affinity().insert(key, value, 0);

@@ -15,6 +15,7 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,8 +7,8 @@ use aya_ebpf::{
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES,
-    FragKey, FragValue, Health, Ip6, RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceStats, ServiceValue,
-    Stat,
+    DEFAULT_MAX_SOCK_REV, FragKey, FragValue, Health, Ip6, RevNatKey, RevNatValue, SelectionPair, ServiceKey,
+    ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
@@ -65,6 +65,18 @@ pub static AFFINITY6: LruHashMap<AffinityKey<Ip6>, AffinityValue> =
 pub static FRAGS6: LruHashMap<FragKey<Ip6>, FragValue<Ip6>> = LruHashMap::with_max_entries(DEFAULT_MAX_FRAGS, 0);
 
 #[map]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REV, 0);
+
+#[map]
+pub static SOCK_REV6: LruHashMap<SockRevKey<Ip6>, SockRevValue<Ip6>> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REV, 0);
+
+/// cgroup id -> 1: sockets of these cgroups and their descendants are left
+/// to the TC path (a sidecar mesh that must see the VIP).
+#[map]
+pub static SOCK_EXCLUDE: HashMap<u64, u32> = HashMap::with_max_entries(256, 0);
+
+#[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
 #[map]
@@ -111,7 +123,12 @@ pub static CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 /// True while an older layout's programs run behind ours (see `CONFIG_F_HANDOFF`).
 #[inline(always)]
 pub fn handoff() -> bool {
-    CONFIG.get(0).is_some_and(|flags| flags & mcs_common::CONFIG_F_HANDOFF != 0)
+    config(mcs_common::CONFIG_F_HANDOFF)
+}
+
+#[inline(always)]
+pub fn config(bit: u32) -> bool {
+    CONFIG.get(0).is_some_and(|flags| flags & bit != 0)
 }
 
 #[inline(always)]

@@ -54,6 +54,12 @@ impl Agent {
             args.extend(["--interface".to_owned(), iface.clone()]);
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
+        // Socket-level load balancing only where a test asks for it, on a
+        // cgroup of its own (under `ip netns exec` the default finds no
+        // cgroup2 mount anyway).
+        if !extra.iter().any(|a| a.starts_with("--socket-lb")) {
+            args.extend(["--socket-lb".to_owned(), "off".to_owned()]);
+        }
         let mut agent = Self::spawn(binary, ns, &args);
         // Generous: a release agent programs 10,000 services in well under a second,
         // a debug build on a loaded 2-core machine can take much longer.

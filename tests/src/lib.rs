@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bpffs;
+pub mod cgroup;
 pub mod disruption;
 pub mod fakeapi;
 pub mod frame;

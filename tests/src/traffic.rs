@@ -129,7 +129,10 @@ pub struct Connection {
 impl Connection {
     pub fn open(ns: &Netns, target: impl Into<SocketAddr>) -> io::Result<Self> {
         let target = target.into();
-        let stream = ns.run(move || TcpStream::connect_timeout(&target, IO_TIMEOUT))?;
+        Self::from_stream(ns.run(move || TcpStream::connect_timeout(&target, IO_TIMEOUT))?)
+    }
+
+    fn from_stream(stream: TcpStream) -> io::Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.set_write_timeout(Some(IO_TIMEOUT))?;
         stream.set_nodelay(true)?;
@@ -162,4 +165,65 @@ pub fn udp_request(ns: &Netns, target: impl Into<SocketAddr>) -> io::Result<Repl
     let mut buf = [0u8; 1500];
     let (n, from) = socket.recv_from(&mut buf)?;
     parse_reply(&String::from_utf8_lossy(&buf[..n]), from, socket.local_addr()?)
+}
+
+/// Requests from this thread's namespace, one socket at a time:
+/// `tcp` (a connection), `udp` (unconnected: sendto/recvfrom) or
+/// `udp-connected` (connect, send, recv; the peer is getpeername's).
+/// The socket is made at the first request, so a refused connect is that
+/// request's error.
+pub struct Client {
+    mode: ClientMode,
+    target: SocketAddr,
+    tcp: Option<Connection>,
+    udp: Option<UdpSocket>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientMode {
+    Tcp,
+    Udp,
+    UdpConnected,
+}
+
+impl Client {
+    pub fn new(mode: &str, target: SocketAddr) -> io::Result<Self> {
+        let mode = match mode {
+            "tcp" => ClientMode::Tcp,
+            "udp" => ClientMode::Udp,
+            "udp-connected" => ClientMode::UdpConnected,
+            other => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown mode {other}"))),
+        };
+        Ok(Self { mode, target, tcp: None, udp: None })
+    }
+
+    pub fn request(&mut self) -> io::Result<Reply> {
+        let target = self.target;
+        if self.mode == ClientMode::Tcp {
+            if self.tcp.is_none() {
+                self.tcp = Some(Connection::from_stream(TcpStream::connect_timeout(&target, IO_TIMEOUT)?)?);
+            }
+            return self.tcp.as_mut().expect("just set").request();
+        }
+        if self.udp.is_none() {
+            let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+            let socket = UdpSocket::bind(any)?;
+            socket.set_read_timeout(Some(IO_TIMEOUT))?;
+            if self.mode == ClientMode::UdpConnected {
+                socket.connect(target)?;
+            }
+            self.udp = Some(socket);
+        }
+        let socket = self.udp.as_ref().expect("just set");
+        let mut buf = [0u8; 1500];
+        let (n, from) = if self.mode == ClientMode::UdpConnected {
+            socket.send(b"hello\n")?;
+            let n = socket.recv(&mut buf)?;
+            (n, socket.peer_addr()?)
+        } else {
+            socket.send_to(b"hello\n", target)?;
+            socket.recv_from(&mut buf)?
+        };
+        parse_reply(&String::from_utf8_lossy(&buf[..n]), from, socket.local_addr()?)
+    }
 }

@@ -1,0 +1,189 @@
+//! Socket-level load balancing: the cgroup programs, where they are
+//! attached, and which cgroups they leave alone.
+//!
+//! Links are pinned under `<layout>/links/cgroup/<hook>` like the TCX ones,
+//! so they outlive the agent. A new agent attaches its own links first and
+//! only then removes the earlier pins: both sets run on the same maps, and a
+//! call the first one translated is not a VIP call for the second, so there
+//! is no moment without translation and none with it done twice.
+
+use std::{
+    fs::{self, File},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use mcs_common::{CONFIG_F_SOCK_EXCLUDE, MAP_SOCK_EXCLUDE, PROG_SOCK, SockHook};
+use tracing::{debug, info};
+
+use super::{Datapath, DatapathError, LayoutDir};
+
+/// statfs magic of a cgroup v2 mount.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The socket programs on one cgroup.
+pub(super) struct SockAttachment {
+    pub(super) cgroup: PathBuf,
+    links: Vec<SockLink>,
+}
+
+enum SockLink {
+    /// Pinned: stays attached after the agent exits.
+    Pinned(PathBuf),
+    /// This process's only (`--no-pin`): detached when dropped.
+    Owned(#[allow(dead_code)] FdLink),
+}
+
+impl LayoutDir {
+    fn sock_links(&self) -> PathBuf {
+        self.links().join("cgroup")
+    }
+
+    fn sock_link(&self, hook: SockHook) -> PathBuf {
+        self.sock_links().join(hook.pin_name())
+    }
+}
+
+/// Opens `path` as a cgroup v2 directory, or says what it is instead.
+fn open_cgroup(path: &Path) -> Result<File, DatapathError> {
+    let err = |message: String| DatapathError::Cgroup { path: path.to_owned(), message };
+    let dir = File::open(path).map_err(|e| err(format!("cannot open it: {e}")))?;
+    let fs = nix::sys::statfs::fstatfs(&dir).map_err(|e| err(format!("statfs: {e}")))?;
+    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(err("not a cgroup v2 directory (socket-level load balancing attaches to cgroup2 only)".into()));
+    }
+    Ok(dir)
+}
+
+/// The id the kernel gives a cgroup v2 directory (its inode number), as
+/// `bpf_get_current_ancestor_cgroup_id` returns it.
+pub fn cgroup_id(path: &Path) -> Result<u64, DatapathError> {
+    let dir = open_cgroup(path)?;
+    dir.metadata()
+        .map(|m| m.ino())
+        .map_err(|e| DatapathError::Cgroup { path: path.to_owned(), message: format!("stat: {e}") })
+}
+
+/// The host's cgroup v2 mount point, from the mount table (the default
+/// attach point: every process of the node is below it).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
+    })
+}
+
+fn sock_program<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Loads (verifies) the socket programs.
+pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    for (name, _) in PROG_SOCK {
+        sock_program(ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+    }
+    Ok(())
+}
+
+impl Datapath {
+    /// Attaches the socket programs to `cgroup` (every process below it),
+    /// replacing an earlier agent's. Nothing is left half-attached: on an
+    /// error the links made so far are dropped and earlier ones stay.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let dir = open_cgroup(cgroup)?;
+        let mut made = Vec::new();
+        if let Some(e) = &self.sock_load {
+            return Err(DatapathError::Cgroup { path: cgroup.to_owned(), message: format!("cannot load the socket programs: {e}") });
+        }
+        for (name, _) in PROG_SOCK {
+            let program = sock_program(&mut self.ebpf, name)?;
+            // A link (kernel 5.7+) is always one of many on its cgroup; the
+            // kernel refuses any flag with it.
+            let id = program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
+            made.push(FdLink::try_from(link).map_err(|e| DatapathError::Cgroup {
+                path: cgroup.to_owned(),
+                message: format!("{name}: {e}"),
+            })?);
+        }
+        let mut links = Vec::new();
+        for ((_, hook), link) in PROG_SOCK.into_iter().zip(made) {
+            let Some(layout) = &self.layout else {
+                links.push(SockLink::Owned(link));
+                continue;
+            };
+            let path = layout.sock_link(hook);
+            fs::create_dir_all(layout.sock_links())
+                .map_err(|e| DatapathError::Bpffs { path: layout.dir.clone(), message: e.to_string() })?;
+            // Ours is attached already: the earlier link can go.
+            if path.exists() {
+                let _ = fs::remove_file(&path);
+            }
+            link.pin(&path).map_err(|e| DatapathError::Pin { name: hook.pin_name().into(), path: path.clone(), source: e })?;
+            links.push(SockLink::Pinned(path));
+        }
+        info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
+        self.sockets = Some(SockAttachment { cgroup: cgroup.to_owned(), links });
+        Ok(())
+    }
+
+    /// Detaches the socket programs, this agent's and any an earlier agent
+    /// pinned (`--socket-lb off` after it was on). True if any were there.
+    pub fn detach_sockets(&mut self) -> bool {
+        let mut found = self.sockets.take().is_some_and(|s| {
+            release_sockets(s);
+            true
+        });
+        for layout in self.layout.iter().chain(&self.older) {
+            for (_, hook) in PROG_SOCK {
+                let path = layout.sock_link(hook);
+                if path.exists() && fs::remove_file(&path).is_ok() {
+                    found = true;
+                }
+            }
+        }
+        if found {
+            info!("socket-level load balancing detached");
+        }
+        found
+    }
+
+    /// The cgroup the socket programs are attached to, if they are.
+    pub fn sockets_cgroup(&self) -> Option<&Path> {
+        self.sockets.as_ref().map(|s| s.cgroup.as_path())
+    }
+
+    /// Cgroups (and their descendants) that socket-level load balancing
+    /// leaves to the TC path. Replaces the earlier set.
+    pub fn set_sock_exclude(&mut self, cgroups: &[PathBuf]) -> Result<(), DatapathError> {
+        let ids = cgroups.iter().map(|p| cgroup_id(p)).collect::<Result<Vec<_>, _>>()?;
+        let map_err = |source| DatapathError::Map { name: MAP_SOCK_EXCLUDE, source };
+        let old: Vec<u64> = self.maps.sock_exclude.keys().filter_map(Result::ok).collect();
+        for id in &ids {
+            self.maps.sock_exclude.insert(id, 1, 0).map_err(map_err)?;
+        }
+        for id in old.iter().filter(|id| !ids.contains(id)) {
+            let _ = self.maps.sock_exclude.remove(id);
+        }
+        self.set_config(CONFIG_F_SOCK_EXCLUDE, !ids.is_empty())
+    }
+}
+
+/// Removing the pin (or dropping an owned link) detaches it.
+pub(super) fn release_sockets(attachment: SockAttachment) {
+    for link in attachment.links {
+        if let SockLink::Pinned(path) = link
+            && let Err(e) = fs::remove_file(&path)
+        {
+            debug!(path = %path.display(), error = %e, "unpinning a socket link");
+        }
+    }
+}

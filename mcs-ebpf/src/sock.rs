@@ -1,0 +1,314 @@
+//! Socket-level load balancing: cgroup hooks that pick the backend when a
+//! socket calls `connect()` (TCP, connected UDP) or `sendmsg()` (unconnected
+//! UDP), so its packets go to the pod directly and the TC programs, which
+//! see no VIP in them, leave them alone. `recvmsg()` and `getpeername()`
+//! show the VIP again, so the application sees what it asked for.
+//!
+//! Selection is the TC path's (`ingress::select`): same tables, tiers,
+//! weights and affinity. What differs is the hash input: the source port is
+//! not known at `connect()`, so the socket cookie stands in for it.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_set_retval,
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mcs_common::{
+    CONFIG_F_SOCK_EXCLUDE, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH, ServiceKey, SockRevKey,
+    SockRevValue, Stat, socket_hash,
+};
+
+use crate::{
+    family::{Family, V4, V6},
+    ingress::select,
+    maps::{SOCK_EXCLUDE, backend_stats, config, count, service_stats},
+};
+
+/// What a `sock_addr` program returns to let the call go on (1), or to fail
+/// it (0, with the error set by `bpf_set_retval`).
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// Where a hook's address lives: `user_ip4`, `user_ip6`, or an IPv4 address
+/// mapped into `user_ip6` (`::ffff:a.b.c.d`, a dual-stack socket reaching an
+/// IPv4 VIP).
+trait UserAddr {
+    type F: Family;
+    /// The address, if it is of this kind.
+    fn get(ctx: &SockAddrContext) -> Option<<Self::F as Family>::A>;
+    fn set(ctx: &SockAddrContext, addr: <Self::F as Family>::A);
+    /// A stand-in client address for ClientIP affinity at `connect()`,
+    /// where the source address is not chosen yet: one per network
+    /// namespace (one per pod), as a pod's address would be.
+    fn client(netns_cookie: u64) -> <Self::F as Family>::A;
+}
+
+struct User4;
+struct User6;
+struct Mapped4;
+
+/// `::ffff:0:0/96`, the third word in map byte order.
+const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+fn read6(ctx: &SockAddrContext) -> Ip6 {
+    // SAFETY: the context pointer is valid for the program run; the verifier
+    // allows 4-byte reads of each `user_ip6` word.
+    unsafe {
+        let a = &raw const (*ctx.sock_addr).user_ip6;
+        [(*a)[0], (*a)[1], (*a)[2], (*a)[3]]
+    }
+}
+
+#[inline(always)]
+fn write6(ctx: &SockAddrContext, addr: Ip6) {
+    // SAFETY: as above, 4-byte writes of each word.
+    unsafe {
+        let a = &raw mut (*ctx.sock_addr).user_ip6;
+        (*a)[0] = addr[0];
+        (*a)[1] = addr[1];
+        (*a)[2] = addr[2];
+        (*a)[3] = addr[3];
+    }
+}
+
+impl UserAddr for User4 {
+    type F = V4;
+    #[inline(always)]
+    fn get(ctx: &SockAddrContext) -> Option<Ip4> {
+        // SAFETY: context pointer valid for the program run.
+        Some(unsafe { (*ctx.sock_addr).user_ip4 })
+    }
+    #[inline(always)]
+    fn set(ctx: &SockAddrContext, addr: Ip4) {
+        // SAFETY: as above.
+        unsafe { (*ctx.sock_addr).user_ip4 = addr };
+    }
+    #[inline(always)]
+    fn client(netns_cookie: u64) -> Ip4 {
+        netns_cookie as u32 ^ (netns_cookie >> 32) as u32
+    }
+}
+
+impl UserAddr for User6 {
+    type F = V6;
+    #[inline(always)]
+    fn get(ctx: &SockAddrContext) -> Option<Ip6> {
+        let a = read6(ctx);
+        (a[0] != 0 || a[1] != 0 || a[2] != MAPPED_PREFIX).then_some(a)
+    }
+    #[inline(always)]
+    fn set(ctx: &SockAddrContext, addr: Ip6) {
+        write6(ctx, addr);
+    }
+    #[inline(always)]
+    fn client(netns_cookie: u64) -> Ip6 {
+        [u32::MAX, u32::MAX, netns_cookie as u32, (netns_cookie >> 32) as u32]
+    }
+}
+
+impl UserAddr for Mapped4 {
+    type F = V4;
+    #[inline(always)]
+    fn get(ctx: &SockAddrContext) -> Option<Ip4> {
+        let a = read6(ctx);
+        (a[0] == 0 && a[1] == 0 && a[2] == MAPPED_PREFIX).then_some(a[3])
+    }
+    #[inline(always)]
+    fn set(ctx: &SockAddrContext, addr: Ip4) {
+        write6(ctx, [0, 0, MAPPED_PREFIX, addr]);
+    }
+    #[inline(always)]
+    fn client(netns_cookie: u64) -> Ip4 {
+        User4::client(netns_cookie)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    Sendmsg,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mcs_connect4(ctx: SockAddrContext) -> i32 {
+    translate::<User4>(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mcs_connect6(ctx: SockAddrContext) -> i32 {
+    match translate::<User6>(&ctx, Call::Connect) {
+        ALLOW => translate::<Mapped4>(&ctx, Call::Connect),
+        deny => deny,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mcs_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate::<User4>(&ctx, Call::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mcs_sendmsg6(ctx: SockAddrContext) -> i32 {
+    match translate::<User6>(&ctx, Call::Sendmsg) {
+        ALLOW => translate::<Mapped4>(&ctx, Call::Sendmsg),
+        deny => deny,
+    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mcs_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse::<User4>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mcs_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse::<User6>(&ctx);
+    reverse::<Mapped4>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mcs_peername4(ctx: SockAddrContext) -> i32 {
+    reverse::<User4>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mcs_peername6(ctx: SockAddrContext) -> i32 {
+    reverse::<User6>(&ctx);
+    reverse::<Mapped4>(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: context pointer valid for the program run.
+    let proto = unsafe { (*ctx.sock_addr).protocol };
+    match proto as u8 {
+        IPPROTO_TCP => IPPROTO_TCP,
+        IPPROTO_UDP => IPPROTO_UDP,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: context pointer valid for the program run.
+    unsafe { (*ctx.sock_addr).user_port as u16 }
+}
+
+#[inline(always)]
+fn set_user_port(ctx: &SockAddrContext, port: u16) {
+    // SAFETY: as above; the port is stored in network order in the low 16 bits.
+    unsafe { (*ctx.sock_addr).user_port = u32::from(port) };
+}
+
+/// True when the caller's cgroup, or one of its ancestors, is excluded.
+#[inline(always)]
+fn excluded() -> bool {
+    if !config(CONFIG_F_SOCK_EXCLUDE) {
+        return false;
+    }
+    for level in 0..SOCK_EXCLUDE_DEPTH {
+        // SAFETY: helper without preconditions.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { SOCK_EXCLUDE.get(&id) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    count(Stat::SockRefused);
+    // SAFETY: helper without preconditions; allowed in connect and sendmsg hooks.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    DENY
+}
+
+// Its own subprogram: the mapped-IPv4 and the IPv6 copy would otherwise
+// share one stack frame.
+#[inline(never)]
+fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
+    let proto = protocol(ctx);
+    if proto == 0 {
+        return ALLOW;
+    }
+    let Some(vip) = U::get(ctx) else {
+        return ALLOW;
+    };
+    let vip_port = user_port(ctx);
+    let key = ServiceKey { vip, port: vip_port, proto, _pad: 0 };
+    let Some(service) = <U::F as Family>::services().get_ptr(key) else {
+        return ALLOW;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let service = unsafe { &*service };
+    if excluded() {
+        count(Stat::SockExcluded);
+        return ALLOW;
+    }
+    // SAFETY: helpers without preconditions for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let hash = socket_hash(cookie, vip, vip_port, proto);
+    // SAFETY: as above.
+    let client = U::client(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) });
+    let Some((id, backend)) = select::<U::F>(service, hash, client) else {
+        if let Some(stats) = service_stats(service.service_id) {
+            stats.no_backend += 1;
+        }
+        return refuse();
+    };
+    let rev_key = SockRevKey::new(cookie, backend.ip, backend.port);
+    let known = <U::F as Family>::sock_rev()
+        .get_ptr(rev_key)
+        // SAFETY: map value pointer, valid for this program run.
+        .is_some_and(|rev| unsafe { (*rev).vip == vip && (*rev).vip_port == vip_port });
+    if !known {
+        let rev = SockRevValue { vip, vip_port, _pad: 0, backend_id: id, service_id: service.service_id };
+        // Without the entry a reply would show the backend's address, which
+        // an unconnected UDP client rejects: leave the call to the TC path.
+        if <U::F as Family>::sock_rev().insert(rev_key, rev, 0).is_err() {
+            count(Stat::CtInsertFailed);
+            return ALLOW;
+        }
+        if let Some(stats) = backend_stats(id) {
+            stats.new_flows += 1;
+        }
+        if let Some(stats) = service_stats(service.service_id) {
+            stats.new_flows += 1;
+        }
+    }
+    U::set(ctx, backend.ip);
+    set_user_port(ctx, backend.port);
+    count(if call == Call::Connect { Stat::SockConnect } else { Stat::SockSendmsg });
+    ALLOW
+}
+
+/// A reply's source (`recvmsg`) or a connected socket's peer
+/// (`getpeername`) that is a backend this socket was sent to: the VIP.
+#[inline(never)]
+fn reverse<U: UserAddr>(ctx: &SockAddrContext) {
+    let Some(ip) = U::get(ctx) else {
+        return;
+    };
+    // SAFETY: helper without preconditions for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let Some(rev) = <U::F as Family>::sock_rev().get_ptr(SockRevKey::new(cookie, ip, user_port(ctx))) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let (vip, vip_port) = unsafe { ((*rev).vip, (*rev).vip_port) };
+    U::set(ctx, vip);
+    set_user_port(ctx, vip_port);
+    count(Stat::SockRevNat);
+}

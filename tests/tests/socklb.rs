@@ -1,0 +1,305 @@
+//! Socket-level load balancing: clients in a cgroup of the test's own, real
+//! TCP and UDP sockets, the agent attached to that cgroup only.
+//!
+//! What a user would see is asserted: who answered, the peer the
+//! application sees (getpeername, recvfrom: the VIP), the client address
+//! the backend sees (the pod's own), the error of a call to a frontend
+//! without backends, and which path translated (the datapath's counters,
+//! through `inspect stats`).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+use mcs_tests::{
+    agent::{Agent, agent_binary},
+    bpffs::ScratchBpffs,
+    cgroup::{HeldClient, Outcome, TestCgroup, agent_path, requests},
+    manifests::{self, Port, endpoint_slice, service_import, service_import_with},
+    netns::Netns,
+    topology::Clusterset,
+    traffic::{Server, tcp_request},
+};
+use serde_json::Value;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const IMPORT_PORTS: &[Port<'static>] = &[("http", 80, "TCP"), ("dns", 53, "UDP"), ("tcp2", 4242, "TCP")];
+const SLICE_PORTS: &[Port<'static>] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
+const ECONNREFUSED: i32 = 111;
+
+struct Lab {
+    set: Clusterset,
+    dir: tempfile::TempDir,
+    bpffs: ScratchBpffs,
+    cgroup: TestCgroup,
+    /// cluster -> its pods
+    pods: BTreeMap<String, Vec<Ipv4Addr>>,
+    _servers: Vec<Server>,
+}
+
+/// Two clusters of two pods; the node is in cluster-a, one of whose pods is
+/// not ready: with tiers `cluster,any`, cluster-a's tier takes 70 %
+/// (1.4 × 1/2), cluster-b's the rest, on the TC path and here alike.
+fn lab() -> Lab {
+    let mut set = Clusterset::new(1, &["cluster-a", "cluster-b"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = Vec::new();
+    let mut pods = BTreeMap::new();
+    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
+    manifests::write(dir.path(), "empty.yaml", &service_import("demo", "empty", EMPTY_VIP, IMPORT_PORTS));
+    let affinity = "  sessionAffinity: ClientIP\n";
+    manifests::write(
+        dir.path(),
+        "sticky.yaml",
+        &service_import_with("demo", "sticky", STICKY_VIP, IMPORT_PORTS, &[], affinity),
+    );
+    for cluster in &mut set.clusters {
+        let (ips, serving) = cluster.add_serving_pods(2, 8080, 5353);
+        servers.extend(serving);
+        for (k, ip) in ips.iter().enumerate() {
+            servers.push(Server::tcp(&cluster.ns, *ip, 42, &format!("{}/pod-{}:42", cluster.name, k + 1)));
+        }
+        let endpoints: Vec<(Ipv4Addr, bool)> =
+            ips.iter().enumerate().map(|(k, ip)| (*ip, !(cluster.name == "cluster-a" && k == 1))).collect();
+        for service in ["web", "sticky"] {
+            let yaml = endpoint_slice("demo", service, &cluster.name, SLICE_PORTS, &endpoints);
+            manifests::write(dir.path(), &format!("{service}-{}.yaml", cluster.name), &yaml);
+        }
+        pods.insert(cluster.name.clone(), ips);
+    }
+    Lab {
+        set,
+        dir,
+        bpffs: ScratchBpffs::new(),
+        cgroup: TestCgroup::new("mcs-socklb"),
+        pods,
+        _servers: servers,
+    }
+}
+
+impl Lab {
+    fn agent(&self, extra: &[&str]) -> Agent {
+        let bpffs = self.bpffs.arg();
+        let cgroup = self.cgroup.agent_path();
+        let mut args = vec![
+            "--bpffs",
+            &bpffs,
+            "--cluster-id",
+            "cluster-a",
+            "--locality-tiers",
+            "cluster,any",
+            "--socket-lb-cgroup",
+            &cgroup,
+        ];
+        if !extra.contains(&"--socket-lb") {
+            args.extend(["--socket-lb", "on"]);
+        }
+        args.extend_from_slice(extra);
+        Agent::start(&self.set.node, self.dir.path(), &self.set.client_ifaces(), &args)
+    }
+
+    fn pod(&self) -> &Netns {
+        &self.set.clients[0].ns
+    }
+
+    fn pod_ip(&self) -> IpAddr {
+        self.set.clients[0].ip.into()
+    }
+
+    /// `inspect stats`: datapath event -> count.
+    fn events(&self) -> BTreeMap<String, u64> {
+        let out = std::process::Command::new(agent_binary())
+            .args(["inspect", "stats", "-o", "json", "--bpffs", &self.bpffs.arg()])
+            .output()
+            .expect("running mcs-agent inspect");
+        assert!(out.status.success(), "inspect stats: {}", String::from_utf8_lossy(&out.stderr));
+        let stats: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        stats
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|s| (s["event"].as_str().unwrap().to_owned(), s["count"].as_u64().unwrap()))
+            .collect()
+    }
+
+    fn all_pods(&self) -> Vec<Ipv4Addr> {
+        self.pods.values().flatten().copied().collect()
+    }
+}
+
+fn ok(outcome: &Outcome) -> (&str, SocketAddr, SocketAddr) {
+    match outcome {
+        Outcome::Ok { identity, peer_seen, reply_from, .. } => (identity.as_str(), *peer_seen, *reply_from),
+        Outcome::Err { errno, message } => panic!("request failed: errno {errno}: {message}"),
+    }
+}
+
+/// Per answering cluster, how many answered.
+fn per_cluster(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for outcome in outcomes {
+        let (identity, _, _) = ok(outcome);
+        *counts.entry(identity.split('/').next().unwrap().to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn a_pod_in_the_cgroup_reaches_every_ready_backend_and_sees_the_vip() {
+    let lab = lab();
+    let _agent = lab.agent(&[]);
+    let cgroup = Some(lab.cgroup.path());
+    let vip = |port| SocketAddr::new(VIP.into(), port);
+    let ready = ["cluster-a/pod-1", "cluster-b/pod-1", "cluster-b/pod-2"];
+
+    for (mode, port) in [("tcp", 80), ("udp", 53), ("udp-connected", 53)] {
+        let outcomes = requests(lab.pod(), cgroup, mode, vip(port), 60);
+        assert_eq!(outcomes.len(), 60);
+        let mut seen: Vec<&str> = Vec::new();
+        for outcome in &outcomes {
+            let (identity, peer_seen, reply_from) = ok(outcome);
+            // The application sees the VIP (getpeername for TCP and connected
+            // UDP, recvfrom's source for unconnected UDP) ...
+            assert_eq!(reply_from, vip(port), "{mode}: the peer the client sees");
+            // ... and the backend sees the pod, not a translated address.
+            assert_eq!(peer_seen.ip(), lab.pod_ip(), "{mode}: the client address the backend sees");
+            assert!(ready.contains(&identity), "{mode}: {identity} is not a ready backend");
+            if !seen.contains(&identity) {
+                seen.push(identity);
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, ready, "{mode}: every ready backend answers");
+    }
+
+    // Named port: tcp2/4242 reaches the pods' port 42.
+    for outcome in requests(lab.pod(), cgroup, "tcp", vip(4242), 10) {
+        let (identity, _, reply_from) = ok(&outcome);
+        assert!(identity.ends_with(":42"), "{identity} answered on the port named tcp2");
+        assert_eq!(reply_from, vip(4242));
+    }
+
+    // Translated at the socket, never again by TC: the TC path saw no new flow.
+    let events = lab.events();
+    assert_eq!(events["sock_connect"], 60 + 60 + 10, "TCP and connected UDP: one connect each: {events:?}");
+    assert!(events["sock_sendmsg"] >= 60, "unconnected UDP: every datagram: {events:?}");
+    assert!(events["sock_rev_nat"] >= 180, "getpeername and recvfrom showed the VIP: {events:?}");
+    assert_eq!(events["new_flow"], 0, "the TC programs translated nothing: {events:?}");
+    assert_eq!(events["rev_nat"], 0, "{events:?}");
+}
+
+#[test]
+fn locality_weights_and_affinity_split_as_on_the_tc_path() {
+    let lab = lab();
+    let _agent = lab.agent(&[]);
+    let cgroup = Some(lab.cgroup.path());
+    // cluster-a 70 %, cluster-b 30 % (see `lab`). 400 connections: three
+    // standard deviations of a binomial(400, 0.7) are 27, the tolerance the
+    // TC path's tests use too.
+    let counts = per_cluster(&requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 400));
+    let a = counts.get("cluster-a").copied().unwrap_or(0);
+    assert!((280 - 27..=280 + 27).contains(&a), "cluster-a got {a} of 400, expected 280 ± 27: {counts:?}");
+    eprintln!("socket LB split over 400 connections: {counts:?}");
+
+    // ClientIP affinity: every connection of this pod goes to one backend.
+    let outcomes = requests(lab.pod(), cgroup, "tcp", SocketAddr::new(STICKY_VIP.into(), 80), 30);
+    let first = ok(&outcomes[0]).0.to_owned();
+    assert!(outcomes.iter().all(|o| ok(o).0 == first), "affinity: all to {first}: {outcomes:?}");
+    assert!(lab.events()["affinity_hit"] >= 29);
+}
+
+#[test]
+fn a_frontend_without_backends_fails_at_once() {
+    let lab = lab();
+    let _agent = lab.agent(&[]);
+    let cgroup = Some(lab.cgroup.path());
+    for (mode, port) in [("tcp", 80), ("udp", 53), ("udp-connected", 53)] {
+        let started = std::time::Instant::now();
+        let outcomes = requests(lab.pod(), cgroup, mode, SocketAddr::new(EMPTY_VIP.into(), port), 3);
+        for outcome in &outcomes {
+            assert!(
+                matches!(outcome, Outcome::Err { errno: ECONNREFUSED, .. }),
+                "{mode} to a frontend without backends: {outcome:?}"
+            );
+        }
+        // Refused by the call itself: no SYN retries, no read timeout (2 s).
+        assert!(started.elapsed().as_millis() < 1500, "{mode} took {:?}", started.elapsed());
+    }
+    assert!(lab.events()["sock_refused"] >= 9);
+}
+
+#[test]
+fn host_network_clients_reach_the_vip() {
+    let lab = lab();
+    let _agent = lab.agent(&[]);
+    // A process in the node's own namespace (hostNetwork pods, node daemons):
+    // no TC program is on its path, only the socket hooks.
+    let node = &lab.set.node;
+    let cgroup = Some(lab.cgroup.path());
+    for (mode, port) in [("tcp", 80), ("udp", 53), ("udp-connected", 53)] {
+        let outcomes = requests(node, cgroup, mode, SocketAddr::new(VIP.into(), port), 20);
+        for outcome in &outcomes {
+            let (identity, peer_seen, reply_from) = ok(outcome);
+            assert_eq!(reply_from, SocketAddr::new(VIP.into(), port), "{mode} from the node");
+            assert!(identity.starts_with("cluster-"), "{identity}");
+            assert!(!lab.all_pods().iter().any(|p| IpAddr::from(*p) == peer_seen.ip()));
+        }
+    }
+    // Outside the cgroup the same process is not translated: a VIP is not
+    // routed anywhere in this lab.
+    let outside = requests(node, None, "tcp", SocketAddr::new(VIP.into(), 80), 1);
+    assert!(matches!(outside[0], Outcome::Err { .. }), "{outside:?}");
+}
+
+#[test]
+fn an_excluded_cgroup_is_left_to_the_tc_path() {
+    let lab = lab();
+    let mesh = lab.cgroup.child("mesh");
+    let excluded = agent_path(&mesh);
+    let _agent = lab.agent(&["--socket-lb-exclude-cgroup", &excluded]);
+    let outcomes = requests(lab.pod(), Some(&mesh), "tcp", SocketAddr::new(VIP.into(), 80), 10);
+    for outcome in &outcomes {
+        assert_eq!(ok(outcome).2, SocketAddr::new(VIP.into(), 80));
+    }
+    let events = lab.events();
+    assert_eq!(events["sock_connect"], 0, "{events:?}");
+    assert_eq!(events["sock_excluded"], 10, "{events:?}");
+    assert_eq!(events["new_flow"], 10, "the TC path translated them: {events:?}");
+}
+
+#[test]
+fn off_detaches_and_the_tc_path_serves_pods() {
+    let lab = lab();
+    let agent = lab.agent(&[]);
+    let cgroup = Some(lab.cgroup.path());
+    ok(&requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 1)[0]);
+    // A stopped agent leaves socket LB attached (pinned) like the TC hooks.
+    let (clean, _) = agent.stop();
+    assert!(clean);
+    ok(&requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 1)[0]);
+    let before = lab.events();
+    assert_eq!(before["sock_connect"], 2, "{before:?}");
+
+    let _agent = lab.agent(&["--socket-lb", "off"]);
+    let reply = tcp_request(lab.pod(), SocketAddr::new(VIP.into(), 80)).expect("TC path");
+    assert_eq!(reply.reply_from, SocketAddr::new(VIP.into(), 80));
+    let outcomes = requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 5);
+    outcomes.iter().for_each(|o| assert_eq!(ok(o).2, SocketAddr::new(VIP.into(), 80)));
+    let after = lab.events();
+    assert_eq!(after["sock_connect"], 2, "off: no socket translation: {after:?}");
+    assert!(after["new_flow"] >= 6, "{after:?}");
+}
+
+#[test]
+fn a_connected_udp_socket_survives_nothing_but_its_backend() {
+    let lab = lab();
+    let _agent = lab.agent(&[]);
+    let mut client = HeldClient::start(lab.pod(), Some(lab.cgroup.path()), "udp-connected", SocketAddr::new(VIP.into(), 53));
+    let first = client.request();
+    let again = client.request();
+    assert_eq!(ok(&again).0, ok(&first).0, "a connected socket stays on its backend");
+    drop(client);
+}
