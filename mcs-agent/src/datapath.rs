@@ -23,9 +23,10 @@ use aya::{
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, FragKey, FragValue, Health, Ip6, LAYOUT_VERSION,
     MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONNTRACK,
-    MAP_CONNTRACK6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_REV_NAT, MAP_REV_NAT6, MAP_SELECTION, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue,
-    SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat,
+    MAP_CONNTRACK6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_HOST_NETNS, MAP_REV_NAT, MAP_REV_NAT6, MAP_SELECTION,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS,
+    PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceStats,
+    ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -232,6 +233,9 @@ struct Maps {
     /// `HEALTH`, mapped: passive health reads every backend without a syscall.
     health: HealthMemory,
     sock_exclude: HashMap<MapData, u64, u32>,
+    sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    sock_rev6: HashMap<MapData, SockRevKey<Ip6>, SockRevValue<Ip6>>,
+    host_netns: Array<MapData, u64>,
     /// Descriptors of the maps written in batches (the typed maps hide theirs).
     fds: BatchFds,
 }
@@ -520,6 +524,7 @@ fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_SOCK_REV => (MapType::LruHash, size_of::<SockRevKey>(), size_of::<SockRevValue>(), 0),
         MAP_SOCK_REV6 => (MapType::LruHash, size_of::<SockRevKey<Ip6>>(), size_of::<SockRevValue<Ip6>>(), 0),
         MAP_SOCK_EXCLUDE => (MapType::Hash, 8, 4, 0),
+        MAP_HOST_NETNS => (MapType::Array, 4, 8, 0),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }
@@ -607,6 +612,7 @@ impl Datapath {
             (MAP_SOCK_REV, conntrack),
             (MAP_SOCK_REV6, conntrack),
             (MAP_SOCK_EXCLUDE, 256),
+            (MAP_HOST_NETNS, 1),
             // Last: its size is read back below.
             (MAP_HEALTH, capacity.backends.min(stats_entries)),
         ];
@@ -699,6 +705,9 @@ impl Datapath {
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             health: map_health(&mut ebpf, health_entries)?,
             sock_exclude: take(&mut ebpf, MAP_SOCK_EXCLUDE)?,
+            sock_rev: take(&mut ebpf, MAP_SOCK_REV)?,
+            sock_rev6: take(&mut ebpf, MAP_SOCK_REV6)?,
+            host_netns: take(&mut ebpf, MAP_HOST_NETNS)?,
         };
         let cleanup_on_exit = layout.is_none();
         let config_flags = maps.config.get(&0, 0).unwrap_or(0);

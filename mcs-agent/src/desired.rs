@@ -133,6 +133,14 @@ pub struct Frontend {
 }
 
 impl Frontend {
+    /// Whether sockets connected to `addr` may stay: it is an endpoint that
+    /// is ready or still serving (drained by weight or terminating counts).
+    pub fn keeps_sockets_to(&self, addr: &BackendAddr) -> bool {
+        self.endpoints
+            .binary_search_by(|e| e.addr.cmp(addr))
+            .is_ok_and(|i| self.endpoints[i].condition != Condition::NotReady)
+    }
+
     /// Backends that receive new connections.
     pub fn backends(&self) -> impl Iterator<Item = &BackendAddr> {
         self.weights.iter().map(|w| &w.addr)

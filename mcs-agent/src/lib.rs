@@ -19,3 +19,4 @@ pub mod outlier;
 pub mod plan;
 pub mod reconcile;
 pub mod source;
+pub mod terminate;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use mcs_agent::{
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, KernelLog, Sizes},
-    desired::{self, BackendAddr, Policy},
+    desired::{self, BackendAddr, FrontendKey, Policy},
     health::{self, HealthHandle},
     inventory::StateWriter,
     locality::{self, NodeLocality, Tier},
@@ -23,6 +23,7 @@ use mcs_agent::{
         links::{self, LinkEvent},
         manifests,
     },
+    terminate,
 };
 use notify::Watcher as _;
 use tokio::{
@@ -497,6 +498,21 @@ struct RunArgs {
     /// earlier agent's too) and leaves translation to the TC path.
     #[arg(long, value_enum, env = "MCS_SOCKET_LB")]
     socket_lb: Option<OnOff>,
+    /// With --socket-lb off, keep translating at the socket for the node's
+    /// own network namespace only (hostNetwork pods, node daemons): no TC
+    /// program is on their path, so without this they cannot reach a
+    /// ClusterSetIP. `off` detaches the socket programs entirely.
+    #[arg(long, value_enum, default_value = "on", env = "MCS_SOCKET_LB_HOST_NAMESPACE")]
+    socket_lb_host_namespace: OnOff,
+    /// When a backend leaves a service (removed, or not ready), sockets
+    /// translated to it at connect() are ended (the application gets
+    /// ECONNABORTED and reconnects through the ClusterSetIP). UDP sockets
+    /// always; TCP sockets too with this flag. A drained backend (weight 0,
+    /// terminating but serving) keeps its sockets. Needs the kernel's
+    /// CONFIG_INET_DIAG_DESTROY and sight of the pods' network namespaces
+    /// (/var/run/netns, or /proc with hostPID).
+    #[arg(long, env = "MCS_SOCKET_LB_TERMINATE_TCP")]
+    socket_lb_terminate_tcp: bool,
     /// The cgroup v2 directory whose processes get socket-level load
     /// balancing. Default: the root of the host's cgroup2 mount (every pod and
     /// process of the node).
@@ -505,7 +521,12 @@ struct RunArgs {
     /// Leave the sockets of this cgroup and its descendants (12 levels deep)
     /// to the TC path, for sidecar meshes that must see the ClusterSetIP
     /// (repeatable; a pod's cgroup, or a QoS class's).
-    #[arg(long = "socket-lb-exclude-cgroup", value_name = "PATH", env = "MCS_SOCKET_LB_EXCLUDE_CGROUPS", value_delimiter = ',')]
+    #[arg(
+        long = "socket-lb-exclude-cgroup",
+        value_name = "PATH",
+        env = "MCS_SOCKET_LB_EXCLUDE_CGROUPS",
+        value_delimiter = ','
+    )]
     socket_lb_exclude_cgroups: Vec<PathBuf>,
     /// Where the agent describes what it programmed (state.json: services,
     /// clusters, zones, tiers behind each id), for `mcs-agent inspect`.
@@ -741,12 +762,14 @@ async fn run(args: RunArgs) -> Result<()> {
         outlier_interval_ms,
         metrics_backend_label,
         socket_lb,
+        socket_lb_host_namespace,
+        socket_lb_terminate_tcp,
         socket_lb_cgroup,
         socket_lb_exclude_cgroups,
         state_dir,
         locality,
     } = args;
-    let socket_lb = SocketLb::new(socket_lb, socket_lb_cgroup, socket_lb_exclude_cgroups)?;
+    let socket_lb = SocketLb::new(socket_lb, socket_lb_host_namespace, socket_lb_cgroup, socket_lb_exclude_cgroups)?;
     let health = HealthHandle::default();
     health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
     if let Some(addr) = metrics_addr {
@@ -871,6 +894,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut health_view_built = Instant::now() - Duration::from_secs(60);
     let state_writer = StateWriter::spawn(state_dir.clone(), Duration::from_secs(2));
     let mut outlier_tick = tokio::time::interval(Duration::from_millis(outlier_interval_ms.max(10)));
+    // Frontends changed since sockets were last checked for departed backends.
+    let mut terminate_pending: BTreeSet<FrontendKey> = BTreeSet::new();
+    let mut terminate_tick = tokio::time::interval(Duration::from_millis(500));
     outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
@@ -887,6 +913,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 Err(_) => metrics.reconcile_failed(),
             }
             let changed = reconciler.take_changed();
+            if datapath.sockets_cgroup().is_some() {
+                terminate_pending.extend(changed.iter().copied());
+            }
             if !changed.is_empty() {
                 health_view_stale = true;
                 state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
@@ -989,6 +1018,23 @@ async fn run(args: RunArgs) -> Result<()> {
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
             }
+            _ = terminate_tick.tick(), if !terminate_pending.is_empty() => {
+                // At most twice a second: the scan reads every remembered socket.
+                let changed = std::mem::take(&mut terminate_pending);
+                let state = reconciler.state();
+                let keeps = |key: &FrontendKey, addr: &BackendAddr| {
+                    state.frontends.get(key).is_some_and(|f| f.keeps_sockets_to(addr))
+                };
+                let ended =
+                    terminate::victims(&datapath.translated_sockets(), &changed, keeps, socket_lb_terminate_tcp);
+                if !ended.is_empty() {
+                    datapath.forget_sockets(&ended);
+                    let started = Instant::now();
+                    let n = tokio::task::spawn_blocking(move || terminate::terminate(&ended)).await.unwrap_or(0);
+                    metrics.sockets_terminated(n as u64);
+                    info!(sockets = n, took_ms = started.elapsed().as_millis() as u64, "ended sockets whose backend left their service");
+                }
+            }
             _ = outlier_tick.tick(), if serving && outlier_detection == OnOff::On => {
                 // Rebuilding walks every frontend: at most every 2 s, not per change.
                 if health_view_stale && health_view_built.elapsed() >= Duration::from_secs(2) {
@@ -1063,19 +1109,20 @@ enum OnOff {
 /// What `--socket-lb*` asked for.
 struct SocketLb {
     mode: Option<OnOff>,
+    host_only: bool,
     cgroup: Option<PathBuf>,
     exclude: Vec<PathBuf>,
 }
 
 impl SocketLb {
     /// Checks the paths before anything touches the kernel.
-    fn new(mode: Option<OnOff>, cgroup: Option<PathBuf>, exclude: Vec<PathBuf>) -> Result<Self> {
-        if mode != Some(OnOff::Off) {
-            for path in &exclude {
-                datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
-            }
+    fn new(mode: Option<OnOff>, host: OnOff, cgroup: Option<PathBuf>, exclude: Vec<PathBuf>) -> Result<Self> {
+        for path in &exclude {
+            datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
         }
-        Ok(Self { mode, cgroup, exclude })
+        let host_only = mode == Some(OnOff::Off);
+        let mode = if host_only && host == OnOff::On { None } else { mode };
+        Ok(Self { mode, host_only, cgroup, exclude })
     }
 
     /// Attaches (or detaches) the socket programs once the maps hold the
@@ -1089,11 +1136,11 @@ impl SocketLb {
         let attached = (|| -> Result<PathBuf> {
             let cgroup = match &self.cgroup {
                 Some(path) => path.clone(),
-                None => datapath::cgroup2_root().context(
-                    "no cgroup2 mount in /proc/self/mounts (mount the host's, or pass --socket-lb-cgroup)",
-                )?,
+                None => datapath::cgroup2_root()
+                    .context("no cgroup2 mount in /proc/self/mounts (mount the host's, or pass --socket-lb-cgroup)")?,
             };
             datapath.set_sock_exclude(&self.exclude).context("--socket-lb-exclude-cgroup")?;
+            datapath.set_sock_host_only(self.host_only).context("--socket-lb")?;
             datapath.attach_sockets(&cgroup).context("--socket-lb-cgroup")?;
             Ok(cgroup)
         })();

@@ -29,6 +29,7 @@ pub struct AgentMetrics {
     reconcile_seconds: Histogram,
     reconcile_failures: Counter,
     last_reconcile: Gauge<f64, AtomicU64>,
+    sockets_terminated: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -40,6 +41,7 @@ impl Default for AgentMetrics {
             )),
             reconcile_failures: Counter::default(),
             last_reconcile: Gauge::default(),
+            sockets_terminated: Counter::default(),
         }
     }
 }
@@ -53,6 +55,10 @@ impl AgentMetrics {
 
     pub fn reconcile_failed(&self) {
         self.reconcile_failures.inc();
+    }
+
+    pub fn sockets_terminated(&self, n: u64) {
+        self.sockets_terminated.inc_by(n);
     }
 }
 
@@ -220,6 +226,11 @@ pub fn render(
         "reconcile_failures",
         "Reconcile passes whose map writes failed (retried)",
         agent.reconcile_failures.clone(),
+    );
+    registry.register(
+        "sockets_terminated",
+        "Sockets ended because their backend left the service (socket-level load balancing)",
+        agent.sockets_terminated.clone(),
     );
     registry.register(
         "last_reconcile_timestamp_seconds",

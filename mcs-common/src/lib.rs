@@ -112,6 +112,8 @@ pub const MAP_FRAGS6: &str = "FRAGS6";
 /// Socket-level load balancing: what a socket's backend address stands for.
 pub const MAP_SOCK_REV: &str = "SOCK_REV";
 pub const MAP_SOCK_REV6: &str = "SOCK_REV6";
+/// `[0]`: the node's network namespace cookie (see `CONFIG_F_SOCK_HOST_ONLY`).
+pub const MAP_HOST_NETNS: &str = "HOST_NETNS";
 /// cgroup ids (and their descendants) that socket-level load balancing skips.
 pub const MAP_SOCK_EXCLUDE: &str = "SOCK_EXCLUDE";
 
@@ -130,6 +132,11 @@ pub const CONFIG_F_HANDOFF: u32 = 1;
 /// `SOCK_EXCLUDE` has entries: the socket programs walk the caller's cgroup
 /// ancestors. Without it they skip the walk.
 pub const CONFIG_F_SOCK_EXCLUDE: u32 = 2;
+
+/// Socket-level load balancing is off for pods: the socket programs
+/// translate only sockets of the node's own network namespace
+/// (`HOST_NETNS[0]`), which no TC program sees.
+pub const CONFIG_F_SOCK_HOST_ONLY: u32 = 4;
 
 /// How many cgroup levels below the attach point an exclusion is looked up
 /// at (deeper descendants are translated).
@@ -349,7 +356,8 @@ pub struct SockRevKey<A = Ip4> {
 pub struct SockRevValue<A = Ip4> {
     pub vip: A,
     pub vip_port: u16,
-    pub _pad: u16,
+    pub proto: u8,
+    pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
 }

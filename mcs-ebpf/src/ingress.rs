@@ -91,7 +91,11 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         // Mid-upgrade, a flow we do not know may be one the older programs
         // behind us translated: theirs to handle.
         None if !is_bare_syn(flow) && handoff() => return TC_NEXT,
-        None => match select::<F>(service, flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto), flow.src_ip) {
+        None => match select::<F>(
+            service,
+            flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto),
+            flow.src_ip,
+        ) {
             Some((id, backend)) => {
                 if let Err(e) = record::<F>(flow, &ct_key, service, id, &backend) {
                     count(Stat::CtInsertFailed);

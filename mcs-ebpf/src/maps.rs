@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_STATS_ENTRIES,
-    DEFAULT_MAX_SOCK_REV, FragKey, FragValue, Health, Ip6, RevNatKey, RevNatValue, SelectionPair, ServiceKey,
+    DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REV,
+    DEFAULT_STATS_ENTRIES, FragKey, FragValue, Health, Ip6, RevNatKey, RevNatValue, SelectionPair, ServiceKey,
     ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 
@@ -73,6 +73,9 @@ pub static SOCK_REV6: LruHashMap<SockRevKey<Ip6>, SockRevValue<Ip6>> =
 
 /// cgroup id -> 1: sockets of these cgroups and their descendants are left
 /// to the TC path (a sidecar mesh that must see the VIP).
+#[map]
+pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static SOCK_EXCLUDE: HashMap<u64, u32> = HashMap::with_max_entries(256, 0);
 

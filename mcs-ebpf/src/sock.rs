@@ -16,14 +16,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mcs_common::{
-    CONFIG_F_SOCK_EXCLUDE, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH, ServiceKey, SockRevKey,
-    SockRevValue, Stat, socket_hash,
+    CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH, ServiceKey,
+    SockRevKey, SockRevValue, Stat, socket_hash,
 };
 
 use crate::{
     family::{Family, V4, V6},
     ingress::select,
-    maps::{SOCK_EXCLUDE, backend_stats, config, count, service_stats},
+    maps::{HOST_NETNS, SOCK_EXCLUDE, backend_stats, config, count, service_stats},
 };
 
 /// What a `sock_addr` program returns to let the call go on (1), or to fail
@@ -253,15 +253,16 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
     };
     // SAFETY: map value pointer, valid for this program run.
     let service = unsafe { &*service };
-    if excluded() {
+    // SAFETY: helper without preconditions for this program type.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    if excluded() || config(CONFIG_F_SOCK_HOST_ONLY) && HOST_NETNS.get(0).is_none_or(|host| *host != netns) {
         count(Stat::SockExcluded);
         return ALLOW;
     }
     // SAFETY: helpers without preconditions for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let hash = socket_hash(cookie, vip, vip_port, proto);
-    // SAFETY: as above.
-    let client = U::client(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) });
+    let client = U::client(netns);
     let Some((id, backend)) = select::<U::F>(service, hash, client) else {
         if let Some(stats) = service_stats(service.service_id) {
             stats.no_backend += 1;
@@ -274,7 +275,7 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
         // SAFETY: map value pointer, valid for this program run.
         .is_some_and(|rev| unsafe { (*rev).vip == vip && (*rev).vip_port == vip_port });
     if !known {
-        let rev = SockRevValue { vip, vip_port, _pad: 0, backend_id: id, service_id: service.service_id };
+        let rev = SockRevValue { vip, vip_port, proto, _pad: 0, backend_id: id, service_id: service.service_id };
         // Without the entry a reply would show the backend's address, which
         // an unconnected UDP client rejects: leave the call to the TC path.
         if <U::F as Family>::sock_rev().insert(rev_key, rev, 0).is_err() {

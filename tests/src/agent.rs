@@ -58,7 +58,7 @@ impl Agent {
         // cgroup of its own (under `ip netns exec` the default finds no
         // cgroup2 mount anyway).
         if !extra.iter().any(|a| a.starts_with("--socket-lb")) {
-            args.extend(["--socket-lb".to_owned(), "off".to_owned()]);
+            args.extend(["--socket-lb", "off", "--socket-lb-host-namespace", "off"].map(str::to_owned));
         }
         let mut agent = Self::spawn(binary, ns, &args);
         // Generous: a release agent programs 10,000 services in well under a second,

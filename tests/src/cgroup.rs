@@ -25,7 +25,9 @@ pub fn cgroup2_mount() -> PathBuf {
             let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
             (kind == "cgroup2").then(|| PathBuf::from(dir))
         })
-        .expect("no cgroup2 mount: socket-level load balancing tests need cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)")
+        .expect(
+            "no cgroup2 mount: socket-level load balancing tests need cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup)",
+        )
 }
 
 /// A fresh child of the cgroup2 root, removed on drop.

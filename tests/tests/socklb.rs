@@ -70,14 +70,7 @@ fn lab() -> Lab {
         }
         pods.insert(cluster.name.clone(), ips);
     }
-    Lab {
-        set,
-        dir,
-        bpffs: ScratchBpffs::new(),
-        cgroup: TestCgroup::new("mcs-socklb"),
-        pods,
-        _servers: servers,
-    }
+    Lab { set, dir, bpffs: ScratchBpffs::new(), cgroup: TestCgroup::new("mcs-socklb"), pods, _servers: servers }
 }
 
 impl Lab {
@@ -271,35 +264,84 @@ fn an_excluded_cgroup_is_left_to_the_tc_path() {
 }
 
 #[test]
-fn off_detaches_and_the_tc_path_serves_pods() {
+fn off_leaves_pods_to_the_tc_path_and_still_serves_the_node() {
     let lab = lab();
     let agent = lab.agent(&[]);
     let cgroup = Some(lab.cgroup.path());
-    ok(&requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 1)[0]);
+    let vip = SocketAddr::new(VIP.into(), 80);
+    ok(&requests(lab.pod(), cgroup, "tcp", vip, 1)[0]);
     // A stopped agent leaves socket LB attached (pinned) like the TC hooks.
     let (clean, _) = agent.stop();
     assert!(clean);
-    ok(&requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 1)[0]);
+    ok(&requests(lab.pod(), cgroup, "tcp", vip, 1)[0]);
     let before = lab.events();
     assert_eq!(before["sock_connect"], 2, "{before:?}");
 
-    let _agent = lab.agent(&["--socket-lb", "off"]);
-    let reply = tcp_request(lab.pod(), SocketAddr::new(VIP.into(), 80)).expect("TC path");
-    assert_eq!(reply.reply_from, SocketAddr::new(VIP.into(), 80));
-    let outcomes = requests(lab.pod(), cgroup, "tcp", SocketAddr::new(VIP.into(), 80), 5);
-    outcomes.iter().for_each(|o| assert_eq!(ok(o).2, SocketAddr::new(VIP.into(), 80)));
+    // Off: pods go through TC; the node's own namespace, which no TC
+    // program sees, is still translated at the socket.
+    let agent = lab.agent(&["--socket-lb", "off"]);
+    let reply = tcp_request(lab.pod(), vip).expect("TC path");
+    assert_eq!(reply.reply_from, vip);
+    let outcomes = requests(lab.pod(), cgroup, "tcp", vip, 5);
+    outcomes.iter().for_each(|o| assert_eq!(ok(o).2, vip));
     let after = lab.events();
-    assert_eq!(after["sock_connect"], 2, "off: no socket translation: {after:?}");
+    assert_eq!(after["sock_connect"], 2, "off: no socket translation for pods: {after:?}");
     assert!(after["new_flow"] >= 6, "{after:?}");
+    for (mode, port) in [("tcp", 80), ("udp", 53)] {
+        let target = SocketAddr::new(VIP.into(), port);
+        for outcome in requests(&lab.set.node, cgroup, mode, target, 5) {
+            assert_eq!(ok(&outcome).2, target, "{mode} from the node with --socket-lb off");
+        }
+    }
+    assert_eq!(lab.events()["sock_connect"], 2 + 5, "the node's TCP connects were translated at the socket");
+    drop(agent);
+
+    // And entirely off: the socket programs are gone, the node cannot reach the VIP.
+    let _agent = lab.agent(&["--socket-lb", "off", "--socket-lb-host-namespace", "off"]);
+    let outcome = &requests(&lab.set.node, cgroup, "tcp", vip, 1)[0];
+    assert!(matches!(outcome, Outcome::Err { .. }), "{outcome:?}");
+    ok(&requests(lab.pod(), cgroup, "tcp", vip, 1)[0]);
 }
 
 #[test]
-fn a_connected_udp_socket_survives_nothing_but_its_backend() {
+fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_the_next_reaches_a_live_one() {
     let lab = lab();
-    let _agent = lab.agent(&[]);
-    let mut client = HeldClient::start(lab.pod(), Some(lab.cgroup.path()), "udp-connected", SocketAddr::new(VIP.into(), 53));
-    let first = client.request();
-    let again = client.request();
-    assert_eq!(ok(&again).0, ok(&first).0, "a connected socket stays on its backend");
-    drop(client);
+    let agent = lab.agent(&[]);
+    let target = SocketAddr::new(VIP.into(), 53);
+    let mut clients: Vec<HeldClient> =
+        (0..12).map(|_| HeldClient::start(lab.pod(), Some(lab.cgroup.path()), "udp-connected", target)).collect();
+    let firsts: Vec<String> = clients.iter_mut().map(|c| ok(&c.request()).0.to_owned()).collect();
+    for (client, first) in clients.iter_mut().zip(&firsts) {
+        assert_eq!(ok(&client.request()).0, first, "a connected socket stays on its backend");
+    }
+    // cluster-a's ready pod (70 % of sockets) leaves the service; its
+    // not-ready one stays listed.
+    let removed = firsts.iter().filter(|f| *f == "cluster-a/pod-1").count();
+    assert!(removed > 0, "no socket went to cluster-a/pod-1 ({firsts:?}): the lab's weights changed");
+    let generation = agent.generation();
+    let kept: Vec<(Ipv4Addr, bool)> = vec![(lab.pods["cluster-a"][1], false)];
+    manifests::write(
+        lab.dir.path(),
+        "web-cluster-a.yaml",
+        &endpoint_slice("demo", "web", "cluster-a", SLICE_PORTS, &kept),
+    );
+    let mut agent = agent;
+    agent.wait_reconciled_after(generation);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut ended = 0;
+    for (client, first) in clients.iter_mut().zip(&firsts) {
+        let outcome = client.request();
+        if first == "cluster-a/pod-1" {
+            assert!(matches!(outcome, Outcome::Err { .. }), "the socket to the removed pod is ended: {outcome:?}");
+            ended += 1;
+            // The application's next socket reaches a live backend.
+            let next = client.request();
+            let (identity, _, reply_from) = ok(&next);
+            assert!(identity.starts_with("cluster-b/"), "{identity}");
+            assert_eq!(reply_from, target);
+        } else {
+            assert_eq!(ok(&outcome).0, first, "sockets to backends still in the service are left alone");
+        }
+    }
+    assert_eq!(ended, removed);
 }

@@ -14,10 +14,17 @@ use std::{
 };
 
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
-use mcs_common::{CONFIG_F_SOCK_EXCLUDE, MAP_SOCK_EXCLUDE, PROG_SOCK, SockHook};
+use mcs_common::{
+    Backend, CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, MAP_HOST_NETNS, MAP_SOCK_EXCLUDE, PROG_SOCK, ServiceKey,
+    SockHook, SockRevKey, SockRevValue, ip_to_map, ip6_to_map,
+};
 use tracing::{debug, info};
 
 use super::{Datapath, DatapathError, LayoutDir};
+use crate::{
+    plan::{ToIp, backend_addr, frontend_of},
+    terminate::TranslatedSocket,
+};
 
 /// statfs magic of a cgroup v2 mount.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -99,7 +106,10 @@ impl Datapath {
         let dir = open_cgroup(cgroup)?;
         let mut made = Vec::new();
         if let Some(e) = &self.sock_load {
-            return Err(DatapathError::Cgroup { path: cgroup.to_owned(), message: format!("cannot load the socket programs: {e}") });
+            return Err(DatapathError::Cgroup {
+                path: cgroup.to_owned(),
+                message: format!("cannot load the socket programs: {e}"),
+            });
         }
         for (name, _) in PROG_SOCK {
             let program = sock_program(&mut self.ebpf, name)?;
@@ -109,10 +119,10 @@ impl Datapath {
                 .attach(&dir, CgroupAttachMode::Single)
                 .map_err(|source| DatapathError::Program { name, source })?;
             let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-            made.push(FdLink::try_from(link).map_err(|e| DatapathError::Cgroup {
-                path: cgroup.to_owned(),
-                message: format!("{name}: {e}"),
-            })?);
+            made.push(
+                FdLink::try_from(link)
+                    .map_err(|e| DatapathError::Cgroup { path: cgroup.to_owned(), message: format!("{name}: {e}") })?,
+            );
         }
         let mut links = Vec::new();
         for ((_, hook), link) in PROG_SOCK.into_iter().zip(made) {
@@ -127,7 +137,11 @@ impl Datapath {
             if path.exists() {
                 let _ = fs::remove_file(&path);
             }
-            link.pin(&path).map_err(|e| DatapathError::Pin { name: hook.pin_name().into(), path: path.clone(), source: e })?;
+            link.pin(&path).map_err(|e| DatapathError::Pin {
+                name: hook.pin_name().into(),
+                path: path.clone(),
+                source: e,
+            })?;
             links.push(SockLink::Pinned(path));
         }
         info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
@@ -174,6 +188,75 @@ impl Datapath {
             let _ = self.maps.sock_exclude.remove(id);
         }
         self.set_config(CONFIG_F_SOCK_EXCLUDE, !ids.is_empty())
+    }
+}
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE, kernel 5.14+).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of the length we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+impl Datapath {
+    /// Every socket the socket programs translated and still remember.
+    pub fn translated_sockets(&self) -> Vec<TranslatedSocket> {
+        fn entries<A: ToIp>(
+            map: &aya::maps::HashMap<aya::maps::MapData, SockRevKey<A>, SockRevValue<A>>,
+        ) -> impl Iterator<Item = TranslatedSocket> + '_ {
+            map.iter().filter_map(Result::ok).filter_map(|(k, v)| {
+                let frontend =
+                    frontend_of(&ServiceKey { vip: v.vip, port: v.vip_port, proto: v.proto, _pad: 0 }).ok()?;
+                let backend = backend_addr(&Backend { ip: k.backend_ip, port: k.backend_port, _pad: 0 });
+                Some(TranslatedSocket { cookie: k.cookie(), frontend, backend })
+            })
+        }
+        entries(&self.maps.sock_rev).chain(entries(&self.maps.sock_rev6)).collect()
+    }
+
+    /// Forgets sockets (ended ones).
+    pub fn forget_sockets(&mut self, sockets: &[TranslatedSocket]) {
+        for s in sockets {
+            let port = s.backend.port.to_be();
+            match s.backend.ip {
+                std::net::IpAddr::V4(ip) => {
+                    let _ = self.maps.sock_rev.remove(&SockRevKey::new(s.cookie, ip_to_map(ip.octets()), port));
+                }
+                std::net::IpAddr::V6(ip) => {
+                    let _ = self.maps.sock_rev6.remove(&SockRevKey::new(s.cookie, ip6_to_map(ip.octets()), port));
+                }
+            }
+        }
+    }
+
+    /// With `on`, the socket programs translate only sockets of this
+    /// process's (the node's) network namespace: pods go through the TC
+    /// path, hostNetwork clients, which no TC program sees, are still served.
+    pub fn set_sock_host_only(&mut self, on: bool) -> Result<(), DatapathError> {
+        if on {
+            let cookie =
+                own_netns_cookie().map_err(|e| DatapathError::Map { name: MAP_HOST_NETNS, source: e.into() })?;
+            self.maps
+                .host_netns
+                .set(0, cookie, 0)
+                .map_err(|source| DatapathError::Map { name: MAP_HOST_NETNS, source })?;
+        }
+        self.set_config(CONFIG_F_SOCK_HOST_ONLY, on)
     }
 }
 

@@ -7,8 +7,8 @@
 //! Joins the cgroup, enters the namespace, then makes COUNT requests and
 //! prints one line each: `ok <identity> <peer seen by the server> <reply
 //! from / getpeername> <local>` or `err <errno> <message>`. With `--hold`
-//! one socket serves every request and each request after the first waits
-//! for a line on stdin.
+//! one socket serves every request (a new one after a failed request) and
+//! each request after the first waits for a line on stdin.
 
 use std::{
     fs::File,
@@ -56,6 +56,8 @@ fn main() {
             }
         }
         let result = client.request();
+        // An ended socket is replaced, as an application reconnects.
+        let failed = result.is_err();
         let line = match result {
             Ok(Reply { identity, peer_seen, reply_from, local }) => {
                 format!("ok {identity} {peer_seen} {reply_from} {local}")
@@ -64,7 +66,7 @@ fn main() {
         };
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
-        if !hold {
+        if !hold || failed {
             client = traffic::Client::new(&mode, target).unwrap_or_else(|e| fail(&format!("mode {mode}: {e}")));
         }
     }
