@@ -135,7 +135,7 @@ fn kube_proxy(path: Path4, count: usize, iptables_restore: &str) -> Result<Vec<R
     let lab = Lab::new(1)?;
     let measured = count / 2;
     let services = lab::services(count, measured, &lab.pods);
-    let (installed, tcp, udp) = lab::install(&lab, path, &services, measured, &[], iptables_restore)?;
+    let (installed, tcp, udp) = lab::install(&lab, path, &services, measured, &[], iptables_restore, None)?;
     let load = Load::start(lab.clients(1)[0], tcp, udp, LONG_LIVED);
     std::thread::sleep(SETTLE);
     load.mark();

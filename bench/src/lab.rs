@@ -37,6 +37,9 @@ pub enum Path4 {
     Direct,
     /// mcs-agent's TC programs on the ClusterSetIP.
     McsAgent,
+    /// mcs-agent's socket-level load balancing: the backend is picked at
+    /// connect()/sendmsg(), packets go to the pod untranslated.
+    SocketLb,
     /// kube-proxy iptables mode.
     Iptables,
     /// kube-proxy nftables mode.
@@ -44,12 +47,13 @@ pub enum Path4 {
 }
 
 impl Path4 {
-    pub const ALL: [Path4; 4] = [Path4::Direct, Path4::McsAgent, Path4::Iptables, Path4::Nftables];
+    pub const ALL: [Path4; 5] = [Path4::Direct, Path4::McsAgent, Path4::SocketLb, Path4::Iptables, Path4::Nftables];
 
     pub fn label(self) -> &'static str {
         match self {
             Path4::Direct => "direct",
             Path4::McsAgent => "mcs-agent",
+            Path4::SocketLb => "mcs-agent socket LB",
             Path4::Iptables => "kube-proxy iptables",
             Path4::Nftables => "kube-proxy nftables",
         }
@@ -203,6 +207,7 @@ pub fn install(
     measured: usize,
     agent_args: &[&str],
     iptables_restore: &str,
+    sock_cgroup: Option<&str>,
 ) -> Result<(Installed, SocketAddrV4, SocketAddrV4)> {
     let vip = vip(measured);
     let (tcp, udp) = (SocketAddrV4::new(vip, TCP_PORT), SocketAddrV4::new(vip, UDP_PORT));
@@ -211,10 +216,17 @@ pub fn install(
             let pod = lab.pods[0];
             return Ok((Installed::Nothing, SocketAddrV4::new(pod, TCP_TARGET), SocketAddrV4::new(pod, UDP_TARGET)));
         }
-        Path4::McsAgent => {
+        Path4::McsAgent | Path4::SocketLb => {
             let dir = tempfile::tempdir().context("manifest directory")?;
             write_manifests(dir.path(), services);
             let mut args = vec!["--no-pin"];
+            let cgroup;
+            if path == Path4::SocketLb {
+                // The bench process itself is in this cgroup (see main.rs):
+                // its client threads' sockets are translated at connect().
+                cgroup = sock_cgroup.context("socket LB needs the bench's cgroup")?.to_owned();
+                args.extend(["--socket-lb", "on", "--socket-lb-cgroup", &cgroup]);
+            }
             args.extend_from_slice(agent_args);
             let agent = Agent::start(lab.node(), dir.path(), &lab.set.client_ifaces(), &args);
             Installed::Agent { _agent: agent, _manifests: dir }

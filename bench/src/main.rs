@@ -258,12 +258,18 @@ fn main() -> Result<()> {
     let mut runs: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
     if args.only.contains(&Part::Datapath) {
         let agent_flag_refs: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+        // The client threads are this process's: socket-level load balancing
+        // sees them only if the process is in the cgroup it is attached to.
+        // A cgroup of our own (never the root), left again at the end.
+        let cgroup = mcs_tests::cgroup::TestCgroup::new("mcs-bench");
+        let _member = cgroup.join_self();
+        let sock_cgroup = cgroup.agent_path();
         for round in 0..rounds {
             for &count in &counts {
                 let positions: &[Position] =
                     if count == 1 || quick { &[Position::Last] } else { &[Position::Last, Position::Middle] };
                 let mut configs = vec![(Path4::Direct, Position::Last)];
-                for path in [Path4::McsAgent, Path4::Iptables, Path4::Nftables] {
+                for path in [Path4::McsAgent, Path4::SocketLb, Path4::Iptables, Path4::Nftables] {
                     for &position in positions {
                         configs.push((path, position));
                     }
@@ -277,9 +283,16 @@ fn main() -> Result<()> {
                     let t = Instant::now();
                     let lab = Lab::new(clients)?;
                     let services = lab::services(count, measured, &lab.pods);
-                    let (installed, tcp, udp) =
-                        lab::install(&lab, path, &services, measured, &agent_flag_refs, &args.iptables_restore)
-                            .with_context(|| format!("installing {} for {count} services", path.label()))?;
+                    let (installed, tcp, udp) = lab::install(
+                        &lab,
+                        path,
+                        &services,
+                        measured,
+                        &agent_flag_refs,
+                        &args.iptables_restore,
+                        Some(&sock_cgroup),
+                    )
+                    .with_context(|| format!("installing {} for {count} services", path.label()))?;
                     let setup = t.elapsed();
                     // Not recorded: neighbour entries, server threads and caches warm up.
                     load::run(Workload::TcpCrr, &lab.clients(clients), tcp.into(), Duration::from_millis(100));

@@ -107,7 +107,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-const PATHS: [Path4; 4] = Path4::ALL;
+const PATHS: [Path4; 5] = Path4::ALL;
 
 /// The rows of one workload's table; `metric` picks rate or a latency.
 fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &str, metric: fn(&Row) -> &Summary) {
@@ -124,16 +124,16 @@ fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &st
     let _ = writeln!(out, "\n#### {title}\n");
     let _ = writeln!(
         out,
-        "| services | measured service | clients | direct | mcs-agent | kube-proxy iptables | kube-proxy nftables | mcs-agent ÷ direct | mcs-agent ÷ iptables | mcs-agent ÷ nftables |"
+        "| services | measured service | clients | direct | mcs-agent | mcs-agent socket LB | kube-proxy iptables | kube-proxy nftables | mcs-agent ÷ direct | socket LB ÷ direct | mcs-agent ÷ iptables | mcs-agent ÷ nftables |"
     );
-    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (services, position, clients) in keys {
         let get = |p| find(rows, p, services, position, workload, clients);
         let cells: Vec<String> = PATHS.iter().map(|&p| get(p).map(|r| cell(metric(r))).unwrap_or("–".into())).collect();
         let median = |p| get(p).map(|r| metric(r).median);
         let _ = writeln!(
             out,
-            "| {} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             count(services),
             match position {
                 Position::Last => "last",
@@ -143,7 +143,9 @@ fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &st
             cells[1],
             cells[2],
             cells[3],
+            cells[4],
             ratio(median(Path4::McsAgent), median(Path4::Direct)),
+            ratio(median(Path4::SocketLb), median(Path4::Direct)),
             ratio(median(Path4::McsAgent), median(Path4::Iptables)),
             ratio(median(Path4::McsAgent), median(Path4::Nftables)),
         );
@@ -185,6 +187,34 @@ fn targets(results: &Results) -> Vec<Target> {
                 goal: "VIP new connections ≥ 0.97× direct (worst case over counts and clients)",
                 measured: format!("{w:.2}×"),
                 met: Some(w >= 0.97),
+            });
+        }
+        // Socket LB: new connections and kept-alive latency within 1 % of direct.
+        let rr = |p, s, c| find(rows, p, s, Position::Last, Workload::TcpRr, c).map(|r| r.p50_us.median);
+        let (mut worst_crr, mut worst_rr): (Option<f64>, Option<f64>) = (None, None);
+        for &s in &counts {
+            for &c in &clients {
+                if let (Some(a), Some(d)) = (crr(Path4::SocketLb, s, c), crr(Path4::Direct, s, c)) {
+                    worst_crr = Some(worst_crr.map_or(a / d, |w: f64| w.min(a / d)));
+                }
+                // Latency: direct ÷ socket LB, so higher is better here too.
+                if let (Some(a), Some(d)) = (rr(Path4::SocketLb, s, c), rr(Path4::Direct, s, c)) {
+                    worst_rr = Some(worst_rr.map_or(d / a, |w: f64| w.min(d / a)));
+                }
+            }
+        }
+        if let Some(w) = worst_crr {
+            out.push(Target {
+                goal: "socket LB new connections ≥ 0.99× direct (worst over counts and clients)",
+                measured: format!("{w:.2}×"),
+                met: Some(w >= 0.99),
+            });
+        }
+        if let Some(w) = worst_rr {
+            out.push(Target {
+                goal: "socket LB request/response latency p50 within 1 % of direct (direct ÷ socket LB, worst)",
+                measured: format!("{w:.2}×"),
+                met: Some(w >= 0.99),
             });
         }
         for &c in &clients {

@@ -53,9 +53,34 @@ impl TestCgroup {
         &self.path
     }
 
+    /// Moves this whole process into the cgroup (its threads' new sockets
+    /// belong to it) until the guard drops, which moves it back.
+    pub fn join_self(&self) -> Membership {
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
+        let previous = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| cgroup2_mount().join(p.trim_start_matches('/')))
+            .expect("this process has no cgroup v2 membership");
+        std::fs::write(self.path.join("cgroup.procs"), std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("joining {}: {e}", self.path.display()));
+        Membership { previous }
+    }
+
     /// The same directory as the agent (under `ip netns exec`) can open it.
     pub fn agent_path(&self) -> String {
         agent_path(&self.path)
+    }
+}
+
+/// This process's stay in a [`TestCgroup`].
+pub struct Membership {
+    previous: PathBuf,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.previous.join("cgroup.procs"), std::process::id().to_string());
     }
 }
 
