@@ -1064,6 +1064,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     stale: !stale.is_empty(),
                     interfaces: datapath.attached_count(),
                     ejections: detector.ejections_total(),
+                    socket_lb: datapath.sockets_cgroup().is_some() && !socket_lb.host_only,
                     objects: reconciler
                         .objects()
                         .iter()
@@ -1355,4 +1356,29 @@ async fn reconcile(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// The DaemonSet's arguments are a contract with this CLI: they must parse.
+    #[test]
+    fn the_daemonsets_arguments_parse() {
+        let text = include_str!("../../deploy/daemonset.yaml");
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).expect("deploy/daemonset.yaml is YAML");
+        let args = &doc["spec"]["template"]["spec"]["containers"][0]["args"];
+        let args: Vec<String> = args
+            .as_sequence()
+            .expect("the container has args")
+            .iter()
+            .map(|a| a.as_str().expect("string args").to_owned())
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("mcs-agent".to_owned()).chain(args.clone()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let Command::Run(run) = cli.command else { panic!("the DaemonSet runs `run`") };
+        assert_eq!(run.socket_lb_cgroup.as_deref(), Some(Path::new("/host/cgroup")));
+    }
 }

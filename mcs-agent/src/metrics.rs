@@ -75,6 +75,8 @@ pub struct AgentView {
     pub fill: Vec<(&'static str, u64, u64)>,
     /// Passive health ejections since the agent started.
     pub ejections: u64,
+    /// Socket-level load balancing is attached (to this cgroup).
+    pub socket_lb: bool,
 }
 
 /// Kernel counters, read on demand.
@@ -189,6 +191,13 @@ pub fn render(
     let ejections = Counter::<u64>::default();
     ejections.inc_by(view.ejections);
     registry.register("outlier_ejections", "Passive health ejections since the agent started", ejections);
+    let socket_lb = Gauge::<i64>::default();
+    socket_lb.set(i64::from(view.socket_lb));
+    registry.register(
+        "socket_lb_attached",
+        "1 while socket-level load balancing is attached for pods (connect/sendmsg translated at the socket)",
+        socket_lb,
+    );
     registry.register(
         "backend_weight",
         "Intended share of a frontend's new connections (0-1), by source cluster, zone and tier: spill-over shows here",

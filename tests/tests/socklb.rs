@@ -13,7 +13,7 @@ use std::{
 };
 
 use mcs_tests::{
-    agent::{Agent, agent_binary},
+    agent::{Agent, agent_binary, probe},
     bpffs::ScratchBpffs,
     cgroup::{HeldClient, Outcome, TestCgroup, agent_path, requests},
     manifests::{self, Port, endpoint_slice, service_import, service_import_with},
@@ -118,6 +118,15 @@ impl Lab {
             .collect()
     }
 
+    /// `mcs_agent_socket_lb_attached` from /metrics.
+    fn socket_lb_gauge(&self) -> String {
+        let (_, body) = probe(&self.set.node, "/metrics").expect("/metrics answers");
+        body.lines()
+            .find(|l| l.starts_with("mcs_agent_socket_lb_attached "))
+            .unwrap_or_else(|| panic!("no socket_lb_attached gauge: {body}"))
+            .to_owned()
+    }
+
     fn all_pods(&self) -> Vec<Ipv4Addr> {
         self.pods.values().flatten().copied().collect()
     }
@@ -182,6 +191,7 @@ fn a_pod_in_the_cgroup_reaches_every_ready_backend_and_sees_the_vip() {
     assert!(events["sock_rev_nat"] >= 180, "getpeername and recvfrom showed the VIP: {events:?}");
     assert_eq!(events["new_flow"], 0, "the TC programs translated nothing: {events:?}");
     assert_eq!(events["rev_nat"], 0, "{events:?}");
+    assert_eq!(lab.socket_lb_gauge(), "mcs_agent_socket_lb_attached 1");
 }
 
 #[test]
@@ -294,6 +304,7 @@ fn off_leaves_pods_to_the_tc_path_and_still_serves_the_node() {
         }
     }
     assert_eq!(lab.events()["sock_connect"], 2 + 5, "the node's TCP connects were translated at the socket");
+    assert_eq!(lab.socket_lb_gauge(), "mcs_agent_socket_lb_attached 0", "off for pods");
     drop(agent);
 
     // And entirely off: the socket programs are gone, the node cannot reach the VIP.
@@ -344,4 +355,54 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_the_next_reaches_a_l
         }
     }
     assert_eq!(ended, removed);
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_sockets_are_translated_too() {
+    use mcs_tests::topology::v6;
+    let lab = lab();
+    let vip6 = v6(Ipv4Addr::new(10, 96, 0, 40));
+    let pods: Vec<Ipv4Addr> = lab.all_pods();
+    let ready: Vec<String> = pods.iter().map(|ip| format!("{{addresses: [\"{}\"]}}", v6(*ip))).collect();
+    let yaml = format!(
+        r#"apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {{name: six, namespace: demo}}
+spec: {{type: ClusterSetIP, ips: ["{vip6}"], ipFamilies: [IPv6], ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: six-all
+  namespace: demo
+  labels: {{multicluster.kubernetes.io/service-name: six, multicluster.kubernetes.io/source-cluster: cluster-b}}
+addressType: IPv6
+ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints: [{}]
+"#,
+        ready.join(", ")
+    );
+    manifests::write(lab.dir.path(), "six.yaml", &yaml);
+    let _agent = lab.agent(&[]);
+    let cgroup = Some(lab.cgroup.path());
+    let pod6 = IpAddr::from(v6(lab.set.clients[0].ip));
+    for (mode, port) in [("tcp", 80), ("udp", 53), ("udp-connected", 53)] {
+        let target = SocketAddr::new(vip6.into(), port);
+        let outcomes = requests(lab.pod(), cgroup, mode, target, 20);
+        for outcome in &outcomes {
+            let (identity, peer_seen, reply_from) = ok(outcome);
+            assert_eq!(reply_from, target, "{mode} over IPv6");
+            assert_eq!(peer_seen.ip(), pod6, "{mode}: the backend sees the pod's IPv6 address");
+            assert!(identity.starts_with("cluster-"), "{identity}");
+        }
+    }
+    // A dual-stack (AF_INET6) socket dialing the IPv4 VIP as ::ffff:a.b.c.d.
+    let mapped = SocketAddr::new(VIP.to_ipv6_mapped().into(), 80);
+    for outcome in requests(lab.pod(), cgroup, "tcp", mapped, 10) {
+        let (_, peer_seen, reply_from) = ok(&outcome);
+        assert_eq!(reply_from, mapped, "getpeername shows the mapped VIP");
+        assert_eq!(peer_seen.ip(), lab.pod_ip());
+    }
+    let events = lab.events();
+    assert_eq!(events["new_flow"], 0, "all at the socket: {events:?}");
 }
