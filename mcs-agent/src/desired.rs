@@ -6,6 +6,7 @@
 //! has the same name and protocol as the import port.
 
 use std::{
+    sync::Arc,
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -110,7 +111,9 @@ pub struct Locality {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: BackendAddr,
-    pub locality: Locality,
+    /// Shared: one allocation per slice endpoint, whatever the number of
+    /// frontends (ports, passes) that list it.
+    pub locality: Arc<Locality>,
     pub condition: Condition,
 }
 
@@ -367,7 +370,7 @@ struct ValidSlice {
     skipped: Vec<ObjectError>,
     /// (name, protocol) -> port number
     ports: BTreeMap<(String, Protocol), u16>,
-    endpoints: Vec<(IpAddr, Locality, Condition)>,
+    endpoints: Vec<(IpAddr, Arc<Locality>, Condition)>,
 }
 
 /// `IPv4` or `IPv6`, as `ipFamilies` and `addressType` spell them.
@@ -418,12 +421,12 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
         } else {
             Condition::NotReady
         };
-        let locality = Locality {
+        let locality = Arc::new(Locality {
             cluster: cluster.clone(),
             zone: endpoint.zone.clone(),
             region: region.clone(),
             node: endpoint.node_name.clone(),
-        };
+        });
         for (j, raw) in endpoint.addresses.iter().enumerate() {
             let ip: IpAddr =
                 if v6 { raw.parse::<Ipv6Addr>().map(IpAddr::from) } else { raw.parse::<Ipv4Addr>().map(IpAddr::from) }

@@ -286,7 +286,8 @@ mod tests {
                 zone: Some(zone.into()),
                 region: region.map(Into::into),
                 node: None,
-            },
+            }
+            .into(),
             condition,
         }
     }

@@ -102,12 +102,21 @@ fn the_daemonset_runs_on_every_node_with_named_capabilities_not_privileged() {
     assert!(resources.limits.as_ref().unwrap().contains_key("memory"), "BPF maps are charged to the pod");
     let mounts = agent.volume_mounts.as_ref().unwrap();
     let paths: Vec<&str> = mounts.iter().map(|m| m.mount_path.as_str()).collect();
-    assert_eq!(paths, ["/sys/fs/bpf", "/run/mcs-agent"], "bpffs and the state for inspect");
+    assert_eq!(
+        paths,
+        ["/sys/fs/bpf", "/run/mcs-agent", "/host/cgroup", "/var/run/netns"],
+        "bpffs, the state for inspect, the host's cgroup2 (socket LB) and pods' namespaces (ending sockets)"
+    );
     assert_eq!(mounts[0].mount_propagation.as_deref(), Some("HostToContainer"));
-    // The args are the agent's own flags.
+    assert_eq!(mounts[2].read_only, Some(true), "attaching to a cgroup needs no write");
+    assert_eq!(mounts[3].read_only, Some(true));
+    // The args are the agent's own flags (that they parse: the agent's own test).
     let args = agent.args.clone().unwrap();
     assert_eq!(args[0], "run");
-    assert!(args.iter().all(|a| a == "run" || a.starts_with("--interface-pattern=")));
+    assert!(
+        args.iter()
+            .all(|a| a == "run" || a.starts_with("--interface-pattern=") || a.starts_with("--socket-lb-cgroup="))
+    );
 }
 
 /// (apiGroup, resource, verbs) the ClusterRole grants.
