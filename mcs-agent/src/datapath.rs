@@ -224,6 +224,8 @@ struct Maps {
     selection: SlotMemory,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
+    conntrack6: HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>,
+    rev_nat6: HashMap<MapData, RevNatKey<Ip6>, RevNatValue<Ip6>>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     affinity6: HashMap<MapData, AffinityKey<Ip6>, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
@@ -698,6 +700,8 @@ impl Datapath {
             selection: map_selection(&mut ebpf, capacity.slots)?,
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
             rev_nat: take(&mut ebpf, MAP_REV_NAT)?,
+            conntrack6: take(&mut ebpf, MAP_CONNTRACK6)?,
+            rev_nat6: take(&mut ebpf, MAP_REV_NAT6)?,
             affinity: take(&mut ebpf, MAP_AFFINITY)?,
             stats: take(&mut ebpf, MAP_STATS)?,
             config: take(&mut ebpf, MAP_CONFIG)?,
@@ -1415,14 +1419,16 @@ pub fn uninstall(bpffs: &Path) -> Result<Uninstalled, DatapathError> {
     Ok(done)
 }
 
-/// Copies established flows and affinity from an older layout's pinned maps
-/// into this agent's, where their shapes are the same, mapping service and
-/// backend ids through the frontends and addresses both sides know. Entries
-/// this agent already has win. Returns (conntrack, reverse NAT, affinity)
-/// entries copied.
+/// Copies established flows, affinity and socket translations (both
+/// families) from an older layout's pinned maps into this agent's, where
+/// their shapes are the same, mapping service and backend ids through the
+/// frontends and addresses both sides know. Entries this agent already has
+/// win. Returns (conntrack, reverse NAT, affinity) entries copied; socket
+/// translations count with reverse NAT.
 ///
-/// A layout bump that changes `CtKey`/`CtValue`, `RevNatKey`/`RevNatValue` or
-/// the affinity types must add a conversion here (see ARCHITECTURE.md).
+/// A layout bump that changes `CtKey`/`CtValue`, `RevNatKey`/`RevNatValue`,
+/// the affinity or the `SockRev` types must add a conversion here (see
+/// ARCHITECTURE.md).
 pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usize) {
     fn open<K: aya::Pod, V: aya::Pod>(old: &LayoutDir, name: &'static str) -> Option<HashMap<MapData, K, V>> {
         let path = old.map(name);
@@ -1440,58 +1446,110 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usi
         let map = if kind == MapType::LruHash { Map::LruHashMap(data) } else { Map::HashMap(data) };
         HashMap::try_from(map).ok()
     }
-    let old_services: Option<HashMap<MapData, ServiceKey, ServiceValue>> = open(old, MAP_SERVICES);
+    /// Copies `from` into `to`, each value through `convert` (None: skip).
+    fn copy<K: aya::Pod, V: aya::Pod>(
+        old: &LayoutDir,
+        name: &'static str,
+        to: &mut HashMap<MapData, K, V>,
+        convert: impl Fn(&mut K, &mut V) -> bool,
+    ) -> usize {
+        let Some(from) = open::<K, V>(old, name) else { return 0 };
+        let no_exist = 1; // BPF_NOEXIST
+        let mut n = 0;
+        for (mut k, mut v) in from.iter().filter_map(Result::ok) {
+            if convert(&mut k, &mut v) && to.insert(k, v, no_exist).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+    let old_services = |name| -> Vec<(FrontendKey, u32)> {
+        let pairs = |m: HashMap<MapData, ServiceKey, ServiceValue>| -> Vec<(FrontendKey, u32)> {
+            m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_of(&k).ok()?, v.service_id))).collect()
+        };
+        let pairs6 = |m: HashMap<MapData, ServiceKey<Ip6>, ServiceValue>| -> Vec<(FrontendKey, u32)> {
+            m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_of(&k).ok()?, v.service_id))).collect()
+        };
+        if name == MAP_SERVICES { open(old, name).map(pairs) } else { open(old, name).map(pairs6) }.unwrap_or_default()
+    };
+    let new_service_ids: BTreeMap<FrontendKey, u32> =
+        current.kernel_state().services.into_iter().filter_map(|(k, v)| Some((k.ok()?, v.service_id))).collect();
+    let service_id: BTreeMap<u32, u32> = old_services(MAP_SERVICES)
+        .into_iter()
+        .chain(old_services(MAP_SERVICES6))
+        .filter_map(|(k, old_id)| Some((old_id, *new_service_ids.get(&k)?)))
+        .collect();
     let old_backends =
         MapData::from_pin(old.map(MAP_BACKENDS)).ok().and_then(|d| Array::<_, Backend>::try_from(Map::Array(d)).ok());
-    let new_service_ids: BTreeMap<ServiceKey, u32> =
-        current.services().into_iter().map(|(k, v)| (k, v.service_id)).collect();
-    let service_id: BTreeMap<u32, u32> = old_services
-        .iter()
-        .flat_map(|m| m.iter().filter_map(Result::ok))
-        .filter_map(|(k, v)| Some((v.service_id, *new_service_ids.get(&k)?)))
-        .collect();
+    let old_backends6 = MapData::from_pin(old.map(MAP_BACKENDS6))
+        .ok()
+        .and_then(|d| Array::<_, Backend<Ip6>>::try_from(Map::Array(d)).ok());
     let new_backend_ids: BTreeMap<BackendAddr, u32> =
         current.kernel_state().backends.into_iter().map(|(id, b)| (b, id)).collect();
+    // Ids are one space over both families: an id names a backend in one of them.
     let backend_id = |old_id: u32| -> u32 {
-        old_backends
+        let addr = old_backends
             .as_ref()
             .and_then(|m| m.get(&old_id, 0).ok())
-            .and_then(|b| new_backend_ids.get(&backend_addr(&b)).copied())
-            .unwrap_or(mcs_common::NO_BACKEND)
+            .filter(|b| *b != Backend::default())
+            .map(|b| backend_addr(&b))
+            .or_else(|| {
+                old_backends6
+                    .as_ref()
+                    .and_then(|m| m.get(&old_id, 0).ok())
+                    .filter(|b| *b != Backend::default())
+                    .map(|b| backend_addr(&b))
+            });
+        addr.and_then(|a| new_backend_ids.get(&a).copied()).unwrap_or(mcs_common::NO_BACKEND)
     };
-    let no_exist = 1; // BPF_NOEXIST
-    let mut copied = (0, 0, 0);
-    if let Some(ct) = open::<CtKey, CtValue>(old, MAP_CONNTRACK) {
-        for (k, mut v) in ct.iter().filter_map(Result::ok) {
-            v.backend_id = backend_id(v.backend_id);
-            v.service_id = service_id.get(&v.service_id).copied().unwrap_or(0);
-            if current.maps.conntrack.insert(k, v, no_exist).is_ok() {
-                copied.0 += 1;
+    let service = |id: u32| service_id.get(&id).copied();
+    let maps = &mut current.maps;
+    // One conversion per value type, instantiated for each family.
+    macro_rules! ct {
+        () => {
+            |_: &mut _, v: &mut CtValue<_>| {
+                v.backend_id = backend_id(v.backend_id);
+                v.service_id = service(v.service_id).unwrap_or(0);
+                true
             }
-        }
+        };
     }
-    if let Some(rev) = open::<RevNatKey, RevNatValue>(old, MAP_REV_NAT) {
-        for (k, mut v) in rev.iter().filter_map(Result::ok) {
-            v.backend_id = backend_id(v.backend_id);
-            if current.maps.rev_nat.insert(k, v, no_exist).is_ok() {
-                copied.1 += 1;
+    macro_rules! rev {
+        () => {
+            |_: &mut _, v: &mut RevNatValue<_>| {
+                v.backend_id = backend_id(v.backend_id);
+                true
             }
-        }
+        };
     }
-    if let Some(affinity) = open::<AffinityKey, AffinityValue>(old, MAP_AFFINITY) {
-        for (mut k, mut v) in affinity.iter().filter_map(Result::ok) {
-            let (Some(&sid), bid) = (service_id.get(&k.service_id), backend_id(v.backend_id)) else { continue };
-            if bid == mcs_common::NO_BACKEND {
-                continue;
+    macro_rules! sock {
+        () => {
+            |_: &mut _, v: &mut SockRevValue<_>| {
+                v.backend_id = backend_id(v.backend_id);
+                v.service_id = service(v.service_id).unwrap_or(0);
+                true
             }
-            k.service_id = sid;
-            v.backend_id = bid;
-            if current.maps.affinity.insert(k, v, no_exist).is_ok() {
-                copied.2 += 1;
-            }
-        }
+        };
     }
-    copied
+    macro_rules! affinity {
+        () => {
+            |k: &mut AffinityKey<_>, v: &mut AffinityValue| {
+                let (Some(sid), bid) = (service(k.service_id), backend_id(v.backend_id)) else { return false };
+                k.service_id = sid;
+                v.backend_id = bid;
+                bid != mcs_common::NO_BACKEND
+            }
+        };
+    }
+    let conntrack =
+        copy(old, MAP_CONNTRACK, &mut maps.conntrack, ct!()) + copy(old, MAP_CONNTRACK6, &mut maps.conntrack6, ct!());
+    let rev_nat = copy(old, MAP_REV_NAT, &mut maps.rev_nat, rev!())
+        + copy(old, MAP_REV_NAT6, &mut maps.rev_nat6, rev!())
+        + copy(old, MAP_SOCK_REV, &mut maps.sock_rev, sock!())
+        + copy(old, MAP_SOCK_REV6, &mut maps.sock_rev6, sock!());
+    let affinity = copy(old, MAP_AFFINITY, &mut maps.affinity, affinity!())
+        + copy(old, MAP_AFFINITY6, &mut maps.affinity6, affinity!());
+    (conntrack, rev_nat, affinity)
 }
 
 /// Removes an older layout once this agent serves every interface: its

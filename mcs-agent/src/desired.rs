@@ -6,10 +6,10 @@
 //! has the same name and protocol as the import port.
 
 use std::{
-    sync::Arc,
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;

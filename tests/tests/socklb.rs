@@ -406,3 +406,59 @@ endpoints: [{}]
     let events = lab.events();
     assert_eq!(events["new_flow"], 0, "all at the socket: {events:?}");
 }
+
+#[test]
+fn a_layout_bump_carries_ipv6_flows_and_socket_translations() {
+    use mcs_tests::{topology::v6, traffic::Connection};
+    let lab = lab();
+    let vip6 = v6(Ipv4Addr::new(10, 96, 0, 40));
+    let ready: Vec<String> = lab.all_pods().iter().map(|ip| format!("{{addresses: [\"{}\"]}}", v6(*ip))).collect();
+    let yaml = format!(
+        r#"apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {{name: six, namespace: demo}}
+spec: {{type: ClusterSetIP, ips: ["{vip6}"], ipFamilies: [IPv6], ports: [{{name: http, port: 80, protocol: TCP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: six-all
+  namespace: demo
+  labels: {{multicluster.kubernetes.io/service-name: six, multicluster.kubernetes.io/source-cluster: cluster-b}}
+addressType: IPv6
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{}]
+"#,
+        ready.join(", ")
+    );
+    manifests::write(lab.dir.path(), "six.yaml", &yaml);
+    let agent = lab.agent(&[]);
+    // Through TC (this thread is not in the cgroup): an IPv6 connection held open.
+    let mut held = Connection::open(lab.pod(), SocketAddr::new(vip6.into(), 80)).expect("IPv6 through the VIP");
+    let before = held.request().expect("first request");
+    // At the socket: a connected UDP socket held open.
+    let dns = SocketAddr::new(VIP.into(), 53);
+    let mut udp = HeldClient::start(lab.pod(), Some(lab.cgroup.path()), "udp-connected", dns);
+    let udp_before = udp.request();
+    assert_eq!(ok(&udp_before).2, dns);
+
+    let (clean, _) = agent.stop();
+    assert!(clean);
+    // Eight more endpoints (addresses nobody answers on): a flow the new
+    // layout did not carry would be selected afresh, most likely onto one of
+    // them, and break. A carried flow stays pinned to its backend.
+    let mut more = ready.clone();
+    more.extend((100..108).map(|k| format!("{{addresses: [\"{}\"]}}", v6(Ipv4Addr::new(10, 10, 0, k)))));
+    manifests::write(lab.dir.path(), "six.yaml", &yaml.replace(&ready.join(", "), &more.join(", ")));
+    let next = (mcs_common::LAYOUT_VERSION + 1).to_string();
+    let _agent = lab.agent(&["--layout-version", &next]);
+    let old = mcs_agent::datapath::pin_dir(lab.bpffs.path());
+    assert!(!old.exists(), "the old layout is retired");
+
+    let after = held.request().expect("the IPv6 connection survives the layout bump");
+    assert_eq!(after.identity, before.identity, "on the same backend");
+    assert_eq!(after.reply_from, before.reply_from);
+    let udp_after = udp.request();
+    assert_eq!(ok(&udp_after).0, ok(&udp_before).0, "the UDP socket stays on its backend");
+    assert_eq!(ok(&udp_after).2, dns, "and still sees the VIP as its peer");
+}
