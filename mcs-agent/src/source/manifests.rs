@@ -89,6 +89,31 @@ fn stamp_of(path: &Path) -> Result<Option<Stamp>, ManifestError> {
     }
 }
 
+/// The manifest files of a directory with their stamps: a walk that reads
+/// no file, for the periodic resync off the agent's loop.
+#[derive(Debug, Default)]
+pub struct Scan(BTreeMap<PathBuf, Stamp>);
+
+impl Scan {
+    pub fn of(dir: &Path) -> Result<Self, ManifestError> {
+        let entries = fs::read_dir(dir).map_err(|source| ManifestError::Read { path: dir.to_owned(), source })?;
+        let mut files = BTreeMap::new();
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)) {
+            if let Ok(Some(stamp)) = stamp_of(&path) {
+                files.insert(path, stamp);
+            }
+        }
+        Ok(Self(files))
+    }
+
+    /// Files that appeared, vanished or changed since `earlier`.
+    pub fn changed_since(&self, earlier: &Scan) -> Vec<PathBuf> {
+        let changed = self.0.iter().filter(|(p, s)| earlier.0.get(*p) != Some(s)).map(|(p, _)| p.clone());
+        let vanished = earlier.0.keys().filter(|p| !self.0.contains_key(*p)).cloned();
+        changed.chain(vanished).collect()
+    }
+}
+
 /// Reads and parses one file; `None` when it vanished meanwhile.
 fn parse_file(path: &Path, stamp: Stamp) -> Option<File> {
     let (snapshot, errors) = match fs::read_to_string(path) {
@@ -349,5 +374,29 @@ items:
         assert!(!is_manifest(Path::new("/d/.web.yaml.swp")));
         assert!(!is_manifest(Path::new("/d/.hidden.yaml")));
         assert!(!is_manifest(Path::new("/d/README.md")));
+    }
+
+    #[test]
+    fn a_scan_names_files_that_appeared_changed_or_vanished() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            // As tools write: a new file renamed over the old one.
+            let tmp = dir.path().join(format!(".{name}.tmp"));
+            fs::write(&tmp, text).unwrap();
+            fs::rename(&tmp, dir.path().join(name)).unwrap();
+        };
+        write("a.yaml", "a");
+        write("b.yaml", "b");
+        write("c.yaml", "c");
+        fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let before = Scan::of(dir.path()).unwrap();
+        assert!(Scan::of(dir.path()).unwrap().changed_since(&before).is_empty(), "nothing changed");
+        write("b.yaml", "b, edited");
+        write("d.yaml", "d");
+        fs::remove_file(dir.path().join("c.yaml")).unwrap();
+        let mut changed = Scan::of(dir.path()).unwrap().changed_since(&before);
+        changed.sort();
+        let names: Vec<&str> = changed.iter().map(|p| p.file_name().unwrap().to_str().unwrap()).collect();
+        assert_eq!(names, ["b.yaml", "c.yaml", "d.yaml"]);
     }
 }
