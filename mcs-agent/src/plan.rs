@@ -280,6 +280,18 @@ pub struct PlanSummary {
     pub slots_written: usize,
 }
 
+impl PlanSummary {
+    pub fn plus(self, o: Self) -> Self {
+        Self {
+            services_written: self.services_written + o.services_written,
+            services_deleted: self.services_deleted + o.services_deleted,
+            backends_added: self.backends_added + o.backends_added,
+            backends_removed: self.backends_removed + o.backends_removed,
+            slots_written: self.slots_written + o.slots_written,
+        }
+    }
+}
+
 /// A backend's share as an integer Maglev weight (parts per million, at least 1).
 fn weight_units(share: f64) -> u32 {
     (share * 1_000_000.0).round().max(1.0) as u32
