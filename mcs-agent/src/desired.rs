@@ -410,6 +410,7 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
     let label = |key: &str| slice.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
     let (cluster, region) = (label(LABEL_SOURCE_CLUSTER), label(LABEL_REGION));
     let mut endpoints = Vec::new();
+    let mut localities: Vec<Arc<Locality>> = Vec::new();
     for (i, endpoint) in slice.endpoints.iter().enumerate() {
         let conditions = endpoint.conditions.as_ref();
         let condition = if conditions.and_then(|c| c.ready).unwrap_or(true) {
@@ -421,12 +422,24 @@ fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<Option<Valid
         } else {
             Condition::NotReady
         };
-        let locality = Arc::new(Locality {
-            cluster: cluster.clone(),
-            zone: endpoint.zone.clone(),
-            region: region.clone(),
-            node: endpoint.node_name.clone(),
-        });
+        // Endpoints of a slice mostly share a zone (and a node, or none):
+        // one allocation for each distinct locality.
+        let same = |l: &&Arc<Locality>| l.zone == endpoint.zone && l.node == endpoint.node_name;
+        let locality = match localities.iter().rev().find(same) {
+            Some(known) => known.clone(),
+            None => {
+                let new = Arc::new(Locality {
+                    cluster: cluster.clone(),
+                    zone: endpoint.zone.clone(),
+                    region: region.clone(),
+                    node: endpoint.node_name.clone(),
+                });
+                if localities.len() < 16 {
+                    localities.push(new.clone());
+                }
+                new
+            }
+        };
         for (j, raw) in endpoint.addresses.iter().enumerate() {
             let ip: IpAddr =
                 if v6 { raw.parse::<Ipv6Addr>().map(IpAddr::from) } else { raw.parse::<Ipv4Addr>().map(IpAddr::from) }

@@ -235,21 +235,24 @@ impl StateWriter {
 }
 
 fn write_joined(dir: &Path, frontends: &std::collections::BTreeMap<crate::desired::FrontendKey, Box<str>>) {
-    let mut text = String::with_capacity(frontends.values().map(|f| f.len() + 1).sum::<usize>() + 64);
-    text.push_str(&format!("{{\"schema\":{SCHEMA},\"layout_version\":{},\"frontends\":[", mcs_common::LAYOUT_VERSION));
-    for (i, json) in frontends.values().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str(json);
-    }
-    text.push_str("]}");
-    let result = std::fs::create_dir_all(dir).and_then(|()| {
+    use std::io::Write as _;
+    // Streamed: the joined document is as large as every frontend's JSON.
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(".{FILE}.tmp"));
-        std::fs::write(&tmp, &text)?;
+        let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
+        write!(out, "{{\"schema\":{SCHEMA},\"layout_version\":{},\"frontends\":[", mcs_common::LAYOUT_VERSION)?;
+        for (i, json) in frontends.values().enumerate() {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            out.write_all(json.as_bytes())?;
+        }
+        out.write_all(b"]}")?;
+        out.into_inner().map_err(|e| e.into_error())?;
         std::fs::rename(&tmp, dir.join(FILE))
-    });
-    if let Err(e) = result {
+    };
+    if let Err(e) = write() {
         tracing::warn!(dir = %dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
     }
 }
