@@ -269,10 +269,9 @@ impl Reconciler {
                 // What the kernel holds is now unknown: start again from it, as a
                 // restarted agent would, and plan every frontend next pass.
                 let kernel = datapath.kernel_state();
-                let (applied, _) =
-                    Applied::adopt(self.applied.capacity(), &kernel.services, &kernel.backends, |i| {
-                        datapath.selection_slot(i)
-                    });
+                let (applied, _) = Applied::adopt(self.applied.capacity(), &kernel.services, &kernel.backends, |i| {
+                    datapath.selection_slot(i)
+                });
                 self.pending = self.model.state().frontends.keys().chain(applied.keys()).copied().collect();
                 self.applied = applied;
                 return Err(e);
