@@ -47,9 +47,11 @@ pub const PIN_ROOT: &str = "mcs";
 pub const PROG_INGRESS: &str = "mcs_ingress";
 pub const PROG_EGRESS: &str = "mcs_egress";
 /// Socket-level load balancing: cgroup `sock_addr` programs, one per hook.
-/// Socket-level load balancing: cgroup `sock_addr` programs, one per hook,
-/// in attach order (the reverse translations before the calls that need them).
-pub const PROG_SOCK: [(&str, SockHook); 8] = [
+/// Socket-level load balancing: cgroup programs, one per hook, in attach
+/// order (passive health's `sock_ops` counter and the reverse translations
+/// before the calls that need them).
+pub const PROG_SOCK: [(&str, SockHook); 9] = [
+    ("mcs_sockops", SockHook::Ops),
     ("mcs_recvmsg4", SockHook::Recvmsg4),
     ("mcs_recvmsg6", SockHook::Recvmsg6),
     ("mcs_peername4", SockHook::Getpeername4),
@@ -63,6 +65,8 @@ pub const PROG_SOCK: [(&str, SockHook); 8] = [
 /// The cgroup hooks of socket-level load balancing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SockHook {
+    /// `sock_ops`: connection outcomes of translated TCP sockets (passive health).
+    Ops,
     Connect4,
     Connect6,
     Sendmsg4,
@@ -77,6 +81,7 @@ impl SockHook {
     /// The name of its pinned link, `<layout>/links/cgroup/<name>`.
     pub const fn pin_name(self) -> &'static str {
         match self {
+            SockHook::Ops => "sockops",
             SockHook::Connect4 => "connect4",
             SockHook::Connect6 => "connect6",
             SockHook::Sendmsg4 => "sendmsg4",

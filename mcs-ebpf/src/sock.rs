@@ -12,8 +12,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_set_retval,
     },
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use mcs_common::{
     CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH, ServiceKey,
@@ -23,7 +23,7 @@ use mcs_common::{
 use crate::{
     family::{Family, V4, V6},
     ingress::select,
-    maps::{HOST_NETNS, SOCK_EXCLUDE, backend_stats, config, count, service_stats},
+    maps::{HOST_NETNS, SOCK_EXCLUDE, backend_stats, config, count, health_add, service_stats},
 };
 
 /// What a `sock_addr` program returns to let the call go on (1), or to fail
@@ -313,4 +313,67 @@ fn reverse<U: UserAddr>(ctx: &SockAddrContext) {
     U::set(ctx, vip);
     set_user_port(ctx, vip_port);
     count(Stat::SockRevNat);
+}
+
+// Passive health for sockets translated at connect(): their SYNs go to the
+// pod directly, so the TC programs never see them. The socket's own TCP
+// events stand in: the SYN leaving (a connection attempt), the handshake
+// completing (a SYN-ACK), and the attempt ending without one (refused, or
+// given up), counted like a RST answering the SYN.
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[sock_ops]
+pub fn mcs_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    let failed = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_CLOSE;
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && !failed {
+        return 1;
+    }
+    // SAFETY: helper without preconditions for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // The remote port sits in the upper half, in network byte order.
+    let port = (ctx.remote_port() >> 16) as u16;
+    let id = match ctx.family() {
+        AF_INET => backend_of::<V4>(cookie, ctx.remote_ip4(), port),
+        AF_INET6 => {
+            let a = ctx.remote_ip6();
+            if a[0] == 0 && a[1] == 0 && a[2] == MAPPED_PREFIX {
+                backend_of::<V4>(cookie, a[3], port)
+            } else {
+                backend_of::<V6>(cookie, a, port)
+            }
+        }
+        _ => None,
+    };
+    let Some(id) = id else {
+        return 1;
+    };
+    // Direct calls: BPF has no indirect ones.
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // Only translated sockets ask for their state changes.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
+        health_add(id, |h| &mut h.syns);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        health_add(id, |h| &mut h.synacks);
+    } else {
+        health_add(id, |h| &mut h.syn_rsts);
+    }
+    1
+}
+
+/// The backend id a socket translated at connect() was sent to, while the
+/// id still names that backend.
+#[inline(always)]
+fn backend_of<F: Family>(cookie: u64, ip: F::A, port: u16) -> Option<u32> {
+    let rev = F::sock_rev().get_ptr(SockRevKey::new(cookie, ip, port))?;
+    // SAFETY: map value pointer, valid for this program run.
+    let id = unsafe { (*rev).backend_id };
+    F::backends().get(id).filter(|b| b.ip == ip && b.port == port).map(|_| id)
 }

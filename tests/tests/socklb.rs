@@ -462,3 +462,55 @@ endpoints: [{}]
     assert_eq!(ok(&udp_after).0, ok(&udp_before).0, "the UDP socket stays on its backend");
     assert_eq!(ok(&udp_after).2, dns, "and still sees the VIP as its peer");
 }
+
+#[test]
+fn passive_health_sees_connections_made_at_the_socket() {
+    // One cluster of three pods; the third answers nothing on 8080 (refused).
+    let mut set = Clusterset::new(1, &["cluster-a"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = &mut set.clusters[0];
+    let pods: Vec<Ipv4Addr> = (0..3).map(|_| cluster.add_pod()).collect();
+    let _servers: Vec<Server> = pods[..2]
+        .iter()
+        .enumerate()
+        .map(|(k, ip)| Server::tcp(&cluster.ns, *ip, 8080, &format!("cluster-a/pod-{}", k + 1)))
+        .collect();
+    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
+    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|ip| (*ip, true)).collect();
+    manifests::write(
+        dir.path(),
+        "slice.yaml",
+        &endpoint_slice("demo", "web", "cluster-a", &[("http", 8080, "TCP")], &endpoints),
+    );
+    let cgroup = TestCgroup::new("mcs-sockhealth");
+    let bpffs = ScratchBpffs::new();
+    let (cg, fs) = (cgroup.agent_path(), bpffs.arg());
+    let _agent = Agent::start(
+        &set.node,
+        dir.path(),
+        &set.client_ifaces(),
+        &["--bpffs", &fs, "--socket-lb", "on", "--socket-lb-cgroup", &cg],
+    );
+    let target = SocketAddr::new(VIP.into(), 80);
+    // One of three may be out (the 50 % limit): the gauge counts the cluster's.
+    let ejected = |body: &str| body.lines().any(|l| l.starts_with("mcs_agent_backend_ejected{") && l.ends_with(" 1"));
+    // Connections at the socket, some refused by the dead pod, until the
+    // agent ejects it (its SYNs never reach a TC program).
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    loop {
+        refused += requests(&set.clients[0].ns, Some(cgroup.path()), "tcp", target, 10)
+            .iter()
+            .filter(|o| matches!(o, Outcome::Err { .. }))
+            .count();
+        let (_, body) = probe(&set.node, "/metrics").expect("/metrics");
+        if ejected(&body) {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 20, "the refusing pod was never ejected ({refused} refused):\n{body}");
+    }
+    assert!(refused >= 5, "ejected after {refused} refusals: the threshold is 5 in a row");
+    // Ejected: new connections go to the live pods only.
+    let after = requests(&set.clients[0].ns, Some(cgroup.path()), "tcp", target, 40);
+    assert!(after.iter().all(|o| matches!(o, Outcome::Ok { .. })), "{after:?}");
+}

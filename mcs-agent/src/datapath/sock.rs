@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::programs::{CgroupAttachMode, links::FdLink};
 use mcs_common::{
     Backend, CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, MAP_HOST_NETNS, MAP_SOCK_EXCLUDE, PROG_SOCK, ServiceKey,
     SockHook, SockRevKey, SockRevValue, ip_to_map, ip6_to_map,
@@ -83,19 +83,36 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-fn sock_program<'a>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })
-}
-
 /// Loads (verifies) the socket programs.
 pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
     for (name, _) in PROG_SOCK {
-        sock_program(ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+        let program = ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))?;
+        let loaded = match program {
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            aya::programs::Program::SockOps(p) => p.load(),
+            _ => return Err(DatapathError::MissingProgram(name)),
+        };
+        loaded.map_err(|source| DatapathError::Program { name, source })?;
     }
     Ok(())
+}
+
+/// Attaches one socket program to the cgroup behind `dir`, as a link (kernel
+/// 5.7+: always one of many on its cgroup; the kernel refuses any flag with it).
+fn attach_one(ebpf: &mut aya::Ebpf, name: &'static str, dir: &File, cgroup: &Path) -> Result<FdLink, DatapathError> {
+    let err = |source| DatapathError::Program { name, source };
+    let link: Result<FdLink, _> = match ebpf.program_mut(name).ok_or(DatapathError::MissingProgram(name))? {
+        aya::programs::Program::CgroupSockAddr(p) => {
+            let id = p.attach(dir, CgroupAttachMode::Single).map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }
+        aya::programs::Program::SockOps(p) => {
+            let id = p.attach(dir, CgroupAttachMode::Single).map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }
+        _ => return Err(DatapathError::MissingProgram(name)),
+    };
+    link.map_err(|e| DatapathError::Cgroup { path: cgroup.to_owned(), message: format!("{name}: {e}") })
 }
 
 impl Datapath {
@@ -112,17 +129,7 @@ impl Datapath {
             });
         }
         for (name, _) in PROG_SOCK {
-            let program = sock_program(&mut self.ebpf, name)?;
-            // A link (kernel 5.7+) is always one of many on its cgroup; the
-            // kernel refuses any flag with it.
-            let id = program
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-            made.push(
-                FdLink::try_from(link)
-                    .map_err(|e| DatapathError::Cgroup { path: cgroup.to_owned(), message: format!("{name}: {e}") })?,
-            );
+            made.push(attach_one(&mut self.ebpf, name, &dir, cgroup)?);
         }
         let mut links = Vec::new();
         for ((_, hook), link) in PROG_SOCK.into_iter().zip(made) {
