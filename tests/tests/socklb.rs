@@ -357,14 +357,13 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_and_the_next_reaches_a_l
     assert_eq!(ended, removed);
 }
 
-#[test]
-fn ipv6_and_ipv4_mapped_sockets_are_translated_too() {
-    use mcs_tests::topology::v6;
-    let lab = lab();
-    let vip6 = v6(Ipv4Addr::new(10, 96, 0, 40));
-    let pods: Vec<Ipv4Addr> = lab.all_pods();
-    let ready: Vec<String> = pods.iter().map(|ip| format!("{{addresses: [\"{}\"]}}", v6(*ip))).collect();
-    let yaml = format!(
+const VIP6_V4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+
+/// An IPv6-only import `demo/six` (http 80 → 8080, dns 53 → 5353) on these endpoints.
+fn six_manifest(endpoints: &[std::net::Ipv6Addr]) -> String {
+    let vip6 = mcs_tests::topology::v6(VIP6_V4);
+    let ready: Vec<String> = endpoints.iter().map(|ip| format!("{{addresses: [\"{ip}\"]}}")).collect();
+    format!(
         r#"apiVersion: multicluster.x-k8s.io/v1beta1
 kind: ServiceImport
 metadata: {{name: six, namespace: demo}}
@@ -381,8 +380,16 @@ ports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, prot
 endpoints: [{}]
 "#,
         ready.join(", ")
-    );
-    manifests::write(lab.dir.path(), "six.yaml", &yaml);
+    )
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_sockets_are_translated_too() {
+    use mcs_tests::topology::v6;
+    let lab = lab();
+    let vip6 = v6(VIP6_V4);
+    let pods: Vec<_> = lab.all_pods().iter().map(|ip| v6(*ip)).collect();
+    manifests::write(lab.dir.path(), "six.yaml", &six_manifest(&pods));
     let _agent = lab.agent(&[]);
     let cgroup = Some(lab.cgroup.path());
     let pod6 = IpAddr::from(v6(lab.set.clients[0].ip));
@@ -411,27 +418,9 @@ endpoints: [{}]
 fn a_layout_bump_carries_ipv6_flows_and_socket_translations() {
     use mcs_tests::{topology::v6, traffic::Connection};
     let lab = lab();
-    let vip6 = v6(Ipv4Addr::new(10, 96, 0, 40));
-    let ready: Vec<String> = lab.all_pods().iter().map(|ip| format!("{{addresses: [\"{}\"]}}", v6(*ip))).collect();
-    let yaml = format!(
-        r#"apiVersion: multicluster.x-k8s.io/v1beta1
-kind: ServiceImport
-metadata: {{name: six, namespace: demo}}
-spec: {{type: ClusterSetIP, ips: ["{vip6}"], ipFamilies: [IPv6], ports: [{{name: http, port: 80, protocol: TCP}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: six-all
-  namespace: demo
-  labels: {{multicluster.kubernetes.io/service-name: six, multicluster.kubernetes.io/source-cluster: cluster-b}}
-addressType: IPv6
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints: [{}]
-"#,
-        ready.join(", ")
-    );
-    manifests::write(lab.dir.path(), "six.yaml", &yaml);
+    let vip6 = v6(VIP6_V4);
+    let pods: Vec<_> = lab.all_pods().iter().map(|ip| v6(*ip)).collect();
+    manifests::write(lab.dir.path(), "six.yaml", &six_manifest(&pods));
     let agent = lab.agent(&[]);
     // Through TC (this thread is not in the cgroup): an IPv6 connection held open.
     let mut held = Connection::open(lab.pod(), SocketAddr::new(vip6.into(), 80)).expect("IPv6 through the VIP");
@@ -447,9 +436,9 @@ endpoints: [{}]
     // Eight more endpoints (addresses nobody answers on): a flow the new
     // layout did not carry would be selected afresh, most likely onto one of
     // them, and break. A carried flow stays pinned to its backend.
-    let mut more = ready.clone();
-    more.extend((100..108).map(|k| format!("{{addresses: [\"{}\"]}}", v6(Ipv4Addr::new(10, 10, 0, k)))));
-    manifests::write(lab.dir.path(), "six.yaml", &yaml.replace(&ready.join(", "), &more.join(", ")));
+    let mut more = pods.clone();
+    more.extend((100..108).map(|k| v6(Ipv4Addr::new(10, 10, 0, k))));
+    manifests::write(lab.dir.path(), "six.yaml", &six_manifest(&more));
     let next = (mcs_common::LAYOUT_VERSION + 1).to_string();
     let _agent = lab.agent(&["--layout-version", &next]);
     let old = mcs_agent::datapath::pin_dir(lab.bpffs.path());
