@@ -1298,6 +1298,38 @@ endpoints: {endpoints}
     }
 
     #[test]
+    fn sockets_stay_with_ready_drained_and_terminating_endpoints_only() {
+        // Cluster b drained by weight; 10.1.0.2 not ready; 10.1.0.3 terminating but serving.
+        let annotated = IMPORT.replace(
+            "metadata: {name: web, namespace: demo}",
+            "metadata: {name: web, namespace: demo, annotations: {mcs-agent.io/cluster-weights: \"a=1,b=0\"}}",
+        );
+        let yaml = format!(
+            "{annotated}{}{}",
+            slice(
+                "web-a",
+                "a",
+                r#"[{addresses: ["10.1.0.1"]}, {addresses: ["10.1.0.2"], conditions: {ready: false}},
+                   {addresses: ["10.1.0.3"], conditions: {ready: false, serving: true, terminating: true}}]"#
+            ),
+            slice("web-b", "b", r#"[{addresses: ["10.2.0.1"]}]"#)
+        );
+        let (state, _) = compute(&snapshot(&yaml), &Policy::default());
+        let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: 53, protocol: Protocol::Udp };
+        let frontend = &state.frontends[&key];
+        let keeps = |ip: [u8; 4]| frontend.keeps_sockets_to(&BackendAddr { ip: Ipv4Addr::from(ip).into(), port: 5353 });
+        assert!(keeps([10, 1, 0, 1]), "ready");
+        assert!(keeps([10, 2, 0, 1]), "drained by weight: still a member");
+        assert!(keeps([10, 1, 0, 3]), "terminating but serving: draining");
+        assert!(!keeps([10, 1, 0, 2]), "not ready: gone");
+        assert!(!keeps([10, 9, 9, 9]), "never listed");
+        assert!(
+            !frontend.keeps_sockets_to(&BackendAddr { ip: Ipv4Addr::new(10, 1, 0, 1).into(), port: 53 }),
+            "other port"
+        );
+    }
+
+    #[test]
     fn ports_map_by_name_and_protocol_and_only_ready_endpoints_serve() {
         let yaml = format!(
             "{IMPORT}{}{}",

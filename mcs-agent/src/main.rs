@@ -494,8 +494,9 @@ struct RunArgs {
     /// It also serves hostNetwork pods and node processes, which the TC
     /// programs on pod interfaces never see. Default: on where the kernel and
     /// a cgroup2 mount allow it (a warning otherwise, and the TC path serves
-    /// pods); `on` makes a failure to attach fatal; `off` detaches it (an
-    /// earlier agent's too) and leaves translation to the TC path.
+    /// pods); `on` makes a failure to attach fatal; `off` leaves pods to the
+    /// TC path and keeps translating only the node's own namespace (see
+    /// --socket-lb-host-namespace).
     #[arg(long, value_enum, env = "MCS_SOCKET_LB")]
     socket_lb: Option<OnOff>,
     /// With --socket-lb off, keep translating at the socket for the node's
