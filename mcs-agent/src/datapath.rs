@@ -236,6 +236,8 @@ struct Maps {
     health: HealthMemory,
     sock_exclude: HashMap<MapData, u64, u32>,
     sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    /// `SOCK_REV`, `SOCK_REV6`: for the handles read off the loop.
+    sock_rev_fds: [OwnedFd; 2],
     sock_rev6: HashMap<MapData, SockRevKey<Ip6>, SockRevValue<Ip6>>,
     host_netns: Array<MapData, u64>,
     /// Descriptors of the maps written in batches (the typed maps hide theirs).
@@ -253,7 +255,7 @@ struct BatchFds {
 
 fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DatapathError> {
     let data = match ebpf.map(name).ok_or(DatapathError::MissingMap(name))? {
-        Map::Array(d) | Map::HashMap(d) | Map::PerCpuArray(d) => d,
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => d,
         _ => return Err(DatapathError::MissingMap(name)),
     };
     data.fd().as_fd().try_clone_to_owned().map_err(|e| DatapathError::Map { name, source: MapError::IoError(e) })
@@ -709,6 +711,7 @@ impl Datapath {
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             health: map_health(&mut ebpf, health_entries)?,
             sock_exclude: take(&mut ebpf, MAP_SOCK_EXCLUDE)?,
+            sock_rev_fds: [map_fd(&ebpf, MAP_SOCK_REV)?, map_fd(&ebpf, MAP_SOCK_REV6)?],
             sock_rev: take(&mut ebpf, MAP_SOCK_REV)?,
             sock_rev6: take(&mut ebpf, MAP_SOCK_REV6)?,
             host_netns: take(&mut ebpf, MAP_HOST_NETNS)?,

@@ -1062,20 +1062,48 @@ async fn run(args: RunArgs) -> Result<()> {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
             }
             _ = terminate_tick.tick(), if !terminate_pending.is_empty() => {
-                // At most twice a second: the scan reads every remembered socket.
+                // At most twice a second, and off the loop: the scan reads
+                // every remembered socket.
                 let changed = std::mem::take(&mut terminate_pending);
                 let state = reconciler.state();
-                let keeps = |key: &FrontendKey, addr: &BackendAddr| {
-                    state.frontends.get(key).is_some_and(|f| f.keeps_sockets_to(addr))
-                };
-                let ended =
-                    terminate::victims(&datapath.translated_sockets(), &changed, keeps, socket_lb_terminate_tcp);
-                if !ended.is_empty() {
-                    datapath.forget_sockets(&ended);
-                    let started = Instant::now();
-                    let n = tokio::task::spawn_blocking(move || terminate::terminate(&ended)).await.unwrap_or(0);
-                    metrics.sockets_terminated(n as u64);
-                    info!(sockets = n, took_ms = started.elapsed().as_millis() as u64, "ended sockets whose backend left their service");
+                // Who may keep sockets, for the changed frontends only.
+                let members: BTreeMap<FrontendKey, Vec<BackendAddr>> = changed
+                    .iter()
+                    .map(|key| {
+                        let keep = state.frontends.get(key).map_or_else(Vec::new, |f| {
+                            f.endpoints.iter().map(|e| e.addr).filter(|a| f.keeps_sockets_to(a)).collect()
+                        });
+                        (*key, keep)
+                    })
+                    .collect();
+                match datapath.sock_rev() {
+                    Ok(mut rev) => {
+                        let started = Instant::now();
+                        let tcp = socket_lb_terminate_tcp;
+                        let gone = tokio::task::spawn_blocking(move || {
+                            let keeps = |key: &FrontendKey, addr: &BackendAddr| {
+                                members.get(key).is_some_and(|m| m.contains(addr))
+                            };
+                            let ended = terminate::victims(&rev.sockets(), &changed, keeps, tcp);
+                            let destroyed = terminate::terminate(&ended);
+                            // Only what is gone: a socket that could not be ended
+                            // keeps showing the VIP as its peer.
+                            let gone: Vec<_> = ended.into_iter().filter(|s| destroyed.contains(&s.cookie)).collect();
+                            rev.forget(&gone);
+                            gone.len()
+                        })
+                        .await
+                        .unwrap_or(0);
+                        if gone > 0 {
+                            metrics.sockets_terminated(gone as u64);
+                            info!(
+                                sockets = gone,
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "ended sockets whose backend left their service"
+                            );
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "reading the socket translations failed"),
                 }
             }
             _ = outlier_tick.tick(), if serving && outlier_detection == OnOff::On => {
@@ -1180,8 +1208,20 @@ impl SocketLb {
         let attached = (|| -> Result<PathBuf> {
             let cgroup = match &self.cgroup {
                 Some(path) => path.clone(),
-                None => datapath::cgroup2_root()
-                    .context("no cgroup2 mount in /proc/self/mounts (mount the host's, or pass --socket-lb-cgroup)")?,
+                None => {
+                    let root = datapath::cgroup2_root().context(
+                        "no cgroup2 mount in /proc/self/mounts (mount the host's, or pass --socket-lb-cgroup)",
+                    )?;
+                    // The root cgroup's id is 1; anything else is a cgroup
+                    // namespace's view (a container), which covers only itself.
+                    if datapath::cgroup_id(&root)? != 1 {
+                        bail!(
+                            "the cgroup2 mount at {} is not the host's root (a cgroup namespace?): mount the host's cgroup2 and pass --socket-lb-cgroup",
+                            root.display()
+                        );
+                    }
+                    root
+                }
             };
             datapath.set_sock_exclude(&self.exclude).context("--socket-lb-exclude-cgroup")?;
             datapath.set_sock_host_only(self.host_only).context("--socket-lb")?;
@@ -1193,7 +1233,7 @@ impl SocketLb {
             Err(e) if self.mode.is_none() => {
                 warn!(
                     error = format!("{e:#}"),
-                    "socket-level load balancing is not available; pods are served by the TC path, hostNetwork clients are not"
+                    "socket-level load balancing could not be attached: pods are served by the TC path (an earlier agent's socket programs, if any, stay)"
                 );
                 Ok(())
             }

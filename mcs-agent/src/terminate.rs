@@ -19,6 +19,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io,
+    net::IpAddr,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
@@ -75,48 +76,72 @@ fn namespaces() -> Vec<PathBuf> {
     paths
 }
 
-/// Destroys the sockets with these cookies wherever they are. Returns how
-/// many were destroyed.
-pub fn terminate(victims: &[TranslatedSocket]) -> usize {
+/// Destroys these sockets wherever they are: a socket is matched by its
+/// cookie *and* its destination, so a socket translated at `sendmsg()` (not
+/// connected) or connected elsewhere since is left alone. Returns the
+/// cookies of the sockets destroyed.
+pub fn terminate(victims: &[TranslatedSocket]) -> Vec<u64> {
     if victims.is_empty() {
-        return 0;
+        return Vec::new();
     }
-    // (family, protocol) -> cookies
-    let mut wanted: BTreeMap<(u8, u8), BTreeSet<u64>> = BTreeMap::new();
+    // (family, protocol) -> (cookie, destination words, destination port)
+    type Wanted = BTreeMap<(u8, u8), BTreeSet<(u64, [u32; 4], u16)>>;
+    let mut wanted: Wanted = BTreeMap::new();
     for v in victims {
-        let family = if v.backend.ip.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 } as u8;
         let proto = match v.frontend.protocol {
             Protocol::Tcp => libc::IPPROTO_TCP,
             Protocol::Udp => libc::IPPROTO_UDP,
         } as u8;
-        wanted.entry((family, proto)).or_default().insert(v.cookie);
-        // A dual-stack socket reaching an IPv4 backend is an AF_INET6 socket.
-        if family == libc::AF_INET as u8 {
-            wanted.entry((libc::AF_INET6 as u8, proto)).or_default().insert(v.cookie);
+        // As the kernel reports it: wire order read as native words.
+        let port = v.backend.port.to_be();
+        match v.backend.ip {
+            IpAddr::V4(ip) => {
+                let word = u32::from_ne_bytes(ip.octets());
+                wanted.entry((libc::AF_INET as u8, proto)).or_default().insert((v.cookie, [word, 0, 0, 0], port));
+                // A dual-stack socket reaching an IPv4 backend: AF_INET6, ::ffff:a.b.c.d.
+                let mapped = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word];
+                wanted.entry((libc::AF_INET6 as u8, proto)).or_default().insert((v.cookie, mapped, port));
+            }
+            IpAddr::V6(ip) => {
+                let o = ip.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                wanted.entry((libc::AF_INET6 as u8, proto)).or_default().insert((
+                    v.cookie,
+                    [w(0), w(4), w(8), w(12)],
+                    port,
+                ));
+            }
         }
     }
-    let mut destroyed = 0;
+    let mut destroyed = Vec::new();
     for ns in namespaces() {
         let wanted = wanted.clone();
         // setns affects the calling thread only: a thread per namespace.
-        let done = std::thread::spawn(move || -> io::Result<usize> {
+        let done = std::thread::spawn(move || -> io::Result<Vec<u64>> {
             let file = File::open(&ns)?;
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
             let diag = SockDiag::open()?;
-            let mut n = 0;
-            for ((family, proto), cookies) in &wanted {
-                for id in diag.dump(*family, *proto)?.into_iter().filter(|id| cookies.contains(&id.cookie())) {
+            let mut ended = Vec::new();
+            for ((family, proto), sockets) in &wanted {
+                let ids = match diag.dump(*family, *proto) {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        tracing::debug!(error = %e, family, proto, "sock_diag dump");
+                        continue;
+                    }
+                };
+                for id in ids.into_iter().filter(|id| sockets.contains(&(id.cookie(), id.dst, id.dport))) {
                     match diag.destroy(*family, *proto, &id) {
-                        Ok(()) => n += 1,
+                        Ok(()) => ended.push(id.cookie()),
                         Err(e) => tracing::debug!(error = %e, "SOCK_DESTROY"),
                     }
                 }
             }
-            Ok(n)
+            Ok(ended)
         })
         .join();
         match done {
-            Ok(Ok(n)) => destroyed += n,
+            Ok(Ok(ended)) => destroyed.extend(ended),
             Ok(Err(e)) => tracing::debug!(error = %e, "a network namespace's sockets could not be read"),
             Err(_) => {}
         }
@@ -207,7 +232,9 @@ impl SockDiag {
             protocol,
             ext: 0,
             pad: 0,
-            states: u32::MAX,
+            // Every state but TIME_WAIT (6) and NEW_SYN_RECV (12): those are
+            // not sockets an application holds.
+            states: !((1 << 6) | (1 << 12)),
             id,
         }
     }
@@ -268,7 +295,7 @@ impl SockDiag {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
+    use std::net::Ipv4Addr;
 
     use super::*;
 

@@ -46,12 +46,12 @@ pub const PIN_ROOT: &str = "mcs";
 /// Names of the programs, as the kernel reports them (used to find stale attachments).
 pub const PROG_INGRESS: &str = "mcs_ingress";
 pub const PROG_EGRESS: &str = "mcs_egress";
-/// Socket-level load balancing: cgroup `sock_addr` programs, one per hook.
 /// Socket-level load balancing: cgroup programs, one per hook, in attach
 /// order (passive health's `sock_ops` counter and the reverse translations
 /// before the calls that need them).
-pub const PROG_SOCK: [(&str, SockHook); 9] = [
+pub const PROG_SOCK: [(&str, SockHook); 10] = [
     ("mcs_sockops", SockHook::Ops),
+    ("mcs_sockfree", SockHook::Release),
     ("mcs_recvmsg4", SockHook::Recvmsg4),
     ("mcs_recvmsg6", SockHook::Recvmsg6),
     ("mcs_peername4", SockHook::Getpeername4),
@@ -67,6 +67,8 @@ pub const PROG_SOCK: [(&str, SockHook); 9] = [
 pub enum SockHook {
     /// `sock_ops`: connection outcomes of translated TCP sockets (passive health).
     Ops,
+    /// `sock_release`: a closed socket's `SOCK_REV` entry goes with it.
+    Release,
     Connect4,
     Connect6,
     Sendmsg4,
@@ -82,6 +84,7 @@ impl SockHook {
     pub const fn pin_name(self) -> &'static str {
         match self {
             SockHook::Ops => "sockops",
+            SockHook::Release => "release",
             SockHook::Connect4 => "connect4",
             SockHook::Connect6 => "connect6",
             SockHook::Sendmsg4 => "sendmsg4",
@@ -143,8 +146,8 @@ pub const CONFIG_F_SOCK_EXCLUDE: u32 = 2;
 /// (`HOST_NETNS[0]`), which no TC program sees.
 pub const CONFIG_F_SOCK_HOST_ONLY: u32 = 4;
 
-/// How many cgroup levels below the attach point an exclusion is looked up
-/// at (deeper descendants are translated).
+/// How many cgroup levels, counted from the hierarchy's root, an exclusion
+/// is looked up at (a socket deeper than that is translated).
 pub const SOCK_EXCLUDE_DEPTH: i32 = 12;
 
 /// Sockets remembered for reverse translation (per family; LRU).

@@ -71,11 +71,12 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::with_max
 pub static SOCK_REV6: LruHashMap<SockRevKey<Ip6>, SockRevValue<Ip6>> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REV, 0);
 
-/// cgroup id -> 1: sockets of these cgroups and their descendants are left
-/// to the TC path (a sidecar mesh that must see the VIP).
+/// `[0]`: the node's network namespace cookie (`CONFIG_F_SOCK_HOST_ONLY`).
 #[map]
 pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// cgroup id -> 1: sockets of these cgroups and their descendants are left
+/// to the TC path (a sidecar mesh that must see the VIP).
 #[map]
 pub static SOCK_EXCLUDE: HashMap<u64, u32> = HashMap::with_max_entries(256, 0);
 

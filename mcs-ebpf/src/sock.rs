@@ -12,8 +12,8 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, generated::bpf_set_retval,
     },
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use mcs_common::{
     CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH, ServiceKey,
@@ -189,10 +189,13 @@ pub fn mcs_peername6(ctx: SockAddrContext) -> i32 {
 fn protocol(ctx: &SockAddrContext) -> u8 {
     // SAFETY: context pointer valid for the program run.
     let proto = unsafe { (*ctx.sock_addr).protocol };
-    match proto as u8 {
-        IPPROTO_TCP => IPPROTO_TCP,
-        IPPROTO_UDP => IPPROTO_UDP,
-        _ => 0,
+    // The whole number: IPPROTO_MPTCP (262) must not pass for TCP (6).
+    if proto == u32::from(IPPROTO_TCP) {
+        IPPROTO_TCP
+    } else if proto == u32::from(IPPROTO_UDP) {
+        IPPROTO_UDP
+    } else {
+        0
     }
 }
 
@@ -358,7 +361,8 @@ pub fn mcs_sockops(ctx: SockOpsContext) -> u32 {
     // Direct calls: BPF has no indirect ones.
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // Only translated sockets ask for their state changes.
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
+        // The call replaces the flags: keep what other programs asked for.
+        let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
         health_add(id, |h| &mut h.syns);
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         health_add(id, |h| &mut h.synacks);
@@ -376,4 +380,35 @@ fn backend_of<F: Family>(cookie: u64, ip: F::A, port: u16) -> Option<u32> {
     // SAFETY: map value pointer, valid for this program run.
     let id = unsafe { (*rev).backend_id };
     F::backends().get(id).filter(|b| b.ip == ip && b.port == port).map(|_| id)
+}
+
+/// A socket closing takes its reverse entry with it: a connected socket's
+/// destination is the backend it was sent to. (Entries of unconnected UDP
+/// sockets, one per destination, are left to the LRU.)
+#[cgroup_sock(sock_release)]
+pub fn mcs_sockfree(ctx: SockContext) -> i32 {
+    // SAFETY: context pointer valid for the program run.
+    let (family, port) = unsafe { ((*ctx.sock).family, (*ctx.sock).dst_port) };
+    if port == 0 {
+        return 1;
+    }
+    // SAFETY: helper without preconditions for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    if family == AF_INET {
+        // SAFETY: as above.
+        let ip = unsafe { (*ctx.sock).dst_ip4 };
+        let _ = V4::sock_rev().remove(SockRevKey::new(cookie, ip, port));
+    } else if family == AF_INET6 {
+        // SAFETY: as above; 4-byte reads of each word.
+        let a = unsafe {
+            let a = &raw const (*ctx.sock).dst_ip6;
+            [(*a)[0], (*a)[1], (*a)[2], (*a)[3]]
+        };
+        if a[0] == 0 && a[1] == 0 && a[2] == MAPPED_PREFIX {
+            let _ = V4::sock_rev().remove(SockRevKey::new(cookie, a[3], port));
+        } else {
+            let _ = V6::sock_rev().remove(SockRevKey::new(cookie, a, port));
+        }
+    }
+    1
 }

@@ -192,6 +192,15 @@ fn a_pod_in_the_cgroup_reaches_every_ready_backend_and_sees_the_vip() {
     assert_eq!(events["new_flow"], 0, "the TC programs translated nothing: {events:?}");
     assert_eq!(events["rev_nat"], 0, "{events:?}");
     assert_eq!(lab.socket_lb_gauge(), "mcs_agent_socket_lb_attached 1");
+
+    // Closed sockets took their reverse entries with them; only the
+    // unconnected UDP sockets' (one per destination, left to the LRU) remain.
+    let pinned = mcs_agent::datapath::pin_dir(lab.bpffs.path()).join(mcs_common::MAP_SOCK_REV);
+    let data = aya::maps::MapData::from_pin(&pinned).expect("SOCK_REV is pinned");
+    let map: aya::maps::HashMap<_, mcs_common::SockRevKey, mcs_common::SockRevValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("an LRU hash");
+    let left = map.keys().filter(Result::is_ok).count();
+    assert_eq!(left, 60, "entries left: the 60 unconnected UDP sockets', not the 130 closed connected ones");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 
 use std::{
     fs::{self, File},
+    os::fd::OwnedFd,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -73,7 +74,9 @@ pub fn cgroup_id(path: &Path) -> Result<u64, DatapathError> {
 }
 
 /// The host's cgroup v2 mount point, from the mount table (the default
-/// attach point: every process of the node is below it).
+/// attach point: every process of the node is below it). Inside a cgroup
+/// namespace the mount shows the namespace's own cgroup, whose id is not the
+/// root's (1): that one is refused by the caller.
 pub fn cgroup2_root() -> Option<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
     mounts.lines().find_map(|line| {
@@ -90,6 +93,7 @@ pub(super) fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
         let loaded = match program {
             aya::programs::Program::CgroupSockAddr(p) => p.load(),
             aya::programs::Program::SockOps(p) => p.load(),
+            aya::programs::Program::CgroupSock(p) => p.load(),
             _ => return Err(DatapathError::MissingProgram(name)),
         };
         loaded.map_err(|source| DatapathError::Program { name, source })?;
@@ -107,6 +111,10 @@ fn attach_one(ebpf: &mut aya::Ebpf, name: &'static str, dir: &File, cgroup: &Pat
             FdLink::try_from(p.take_link(id).map_err(err)?)
         }
         aya::programs::Program::SockOps(p) => {
+            let id = p.attach(dir, CgroupAttachMode::Single).map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }
+        aya::programs::Program::CgroupSock(p) => {
             let id = p.attach(dir, CgroupAttachMode::Single).map_err(err)?;
             FdLink::try_from(p.take_link(id).map_err(err)?)
         }
@@ -140,16 +148,27 @@ impl Datapath {
             let path = layout.sock_link(hook);
             fs::create_dir_all(layout.sock_links())
                 .map_err(|e| DatapathError::Bpffs { path: layout.dir.clone(), message: e.to_string() })?;
-            // Ours is attached already: the earlier link can go.
-            if path.exists() {
-                let _ = fs::remove_file(&path);
-            }
-            link.pin(&path).map_err(|e| DatapathError::Pin {
+            // Pinned beside, then renamed over the earlier agent's pin: the
+            // hook always has one of the two links (bpffs names take no dot).
+            let fresh = layout.sock_links().join(format!("{}-new", hook.pin_name()));
+            let _ = fs::remove_file(&fresh);
+            link.pin(&fresh).map_err(|e| DatapathError::Pin {
                 name: hook.pin_name().into(),
-                path: path.clone(),
+                path: fresh.clone(),
                 source: e,
             })?;
+            fs::rename(&fresh, &path).map_err(|e| DatapathError::Bpffs {
+                path: path.clone(),
+                message: format!("replacing the pinned link: {e}"),
+            })?;
             links.push(SockLink::Pinned(path));
+        }
+        // An older layout's socket links run before ours (attached first) on
+        // its own maps: gone now, so the last copy of its state is complete.
+        for layout in &self.older {
+            for (_, hook) in PROG_SOCK {
+                let _ = fs::remove_file(layout.sock_link(hook));
+            }
         }
         info!(cgroup = %cgroup.display(), "socket-level load balancing attached");
         self.sockets = Some(SockAttachment { cgroup: cgroup.to_owned(), links });
@@ -220,12 +239,19 @@ fn own_netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-impl Datapath {
+type SockRevMap<A> = aya::maps::HashMap<aya::maps::MapData, SockRevKey<A>, SockRevValue<A>>;
+
+/// Its own descriptors of `SOCK_REV` and `SOCK_REV6`: reading every entry
+/// (up to twice the conntrack size) happens off the agent's loop.
+pub struct SockRev {
+    v4: SockRevMap<mcs_common::Ip4>,
+    v6: SockRevMap<mcs_common::Ip6>,
+}
+
+impl SockRev {
     /// Every socket the socket programs translated and still remember.
-    pub fn translated_sockets(&self) -> Vec<TranslatedSocket> {
-        fn entries<A: ToIp>(
-            map: &aya::maps::HashMap<aya::maps::MapData, SockRevKey<A>, SockRevValue<A>>,
-        ) -> impl Iterator<Item = TranslatedSocket> + '_ {
+    pub fn sockets(&self) -> Vec<TranslatedSocket> {
+        fn entries<A: ToIp>(map: &SockRevMap<A>) -> impl Iterator<Item = TranslatedSocket> + '_ {
             map.iter().filter_map(Result::ok).filter_map(|(k, v)| {
                 let frontend =
                     frontend_of(&ServiceKey { vip: v.vip, port: v.vip_port, proto: v.proto, _pad: 0 }).ok()?;
@@ -233,22 +259,36 @@ impl Datapath {
                 Some(TranslatedSocket { cookie: k.cookie(), frontend, backend })
             })
         }
-        entries(&self.maps.sock_rev).chain(entries(&self.maps.sock_rev6)).collect()
+        entries(&self.v4).chain(entries(&self.v6)).collect()
     }
 
     /// Forgets sockets (ended ones).
-    pub fn forget_sockets(&mut self, sockets: &[TranslatedSocket]) {
+    pub fn forget(&mut self, sockets: &[TranslatedSocket]) {
         for s in sockets {
             let port = s.backend.port.to_be();
             match s.backend.ip {
                 std::net::IpAddr::V4(ip) => {
-                    let _ = self.maps.sock_rev.remove(&SockRevKey::new(s.cookie, ip_to_map(ip.octets()), port));
+                    let _ = self.v4.remove(&SockRevKey::new(s.cookie, ip_to_map(ip.octets()), port));
                 }
                 std::net::IpAddr::V6(ip) => {
-                    let _ = self.maps.sock_rev6.remove(&SockRevKey::new(s.cookie, ip6_to_map(ip.octets()), port));
+                    let _ = self.v6.remove(&SockRevKey::new(s.cookie, ip6_to_map(ip.octets()), port));
                 }
             }
         }
+    }
+}
+
+impl Datapath {
+    /// A handle on the socket translations that another thread can own.
+    pub fn sock_rev(&self) -> Result<SockRev, DatapathError> {
+        fn open<A: mcs_common::MapAddr>(name: &'static str, fd: &OwnedFd) -> Result<SockRevMap<A>, DatapathError> {
+            let err = |source| DatapathError::Map { name, source };
+            let fd = fd.try_clone().map_err(|e| err(aya::maps::MapError::IoError(e)))?;
+            let data = aya::maps::MapData::from_fd(fd).map_err(err)?;
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)
+        }
+        let [v4, v6] = &self.maps.sock_rev_fds;
+        Ok(SockRev { v4: open(mcs_common::MAP_SOCK_REV, v4)?, v6: open(mcs_common::MAP_SOCK_REV6, v6)? })
     }
 
     /// With `on`, the socket programs translate only sockets of this
