@@ -1,5 +1,5 @@
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -924,8 +924,8 @@ async fn run(args: RunArgs) -> Result<()> {
         max_ejected_percent: outlier_max_ejection_percent.min(100),
     });
     let mut health_view = HealthView::default();
-    let mut health_view_stale = true;
-    let mut health_view_built = Instant::now() - Duration::from_secs(60);
+    // Frontends changed since passive health's view was brought up to date.
+    let mut health_pending: BTreeSet<FrontendKey> = BTreeSet::new();
     let state_writer = StateWriter::spawn(state_dir.clone(), Duration::from_secs(2));
     let mut outlier_tick = tokio::time::interval(Duration::from_millis(outlier_interval_ms.max(10)));
     // Frontends changed since sockets were last checked for departed backends.
@@ -955,7 +955,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 terminate_pending.extend(changed.iter().copied());
             }
             if !changed.is_empty() {
-                health_view_stale = true;
+                if outlier_detection == OnOff::On {
+                    health_pending.extend(changed.iter().copied());
+                }
                 state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
             }
             match result {
@@ -1108,11 +1110,8 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             _ = outlier_tick.tick(), if serving && outlier_detection == OnOff::On => {
                 // Rebuilding walks every frontend: at most every 2 s, not per change.
-                if health_view_stale && health_view_built.elapsed() >= Duration::from_secs(2) {
-                    health_view.rebuild(&reconciler, &mut detector);
-                    health_view_stale = false;
-                    health_view_built = Instant::now();
-                }
+                let changed = std::mem::take(&mut health_pending);
+                health_view.update(&mut reconciler, &changed, &mut detector);
                 if observe_health(&mut detector, &mut health_view, &datapath, &mut reconciler) {
                     due.recompute = true;
                 }
@@ -1242,42 +1241,104 @@ impl SocketLb {
     }
 }
 
-/// Passive health's view of what is programmed, kept between ticks.
+/// Passive health's view of what is programmed, kept between ticks and
+/// brought up to date with what changed only: at 100,000 services a walk of
+/// everything on every tick stalled the loop for tens of milliseconds.
 #[derive(Default)]
 struct HealthView {
-    /// Each frontend's ready backends (the ejection limit), rebuilt when the
-    /// inventory changes.
+    /// Each programmed frontend's ready backends (the ejection limit).
     groups: Vec<Vec<BackendAddr>>,
+    /// The frontend of each group, and the group of each frontend.
+    group_keys: Vec<FrontendKey>,
+    group_of: HashMap<FrontendKey, usize>,
+    /// Backend address by id. Ids are handed out smallest first, and only
+    /// the first `--stats-entries` have health counters: a tick reads those.
+    ids: Vec<Option<BackendAddr>>,
     /// Counters as last read, by backend id.
-    /// Indexed by id: every tick reads every backend (a million at 100,000
-    /// services), so no map lookups on this path.
     last: Vec<mcs_common::Health>,
 }
 
 impl HealthView {
-    fn rebuild(&mut self, reconciler: &Reconciler, detector: &mut Detector) {
-        let applied = reconciler.applied();
-        self.groups = reconciler
-            .state()
-            .frontends
-            .iter()
-            .filter(|(key, _)| applied.frontend(key).is_some())
-            .map(|(_, f)| {
+    /// Takes in the frontends that changed and the backend ids handed out or
+    /// freed since the last call (everything, the first time or after a
+    /// re-adoption).
+    fn update(&mut self, reconciler: &mut Reconciler, changed: &BTreeSet<FrontendKey>, detector: &mut Detector) {
+        let set = |ids: &mut Vec<Option<BackendAddr>>, id: u32, addr: Option<BackendAddr>| {
+            if ids.len() <= id as usize {
+                ids.resize(id as usize + 1, None);
+            }
+            ids[id as usize] = addr;
+        };
+        let (all, freed) = match reconciler.take_backend_changes() {
+            None => {
+                self.ids.clear();
+                for (addr, id) in reconciler.applied().backends() {
+                    set(&mut self.ids, id, Some(*addr));
+                }
+                (true, true)
+            }
+            Some(changes) => {
+                let freed = changes.iter().any(|(_, addr)| addr.is_none());
+                for (id, addr) in changes {
+                    set(&mut self.ids, id, addr);
+                }
+                (false, freed)
+            }
+        };
+        let keys: Vec<FrontendKey> = if all {
+            reconciler.state().frontends.keys().copied().collect()
+        } else {
+            changed.iter().copied().collect()
+        };
+        if all {
+            self.groups.clear();
+            self.group_keys.clear();
+            self.group_of.clear();
+        }
+        for key in keys {
+            self.set_group(reconciler, key);
+        }
+        if freed {
+            // Tracks of backends no frontend lists any more: only those, not a
+            // walk of every group.
+            let applied = reconciler.applied();
+            detector.retain(|addr| applied.has_backend(addr));
+        }
+    }
+
+    fn set_group(&mut self, reconciler: &Reconciler, key: FrontendKey) {
+        let group =
+            reconciler.state().frontends.get(&key).filter(|_| reconciler.applied().frontend(&key).is_some()).map(|f| {
                 f.endpoints
                     .iter()
                     .filter(|e| e.condition == mcs_agent::desired::Condition::Ready)
                     .map(|e| e.addr)
-                    .collect()
-            })
-            .collect();
-        detector.retain_listed(&self.groups);
+                    .collect::<Vec<_>>()
+            });
+        match (self.group_of.get(&key).copied(), group) {
+            (Some(i), Some(group)) => self.groups[i] = group,
+            (None, Some(group)) => {
+                self.group_of.insert(key, self.groups.len());
+                self.groups.push(group);
+                self.group_keys.push(key);
+            }
+            (Some(i), None) => {
+                self.group_of.remove(&key);
+                self.groups.swap_remove(i);
+                self.group_keys.swap_remove(i);
+                if let Some(moved) = self.group_keys.get(i) {
+                    self.group_of.insert(*moved, i);
+                }
+            }
+            (None, None) => {}
+        }
     }
 }
 
-/// One passive-health tick: read the connect counters of every programmed
-/// backend (memory reads of the mmapped HEALTH map), feed the ones that moved
-/// to the detector, and hand its verdict to the reconciler. True when the
-/// verdict changed (a reconcile is due).
+/// One passive-health tick: read the connect counters of every backend id
+/// that has them (memory reads of the mmapped HEALTH map), feed the ones that
+/// moved to the detector, and hand its verdict to the reconciler. True when
+/// the verdict changed (a reconcile is due).
 fn observe_health(
     detector: &mut Detector,
     view: &mut HealthView,
@@ -1286,12 +1347,14 @@ fn observe_health(
 ) -> bool {
     let counters = |h: mcs_common::Health| Counters { syns: h.syns, synacks: h.synacks, syn_rsts: h.syn_rsts };
     let mut changed = BTreeMap::new();
-    for (addr, id) in reconciler.applied().backends() {
-        let Some(now) = datapath.health(id) else { continue };
-        if view.last.len() <= id as usize {
-            view.last.resize(id as usize + 1, mcs_common::Health::default());
+    for (id, addr) in view.ids.iter().enumerate() {
+        let Some(addr) = addr else { continue };
+        // Past the counted ids: the rest have no counters.
+        let Some(now) = datapath.health(id as u32) else { break };
+        if view.last.len() <= id {
+            view.last.resize(id + 1, mcs_common::Health::default());
         }
-        let last = &mut view.last[id as usize];
+        let last = &mut view.last[id];
         if *last != now {
             changed.insert(*addr, (counters(*last), counters(now)));
             *last = now;

@@ -206,7 +206,12 @@ impl Detector {
     /// Forgets backends no frontend lists any more.
     pub fn retain_listed(&mut self, groups: &[Vec<BackendAddr>]) {
         let listed: BTreeSet<&BackendAddr> = groups.iter().flatten().collect();
-        self.tracks.retain(|addr, _| listed.contains(addr));
+        self.retain(|addr| listed.contains(addr));
+    }
+
+    /// Forgets the backends `keep` says no.
+    pub fn retain(&mut self, keep: impl Fn(&BackendAddr) -> bool) {
+        self.tracks.retain(|addr, _| keep(addr));
     }
 
     /// Every frontend `addr` belongs to stays within the ejection limit.

@@ -387,6 +387,15 @@ pub enum FamilyBackend {
     V6(Backend<Ip6>),
 }
 
+impl FamilyBackend {
+    pub fn addr(&self) -> BackendAddr {
+        match self {
+            FamilyBackend::V4(b) => backend_addr(b),
+            FamilyBackend::V6(b) => backend_addr(b),
+        }
+    }
+}
+
 /// A map-order address as an `IpAddr`.
 pub trait ToIp: MapAddr {
     fn to_ip(self) -> IpAddr;
@@ -551,6 +560,11 @@ impl Applied {
     }
 
     /// Every backend some frontend uses, with its id.
+    /// Whether some programmed frontend names this backend.
+    pub fn has_backend(&self, addr: &BackendAddr) -> bool {
+        self.backend_ids.contains_key(addr)
+    }
+
     pub fn backends(&self) -> impl Iterator<Item = (&BackendAddr, u32)> {
         self.backend_ids.iter().map(|(a, id)| (a, *id))
     }

@@ -18,7 +18,7 @@ use crate::{
     inventory::{FrontendInfo, Inventory},
     maglev,
     model::Snapshot,
-    plan::{Applied, PlanSummary},
+    plan::{Applied, MapOp, PlanSummary},
     source::manifests,
 };
 
@@ -71,6 +71,10 @@ pub struct Reconciler {
     model: Model,
     /// Frontends changed since the last [`Reconciler::take_changed`].
     changed: BTreeSet<FrontendKey>,
+    /// Backend ids handed out or freed since the last
+    /// [`Reconciler::take_backend_changes`]; `None` after a re-adoption
+    /// (every id may have changed).
+    backend_changes: Option<Vec<(u32, Option<BackendAddr>)>>,
     /// Frontends a failed write left unplanned: planned again next pass.
     pending: BTreeSet<FrontendKey>,
 }
@@ -92,6 +96,7 @@ impl Reconciler {
             runtime: Runtime::default(),
             model: Model::default(),
             changed: BTreeSet::new(),
+            backend_changes: None,
             pending: BTreeSet::new(),
         }
     }
@@ -263,9 +268,19 @@ impl Reconciler {
             let (ops, chunk_errors) = self.applied.plan_in_place(self.model.state(), &chunk);
             summary = summary.plus(PlanSummary::of(&ops));
             errors.extend(chunk_errors);
+            if let Some(log) = &mut self.backend_changes {
+                for op in &ops {
+                    match op {
+                        MapOp::PutBackend { id, backend } => log.push((*id, Some(backend.addr()))),
+                        MapOp::ClearBackend { id, .. } => log.push((*id, None)),
+                        _ => {}
+                    }
+                }
+            }
             if !ops.is_empty()
                 && let Err(e) = datapath.apply(&ops)
             {
+                self.backend_changes = None;
                 // What the kernel holds is now unknown: start again from it, as a
                 // restarted agent would, and plan every frontend next pass.
                 let kernel = datapath.kernel_state();
@@ -407,6 +422,13 @@ impl Reconciler {
     pub fn frontend_info(&self, key: &FrontendKey) -> Option<FrontendInfo> {
         let frontend = self.model.state().frontends.get(key)?;
         Inventory::frontend(key, frontend, &self.applied, &self.runtime)
+    }
+
+    /// Backend ids handed out (with their address) or freed since the last
+    /// call, in order; `None` when the caller must read them all again
+    /// ([`Applied::backends`]).
+    pub fn take_backend_changes(&mut self) -> Option<Vec<(u32, Option<BackendAddr>)>> {
+        std::mem::replace(&mut self.backend_changes, Some(Vec::new()))
     }
 
     /// Frontends written, rewritten or deleted since the last call.
