@@ -428,7 +428,7 @@ impl Reconciler {
     /// call, in order; `None` when the caller must read them all again
     /// ([`Applied::backends`]).
     pub fn take_backend_changes(&mut self) -> Option<Vec<(u32, Option<BackendAddr>)>> {
-        std::mem::replace(&mut self.backend_changes, Some(Vec::new()))
+        self.backend_changes.replace(Vec::new())
     }
 
     /// Frontends written, rewritten or deleted since the last call.
