@@ -1251,6 +1251,12 @@ struct HealthView {
     /// The frontend of each group, and the group of each frontend.
     group_keys: Vec<FrontendKey>,
     group_of: HashMap<FrontendKey, usize>,
+    /// How many groups list each backend. Passive health keeps a backend's
+    /// record while a group lists it, even when the backend is out of every
+    /// table (ejected).
+    listed: HashMap<BackendAddr, u32>,
+    /// A backend stopped being listed since the detector was last pruned.
+    unlisted: bool,
     /// Backend address by id. Ids are handed out smallest first, and only
     /// the first `--stats-entries` have health counters: a tick reads those.
     ids: Vec<Option<BackendAddr>>,
@@ -1269,20 +1275,19 @@ impl HealthView {
             }
             ids[id as usize] = addr;
         };
-        let (all, freed) = match reconciler.take_backend_changes() {
+        let all = match reconciler.take_backend_changes() {
             None => {
                 self.ids.clear();
                 for (addr, id) in reconciler.applied().backends() {
                     set(&mut self.ids, id, Some(*addr));
                 }
-                (true, true)
+                true
             }
             Some(changes) => {
-                let freed = changes.iter().any(|(_, addr)| addr.is_none());
                 for (id, addr) in changes {
                     set(&mut self.ids, id, addr);
                 }
-                (false, freed)
+                false
             }
         };
         let keys: Vec<FrontendKey> = if all {
@@ -1294,15 +1299,29 @@ impl HealthView {
             self.groups.clear();
             self.group_keys.clear();
             self.group_of.clear();
+            self.listed.clear();
+            self.unlisted = true;
         }
         for key in keys {
             self.set_group(reconciler, key);
         }
-        if freed {
-            // Tracks of backends no frontend lists any more: only those, not a
-            // walk of every group.
-            let applied = reconciler.applied();
-            detector.retain(|addr| applied.has_backend(addr));
+        if std::mem::take(&mut self.unlisted) {
+            // Records of backends no frontend lists any more.
+            detector.retain(|addr| self.listed.contains_key(addr));
+        }
+    }
+
+    fn list(&mut self, group: &[BackendAddr], add: bool) {
+        for addr in group {
+            if add {
+                *self.listed.entry(*addr).or_default() += 1;
+            } else if let Some(n) = self.listed.get_mut(addr) {
+                *n -= 1;
+                if *n == 0 {
+                    self.listed.remove(addr);
+                    self.unlisted = true;
+                }
+            }
         }
     }
 
@@ -1315,8 +1334,14 @@ impl HealthView {
                     .map(|e| e.addr)
                     .collect::<Vec<_>>()
             });
+        if let Some(group) = &group {
+            self.list(group, true);
+        }
         match (self.group_of.get(&key).copied(), group) {
-            (Some(i), Some(group)) => self.groups[i] = group,
+            (Some(i), Some(group)) => {
+                let old = std::mem::replace(&mut self.groups[i], group);
+                self.list(&old, false);
+            }
             (None, Some(group)) => {
                 self.group_of.insert(key, self.groups.len());
                 self.groups.push(group);
@@ -1324,7 +1349,8 @@ impl HealthView {
             }
             (Some(i), None) => {
                 self.group_of.remove(&key);
-                self.groups.swap_remove(i);
+                let old = self.groups.swap_remove(i);
+                self.list(&old, false);
                 self.group_keys.swap_remove(i);
                 if let Some(moved) = self.group_keys.get(i) {
                     self.group_of.insert(*moved, i);

@@ -560,11 +560,6 @@ impl Applied {
     }
 
     /// Every backend some frontend uses, with its id.
-    /// Whether some programmed frontend names this backend.
-    pub fn has_backend(&self, addr: &BackendAddr) -> bool {
-        self.backend_ids.contains_key(addr)
-    }
-
     pub fn backends(&self) -> impl Iterator<Item = (&BackendAddr, u32)> {
         self.backend_ids.iter().map(|(a, id)| (a, *id))
     }
