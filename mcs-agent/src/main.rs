@@ -1068,23 +1068,17 @@ async fn run(args: RunArgs) -> Result<()> {
                 // every remembered socket.
                 let changed = std::mem::take(&mut terminate_pending);
                 let state = reconciler.state();
-                // Who may keep sockets, for the changed frontends only.
-                let members: BTreeMap<FrontendKey, Vec<BackendAddr>> = changed
-                    .iter()
-                    .map(|key| {
-                        let keep = state.frontends.get(key).map_or_else(Vec::new, |f| {
-                            f.endpoints.iter().map(|e| e.addr).filter(|a| f.keeps_sockets_to(a)).collect()
-                        });
-                        (*key, keep)
-                    })
-                    .collect();
+                // The changed frontends as they are now (the thread decides
+                // with `Frontend::keeps_sockets_to`); a deleted one keeps none.
+                let frontends: BTreeMap<FrontendKey, desired::Frontend> =
+                    changed.iter().filter_map(|key| Some((*key, state.frontends.get(key)?.clone()))).collect();
                 match datapath.sock_rev() {
                     Ok(mut rev) => {
                         let started = Instant::now();
                         let tcp = socket_lb_terminate_tcp;
                         let gone = tokio::task::spawn_blocking(move || {
                             let keeps = |key: &FrontendKey, addr: &BackendAddr| {
-                                members.get(key).is_some_and(|m| m.contains(addr))
+                                frontends.get(key).is_some_and(|f| f.keeps_sockets_to(addr))
                             };
                             let ended = terminate::victims(&rev.sockets(), &changed, keeps, tcp);
                             let destroyed = terminate::terminate(&ended);

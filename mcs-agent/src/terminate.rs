@@ -76,6 +76,9 @@ fn namespaces() -> Vec<PathBuf> {
     paths
 }
 
+/// (family, protocol) -> (cookie, destination words, destination port)
+type Wanted = BTreeMap<(u8, u8), BTreeSet<(u64, [u32; 4], u16)>>;
+
 /// Destroys these sockets wherever they are: a socket is matched by its
 /// cookie *and* its destination, so a socket translated at `sendmsg()` (not
 /// connected) or connected elsewhere since is left alone. Returns the
@@ -84,8 +87,6 @@ pub fn terminate(victims: &[TranslatedSocket]) -> Vec<u64> {
     if victims.is_empty() {
         return Vec::new();
     }
-    // (family, protocol) -> (cookie, destination words, destination port)
-    type Wanted = BTreeMap<(u8, u8), BTreeSet<(u64, [u32; 4], u16)>>;
     let mut wanted: Wanted = BTreeMap::new();
     for v in victims {
         let proto = match v.frontend.protocol {
@@ -113,40 +114,44 @@ pub fn terminate(victims: &[TranslatedSocket]) -> Vec<u64> {
             }
         }
     }
-    let mut destroyed = Vec::new();
-    for ns in namespaces() {
-        let wanted = wanted.clone();
-        // setns affects the calling thread only: a thread per namespace.
-        let done = std::thread::spawn(move || -> io::Result<Vec<u64>> {
-            let file = File::open(&ns)?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            let diag = SockDiag::open()?;
-            let mut ended = Vec::new();
-            for ((family, proto), sockets) in &wanted {
-                let ids = match diag.dump(*family, *proto) {
-                    Ok(ids) => ids,
-                    Err(e) => {
-                        tracing::debug!(error = %e, family, proto, "sock_diag dump");
-                        continue;
-                    }
-                };
-                for id in ids.into_iter().filter(|id| sockets.contains(&(id.cookie(), id.dst, id.dport))) {
-                    match diag.destroy(*family, *proto, &id) {
-                        Ok(()) => ended.push(id.cookie()),
-                        Err(e) => tracing::debug!(error = %e, "SOCK_DESTROY"),
-                    }
+    // setns moves only the calling thread: one thread of its own walks the
+    // namespaces, and ends with the last one.
+    let walk = std::thread::spawn(move || {
+        let mut destroyed = Vec::new();
+        for ns in namespaces() {
+            match end_in(&ns, &wanted) {
+                Ok(ended) => destroyed.extend(ended),
+                Err(e) => {
+                    tracing::debug!(error = %e, ns = %ns.display(), "a network namespace's sockets could not be read")
                 }
             }
-            Ok(ended)
-        })
-        .join();
-        match done {
-            Ok(Ok(ended)) => destroyed.extend(ended),
-            Ok(Err(e)) => tracing::debug!(error = %e, "a network namespace's sockets could not be read"),
-            Err(_) => {}
+        }
+        destroyed
+    });
+    walk.join().unwrap_or_default()
+}
+
+/// Enters `ns` and destroys the wanted sockets found there.
+fn end_in(ns: &std::path::Path, wanted: &Wanted) -> io::Result<Vec<u64>> {
+    nix::sched::setns(File::open(ns)?, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    let diag = SockDiag::open()?;
+    let mut ended = Vec::new();
+    for ((family, proto), sockets) in wanted {
+        let ids = match diag.dump(*family, *proto) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::debug!(error = %e, family, proto, "sock_diag dump");
+                continue;
+            }
+        };
+        for id in ids.into_iter().filter(|id| sockets.contains(&(id.cookie(), id.dst, id.dport))) {
+            match diag.destroy(*family, *proto, &id) {
+                Ok(()) => ended.push(id.cookie()),
+                Err(e) => tracing::debug!(error = %e, "SOCK_DESTROY"),
+            }
         }
     }
-    destroyed
+    Ok(ended)
 }
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;

@@ -93,7 +93,7 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         None if !is_bare_syn(flow) && handoff() => return TC_NEXT,
         None => match select::<F>(
             service,
-            flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto),
+            || flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto),
             flow.src_ip,
         ) {
             Some((id, backend)) => {
@@ -219,14 +219,18 @@ fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u3
 
 /// The backend for a new flow: the slot `hash` picks, or with ClientIP
 /// affinity the backend `client` had. The socket programs share it, so both
-/// paths select alike.
+/// paths select alike. The hash is only computed without affinity.
 #[inline(always)]
-pub fn select<F: Family>(service: &ServiceValue, hash: u32, client: F::A) -> Option<(u32, Backend<F::A>)> {
+pub fn select<F: Family>(
+    service: &ServiceValue,
+    hash: impl FnOnce() -> u32,
+    client: F::A,
+) -> Option<(u32, Backend<F::A>)> {
     if service.slot_count == 0 {
         return None;
     }
     if service.affinity_timeout_secs == 0 {
-        return slot_backend::<F>(service, hash);
+        return slot_backend::<F>(service, hash());
     }
     // ClientIP affinity: reuse the client's backend while the entry is fresh.
     // SAFETY: helper without preconditions.

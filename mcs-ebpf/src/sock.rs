@@ -265,9 +265,8 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
     }
     // SAFETY: helpers without preconditions for this program type.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let hash = socket_hash(cookie, vip, vip_port, proto);
-    let client = U::client(netns);
-    let Some((id, backend)) = select::<U::F>(service, hash, client) else {
+    let hash = || socket_hash(cookie, vip, vip_port, proto);
+    let Some((id, backend)) = select::<U::F>(service, hash, U::client(netns)) else {
         if let Some(stats) = service_stats(service.service_id) {
             stats.no_backend += 1;
         }

@@ -7,7 +7,7 @@ use mcs_agent::{
     desired::Policy,
     model::Origin,
     plan::{Applied, Capacity},
-    reconcile::Reconciler,
+    reconcile::{Reconciler, Report},
     source::manifests::parse_documents,
 };
 
@@ -15,15 +15,22 @@ use mcs_agent::{
 /// be valid and yield `frontends` frontends.
 pub fn programmed(manifests: &str, conntrack: u32, frontends: usize) -> Datapath {
     let capacity = Capacity { services: 64, backends: 64, slots: 1 << 16 };
+    let (dp, _, report) = program(capacity, conntrack, manifests);
+    assert_eq!(report.frontends, frontends);
+    dp
+}
+
+/// Loads the programs with maps of this capacity and programs `manifests`
+/// (valid, without problems) through the agent's reconcile path.
+pub fn program(capacity: Capacity, conntrack: u32, manifests: &str) -> (Datapath, Reconciler, Report) {
     let mut dp = Datapath::load(Sizes { capacity, conntrack, ..Sizes::default() }, None)
         .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
     let (snapshot, errors) = parse_documents(&Origin("fixture".into()), manifests);
     assert!(errors.is_empty(), "{errors:?}");
-    let report =
-        Reconciler::new(Applied::new(capacity), Policy::default()).apply_snapshot(&snapshot, vec![], &mut dp).unwrap();
+    let mut reconciler = Reconciler::new(Applied::new(capacity), Policy::default());
+    let report = reconciler.apply_snapshot(&snapshot, vec![], &mut dp).expect("programming the manifests");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    assert_eq!(report.frontends, frontends);
-    dp
+    (dp, reconciler, report)
 }
 
 /// One run of `program` on `input`: its verdict and output frame.

@@ -2,14 +2,8 @@
 //! write in a few `BPF_MAP_UPDATE_BATCH` calls reads back exactly as planned.
 //! Needs root (loads the eBPF programs).
 
-use mcs_agent::{
-    datapath::{Datapath, Sizes},
-    desired::Policy,
-    model::Origin,
-    plan::{Applied, Capacity},
-    reconcile::Reconciler,
-    source::manifests::parse_documents,
-};
+use mcs_agent::plan::{Applied, Capacity};
+use mcs_tests::testrun::program;
 
 fn manifests(services: usize, endpoints: usize) -> String {
     let mut yaml = String::new();
@@ -29,13 +23,7 @@ fn manifests(services: usize, endpoints: usize) -> String {
 #[test]
 fn a_thousand_services_written_in_batches_read_back_as_planned() {
     let capacity = Capacity { services: 2048, backends: 8192, slots: 1 << 22 };
-    let mut dp = Datapath::load(Sizes { capacity, conntrack: 1024, ..Sizes::default() }, None)
-        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
-    let (snapshot, errors) = parse_documents(&Origin("generated".into()), &manifests(1000, 5));
-    assert!(errors.is_empty(), "{errors:?}");
-    let mut reconciler = Reconciler::new(Applied::new(capacity), Policy::default());
-    let report = reconciler.apply_snapshot(&snapshot, vec![], &mut dp).expect("programming 1,000 services");
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let (dp, reconciler, report) = program(capacity, 1024, &manifests(1000, 5));
     assert_eq!((report.frontends, report.backends), (1000, 5000));
 
     // Read back as a restarted agent would: every entry, address and slot the
