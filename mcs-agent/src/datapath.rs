@@ -21,12 +21,12 @@ use aya::{
     util::KernelVersion,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, FragKey, FragValue, Health, Ip6, LAYOUT_VERSION,
-    MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONFIG, MAP_CONNTRACK,
-    MAP_CONNTRACK6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_HOST_NETNS, MAP_REV_NAT, MAP_REV_NAT6, MAP_SELECTION,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS,
-    PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, RevNatKey, RevNatValue, SelectionPair, ServiceKey, ServiceStats,
-    ServiceValue, SockRevKey, SockRevValue, Stat,
+    AffinityKey, AffinityValue, Backend, BackendStats, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FragKey,
+    FragValue, Health, Ip4, Ip6, LAYOUT_VERSION, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_BACKENDS6, MAP_CONFIG, MAP_CT, MAP_CT6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_HOST_NETNS, MAP_SELECTION,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS, MapAddr,
+    PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey,
+    SockRevValue, Stat, v3,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -222,10 +222,9 @@ struct Maps {
     services6: HashMap<MapData, ServiceKey<Ip6>, ServiceValue>,
     backends6: Array<MapData, Backend<Ip6>>,
     selection: SlotMemory,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
-    rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
-    conntrack6: HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>,
-    rev_nat6: HashMap<MapData, RevNatKey<Ip6>, RevNatValue<Ip6>>,
+    /// `CT`, `CT6`: two entries per flow, one per direction.
+    ct: HashMap<MapData, CtKey, CtValue>,
+    ct6: HashMap<MapData, CtKey<Ip6>, CtValue<Ip6>>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     affinity6: HashMap<MapData, AffinityKey<Ip6>, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
@@ -512,14 +511,17 @@ fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_BACKENDS => (MapType::Array, 4, size_of::<Backend>(), 0),
         MAP_SERVICES6 => (MapType::Hash, size_of::<ServiceKey<Ip6>>(), size_of::<ServiceValue>(), 0),
         MAP_BACKENDS6 => (MapType::Array, 4, size_of::<Backend<Ip6>>(), 0),
-        MAP_CONNTRACK6 => (MapType::LruHash, size_of::<CtKey<Ip6>>(), size_of::<CtValue<Ip6>>(), 0),
-        MAP_REV_NAT6 => (MapType::LruHash, size_of::<RevNatKey<Ip6>>(), size_of::<RevNatValue<Ip6>>(), 0),
+        MAP_CT6 => (MapType::LruHash, size_of::<CtKey<Ip6>>(), size_of::<CtValue<Ip6>>(), 0),
         MAP_AFFINITY6 => (MapType::LruHash, size_of::<AffinityKey<Ip6>>(), size_of::<AffinityValue>(), 0),
         MAP_FRAGS => (MapType::LruHash, size_of::<FragKey>(), size_of::<FragValue>(), 0),
         MAP_FRAGS6 => (MapType::LruHash, size_of::<FragKey<Ip6>>(), size_of::<FragValue<Ip6>>(), 0),
         MAP_SELECTION => (MapType::Array, 4, size_of::<SelectionPair>(), aya_obj_mmapable()),
-        MAP_CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 0),
-        MAP_REV_NAT => (MapType::LruHash, size_of::<RevNatKey>(), size_of::<RevNatValue>(), 0),
+        MAP_CT => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 0),
+        // Layout 3's, read only to carry their flows over.
+        v3::MAP_CONNTRACK => (MapType::LruHash, size_of::<v3::CtKey<Ip4>>(), size_of::<v3::CtValue<Ip4>>(), 0),
+        v3::MAP_REV_NAT => (MapType::LruHash, size_of::<v3::RevNatKey<Ip4>>(), size_of::<v3::RevNatValue<Ip4>>(), 0),
+        v3::MAP_CONNTRACK6 => (MapType::LruHash, size_of::<v3::CtKey<Ip6>>(), size_of::<v3::CtValue<Ip6>>(), 0),
+        v3::MAP_REV_NAT6 => (MapType::LruHash, size_of::<v3::RevNatKey<Ip6>>(), size_of::<v3::RevNatValue<Ip6>>(), 0),
         MAP_AFFINITY => (MapType::LruHash, size_of::<AffinityKey>(), size_of::<AffinityValue>(), 0),
         MAP_CONFIG => (MapType::Array, 4, 4, 0),
         MAP_BACKEND_STATS => (MapType::PerCpuArray, 4, size_of::<BackendStats>(), 0),
@@ -599,8 +601,8 @@ impl Datapath {
             (MAP_SERVICES, capacity.services),
             (MAP_BACKENDS, capacity.backends),
             (MAP_SELECTION, capacity.slots.div_ceil(2)),
-            (MAP_CONNTRACK, conntrack),
-            (MAP_REV_NAT, conntrack),
+            // Two entries per flow.
+            (MAP_CT, conntrack.saturating_mul(2)),
             (MAP_AFFINITY, conntrack),
             (MAP_STATS, Stat::COUNT),
             (MAP_CONFIG, 1),
@@ -608,8 +610,7 @@ impl Datapath {
             (MAP_SERVICE_STATS, capacity.services.saturating_add(1).min(stats_entries)),
             (MAP_SERVICES6, capacity.services),
             (MAP_BACKENDS6, capacity.backends),
-            (MAP_CONNTRACK6, conntrack),
-            (MAP_REV_NAT6, conntrack),
+            (MAP_CT6, conntrack.saturating_mul(2)),
             (MAP_AFFINITY6, conntrack),
             (MAP_FRAGS, mcs_common::DEFAULT_MAX_FRAGS),
             (MAP_FRAGS6, mcs_common::DEFAULT_MAX_FRAGS),
@@ -682,7 +683,8 @@ impl Datapath {
         // selection map's closes once it is mapped). A kernel without them
         // still gets the TC path.
         let sock_load = sock::load_programs(&mut ebpf).err();
-        let [services, backends, slot_pairs, conntrack, .., health_entries] = wanted.map(|(_, size)| size);
+        let [services, backends, slot_pairs, ct_entries, .., health_entries] = wanted.map(|(_, size)| size);
+        let conntrack = ct_entries / 2;
         let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
         let fds = BatchFds {
             services: map_fd(&ebpf, MAP_SERVICES)?,
@@ -700,10 +702,8 @@ impl Datapath {
             backends6: take(&mut ebpf, MAP_BACKENDS6)?,
             affinity6: take(&mut ebpf, MAP_AFFINITY6)?,
             selection: map_selection(&mut ebpf, capacity.slots)?,
-            conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
-            rev_nat: take(&mut ebpf, MAP_REV_NAT)?,
-            conntrack6: take(&mut ebpf, MAP_CONNTRACK6)?,
-            rev_nat6: take(&mut ebpf, MAP_REV_NAT6)?,
+            ct: take(&mut ebpf, MAP_CT)?,
+            ct6: take(&mut ebpf, MAP_CT6)?,
             affinity: take(&mut ebpf, MAP_AFFINITY)?,
             stats: take(&mut ebpf, MAP_STATS)?,
             config: take(&mut ebpf, MAP_CONFIG)?,
@@ -774,8 +774,11 @@ impl Datapath {
         }))
     }
 
+    /// Flows in conntrack, both families (their original-direction entries;
+    /// walks the maps).
     pub fn conntrack_len(&self) -> usize {
-        self.maps.conntrack.keys().filter(Result::is_ok).count()
+        let v4 = self.maps.ct.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count();
+        v4 + self.maps.ct6.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count()
     }
 
     /// The kernel log reader, to be polled for records (see [`KernelLogger::flush`]).
@@ -1165,12 +1168,9 @@ impl Datapath {
         self.maps.stats.get(&(stat as u32), 0).map_or(0, |values| values.iter().sum())
     }
 
-    pub fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
-        self.maps.conntrack.iter().filter_map(Result::ok).collect()
-    }
-
-    pub fn rev_nat_entries(&self) -> Vec<(RevNatKey, RevNatValue)> {
-        self.maps.rev_nat.iter().filter_map(Result::ok).collect()
+    /// IPv4 conntrack entries of one direction (`CT_DIR_*`).
+    pub fn conntrack_entries(&self, dir: u8) -> Vec<(CtKey, CtValue)> {
+        self.maps.ct.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == dir).collect()
     }
 
     pub fn affinity_entries(&self) -> Vec<(AffinityKey, AffinityValue)> {
@@ -1189,14 +1189,15 @@ impl Datapath {
         self.maps.backends.get(&id, 0).ok()
     }
 
-    /// Seeds reverse NAT (fixtures age an entry without waiting).
-    pub fn insert_rev_nat(&mut self, key: RevNatKey, value: RevNatValue) -> Result<(), DatapathError> {
-        self.maps.rev_nat.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_REV_NAT, source })
+    /// Seeds or overwrites one conntrack entry (tests and fixtures pin a
+    /// flow without sending a first packet, or age an entry without waiting).
+    pub fn insert_conntrack(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
+        self.maps.ct.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_CT, source })
     }
 
-    /// Seeds conntrack (tests and fixtures pin a flow without sending a first packet).
-    pub fn insert_conntrack(&mut self, key: CtKey, value: CtValue) -> Result<(), DatapathError> {
-        self.maps.conntrack.insert(key, value, 0).map_err(|source| DatapathError::Map { name: MAP_CONNTRACK, source })
+    /// Removes one conntrack entry (tests evict half a pair on purpose).
+    pub fn remove_conntrack(&mut self, key: &CtKey) -> Result<(), DatapathError> {
+        self.maps.ct.remove(key).map_err(|source| DatapathError::Map { name: MAP_CT, source })
     }
 
     /// Stops the agent's hold on the datapath. Unless cleanup on exit was
@@ -1426,13 +1427,13 @@ pub fn uninstall(bpffs: &Path) -> Result<Uninstalled, DatapathError> {
 /// families) from an older layout's pinned maps into this agent's, where
 /// their shapes are the same, mapping service and backend ids through the
 /// frontends and addresses both sides know. Entries this agent already has
-/// win. Returns (conntrack, reverse NAT, affinity) entries copied; socket
-/// translations count with reverse NAT.
+/// win.
 ///
-/// A layout bump that changes `CtKey`/`CtValue`, `RevNatKey`/`RevNatValue`,
-/// the affinity or the `SockRev` types must add a conversion here (see
-/// ARCHITECTURE.md).
-pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usize) {
+/// A layout bump that changes `CtKey`/`CtValue`, the affinity or the
+/// `SockRev` types must add a conversion here (see ARCHITECTURE.md). Layout
+/// 3's two conntrack maps are converted: each of its entries becomes its
+/// own direction's entry plus the sibling derived from it.
+pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
     fn open<K: aya::Pod, V: aya::Pod>(old: &LayoutDir, name: &'static str) -> Option<HashMap<MapData, K, V>> {
         let path = old.map(name);
         let (kind, key, value, _) = expected(name);
@@ -1517,14 +1518,6 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usi
             }
         };
     }
-    macro_rules! rev {
-        () => {
-            |_: &mut _, v: &mut RevNatValue<_>| {
-                v.backend_id = backend_id(v.backend_id);
-                true
-            }
-        };
-    }
     macro_rules! sock {
         () => {
             |_: &mut _, v: &mut SockRevValue<_>| {
@@ -1544,15 +1537,110 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> (usize, usize, usi
             }
         };
     }
-    let conntrack =
-        copy(old, MAP_CONNTRACK, &mut maps.conntrack, ct!()) + copy(old, MAP_CONNTRACK6, &mut maps.conntrack6, ct!());
-    let rev_nat = copy(old, MAP_REV_NAT, &mut maps.rev_nat, rev!())
-        + copy(old, MAP_REV_NAT6, &mut maps.rev_nat6, rev!())
-        + copy(old, MAP_SOCK_REV, &mut maps.sock_rev, sock!())
-        + copy(old, MAP_SOCK_REV6, &mut maps.sock_rev6, sock!());
+    /// Layout 3's entries, each through `convert` to an entry of `CT`, which
+    /// goes in with its sibling (either may already be there: a pair is
+    /// made of whatever is missing).
+    fn convert<K: aya::Pod, V: aya::Pod, A: MapAddr + aya::Pod>(
+        old: &LayoutDir,
+        name: &'static str,
+        to: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
+        convert: impl Fn(K, V) -> (CtKey<A>, CtValue<A>),
+    ) -> usize
+    where
+        CtKey<A>: aya::Pod,
+        CtValue<A>: aya::Pod,
+    {
+        let Some(from) = open::<K, V>(old, name) else { return 0 };
+        let no_exist = 1; // BPF_NOEXIST
+        let mut n = 0;
+        for (k, v) in from.iter().filter_map(Result::ok) {
+            let (key, value) = convert(k, v);
+            let (sibling, sibling_value) = key.sibling(&value);
+            let inserted = to.insert(key, value, no_exist).is_ok();
+            if to.insert(sibling, sibling_value, no_exist).is_ok() || inserted {
+                n += 1;
+            }
+        }
+        n
+    }
+    macro_rules! from_v3_ct {
+        () => {
+            |k: v3::CtKey<_>, v: v3::CtValue<_>| {
+                let key = CtKey {
+                    src: k.client_ip,
+                    dst: k.vip,
+                    src_port: k.client_port,
+                    dst_port: k.vip_port,
+                    proto: k.proto,
+                    dir: CT_DIR_ORIGINAL,
+                    _pad: [0; 2],
+                };
+                let value = CtValue {
+                    addr: v.backend_ip,
+                    port: v.backend_port,
+                    flags: v.flags,
+                    _pad: 0,
+                    backend_id: backend_id(v.backend_id),
+                    service_id: service(v.service_id).unwrap_or(0),
+                    closed_ns: v.closed_ns,
+                    created_ns: v.created_ns,
+                    paired_ns: 0,
+                };
+                (key, value)
+            }
+        };
+    }
+    macro_rules! from_v3_rev {
+        () => {
+            |k: v3::RevNatKey<_>, v: v3::RevNatValue<_>| {
+                let key = CtKey {
+                    src: k.backend_ip,
+                    dst: k.client_ip,
+                    src_port: k.backend_port,
+                    dst_port: k.client_port,
+                    proto: k.proto,
+                    dir: CT_DIR_REPLY,
+                    _pad: [0; 2],
+                };
+                // Layout 3 kept the service only on the client's side; that
+                // entry, converted first, is the one the pair keeps.
+                let value = CtValue {
+                    addr: v.vip,
+                    port: v.vip_port,
+                    flags: v.flags,
+                    _pad: 0,
+                    backend_id: backend_id(v.backend_id),
+                    service_id: 0,
+                    closed_ns: v.closed_ns,
+                    created_ns: 0,
+                    paired_ns: 0,
+                };
+                (key, value)
+            }
+        };
+    }
+    let conntrack = copy(old, MAP_CT, &mut maps.ct, ct!()) + copy(old, MAP_CT6, &mut maps.ct6, ct!());
+    let converted = convert(old, v3::MAP_CONNTRACK, &mut maps.ct, from_v3_ct!())
+        + convert(old, v3::MAP_CONNTRACK6, &mut maps.ct6, from_v3_ct!())
+        + convert(old, v3::MAP_REV_NAT, &mut maps.ct, from_v3_rev!())
+        + convert(old, v3::MAP_REV_NAT6, &mut maps.ct6, from_v3_rev!());
+    let sockets =
+        copy(old, MAP_SOCK_REV, &mut maps.sock_rev, sock!()) + copy(old, MAP_SOCK_REV6, &mut maps.sock_rev6, sock!());
     let affinity = copy(old, MAP_AFFINITY, &mut maps.affinity, affinity!())
         + copy(old, MAP_AFFINITY6, &mut maps.affinity6, affinity!());
-    (conntrack, rev_nat, affinity)
+    CarriedOver { conntrack, converted, sockets, affinity }
+}
+
+/// What [`carry_over`] copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CarriedOver {
+    /// Conntrack entries of the same layout as ours (two per flow).
+    pub conntrack: usize,
+    /// Layout 3 conntrack and reverse-NAT entries, each made into a pair.
+    pub converted: usize,
+    /// Socket-level translations.
+    pub sockets: usize,
+    pub affinity: usize,
 }
 
 /// Removes an older layout once this agent serves every interface: its

@@ -10,9 +10,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, IPPROTO_TCP, Ip6, MAP_AFFINITY, MAP_AFFINITY6,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_SELECTION, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_SERVICES6, MAP_STATS, ServiceKey, ServiceStats, ServiceValue, Stat, ct_closed,
+    AffinityKey, AffinityValue, Backend, BackendStats, CT_DIR_ORIGINAL, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CtKey,
+    CtValue, IPPROTO_TCP, Ip6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CT,
+    MAP_CT6, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_STATS, ServiceKey, ServiceStats,
+    ServiceValue, Stat, ct_closed,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -76,11 +77,11 @@ impl Pinned {
             services: open(&layout, MAP_SERVICES, Map::HashMap)?,
             backends: open(&layout, MAP_BACKENDS, Map::Array)?,
             selection,
-            conntrack: open(&layout, MAP_CONNTRACK, Map::LruHashMap)?,
+            conntrack: open(&layout, MAP_CT, Map::LruHashMap)?,
             affinity: open(&layout, MAP_AFFINITY, Map::LruHashMap)?,
             services6: open(&layout, MAP_SERVICES6, Map::HashMap).ok(),
             backends6: open(&layout, MAP_BACKENDS6, Map::Array).ok(),
-            conntrack6: open(&layout, MAP_CONNTRACK6, Map::LruHashMap).ok(),
+            conntrack6: open(&layout, MAP_CT6, Map::LruHashMap).ok(),
             affinity6: open(&layout, MAP_AFFINITY6, Map::LruHashMap).ok(),
             stats: open(&layout, MAP_STATS, Map::PerCpuArray)?,
             backend_stats: open(&layout, MAP_BACKEND_STATS, Map::PerCpuArray).ok(),
@@ -264,11 +265,18 @@ fn monotonic_ns() -> u64 {
 }
 
 /// Translated flows, oldest first; `service` keeps only one ServiceImport's.
+/// A flow is listed by its original direction's entry (the reply's holds
+/// the same flow seen from the backend).
 pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
     let now = monotonic_ns();
-    let v4 = pinned.conntrack.iter().filter_map(Result::ok).map(|(k, v)| flow_row(pinned, now, &k, &v));
-    let v6 = pinned.conntrack6.iter().flat_map(|m| m.iter().filter_map(Result::ok));
+    let v4 = pinned.conntrack.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
+    let v6 = pinned
+        .conntrack6
+        .iter()
+        .flat_map(|m| m.iter().filter_map(Result::ok))
+        .filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
     let mut rows: Vec<FlowRow> = v4
+        .map(|(k, v)| flow_row(pinned, now, &k, &v))
         .chain(v6.map(|(k, v)| flow_row(pinned, now, &k, &v)))
         .filter(|row| service.is_none_or(|s| row.service.as_deref() == Some(s)))
         .collect();
@@ -279,15 +287,15 @@ pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
 fn flow_row<A: ToIp>(pinned: &Pinned, now: u64, k: &CtKey<A>, v: &CtValue<A>) -> FlowRow {
     let flags = v.flags;
     FlowRow {
-        client: socket(k.client_ip, k.client_port).to_string(),
-        vip: socket(k.vip, k.vip_port).to_string(),
-        backend: socket(v.backend_ip, v.backend_port).to_string(),
+        client: socket(k.src, k.src_port).to_string(),
+        vip: socket(k.dst, k.dst_port).to_string(),
+        backend: socket(v.addr, v.port).to_string(),
         protocol: if k.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
         service: pinned.info(v.service_id).map(|f| f.service.clone()),
         age_secs: now.saturating_sub(v.created_ns) as f64 / 1e9,
         state: if ct_closed(flags) {
             "closed"
-        } else if flags != 0 {
+        } else if flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) != 0 {
             "closing"
         } else {
             "open"

@@ -965,12 +965,13 @@ async fn run(args: RunArgs) -> Result<()> {
                     // An upgrade across a layout change: flows first, so the new
                     // programs know every connection when they take over.
                     for layout in &older {
-                        let (ct, rev, affinity) = datapath::carry_over(&mut datapath, layout);
+                        let carried = datapath::carry_over(&mut datapath, layout);
                         info!(
                             from = layout.version,
-                            conntrack = ct,
-                            rev_nat = rev,
-                            affinity,
+                            conntrack = carried.conntrack,
+                            converted = carried.converted,
+                            sockets = carried.sockets,
+                            affinity = carried.affinity,
                             "carried over an older layout's flows"
                         );
                     }

@@ -14,7 +14,7 @@ use bytemuck::{Pod, Zeroable};
 /// links live under a directory named after it: an agent adopts the state of
 /// its own layout and migrates an older one (see ARCHITECTURE.md, "Restarts
 /// and upgrades").
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Subdirectory of the layout directory holding the pinned TCX links,
 /// `ingress/<iface>` and `egress/<iface>` (bpffs names cannot hold a dot:
@@ -26,13 +26,26 @@ pub const PIN_LINKS: &str = "links";
 /// entries are treated as gone (an LRU map has no timer of its own).
 pub const CT_CLOSE_GRACE_NS: u64 = 10_000_000_000;
 
-/// `CtValue::flags` and `RevNatValue::flags`: what the datapath saw of a TCP
-/// connection's end. Both entries of a flow carry the same bits.
+/// `CtValue::flags`: what the datapath saw of a TCP connection's end. Both
+/// entries of a flow carry the same bits.
 pub const CT_F_FIN_CLIENT: u8 = 1;
 pub const CT_F_FIN_BACKEND: u8 = 2;
 pub const CT_F_RST: u8 = 4;
 /// The backend answered the connection's SYN (passive health: it is alive).
 pub const CT_F_SYNACK: u8 = 8;
+
+/// `CtKey::dir`: which of a flow's two entries a key names. The client's
+/// packets (client -> VIP) are looked up as `CT_DIR_ORIGINAL`, the backend's
+/// replies (backend -> client) as `CT_DIR_REPLY`. Zero is neither, so a
+/// zeroed key never matches.
+pub const CT_DIR_ORIGINAL: u8 = 1;
+pub const CT_DIR_REPLY: u8 = 2;
+
+/// How often a flow's entry, when a packet finds it, confirms its sibling
+/// (see [`CtKey::sibling`]): the lookup marks the sibling used, so a
+/// direction that is quiet for now is not evicted while the other is
+/// busy, and puts it back if memory pressure evicted it anyway.
+pub const CT_PAIR_CHECK_NS: u64 = 1_000_000_000;
 
 /// True when a connection with these flags is over (both FINs, or a RST).
 #[inline(always)]
@@ -101,8 +114,8 @@ impl SockHook {
 pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_SELECTION: &str = "SELECTION";
-pub const MAP_CONNTRACK: &str = "CONNTRACK";
-pub const MAP_REV_NAT: &str = "REV_NAT";
+/// Conntrack: both entries of every translated flow (see [`CtKey`]).
+pub const MAP_CT: &str = "CT";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_CONFIG: &str = "CONFIG";
@@ -113,8 +126,7 @@ pub const MAP_FRAGS: &str = "FRAGS";
 /// The IPv6 family's maps: the same types at [`Ip6`].
 pub const MAP_SERVICES6: &str = "SERVICES6";
 pub const MAP_BACKENDS6: &str = "BACKENDS6";
-pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
-pub const MAP_REV_NAT6: &str = "REV_NAT6";
+pub const MAP_CT6: &str = "CT6";
 pub const MAP_AFFINITY6: &str = "AFFINITY6";
 pub const MAP_FRAGS6: &str = "FRAGS6";
 /// Socket-level load balancing: what a socket's backend address stands for.
@@ -271,19 +283,28 @@ pub struct Backend<A = Ip4> {
     pub _pad: u16,
 }
 
-/// `CONNTRACK` key: the client's view of a flow (client -> VIP).
+/// `CT` key: one direction of a translated flow, as that direction's
+/// packets show it. `CT_DIR_ORIGINAL`: the client's packets
+/// (`src` client, `dst` VIP). `CT_DIR_REPLY`: the backend's replies
+/// (`src` backend, `dst` client). Each program looks up the packet's own
+/// tuple; one map holds both entries of a flow, so they are created,
+/// aged and removed as a pair (see [`CtKey::sibling`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey<A = Ip4> {
-    pub client_ip: A,
-    pub vip: A,
-    pub client_port: u16,
-    pub vip_port: u16,
+    pub src: A,
+    pub dst: A,
+    pub src_port: u16,
+    pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
 }
 
-/// `CONNTRACK` value: the backend a flow is pinned to.
+/// `CT` value: the other address of the translation. For the original
+/// direction the backend the flow is pinned to; for the reply direction
+/// the VIP the client believes it talks to.
 ///
 /// The address is stored, not only the id, so an established flow keeps its
 /// backend even after the backend id is freed and reused.
@@ -293,9 +314,9 @@ pub struct CtKey<A = Ip4> {
 #[repr(C, packed(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue<A = Ip4> {
-    pub backend_ip: A,
-    pub backend_port: u16,
-    /// `CT_F_*`.
+    pub addr: A,
+    pub port: u16,
+    /// `CT_F_*`, the same on both entries.
     pub flags: u8,
     pub _pad: u8,
     pub backend_id: u32,
@@ -304,35 +325,33 @@ pub struct CtValue<A = Ip4> {
     pub closed_ns: u64,
     /// `bpf_ktime_get_ns()` when the flow was first translated (CLOCK_MONOTONIC).
     pub created_ns: u64,
+    /// `bpf_ktime_get_coarse_ns()` when this entry last confirmed its sibling.
+    pub paired_ns: u64,
 }
 
-/// `REV_NAT` key: a reply's view of a flow (backend -> client).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNatKey<A = Ip4> {
-    pub backend_ip: A,
-    pub client_ip: A,
-    pub backend_port: u16,
-    pub client_port: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
+impl<A: MapAddr> CtKey<A> {
+    /// The flow's other entry, derived from this one: the reply of
+    /// client -> VIP (translated to backend) comes from the backend to the
+    /// client and is shown as coming from the VIP, and the other way round.
+    /// Either entry alone is enough to rebuild its pair.
+    #[inline(always)]
+    pub fn sibling(&self, value: &CtValue<A>) -> (CtKey<A>, CtValue<A>) {
+        let (addr, port) =
+            if self.dir == CT_DIR_ORIGINAL { (self.dst, self.dst_port) } else { (self.src, self.src_port) };
+        (self.sibling_key(value), CtValue { addr, port, ..*value })
+    }
 
-/// `REV_NAT` value: the address the client believes it talks to.
-/// `packed(4)` as [`CtValue`].
-#[repr(C, packed(4))]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNatValue<A = Ip4> {
-    pub vip: A,
-    pub vip_port: u16,
-    /// `CT_F_*`, as on the flow's `CtValue`.
-    pub flags: u8,
-    pub _pad: u8,
-    /// The backend the flow went to (per-backend accounting of replies).
-    pub backend_id: u32,
-    pub _pad2: u32,
-    /// As `CtValue::closed_ns`.
-    pub closed_ns: u64,
+    /// The key half of [`CtKey::sibling`].
+    #[inline(always)]
+    pub fn sibling_key(&self, value: &CtValue<A>) -> CtKey<A> {
+        // Original: client -> VIP, value the backend. Reply: backend -> client, value the VIP.
+        let (src, src_port, dst, dst_port, dir) = if self.dir == CT_DIR_ORIGINAL {
+            (value.addr, value.port, self.src, self.src_port, CT_DIR_REPLY)
+        } else {
+            (self.dst, self.dst_port, value.addr, value.port, CT_DIR_ORIGINAL)
+        };
+        CtKey { src, dst, src_port, dst_port, proto: self.proto, dir, _pad: [0; 2] }
+    }
 }
 
 /// `AFFINITY` key: ClientIP session affinity of one client to one frontend.
@@ -438,9 +457,7 @@ pod_for_both! {
     ServiceKey: 4 + 4, 16 + 4;
     Backend: 4 + 4, 16 + 4;
     CtKey: 8 + 8, 32 + 8;
-    CtValue: 4 + 28, 16 + 28;
-    RevNatKey: 8 + 8, 32 + 8;
-    RevNatValue: 4 + 20, 16 + 20;
+    CtValue: 4 + 36, 16 + 36;
     AffinityKey: 4 + 4, 4 + 16;
     FragKey: 8 + 8, 32 + 8;
     FragValue: 4 + 4, 16 + 4;
@@ -518,13 +535,13 @@ pub enum Stat {
     Malformed = 5,
     /// Egress reply rewritten back to the VIP.
     RevNat = 6,
-    /// A conntrack or reverse-NAT insert failed: the packet is dropped, not half-translated.
+    /// A conntrack insert failed: the packet is dropped, not half-translated.
     CtInsertFailed = 7,
     /// A checksum or store helper failed mid-rewrite: dropped.
     RewriteFailed = 8,
     /// A new flow went to its client's affinity backend.
     AffinityHit = 9,
-    /// A direct (untranslated) TCP SYN removed a reverse-NAT entry of an
+    /// A direct (untranslated) TCP SYN removed the reply entry of an
     /// earlier connection through the VIP on the same tuple.
     StaleRevNat = 10,
     /// A closed connection's entry was found past its grace time and dropped.
@@ -552,10 +569,12 @@ pub enum Stat {
     SockRevNat = 20,
     /// A socket call to a frontend from an excluded cgroup, left to the TC path.
     SockExcluded = 21,
+    /// A flow's entry found its sibling evicted and put it back (see `CtKey::sibling`).
+    CtPairRestored = 22,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -579,6 +598,7 @@ impl Stat {
         Stat::SockRefused,
         Stat::SockRevNat,
         Stat::SockExcluded,
+        Stat::CtPairRestored,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -605,6 +625,7 @@ impl Stat {
             Stat::SockRefused => "sock_refused",
             Stat::SockRevNat => "sock_rev_nat",
             Stat::SockExcluded => "sock_excluded",
+            Stat::CtPairRestored => "ct_pair_restored",
         }
     }
 }
@@ -682,6 +703,76 @@ pub const fn port_to_map(port: u16) -> u16 {
     port.to_be()
 }
 
+/// Layout 3's conntrack, kept so an agent can carry the flows of a node
+/// that ran it over (`carry_over`): two maps, one per direction, that the
+/// LRU could evict apart. Layout 4 keeps both entries in [`MAP_CT`].
+pub mod v3 {
+    use super::{Ip4, Ip6, MapAddr, Pod, Zeroable};
+
+    pub const MAP_CONNTRACK: &str = "CONNTRACK";
+    pub const MAP_REV_NAT: &str = "REV_NAT";
+    pub const MAP_CONNTRACK6: &str = "CONNTRACK6";
+    pub const MAP_REV_NAT6: &str = "REV_NAT6";
+
+    /// `CONNTRACK` key: client -> VIP.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct CtKey<A> {
+        pub client_ip: A,
+        pub vip: A,
+        pub client_port: u16,
+        pub vip_port: u16,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    }
+
+    /// `CONNTRACK` value: the backend.
+    #[repr(C, packed(4))]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct CtValue<A> {
+        pub backend_ip: A,
+        pub backend_port: u16,
+        pub flags: u8,
+        pub _pad: u8,
+        pub backend_id: u32,
+        pub service_id: u32,
+        pub closed_ns: u64,
+        pub created_ns: u64,
+    }
+
+    /// `REV_NAT` key: backend -> client.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct RevNatKey<A> {
+        pub backend_ip: A,
+        pub client_ip: A,
+        pub backend_port: u16,
+        pub client_port: u16,
+        pub proto: u8,
+        pub _pad: [u8; 3],
+    }
+
+    /// `REV_NAT` value: the VIP.
+    #[repr(C, packed(4))]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct RevNatValue<A> {
+        pub vip: A,
+        pub vip_port: u16,
+        pub flags: u8,
+        pub _pad: u8,
+        pub backend_id: u32,
+        pub _pad2: u32,
+        pub closed_ns: u64,
+    }
+
+    pod_for_both! {
+        CtKey: 8 + 8, 32 + 8;
+        CtValue: 4 + 28, 16 + 28;
+        RevNatKey: 8 + 8, 32 + 8;
+        RevNatValue: 4 + 20, 16 + 20;
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -692,8 +783,10 @@ mod user {
     unsafe impl<A: MapAddr> aya::Pod for Backend<A> {}
     unsafe impl<A: MapAddr> aya::Pod for CtKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for CtValue<A> {}
-    unsafe impl<A: MapAddr> aya::Pod for RevNatKey<A> {}
-    unsafe impl<A: MapAddr> aya::Pod for RevNatValue<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for v3::CtKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for v3::CtValue<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for v3::RevNatKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for v3::RevNatValue<A> {}
     unsafe impl<A: MapAddr> aya::Pod for AffinityKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for FragKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for FragValue<A> {}
@@ -717,16 +810,56 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 24);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
-        assert_eq!(size_of::<RevNatKey>(), 16);
-        assert_eq!(size_of::<RevNatValue>(), 24);
+        assert_eq!(size_of::<CtValue>(), 40);
+        assert_eq!(size_of::<v3::CtValue<Ip4>>(), 32);
+        assert_eq!(size_of::<v3::RevNatValue<Ip4>>(), 24);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<BackendStats>(), 40);
         assert_eq!(size_of::<Health>(), 32);
         assert_eq!(size_of::<ServiceStats>(), 16);
-        assert_eq!(size_of::<CtValue<Ip6>>(), 44);
-        assert_eq!(size_of::<RevNatValue<Ip6>>(), 36);
+        assert_eq!(size_of::<CtValue<Ip6>>(), 52);
+        assert_eq!(size_of::<v3::CtValue<Ip6>>(), 44);
+        assert_eq!(size_of::<v3::RevNatValue<Ip6>>(), 36);
+    }
+
+    #[test]
+    fn a_flows_entries_derive_each_other() {
+        let (client, vip, backend) = (ip_to_map([10, 1, 0, 2]), ip_to_map([10, 96, 0, 1]), ip_to_map([10, 2, 0, 7]));
+        let original = CtKey {
+            src: client,
+            dst: vip,
+            src_port: port_to_map(40_000),
+            dst_port: port_to_map(80),
+            proto: IPPROTO_TCP,
+            dir: CT_DIR_ORIGINAL,
+            _pad: [0; 2],
+        };
+        let pinned = CtValue {
+            addr: backend,
+            port: port_to_map(8080),
+            flags: CT_F_SYNACK,
+            backend_id: 7,
+            service_id: 3,
+            created_ns: 5,
+            ..CtValue::default()
+        };
+        let (reply, shown) = original.sibling(&pinned);
+        assert_eq!(
+            reply,
+            CtKey {
+                src: backend,
+                dst: client,
+                src_port: port_to_map(8080),
+                dst_port: port_to_map(40_000),
+                proto: IPPROTO_TCP,
+                dir: CT_DIR_REPLY,
+                _pad: [0; 2],
+            }
+        );
+        assert_eq!((shown.addr, shown.port), (vip, port_to_map(80)), "a reply is shown as coming from the VIP");
+        assert_eq!((shown.backend_id, shown.service_id, shown.flags, shown.created_ns), (7, 3, CT_F_SYNACK, 5));
+        assert_eq!(reply.sibling(&shown), (original, pinned), "and the reply's sibling is the original again");
     }
 
     #[test]

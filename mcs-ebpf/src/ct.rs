@@ -1,12 +1,24 @@
-//! The end of a TCP connection, as both programs see it. A flow has two
-//! entries (CONNTRACK for the client's packets, REV_NAT for the replies);
-//! each program sees one direction, so a FIN or RST seen by either updates
-//! both, and both expire together once the connection is over.
+//! A flow's two conntrack entries, kept as a pair. Each program looks up
+//! only its own direction's entry (one lookup per packet); the entry can
+//! rebuild its sibling (`CtKey::sibling`), so a FIN or RST seen by either
+//! program updates both, both expire together once the connection is over,
+//! and a sibling that memory pressure evicted comes back.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use mcs_common::{CT_CLOSE_GRACE_NS, CT_F_RST, CtValue, MapAddr, RevNatValue, ct_closed};
+// The map calls take the scratch key and value by reference on purpose: by
+// value they would be copied onto the stack the scratch entry spares.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
-use crate::parse::{TCP_FLAG_FIN, TCP_FLAG_RST};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
+};
+use mcs_common::{CT_CLOSE_GRACE_NS, CT_DIR_ORIGINAL, CT_F_RST, CT_PAIR_CHECK_NS, CtKey, CtValue, Stat, ct_closed};
+
+use crate::{
+    family::Family,
+    maps::{CT_SCRATCH, CT_SCRATCH_VALUE, count},
+    parse::{TCP_FLAG_FIN, TCP_FLAG_RST},
+};
 
 /// `CT_F_*` bits a packet with these TCP flags contributes, from the side
 /// whose FIN bit is `fin_bit`.
@@ -22,17 +34,99 @@ pub fn close_bits(tcp_flags: u8, fin_bit: u8) -> u8 {
     bits
 }
 
-/// Adds `bits` to both entries (either may be missing after an eviction) and
-/// starts the grace time once the connection is over.
+/// A key and value in `CT_SCRATCH`.
+type ScratchPair<A> = (&'static mut CtKey<A>, &'static mut CtValue<A>);
+
+/// The sibling of `key` (whose value is `value`), built in the per-CPU
+/// scratch entry: the packet path's frame has no room for another key and
+/// value (92 bytes for IPv6) below the BPF stack limit.
 #[inline(always)]
-pub fn mark<A: MapAddr>(ct: Option<*mut CtValue<A>>, rev: Option<*mut RevNatValue<A>>, bits: u8) {
-    // SAFETY: map value pointers, valid for this program run.
-    let mut flags = bits;
-    if let Some(ct) = ct {
-        flags |= unsafe { (*ct).flags };
+fn sibling_in_scratch<F: Family>(
+    key: &CtKey<F::A>,
+    value: &CtValue<F::A>,
+) -> Option<ScratchPair<F::A>> {
+    let scratch = CT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value of `CtScratch`'s size, 8-aligned, with room
+    // for the IPv6 key and value; no other user on this CPU during the run.
+    let (k, v) =
+        unsafe { (&mut *scratch.cast::<CtKey<F::A>>(), &mut *scratch.cast::<u8>().add(CT_SCRATCH_VALUE).cast()) };
+    *k = key.sibling_key(value);
+    *v = *value;
+    let (addr, port) = if key.dir == CT_DIR_ORIGINAL { (key.dst, key.dst_port) } else { (key.src, key.src_port) };
+    v.addr = addr;
+    v.port = port;
+    Some((k, v))
+}
+
+/// Both entries of a new flow. The reply entry first: a reply must never
+/// arrive for a flow we cannot un-NAT; if the second insert fails the first
+/// is taken back, so no half pair is left.
+// Out of line, as every pair operation: inlined, their locals would share
+// the packet path's frame.
+#[inline(never)]
+pub fn insert_pair<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Result<(), i64> {
+    let (sibling, sibling_value) = sibling_in_scratch::<F>(key, value).ok_or(-1i64)?;
+    F::ct().insert(&*sibling, &*sibling_value, 0)?;
+    if let Err(e) = F::ct().insert(key, value, 0) {
+        let _ = F::ct().remove(&*sibling);
+        return Err(e.into());
     }
-    if let Some(rev) = rev {
-        flags |= unsafe { (*rev).flags };
+    Ok(())
+}
+
+/// Removes both entries of a flow.
+#[inline(never)]
+pub fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) {
+    if let Some((sibling, _)) = sibling_in_scratch::<F>(key, value) {
+        let _ = F::ct().remove(&*sibling);
+    }
+    let _ = F::ct().remove(key);
+}
+
+/// At most once per `CT_PAIR_CHECK_NS` per entry: looks the sibling up,
+/// which marks it used in the LRU (a direction quiet for now is not evicted
+/// while the other is busy), and puts it back if it was evicted anyway.
+/// The coarse clock costs a memory read, not a clock read.
+#[inline(always)]
+pub fn keep_pair<F: Family>(key: &CtKey<F::A>, entry: *mut CtValue<F::A>) {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: map value pointer, valid for this program run.
+    let value = unsafe { &mut *entry };
+    if now.wrapping_sub(value.paired_ns) < CT_PAIR_CHECK_NS {
+        return;
+    }
+    value.paired_ns = now;
+    restore_sibling::<F>(key, value, now);
+}
+
+#[inline(never)]
+fn restore_sibling<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>, now: u64) {
+    let Some((sibling, sibling_value)) = sibling_in_scratch::<F>(key, value) else { return };
+    if let Some(found) = F::ct().get_ptr_mut(&*sibling) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*found).paired_ns = now };
+        return;
+    }
+    if F::ct().insert(&*sibling, &*sibling_value, BPF_NOEXIST as u64).is_ok() {
+        count(Stat::CtPairRestored);
+    }
+}
+
+/// Adds `bits` to an entry and its sibling (which may be missing after an
+/// eviction) and starts the grace time once the connection is over.
+#[inline(never)]
+pub fn mark<F: Family>(key: &CtKey<F::A>, entry: *mut CtValue<F::A>, bits: u8) {
+    // SAFETY: map value pointer, valid for this program run.
+    let value = unsafe { &mut *entry };
+    let sibling = match sibling_in_scratch::<F>(key, value) {
+        Some((sibling, _)) => F::ct().get_ptr_mut(&*sibling),
+        None => None,
+    };
+    let mut flags = bits | value.flags;
+    if let Some(sibling) = sibling {
+        // SAFETY: as above.
+        flags |= unsafe { (*sibling).flags };
     }
     let closed_ns = if ct_closed(flags) {
         // SAFETY: helper without preconditions.
@@ -40,19 +134,19 @@ pub fn mark<A: MapAddr>(ct: Option<*mut CtValue<A>>, rev: Option<*mut RevNatValu
     } else {
         0
     };
-    // SAFETY: as above.
+    set_flags(entry, flags, closed_ns);
+    if let Some(sibling) = sibling {
+        set_flags(sibling, flags, closed_ns);
+    }
+}
+
+#[inline(always)]
+fn set_flags<A>(entry: *mut CtValue<A>, flags: u8, closed_ns: u64) {
+    // SAFETY: map value pointer, valid for this program run.
     unsafe {
-        if let Some(ct) = ct {
-            (*ct).flags = flags;
-            if { (*ct).closed_ns } == 0 {
-                (*ct).closed_ns = closed_ns;
-            }
-        }
-        if let Some(rev) = rev {
-            (*rev).flags = flags;
-            if { (*rev).closed_ns } == 0 {
-                (*rev).closed_ns = closed_ns;
-            }
+        (*entry).flags = flags;
+        if { (*entry).closed_ns } == 0 {
+            (*entry).closed_ns = closed_ns;
         }
     }
 }

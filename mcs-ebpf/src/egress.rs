@@ -4,7 +4,7 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::warn;
 use mcs_common::{
-    CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP, RevNatKey, Stat,
+    CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP, Stat,
 };
 
 use crate::{
@@ -35,15 +35,16 @@ fn egress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     if let Frag::Later(id) = flow.frag {
         return follow_fragment::<F>(ctx, flow, id, Side::Source, false);
     }
-    let key = RevNatKey {
-        backend_ip: flow.src_ip,
-        client_ip: flow.dst_ip,
-        backend_port: flow.src_port,
-        client_port: flow.dst_port,
+    let key = CtKey {
+        src: flow.src_ip,
+        dst: flow.dst_ip,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
         proto: flow.proto,
-        _pad: [0; 3],
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
     };
-    let Some(rev_ptr) = F::rev_nat().get_ptr_mut(key) else {
+    let Some(rev_ptr) = F::ct().get_ptr_mut(key) else {
         return TC_NEXT;
     };
     // SAFETY: map value pointer, valid for this program run; copied before the rewrite.
@@ -51,29 +52,22 @@ fn egress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     if rev.closed_ns != 0 && ct::expired(rev.closed_ns) {
         // The connection this entry belonged to is over: whatever this is, it
         // was not translated by us and must not be reverse-translated.
-        let _ = F::rev_nat().remove(key);
+        ct::remove_pair::<F>(&key, &rev);
         count(Stat::ClosedExpired);
         return TC_NEXT;
     }
     if flow.proto == IPPROTO_TCP {
         let bits = ct::close_bits(flow.tcp_flags, CT_F_FIN_BACKEND);
         if bits != 0 {
-            let ct_key = CtKey {
-                client_ip: flow.dst_ip,
-                vip: rev.vip,
-                client_port: flow.dst_port,
-                vip_port: rev.vip_port,
-                proto: flow.proto,
-                _pad: [0; 3],
-            };
-            ct::mark(F::conntrack().get_ptr_mut(ct_key), Some(rev_ptr), bits);
+            ct::mark::<F>(&key, rev_ptr, bits);
         }
     }
+    ct::keep_pair::<F>(&key, rev_ptr);
     if let Frag::First(id) = flow.frag {
         let key = FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
-        let _ = F::frags().insert(key, FragValue { addr: rev.vip, side: FRAG_REV_NAT }, 0);
+        let _ = F::frags().insert(key, FragValue { addr: rev.addr, side: FRAG_REV_NAT }, 0);
     }
-    if let Err(e) = rewrite::<F>(ctx, flow, Side::Source, rev.vip, rev.vip_port) {
+    if let Err(e) = rewrite::<F>(ctx, flow, Side::Source, rev.addr, rev.port) {
         count(Stat::RewriteFailed);
         warn!(ctx, "reverse NAT rewrite failed ({}): packet dropped", e);
         return TC_ACT_SHOT;

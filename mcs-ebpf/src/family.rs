@@ -6,15 +6,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue,
 };
 
 use crate::{
     csum::Delta,
     maps::{
-        AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, FRAGS, FRAGS6, REV_NAT, REV_NAT6, SERVICES,
-        SERVICES6, SOCK_REV, SOCK_REV6,
+        AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CT, CT6, FRAGS, FRAGS6, SERVICES, SERVICES6, SOCK_REV, SOCK_REV6,
     },
     parse::{ETH_LEN, ptr_at},
 };
@@ -32,8 +31,7 @@ pub trait Family {
 
     fn services() -> &'static HashMap<ServiceKey<Self::A>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::A>>;
-    fn conntrack() -> &'static LruHashMap<CtKey<Self::A>, CtValue<Self::A>>;
-    fn rev_nat() -> &'static LruHashMap<RevNatKey<Self::A>, RevNatValue<Self::A>>;
+    fn ct() -> &'static LruHashMap<CtKey<Self::A>, CtValue<Self::A>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::A>, AffinityValue>;
     fn frags() -> &'static LruHashMap<FragKey<Self::A>, FragValue<Self::A>>;
     fn sock_rev() -> &'static LruHashMap<SockRevKey<Self::A>, SockRevValue<Self::A>>;
@@ -60,12 +58,8 @@ impl Family for V4 {
         &BACKENDS
     }
     #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<CtKey<Ip4>, CtValue<Ip4>> {
-        &CONNTRACK
-    }
-    #[inline(always)]
-    fn rev_nat() -> &'static LruHashMap<RevNatKey<Ip4>, RevNatValue<Ip4>> {
-        &REV_NAT
+    fn ct() -> &'static LruHashMap<CtKey<Ip4>, CtValue<Ip4>> {
+        &CT
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Ip4>, AffinityValue> {
@@ -101,12 +95,8 @@ impl Family for V6 {
         &BACKENDS6
     }
     #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<CtKey<Ip6>, CtValue<Ip6>> {
-        &CONNTRACK6
-    }
-    #[inline(always)]
-    fn rev_nat() -> &'static LruHashMap<RevNatKey<Ip6>, RevNatValue<Ip6>> {
-        &REV_NAT6
+    fn ct() -> &'static LruHashMap<CtKey<Ip6>, CtValue<Ip6>> {
+        &CT6
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Ip6>, AffinityValue> {

@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use mcs_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RevNatKey, Stat};
+use mcs_common::{CT_DIR_REPLY, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
 use crate::{
     csum::{Delta, fold},
@@ -84,18 +84,21 @@ fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) 
     }
     let l4 = inner + ihl;
     let Some(ports) = load::<[u16; 2]>(ctx, l4) else { return Ok(false) };
-    let key = RevNatKey {
-        backend_ip: backend,
-        client_ip: client,
-        backend_port: ports[1],
-        client_port: ports[0],
+    // The quote is a packet the client sent (client -> backend): its reply
+    // direction's entry holds the VIP the client addressed.
+    let key = CtKey {
+        src: backend,
+        dst: client,
+        src_port: ports[1],
+        dst_port: ports[0],
         proto,
-        _pad: [0; 3],
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
     };
-    let Some(rev) = F::rev_nat().get_ptr(key) else { return Ok(false) };
+    let Some(rev) = F::ct().get_ptr(key) else { return Ok(false) };
     // SAFETY: map value pointer, valid for this program run; copied.
     let rev = unsafe { *rev };
-    let (vip, vip_port) = (rev.vip, rev.vip_port);
+    let (vip, vip_port) = (rev.addr, rev.port);
 
     // Every pointer is checked before the first write.
     let icmp_csum = ptr_at::<u16>(ctx, flow.l4_off + 2).ok_or(-1i64)?;

@@ -4,8 +4,8 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use aya_log_ebpf::{debug, warn};
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CT_F_FIN_CLIENT, CtKey, CtValue, FRAG_DNAT, FragKey, FragValue, IPPROTO_TCP,
-    IPPROTO_UDP, MapAddr, RevNatKey, RevNatValue, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
+    AffinityKey, AffinityValue, Backend, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_CLIENT, CtKey, CtValue, FRAG_DNAT,
+    FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP, MapAddr, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
 };
 
 use crate::{
@@ -68,12 +68,13 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     let service = unsafe { &*service };
 
     let ct_key = CtKey {
-        client_ip: flow.src_ip,
-        vip: flow.dst_ip,
-        client_port: flow.src_port,
-        vip_port: flow.dst_port,
+        src: flow.src_ip,
+        dst: flow.dst_ip,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
         proto: flow.proto,
-        _pad: [0; 3],
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
     };
     let backend = match established::<F>(flow, &ct_key) {
         Some((id, backend)) => {
@@ -97,7 +98,7 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
             flow.src_ip,
         ) {
             Some((id, backend)) => {
-                if let Err(e) = record::<F>(flow, &ct_key, service, id, &backend) {
+                if let Err(e) = record::<F>(&ct_key, service, id, &backend) {
                     count(Stat::CtInsertFailed);
                     warn!(ctx, "conntrack insert failed ({}) for service {}: packet dropped", e, service.service_id);
                     return TC_ACT_SHOT;
@@ -157,24 +158,21 @@ fn is_bare_syn<A>(flow: &Flow<A>) -> bool {
     flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
 
-#[inline(always)]
-fn rev_key<A: MapAddr>(flow: &Flow<A>, backend_ip: A, backend_port: u16) -> RevNatKey<A> {
-    RevNatKey {
-        backend_ip,
-        client_ip: flow.src_ip,
-        backend_port,
-        client_port: flow.src_port,
-        proto: flow.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// A direct connection from a client port that earlier talked to a VIP
-/// translated to this very pod: the old reverse entry would rewrite its
+/// translated to this very pod: the old reply entry would rewrite its
 /// SYN-ACK to come from the VIP. Only bare SYNs pay for this lookup.
 #[inline(always)]
 fn forget_stale_reply<F: Family>(flow: &Flow<F::A>) {
-    if F::rev_nat().remove(rev_key(flow, flow.dst_ip, flow.dst_port)).is_ok() {
+    let reply = CtKey {
+        src: flow.dst_ip,
+        dst: flow.src_ip,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if F::ct().remove(reply).is_ok() {
         count(Stat::StaleRevNat);
     }
 }
@@ -188,32 +186,34 @@ fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u3
     if is_bare_syn(flow) {
         return None;
     }
-    let ct_ptr = F::conntrack().get_ptr_mut(ct_key)?;
+    let ct_ptr = F::ct().get_ptr_mut(ct_key)?;
     // SAFETY: map value pointer, valid for this program run.
     let ct = unsafe { *ct_ptr };
-    let pinned = Backend { ip: ct.backend_ip, port: ct.backend_port, _pad: 0 };
+    let pinned = Backend { ip: ct.addr, port: ct.port, _pad: 0 };
     if ct.closed_ns != 0 && ct::expired(ct.closed_ns) {
         // A closed connection's leftovers: never translate on them again.
-        let _ = F::rev_nat().remove(rev_key(flow, pinned.ip, pinned.port));
-        let _ = F::conntrack().remove(ct_key);
+        ct::remove_pair::<F>(ct_key, &ct);
         count(Stat::ClosedExpired);
         return None;
     }
     if flow.proto == IPPROTO_TCP {
         let bits = ct::close_bits(flow.tcp_flags, CT_F_FIN_CLIENT);
         if bits != 0 {
-            ct::mark(Some(ct_ptr), F::rev_nat().get_ptr_mut(rev_key(flow, pinned.ip, pinned.port)), bits);
+            ct::mark::<F>(ct_key, ct_ptr, bits);
         }
     }
     // UDP has no connection to keep alive: once the backend is gone from the
     // service (its id freed or reused), re-select instead of sending into the void.
     // TCP keeps the pin so an established connection survives endpoint removal.
     if flow.proto == IPPROTO_UDP {
-        let current = F::backends().get(ct.backend_id)?;
-        if current.ip != pinned.ip || current.port != pinned.port {
+        let current = F::backends().get(ct.backend_id);
+        if current.is_none_or(|current| current.ip != pinned.ip || current.port != pinned.port) {
+            // The new selection writes a new pair; the old reply entry would linger.
+            ct::remove_pair::<F>(ct_key, &ct);
             return None;
         }
     }
+    ct::keep_pair::<F>(ct_key, ct_ptr);
     Some((ct.backend_id, pinned))
 }
 
@@ -270,34 +270,25 @@ fn slot_backend<F: Family>(service: &ServiceValue, hash: u32) -> Option<(u32, Ba
 
 #[inline(always)]
 fn record<F: Family>(
-    flow: &Flow<F::A>,
     ct_key: &CtKey<F::A>,
     service: &ServiceValue,
     id: u32,
     backend: &Backend<F::A>,
 ) -> Result<(), i64> {
-    let rev = RevNatValue {
-        vip: flow.dst_ip,
-        vip_port: flow.dst_port,
-        flags: 0,
-        _pad: 0,
-        backend_id: id,
-        _pad2: 0,
-        closed_ns: 0,
-    };
-    // Reverse entry first: a reply must never arrive for a flow we cannot un-NAT.
-    F::rev_nat().insert(rev_key(flow, backend.ip, backend.port), rev, 0)?;
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let ct = CtValue {
-        backend_ip: backend.ip,
-        backend_port: backend.port,
+        addr: backend.ip,
+        port: backend.port,
         flags: 0,
         _pad: 0,
         backend_id: id,
         service_id: service.service_id,
         closed_ns: 0,
-        // SAFETY: helper without preconditions.
-        created_ns: unsafe { bpf_ktime_get_ns() },
+        created_ns: now,
+        // The coarse clock is behind the fine one by at most a tick: the
+        // first check comes a little early, which is harmless.
+        paired_ns: now,
     };
-    F::conntrack().insert(ct_key, ct, 0)?;
-    Ok(())
+    ct::insert_pair::<F>(ct_key, &ct)
 }

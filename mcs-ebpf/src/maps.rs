@@ -7,8 +7,8 @@ use aya_ebpf::{
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REV,
-    DEFAULT_STATS_ENTRIES, FragKey, FragValue, Health, Ip6, RevNatKey, RevNatValue, SelectionPair, ServiceKey,
-    ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat,
+    DEFAULT_STATS_ENTRIES, FragKey, FragValue, Health, Ip6, SelectionPair, ServiceKey, ServiceStats, ServiceValue,
+    SockRevKey, SockRevValue, Stat,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
@@ -29,11 +29,18 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static SELECTION: Array<SelectionPair> =
     Array::with_max_entries(DEFAULT_MAX_SELECTION_SLOTS / 2, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
+/// Both entries of every flow (see `mcs_common::CtKey`): two per flow.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(2 * DEFAULT_MAX_CONNTRACK, 0);
 
+/// Room for one conntrack key and value of either family, per CPU: the
+/// pair operations build a sibling here, not on the stack. Not pinned (no
+/// state outlives a program run).
 #[map]
-pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+pub static CT_SCRATCH: PerCpuArray<[u64; 12]> = PerCpuArray::with_max_entries(1, 0);
+/// Offset of the value in a `CT_SCRATCH` entry: after an IPv6 key.
+pub const CT_SCRATCH_VALUE: usize = core::mem::size_of::<CtKey<Ip6>>();
+const _: () = assert!(CT_SCRATCH_VALUE + core::mem::size_of::<CtValue<Ip6>>() <= 12 * 8);
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
@@ -51,11 +58,7 @@ pub static SERVICES6: HashMap<ServiceKey<Ip6>, ServiceValue> = HashMap::with_max
 pub static BACKENDS6: Array<Backend<Ip6>> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map]
-pub static CONNTRACK6: LruHashMap<CtKey<Ip6>, CtValue<Ip6>> = LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
-
-#[map]
-pub static REV_NAT6: LruHashMap<RevNatKey<Ip6>, RevNatValue<Ip6>> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+pub static CT6: LruHashMap<CtKey<Ip6>, CtValue<Ip6>> = LruHashMap::with_max_entries(2 * DEFAULT_MAX_CONNTRACK, 0);
 
 #[map]
 pub static AFFINITY6: LruHashMap<AffinityKey<Ip6>, AffinityValue> =

@@ -13,8 +13,8 @@ use mcs_agent::{
     source::manifests::parse_documents,
 };
 use mcs_common::{
-    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CtKey, CtValue, IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, RevNatKey,
-    RevNatValue, Stat, flow_hash, ip_to_map, port_to_map,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CtKey, CtValue, IPPROTO_TCP,
+    PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map,
 };
 use mcs_tests::{
     packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view},
@@ -151,8 +151,8 @@ fn tcp_syn_to_the_vip_is_dnatted_with_valid_checksums_and_tracked() {
     assert_eq!(v.l4_checksum_ok, Some(true), "TCP checksum");
     assert_eq!(out.len(), input.len());
     assert_eq!(out[..14], input[..14], "Ethernet header untouched");
-    assert_eq!(dp.conntrack_entries().len(), 1);
-    assert_eq!(dp.rev_nat_entries().len(), 1);
+    assert_eq!(dp.conntrack_entries(CT_DIR_ORIGINAL).len(), 1);
+    assert_eq!(dp.conntrack_entries(CT_DIR_REPLY).len(), 1, "created as a pair");
     assert_eq!(dp.stat(Stat::NewFlow), 1);
 }
 
@@ -162,16 +162,17 @@ fn established_packets_follow_conntrack_and_a_bare_syn_chooses_afresh() {
     let sport = port_for(BACKENDS[0]);
     // Pin the flow to the *other* backend, as an earlier selection might have.
     let key = CtKey {
-        client_ip: ip_to_map(CLIENT.octets()),
-        vip: ip_to_map(VIP.octets()),
-        client_port: port_to_map(sport),
-        vip_port: port_to_map(80),
+        src: ip_to_map(CLIENT.octets()),
+        dst: ip_to_map(VIP.octets()),
+        src_port: port_to_map(sport),
+        dst_port: port_to_map(80),
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
     };
     let pinned = CtValue {
-        backend_ip: ip_to_map(BACKENDS[1].octets()),
-        backend_port: port_to_map(8080),
+        addr: ip_to_map(BACKENDS[1].octets()),
+        port: port_to_map(8080),
         backend_id: 2,
         service_id: 1,
         ..CtValue::default()
@@ -258,7 +259,7 @@ fn non_service_traffic_passes_byte_for_byte_and_creates_no_state() {
         let (verdict, out) = run(&mut dp, PROG_INGRESS, &input);
         assert_eq!((verdict, &out), (TC_NEXT, &input));
     }
-    assert!(dp.conntrack_entries().is_empty());
+    assert!(no_conntrack(&dp));
     assert_eq!(dp.stat(Stat::NotService), 3);
 }
 
@@ -305,7 +306,7 @@ fn truncated_and_malformed_headers_pass_untouched() {
             assert_eq!((verdict, &out), (TC_NEXT, input), "{program} on {} bytes", input.len());
         }
     }
-    assert!(dp.conntrack_entries().is_empty());
+    assert!(no_conntrack(&dp));
     assert!(dp.stat(Stat::Malformed) >= 5, "counted: {}", dp.stat(Stat::Malformed));
 }
 
@@ -346,7 +347,7 @@ fn per_packet_cost_of_each_path() {
         .map(|p| tcp(&Ipv4Spec::new(expected_backend(p, 80, IPPROTO_TCP), CLIENT), 8080, p, TCP_ACK, b""))
         .collect();
     measure("reverse NAT", PROG_EGRESS, replies, true, &mut dp);
-    assert_eq!(dp.conntrack_entries().len(), usize::from(samples));
+    assert_eq!(dp.conntrack_entries(CT_DIR_ORIGINAL).len(), usize::from(samples));
     println!("per-packet cost ({samples} samples each): {}", report.join("; "));
 }
 
@@ -368,7 +369,7 @@ fn maps_are_pinned_under_the_layout_version_and_removed_on_drop() {
     let sizes = Sizes { capacity: Capacity { services: 8, backends: 8, slots: 8 }, conntrack: 64, ..Sizes::default() };
     // The scratch directory is not a bpffs: the agent mounts one there.
     let dp = Datapath::load(sizes, Some(root)).expect("load with pinning");
-    for map in ["SERVICES", "BACKENDS", "SELECTION", "CONNTRACK", "REV_NAT", "STATS"] {
+    for map in ["SERVICES", "BACKENDS", "SELECTION", "CT", "CT6", "STATS"] {
         assert!(dir.join(map).exists(), "{map} pinned");
     }
     // A second load (a restart after a crash) adopts the pins instead of failing.
@@ -424,10 +425,16 @@ fn the_kernel_reads_exactly_the_agents_maglev_table() {
     }
 }
 
-/// Both entries of the flow `CLIENT:sport -> VIP:80`.
-fn flow_entries(dp: &Datapath, sport: u16) -> (Option<CtValue>, Option<(RevNatKey, RevNatValue)>) {
-    let ct = dp.conntrack_entries().into_iter().find(|(k, _)| k.client_port == port_to_map(sport)).map(|(_, v)| v);
-    let rev = dp.rev_nat_entries().into_iter().find(|(k, _)| k.client_port == port_to_map(sport));
+fn no_conntrack(dp: &Datapath) -> bool {
+    dp.conntrack_entries(CT_DIR_ORIGINAL).is_empty() && dp.conntrack_entries(CT_DIR_REPLY).is_empty()
+}
+
+/// Both entries of the flow `CLIENT:sport -> VIP:80`: the original
+/// direction's value, and the reply direction's key and value.
+fn flow_entries(dp: &Datapath, sport: u16) -> (Option<CtValue>, Option<(CtKey, CtValue)>) {
+    let port = port_to_map(sport);
+    let ct = dp.conntrack_entries(CT_DIR_ORIGINAL).into_iter().find(|(k, _)| k.src_port == port).map(|(_, v)| v);
+    let rev = dp.conntrack_entries(CT_DIR_REPLY).into_iter().find(|(k, _)| k.dst_port == port);
     (ct, rev)
 }
 
@@ -481,29 +488,38 @@ fn entries_of_a_connection_closed_long_ago_are_never_used_again() {
     let mut dp = datapath();
     let sport = 41200;
     let backend = expected_backend(sport, 80, IPPROTO_TCP);
-    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
     // Age both entries past the grace time (closed at boot + 1 ns).
-    let (ct, rev) = flow_entries(&dp, sport);
-    let (key, mut ct) = (dp.conntrack_entries()[0].0, ct.unwrap());
-    let (rev_key, mut rev) = rev.unwrap();
-    ct.flags = CT_F_RST;
-    ct.closed_ns = 1;
-    rev.flags = CT_F_RST;
-    rev.closed_ns = 1;
-    dp.insert_conntrack(key, ct).unwrap();
-    dp.insert_rev_nat(rev_key, rev).unwrap();
+    let age = |dp: &mut Datapath| {
+        let (ct, rev) = flow_entries(dp, sport);
+        let (key, mut ct) = (dp.conntrack_entries(CT_DIR_ORIGINAL)[0].0, ct.unwrap());
+        let (rev_key, mut rev) = rev.unwrap();
+        ct.flags = CT_F_RST;
+        ct.closed_ns = 1;
+        rev.flags = CT_F_RST;
+        rev.closed_ns = 1;
+        dp.insert_conntrack(key, ct).unwrap();
+        dp.insert_conntrack(rev_key, rev).unwrap();
+    };
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    age(&mut dp);
 
-    // A reply on the old tuple is not ours any more: untouched, and forgotten.
+    // A reply on the old tuple is not ours any more: untouched, and the
+    // whole pair is forgotten.
     let late = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_ACK, b"late");
     let (verdict, out) = run(&mut dp, PROG_EGRESS, &late);
     assert_eq!((verdict, out), (TC_NEXT, late));
     assert_eq!(dp.stat(Stat::ClosedExpired), 1);
-    assert!(flow_entries(&dp, sport).1.is_none(), "the reverse entry is gone");
-    // The client's next packet on the tuple no longer rides the old entry.
+    assert_eq!(flow_entries(&dp, sport), (None, None), "both entries are gone");
+
+    // The same seen first by the client's side: its next packet on the
+    // tuple no longer rides the old entry, and neither entry remains.
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    age(&mut dp);
     run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
     assert_eq!(dp.stat(Stat::ClosedExpired), 2);
-    let (ct, _) = flow_entries(&dp, sport);
+    let (ct, rev) = flow_entries(&dp, sport);
     assert_eq!({ ct.unwrap().closed_ns }, 0, "what remains is a fresh entry");
+    assert_eq!({ rev.unwrap().1.closed_ns }, 0, "with a fresh sibling");
 }
 
 #[test]
@@ -533,7 +549,7 @@ fn an_ip_total_length_that_ends_before_the_l4_header_is_malformed() {
     let (verdict, out) = run(&mut dp, PROG_INGRESS, &frame);
     assert_eq!((verdict, out), (TC_NEXT, frame), "bytes outside the IP packet are never rewritten");
     assert_eq!(dp.stat(Stat::Malformed), 1);
-    assert!(dp.conntrack_entries().is_empty());
+    assert!(no_conntrack(&dp));
 }
 
 /// A tracing writer the test reads back.
@@ -590,4 +606,177 @@ fn kernel_log_reports_rare_events_at_the_chosen_level_and_nothing_when_off() {
     assert!(debug.contains("mcs_kernel"), "under the mcs_kernel target: {debug:?}");
     assert!(logged(KernelLog::Warn).is_empty(), "a debug event is below warn");
     assert!(logged(KernelLog::Off).is_empty());
+}
+
+/// The original-direction key of `CLIENT:sport -> VIP:80/TCP`.
+fn original_key(sport: u16) -> CtKey {
+    CtKey {
+        src: ip_to_map(CLIENT.octets()),
+        dst: ip_to_map(VIP.octets()),
+        src_port: port_to_map(sport),
+        dst_port: port_to_map(80),
+        proto: IPPROTO_TCP,
+        dir: CT_DIR_ORIGINAL,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn a_flows_evicted_entry_comes_back_from_its_sibling() {
+    let mut dp = datapath();
+    // The hash picks BACKENDS[0]; the flow is pinned to BACKENDS[1], so only
+    // conntrack (not a fresh selection) can send it there.
+    let sport = port_for(BACKENDS[0]);
+    let key = original_key(sport);
+    let pinned = CtValue {
+        addr: ip_to_map(BACKENDS[1].octets()),
+        port: port_to_map(8080),
+        backend_id: 2,
+        service_id: 1,
+        ..CtValue::default()
+    };
+    // Only the original entry, as if pressure had evicted the reply's.
+    dp.insert_conntrack(key, pinned).unwrap();
+    let ack = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b"");
+    let (_, out) = run(&mut dp, PROG_INGRESS, &ack);
+    assert_eq!(view(&out).dst, BACKENDS[1]);
+    assert_eq!(dp.stat(Stat::CtPairRestored), 1, "the reply entry was put back");
+    let reply = tcp(&Ipv4Spec::new(BACKENDS[1], CLIENT), 8080, sport, TCP_ACK, b"data");
+    let (_, out) = run(&mut dp, PROG_EGRESS, &reply);
+    let v = view(&out);
+    assert_eq!((v.src, v.sport, v.l4_checksum_ok), (VIP, 80, Some(true)), "so the reply shows the VIP");
+
+    // The other way: the original entry evicted, a reply seen first.
+    let (_, (reply_key, mut reply_value)) = (flow_entries(&dp, sport).0, flow_entries(&dp, sport).1.unwrap());
+    dp.remove_conntrack(&key).unwrap();
+    reply_value.paired_ns = 0; // due for its check
+    dp.insert_conntrack(reply_key, reply_value).unwrap();
+    let (_, out) = run(&mut dp, PROG_EGRESS, &reply);
+    assert_eq!((view(&out).src, view(&out).sport), (VIP, 80));
+    assert_eq!(dp.stat(Stat::CtPairRestored), 2, "the original entry was put back");
+    let (_, out) = run(&mut dp, PROG_INGRESS, &ack);
+    assert_eq!(view(&out).dst, BACKENDS[1], "the client's next packet stays on the pinned backend");
+    assert_eq!(dp.stat(Stat::NewFlow), 0, "never re-selected");
+
+    // A check is due once a second per entry, not on every packet.
+    dp.remove_conntrack(&reply_key).unwrap();
+    run(&mut dp, PROG_INGRESS, &ack);
+    assert_eq!(dp.stat(Stat::CtPairRestored), 2);
+    assert!(flow_entries(&dp, sport).1.is_none());
+}
+
+/// A pinned map of the given shape, as an older agent would have left it
+/// (aya creates maps only from an object file).
+fn legacy_map(path: &std::path::Path, map_type: u32, key: usize, value: usize, entries: u32) -> aya::maps::Map {
+    use std::os::fd::FromRawFd;
+    let mut create = [0u32; 30];
+    create[..4].copy_from_slice(&[map_type, key as u32, value as u32, entries]);
+    // SAFETY: BPF_MAP_CREATE (0) with a zero-filled attribute of ample size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, create.as_ptr(), std::mem::size_of_val(&create)) };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor the kernel just returned, owned here.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u64; 4];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
+    // SAFETY: BPF_OBJ_PIN (6): pathname and descriptor, both live.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {}", path.display(), std::io::Error::last_os_error());
+    let data = aya::maps::MapData::from_pin(path).expect("reopening the pinned map");
+    match map_type {
+        1 => aya::maps::Map::HashMap(data),
+        2 => aya::maps::Map::Array(data),
+        _ => aya::maps::Map::LruHashMap(data),
+    }
+}
+
+#[test]
+fn layout_3_flows_are_carried_over_as_pairs() {
+    use mcs_common::{Backend, ServiceKey, ServiceValue, v3};
+    const HASH: u32 = 1;
+    const ARRAY: u32 = 2;
+    const LRU_HASH: u32 = 9;
+    let bpffs = mcs_tests::bpffs::ScratchBpffs::new();
+    let old = mcs_agent::datapath::LayoutDir::new(bpffs.path(), 3);
+    std::fs::create_dir_all(&old.dir).unwrap();
+    let (client, vip) = (ip_to_map(CLIENT.octets()), ip_to_map(VIP.octets()));
+    let b = |i: usize| ip_to_map(BACKENDS[i].octets());
+
+    // Layout 3's ids: service 9 is VIP:80/TCP, backend 5 is BACKENDS[1]:8080.
+    let mut services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
+        legacy_map(&old.map("SERVICES"), HASH, 8, 24, 8).try_into().unwrap();
+    let frontend = ServiceKey { vip, port: port_to_map(80), proto: IPPROTO_TCP, _pad: 0 };
+    services.insert(frontend, ServiceValue { service_id: 9, ..ServiceValue::default() }, 0).unwrap();
+    let mut backends: aya::maps::Array<_, Backend> =
+        legacy_map(&old.map("BACKENDS"), ARRAY, 4, 8, 8).try_into().unwrap();
+    backends.set(5, Backend { ip: b(1), port: port_to_map(8080), _pad: 0 }, 0).unwrap();
+    let mut conntrack: aya::maps::HashMap<_, v3::CtKey<u32>, v3::CtValue<u32>> =
+        legacy_map(&old.map(v3::MAP_CONNTRACK), LRU_HASH, 16, 32, 64).try_into().unwrap();
+    let mut rev_nat: aya::maps::HashMap<_, v3::RevNatKey<u32>, v3::RevNatValue<u32>> =
+        legacy_map(&old.map(v3::MAP_REV_NAT), LRU_HASH, 16, 24, 64).try_into().unwrap();
+
+    // Flow A, both entries, pinned against the hash to BACKENDS[1]. Flow B
+    // only its reply entry (layout 3's maps could disagree like that).
+    let (sport_a, sport_b) = (port_for(BACKENDS[0]), port_for(BACKENDS[0]) + 1);
+    let backend_b = expected_backend(sport_b, 80, IPPROTO_TCP);
+    let backend_b = if backend_b == BACKENDS[0] { 1 } else { 0 };
+    let old_ct = |sport: u16| v3::CtKey {
+        client_ip: client,
+        vip,
+        client_port: port_to_map(sport),
+        vip_port: port_to_map(80),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let old_rev = |sport: u16, backend: usize| v3::RevNatKey {
+        backend_ip: b(backend),
+        client_ip: client,
+        backend_port: port_to_map(8080),
+        client_port: port_to_map(sport),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let rev_value = |id: u32| v3::RevNatValue { vip, vip_port: port_to_map(80), backend_id: id, ..Default::default() };
+    let a = v3::CtValue {
+        backend_ip: b(1),
+        backend_port: port_to_map(8080),
+        backend_id: 5,
+        service_id: 9,
+        created_ns: 77,
+        ..Default::default()
+    };
+    conntrack.insert(old_ct(sport_a), a, 0).unwrap();
+    rev_nat.insert(old_rev(sport_a, 1), rev_value(5), 0).unwrap();
+    rev_nat.insert(old_rev(sport_b, backend_b), rev_value(0), 0).unwrap();
+
+    let mut dp = datapath();
+    let carried = mcs_agent::datapath::carry_over(&mut dp, &old);
+    assert_eq!((carried.conntrack, carried.converted), (0, 2), "{carried:?}");
+    assert_eq!(dp.conntrack_entries(CT_DIR_ORIGINAL).len(), 2);
+    assert_eq!(dp.conntrack_entries(CT_DIR_REPLY).len(), 2, "every flow is a pair now");
+
+    // Ids are this agent's, found through the addresses both layouts know.
+    let state = dp.kernel_state();
+    let want_frontend = desired::FrontendKey { vip: VIP.into(), port: 80, protocol: Protocol::Tcp };
+    let new_service = state.services.iter().find(|(k, _)| *k == Ok(want_frontend)).unwrap().1.service_id;
+    let (ct_a, rev_a) = flow_entries(&dp, sport_a);
+    let (ct_a, rev_a) = (ct_a.unwrap(), rev_a.unwrap().1);
+    let backend = dp.backend(ct_a.backend_id).expect("a backend id in range");
+    assert_eq!(
+        (backend.ip, backend.port),
+        (b(1), port_to_map(8080)),
+        "backend id 5 became this agent's id of the address"
+    );
+    assert_eq!((ct_a.service_id, ct_a.created_ns), (new_service, 77));
+    assert_eq!((rev_a.addr, rev_a.port, rev_a.backend_id), (vip, port_to_map(80), ct_a.backend_id));
+
+    // Both flows go on where they went.
+    let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport_a, 80, TCP_ACK, b""));
+    assert_eq!(view(&out).dst, BACKENDS[1]);
+    let (_, out) = run(&mut dp, PROG_EGRESS, &tcp(&Ipv4Spec::new(BACKENDS[1], CLIENT), 8080, sport_a, TCP_ACK, b""));
+    assert_eq!((view(&out).src, view(&out).sport), (VIP, 80));
+    let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport_b, 80, TCP_ACK, b""));
+    assert_eq!(view(&out).dst, BACKENDS[backend_b], "flow B's original entry was derived from its reply entry");
+    assert_eq!(dp.stat(Stat::NewFlow), 0);
 }
