@@ -242,7 +242,7 @@ fn targets(results: &Results) -> Vec<Target> {
         }
     }
     for p in &results.packet {
-        let limit = if p.path.starts_with("established") {
+        let limit = if p.path == "established flow" {
             Some(("per packet ≤ 100 ns, established flow (p50)", 100))
         } else if p.path.starts_with("new flow") {
             Some(("per packet ≤ 500 ns, new flow (p50)", 500))
@@ -250,11 +250,24 @@ fn targets(results: &Results) -> Vec<Target> {
             None
         };
         if let Some((goal, ns)) = limit {
-            out.push(Target {
-                goal,
-                measured: format!("p50 {} ns, mean {:.0} ns", p.p50_ns, p.mean_ns),
-                met: Some(p.p50_ns <= ns),
-            });
+            // What bounds it: the harness's own floor (a miss), and for an
+            // established flow the same path with its entries in cache.
+            let p50 = |name: &str| results.packet.iter().find(|q| q.path.starts_with(name)).map(|q| q.p50_ns);
+            let mut measured = format!("p50 {} ns, mean {:.0} ns", p.p50_ns, p.mean_ns);
+            if p.path == "established flow" {
+                if let Some(warm) = p50("warm established") {
+                    measured += &format!("; {warm} ns over {} flows in cache", crate::packet::WARM_FLOWS);
+                }
+                if let Some(due) = p50("established flow, pair check due") {
+                    let every = mcs_common::CT_PAIR_CHECK_NS / 1_000_000_000;
+                    measured +=
+                        &format!("; {due} ns on the packet that checks its pair (once per {every} s per entry)");
+                }
+            }
+            if let Some(floor) = p50("miss") {
+                measured += &format!("; harness floor (miss) {floor} ns");
+            }
+            out.push(Target { goal, measured, met: Some(p.p50_ns <= ns) });
         }
     }
     for (c, rss_goal, rss_limit) in

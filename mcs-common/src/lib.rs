@@ -44,8 +44,12 @@ pub const CT_DIR_REPLY: u8 = 2;
 /// How often a flow's entry, when a packet finds it, confirms its sibling
 /// (see [`CtKey::sibling`]): the lookup marks the sibling used, so a
 /// direction that is quiet for now is not evicted while the other is
-/// busy, and puts it back if memory pressure evicted it anyway.
-pub const CT_PAIR_CHECK_NS: u64 = 1_000_000_000;
+/// busy, and puts it back if memory pressure evicted it anyway. The LRU
+/// turns a full default-sized map over in more than this below about 25,000
+/// new flows a second; faster, an evicted sibling waits for the next check.
+/// A check costs one more lookup (a cache miss at a million flows), so not
+/// on every packet.
+pub const CT_PAIR_CHECK_NS: u64 = 10_000_000_000;
 
 /// True when a connection with these flags is over (both FINs, or a RST).
 #[inline(always)]

@@ -41,10 +41,7 @@ type ScratchPair<A> = (&'static mut CtKey<A>, &'static mut CtValue<A>);
 /// scratch entry: the packet path's frame has no room for another key and
 /// value (92 bytes for IPv6) below the BPF stack limit.
 #[inline(always)]
-fn sibling_in_scratch<F: Family>(
-    key: &CtKey<F::A>,
-    value: &CtValue<F::A>,
-) -> Option<ScratchPair<F::A>> {
+fn sibling_in_scratch<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Option<ScratchPair<F::A>> {
     let scratch = CT_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: a per-CPU map value of `CtScratch`'s size, 8-aligned, with room
     // for the IPv6 key and value; no other user on this CPU during the run.
@@ -93,7 +90,9 @@ pub fn keep_pair<F: Family>(key: &CtKey<F::A>, entry: *mut CtValue<F::A>) {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: map value pointer, valid for this program run.
     let value = unsafe { &mut *entry };
-    if now.wrapping_sub(value.paired_ns) < CT_PAIR_CHECK_NS {
+    // Saturating: an entry created a moment ago carries the fine clock,
+    // which runs up to a tick ahead of the coarse one.
+    if now.saturating_sub(value.paired_ns) < CT_PAIR_CHECK_NS {
         return;
     }
     value.paired_ns = now;

@@ -286,8 +286,6 @@ fn record<F: Family>(
         service_id: service.service_id,
         closed_ns: 0,
         created_ns: now,
-        // The coarse clock is behind the fine one by at most a tick: the
-        // first check comes a little early, which is harmless.
         paired_ns: now,
     };
     ct::insert_pair::<F>(ct_key, &ct)

@@ -658,7 +658,7 @@ fn a_flows_evicted_entry_comes_back_from_its_sibling() {
     assert_eq!(view(&out).dst, BACKENDS[1], "the client's next packet stays on the pinned backend");
     assert_eq!(dp.stat(Stat::NewFlow), 0, "never re-selected");
 
-    // A check is due once a second per entry, not on every packet.
+    // A check is due once per CT_PAIR_CHECK_NS per entry, not on every packet.
     dp.remove_conntrack(&reply_key).unwrap();
     run(&mut dp, PROG_INGRESS, &ack);
     assert_eq!(dp.stat(Stat::CtPairRestored), 2);
