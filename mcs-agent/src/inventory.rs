@@ -181,6 +181,7 @@ impl StateWriter {
         let handle = std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || {
+                crate::background_thread();
                 let mut frontends: std::collections::BTreeMap<crate::desired::FrontendKey, Box<str>> =
                     std::collections::BTreeMap::new();
                 let mut dirty = false;

@@ -20,3 +20,16 @@ pub mod plan;
 pub mod reconcile;
 pub mod source;
 pub mod terminate;
+
+/// Lowers the calling thread to nice 19. Background work (the state.json
+/// writer, the manifest resync walk) then yields the CPUs to the reconcile
+/// loop: on a small node a change must not wait behind a 20 MB rewrite.
+/// Best effort: without the permission the thread keeps its priority.
+pub fn background_thread() {
+    // SAFETY: plain syscalls on the calling thread; Linux's setpriority
+    // with a thread id sets that thread's nice value.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}

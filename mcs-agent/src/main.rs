@@ -819,6 +819,7 @@ async fn run(args: RunArgs) -> Result<()> {
             std::thread::Builder::new()
                 .name("resync".into())
                 .spawn(move || {
+                    mcs_agent::background_thread();
                     let mut last = manifests::Scan::of(&scanned).unwrap_or_default();
                     loop {
                         std::thread::sleep(every);
