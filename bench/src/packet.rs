@@ -157,25 +157,21 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
     let new_flows_done = Instant::now();
 
     // Established: the next packet of every flow, in the same order.
-    results.push(runner.path("established flow", PROG_INGRESS, runs, |flow, runner| {
+    let established = |flow: u32, runner: &mut Runner| -> Result<(bool, u64)> {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_ACK, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
         let v = view(&runner.out);
         Ok((verdict == TC_NEXT && v.dst == chosen[flow as usize] && v.l4_checksum_ok == Some(true), took))
-    })?);
+    };
+    results.push(runner.path("established flow", PROG_INGRESS, runs, established)?);
 
     // The same path over a few flows, cycled: their entries stay in the CPU
     // caches. Set beside the row above, it splits the established cost into
     // the program's own work and what a million flows' cache misses add.
     let warm = WARM_FLOWS.min(runs);
     let mut cost = runner.path("warm established flow (1,024 flows cycled)", PROG_INGRESS, runs, |flow, runner| {
-        let flow = flow % warm;
-        let (ip, port) = client(flow);
-        let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_ACK, b"");
-        let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
-        let v = view(&runner.out);
-        Ok((verdict == TC_NEXT && v.dst == chosen[flow as usize] && v.l4_checksum_ok == Some(true), took))
+        established(flow % warm, runner)
     })?;
     cost.distinct_flows = u64::from(warm);
     results.push(cost);
@@ -185,13 +181,7 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
     // this one waits until every flow's check is due.
     let due = new_flows_done + Duration::from_nanos(CT_PAIR_CHECK_NS) + Duration::from_secs(1);
     std::thread::sleep(due.saturating_duration_since(Instant::now()));
-    results.push(runner.path("established flow, pair check due", PROG_INGRESS, runs, |flow, runner| {
-        let (ip, port) = client(flow);
-        let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_ACK, b"");
-        let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
-        let v = view(&runner.out);
-        Ok((verdict == TC_NEXT && v.dst == chosen[flow as usize] && v.l4_checksum_ok == Some(true), took))
-    })?);
+    results.push(runner.path("established flow, pair check due", PROG_INGRESS, runs, established)?);
 
     // Reverse NAT: every backend's reply, back to the ClusterSetIP.
     results.push(runner.path("reverse NAT (reply)", PROG_EGRESS, runs, |flow, runner| {

@@ -161,22 +161,7 @@ fn established_packets_follow_conntrack_and_a_bare_syn_chooses_afresh() {
     let mut dp = datapath();
     let sport = port_for(BACKENDS[0]);
     // Pin the flow to the *other* backend, as an earlier selection might have.
-    let key = CtKey {
-        src: ip_to_map(CLIENT.octets()),
-        dst: ip_to_map(VIP.octets()),
-        src_port: port_to_map(sport),
-        dst_port: port_to_map(80),
-        proto: IPPROTO_TCP,
-        dir: CT_DIR_ORIGINAL,
-        _pad: [0; 2],
-    };
-    let pinned = CtValue {
-        addr: ip_to_map(BACKENDS[1].octets()),
-        port: port_to_map(8080),
-        backend_id: 2,
-        service_id: 1,
-        ..CtValue::default()
-    };
+    let (key, pinned) = (original_key(sport), pinned_to_second_backend());
     dp.insert_conntrack(key, pinned).unwrap();
 
     let ack = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK | TCP_PSH, b"GET / HTTP/1.1\r\n\r\n");
@@ -621,20 +606,24 @@ fn original_key(sport: u16) -> CtKey {
     }
 }
 
+/// A conntrack value pinning a flow to BACKENDS[1]:8080 (id 2 of service 1).
+fn pinned_to_second_backend() -> CtValue {
+    CtValue {
+        addr: ip_to_map(BACKENDS[1].octets()),
+        port: port_to_map(8080),
+        backend_id: 2,
+        service_id: 1,
+        ..CtValue::default()
+    }
+}
+
 #[test]
 fn a_flows_evicted_entry_comes_back_from_its_sibling() {
     let mut dp = datapath();
     // The hash picks BACKENDS[0]; the flow is pinned to BACKENDS[1], so only
     // conntrack (not a fresh selection) can send it there.
     let sport = port_for(BACKENDS[0]);
-    let key = original_key(sport);
-    let pinned = CtValue {
-        addr: ip_to_map(BACKENDS[1].octets()),
-        port: port_to_map(8080),
-        backend_id: 2,
-        service_id: 1,
-        ..CtValue::default()
-    };
+    let (key, pinned) = (original_key(sport), pinned_to_second_backend());
     // Only the original entry, as if pressure had evicted the reply's.
     dp.insert_conntrack(key, pinned).unwrap();
     let ack = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b"");
@@ -647,7 +636,7 @@ fn a_flows_evicted_entry_comes_back_from_its_sibling() {
     assert_eq!((v.src, v.sport, v.l4_checksum_ok), (VIP, 80, Some(true)), "so the reply shows the VIP");
 
     // The other way: the original entry evicted, a reply seen first.
-    let (_, (reply_key, mut reply_value)) = (flow_entries(&dp, sport).0, flow_entries(&dp, sport).1.unwrap());
+    let (reply_key, mut reply_value) = flow_entries(&dp, sport).1.unwrap();
     dp.remove_conntrack(&key).unwrap();
     reply_value.paired_ns = 0; // due for its check
     dp.insert_conntrack(reply_key, reply_value).unwrap();
