@@ -1431,8 +1431,7 @@ pub fn uninstall(bpffs: &Path) -> Result<Uninstalled, DatapathError> {
 ///
 /// A layout bump that changes `CtKey`/`CtValue`, the affinity or the
 /// `SockRev` types must add a conversion here (see ARCHITECTURE.md). Layout
-/// 3's two conntrack maps are converted: each of its entries becomes its
-/// own direction's entry plus the sibling derived from it.
+/// 3's two conntrack maps are converted into `CT` entries (see below).
 pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
     fn open<K: aya::Pod, V: aya::Pod>(old: &LayoutDir, name: &'static str) -> Option<HashMap<MapData, K, V>> {
         let path = old.map(name);
@@ -1537,13 +1536,14 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
             }
         };
     }
-    /// Layout 3's entries, each through `convert` to an entry of `CT`, which
-    /// goes in with its sibling (either may already be there: a pair is
-    /// made of whatever is missing).
+    /// Layout 3's entries, each through `convert` to an entry of `CT`, with
+    /// the sibling derived from it when `sibling` (inserted only where
+    /// missing, and only beside an entry that went in).
     fn convert<K: aya::Pod, V: aya::Pod, A: MapAddr + aya::Pod>(
         old: &LayoutDir,
         name: &'static str,
         to: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
+        sibling: bool,
         convert: impl Fn(K, V) -> (CtKey<A>, CtValue<A>),
     ) -> usize
     where
@@ -1555,10 +1555,13 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
         let mut n = 0;
         for (k, v) in from.iter().filter_map(Result::ok) {
             let (key, value) = convert(k, v);
-            let (sibling, sibling_value) = key.sibling(&value);
-            let inserted = to.insert(key, value, no_exist).is_ok();
-            if to.insert(sibling, sibling_value, no_exist).is_ok() || inserted {
-                n += 1;
+            if to.insert(key, value, no_exist).is_err() {
+                continue;
+            }
+            n += 1;
+            if sibling {
+                let (sibling, sibling_value) = key.sibling(&value);
+                let _ = to.insert(sibling, sibling_value, no_exist);
             }
         }
         n
@@ -1620,10 +1623,16 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
         };
     }
     let conntrack = copy(old, MAP_CT, &mut maps.ct, ct!()) + copy(old, MAP_CT6, &mut maps.ct6, ct!());
-    let converted = convert(old, v3::MAP_CONNTRACK, &mut maps.ct, from_v3_ct!())
-        + convert(old, v3::MAP_CONNTRACK6, &mut maps.ct6, from_v3_ct!())
-        + convert(old, v3::MAP_REV_NAT, &mut maps.ct, from_v3_rev!())
-        + convert(old, v3::MAP_REV_NAT6, &mut maps.ct6, from_v3_rev!());
+    // A layout-3 `CONNTRACK` entry alone is not derived a reply: that
+    // layout left one behind when a direct connection reused the tuple, and
+    // a reply entry would capture that connection's replies. Its first
+    // client packet puts the reply back (`paired_ns` 0: a check is due).
+    // A `REV_NAT` entry brings its flow's original entry with it (only
+    // packets to the VIP can meet that one).
+    let converted = convert(old, v3::MAP_CONNTRACK, &mut maps.ct, false, from_v3_ct!())
+        + convert(old, v3::MAP_CONNTRACK6, &mut maps.ct6, false, from_v3_ct!())
+        + convert(old, v3::MAP_REV_NAT, &mut maps.ct, true, from_v3_rev!())
+        + convert(old, v3::MAP_REV_NAT6, &mut maps.ct6, true, from_v3_rev!());
     let sockets =
         copy(old, MAP_SOCK_REV, &mut maps.sock_rev, sock!()) + copy(old, MAP_SOCK_REV6, &mut maps.sock_rev6, sock!());
     let affinity = copy(old, MAP_AFFINITY, &mut maps.affinity, affinity!())
@@ -1636,7 +1645,7 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
 pub struct CarriedOver {
     /// Conntrack entries of the same layout as ours (two per flow).
     pub conntrack: usize,
-    /// Layout 3 conntrack and reverse-NAT entries, each made into a pair.
+    /// Layout 3 conntrack and reverse-NAT entries converted.
     pub converted: usize,
     /// Socket-level translations.
     pub sockets: usize,

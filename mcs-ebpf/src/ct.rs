@@ -12,7 +12,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
 };
-use mcs_common::{CT_CLOSE_GRACE_NS, CT_DIR_ORIGINAL, CT_F_RST, CT_PAIR_CHECK_NS, CtKey, CtValue, Stat, ct_closed};
+use mcs_common::{
+    CT_CLOSE_GRACE_NS, CT_DIR_ORIGINAL, CT_F_RST, CT_F_SYNACK, CT_PAIR_CHECK_NS, CtKey, CtValue, IPPROTO_TCP, Stat,
+    ct_closed,
+};
 
 use crate::{
     family::Family,
@@ -71,10 +74,26 @@ pub fn insert_pair<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Resul
     Ok(())
 }
 
-/// Removes both entries of a flow.
+/// The flow's other entry, if it is there and is this flow's: it must point
+/// back (name the address this entry's key was translated from or to). On a
+/// reused client port, a leftover reply entry of an earlier connection to
+/// another backend derives the same original key as the new connection's,
+/// and must not close or remove it.
+#[inline(always)]
+fn sibling_of<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Option<*mut CtValue<F::A>> {
+    let (sibling, expected) = sibling_in_scratch::<F>(key, value)?;
+    let found = F::ct().get_ptr_mut(&*sibling)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let (addr, port) = unsafe { ((*found).addr, (*found).port) };
+    (addr == { expected.addr } && port == expected.port).then_some(found)
+}
+
+/// Removes both entries of a flow (the sibling only if it is this flow's).
 #[inline(never)]
 pub fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) {
-    if let Some((sibling, _)) = sibling_in_scratch::<F>(key, value) {
+    if sibling_of::<F>(key, value).is_some()
+        && let Some((sibling, _)) = sibling_in_scratch::<F>(key, value)
+    {
         let _ = F::ct().remove(&*sibling);
     }
     let _ = F::ct().remove(key);
@@ -103,9 +122,26 @@ pub fn keep_pair<F: Family>(key: &CtKey<F::A>, entry: *mut CtValue<F::A>) {
 fn restore_sibling<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>, now: u64) {
     let Some((sibling, sibling_value)) = sibling_in_scratch::<F>(key, value) else { return };
     if let Some(found) = F::ct().get_ptr_mut(&*sibling) {
+        // Touched either way; refreshed only if it is this flow's.
         // SAFETY: map value pointer, valid for this program run.
-        unsafe { (*found).paired_ns = now };
+        unsafe {
+            if { (*found).addr } == { sibling_value.addr } && (*found).port == sibling_value.port {
+                (*found).paired_ns = now;
+            }
+        }
         return;
+    }
+    // A connection that is over needs no reply path back: once the client
+    // moved on, the tuple may be another connection's.
+    if value.closed_ns != 0 {
+        return;
+    }
+    sibling_value.paired_ns = now;
+    // Only packets past the handshake reach here from the client's side: the
+    // backend did answer the SYN (passive health must not take its next RST
+    // for a refused connection).
+    if key.dir == CT_DIR_ORIGINAL && key.proto == IPPROTO_TCP {
+        sibling_value.flags |= CT_F_SYNACK;
     }
     if F::ct().insert(&*sibling, &*sibling_value, BPF_NOEXIST as u64).is_ok() {
         count(Stat::CtPairRestored);
@@ -118,10 +154,7 @@ fn restore_sibling<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>, now: u64
 pub fn mark<F: Family>(key: &CtKey<F::A>, entry: *mut CtValue<F::A>, bits: u8) {
     // SAFETY: map value pointer, valid for this program run.
     let value = unsafe { &mut *entry };
-    let sibling = match sibling_in_scratch::<F>(key, value) {
-        Some((sibling, _)) => F::ct().get_ptr_mut(&*sibling),
-        None => None,
-    };
+    let sibling = sibling_of::<F>(key, value);
     let mut flags = bits | value.flags;
     if let Some(sibling) = sibling {
         // SAFETY: as above.

@@ -77,7 +77,7 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         _pad: [0; 2],
     };
     let backend = match established::<F>(flow, &ct_key) {
-        Some((id, backend)) => {
+        Lookup::Pinned(id, backend) => {
             count(Stat::Established);
             // A TCP flow outlives its backend's id, which may now name another:
             // count it only while the id still means this address.
@@ -91,8 +91,8 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         }
         // Mid-upgrade, a flow we do not know may be one the older programs
         // behind us translated: theirs to handle.
-        None if !is_bare_syn(flow) && handoff() => return TC_NEXT,
-        None => match select::<F>(
+        Lookup::Unknown if handoff() => return TC_NEXT,
+        Lookup::Unknown | Lookup::Reselect => match select::<F>(
             service,
             || flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto),
             flow.src_ip,
@@ -160,7 +160,8 @@ fn is_bare_syn<A>(flow: &Flow<A>) -> bool {
 
 /// A direct connection from a client port that earlier talked to a VIP
 /// translated to this very pod: the old reply entry would rewrite its
-/// SYN-ACK to come from the VIP. Only bare SYNs pay for this lookup.
+/// SYN-ACK to come from the VIP. The whole pair goes: the original entry
+/// left alone would put the reply back. Only bare SYNs pay for this lookup.
 #[inline(always)]
 fn forget_stale_reply<F: Family>(flow: &Flow<F::A>) {
     let reply = CtKey {
@@ -172,21 +173,33 @@ fn forget_stale_reply<F: Family>(flow: &Flow<F::A>) {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    if F::ct().remove(reply).is_ok() {
+    if let Some(value) = F::ct().get_ptr(reply) {
+        // SAFETY: map value pointer, valid for this program run; copied.
+        let value = unsafe { *value };
+        ct::remove_pair::<F>(&reply, &value);
         count(Stat::StaleRevNat);
     }
 }
 
-/// The backend this flow is pinned to (its id when pinned, and address), if
-/// it should stay pinned.
+/// What conntrack says about a packet that is not a bare SYN.
+enum Lookup<A> {
+    /// Pinned to this backend (its id when pinned, and address).
+    Pinned(u32, Backend<A>),
+    /// Not known here: a new flow, or mid-upgrade one of the older programs'.
+    Unknown,
+    /// Known, and to be balanced afresh now (its UDP backend left).
+    Reselect,
+}
+
+/// The backend this flow is pinned to, if it should stay pinned.
 #[inline(always)]
-fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u32, Backend<F::A>)> {
+fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Lookup<F::A> {
     // A bare SYN opens a new connection: a reused client port must not inherit
     // the backend of an earlier connection.
     if is_bare_syn(flow) {
-        return None;
+        return Lookup::Reselect;
     }
-    let ct_ptr = F::ct().get_ptr_mut(ct_key)?;
+    let Some(ct_ptr) = F::ct().get_ptr_mut(ct_key) else { return Lookup::Unknown };
     // SAFETY: map value pointer, valid for this program run.
     let ct = unsafe { *ct_ptr };
     let pinned = Backend { ip: ct.addr, port: ct.port, _pad: 0 };
@@ -194,7 +207,7 @@ fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u3
         // A closed connection's leftovers: never translate on them again.
         ct::remove_pair::<F>(ct_key, &ct);
         count(Stat::ClosedExpired);
-        return None;
+        return Lookup::Unknown;
     }
     if flow.proto == IPPROTO_TCP {
         let bits = ct::close_bits(flow.tcp_flags, CT_F_FIN_CLIENT);
@@ -210,11 +223,11 @@ fn established<F: Family>(flow: &Flow<F::A>, ct_key: &CtKey<F::A>) -> Option<(u3
         if current.is_none_or(|current| current.ip != pinned.ip || current.port != pinned.port) {
             // The new selection writes a new pair; the old reply entry would linger.
             ct::remove_pair::<F>(ct_key, &ct);
-            return None;
+            return Lookup::Reselect;
         }
     }
     ct::keep_pair::<F>(ct_key, ct_ptr);
-    Some((ct.backend_id, pinned))
+    Lookup::Pinned(ct.backend_id, pinned)
 }
 
 /// The backend for a new flow: the slot `hash` picks, or with ClientIP

@@ -13,8 +13,8 @@ use mcs_agent::{
     source::manifests::parse_documents,
 };
 use mcs_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CtKey, CtValue, IPPROTO_TCP,
-    PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST, CT_F_SYNACK, CtKey, CtValue,
+    IPPROTO_TCP, PROG_EGRESS, PROG_INGRESS, Stat, flow_hash, ip_to_map, port_to_map,
 };
 use mcs_tests::{
     packet::{Ipv4Spec, TCP_ACK, TCP_PSH, TCP_SYN, tcp, udp, view},
@@ -496,15 +496,71 @@ fn entries_of_a_connection_closed_long_ago_are_never_used_again() {
     assert_eq!(dp.stat(Stat::ClosedExpired), 1);
     assert_eq!(flow_entries(&dp, sport), (None, None), "both entries are gone");
 
-    // The same seen first by the client's side: its next packet on the
-    // tuple no longer rides the old entry, and neither entry remains.
-    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
-    age(&mut dp);
-    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
+    // The same seen first by the client's side, on a flow pinned against
+    // the hash: its next packet on the tuple no longer rides the old entry,
+    // and the old reply entry goes with it.
+    let sport = port_for(BACKENDS[0]);
+    let key = original_key(sport);
+    let closed = CtValue { flags: CT_F_RST, closed_ns: 1, ..pinned_to_second_backend() };
+    let (old_reply, old_reply_value) = key.sibling(&closed);
+    dp.insert_conntrack(key, closed).unwrap();
+    dp.insert_conntrack(old_reply, old_reply_value).unwrap();
+    let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
+    assert_eq!(view(&out).dst, BACKENDS[0], "balanced afresh");
     assert_eq!(dp.stat(Stat::ClosedExpired), 2);
     let (ct, rev) = flow_entries(&dp, sport);
     assert_eq!({ ct.unwrap().closed_ns }, 0, "what remains is a fresh entry");
-    assert_eq!({ rev.unwrap().1.closed_ns }, 0, "with a fresh sibling");
+    let (reply_key, reply) = rev.unwrap();
+    assert_eq!((reply_key.src, { reply.closed_ns }), (ip_to_map(BACKENDS[0].octets()), 0), "with a fresh sibling");
+    assert!(dp.conntrack_entries(CT_DIR_REPLY).iter().all(|(k, _)| *k != old_reply), "the old reply entry is gone");
+}
+
+#[test]
+fn a_leftover_reply_of_an_earlier_connection_never_touches_the_new_one() {
+    let mut dp = datapath();
+    // The tuple's new connection went to BACKENDS[0]; a reply entry of an
+    // earlier one to BACKENDS[1], long closed, is still in the map.
+    let sport = port_for(BACKENDS[0]);
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    let earlier = CtValue { flags: CT_F_RST, closed_ns: 1, ..pinned_to_second_backend() };
+    let (leftover, leftover_value) = original_key(sport).sibling(&earlier);
+    dp.insert_conntrack(leftover, leftover_value).unwrap();
+
+    // A late segment of the earlier connection: not ours to translate, and
+    // its entry's removal must not take the new connection's original along.
+    let late = tcp(&Ipv4Spec::new(BACKENDS[1], CLIENT), 8080, sport, TCP_ACK, b"late");
+    let (verdict, out) = run(&mut dp, PROG_EGRESS, &late);
+    assert_eq!((verdict, out), (TC_NEXT, late));
+    assert_eq!(dp.stat(Stat::ClosedExpired), 1);
+    let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK, b""));
+    assert_eq!(view(&out).dst, BACKENDS[0]);
+    assert_eq!((dp.stat(Stat::Established), dp.stat(Stat::NewFlow)), (1, 1), "the new connection kept its entry");
+
+    // Nor does a FIN from the earlier backend, while its entry is not yet
+    // expired, close the new connection.
+    let open_earlier = CtValue { flags: 0, closed_ns: 0, ..leftover_value };
+    dp.insert_conntrack(leftover, open_earlier).unwrap();
+    run(&mut dp, PROG_EGRESS, &tcp(&Ipv4Spec::new(BACKENDS[1], CLIENT), 8080, sport, TCP_FIN | TCP_ACK, b""));
+    let (ct, _) = flow_entries(&dp, sport);
+    assert_eq!(ct.unwrap().flags, 0, "the new connection is not marked");
+}
+
+#[test]
+fn a_udp_flow_whose_backend_left_is_balanced_afresh_and_its_old_reply_entry_goes() {
+    let mut dp = datapath();
+    let sport = 42_000;
+    // Pinned to an address the service no longer has (id 2 now names another).
+    let key = CtKey { dst_port: port_to_map(53), proto: mcs_common::IPPROTO_UDP, ..original_key(sport) };
+    let gone = CtValue { addr: ip_to_map([10, 99, 0, 1]), port: port_to_map(5353), ..pinned_to_second_backend() };
+    let (old_reply, old_reply_value) = key.sibling(&gone);
+    dp.insert_conntrack(key, gone).unwrap();
+    dp.insert_conntrack(old_reply, old_reply_value).unwrap();
+    let (_, out) = run(&mut dp, PROG_INGRESS, &udp(&Ipv4Spec::new(CLIENT, VIP), sport, 53, b"query", false));
+    let v = view(&out);
+    assert!(BACKENDS.contains(&v.dst) && v.dport == 5353, "balanced afresh: {v:?}");
+    assert_eq!(dp.stat(Stat::NewFlow), 1);
+    assert!(dp.conntrack_entries(CT_DIR_REPLY).iter().all(|(k, _)| *k != old_reply), "the old reply entry is gone");
+    assert_eq!(dp.conntrack_entries(CT_DIR_REPLY).len(), 1);
 }
 
 #[test]
@@ -520,6 +576,7 @@ fn a_direct_syn_on_a_tuple_once_translated_removes_the_stale_reverse_entry() {
     let (verdict, out) = run(&mut dp, PROG_INGRESS, &direct);
     assert_eq!((verdict, out), (TC_NEXT, direct), "direct traffic passes untouched");
     assert_eq!(dp.stat(Stat::StaleRevNat), 1);
+    assert_eq!(flow_entries(&dp, sport), (None, None), "the whole pair: an original left would bring the reply back");
     let synack = tcp(&Ipv4Spec::new(backend, CLIENT), 8080, sport, TCP_SYN | TCP_ACK, b"");
     let (verdict, out) = run(&mut dp, PROG_EGRESS, &synack);
     assert_eq!((verdict, out), (TC_NEXT, synack), "its SYN-ACK must not be rewritten to come from the VIP");
@@ -706,8 +763,10 @@ fn layout_3_flows_are_carried_over_as_pairs() {
         legacy_map(&old.map(v3::MAP_REV_NAT), LRU_HASH, 16, 24, 64).try_into().unwrap();
 
     // Flow A, both entries, pinned against the hash to BACKENDS[1]. Flow B
-    // only its reply entry (layout 3's maps could disagree like that).
+    // only its reply entry (layout 3's maps could disagree like that); flow
+    // C only its original entry.
     let (sport_a, sport_b) = (port_for(BACKENDS[0]), port_for(BACKENDS[0]) + 1);
+    let sport_c = (sport_b + 1..).find(|&p| expected_backend(p, 80, IPPROTO_TCP) == BACKENDS[0]).unwrap();
     let backend_b = expected_backend(sport_b, 80, IPPROTO_TCP);
     let backend_b = if backend_b == BACKENDS[0] { 1 } else { 0 };
     let old_ct = |sport: u16| v3::CtKey {
@@ -726,7 +785,13 @@ fn layout_3_flows_are_carried_over_as_pairs() {
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
-    let rev_value = |id: u32| v3::RevNatValue { vip, vip_port: port_to_map(80), backend_id: id, ..Default::default() };
+    let rev_value = |id: u32| v3::RevNatValue {
+        vip,
+        vip_port: port_to_map(80),
+        flags: CT_F_SYNACK,
+        backend_id: id,
+        ..Default::default()
+    };
     let a = v3::CtValue {
         backend_ip: b(1),
         backend_port: port_to_map(8080),
@@ -736,14 +801,15 @@ fn layout_3_flows_are_carried_over_as_pairs() {
         ..Default::default()
     };
     conntrack.insert(old_ct(sport_a), a, 0).unwrap();
+    conntrack.insert(old_ct(sport_c), a, 0).unwrap();
     rev_nat.insert(old_rev(sport_a, 1), rev_value(5), 0).unwrap();
     rev_nat.insert(old_rev(sport_b, backend_b), rev_value(0), 0).unwrap();
 
     let mut dp = datapath();
     let carried = mcs_agent::datapath::carry_over(&mut dp, &old);
-    assert_eq!((carried.conntrack, carried.converted), (0, 2), "{carried:?}");
-    assert_eq!(dp.conntrack_entries(CT_DIR_ORIGINAL).len(), 2);
-    assert_eq!(dp.conntrack_entries(CT_DIR_REPLY).len(), 2, "every flow is a pair now");
+    assert_eq!((carried.conntrack, carried.converted), (0, 4), "{carried:?}");
+    assert_eq!(dp.conntrack_entries(CT_DIR_ORIGINAL).len(), 3, "A, B (derived from its reply) and C");
+    assert_eq!(dp.conntrack_entries(CT_DIR_REPLY).len(), 2, "A and B: C's is not derived ahead of its traffic");
 
     // Ids are this agent's, found through the addresses both layouts know.
     let state = dp.kernel_state();
@@ -759,6 +825,7 @@ fn layout_3_flows_are_carried_over_as_pairs() {
     );
     assert_eq!((ct_a.service_id, ct_a.created_ns), (new_service, 77));
     assert_eq!((rev_a.addr, rev_a.port, rev_a.backend_id), (vip, port_to_map(80), ct_a.backend_id));
+    assert_eq!(rev_a.flags, CT_F_SYNACK, "the reply entry keeps what layout 3's saw");
 
     // Both flows go on where they went.
     let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport_a, 80, TCP_ACK, b""));
@@ -767,5 +834,12 @@ fn layout_3_flows_are_carried_over_as_pairs() {
     assert_eq!((view(&out).src, view(&out).sport), (VIP, 80));
     let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport_b, 80, TCP_ACK, b""));
     assert_eq!(view(&out).dst, BACKENDS[backend_b], "flow B's original entry was derived from its reply entry");
+    // Flow C's first client packet brings its reply entry back.
+    let (_, out) = run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport_c, 80, TCP_ACK, b""));
+    assert_eq!(view(&out).dst, BACKENDS[1]);
+    assert_eq!(dp.stat(Stat::CtPairRestored), 1);
+    let (_, out) = run(&mut dp, PROG_EGRESS, &tcp(&Ipv4Spec::new(BACKENDS[1], CLIENT), 8080, sport_c, TCP_ACK, b""));
+    assert_eq!((view(&out).src, view(&out).sport), (VIP, 80));
+    assert_eq!(flow_entries(&dp, sport_c).1.unwrap().1.flags, CT_F_SYNACK, "past the handshake");
     assert_eq!(dp.stat(Stat::NewFlow), 0);
 }
