@@ -1605,8 +1605,8 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
                     dir: CT_DIR_REPLY,
                     _pad: [0; 2],
                 };
-                // Layout 3 kept the service only on the client's side; that
-                // entry, converted first, is the one the pair keeps.
+                // Layout 3 kept the service only on the client's side: the
+                // reply entry goes without it (the reply path never reads it).
                 let value = CtValue {
                     addr: v.vip,
                     port: v.vip_port,

@@ -340,9 +340,15 @@ impl<A: MapAddr> CtKey<A> {
     /// Either entry alone is enough to rebuild its pair.
     #[inline(always)]
     pub fn sibling(&self, value: &CtValue<A>) -> (CtKey<A>, CtValue<A>) {
-        let (addr, port) =
-            if self.dir == CT_DIR_ORIGINAL { (self.dst, self.dst_port) } else { (self.src, self.src_port) };
+        let (addr, port) = self.sibling_addr();
         (self.sibling_key(value), CtValue { addr, port, ..*value })
+    }
+
+    /// The address and port the sibling's value holds: the side of this
+    /// key that was translated (the VIP of an original, the backend of a reply).
+    #[inline(always)]
+    pub fn sibling_addr(&self) -> (A, u16) {
+        if self.dir == CT_DIR_ORIGINAL { (self.dst, self.dst_port) } else { (self.src, self.src_port) }
     }
 
     /// The key half of [`CtKey::sibling`].

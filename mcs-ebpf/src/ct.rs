@@ -13,8 +13,8 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
 };
 use mcs_common::{
-    CT_CLOSE_GRACE_NS, CT_DIR_ORIGINAL, CT_F_RST, CT_F_SYNACK, CT_PAIR_CHECK_NS, CtKey, CtValue, IPPROTO_TCP, Stat,
-    ct_closed,
+    CT_CLOSE_GRACE_NS, CT_DIR_ORIGINAL, CT_F_RST, CT_F_SYNACK, CT_PAIR_CHECK_NS, CtKey, CtValue, IPPROTO_TCP, MapAddr,
+    Stat, ct_closed,
 };
 
 use crate::{
@@ -52,9 +52,7 @@ fn sibling_in_scratch<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Op
         unsafe { (&mut *scratch.cast::<CtKey<F::A>>(), &mut *scratch.cast::<u8>().add(CT_SCRATCH_VALUE).cast()) };
     *k = key.sibling_key(value);
     *v = *value;
-    let (addr, port) = if key.dir == CT_DIR_ORIGINAL { (key.dst, key.dst_port) } else { (key.src, key.src_port) };
-    v.addr = addr;
-    v.port = port;
+    (v.addr, v.port) = key.sibling_addr();
     Some((k, v))
 }
 
@@ -74,25 +72,31 @@ pub fn insert_pair<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Resul
     Ok(())
 }
 
-/// The flow's other entry, if it is there and is this flow's: it must point
-/// back (name the address this entry's key was translated from or to). On a
-/// reused client port, a leftover reply entry of an earlier connection to
-/// another backend derives the same original key as the new connection's,
-/// and must not close or remove it.
+/// Whether a sibling found in the map is this flow's: it must point back
+/// (name the address this entry's key was translated from or to, as the
+/// derived `expected` does). On a reused client port, a leftover reply entry
+/// of an earlier connection to another backend derives the same original
+/// key as the new connection's, and must not close or remove it.
+#[inline(always)]
+fn points_back<A: MapAddr>(found: *const CtValue<A>, expected: &CtValue<A>) -> bool {
+    // SAFETY: map value pointer, valid for this program run.
+    let (addr, port) = unsafe { ((*found).addr, (*found).port) };
+    addr == { expected.addr } && port == expected.port
+}
+
+/// The flow's other entry, if it is there and is this flow's.
 #[inline(always)]
 fn sibling_of<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) -> Option<*mut CtValue<F::A>> {
     let (sibling, expected) = sibling_in_scratch::<F>(key, value)?;
     let found = F::ct().get_ptr_mut(&*sibling)?;
-    // SAFETY: map value pointer, valid for this program run.
-    let (addr, port) = unsafe { ((*found).addr, (*found).port) };
-    (addr == { expected.addr } && port == expected.port).then_some(found)
+    points_back(found, expected).then_some(found)
 }
 
 /// Removes both entries of a flow (the sibling only if it is this flow's).
 #[inline(never)]
 pub fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>) {
-    if sibling_of::<F>(key, value).is_some()
-        && let Some((sibling, _)) = sibling_in_scratch::<F>(key, value)
+    if let Some((sibling, expected)) = sibling_in_scratch::<F>(key, value)
+        && F::ct().get_ptr(&*sibling).is_some_and(|found| points_back(found, expected))
     {
         let _ = F::ct().remove(&*sibling);
     }
@@ -123,11 +127,9 @@ fn restore_sibling<F: Family>(key: &CtKey<F::A>, value: &CtValue<F::A>, now: u64
     let Some((sibling, sibling_value)) = sibling_in_scratch::<F>(key, value) else { return };
     if let Some(found) = F::ct().get_ptr_mut(&*sibling) {
         // Touched either way; refreshed only if it is this flow's.
-        // SAFETY: map value pointer, valid for this program run.
-        unsafe {
-            if { (*found).addr } == { sibling_value.addr } && (*found).port == sibling_value.port {
-                (*found).paired_ns = now;
-            }
+        if points_back(found, sibling_value) {
+            // SAFETY: map value pointer, valid for this program run.
+            unsafe { (*found).paired_ns = now };
         }
         return;
     }
