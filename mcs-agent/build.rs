@@ -1,19 +1,75 @@
 //! Builds the eBPF object with the nightly toolchain and embeds it, so a plain
 //! `cargo build` can never ship an object older than its sources.
+//!
+//! The nested build's output is kept, not relayed: cargo would show every
+//! line of it as a warning (dozens on a first build). One line says what was
+//! built; the whole output is shown only when the build fails.
 
-use std::{path::Path, process::Command};
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, exit},
+    time::Instant,
+};
 
-fn main() -> aya_build::Result<()> {
+const PACKAGE: &str = "mcs-ebpf";
+const TARGET: &str = "bpfel-unknown-none";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let ebpf_dir = manifest_dir.join("../mcs-ebpf");
+    // The build-dependency on mcs-ebpf covers its library; its binary and the
+    // shared layout are named here so a change to either rebuilds the object.
+    println!("cargo:rerun-if-changed={}", ebpf_dir.display());
+    println!("cargo:rerun-if-changed={}", manifest_dir.join("../mcs-common/src").display());
+
     preflight();
-    let manifest_dir = env!("CARGO_MANIFEST_DIR");
-    let ebpf_dir = Path::new(manifest_dir).join("../mcs-ebpf");
-    let common_dir = Path::new(manifest_dir).join("../mcs-common/src");
-    println!("cargo:rerun-if-changed={}", common_dir.display());
-    let root = ebpf_dir.to_str().expect("workspace path is UTF-8");
-    aya_build::build_ebpf(
-        [aya_build::Package { name: "mcs-ebpf", root_dir: root, ..Default::default() }],
-        aya_build::Toolchain::default(),
-    )
+    let started = Instant::now();
+    let target_dir = out_dir.join("ebpf-target");
+    let output = nested_build(&target_dir).output().unwrap_or_else(|e| fail(&format!("cannot start rustup: {e}")));
+    if !output.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+        fail(&format!(
+            "building the eBPF object ({PACKAGE}, nightly, {TARGET}) failed ({}); its output is above",
+            output.status
+        ));
+    }
+    let built = target_dir.join(TARGET).join("release").join(PACKAGE);
+    let embedded = out_dir.join(PACKAGE);
+    if let Err(e) = std::fs::copy(&built, &embedded) {
+        fail(&format!("copying {} to {}: {e}", built.display(), embedded.display()));
+    }
+    let size = std::fs::metadata(&embedded).map(|m| m.len()).unwrap_or_default();
+    println!(
+        "cargo:warning=built the eBPF object {PACKAGE} (nightly, {TARGET}, {size} bytes) in {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// `rustup run nightly cargo build` of the eBPF crate into a target directory
+/// of its own (sharing the outer one would deadlock on cargo's lock).
+fn nested_build(target_dir: &Path) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "build", "--package", PACKAGE, "--bins", "--release", "--target", TARGET])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(target_dir);
+    // aya-ebpf reads bpf_target_arch; BTF lets the loader relocate and
+    // bpftool show the programs' types.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
+    let rustflags = [format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()];
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"));
+    // The outer build's compiler and wrappers are the stable toolchain's.
+    for key in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN"] {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    exit(1);
 }
 
 /// Fails early with the fix instead of a linker error deep in a nested build.
@@ -34,9 +90,9 @@ fn preflight() {
         _ => missing.push("the nightly Rust toolchain"),
     }
     if !missing.is_empty() {
-        panic!(
+        fail(&format!(
             "cannot build the eBPF object: missing {}. Run `cargo xtask setup` (installs everything, idempotent).",
             missing.join(", ")
-        );
+        ));
     }
 }

@@ -1,11 +1,15 @@
 //! Developer tasks: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//!
+//! xtask depends on none of the project's crates: it must build on a bare
+//! machine, where the agent cannot (its build script needs bpf-linker and the
+//! nightly toolchain that `setup` installs). The demo and the benchmark are
+//! binaries of their own crates, built and run by a second cargo invocation.
 
-mod demo;
 mod setup;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitCode},
     time::Instant,
 };
 
@@ -26,8 +30,13 @@ enum Task {
     /// Debian packages (iproute2, procps, llvm-22-dev, libpolly-22-dev; for the
     /// benchmark iptables, nftables, fonts-dejavu-core), the nightly
     /// toolchain's rust-src, and bpf-linker built against LLVM 22.
-    /// Safe to run again: every step checks first and says what it does.
-    Setup,
+    /// cargo-deny for the dependency check. Safe to run again: every step
+    /// checks first and says what it does.
+    Setup {
+        /// Install nothing: list what is missing and exit non-zero if anything is.
+        #[arg(long)]
+        check: bool,
+    },
     /// Build the eBPF object (mcs-ebpf) for bpfel-unknown-none.
     ///
     /// The agent's build script builds the same object and embeds it; this
@@ -65,12 +74,23 @@ enum Task {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes, without a backtrace: every error here says what to do.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let root = workspace_root();
     std::env::set_current_dir(&root).context("entering the workspace")?;
     match cli.task {
-        Task::Setup => setup::run(),
+        Task::Setup { check: true } => setup::check(),
+        Task::Setup { check: false } => setup::run(),
         Task::BuildEbpf => {
             setup::check()?;
             build_ebpf().map(|_| ())
@@ -80,7 +100,13 @@ fn main() -> Result<()> {
             require_root("the demo creates network namespaces and loads BPF programs")?;
             setup::run()?;
             let agent = build_agent()?;
-            demo::run(&agent, requests)
+            exec(Command::new("cargo").args(["build", "--quiet", "--package", "mcs-tests", "--bin", "mcs-demo"]))?;
+            exec(
+                Command::new(root.join("target/debug/mcs-demo"))
+                    .arg("--agent")
+                    .arg(&agent)
+                    .args(["--requests", &requests.to_string()]),
+            )
         }
         Task::Bench { quick, args } => bench(quick, &args),
     }

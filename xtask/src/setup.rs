@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
+/// cargo-deny checks the dependency graph's bans, licenses and sources (deny.toml).
+const CARGO_DENY_VERSION: &str = "0.20";
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
@@ -33,15 +35,23 @@ fn bpf_linker_ok() -> bool {
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
+fn cargo_deny_ok() -> bool {
+    Command::new("cargo-deny")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION))
+}
+
 fn nightly_rust_src() -> Result<bool> {
     let out = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("running rustup (is Rust installed through rustup?)")?;
     if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
         bail!(
-            "the nightly Rust toolchain is missing: {} (the eBPF crate needs nightly for -Z build-std)",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "the nightly Rust toolchain is missing ({}): install it with `rustup toolchain install nightly` (the eBPF crate needs nightly for -Z build-std)",
+            stderr.lines().next().unwrap_or_default().trim().trim_start_matches("error: ")
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")))
@@ -51,15 +61,21 @@ fn nightly_rust_src() -> Result<bool> {
 pub fn check() -> Result<()> {
     let mut missing: Vec<String> =
         PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| format!("Debian package {p}")).collect();
-    if !nightly_rust_src()? {
-        missing.push("rust-src for nightly".into());
+    match nightly_rust_src() {
+        Ok(true) => {}
+        Ok(false) => missing.push("rust-src for nightly".into()),
+        Err(e) => missing.push(format!("{e:#}")),
     }
     if !bpf_linker_ok() {
         missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
-    if !missing.is_empty() {
-        bail!("missing: {}. Run `cargo xtask setup`.", missing.join(", "));
+    if !cargo_deny_ok() {
+        missing.push(format!("cargo-deny {CARGO_DENY_VERSION}"));
     }
+    if !missing.is_empty() {
+        bail!("missing: {}. Run `cargo xtask setup` (installs everything, idempotent).", missing.join(", "));
+    }
+    println!("setup: everything present (Debian packages, nightly rust-src, bpf-linker, cargo-deny)");
     Ok(())
 }
 
@@ -110,6 +126,25 @@ pub fn run() -> Result<()> {
         )?;
         if !bpf_linker_ok() {
             bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+        }
+        did = true;
+    }
+
+    if cargo_deny_ok() {
+        println!("setup: cargo-deny {CARGO_DENY_VERSION} present");
+    } else {
+        println!(
+            "setup: installing cargo-deny {CARGO_DENY_VERSION} (checks the dependency graph against deny.toml; takes a few minutes)"
+        );
+        exec(Command::new("cargo").args([
+            "install",
+            "cargo-deny",
+            "--locked",
+            "--version",
+            &format!("^{CARGO_DENY_VERSION}"),
+        ]))?;
+        if !cargo_deny_ok() {
+            bail!("cargo-deny was installed but is not on PATH: add ~/.cargo/bin to PATH");
         }
         did = true;
     }

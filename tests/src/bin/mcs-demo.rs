@@ -1,14 +1,19 @@
 //! `cargo xtask demo`: a two-cluster clusterset in namespaces, the agent on
 //! the example manifests, and real traffic to the ClusterSetIP.
+//!
+//! `mcs-demo --agent PATH [--requests N]` (as root). A binary of the lab crate
+//! rather than code in xtask: xtask must build on a bare machine, before
+//! `cargo xtask setup` has installed what the agent's eBPF object needs.
 
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use clap::Parser;
 use mcs_tests::{
     agent::{Agent, probe},
     bpffs::ScratchBpffs,
@@ -20,10 +25,10 @@ use mcs_tests::{
 
 /// The embedded default: deploy/examples, whose addresses match the topology below.
 const EXAMPLES: &[(&str, &str)] = &[
-    ("web-serviceimport.yaml", include_str!("../../deploy/examples/web-serviceimport.yaml")),
-    ("web-cluster-east.yaml", include_str!("../../deploy/examples/web-cluster-east.yaml")),
-    ("web-cluster-west.yaml", include_str!("../../deploy/examples/web-cluster-west.yaml")),
-    ("headless-serviceimport.yaml", include_str!("../../deploy/examples/headless-serviceimport.yaml")),
+    ("web-serviceimport.yaml", include_str!("../../../deploy/examples/web-serviceimport.yaml")),
+    ("web-cluster-east.yaml", include_str!("../../../deploy/examples/web-cluster-east.yaml")),
+    ("web-cluster-west.yaml", include_str!("../../../deploy/examples/web-cluster-west.yaml")),
+    ("headless-serviceimport.yaml", include_str!("../../../deploy/examples/headless-serviceimport.yaml")),
 ];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLUSTERS: [&str; 2] = ["cluster-east", "cluster-west"];
@@ -35,7 +40,26 @@ const PODS: [&[&str]; 2] = [&["east-1a", "east-1a", "east-1b"], &["west-1a", "we
 const NODE: [&str; 7] = ["--cluster-id", "cluster-east", "--zone", "east-1a", "--region", "east", "--cleanup-on-exit"];
 const PORTS: [(&str, u16, &str); 3] = [("http", 8080, "TCP"), ("dns", 5353, "UDP"), ("tcp2", 42, "TCP")];
 
-pub fn run(agent_binary: &Path, requests: usize) -> Result<()> {
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcs-demo",
+    about = "A two-cluster clusterset in network namespaces with mcs-agent serving it (as root)"
+)]
+struct Args {
+    /// The mcs-agent binary to run.
+    #[arg(long)]
+    agent: PathBuf,
+    /// TCP requests to send in each round.
+    #[arg(long, default_value_t = 300)]
+    requests: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    run(&args.agent, args.requests)
+}
+
+fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     println!("\n== mcs-agent demo: a clusterset of {} clusters in network namespaces", CLUSTERS.len());
     let mut set = Clusterset::new(1, &CLUSTERS);
     let mut servers = Vec::new();
