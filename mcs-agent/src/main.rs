@@ -1536,10 +1536,10 @@ mod tests {
     #[test]
     fn the_daemonsets_arguments_parse() {
         let text = include_str!("../../deploy/daemonset.yaml");
-        let doc: serde_yaml::Value = serde_yaml::from_str(text).expect("deploy/daemonset.yaml is YAML");
+        let doc: serde_json::Value = serde_saphyr::from_str(text).expect("deploy/daemonset.yaml is YAML");
         let args = &doc["spec"]["template"]["spec"]["containers"][0]["args"];
         let args: Vec<String> = args
-            .as_sequence()
+            .as_array()
             .expect("the container has args")
             .iter()
             .map(|a| a.as_str().expect("string args").to_owned())

@@ -12,8 +12,7 @@ use k8s_openapi::{
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -21,10 +20,7 @@ fn deploy() -> PathBuf {
 
 fn documents(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .filter(|v| !v.is_null())
-        .collect()
+    serde_saphyr::from_multiple::<Value>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn typed<T: serde::de::DeserializeOwned>(doc: &Value, path: &Path) -> T {
@@ -50,9 +46,9 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                     "DaemonSet" => drop(typed::<DaemonSet>(&doc, &path)),
                     "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(&doc, &path)),
                     "Kustomization" | "Component" => {
-                        let generated = doc["configMapGenerator"].as_sequence().into_iter().flatten();
-                        let files = generated.flat_map(|g| g["files"].as_sequence().unwrap().iter());
-                        for resource in doc["resources"].as_sequence().unwrap().iter().chain(files) {
+                        let generated = doc["configMapGenerator"].as_array().into_iter().flatten();
+                        let files = generated.flat_map(|g| g["files"].as_array().unwrap().iter());
+                        for resource in doc["resources"].as_array().unwrap().iter().chain(files) {
                             let file = dir.join(resource.as_str().unwrap());
                             assert!(file.exists(), "{} lists missing {}", path.display(), file.display());
                         }

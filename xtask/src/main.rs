@@ -194,8 +194,17 @@ fn test(args: &[String]) -> Result<()> {
     require_root("the tests load BPF programs into the kernel and build network namespaces")?;
     let started = Instant::now();
     setup::run()?;
-    build_ebpf()?;
-    let agent = build_agent()?;
+    // One build for the tests and the agent they start: `cargo build -p
+    // mcs-agent` would resolve features apart from the test build and so
+    // build (and its build script build the eBPF object) a second time.
+    let built = Instant::now();
+    println!("building every crate and test (the agent's build script builds the eBPF object it embeds)");
+    exec(Command::new("cargo").args(["test", "--no-run", "--quiet"]).args(args))?;
+    let agent = workspace_root().join("target/debug/mcs-agent");
+    if !agent.exists() {
+        bail!("the test build did not produce {}", agent.display());
+    }
+    println!("built in {:.1?}", built.elapsed());
     println!("running every test (unit, BPF_PROG_TEST_RUN fixtures, netns traffic)");
     exec(Command::new("cargo").arg("test").args(args).env("MCS_AGENT_BIN", &agent))?;
     println!("all tests passed in {:.1?}", started.elapsed());

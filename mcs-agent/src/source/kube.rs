@@ -643,7 +643,7 @@ mod tests {
     fn assert_every_call_is_granted_and_every_grant_used(requests: &[String]) {
         use k8s_openapi::api::rbac::v1::ClusterRole;
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/clusterrole.yaml");
-        let role: ClusterRole = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let role: ClusterRole = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let rules = role.rules.unwrap();
         let granted = |group: &str, resource: &str, verb: &str| {
             rules.iter().any(|r| {

@@ -9,7 +9,7 @@ use std::{
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 use thiserror::Error;
 
 use crate::{
@@ -248,21 +248,151 @@ fn parse_all(stale: Vec<(PathBuf, Stamp)>) -> Vec<(PathBuf, Option<File>)> {
 
 /// Parses a multi-document YAML text. Documents of other kinds are ignored;
 /// a `List` (as `kubectl get -o yaml` prints) is unpacked.
+///
+/// Each document is read twice, both times straight into typed structs: its
+/// head (apiVersion, kind, metadata) to know what it is, then the whole of it
+/// as that type, so an error names the field's path. No YAML tree is built.
 pub fn parse_documents(file: &Origin, text: &str) -> (Snapshot, Vec<ManifestError>) {
     let mut snapshot = Snapshot::default();
     let mut errors = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, document) in split_documents(text).into_iter().enumerate() {
         let origin = Origin(format!("{file} (document {})", index + 1));
-        match Value::deserialize(document) {
-            Ok(value) => add_object(&origin, value, &mut snapshot, &mut errors),
+        match serde_saphyr::from_str::<Option<Head>>(document) {
+            Ok(Some(head)) => add_document(&origin, document, head, &mut snapshot, &mut errors),
+            Ok(None) => {}
             Err(e) => {
-                errors.push(ManifestError::Yaml { origin, message: e.to_string() });
-                // The parser cannot resynchronise after a syntax error.
+                errors.push(ManifestError::Yaml { origin, message: yaml_message(&e) });
+                // As kubectl: what follows a broken document is not applied.
                 break;
             }
         }
     }
     (snapshot, errors)
+}
+
+/// What a document is, read before the rest of it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Head {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    metadata: HeadMeta,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct HeadMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+/// A `List`'s items: rare (kubectl's output), so each item is kept as a JSON
+/// value and dispatched like a document of its own.
+#[derive(Debug, Deserialize)]
+struct ListItems {
+    #[serde(default)]
+    items: Vec<Value>,
+}
+
+/// The parser's message on one line, without the source snippet it can draw
+/// (the origin already names the file and document).
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let text = e.without_snippet().to_string();
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Splits a YAML stream into its documents at the markers YAML defines: a line
+/// that starts with `---` (a new document; the line may carry content) or
+/// `...` (the end of one), each followed by whitespace or the line's end. Such
+/// a line cannot occur inside a document, not even in a block scalar, so the
+/// split is exact. A preamble of comments, blank lines or directives belongs
+/// to the document after it and is not a document of its own.
+fn split_documents(text: &str) -> Vec<&str> {
+    fn is_marker(line: &str, marker: &str) -> bool {
+        line.strip_prefix(marker).is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    }
+    fn has_content(chunk: &str) -> bool {
+        chunk.lines().any(|l| {
+            let l = l.trim();
+            !l.is_empty() && !l.starts_with('#') && !l.starts_with('%')
+        })
+    }
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let line_start = offset;
+        offset += line.len();
+        if is_marker(line, "---") {
+            let chunk = &text[start..line_start];
+            if chunk.starts_with("---") || has_content(chunk) {
+                documents.push(chunk);
+                start = line_start;
+            }
+        } else if is_marker(line, "...") {
+            documents.push(&text[start..offset]);
+            start = offset;
+        }
+    }
+    let rest = &text[start..];
+    if rest.starts_with("---") || has_content(rest) {
+        documents.push(rest);
+    }
+    documents
+}
+
+fn add_document(origin: &Origin, text: &str, head: Head, snapshot: &mut Snapshot, errors: &mut Vec<ManifestError>) {
+    let object_error = |kind: &'static str, field: String, message: String| ObjectError {
+        origin: format!("{origin}: "),
+        kind,
+        object: format!(
+            "{}/{}",
+            head.metadata.namespace.as_deref().unwrap_or("default"),
+            head.metadata.name.as_deref().unwrap_or_default()
+        ),
+        field,
+        message,
+    };
+    match (head.api_version.as_str(), head.kind.as_str()) {
+        (_, "List") => match serde_saphyr::from_str::<ListItems>(text) {
+            Ok(list) => {
+                for (i, item) in list.items.into_iter().enumerate() {
+                    let origin = Origin(format!("{origin} items[{i}]"));
+                    add_object(&origin, item, snapshot, errors);
+                }
+            }
+            Err(e) => errors.push(ManifestError::Yaml { origin: origin.clone(), message: yaml_message(&e) }),
+        },
+        (version, "ServiceImport") if version.starts_with(&format!("{MCS_GROUP}/")) => {
+            if version != "multicluster.x-k8s.io/v1beta1" && version != "multicluster.x-k8s.io/v1alpha1" {
+                let message = format!("{version} is not v1beta1 or v1alpha1");
+                errors.push(object_error("ServiceImport", "apiVersion".into(), message).into());
+                return;
+            }
+            match typed::<ServiceImport>(text) {
+                Ok(import) => snapshot.imports.push((origin.clone(), import)),
+                Err((field, message)) => errors.push(object_error("ServiceImport", field, message).into()),
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(text) {
+            Ok(slice) => snapshot.slices.push((origin.clone(), slice)),
+            Err((field, message)) => errors.push(object_error("EndpointSlice", field, message).into()),
+        },
+        _ => {}
+    }
+}
+
+/// One document straight into `T`; an error comes back as (field path, message).
+fn typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (String, String)> {
+    let mut path = None;
+    serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = Some(e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|e| (path.unwrap_or_else(|| ".".into()), yaml_message(&e)))
 }
 
 fn add_object(origin: &Origin, value: Value, snapshot: &mut Snapshot, errors: &mut Vec<ManifestError>) {
@@ -283,7 +413,7 @@ fn add_object(origin: &Origin, value: Value, snapshot: &mut Snapshot, errors: &m
     };
     match (api_version.as_str(), kind.as_str()) {
         (_, "List") => {
-            if let Some(items) = value.get("items").and_then(Value::as_sequence) {
+            if let Some(items) = value.get("items").and_then(Value::as_array) {
                 for (i, item) in items.iter().enumerate() {
                     let origin = Origin(format!("{origin} items[{i}]"));
                     add_object(&origin, item.clone(), snapshot, errors);
@@ -336,6 +466,38 @@ endpoints: []
         assert!(text.starts_with("dir/web.yaml (document 1): ServiceImport demo/web: spec.ports[0].port:"), "{text}");
         assert_eq!(snapshot.imports.len(), 0);
         assert_eq!(snapshot.slices.len(), 1);
+    }
+
+    #[test]
+    fn documents_split_at_yaml_markers_only() {
+        let text =
+            "# preamble\n%YAML 1.2\n---\na: 1\n---\nb: |\n  ---\n  not a marker\n...\n--- {c: 3}\n---x: not a marker\n";
+        let docs = split_documents(text);
+        assert_eq!(
+            docs,
+            [
+                "# preamble\n%YAML 1.2\n---\na: 1\n",
+                "---\nb: |\n  ---\n  not a marker\n...\n",
+                "--- {c: 3}\n---x: not a marker\n"
+            ]
+        );
+        assert_eq!(split_documents("a: 1\n---\nb: 2"), ["a: 1\n", "---\nb: 2"]);
+        assert!(split_documents("# only a comment\n\n").is_empty());
+        // An explicit empty document still counts, so later documents keep their numbers.
+        assert_eq!(split_documents("---\n---\nb: 2\n").len(), 2);
+    }
+
+    #[test]
+    fn error_messages_are_one_line_with_the_parsers_reason() {
+        let yaml = "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata: {name: web, namespace: demo}\nspec:\n  ports:\n  - port: eighty\n";
+        let (_, errors) = parse_documents(&Origin("w.yaml".into()), yaml);
+        let text = errors[0].to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.starts_with("w.yaml (document 1): ServiceImport demo/web: spec.ports[0].port: "), "{text}");
+        assert!(text.contains("line 6"), "the message says where the bad value is: {text}");
+        let (_, errors) = parse_documents(&Origin("s.yaml".into()), "kind: [unclosed\n");
+        let text = errors[0].to_string();
+        assert!(!text.contains('\n') && text.starts_with("s.yaml (document 1): invalid YAML: "), "{text}");
     }
 
     #[test]
