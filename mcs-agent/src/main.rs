@@ -983,10 +983,16 @@ async fn run(args: RunArgs) -> Result<()> {
                     take_over(&mut datapath, &interfaces, patterns.as_ref().expect("not started"), attach)?;
                     socket_lb.apply(&mut datapath)?;
                     if !older.is_empty() {
+                        // Handoff off first, then the last copy: from the flip on,
+                        // the old programs create no flows, so the copy holds every
+                        // flow they made. Copying first left a window in which a
+                        // flow they created was in neither the copy nor, once they
+                        // were retired, anywhere (a lost UDP reply, caught by
+                        // tests/tests/restart.rs about one run in four).
+                        datapath.set_handoff(false)?;
                         for layout in &older {
                             datapath::carry_over(&mut datapath, layout);
                         }
-                        datapath.set_handoff(false)?;
                         for layout in &older {
                             datapath::retire_layout(layout);
                         }
