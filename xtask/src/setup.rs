@@ -115,7 +115,7 @@ pub fn run() -> Result<()> {
         println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
     } else {
         println!(
-            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF object; takes about 3 minutes)"
+            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF object; about a minute on 2 cores)"
         );
         let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
         exec(
@@ -134,7 +134,7 @@ pub fn run() -> Result<()> {
         println!("setup: cargo-deny {CARGO_DENY_VERSION} present");
     } else {
         println!(
-            "setup: installing cargo-deny {CARGO_DENY_VERSION} (checks the dependency graph against deny.toml; takes a few minutes)"
+            "setup: installing cargo-deny {CARGO_DENY_VERSION} (checks the dependency graph against deny.toml; about 3 minutes on 2 cores)"
         );
         exec(Command::new("cargo").args([
             "install",

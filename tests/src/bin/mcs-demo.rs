@@ -30,7 +30,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("web-cluster-west.yaml", include_str!("../../../deploy/examples/web-cluster-west.yaml")),
     ("headless-serviceimport.yaml", include_str!("../../../deploy/examples/headless-serviceimport.yaml")),
 ];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 const CLUSTERS: [&str; 2] = ["cluster-east", "cluster-west"];
 /// Pods per cluster and their zones, as in deploy/examples.
 const PODS: [&[&str]; 2] = [&["east-1a", "east-1a", "east-1b"], &["west-1a", "west-1a"]];
