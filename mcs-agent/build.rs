@@ -42,8 +42,10 @@ fn main() {
         fail(&format!("copying {} to {}: {e}", built.display(), embedded.display()));
     }
     let size = std::fs::metadata(&embedded).map(|m| m.len()).unwrap_or_default();
+    // Cargo shows this line again on later builds that reuse the object, so
+    // it says what is embedded rather than that a build just ran.
     println!(
-        "cargo:warning=built the eBPF object {PACKAGE} (nightly, {TARGET}, {size} bytes) in {:.1?}",
+        "cargo:warning=embedding the eBPF object {PACKAGE} ({size} bytes; built with nightly for {TARGET} in {:.1?})",
         started.elapsed()
     );
 }
