@@ -17,9 +17,34 @@ const PACKAGES: &[(&str, &str)] = &[
     ("fonts-dejavu-core", "the benchmark's chart labels (DejaVuSans.ttf)"),
 ];
 
-const BPF_LINKER_VERSION: &str = "0.13";
-/// cargo-deny checks the dependency graph's bans, licenses and sources (deny.toml).
-const CARGO_DENY_VERSION: &str = "0.20";
+/// A tool installed with `cargo install`.
+struct CargoTool {
+    name: &'static str,
+    /// The version requirement (`^version`) and what `--version` must print.
+    version: &'static str,
+    why: &'static str,
+    /// More `cargo install` arguments.
+    args: &'static [&'static str],
+    /// Put in front of PATH while it builds.
+    path: Option<&'static str>,
+}
+
+const TOOLS: &[CargoTool] = &[
+    CargoTool {
+        name: "bpf-linker",
+        version: "0.13",
+        why: "links the eBPF object against LLVM 22; about a minute on 2 cores",
+        args: &["--no-default-features", "--features", "llvm-22"],
+        path: Some("/usr/lib/llvm-22/bin"),
+    },
+    CargoTool {
+        name: "cargo-deny",
+        version: "0.20",
+        why: "checks the dependency graph against deny.toml; about 3 minutes on 2 cores",
+        args: &["--locked"],
+        path: None,
+    },
+];
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
@@ -28,18 +53,33 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn bpf_linker_ok() -> bool {
-    Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
-}
+impl CargoTool {
+    fn present(&self) -> bool {
+        Command::new(self.name)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(self.version))
+    }
 
-fn cargo_deny_ok() -> bool {
-    Command::new("cargo-deny")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION))
+    /// Installs the tool unless it is there; true when it installed.
+    fn ensure(&self) -> Result<bool> {
+        let (name, version) = (self.name, self.version);
+        if self.present() {
+            println!("setup: {name} {version} present");
+            return Ok(false);
+        }
+        println!("setup: installing {name} {version} ({})", self.why);
+        let mut cmd = Command::new("cargo");
+        cmd.args(["install", name, "--version", &format!("^{version}")]).args(self.args);
+        if let Some(dir) = self.path {
+            cmd.env("PATH", format!("{dir}:{}", std::env::var("PATH").unwrap_or_default()));
+        }
+        exec(&mut cmd)?;
+        if !self.present() {
+            bail!("{name} was installed but is not on PATH: add ~/.cargo/bin to PATH");
+        }
+        Ok(true)
+    }
 }
 
 fn nightly_rust_src() -> Result<bool> {
@@ -66,12 +106,7 @@ pub fn check() -> Result<()> {
         Ok(false) => missing.push("rust-src for nightly".into()),
         Err(e) => missing.push(format!("{e:#}")),
     }
-    if !bpf_linker_ok() {
-        missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
-    }
-    if !cargo_deny_ok() {
-        missing.push(format!("cargo-deny {CARGO_DENY_VERSION}"));
-    }
+    missing.extend(TOOLS.iter().filter(|t| !t.present()).map(|t| format!("{} {}", t.name, t.version)));
     if !missing.is_empty() {
         bail!("missing: {}. Run `cargo xtask setup` (installs everything, idempotent).", missing.join(", "));
     }
@@ -111,42 +146,8 @@ pub fn run() -> Result<()> {
         did = true;
     }
 
-    if bpf_linker_ok() {
-        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
-    } else {
-        println!(
-            "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (links the eBPF object; about a minute on 2 cores)"
-        );
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
-        exec(
-            Command::new("cargo")
-                .args(["install", "bpf-linker", "--version", &format!("^{BPF_LINKER_VERSION}")])
-                .args(["--no-default-features", "--features", "llvm-22"])
-                .env("PATH", path),
-        )?;
-        if !bpf_linker_ok() {
-            bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
-        }
-        did = true;
-    }
-
-    if cargo_deny_ok() {
-        println!("setup: cargo-deny {CARGO_DENY_VERSION} present");
-    } else {
-        println!(
-            "setup: installing cargo-deny {CARGO_DENY_VERSION} (checks the dependency graph against deny.toml; about 3 minutes on 2 cores)"
-        );
-        exec(Command::new("cargo").args([
-            "install",
-            "cargo-deny",
-            "--locked",
-            "--version",
-            &format!("^{CARGO_DENY_VERSION}"),
-        ]))?;
-        if !cargo_deny_ok() {
-            bail!("cargo-deny was installed but is not on PATH: add ~/.cargo/bin to PATH");
-        }
-        did = true;
+    for tool in TOOLS {
+        did |= tool.ensure()?;
     }
     if did {
         println!("setup: done in {:.1?}", started.elapsed());

@@ -258,7 +258,7 @@ pub fn parse_documents(file: &Origin, text: &str) -> (Snapshot, Vec<ManifestErro
     for (index, document) in split_documents(text).into_iter().enumerate() {
         let origin = Origin(format!("{file} (document {})", index + 1));
         match serde_saphyr::from_str::<Option<Head>>(document) {
-            Ok(Some(head)) => add_document(&origin, document, head, &mut snapshot, &mut errors),
+            Ok(Some(head)) => add_document(&origin, Document::Yaml(document), head, &mut snapshot, &mut errors),
             Ok(None) => {}
             Err(e) => {
                 errors.push(ManifestError::Yaml { origin, message: yaml_message(&e) });
@@ -293,6 +293,34 @@ struct HeadMeta {
 struct ListItems {
     #[serde(default)]
     items: Vec<Value>,
+}
+
+/// Where a document's typed objects are read from: its YAML text, or a
+/// `List` item already held as a value.
+enum Document<'a> {
+    Yaml(&'a str),
+    Item(&'a Value),
+}
+
+impl Document<'_> {
+    /// The document as `T`; an error comes back as (field path, message).
+    fn typed<T: serde::de::DeserializeOwned>(&self) -> Result<T, (String, String)> {
+        match self {
+            Document::Yaml(text) => {
+                let mut path = None;
+                serde_saphyr::with_deserializer_from_str(text, |de| {
+                    serde_path_to_error::deserialize(de).map_err(|e| {
+                        path = Some(e.path().to_string());
+                        e.into_inner()
+                    })
+                })
+                .map_err(|e| (path.unwrap_or_else(|| ".".into()), yaml_message(&e)))
+            }
+            Document::Item(value) => {
+                serde_path_to_error::deserialize(*value).map_err(|e| (e.path().to_string(), e.inner().to_string()))
+            }
+        }
+    }
 }
 
 /// The parser's message on one line, without the source snippet it can draw
@@ -342,7 +370,13 @@ fn split_documents(text: &str) -> Vec<&str> {
     documents
 }
 
-fn add_document(origin: &Origin, text: &str, head: Head, snapshot: &mut Snapshot, errors: &mut Vec<ManifestError>) {
+fn add_document(
+    origin: &Origin,
+    document: Document<'_>,
+    head: Head,
+    snapshot: &mut Snapshot,
+    errors: &mut Vec<ManifestError>,
+) {
     let object_error = |kind: &'static str, field: String, message: String| ObjectError {
         origin: format!("{origin}: "),
         kind,
@@ -355,14 +389,17 @@ fn add_document(origin: &Origin, text: &str, head: Head, snapshot: &mut Snapshot
         message,
     };
     match (head.api_version.as_str(), head.kind.as_str()) {
-        (_, "List") => match serde_saphyr::from_str::<ListItems>(text) {
+        (_, "List") => match document.typed::<ListItems>() {
             Ok(list) => {
-                for (i, item) in list.items.into_iter().enumerate() {
+                for (i, item) in list.items.iter().enumerate() {
                     let origin = Origin(format!("{origin} items[{i}]"));
-                    add_object(&origin, item, snapshot, errors);
+                    // An item that is not an object (null, a scalar) is not ours, as before.
+                    if let Ok(Some(head)) = Option::<Head>::deserialize(item) {
+                        add_document(&origin, Document::Item(item), head, snapshot, errors);
+                    }
                 }
             }
-            Err(e) => errors.push(ManifestError::Yaml { origin: origin.clone(), message: yaml_message(&e) }),
+            Err((_, message)) => errors.push(ManifestError::Yaml { origin: origin.clone(), message }),
         },
         (version, "ServiceImport") if version.starts_with(&format!("{MCS_GROUP}/")) => {
             if version != "multicluster.x-k8s.io/v1beta1" && version != "multicluster.x-k8s.io/v1alpha1" {
@@ -370,69 +407,14 @@ fn add_document(origin: &Origin, text: &str, head: Head, snapshot: &mut Snapshot
                 errors.push(object_error("ServiceImport", "apiVersion".into(), message).into());
                 return;
             }
-            match typed::<ServiceImport>(text) {
+            match document.typed::<ServiceImport>() {
                 Ok(import) => snapshot.imports.push((origin.clone(), import)),
                 Err((field, message)) => errors.push(object_error("ServiceImport", field, message).into()),
             }
         }
-        ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(text) {
+        ("discovery.k8s.io/v1", "EndpointSlice") => match document.typed::<EndpointSlice>() {
             Ok(slice) => snapshot.slices.push((origin.clone(), slice)),
             Err((field, message)) => errors.push(object_error("EndpointSlice", field, message).into()),
-        },
-        _ => {}
-    }
-}
-
-/// One document straight into `T`; an error comes back as (field path, message).
-fn typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (String, String)> {
-    let mut path = None;
-    serde_saphyr::with_deserializer_from_str(text, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            path = Some(e.path().to_string());
-            e.into_inner()
-        })
-    })
-    .map_err(|e| (path.unwrap_or_else(|| ".".into()), yaml_message(&e)))
-}
-
-fn add_object(origin: &Origin, value: Value, snapshot: &mut Snapshot, errors: &mut Vec<ManifestError>) {
-    if value.is_null() {
-        return;
-    }
-    let text = |key: &str| value.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
-    let (api_version, kind) = (text("apiVersion"), text("kind"));
-    let meta = |key: &str| value.get("metadata").and_then(|m| m.get(key)).and_then(Value::as_str).map(str::to_owned);
-    let object =
-        format!("{}/{}", meta("namespace").unwrap_or_else(|| "default".into()), meta("name").unwrap_or_default());
-    let object_error = |field: String, message: String| ObjectError {
-        origin: format!("{origin}: "),
-        kind: if kind == "ServiceImport" { "ServiceImport" } else { "EndpointSlice" },
-        object: object.clone(),
-        field,
-        message,
-    };
-    match (api_version.as_str(), kind.as_str()) {
-        (_, "List") => {
-            if let Some(items) = value.get("items").and_then(Value::as_array) {
-                for (i, item) in items.iter().enumerate() {
-                    let origin = Origin(format!("{origin} items[{i}]"));
-                    add_object(&origin, item.clone(), snapshot, errors);
-                }
-            }
-        }
-        (version, "ServiceImport") if version.starts_with(&format!("{MCS_GROUP}/")) => {
-            if version != "multicluster.x-k8s.io/v1beta1" && version != "multicluster.x-k8s.io/v1alpha1" {
-                errors.push(object_error("apiVersion".into(), format!("{version} is not v1beta1 or v1alpha1")).into());
-                return;
-            }
-            match serde_path_to_error::deserialize::<_, ServiceImport>(value) {
-                Ok(import) => snapshot.imports.push((origin.clone(), import)),
-                Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
-            }
-        }
-        ("discovery.k8s.io/v1", "EndpointSlice") => match serde_path_to_error::deserialize::<_, EndpointSlice>(value) {
-            Ok(slice) => snapshot.slices.push((origin.clone(), slice)),
-            Err(e) => errors.push(object_error(e.path().to_string(), e.inner().to_string()).into()),
         },
         _ => {}
     }
