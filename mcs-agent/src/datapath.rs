@@ -760,6 +760,11 @@ impl Datapath {
         Some(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
     }
 
+    /// How many backend ids have passive health counters (ids from 0).
+    pub fn health_entries(&self) -> usize {
+        self.maps.health.len
+    }
+
     /// Passive health's counters of backend `id` (a memory read, no syscall).
     pub fn health(&self, id: u32) -> Option<Health> {
         self.maps.health.get(id)

@@ -1136,6 +1136,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     stale: !stale.is_empty(),
                     interfaces: datapath.attached_count(),
                     ejections: detector.ejections_total(),
+                    health_unwatched: health_view.unwatched as u64,
                     socket_lb: datapath.sockets_cgroup().is_some() && !socket_lb.host_only,
                     objects: reconciler
                         .objects()
@@ -1264,6 +1265,9 @@ struct HealthView {
     ids: Vec<Option<BackendAddr>>,
     /// Counters as last read, by backend id.
     last: Vec<mcs_common::Health>,
+    /// Backends whose id is past the counted ones: passive health cannot
+    /// watch them. Shown in /metrics and warned about when it changes.
+    unwatched: usize,
 }
 
 impl HealthView {
@@ -1403,6 +1407,19 @@ fn observe_health(
                 "passive health: backend failing but not ejected, its frontend is at --outlier-max-ejection-percent"
             ),
         }
+    }
+    let unwatched = view.ids.iter().skip(datapath.health_entries()).filter(|a| a.is_some()).count();
+    if unwatched != view.unwatched {
+        if unwatched > 0 {
+            warn!(
+                unwatched,
+                counted_ids = datapath.health_entries(),
+                "passive health cannot watch backends whose id is past the HEALTH map's size; raise --stats-entries (takes effect at the next start)"
+            );
+        } else {
+            info!("passive health watches every backend again");
+        }
+        view.unwatched = unwatched;
     }
     reconciler.set_health(detector.ejected(), detector.probing())
 }

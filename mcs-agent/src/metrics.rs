@@ -75,6 +75,8 @@ pub struct AgentView {
     pub fill: Vec<(&'static str, u64, u64)>,
     /// Passive health ejections since the agent started.
     pub ejections: u64,
+    /// Backends passive health cannot watch (their id is past `--stats-entries`).
+    pub health_unwatched: u64,
     /// Socket-level load balancing is attached (to this cgroup).
     pub socket_lb: bool,
 }
@@ -191,6 +193,13 @@ pub fn render(
     let ejections = Counter::<u64>::default();
     ejections.inc_by(view.ejections);
     registry.register("outlier_ejections", "Passive health ejections since the agent started", ejections);
+    let unwatched = Gauge::<i64>::default();
+    unwatched.set(i64::try_from(view.health_unwatched).unwrap_or(i64::MAX));
+    registry.register(
+        "outlier_unwatched_backends",
+        "Backends passive health does not watch: their id is past the HEALTH map's size (raise --stats-entries)",
+        unwatched,
+    );
     let socket_lb = Gauge::<i64>::default();
     socket_lb.set(i64::from(view.socket_lb));
     registry.register(

@@ -155,3 +155,44 @@ fn a_black_holed_cluster_is_ejected_within_a_second_and_returns_when_it_answers(
     assert!(share_after > 0.2, "cluster-c is back to its share: {:.0}%", share_after * 100.0);
     drop(servers);
 }
+
+/// Passive health counts connect attempts for the first `--stats-entries`
+/// backend ids only; the backends past them are counted in /metrics, so an
+/// operator sees what is not watched, and the count follows the tables.
+#[test]
+fn backends_past_the_counted_ids_are_reported_as_unwatched() {
+    let mut set = Clusterset::new(1, &["cluster-a"]);
+    let dir = tempfile::tempdir().unwrap();
+    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
+    let cluster = &mut set.clusters[0];
+    let pods: Vec<(Ipv4Addr, bool)> = (0..6).map(|_| (cluster.add_pod(), true)).collect();
+    let slice = |pods: &[(Ipv4Addr, bool)]| endpoint_slice("demo", "web", "cluster-a", PORTS, pods);
+    manifests::write(dir.path(), "cluster-a.yaml", &slice(&pods));
+    let mut agent = Agent::start(&set.node, dir.path(), &set.client_ifaces(), &["--stats-entries", "4"]);
+
+    let unwatched_becomes = |want: f64| {
+        let started = Instant::now();
+        loop {
+            let (_, metrics) = probe(&set.node, "/metrics").expect("/metrics");
+            let value = metrics
+                .lines()
+                .find(|l| l.starts_with("mcs_agent_outlier_unwatched_backends "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+            if value == Some(want) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "mcs_agent_outlier_unwatched_backends is {value:?}, not {want}:\n{metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // HEALTH holds ids 0-3 and id 0 is never handed out: of the six backends
+    // (ids 1-6), ids 4, 5 and 6 are past it.
+    unwatched_becomes(3.0);
+    let generation = agent.generation();
+    manifests::write(dir.path(), "cluster-a.yaml", &slice(&pods[..2]));
+    agent.wait_reconciled_after(generation);
+    unwatched_becomes(0.0);
+}
