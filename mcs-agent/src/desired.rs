@@ -21,7 +21,9 @@ use crate::{
         Weighted,
     },
     maglev,
-    model::{LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, Origin, ServiceImport, Snapshot, object_ref},
+    model::{
+        ClusterIps, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, Origin, ServiceImport, ServiceIp, Snapshot, object_ref,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -169,6 +171,9 @@ pub struct Policy {
     /// This node's own addresses: never a ClusterSetIP (it would capture the
     /// node's traffic).
     pub node_addresses: BTreeSet<IpAddr>,
+    /// The cluster's Service ranges (`--service-cidr`, ServiceCIDR objects):
+    /// a ClusterSetIP in one would take an address a Service may be given.
+    pub service_ranges: Vec<ServiceRange>,
     /// The node has IPv6 (not disabled): IPv6 ClusterSetIPs can be served.
     pub ipv6: bool,
 }
@@ -182,6 +187,7 @@ impl Default for Policy {
             skip_derived: false,
             vip_cidrs: Vec::new(),
             node_addresses: BTreeSet::new(),
+            service_ranges: Vec::new(),
             ipv6: true,
         }
     }
@@ -190,6 +196,27 @@ impl Default for Policy {
 /// Set by MCS implementations that also create a Service for the import
 /// (e.g. the mcs-api controller's `derived-<hash>` Service).
 pub const ANNOTATION_DERIVED_SERVICE: &str = "multicluster.kubernetes.io/derived-service";
+
+/// The annotations on a ServiceImport that name its derived Service (in the
+/// import's namespace): the mcs-api controller's and Cilium's, and the AWS
+/// Cloud Map controller's. Such a Service holds the ClusterSetIP as its
+/// ClusterIP and is the one Service an import may share its address with.
+pub const DERIVED_SERVICE_ANNOTATIONS: [&str; 2] = [ANNOTATION_DERIVED_SERVICE, "multicluster.k8s.aws/derived-service"];
+
+/// The conventions by which an import's own derived Service is recognised,
+/// as problems name them.
+pub fn derived_conventions() -> String {
+    let annotations: Vec<String> = DERIVED_SERVICE_ANNOTATIONS.iter().map(|a| format!("annotation {a}")).collect();
+    format!("{}, or an ownerReference to the ServiceImport", annotations.join(", "))
+}
+
+/// A Service range and where it was learnt, for the problem that names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRange {
+    pub net: ipnet::IpNet,
+    /// `--service-cidr` or `ServiceCIDR <name>`.
+    pub source: String,
+}
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
@@ -658,6 +685,7 @@ pub fn compute(snapshot: &Snapshot, policy: &Policy) -> (DesiredState, Vec<Objec
 /// [`Model`], over every service at once.
 pub fn compute_with(snapshot: &Snapshot, policy: &Policy, runtime: &Runtime) -> (DesiredState, Vec<ObjectError>) {
     let mut model = Model::with_held(runtime.held.clone());
+    model.set_cluster_ips(snapshot.cluster_ips.clone(), policy, runtime);
     model.replace(group_snapshot(snapshot), policy, runtime);
     let errors = model.errors().cloned().collect();
     (model.into_state(), errors)
@@ -674,7 +702,11 @@ pub struct ImportEntry {
     namespace: String,
     name: String,
     created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// An MCS controller created a Service for it (an annotation of
+    /// [`DERIVED_SERVICE_ANNOTATIONS`]): `--skip-derived` leaves it alone.
     derived: bool,
+    /// The derived Service's name, as the annotation gives it.
+    derived_service: Option<String>,
     valid: Result<Option<ValidImport>, ObjectError>,
     selector_results: Result<Option<Vec<BTreeSet<String>>>, (String, String)>,
 }
@@ -682,12 +714,15 @@ pub struct ImportEntry {
 impl ImportEntry {
     pub fn new(origin: &Origin, import: &ServiceImport) -> Self {
         let (namespace, name) = object_ref(&import.metadata);
+        let annotations = import.metadata.annotations.as_ref();
+        let derived = DERIVED_SERVICE_ANNOTATIONS.iter().find_map(|key| annotations.and_then(|a| a.get(*key)));
         Self {
             origin: origin.clone(),
             namespace,
             name,
             created: import.metadata.creation_timestamp.clone(),
-            derived: import.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(ANNOTATION_DERIVED_SERVICE)),
+            derived: derived.is_some(),
+            derived_service: derived.filter(|name| !name.is_empty()).cloned(),
             valid: validate_import(origin, import),
             selector_results: cluster_selector_results(import),
         }
@@ -705,6 +740,14 @@ impl ImportEntry {
 
     pub fn is_valid(&self) -> bool {
         self.valid.is_ok()
+    }
+
+    /// `service` is this import's own derived Service: named by its
+    /// annotation, or owning the Service through `metadata.ownerReferences`.
+    fn derived_from(&self, service: &ServiceIp) -> bool {
+        service.namespace == self.namespace
+            && (self.derived_service.as_deref() == Some(service.name.as_str())
+                || service.owner_imports.contains(&self.name))
     }
 
     /// The ClusterSetIPs it asks for, when it is valid.
@@ -826,11 +869,11 @@ pub struct Delta {
 /// The objects by service and the desired state computed from them, kept
 /// between passes so that a change recomputes only the services it touches.
 ///
-/// Services depend on each other in two ways only, and both are indexed: a
+/// Services depend on each other in three ways only, and all are indexed: a
 /// ClusterSetIP claimed by several imports goes to one of them (`claims`),
-/// and a ClusterSetIP may not be an endpoint's address (`endpoints`). A
-/// change recomputes its own service and every service claiming an address
-/// whose claim or endpoint use changed.
+/// and a ClusterSetIP may be neither an endpoint's address (`endpoints`) nor
+/// a Service's ClusterIP (`cluster_ips`). A change recomputes its own service
+/// and every service claiming an address whose claim or use changed.
 #[derive(Debug, Default)]
 pub struct Model {
     groups: HashMap<ServiceRef, Group>,
@@ -838,6 +881,8 @@ pub struct Model {
     endpoints: HashMap<IpAddr, Listers>,
     /// ClusterSetIP -> services whose valid imports ask for it, with counts.
     claims: HashMap<IpAddr, BTreeMap<ServiceRef, u32>>,
+    /// The cluster's Services by ClusterIP: a ClusterSetIP may not be one.
+    cluster_ips: ClusterIps,
     outputs: HashMap<ServiceRef, Output>,
     state: DesiredState,
     /// ClusterSetIP -> the service serving it.
@@ -996,7 +1041,13 @@ impl Model {
                 self.groups.insert(service, group);
             }
         }
-        for ip in &touched {
+        self.dirty_claimants(&touched, &mut dirty);
+        self.recompute(dirty, policy, runtime)
+    }
+
+    /// Adds the services that claim or hold any of these addresses.
+    fn dirty_claimants(&self, touched: &BTreeSet<IpAddr>, dirty: &mut BTreeSet<ServiceRef>) {
+        for ip in touched {
             if let Some(claimants) = self.claims.get(ip) {
                 dirty.extend(claimants.keys().cloned());
             }
@@ -1007,7 +1058,41 @@ impl Model {
                 dirty.insert((namespace.to_owned(), name.to_owned()));
             }
         }
+    }
+
+    /// Replaces the cluster's Services by ClusterIP and recomputes the
+    /// services claiming an address whose Service appeared, went or changed.
+    pub fn set_cluster_ips(&mut self, cluster_ips: ClusterIps, policy: &Policy, runtime: &Runtime) -> Delta {
+        let old = std::mem::replace(&mut self.cluster_ips, cluster_ips);
+        let new = &self.cluster_ips;
+        let touched: BTreeSet<IpAddr> = old
+            .iter()
+            .filter(|(ip, service)| new.get(ip) != Some(service))
+            .chain(new.iter().filter(|(ip, service)| old.get(ip) != Some(service)))
+            .map(|(ip, _)| *ip)
+            .collect();
+        let mut dirty = BTreeSet::new();
+        self.dirty_claimants(&touched, &mut dirty);
         self.recompute(dirty, policy, runtime)
+    }
+
+    /// Why `entry` may not serve `vip` as far as the cluster's Services go: a
+    /// Service holds it, or it lies in a Service range, and that Service is
+    /// not the import's own derived one.
+    fn service_conflict(&self, vip: IpAddr, entry: &ImportEntry, policy: &Policy) -> Option<String> {
+        match self.cluster_ips.get(&vip) {
+            Some(service) if entry.derived_from(service) => None,
+            Some(service) => Some(format!(
+                "{vip} is the ClusterIP of Service {service}; serving it would capture that Service's traffic (an import may share its address only with its own derived Service: {})",
+                derived_conventions()
+            )),
+            None => policy.service_ranges.iter().find(|r| r.net.contains(&vip)).map(|range| {
+                format!(
+                    "{vip} lies in the Service range {} ({}): a Service may be given this address; choose a ClusterSetIP outside the cluster's Service ranges",
+                    range.net, range.source
+                )
+            }),
+        }
     }
 
     /// Recomputes every service (policy or passive health changed, or a full
@@ -1121,6 +1206,7 @@ impl Model {
             .filter_map(|service| self.groups.get(service))
             .flat_map(|g| g.imports.iter())
             .filter(|entry| !(policy.skip_derived && entry.derived) && entry.vips().any(|v| v == vip))
+            .filter(|entry| self.service_conflict(vip, entry, policy).is_none())
             .min_by(|a, b| self.order_key(vip, a).cmp(&self.order_key(vip, b)))
     }
 
@@ -1164,7 +1250,9 @@ impl Model {
             // served is reported, the import's other VIP still is.
             let mut vips = Vec::new();
             for (vip, index) in &valid.vips {
-                if let Some(why) = vip_conflict(*vip, policy, |ip| self.endpoint_slice(ip)) {
+                let why = vip_conflict(*vip, policy, |ip| self.endpoint_slice(ip))
+                    .or_else(|| self.service_conflict(*vip, entry, policy));
+                if let Some(why) = why {
                     errors.push(entry.error(format!("spec.ips[{index}]"), why));
                 } else if let Some(owner) = self.owner(*vip, policy)
                     && !std::sync::Arc::ptr_eq(owner, entry)
@@ -1622,6 +1710,116 @@ spec: {type: ClusterSetIP, ips: ["10.96.0.11"], ports: [{port: 80}]}
         assert!(compute(&snapshot(&yaml), &skip).0.frontends.is_empty());
     }
 
+    fn service(namespace: &str, name: &str, owner_imports: &[&str]) -> ServiceIp {
+        let owner_imports = owner_imports.iter().map(|o| (*o).to_owned()).collect();
+        ServiceIp { namespace: namespace.into(), name: name.into(), owner_imports }
+    }
+
+    fn with_cluster_ip(yaml: &str, owner: ServiceIp) -> Snapshot {
+        let mut snapshot = snapshot(yaml);
+        snapshot.cluster_ips.insert(Ipv4Addr::new(10, 96, 0, 10).into(), owner);
+        snapshot
+    }
+
+    #[test]
+    fn a_vip_that_is_a_services_cluster_ip_is_refused_naming_the_service() {
+        let (state, errors) =
+            compute(&with_cluster_ip(IMPORT, service("kube-system", "kube-dns", &[])), &Policy::default());
+        assert!(state.frontends.is_empty(), "kube-dns's traffic must not be captured");
+        let text = errors[0].to_string();
+        assert!(
+            text.contains(
+                "ServiceImport demo/web: spec.ips[0]: 10.96.0.10 is the ClusterIP of Service kube-system/kube-dns"
+            ),
+            "{text}"
+        );
+        // Another import's derived Service is not this import's.
+        let other = IMPORT.replace(
+            "metadata: {name: web, namespace: demo}",
+            "metadata: {name: web, namespace: demo, annotations: {multicluster.kubernetes.io/derived-service: derived-web}}",
+        );
+        let (state, errors) =
+            compute(&with_cluster_ip(&other, service("demo", "derived-api", &[])), &Policy::default());
+        assert!(state.frontends.is_empty() && errors[0].to_string().contains("Service demo/derived-api"));
+        // Nor is a Service of the same name in another namespace.
+        let (state, _) = compute(&with_cluster_ip(&other, service("prod", "derived-web", &[])), &Policy::default());
+        assert!(state.frontends.is_empty());
+    }
+
+    #[test]
+    fn each_derived_service_convention_lets_the_import_serve_its_services_cluster_ip() {
+        let ranges = Policy {
+            service_ranges: vec![ServiceRange {
+                net: "10.96.0.0/12".parse().unwrap(),
+                source: "--service-cidr".into(),
+            }],
+            ..Policy::default()
+        };
+        let annotated = |key: &str| {
+            IMPORT.replace(
+                "metadata: {name: web, namespace: demo}",
+                &format!("metadata: {{name: web, namespace: demo, annotations: {{{key}: derived-abc}}}}"),
+            )
+        };
+        let cases = [
+            (
+                "mcs-api controller and Cilium",
+                annotated(ANNOTATION_DERIVED_SERVICE),
+                service("demo", "derived-abc", &[]),
+            ),
+            ("AWS Cloud Map", annotated("multicluster.k8s.aws/derived-service"), service("demo", "derived-abc", &[])),
+            ("ownerReference", IMPORT.to_owned(), service("demo", "anything", &["web"])),
+        ];
+        for (convention, yaml, owner) in cases {
+            // Inside the Service range too: the derived Service's address is allowed there.
+            let (state, errors) = compute(&with_cluster_ip(&yaml, owner), &ranges);
+            assert!(errors.is_empty(), "{convention}: {errors:?}");
+            assert_eq!(state.frontends.len(), 3, "{convention}: served");
+        }
+    }
+
+    #[test]
+    fn a_vip_in_a_service_range_is_refused_naming_the_range() {
+        let policy = Policy {
+            service_ranges: vec![ServiceRange {
+                net: "10.96.0.0/12".parse().unwrap(),
+                source: "ServiceCIDR kubernetes".into(),
+            }],
+            ..Policy::default()
+        };
+        let (state, errors) = compute(&snapshot(IMPORT), &policy);
+        assert!(state.frontends.is_empty());
+        let text = errors[0].to_string();
+        assert!(
+            text.contains("spec.ips[0]: 10.96.0.10 lies in the Service range 10.96.0.0/12 (ServiceCIDR kubernetes)"),
+            "{text}"
+        );
+        // Outside every range, with no Service at the address: served.
+        let outside = IMPORT.replace("10.96.0.10", "198.18.0.10");
+        let (state, errors) = compute(&snapshot(&outside), &policy);
+        assert!(errors.is_empty() && state.frontends.len() == 3, "{errors:?}");
+    }
+
+    #[test]
+    fn a_service_that_appears_or_goes_recomputes_only_the_import_at_its_address() {
+        let other = IMPORT.replace("name: web,", "name: api,").replace("10.96.0.10", "198.18.0.11");
+        let (snap, errors) = parse_documents(&Origin("t.yaml".into()), &format!("{IMPORT}---{other}"));
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut model = Model::default();
+        let (policy, runtime) = (Policy::default(), Runtime::default());
+        model.replace(group_snapshot(&snap), &policy, &runtime);
+        assert_eq!(model.state().frontends.len(), 6);
+        let dns = ClusterIps::from([(Ipv4Addr::new(10, 96, 0, 10).into(), service("kube-system", "kube-dns", &[]))]);
+        let delta = model.set_cluster_ips(dns.clone(), &policy, &runtime);
+        assert_eq!(delta.services, 1, "only demo/web claims 10.96.0.10");
+        assert_eq!(model.state().frontends.len(), 3, "demo/web's three frontends are withdrawn");
+        assert!(delta.added[0].to_string().contains("Service kube-system/kube-dns"));
+        assert_eq!(model.set_cluster_ips(dns, &policy, &runtime).services, 0, "nothing changed: nothing recomputed");
+        let delta = model.set_cluster_ips(ClusterIps::new(), &policy, &runtime);
+        assert_eq!((delta.services, delta.removed.len()), (1, 1), "the Service went: the problem is resolved");
+        assert_eq!(model.state().frontends.len(), 6);
+    }
+
     #[test]
     fn a_pending_import_is_valid_but_not_served() {
         let pending = IMPORT.replace(r#"ips: ["10.96.0.10"]"#, "ips: []");
@@ -1813,37 +2011,56 @@ mod incremental_tests {
     #[test]
     fn incremental_passes_give_what_a_full_pass_gives() {
         let policy = Policy::default();
-        let mut seen = [0usize; 3];
+        let mut seen = [0usize; 4];
         for seed in 1..=40u64 {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
             let mut files: BTreeMap<u64, String> = BTreeMap::new();
             let mut incremental = Model::default();
+            let mut cluster_ips = ClusterIps::new();
             for step in 0..60 {
                 let held = incremental.held().clone();
-                // One to three services change at once, as in a debounce window.
-                let mut changed = BTreeSet::new();
-                for _ in 0..=rng.next(3) {
-                    let i = rng.next(SERVICES);
-                    changed.insert(i);
-                    if rng.next(6) == 0 {
-                        files.remove(&i);
-                    } else {
-                        files.insert(i, random_service(&mut rng, i));
+                if rng.next(4) == 0 {
+                    // The cluster's Services move (a pass of its own, as in the
+                    // agent): one may hold a ClusterSetIP, owned by the import
+                    // asking for it or not.
+                    cluster_ips = (0..rng.next(3))
+                        .map(|_| {
+                            let owners =
+                                if rng.next(2) == 0 { vec![format!("svc-{}", rng.next(SERVICES))] } else { vec![] };
+                            let service =
+                                ServiceIp { namespace: "ns".into(), name: "svc".into(), owner_imports: owners };
+                            (addr(rng.next(8)).parse().unwrap(), service)
+                        })
+                        .collect();
+                    incremental.set_cluster_ips(cluster_ips.clone(), &policy, &Runtime::default());
+                } else {
+                    // One to three services change at once, as in a debounce window.
+                    let mut changed = BTreeSet::new();
+                    for _ in 0..=rng.next(3) {
+                        let i = rng.next(SERVICES);
+                        changed.insert(i);
+                        if rng.next(6) == 0 {
+                            files.remove(&i);
+                        } else {
+                            files.insert(i, random_service(&mut rng, i));
+                        }
                     }
+                    // What the manifest source hands over: every object of each changed service.
+                    let all = groups(&files);
+                    let changes: Vec<(ServiceRef, Group)> = changed
+                        .iter()
+                        .map(|i| {
+                            let service = ("ns".to_owned(), format!("svc-{i}"));
+                            let group =
+                                all.iter().find(|(s, _)| *s == service).map(|(_, g)| g.clone()).unwrap_or_default();
+                            (service, group)
+                        })
+                        .collect();
+                    incremental.replace(changes, &policy, &Runtime::default());
                 }
-                // What the manifest source hands over: every object of each changed service.
-                let all = groups(&files);
-                let changes: Vec<(ServiceRef, Group)> = changed
-                    .iter()
-                    .map(|i| {
-                        let service = ("ns".to_owned(), format!("svc-{i}"));
-                        let group = all.iter().find(|(s, _)| *s == service).map(|(_, g)| g.clone()).unwrap_or_default();
-                        (service, group)
-                    })
-                    .collect();
-                incremental.replace(changes, &policy, &Runtime::default());
 
                 let mut full = Model::with_held(held);
+                full.set_cluster_ips(cluster_ips.clone(), &policy, &Runtime::default());
                 full.replace(groups(&files), &policy, &Runtime::default());
                 assert_eq!(
                     incremental.state(),
@@ -1860,9 +2077,13 @@ mod incremental_tests {
                 seen[0] += full.state().frontends.len();
                 seen[1] += errors.iter().filter(|e| e.contains("is already the ClusterSetIP")).count();
                 seen[2] += errors.iter().filter(|e| e.contains("is the address of an endpoint")).count();
+                seen[3] += errors.iter().filter(|e| e.contains("is the ClusterIP of Service")).count();
             }
         }
         // The sequences must exercise what makes services depend on each other.
-        assert!(seen.iter().all(|&n| n > 100), "frontends, contended VIPs, captured VIPs: {seen:?}");
+        assert!(
+            seen.iter().all(|&n| n > 100),
+            "frontends, contended VIPs, captured VIPs, Services' ClusterIPs: {seen:?}"
+        );
     }
 }

@@ -301,6 +301,16 @@ struct LocalityArgs {
     /// addresses, this node's addresses and any endpoint's address are refused.
     #[arg(long = "clusterset-ip-cidr", value_name = "CIDR", env = "MCS_CLUSTERSET_IP_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     clusterset_ip_cidrs: Vec<ipnet::IpNet>,
+    /// The cluster's Service ranges (repeatable; in the environment,
+    /// comma-separated), e.g. kubeadm's and kind's default `10.96.0.0/12`.
+    /// A ClusterSetIP inside one is refused unless it is the ClusterIP of the
+    /// import's own derived Service: any Service may be given such an address
+    /// and the VIP would capture its traffic. In Kubernetes mode the ranges of
+    /// the ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33+) are
+    /// added to these, and every Service's ClusterIP is refused whatever the
+    /// ranges; give the flag on older clusters and in standalone mode.
+    #[arg(long = "service-cidr", value_name = "CIDR", env = "MCS_SERVICE_CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    service_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl LocalityArgs {
@@ -315,6 +325,7 @@ impl LocalityArgs {
             maglev_max_table_size,
             skip_derived,
             clusterset_ip_cidrs,
+            service_cidrs,
         } = self;
         Policy {
             node: NodeLocality {
@@ -329,6 +340,10 @@ impl LocalityArgs {
             skip_derived: *skip_derived,
             vip_cidrs: clusterset_ip_cidrs.clone(),
             node_addresses: Default::default(),
+            service_ranges: service_cidrs
+                .iter()
+                .map(|net| desired::ServiceRange { net: *net, source: "--service-cidr".into() })
+                .collect(),
             ipv6: ipv6_enabled(),
         }
     }
@@ -1509,15 +1524,21 @@ async fn reconcile(
             policy.node.region = policy.node.region.or(region);
             policy.node.cluster = policy.node.cluster.or_else(|| kube.cluster_id());
             policy.node_addresses.extend(kube.node_addresses());
+            policy.service_ranges.extend(kube.service_ranges());
             if policy.node != reconciler.policy().node {
                 info!(node = ?policy.node, "node locality changed");
             }
             let recompute = reconciler.set_policy(policy) || due.recompute;
             let mut report = if due.full {
+                // Services first: an import and the Service whose ClusterIP it
+                // takes may arrive together, and the import must never win.
+                let services = reconciler.set_cluster_ips(kube.cluster_ips(), datapath)?;
                 let (groups, conversion_errors) = kube.groups();
                 let problems = conversion_errors.iter().map(ToString::to_string).collect();
                 let mut report = reconciler.apply_groups(groups, problems, datapath)?;
                 report.object_errors.extend(conversion_errors);
+                report.object_errors.extend(services.object_errors);
+                report.new_problems.extend(services.new_problems);
                 report
             } else {
                 Default::default()

@@ -92,6 +92,51 @@ impl std::fmt::Display for Origin {
 pub struct Snapshot {
     pub imports: Vec<(Origin, ServiceImport)>,
     pub slices: Vec<(Origin, EndpointSlice)>,
+    /// The cluster's Services by ClusterIP (Kubernetes mode): no ClusterSetIP
+    /// may capture one, unless it is the import's own derived Service.
+    pub cluster_ips: ClusterIps,
+}
+
+/// A Service that holds a ClusterIP, as the ClusterSetIP safety rules need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceIp {
+    pub namespace: String,
+    pub name: String,
+    /// Names of the ServiceImports (in its namespace) among its
+    /// `metadata.ownerReferences`: a Service an MCS controller derived from
+    /// an import and owns through it.
+    pub owner_imports: Vec<String>,
+}
+
+impl std::fmt::Display for ServiceIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// ClusterIP -> the Service holding it (the first by `namespace/name` if a
+/// source lists two).
+pub type ClusterIps = std::collections::BTreeMap<std::net::IpAddr, ServiceIp>;
+
+/// The Service's ClusterIPs (`spec.clusterIPs`, else `spec.clusterIP`;
+/// headless and ExternalName Services have none) with what VIP safety reads.
+pub fn service_ips(service: &k8s_openapi::api::core::v1::Service) -> Vec<(std::net::IpAddr, ServiceIp)> {
+    let Some(spec) = &service.spec else { return Vec::new() };
+    let listed = spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter());
+    let mut ips: Vec<std::net::IpAddr> = listed.filter_map(|ip| ip.parse().ok()).collect();
+    ips.sort();
+    ips.dedup();
+    let (namespace, name) = object_ref(&service.metadata);
+    let owner_imports: Vec<String> = service
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.kind == "ServiceImport" && o.api_version.split('/').next() == Some(MCS_GROUP))
+        .map(|o| o.name.clone())
+        .collect();
+    let owner = ServiceIp { namespace, name, owner_imports };
+    ips.into_iter().map(|ip| (ip, owner.clone())).collect()
 }
 
 /// `namespace/name`, with Kubernetes' default namespace for manifests that omit it.

@@ -17,7 +17,7 @@ use crate::{
     desired::{BackendAddr, Delta, DesiredState, FrontendKey, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
     inventory::{FrontendInfo, Inventory},
     maglev,
-    model::Snapshot,
+    model::{ClusterIps, Snapshot},
     plan::{Applied, MapOp, PlanSummary},
     source::manifests,
 };
@@ -169,6 +169,18 @@ impl Reconciler {
         let started = Instant::now();
         let delta = self.model.replace(changes, &self.policy, &self.runtime);
         self.finish(delta, started, source_problems, datapath)
+    }
+
+    /// Replaces the cluster's Services by ClusterIP; the services claiming an
+    /// address whose Service changed are recomputed.
+    pub fn set_cluster_ips(
+        &mut self,
+        cluster_ips: ClusterIps,
+        datapath: &mut Datapath,
+    ) -> Result<Report, DatapathError> {
+        let started = Instant::now();
+        let delta = self.model.set_cluster_ips(cluster_ips, &self.policy, &self.runtime);
+        self.finish(delta, started, None, datapath)
     }
 
     /// Recomputes every service (after a policy or health change, and as the

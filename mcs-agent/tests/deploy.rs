@@ -138,14 +138,17 @@ fn the_cluster_role_grants_reads_of_mcs_objects_and_events_and_nothing_else() {
     let mut rules = cluster_role_rules();
     rules.sort();
     let read = || vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()];
+    let list_watch = || vec!["list".to_owned(), "watch".to_owned()];
     assert_eq!(
         rules,
         [
             ("".into(), "nodes".into(), read()),
+            ("".into(), "services".into(), list_watch()),
             ("about.k8s.io".into(), "clusterproperties".into(), read()),
             ("discovery.k8s.io".into(), "endpointslices".into(), read()),
             ("events.k8s.io".into(), "events".into(), vec!["create".into(), "patch".into()]),
             ("multicluster.x-k8s.io".into(), "serviceimports".into(), read()),
+            ("networking.k8s.io".into(), "servicecidrs".into(), list_watch()),
         ]
     );
 }

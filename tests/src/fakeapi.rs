@@ -2,7 +2,8 @@
 //! discovery, paginated lists, watch streams, 410 Gone, 403 Forbidden, and
 //! going away and coming back on the same port. It serves only what the
 //! agent asks for (ServiceImports, EndpointSlices, Nodes, ClusterProperties,
-//! Events), from memory, on a loopback address inside a test's namespace.
+//! Services, ServiceCIDRs, Events), from memory, on a loopback address inside
+//! a test's namespace.
 
 use std::{
     collections::BTreeMap,
@@ -31,7 +32,9 @@ pub const IMPORTS: &str = "/apis/multicluster.x-k8s.io/v1beta1/serviceimports";
 pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const NODES: &str = "/api/v1/nodes";
 pub const PROPERTIES: &str = "/apis/about.k8s.io/v1beta1/clusterproperties";
-const RESOURCES: [&str; 4] = [IMPORTS, SLICES, NODES, PROPERTIES];
+pub const SERVICES: &str = "/api/v1/services";
+pub const SERVICE_CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
+const RESOURCES: [&str; 6] = [IMPORTS, SLICES, NODES, PROPERTIES, SERVICES, SERVICE_CIDRS];
 
 /// How one resource answers list and watch requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +57,8 @@ struct State {
     /// Bumped to end every open watch (the client must re-watch).
     watch_epoch: u64,
     requests: Vec<String>,
+    /// Events created (POST) and updated (PATCH), as sent.
+    events_posted: Vec<Value>,
 }
 
 /// The server's data, shared across stops and starts.
@@ -118,6 +123,11 @@ impl Api {
         self.changed.notify_waiters();
     }
 
+    /// Every Event the agents created, in order.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events_posted.clone()
+    }
+
     /// `METHOD path?query` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -177,9 +187,13 @@ impl Api {
             "/apis/about.k8s.io/v1beta1" => {
                 return group("about.k8s.io/v1beta1", "clusterproperties", "ClusterProperty", false);
             }
+            "/apis/networking.k8s.io/v1" => {
+                return group("networking.k8s.io/v1", "servicecidrs", "ServiceCIDR", false);
+            }
             p if p.ends_with("/events") && request.method() == hyper::Method::POST => {
                 let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 let event: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+                self.state.lock().unwrap().events_posted.push(event.clone());
                 return json_response(201, &event);
             }
             _ => {}

@@ -11,10 +11,10 @@ use std::{
 use mcs_tests::{
     agent::{Agent, agent_binary, probe, wait_probe},
     bpffs::ScratchBpffs,
-    fakeapi::{self, Api, IMPORTS, Mode, NODES, PROPERTIES, SLICES},
+    fakeapi::{self, Api, IMPORTS, Mode, NODES, PROPERTIES, SERVICES, SLICES},
     netns::Netns,
     topology::Clusterset,
-    traffic::{Connection, Server, tcp_request},
+    traffic::{Connection, Server, tcp_request, udp_request},
 };
 use serde_json::{Value, json};
 
@@ -234,4 +234,83 @@ fn a_restart_while_the_api_is_down_keeps_serving_the_adopted_state() {
     let _api = lab.serve();
     wait_probe(&lab.set.node, "/readyz", READY, ready);
     assert_eq!(open.request().expect("and after the API returns").identity, backend);
+}
+
+/// The kube-dns case: an import whose ClusterSetIP is a Service's ClusterIP.
+/// Without the agent knowing Services, every pod's DNS queries would go to
+/// the import's backends.
+#[test]
+fn an_import_on_a_services_cluster_ip_is_refused_and_dns_keeps_reaching_the_service() {
+    let mut lab = Lab::new();
+    let cluster = &mut lab.set.clusters[0];
+    // The Service's own backend, reached at its ClusterIP (no kube-proxy
+    // here): the address lives in the cluster's namespace, routed from the node.
+    cluster.ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "eth0"]);
+    lab.set.node.ip(&["route", "add", &format!("{VIP}/32"), "via", "10.255.0.2"]);
+    let mut servers =
+        vec![Server::udp(&cluster.ns, VIP, 53, "kube-dns"), Server::tcp(&cluster.ns, VIP, 80, "kube-dns")];
+    for (k, pod) in lab.pods.iter().enumerate() {
+        servers.push(Server::udp(&cluster.ns, *pod, 5353, &format!("cluster-a/pod-{}", k + 1)));
+    }
+    let mut web = import(&[("http", 80)]);
+    web["spec"]["ports"].as_array_mut().unwrap().push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    lab.api.put(IMPORTS, web.clone());
+    let mut endpoints = slice("cluster-a", &lab.pods);
+    endpoints["ports"].as_array_mut().unwrap().push(json!({"name": "dns", "port": 5353, "protocol": "UDP"}));
+    lab.api.put(SLICES, endpoints);
+    lab.api.put(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+            "spec": {"clusterIP": VIP.to_string(), "clusterIPs": [VIP.to_string()],
+                "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}),
+    );
+    let _api = lab.serve();
+    let _agent = lab.agent();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+
+    let dns = SocketAddr::new(VIP.into(), 53);
+    for _ in 0..8 {
+        let reply = udp_request(lab.client(), dns).expect("DNS answers");
+        assert_eq!(reply.identity, "kube-dns", "DNS must keep reaching the Service, not the import's backends");
+    }
+    assert_eq!(tcp_request(lab.client(), vip()).expect("TCP too").identity, "kube-dns");
+    let note = |event: &Value| event["note"].as_str().unwrap_or_default().to_owned();
+    let deadline = std::time::Instant::now() + READY;
+    let refused = loop {
+        let events = lab.api.events();
+        if let Some(event) =
+            events.iter().find(|e| note(e).contains("is the ClusterIP of Service kube-system/kube-dns"))
+        {
+            break event.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no Event names the Service: {events:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(refused["regarding"]["kind"], "ServiceImport");
+    assert_eq!(refused["regarding"]["name"], "web");
+    assert!(note(&refused).starts_with("spec.ips[0]: 10.96.0.10"), "{refused}");
+
+    // The import's own derived Service (created by its MCS controller and
+    // owned by the import) holds the address instead: the import is served.
+    lab.api.delete(SERVICES, "kube-system/kube-dns");
+    lab.api.put(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "derived-k5x2q", "namespace": "demo",
+                "ownerReferences": [{"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+                    "name": "web", "uid": "uid-demo/web"}]},
+            "spec": {"clusterIP": VIP.to_string()}}),
+    );
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let who: Vec<String> = (0..8)
+            .map(|_| tcp_request(lab.client(), vip()).expect("served").identity)
+            .chain((0..8).map(|_| udp_request(lab.client(), dns).expect("DNS answers").identity))
+            .collect();
+        if who.iter().all(|w| w.starts_with("cluster-a/pod-")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the derived Service's import is never served: {who:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(servers);
 }

@@ -1,6 +1,7 @@
 //! Kubernetes mode: reflectors over ServiceImports, the MCS EndpointSlices,
 //! this node and the ClusterProperty feed the same pure reconcile as
-//! standalone mode. Every watch event is only a "something changed" signal;
+//! standalone mode; Services and ServiceCIDRs tell which addresses a
+//! ClusterSetIP must not take. Every watch event is only a "something changed" signal;
 //! the agent recomputes from the whole cache (level-triggered).
 
 use std::{
@@ -14,7 +15,7 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, ObjectReference},
+        core::v1::{Node, ObjectReference, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -34,8 +35,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
 use crate::{
-    desired::{Group, ImportEntry, ObjectError, ServiceRef, SliceEntry},
-    model::{LABEL_SERVICE_NAME, MCS_GROUP, Origin, ServiceImport, Snapshot, object_ref},
+    desired::{Group, ImportEntry, ObjectError, ServiceRange, ServiceRef, SliceEntry},
+    model::{ClusterIps, LABEL_SERVICE_NAME, MCS_GROUP, Origin, ServiceImport, Snapshot, object_ref, service_ips},
 };
 
 pub const CLUSTER_PROPERTY_GROUP: &str = "about.k8s.io";
@@ -86,18 +87,38 @@ pub async fn service_import_resource(client: &Client) -> Result<ApiResource, Kub
     Err(KubeSourceError::NotInstalled)
 }
 
-/// The ClusterProperty API to watch, found by discovery like ServiceImport's.
-async fn cluster_property_resource(client: &Client) -> Option<ApiResource> {
-    for version in CLUSTER_PROPERTY_VERSIONS {
-        let group_version = format!("{CLUSTER_PROPERTY_GROUP}/{version}");
-        if let Ok(list) = client.list_api_group_resources(&group_version).await
-            && list.resources.iter().any(|r| r.name == "clusterproperties")
+/// The first of `versions` of `group` that serves `plural`, by discovery.
+async fn discover(client: &Client, group: &str, versions: &[&str], kind: &str, plural: &str) -> Option<ApiResource> {
+    for version in versions {
+        if let Ok(list) = client.list_api_group_resources(&format!("{group}/{version}")).await
+            && list.resources.iter().any(|r| r.name == plural)
         {
-            let gvk = GroupVersionKind::gvk(CLUSTER_PROPERTY_GROUP, version, "ClusterProperty");
-            return Some(ApiResource::from_gvk_with_plural(&gvk, "clusterproperties"));
+            return Some(ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural));
         }
     }
     None
+}
+
+/// Served versions of the ServiceCIDR API, preferred first (GA in
+/// Kubernetes 1.33, beta in 1.31 and 1.32).
+pub const SERVICE_CIDR_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+/// Keeps of a Service only what the ClusterSetIP safety rules read (its
+/// name, ClusterIPs and ownerReferences): a cluster has many Services and
+/// the agent holds them all.
+fn prune_service(service: &mut Service) {
+    let meta = &mut service.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+    service.status = None;
+    if let Some(spec) = service.spec.take() {
+        service.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            ..Default::default()
+        });
+    }
 }
 
 /// How often a failing resource is asked whether it answers again: a watch
@@ -112,6 +133,7 @@ fn spawn_reflector<K>(
     writer: Writer<K>,
     what: &'static str,
     events: UnboundedSender<SourceEvent>,
+    prune: fn(&mut K),
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
@@ -122,7 +144,7 @@ fn spawn_reflector<K>(
         let mut probe_params = ListParams::default().limit(1);
         probe_params.label_selector = config.label_selector.clone();
         probe_params.field_selector = config.field_selector.clone();
-        let mut stream = watcher(api.clone(), config).default_backoff().reflect(writer).boxed();
+        let mut stream = watcher(api.clone(), config).default_backoff().modify(prune).reflect(writer).boxed();
         let mut failing = false;
         loop {
             let signal = tokio::select! {
@@ -162,6 +184,9 @@ pub struct KubeSource {
     import_resource: ApiResource,
     imports: Store<DynamicObject>,
     slices: Store<EndpointSlice>,
+    /// Every Service, pruned to its ClusterIPs and owners.
+    services: Store<Service>,
+    service_cidrs: Option<Store<DynamicObject>>,
     node: Option<Store<Node>>,
     property: Option<Store<DynamicObject>>,
     /// Checked objects by (kind, uid) with the resourceVersion they were
@@ -194,26 +219,70 @@ impl KubeSource {
         let writer = Writer::new(import_resource.clone());
         let imports = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
-        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone());
+        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone(), keep);
 
         let (slices, writer) = reflector::store();
         let config = watcher::Config::default().labels(LABEL_SERVICE_NAME);
-        spawn_reflector(Api::<EndpointSlice>::all(client.clone()), config, writer, "EndpointSlice", events.clone());
+        spawn_reflector(
+            Api::<EndpointSlice>::all(client.clone()),
+            config,
+            writer,
+            "EndpointSlice",
+            events.clone(),
+            keep,
+        );
+
+        let (services, writer) = reflector::store();
+        let config = watcher::Config::default();
+        spawn_reflector(Api::<Service>::all(client.clone()), config, writer, "Service", events.clone(), prune_service);
+
+        let service_cidrs = match discover(
+            &client,
+            "networking.k8s.io",
+            &SERVICE_CIDR_VERSIONS,
+            "ServiceCIDR",
+            "servicecidrs",
+        )
+        .await
+        {
+            Some(resource) => {
+                let writer = Writer::new(resource.clone());
+                let store = writer.as_reader();
+                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+                let config = watcher::Config::default();
+                spawn_reflector(api, config, writer, "ServiceCIDR", events.clone(), keep);
+                Some(store)
+            }
+            None => {
+                info!(
+                    "no ServiceCIDR API (networking.k8s.io v1 or v1beta1): the Service ranges come from --service-cidr only"
+                );
+                None
+            }
+        };
 
         let node = node_name.map(|name| {
             let (store, writer) = reflector::store();
             let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone());
+            spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone(), keep);
             store
         });
 
-        let property = match cluster_property_resource(&client).await {
+        let property = match discover(
+            &client,
+            CLUSTER_PROPERTY_GROUP,
+            &CLUSTER_PROPERTY_VERSIONS,
+            "ClusterProperty",
+            "clusterproperties",
+        )
+        .await
+        {
             Some(resource) => {
                 let writer = Writer::new(resource.clone());
                 let store = writer.as_reader();
                 let config = watcher::Config::default().fields(&format!("metadata.name={CLUSTER_ID_PROPERTY}"));
                 let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                spawn_reflector(api, config, writer, "ClusterProperty", events);
+                spawn_reflector(api, config, writer, "ClusterProperty", events, keep);
                 Some(store)
             }
             None => {
@@ -223,13 +292,28 @@ impl KubeSource {
                 None
             }
         };
-        Ok(Self { import_resource, imports, slices, node, property, entries: Default::default() })
+        Ok(Self {
+            import_resource,
+            imports,
+            slices,
+            services,
+            service_cidrs,
+            node,
+            property,
+            entries: Default::default(),
+        })
     }
 
     /// Waits until every cache has its first complete list.
     pub async fn wait_ready(&self) {
         let _ = self.imports.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
+        // Never program before the Services are known: a ClusterSetIP that is
+        // a Service's ClusterIP would capture its traffic until they are.
+        let _ = self.services.wait_until_ready().await;
+        if let Some(cidrs) = &self.service_cidrs {
+            let _ = cidrs.wait_until_ready().await;
+        }
         if let Some(node) = &self.node {
             let _ = node.wait_until_ready().await;
         }
@@ -290,6 +374,43 @@ impl KubeSource {
         (groups, errors)
     }
 
+    /// Every Service's ClusterIPs (the first Service by name if two list one).
+    pub fn cluster_ips(&self) -> ClusterIps {
+        let mut ips = ClusterIps::new();
+        for service in self.services.state() {
+            for (ip, owner) in service_ips(&service) {
+                match ips.get(&ip) {
+                    Some(first) if (&first.namespace, &first.name) <= (&owner.namespace, &owner.name) => {}
+                    _ => {
+                        ips.insert(ip, owner);
+                    }
+                }
+            }
+        }
+        ips
+    }
+
+    /// The ranges of the ServiceCIDR objects (`spec.cidrs`), sorted.
+    pub fn service_ranges(&self) -> Vec<ServiceRange> {
+        let Some(store) = &self.service_cidrs else { return Vec::new() };
+        let mut ranges: Vec<ServiceRange> = store
+            .state()
+            .iter()
+            .flat_map(|object| {
+                let source = format!("ServiceCIDR {}", object.metadata.name.as_deref().unwrap_or_default());
+                let cidrs = object.data.get("spec").and_then(|s| s.get("cidrs")).and_then(|c| c.as_array());
+                cidrs
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.as_str()?.parse::<ipnet::IpNet>().ok())
+                    .map(move |net| ServiceRange { net, source: source.clone() })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ranges.sort_by(|a, b| (a.net, &a.source).cmp(&(b.net, &b.source)));
+        ranges
+    }
+
     /// Zone and region labels of this node, when it is known.
     pub fn node_locality(&self) -> (Option<String>, Option<String>) {
         let Some(node) = self.node.as_ref().and_then(|s| s.state().into_iter().next()) else {
@@ -342,6 +463,9 @@ impl KubeSource {
         }
     }
 }
+
+/// The reflectors that keep their objects whole.
+fn keep<K>(_: &mut K) {}
 
 /// Converts cached objects into a [`Snapshot`]; a ServiceImport whose fields do
 /// not fit the schema is reported with its field path and left out.
@@ -397,6 +521,8 @@ mod tests {
     const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
     const NODES: &str = "/api/v1/nodes";
     const PROPERTIES: &str = "/apis/about.k8s.io/v1alpha1/clusterproperties";
+    const SERVICES: &str = "/api/v1/services";
+    const SERVICE_CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
 
     enum Watch {
         /// Send these (type, object) events, then end the response.
@@ -441,7 +567,8 @@ mod tests {
                 let query = request.uri().query().unwrap_or_default().to_owned();
                 let mut fake = fake.lock().unwrap();
                 fake.requests.push(format!("{} {path}?{query}", request.method()));
-                let resource = [IMPORTS, SLICES, NODES, PROPERTIES].into_iter().find(|r| *r == path);
+                let resource =
+                    [IMPORTS, SLICES, NODES, PROPERTIES, SERVICES, SERVICE_CIDRS].into_iter().find(|r| *r == path);
                 let response = match (path.as_str(), resource) {
                     ("/apis/multicluster.x-k8s.io/v1alpha1", _) => json_response(
                         200,
@@ -454,6 +581,12 @@ mod tests {
                         &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "about.k8s.io/v1alpha1",
                             "resources": [{"name": "clusterproperties", "singularName": "clusterproperty", "namespaced": false,
                             "kind": "ClusterProperty", "verbs": ["get", "list", "watch"]}]}),
+                    ),
+                    ("/apis/networking.k8s.io/v1", _) => json_response(
+                        200,
+                        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "networking.k8s.io/v1",
+                            "resources": [{"name": "servicecidrs", "singularName": "servicecidr", "namespaced": false,
+                            "kind": "ServiceCIDR", "verbs": ["get", "list", "watch"]}]}),
                     ),
                     (path, None) if path.ends_with("/events") && request.method() == http::Method::POST => {
                         json_response(
@@ -575,6 +708,42 @@ mod tests {
                         "metadata": {"name": CLUSTER_ID_PROPERTY, "resourceVersion": "2"}, "spec": {"value": "cluster-a"}}),
                 )]),
             );
+            f.current.insert(
+                SERVICES,
+                BTreeMap::from([
+                    (
+                        "kube-dns".into(),
+                        json!({"apiVersion": "v1", "kind": "Service",
+                            "metadata": {"name": "kube-dns", "namespace": "kube-system", "resourceVersion": "2",
+                                "annotations": {"big": "x".repeat(1000)}, "managedFields": [{"manager": "kubectl"}]},
+                            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "selector": {"k8s-app": "kube-dns"},
+                                "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}}),
+                    ),
+                    (
+                        "derived-abc".into(),
+                        json!({"apiVersion": "v1", "kind": "Service",
+                            "metadata": {"name": "derived-abc", "namespace": "demo", "resourceVersion": "2",
+                                "ownerReferences": [{"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+                                    "name": "web", "uid": "uid-web"}]},
+                            "spec": {"clusterIP": "10.96.5.5"}}),
+                    ),
+                    (
+                        "headless".into(),
+                        json!({"apiVersion": "v1", "kind": "Service",
+                            "metadata": {"name": "headless", "namespace": "demo", "resourceVersion": "2"},
+                            "spec": {"clusterIP": "None"}}),
+                    ),
+                ]),
+            );
+            f.current.insert(
+                SERVICE_CIDRS,
+                BTreeMap::from([(
+                    "kubernetes".into(),
+                    json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+                        "metadata": {"name": "kubernetes", "resourceVersion": "2"},
+                        "spec": {"cidrs": ["10.96.0.0/12", "fd00:10:96::/112"]}}),
+                )]),
+            );
             f.scripts.insert(
                 SLICES,
                 VecDeque::from([Watch::Events(vec![("MODIFIED", slice("web-a", "web", &["10.1.0.1", "10.1.0.2"]))])]),
@@ -595,6 +764,24 @@ mod tests {
         eventually("resumption after the failed watch", || ports(&source) == [("web".to_owned(), 8080)]).await;
         assert_eq!(source.node_locality(), (Some("z1".into()), Some("r1".into())));
         assert_eq!(source.cluster_id().as_deref(), Some("cluster-a"), "from ClusterProperty cluster.clusterset.k8s.io");
+        let cluster_ips = source.cluster_ips();
+        let dns = &cluster_ips[&"10.96.0.10".parse().unwrap()];
+        assert_eq!(dns.to_string(), "kube-system/kube-dns");
+        assert_eq!(
+            cluster_ips[&"10.96.5.5".parse().unwrap()].owner_imports,
+            ["web"],
+            "owned by ServiceImport demo/web"
+        );
+        assert_eq!(cluster_ips.len(), 2, "a headless Service has no ClusterIP: {cluster_ips:?}");
+        let kept = source.services.state();
+        let kept = kept.iter().find(|s| s.metadata.name.as_deref() == Some("kube-dns")).unwrap();
+        assert!(
+            kept.metadata.annotations.is_none() && kept.metadata.managed_fields.is_none(),
+            "Services are kept pruned"
+        );
+        assert!(kept.spec.as_ref().unwrap().ports.is_none() && kept.spec.as_ref().unwrap().selector.is_none());
+        let ranges: Vec<String> = source.service_ranges().iter().map(|r| format!("{} {}", r.net, r.source)).collect();
+        assert_eq!(ranges, ["10.96.0.0/12 ServiceCIDR kubernetes", "fd00:10:96::/112 ServiceCIDR kubernetes"]);
         let reference = source.reference("ServiceImport", "demo/web").expect("reference for Events");
         assert_eq!(reference.uid.as_deref(), Some("uid-web"));
         assert_eq!(reference.api_version.as_deref(), Some("multicluster.x-k8s.io/v1alpha1"));
