@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod datapath;
 pub mod desired;
+pub mod events;
 pub mod health;
 pub mod inspect;
 pub mod inventory;

@@ -1,15 +1,17 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, KernelLog, Sizes},
-    desired::{self, BackendAddr, FrontendKey, Policy},
+    desired::{self, BackendAddr, FrontendKey, ObjectError, Policy},
+    events::{EventCounts, EventSink, Problem},
     health::{self, HealthHandle},
     inventory::StateWriter,
     locality::{self, NodeLocality, Tier},
@@ -730,7 +732,8 @@ async fn start_kube(
     kubeconfig: Option<PathBuf>,
     node_name: Option<String>,
     events: mpsc::UnboundedSender<SourceEvent>,
-) -> Result<(KubeSource, Recorder)> {
+    counts: Arc<EventCounts>,
+) -> Result<(KubeSource, EventSink)> {
     let client = kube_client(kubeconfig.as_deref()).await?;
     let mut backoff = Duration::from_millis(500);
     let source = loop {
@@ -746,8 +749,9 @@ async fn start_kube(
     let _ = events.send(SourceEvent::Resumed { what: "API discovery" });
     info!("waiting for the first complete list of ServiceImports, EndpointSlices and this node");
     source.wait_ready().await;
-    let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name };
-    Ok((source, Recorder::new(client, reporter)))
+    let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name.clone() };
+    let sink = EventSink::spawn(Recorder::new(client, reporter), node_name, source.nodes(), counts);
+    Ok((source, sink))
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -798,6 +802,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // A wrong directory fails before anything touches the kernel.
     let mut file_watcher = None;
     let mut source = None;
+    let event_counts = Arc::new(EventCounts::default());
     let mut pending_kube = None;
     match manifests {
         Some(dir) => {
@@ -859,7 +864,12 @@ async fn run(args: RunArgs) -> Result<()> {
             source = Some(Source::Manifests(dir));
         }
         None => {
-            pending_kube = Some(tokio::spawn(start_kube(kubeconfig, locality.node_name.clone(), signal_tx.clone())));
+            pending_kube = Some(tokio::spawn(start_kube(
+                kubeconfig,
+                locality.node_name.clone(),
+                signal_tx.clone(),
+                event_counts.clone(),
+            )));
         }
     }
 
@@ -957,8 +967,7 @@ async fn run(args: RunArgs) -> Result<()> {
             let started = Instant::now();
             let work = std::mem::take(&mut due);
             let full_pass = work.recompute;
-            let result =
-                reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref(), work).await;
+            let result = reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref(), work);
             if full_pass {
                 last_full_pass = (Instant::now(), started.elapsed());
             }
@@ -1152,6 +1161,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     interfaces: datapath.attached_count(),
                     ejections: detector.ejections_total(),
                     health_unwatched: health_view.unwatched as u64,
+                    events: event_counts.outcomes().to_vec(),
                     socket_lb: datapath.sockets_cgroup().is_some() && !socket_lb.host_only,
                     objects: reconciler
                         .objects()
@@ -1493,12 +1503,12 @@ impl Due {
     }
 }
 
-async fn reconcile(
+fn reconcile(
     source: &Source,
     flags: &Policy,
     reconciler: &mut Reconciler,
     datapath: &mut Datapath,
-    recorder: Option<&Recorder>,
+    events: Option<&EventSink>,
     due: Due,
 ) -> Result<(), DatapathError> {
     let mut policy = flags.clone();
@@ -1552,19 +1562,13 @@ async fn reconcile(
         }
     };
     let (report, kube) = report;
-    if let Some(recorder) = recorder {
-        for error in report.object_errors.iter().filter(|e| report.new_problems.contains(&e.to_string())) {
-            let Some(reference) = kube.reference(error.kind, &error.object) else { continue };
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "InvalidObject".into(),
-                note: Some(format!("{}: {}", error.field, error.message)),
-                action: "Program".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                warn!(object = error.object, error = %e, "publishing an Event failed");
-            }
+    if let Some(events) = events {
+        // Off the loop: the publisher decides which node reports and talks to the API.
+        let new: Vec<&ObjectError> =
+            report.object_errors.iter().filter(|e| report.new_problems.contains(&e.to_string())).collect();
+        for (error, mut regarding) in kube.references(&new) {
+            regarding.field_path = Some(error.field.clone());
+            events.offer(Problem { regarding, note: format!("{}: {}", error.field, error.message) });
         }
     }
     Ok(())

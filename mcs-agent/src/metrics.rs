@@ -77,6 +77,9 @@ pub struct AgentView {
     pub ejections: u64,
     /// Backends passive health cannot watch (their id is past `--stats-entries`).
     pub health_unwatched: u64,
+    /// Problems offered for Kubernetes Events, by outcome (published,
+    /// failed, other_node, rate_limited, dropped).
+    pub events: Vec<(&'static str, u64)>,
     /// Socket-level load balancing is attached (to this cgroup).
     pub socket_lb: bool,
 }
@@ -199,6 +202,15 @@ pub fn render(
         "outlier_unwatched_backends",
         "Backends passive health does not watch: their id is past the HEALTH map's size (raise --stats-entries)",
         unwatched,
+    );
+    let events = Family::<Labels, Counter>::default();
+    for (outcome, count) in &view.events {
+        events.get_or_create(&labels(&[("outcome", outcome)])).inc_by(*count);
+    }
+    registry.register(
+        "events",
+        "Problems with objects offered as Kubernetes Events, by outcome: published, failed, other_node (another node reports the object), rate_limited, dropped (queue full)",
+        events,
     );
     let socket_lb = Gauge::<i64>::default();
     socket_lb.set(i64::from(view.socket_lb));

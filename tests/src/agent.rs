@@ -202,10 +202,15 @@ impl Drop for Agent {
 /// `GET path` on the agent's health endpoint (`127.0.0.1:9878` in `ns`):
 /// the status code and body, or `None` when nothing answers.
 pub fn probe(ns: &Netns, path: &'static str) -> Option<(u16, String)> {
+    probe_at(ns, "127.0.0.1:9878", path)
+}
+
+/// [`probe`] of an agent started with `--health-addr addr`.
+pub fn probe_at(ns: &Netns, addr: &str, path: &'static str) -> Option<(u16, String)> {
     use std::io::{Read as _, Write as _};
+    let addr: std::net::SocketAddr = addr.parse().expect("a socket address");
     ns.run(move || {
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&"127.0.0.1:9878".parse().unwrap(), Duration::from_secs(1)).ok()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
         let mut response = String::new();
@@ -223,9 +228,20 @@ pub fn wait_probe(
     timeout: Duration,
     pred: impl Fn(u16, &str) -> bool,
 ) -> (u16, String) {
+    wait_probe_at(ns, "127.0.0.1:9878", path, timeout, pred)
+}
+
+/// [`wait_probe`] of an agent started with `--health-addr addr`.
+pub fn wait_probe_at(
+    ns: &Netns,
+    addr: &str,
+    path: &'static str,
+    timeout: Duration,
+    pred: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
     let deadline = Instant::now() + timeout;
     loop {
-        let answer = probe(ns, path);
+        let answer = probe_at(ns, addr, path);
         if let Some((code, body)) = &answer
             && pred(*code, body)
         {

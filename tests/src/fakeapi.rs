@@ -57,8 +57,10 @@ struct State {
     /// Bumped to end every open watch (the client must re-watch).
     watch_epoch: u64,
     requests: Vec<String>,
-    /// Events created (POST) and updated (PATCH), as sent.
+    /// Events created (POST), as sent.
     events_posted: Vec<Value>,
+    /// Event series updates (PATCH), as sent.
+    events_patched: Vec<Value>,
 }
 
 /// The server's data, shared across stops and starts.
@@ -195,6 +197,13 @@ impl Api {
                 let event: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
                 self.state.lock().unwrap().events_posted.push(event.clone());
                 return json_response(201, &event);
+            }
+            p if p.contains("/events/") && request.method() == hyper::Method::PATCH => {
+                // A repeat the recorder folds into the Event's series.
+                let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let patch: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
+                self.state.lock().unwrap().events_patched.push(patch.clone());
+                return json_response(200, &patch);
             }
             _ => {}
         }

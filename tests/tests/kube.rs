@@ -9,7 +9,7 @@ use std::{
 };
 
 use mcs_tests::{
-    agent::{Agent, agent_binary, probe, wait_probe},
+    agent::{Agent, agent_binary, probe, probe_at, wait_probe, wait_probe_at},
     bpffs::ScratchBpffs,
     fakeapi::{self, Api, IMPORTS, Mode, NODES, PROPERTIES, SERVICES, SLICES},
     netns::Netns,
@@ -313,4 +313,108 @@ fn an_import_on_a_services_cluster_ip_is_refused_and_dns_keeps_reaching_the_serv
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(servers);
+}
+
+fn node(name: &str, ready: bool) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}})
+}
+
+/// Every agent sees the same bad object; one Ready node, the same for all,
+/// reports it. Three agents of three nodes share one namespace here, each on
+/// its own client interface, bpffs, state directory and health port.
+#[test]
+fn three_agents_and_one_bad_object_make_one_event() {
+    let mut lab = Lab::new();
+    lab.set.add_client();
+    lab.set.add_client();
+    let names = ["node-1", "node-2", "node-3"];
+    for name in names {
+        lab.api.put(NODES, node(name, true));
+    }
+    let mut bad = import(&[("http", 80)]);
+    bad["metadata"]["name"] = json!("bad");
+    bad["spec"]["ports"][0]["port"] = json!(70_000);
+    bad["spec"]["ips"] = json!(["10.96.0.99"]);
+    lab.api.put(IMPORTS, bad.clone());
+    let _api = lab.serve();
+    let kubeconfig = fakeapi::kubeconfig(lab.dir.path(), lab.port);
+    let scratch: Vec<(ScratchBpffs, tempfile::TempDir)> =
+        names.iter().map(|_| (ScratchBpffs::new(), tempfile::tempdir().unwrap())).collect();
+    let health = |k: usize| format!("127.0.0.1:{}", 9881 + k);
+    let _agents: Vec<Agent> = names
+        .iter()
+        .enumerate()
+        .map(|(k, name)| {
+            let args = [
+                "run".to_owned(),
+                "--kubeconfig".to_owned(),
+                kubeconfig.display().to_string(),
+                "--interface".to_owned(),
+                format!("pod{k}"),
+                "--node-name".to_owned(),
+                (*name).to_owned(),
+                "--bpffs".to_owned(),
+                scratch[k].0.arg(),
+                "--state-dir".to_owned(),
+                scratch[k].1.path().display().to_string(),
+                "--health-addr".to_owned(),
+                health(k),
+                "--socket-lb".to_owned(),
+                "off".to_owned(),
+                "--socket-lb-host-namespace".to_owned(),
+                "off".to_owned(),
+            ];
+            Agent::spawn(&agent_binary(), &lab.set.node, &args)
+        })
+        .collect();
+    for k in 0..names.len() {
+        wait_probe_at(&lab.set.node, &health(k), "/readyz", READY, ready);
+    }
+
+    let about = |object: &str| -> Vec<Value> {
+        lab.api.events().into_iter().filter(|e| e["regarding"]["name"] == object).collect()
+    };
+    let wait_events = |object: &str, n: usize| {
+        let deadline = std::time::Instant::now() + READY;
+        while about(object).len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {n} Event(s) about {object}: {:?}",
+                lab.api.events()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Every agent is ready and has reconciled: give stragglers time to
+        // send a duplicate, were there one.
+        std::thread::sleep(Duration::from_secs(3));
+        about(object)
+    };
+    let events = wait_events("bad", 1);
+    assert_eq!(events.len(), 1, "one Event from three agents: {events:#?}");
+    let event = &events[0];
+    assert!(event["note"].as_str().unwrap().contains("spec.ports[0].port"), "{event}");
+    assert_eq!(event["regarding"]["fieldPath"], "spec.ports[0].port");
+    let uid = "uid-demo/bad";
+    let chosen = mcs_agent::events::reporter(uid, names).unwrap();
+    assert_eq!(event["reportingInstance"], chosen, "the node rendezvous hashing picks");
+    let other_node = |k: usize| {
+        let (_, metrics) = probe_at(&lab.set.node, &health(k), "/metrics").expect("metrics");
+        metrics.contains(r#"mcs_agent_events_total{outcome="other_node"} 1"#)
+    };
+    let others: Vec<usize> = (0..names.len()).filter(|k| names[*k] != chosen).collect();
+    assert!(others.iter().all(|k| other_node(*k)), "the other two agents say another node reports it");
+
+    // The reporter's node goes NotReady; a new problem of the same object is
+    // reported by the node the remaining Ready ones agree on.
+    lab.api.put(NODES, node(chosen, false));
+    std::thread::sleep(Duration::from_secs(1));
+    bad["spec"]["ports"][0]["port"] = json!(70_001);
+    lab.api.put(IMPORTS, bad);
+    let events = wait_events("bad", 2);
+    assert_eq!(events.len(), 2, "{events:#?}");
+    let ready: Vec<&str> = names.into_iter().filter(|n| *n != chosen).collect();
+    assert_eq!(events[1]["reportingInstance"], mcs_agent::events::reporter(uid, ready).unwrap());
+    assert!(events[1]["note"].as_str().unwrap().contains("70001"), "{}", events[1]);
 }

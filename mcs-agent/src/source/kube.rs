@@ -179,6 +179,40 @@ fn spawn_reflector<K>(
     });
 }
 
+/// Keeps of a Node only its name and Ready condition: all a node needs of
+/// the others (which one reports an object's Events).
+fn prune_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.metadata.labels = None;
+    node.spec = None;
+    let ready = node.status.take().and_then(|s| s.conditions).into_iter().flatten().find(|c| c.type_ == "Ready");
+    node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+        conditions: ready.map(|c| {
+            vec![k8s_openapi::api::core::v1::NodeCondition { type_: c.type_, status: c.status, ..Default::default() }]
+        }),
+        ..Default::default()
+    });
+}
+
+/// A reflector whose changes and failures are nobody's business but its
+/// readers': it neither triggers a reconcile nor makes the agent stale.
+fn spawn_quiet_reflector<K>(api: Api<K>, writer: Writer<K>, what: &'static str, prune: fn(&mut K))
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    tokio::spawn(async move {
+        let mut stream =
+            watcher(api, watcher::Config::default()).default_backoff().modify(prune).reflect(writer).boxed();
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                debug!(what, error = %e, "watch failed; retrying");
+            }
+        }
+    });
+}
+
 /// The caches the agent reads.
 pub struct KubeSource {
     import_resource: ApiResource,
@@ -188,6 +222,9 @@ pub struct KubeSource {
     services: Store<Service>,
     service_cidrs: Option<Store<DynamicObject>>,
     node: Option<Store<Node>>,
+    /// Every Node, pruned to name and Ready condition (with `--node-name`):
+    /// who reports which object's Events.
+    nodes: Option<Store<Node>>,
     property: Option<Store<DynamicObject>>,
     /// Checked objects by (kind, uid) with the resourceVersion they were
     /// checked at: an unchanged object is never converted or checked again,
@@ -267,6 +304,11 @@ impl KubeSource {
             spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone(), keep);
             store
         });
+        let nodes = node_name.map(|_| {
+            let (store, writer) = reflector::store();
+            spawn_quiet_reflector(Api::<Node>::all(client.clone()), writer, "Nodes (Event reporting)", prune_node);
+            store
+        });
 
         let property = match discover(
             &client,
@@ -299,6 +341,7 @@ impl KubeSource {
             services,
             service_cidrs,
             node,
+            nodes,
             property,
             entries: Default::default(),
         })
@@ -411,6 +454,11 @@ impl KubeSource {
         ranges
     }
 
+    /// The Node cache for Event reporting (with `--node-name`).
+    pub fn nodes(&self) -> Option<Store<Node>> {
+        self.nodes.clone()
+    }
+
     /// Zone and region labels of this node, when it is known.
     pub fn node_locality(&self) -> (Option<String>, Option<String>) {
         let Some(node) = self.node.as_ref().and_then(|s| s.state().into_iter().next()) else {
@@ -434,33 +482,44 @@ impl KubeSource {
         property.data.get("spec")?.get("value")?.as_str().map(str::to_owned)
     }
 
-    /// The reference an Event about `kind namespace/name` is attached to.
-    pub fn reference(&self, kind: &str, object: &str) -> Option<ObjectReference> {
-        let (namespace, name) = object.split_once('/')?;
-        let reference = |meta: &ObjectMeta, api_version: String| ObjectReference {
-            api_version: Some(api_version),
-            kind: Some(kind.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            name: Some(name.to_owned()),
-            uid: meta.uid.clone(),
-            ..ObjectReference::default()
-        };
-        let matches = |meta: &ObjectMeta| object_ref(meta) == (namespace.to_owned(), name.to_owned());
-        match kind {
-            "ServiceImport" => self
-                .imports
-                .state()
-                .iter()
-                .find(|o| matches(&o.metadata))
-                .map(|o| reference(&o.metadata, self.import_resource.api_version.clone())),
-            "EndpointSlice" => self
-                .slices
-                .state()
-                .iter()
-                .find(|o| matches(&o.metadata))
-                .map(|o| reference(&o.metadata, "discovery.k8s.io/v1".into())),
-            _ => None,
+    /// The references Events about these problems attach to, looked up in
+    /// one walk of each cache (a problem whose object is gone is left out).
+    pub fn references<'e>(&self, errors: &[&'e ObjectError]) -> Vec<(&'e ObjectError, ObjectReference)> {
+        if errors.is_empty() {
+            return Vec::new();
         }
+        let reference = |kind: &str, meta: &ObjectMeta, api_version: &str| {
+            let (namespace, name) = object_ref(meta);
+            ObjectReference {
+                api_version: Some(api_version.to_owned()),
+                kind: Some(kind.to_owned()),
+                namespace: Some(namespace),
+                name: Some(name),
+                uid: meta.uid.clone(),
+                ..ObjectReference::default()
+            }
+        };
+        let mut found: HashMap<(&str, String), ObjectReference> = HashMap::new();
+        let wanted: std::collections::HashSet<(&str, &str)> =
+            errors.iter().map(|e| (e.kind, e.object.as_str())).collect();
+        let mut look = |kind: &'static str, meta: &ObjectMeta, api_version: &str| {
+            let (namespace, name) = object_ref(meta);
+            let object = format!("{namespace}/{name}");
+            if wanted.contains(&(kind, object.as_str())) {
+                found.insert((kind, object), reference(kind, meta, api_version));
+            }
+        };
+        if wanted.iter().any(|(kind, _)| *kind == "ServiceImport") {
+            for o in self.imports.state() {
+                look("ServiceImport", &o.metadata, &self.import_resource.api_version);
+            }
+        }
+        if wanted.iter().any(|(kind, _)| *kind == "EndpointSlice") {
+            for o in self.slices.state() {
+                look("EndpointSlice", &o.metadata, "discovery.k8s.io/v1");
+            }
+        }
+        errors.iter().filter_map(|e| Some((*e, found.get(&(e.kind, e.object.clone()))?.clone()))).collect()
     }
 }
 
@@ -782,7 +841,17 @@ mod tests {
         assert!(kept.spec.as_ref().unwrap().ports.is_none() && kept.spec.as_ref().unwrap().selector.is_none());
         let ranges: Vec<String> = source.service_ranges().iter().map(|r| format!("{} {}", r.net, r.source)).collect();
         assert_eq!(ranges, ["10.96.0.0/12 ServiceCIDR kubernetes", "fd00:10:96::/112 ServiceCIDR kubernetes"]);
-        let reference = source.reference("ServiceImport", "demo/web").expect("reference for Events");
+        let problem = ObjectError {
+            origin: String::new(),
+            kind: "ServiceImport",
+            object: "demo/web".into(),
+            field: "spec.ports[0].port".into(),
+            message: "70000 is out of range 1-65535".into(),
+        };
+        let gone = ObjectError { object: "demo/gone".into(), ..problem.clone() };
+        let references = source.references(&[&problem, &gone]);
+        assert_eq!(references.len(), 1, "an object no longer listed gets no Event");
+        let reference = references[0].1.clone();
         assert_eq!(reference.uid.as_deref(), Some("uid-web"));
         assert_eq!(reference.api_version.as_deref(), Some("multicluster.x-k8s.io/v1alpha1"));
 
