@@ -618,8 +618,11 @@ impl Datapath {
             (MAP_SOCK_REV6, conntrack),
             (MAP_SOCK_EXCLUDE, 256),
             (MAP_HOST_NETNS, 1),
-            // Last: its size is read back below.
-            (MAP_HEALTH, capacity.backends.min(stats_entries)),
+            // Last: its size is read back below. Every backend id, whatever
+            // --stats-entries: passive health must watch every backend, and
+            // the map is not per-CPU (32 bytes an id, 8 MiB at the default
+            // 262,144 backends).
+            (MAP_HEALTH, capacity.backends),
         ];
         let layout = match pins {
             Some((root, version)) => {
@@ -637,13 +640,30 @@ impl Datapath {
         };
         let mut adopted = false;
         let mut loader = EbpfLoader::new();
+        let mut backends_size = capacity.backends;
         for (name, size) in &mut wanted {
+            if *name == MAP_HEALTH {
+                // As many ids as the backends map adopted or created has.
+                *size = backends_size;
+            }
             if let Some(layout) = &layout {
                 let path = layout.map(name);
                 match check_pinned(name, &path) {
                     Ok(Some(pinned)) if *name == MAP_STATS && pinned != Stat::COUNT => {
                         // Counters only: start them afresh rather than refuse to start.
                         warn!(path = %path.display(), "pinned counters have another size; starting them from zero");
+                        let _ = fs::remove_file(&path);
+                    }
+                    Ok(Some(pinned)) if *name == MAP_HEALTH && pinned != *size => {
+                        // Evidence only (an agent before this one sized it to
+                        // --stats-entries): a fresh map that covers every
+                        // backend id is worth a few lost samples. Programs
+                        // still attached keep the old map until replaced.
+                        warn!(
+                            pinned,
+                            backends = *size,
+                            "the pinned passive health map does not cover every backend id; starting it afresh"
+                        );
                         let _ = fs::remove_file(&path);
                     }
                     Ok(Some(pinned)) => {
@@ -662,6 +682,9 @@ impl Datapath {
                     Err(e) => return Err(e),
                 }
                 loader.map_pin_path(name, path);
+            }
+            if *name == MAP_BACKENDS {
+                backends_size = *size;
             }
             loader.map_max_entries(name, *size);
         }

@@ -464,6 +464,7 @@ struct RunArgs {
     /// Backends and frontends with their own packet counters (per-CPU maps:
     /// this many × 40 bytes × CPUs of kernel memory). Ids are handed out
     /// smallest first, so only nodes with more backends than this miss some.
+    /// Passive health is not bound by it: it watches every backend.
     #[arg(long, value_name = "N", default_value_t = mcs_common::DEFAULT_STATS_ENTRIES)]
     stats_entries: u32,
     /// At most one reconcile per this many milliseconds. A change after a quiet
@@ -1285,8 +1286,8 @@ struct HealthView {
     listed: HashMap<BackendAddr, u32>,
     /// A backend stopped being listed since the detector was last pruned.
     unlisted: bool,
-    /// Backend address by id. Ids are handed out smallest first, and only
-    /// the first `--stats-entries` have health counters: a tick reads those.
+    /// Backend address by id: a tick reads the health counters of these
+    /// (HEALTH covers every backend id).
     ids: Vec<Option<BackendAddr>>,
     /// Counters as last read, by backend id.
     last: Vec<mcs_common::Health>,
@@ -1439,7 +1440,7 @@ fn observe_health(
             warn!(
                 unwatched,
                 counted_ids = datapath.health_entries(),
-                "passive health cannot watch backends whose id is past the HEALTH map's size; raise --stats-entries (takes effect at the next start)"
+                "passive health cannot watch backends whose id is past the HEALTH map's size (it should cover --max-backends); restart the agent"
             );
         } else {
             info!("passive health watches every backend again");

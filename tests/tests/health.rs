@@ -12,11 +12,13 @@ use std::{
 };
 
 use mcs_tests::{
-    agent::{Agent, probe},
+    agent::{Agent, agent_binary, probe},
+    bpffs::ScratchBpffs,
     manifests::{self, Port, endpoint_slice, service_import},
     topology::Clusterset,
     traffic::Server,
 };
+use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORTS: &[Port<'static>] = &[("http", 8080, "TCP")];
@@ -156,43 +158,87 @@ fn a_black_holed_cluster_is_ejected_within_a_second_and_returns_when_it_answers(
     drop(servers);
 }
 
-/// Passive health counts connect attempts for the first `--stats-entries`
-/// backend ids only; the backends past them are counted in /metrics, so an
-/// operator sees what is not watched, and the count follows the tables.
+/// Passive health watches every backend id, not only the ids with packet
+/// counters (`--stats-entries`, 16,384 by default): with 20,000 backends
+/// programmed first, a backend past id 16,384 that refuses connections is
+/// ejected.
 #[test]
-fn backends_past_the_counted_ids_are_reported_as_unwatched() {
+fn a_refusing_backend_past_id_16384_is_ejected_among_20000() {
     let mut set = Clusterset::new(1, &["cluster-a"]);
     let dir = tempfile::tempdir().unwrap();
-    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
-    let cluster = &mut set.clusters[0];
-    let pods: Vec<(Ipv4Addr, bool)> = (0..6).map(|_| (cluster.add_pod(), true)).collect();
-    let slice = |pods: &[(Ipv4Addr, bool)]| endpoint_slice("demo", "web", "cluster-a", PORTS, pods);
-    manifests::write(dir.path(), "cluster-a.yaml", &slice(&pods));
-    let mut agent = Agent::start(&set.node, dir.path(), &set.client_ifaces(), &["--stats-entries", "4"]);
+    let (bpffs, state) = (ScratchBpffs::new(), tempfile::tempdir().unwrap());
+    // 2,000 services of 10 endpoints each, at addresses never dialled.
+    let mut filler = String::new();
+    for i in 0..2000u32 {
+        let vip = Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250 + 1) as u8);
+        filler.push_str(&service_import("fill", &format!("s{i}"), vip, PORTS));
+        let pods: Vec<(Ipv4Addr, bool)> = (0..10)
+            .map(|k| {
+                let n = i * 10 + k;
+                (Ipv4Addr::new(10, 100, (n >> 8) as u8, (n & 0xff) as u8), true)
+            })
+            .collect();
+        filler.push_str("---\n");
+        filler.push_str(&endpoint_slice("fill", &format!("s{i}"), "cluster-b", PORTS, &pods));
+        filler.push_str("---\n");
+    }
+    manifests::write(dir.path(), "filler.yaml", &filler);
+    let (bpffs_arg, state_arg) = (bpffs.arg(), state.path().display().to_string());
+    let mut agent =
+        Agent::start(&set.node, dir.path(), &set.client_ifaces(), &["--bpffs", &bpffs_arg, "--state-dir", &state_arg]);
 
-    let unwatched_becomes = |want: f64| {
-        let started = Instant::now();
-        loop {
-            let (_, metrics) = probe(&set.node, "/metrics").expect("/metrics");
-            let value = metrics
-                .lines()
-                .find(|l| l.starts_with("mcs_agent_outlier_unwatched_backends "))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-            if value == Some(want) {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "mcs_agent_outlier_unwatched_backends is {value:?}, not {want}:\n{metrics}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    // HEALTH holds ids 0-3 and id 0 is never handed out: of the six backends
-    // (ids 1-6), ids 4, 5 and 6 are past it.
-    unwatched_becomes(3.0);
+    // Then the service under test: one pod answers, one refuses (no listener: RST).
+    let cluster = &mut set.clusters[0];
+    let (good, bad) = (cluster.add_pod(), cluster.add_pod());
+    let _server = Server::tcp(&cluster.ns, good, 8080, "cluster-a/pod-1");
     let generation = agent.generation();
-    manifests::write(dir.path(), "cluster-a.yaml", &slice(&pods[..2]));
+    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
+    manifests::write(
+        dir.path(),
+        "cluster-a.yaml",
+        &endpoint_slice("demo", "web", "cluster-a", PORTS, &[(good, true), (bad, true)]),
+    );
     agent.wait_reconciled_after(generation);
-    unwatched_becomes(0.0);
+
+    let inspect = || -> Value {
+        let out = std::process::Command::new(agent_binary())
+            .args(["inspect", "services", "-o", "json", "--bpffs", &bpffs_arg, "--state-dir", &state_arg])
+            .output()
+            .expect("running mcs-agent inspect");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let row = rows.as_array().unwrap().iter().find(|r| r["frontend"] == "10.96.0.10:80/TCP").cloned();
+        let row = row.expect("the frontend is programmed");
+        row["backends"].as_array().unwrap().iter().find(|b| b["address"] == format!("{bad}:8080")).cloned().unwrap()
+    };
+    let id = inspect()["backend_id"].as_u64().unwrap();
+    assert!(id > 16_384, "the refusing backend's id {id} must be past the counted ids");
+
+    let started = Instant::now();
+    let mut failed = 0;
+    let ejected = || {
+        let (_, metrics) = probe(&set.node, "/metrics").expect("/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mcs_agent_backend_ejected{") && l.contains("cluster=\"cluster-a\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            >= 1.0
+    };
+    while !ejected() {
+        for _ in 0..10 {
+            let target = SocketAddrV4::new(VIP, 80);
+            failed += usize::from(set.clients[0].ns.run(move || attempt(target)).is_none());
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never ejected; {failed} connections failed");
+    }
+    let took = started.elapsed();
+    assert_eq!(inspect()["condition"], "ejected", "inspect names the ejected backend");
+    for _ in 0..20 {
+        let target = SocketAddrV4::new(VIP, 80);
+        assert!(set.clients[0].ns.run(move || attempt(target)).is_some(), "a connection went to the ejected backend");
+    }
+    let (_, metrics) = probe(&set.node, "/metrics").expect("/metrics");
+    assert!(metrics.contains("mcs_agent_outlier_unwatched_backends 0"), "every backend is watched");
+    eprintln!("backend id {id} ejected {took:.1?} after the first connection attempt, {failed} failed");
 }
