@@ -250,6 +250,9 @@ struct BatchFds {
     backends6: OwnedFd,
     backend_stats: OwnedFd,
     service_stats: OwnedFd,
+    /// For the conntrack collector's thread.
+    ct: OwnedFd,
+    ct6: OwnedFd,
 }
 
 fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, DatapathError> {
@@ -716,6 +719,8 @@ impl Datapath {
             backends6: map_fd(&ebpf, MAP_BACKENDS6)?,
             backend_stats: map_fd(&ebpf, MAP_BACKEND_STATS)?,
             service_stats: map_fd(&ebpf, MAP_SERVICE_STATS)?,
+            ct: map_fd(&ebpf, MAP_CT)?,
+            ct6: map_fd(&ebpf, MAP_CT6)?,
         };
         let maps = Maps {
             fds,
@@ -804,6 +809,13 @@ impl Datapath {
 
     /// Flows in conntrack, both families (their original-direction entries;
     /// walks the maps).
+    /// Descriptors of `CT` and `CT6` of their own, for the collector's thread.
+    pub fn conntrack_fds(&self) -> Result<(OwnedFd, OwnedFd), DatapathError> {
+        let dup =
+            |fd: &OwnedFd, name| fd.try_clone().map_err(|e| DatapathError::Map { name, source: MapError::IoError(e) });
+        Ok((dup(&self.maps.fds.ct, MAP_CT)?, dup(&self.maps.fds.ct6, MAP_CT6)?))
+    }
+
     pub fn conntrack_len(&self) -> usize {
         let v4 = self.maps.ct.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count();
         v4 + self.maps.ct6.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count()

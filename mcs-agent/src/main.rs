@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
+    conntrack,
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, KernelLog, Sizes},
     desired::{self, BackendAddr, FrontendKey, ObjectError, Policy},
     events::{EventCounts, EventSink, Problem},
@@ -461,6 +462,33 @@ struct RunArgs {
     /// Capacity of the connection-tracking tables (least recently used flows are evicted).
     #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_CONNTRACK)]
     max_conntrack: u32,
+    /// Idle timeout, in seconds, of a UDP flow the backend has not answered
+    /// (Linux conntrack's `udp_timeout`). Then the flow is forgotten and its
+    /// next datagram is balanced afresh (a new backend may get it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, env = "MCS_CONNTRACK_UDP_TIMEOUT")]
+    conntrack_udp_timeout: u64,
+    /// Idle timeout, in seconds, of a UDP flow seen in both directions
+    /// (Linux conntrack's `udp_timeout_stream`).
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, env = "MCS_CONNTRACK_UDP_STREAM_TIMEOUT")]
+    conntrack_udp_stream_timeout: u64,
+    /// Idle timeout, in seconds, of a TCP connection whose SYN the backend
+    /// has not answered.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, env = "MCS_CONNTRACK_TCP_SYN_TIMEOUT")]
+    conntrack_tcp_syn_timeout: u64,
+    /// Idle timeout, in seconds, of an established TCP connection (6 hours,
+    /// Cilium's default; kube-proxy sets 24 hours). A connection idle longer
+    /// loses its translation: keep it shorter than your longest idle
+    /// connection without keepalives only knowingly. Closed connections
+    /// (both FINs or a RST) go 10 s after closing.
+    #[arg(long, value_name = "SECONDS", default_value_t = 21_600, env = "MCS_CONNTRACK_TCP_TIMEOUT")]
+    conntrack_tcp_timeout: u64,
+    /// How often, in seconds, a background thread walks the conntrack maps,
+    /// removes expired flows and counts the live ones (what
+    /// `mcs_agent_map_entries{map="conntrack"}` reports). Flows expire up to
+    /// this much (plus 10 s) past their timeout. 0 turns expiry off: flows
+    /// then leave only by their close or LRU eviction.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, env = "MCS_CONNTRACK_GC_INTERVAL")]
+    conntrack_gc_interval: u64,
     /// Backends and frontends with their own packet counters (per-CPU maps:
     /// this many × 40 bytes × CPUs of kernel memory). Ids are handed out
     /// smallest first, so only nodes with more backends than this miss some.
@@ -705,6 +733,19 @@ fn check(dir: &Path, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
+/// Stops a background thread (sets its flag, then joins it) when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A pass in progress finishes first; the thread checks between passes.
+        while !self.1.is_finished() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// Where objects come from.
 enum Source {
     Manifests(PathBuf),
@@ -771,6 +812,11 @@ async fn run(args: RunArgs) -> Result<()> {
         max_backends,
         max_selection_slots,
         max_conntrack,
+        conntrack_udp_timeout,
+        conntrack_udp_stream_timeout,
+        conntrack_tcp_syn_timeout,
+        conntrack_tcp_timeout,
+        conntrack_gc_interval,
         stats_entries,
         debounce_ms,
         resync_secs,
@@ -941,7 +987,29 @@ async fn run(args: RunArgs) -> Result<()> {
     let metrics = AgentMetrics::default();
     let (scrape_tx, mut scrapes) = mpsc::unbounded_channel();
     health.serve_metrics(scrape_tx);
-    // Counting conntrack entries walks the map: at most every 10 s.
+    // The collector counts live flows on its own thread; with it off,
+    // counting walks the map: at most every 10 s.
+    let ct_stats = Arc::new(conntrack::CollectorStats::default());
+    let ct_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _collector = if conntrack_gc_interval > 0 {
+        let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
+        let timeouts = conntrack::Timeouts {
+            udp: Duration::from_secs(conntrack_udp_timeout),
+            udp_stream: Duration::from_secs(conntrack_udp_stream_timeout),
+            tcp_syn: Duration::from_secs(conntrack_tcp_syn_timeout),
+            tcp: Duration::from_secs(conntrack_tcp_timeout),
+        };
+        info!(?timeouts, interval_secs = conntrack_gc_interval, "conntrack collector started");
+        let collector = conntrack::Collector::new(ct, ct6, timeouts, ct_stats.clone());
+        Some(StopOnDrop(
+            ct_stop.clone(),
+            collector
+                .spawn(Duration::from_secs(conntrack_gc_interval), ct_stop.clone())
+                .context("starting the conntrack collector")?,
+        ))
+    } else {
+        None
+    };
     let mut conntrack_count: Option<(Instant, u64)> = None;
     let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
     let mut detector = Detector::new(OutlierConfig {
@@ -1146,6 +1214,9 @@ async fn run(args: RunArgs) -> Result<()> {
             Some(reply) = scrapes.recv() => {
                 let now = Instant::now();
                 let ct = match conntrack_count {
+                    _ if ct_stats.passes.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
+                        ct_stats.live.load(std::sync::atomic::Ordering::Relaxed)
+                    }
                     Some((at, n)) if now.duration_since(at) < Duration::from_secs(10) => n,
                     _ => {
                         let n = datapath.conntrack_len() as u64;
@@ -1163,6 +1234,10 @@ async fn run(args: RunArgs) -> Result<()> {
                     ejections: detector.ejections_total(),
                     health_unwatched: health_view.unwatched as u64,
                     events: event_counts.outcomes().to_vec(),
+                    conntrack_gc: (conntrack_gc_interval > 0).then(|| {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        (ct_stats.expired.load(Relaxed), ct_stats.last_pass_us.load(Relaxed) as f64 / 1e6)
+                    }),
                     socket_lb: datapath.sockets_cgroup().is_some() && !socket_lb.host_only,
                     objects: reconciler
                         .objects()

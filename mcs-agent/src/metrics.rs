@@ -80,6 +80,9 @@ pub struct AgentView {
     /// Problems offered for Kubernetes Events, by outcome (published,
     /// failed, other_node, rate_limited, dropped).
     pub events: Vec<(&'static str, u64)>,
+    /// The conntrack collector (when on): flows expired since the start,
+    /// and its last pass's duration in seconds.
+    pub conntrack_gc: Option<(u64, f64)>,
     /// Socket-level load balancing is attached (to this cgroup).
     pub socket_lb: bool,
 }
@@ -212,6 +215,22 @@ pub fn render(
         "Problems with objects offered as Kubernetes Events, by outcome: published, failed, other_node (another node reports the object), rate_limited, dropped (queue full)",
         events,
     );
+    if let Some((expired, pass_secs)) = view.conntrack_gc {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(expired);
+        registry.register(
+            "conntrack_expired",
+            "Flows the conntrack collector removed as idle past their timeout",
+            counter,
+        );
+        let gauge = Gauge::<f64, AtomicU64>::default();
+        gauge.set(pass_secs);
+        registry.register(
+            "conntrack_gc_duration_seconds",
+            "How long the conntrack collector's last pass over both maps took",
+            gauge,
+        );
+    }
     let socket_lb = Gauge::<i64>::default();
     socket_lb.set(i64::from(view.socket_lb));
     registry.register(

@@ -33,6 +33,10 @@ pub const CT_F_FIN_BACKEND: u8 = 2;
 pub const CT_F_RST: u8 = 4;
 /// The backend answered the connection's SYN (passive health: it is alive).
 pub const CT_F_SYNACK: u8 = 8;
+/// A UDP flow's reply entry: the backend answered (both directions seen, so
+/// the flow idles out after the longer stream timeout, as Linux conntrack's
+/// `udp_timeout_stream`). Set on the reply entry only; TCP has `CT_F_SYNACK`.
+pub const CT_F_REPLIED: u8 = 16;
 
 /// `CtKey::dir`: which of a flow's two entries a key names. The client's
 /// packets (client -> VIP) are looked up as `CT_DIR_ORIGINAL`, the backend's

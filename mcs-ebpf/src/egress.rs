@@ -4,7 +4,8 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::warn;
 use mcs_common::{
-    CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP, Stat,
+    CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_REPLIED, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP,
+    Stat,
 };
 
 use crate::{
@@ -90,6 +91,10 @@ fn egress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         } else if flow.tcp_flags & TCP_FLAG_RST != 0 {
             health_add(rev.backend_id, |h| &mut h.syn_rsts);
         }
+    } else if flow.proto != IPPROTO_TCP && rev.flags & CT_F_REPLIED == 0 {
+        // The first reply of a UDP flow: the collector gives it the stream timeout.
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*rev_ptr).flags |= CT_F_REPLIED };
     }
     TC_NEXT
 }

@@ -481,3 +481,74 @@ fn an_import_cannot_capture_a_pods_or_the_nodes_address() {
         "{stderr}"
     );
 }
+
+/// Conntrack expiry: a UDP client that keeps its source port used to stay on
+/// its backend forever. Idle past its timeout, its flow is forgotten and its
+/// next datagram is balanced afresh over the backends that arrived since; a
+/// busy flow keeps its backend however long it lives.
+#[test]
+fn an_idle_udp_flow_is_balanced_afresh_after_its_timeout_and_a_busy_one_keeps_its_backend() {
+    use std::{
+        net::UdpSocket,
+        time::{Duration, Instant},
+    };
+    let lab = Lab::new(&[("cluster-a", 4)]);
+    let newcomers: Vec<Ipv4Addr> = lab.pods["cluster-a"][1..].to_vec();
+    lab.write_slice("cluster-a", &newcomers);
+    let mut agent = lab.agent(&[
+        "--conntrack-udp-timeout",
+        "2",
+        "--conntrack-udp-stream-timeout",
+        "3",
+        "--conntrack-gc-interval",
+        "1",
+    ]);
+    // Sixteen clients, each keeping its own source port.
+    let sockets: Vec<UdpSocket> = (0..16)
+        .map(|_| {
+            let socket = lab.client().run(|| UdpSocket::bind("0.0.0.0:0")).expect("a client socket");
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            socket
+        })
+        .collect();
+    let ask = |socket: &UdpSocket| -> String {
+        socket.send_to(b"hello\n", vip(53)).expect("send");
+        let mut buf = [0u8; 512];
+        let (n, from) = socket.recv_from(&mut buf).expect("an answer");
+        assert_eq!(from, SocketAddr::V4(vip(53)), "answered as the VIP");
+        String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or_default().to_owned()
+    };
+    let first = "cluster-a/pod-1";
+    for socket in &sockets {
+        assert_eq!(ask(socket), first, "the only ready backend");
+    }
+    // Three more backends become ready; live flows stay where they are.
+    let generation = agent.generation();
+    lab.write_slice("cluster-a", &[]);
+    agent.wait_reconciled_after(generation);
+    for socket in &sockets {
+        assert_eq!(ask(socket), first, "a live flow keeps its backend");
+    }
+    // Eight stay busy, eight go quiet past the stream timeout (3 s), the
+    // pair check's 10 s of slack and the collector's interval.
+    let quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(18) {
+        for socket in &sockets[..8] {
+            assert_eq!(ask(socket), first, "a busy flow keeps its backend past the timeout");
+        }
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let after: Vec<String> = sockets[8..].iter().map(ask).collect();
+    let moved = after.iter().filter(|id| *id != first).count();
+    // Each expired flow lands on pod-1 again with a chance of 1 in 4: all
+    // eight doing so is 1 in 65,536.
+    assert!(moved > 0, "no idle flow was balanced afresh: {after:?}");
+    let (_, metrics) = mcs_tests::agent::probe(&lab.set.node, "/metrics").expect("/metrics");
+    let expired: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("mcs_agent_conntrack_expired_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("mcs_agent_conntrack_expired_total");
+    assert!(expired >= 8.0, "the eight idle flows were collected: {expired}");
+    eprintln!("after 18 s idle: {moved} of 8 flows moved ({after:?}); {expired} flows expired");
+}
