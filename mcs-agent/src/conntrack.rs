@@ -64,6 +64,13 @@ impl Default for Timeouts {
     }
 }
 
+impl Timeouts {
+    /// No idle flow ever expires (closed ones still go after their grace time).
+    pub fn never() -> Self {
+        Self { udp: Duration::MAX, udp_stream: Duration::MAX, tcp_syn: Duration::MAX, tcp: Duration::MAX }
+    }
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -156,14 +163,27 @@ where
         }
     }
     // After the walk: deleting while the kernel walks buckets would skip some.
-    for (key, value) in doomed {
-        // The other entry, only if it is this flow's: a client that reused
-        // its port may have a new flow under that key.
-        let sibling = key.sibling_key(&value);
+    for (key, seen) in doomed {
+        let mut value = CtValue::<A>::zeroed();
         let mut found = CtValue::<A>::zeroed();
         let mut removed = false;
         // SAFETY: as above, typed keys and values of this map.
         unsafe {
+            // Judged during the walk, which takes a while at a million flows:
+            // the flow may have been used since, or a new flow may hold the
+            // key now (a reused client port). Only the same, still expired
+            // entry goes; a missing one went with its sibling already.
+            if !batch::get(map.as_fd(), bytemuck::bytes_of(&key), bytemuck::bytes_of_mut(&mut value))? {
+                continue;
+            }
+            if { value.created_ns } != { seen.created_ns } || !expired(&key, &value, now, timeouts) {
+                // Alive after all: count it as the walk would have.
+                live += u64::from(key.dir == CT_DIR_ORIGINAL);
+                continue;
+            }
+            // The other entry, only if it is this flow's: a client that
+            // reused its port may have a new flow under that key.
+            let sibling = key.sibling_key(&value);
             if batch::get(map.as_fd(), bytemuck::bytes_of(&sibling), bytemuck::bytes_of_mut(&mut found))?
                 && sibling.sibling_key(&found) == key
                 && batch::delete(map.as_fd(), bytemuck::bytes_of(&sibling))?
@@ -266,6 +286,16 @@ mod tests {
         // reply entry decides; alone, it waits for the longest.
         assert_eq!(expires_after(IPPROTO_UDP, CT_DIR_ORIGINAL, 0), 120 + check);
         assert_eq!(expires_after(IPPROTO_TCP, CT_DIR_ORIGINAL, 0), 6 * 3600 + check);
+    }
+
+    #[test]
+    fn with_expiry_off_only_closed_connections_go() {
+        let never = Timeouts::never();
+        let (key, value) = entry(IPPROTO_UDP, CT_DIR_REPLY, 0, S);
+        assert!(!expired(&key, &value, u64::MAX, &never));
+        let (key, mut value) = entry(IPPROTO_TCP, CT_DIR_REPLY, CT_F_RST, S);
+        value.closed_ns = S;
+        assert!(expired(&key, &value, S + CT_CLOSE_GRACE_NS + 1, &never));
     }
 
     #[test]

@@ -807,8 +807,6 @@ impl Datapath {
         }))
     }
 
-    /// Flows in conntrack, both families (their original-direction entries;
-    /// walks the maps).
     /// Descriptors of `CT` and `CT6` of their own, for the collector's thread.
     pub fn conntrack_fds(&self) -> Result<(OwnedFd, OwnedFd), DatapathError> {
         let dup =
@@ -816,6 +814,8 @@ impl Datapath {
         Ok((dup(&self.maps.fds.ct, MAP_CT)?, dup(&self.maps.fds.ct6, MAP_CT6)?))
     }
 
+    /// Flows in conntrack, both families (their original-direction entries;
+    /// walks the maps: tools and tests, not the agent's loop).
     pub fn conntrack_len(&self) -> usize {
         let v4 = self.maps.ct.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count();
         v4 + self.maps.ct6.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count()

@@ -4,12 +4,14 @@
 //!
 //! Every agent of a clusterset sees the same bad object. Were each to report
 //! it, 5,000 nodes would send 5,000 Events about one typo. Each object is
-//! instead reported by one Ready node, chosen by rendezvous hashing of the
-//! object's uid over the Ready nodes' names: every agent computes the same
-//! choice from the same Node list, and a node that leaves moves only its own
-//! share of objects. When the Ready nodes are unknown (no `--node-name`, the
-//! Node list unreadable, or no node Ready), every agent reports: an Event too
-//! many is better than none.
+//! instead reported by one agent, chosen by rendezvous hashing of the
+//! object's uid over the nodes of the Ready agent pods (the DaemonSet's, in
+//! `--peer-namespace`): every agent computes the same choice from the same
+//! pod list, a node that leaves moves only its own share of objects, and a
+//! node without a running agent (a Windows or virtual node, a crash loop)
+//! is never chosen. When the Ready agents are unknown (no `--node-name` or
+//! `--peer-namespace`, the pod list unreadable, or none Ready), every agent
+//! reports: an Event too many is better than none.
 
 use std::{
     collections::HashMap,
@@ -20,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::runtime::{
     events::{Event, EventType, Recorder},
     reflector::Store,
@@ -59,18 +61,22 @@ pub fn reports(uid: &str, me: Option<&str>, ready: Option<&[String]>) -> bool {
     }
 }
 
-/// Names of the Nodes whose Ready condition is True.
-pub fn ready_names(nodes: &[Arc<Node>]) -> Vec<String> {
-    let ready = |node: &Node| {
-        let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+/// The nodes of the agent pods whose Ready condition is True.
+pub fn ready_peers(pods: &[Arc<Pod>]) -> Vec<String> {
+    let ready = |pod: &Pod| {
+        let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
         conditions.into_iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
     };
-    nodes.iter().filter(|n| ready(n)).filter_map(|n| n.metadata.name.clone()).collect()
+    let mut nodes: Vec<String> =
+        pods.iter().filter(|p| ready(p)).filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
 }
 
-/// How long the publisher waits for the first Node list before it reports
-/// without one (every node then reports).
-const NODES_WAIT: Duration = Duration::from_secs(30);
+/// How long the publisher waits for the first list of agent pods before it
+/// reports without one (every agent then reports).
+const PEERS_WAIT: Duration = Duration::from_secs(30);
 
 /// A token bucket per object, as client-go's spam filter: `burst` Events at
 /// once, then one per `refill`. The loop only reports problems that are new,
@@ -80,7 +86,11 @@ pub struct Limiter {
     burst: f64,
     refill: Duration,
     buckets: HashMap<String, (f64, Instant)>,
+    prune_at: usize,
 }
+
+/// Objects a [`Limiter`] tracks before it first forgets the quiet ones.
+const PRUNE_AT: usize = 10_000;
 
 impl Default for Limiter {
     fn default() -> Self {
@@ -90,7 +100,7 @@ impl Default for Limiter {
 
 impl Limiter {
     pub fn new(burst: u32, refill: Duration) -> Self {
-        Self { burst: f64::from(burst), refill, buckets: HashMap::new() }
+        Self { burst: f64::from(burst), refill, buckets: HashMap::new(), prune_at: PRUNE_AT }
     }
 
     fn tokens(&self, tokens: f64, since: Instant, now: Instant) -> f64 {
@@ -100,11 +110,13 @@ impl Limiter {
 
     /// Takes a token for `object`; false when it has none left.
     pub fn allow(&mut self, object: &str, now: Instant) -> bool {
-        if self.buckets.len() > 10_000 {
-            // Forget objects whose bucket is full again: they are as new.
+        if self.buckets.len() > self.prune_at {
+            // Forget objects whose bucket is full again: they are as new. The
+            // next prune waits until the map doubles, so pruning stays rare.
             let buckets = std::mem::take(&mut self.buckets);
             self.buckets =
                 buckets.into_iter().filter(|(_, (t, since))| self.tokens(*t, *since, now) < self.burst).collect();
+            self.prune_at = (self.buckets.len() * 2).max(PRUNE_AT);
         }
         let (tokens, since) = self.buckets.get(object).copied().unwrap_or((self.burst, now));
         let tokens = self.tokens(tokens, since, now);
@@ -165,28 +177,27 @@ pub struct EventSink {
 }
 
 impl EventSink {
-    /// Starts the publisher task. `nodes` is the Node cache and `me` this
-    /// node's name; without them, this node reports every problem.
-    pub fn spawn(recorder: Recorder, me: Option<String>, nodes: Option<Store<Node>>, counts: Arc<EventCounts>) -> Self {
+    /// Starts the publisher task. `peers` is the cache of agent pods and `me`
+    /// this node's name; without them, this agent reports every problem.
+    pub fn spawn(recorder: Recorder, me: Option<String>, peers: Option<Store<Pod>>, counts: Arc<EventCounts>) -> Self {
         let (queue, mut problems) = mpsc::channel::<Problem>(QUEUE);
         let task_counts = counts.clone();
         tokio::spawn(async move {
             let counts = task_counts;
             let mut limiter = Limiter::default();
-            let mut batch = Vec::new();
-            // Not before the Node list is known: at a restart of every agent,
+            let mut batch = Vec::new(); // Not before the agents are known: at a restart of every agent,
             // each would otherwise report every problem.
-            let listed = match &nodes {
-                Some(store) => tokio::time::timeout(NODES_WAIT, store.wait_until_ready()).await.is_ok(),
+            let listed = match &peers {
+                Some(store) => tokio::time::timeout(PEERS_WAIT, store.wait_until_ready()).await.is_ok(),
                 None => false,
             };
-            if nodes.is_some() && !listed {
-                warn!("the Node list is not available: this node reports every invalid object itself");
+            if peers.is_some() && !listed {
+                warn!("the agent pods are not listed yet: this agent reports every invalid object itself meanwhile");
             }
             while problems.recv_many(&mut batch, 256).await > 0 {
                 // Read afresh for each batch; an empty list (still none Ready,
-                // or never listed) means every node reports.
-                let ready = nodes.as_ref().map(|store| ready_names(&store.state()));
+                // or never listed) means every agent reports.
+                let ready = peers.as_ref().map(|store| ready_peers(&store.state()));
                 for problem in batch.drain(..) {
                     let uid = problem.regarding.uid.clone().unwrap_or_default();
                     if !reports(&uid, me.as_deref(), ready.as_deref()) {
@@ -277,9 +288,9 @@ mod tests {
     #[test]
     fn without_a_known_ready_node_list_every_node_reports() {
         assert!(reports("u", None, Some(&nodes(3))), "no --node-name");
-        assert!(reports("u", Some("node-1"), None), "Node list unknown");
-        assert!(reports("u", Some("node-1"), Some(&[])), "no node Ready");
-        // A node that is not Ready itself leaves its objects to Ready ones.
+        assert!(reports("u", Some("node-1"), None), "agent pods unknown");
+        assert!(reports("u", Some("node-1"), Some(&[])), "no agent Ready");
+        // An agent that is not Ready itself leaves its objects to Ready ones.
         let ready = nodes(3);
         assert!(!reports("u", Some("node-9"), Some(&ready)));
     }

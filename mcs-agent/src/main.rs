@@ -22,7 +22,7 @@ use mcs_agent::{
     plan::{Applied, Capacity},
     reconcile::Reconciler,
     source::{
-        kube::{KubeSource, SourceEvent},
+        kube::{KubeSource, Peers, SourceEvent},
         links::{self, LinkEvent},
         manifests,
     },
@@ -416,6 +416,21 @@ struct RunArgs {
     /// Kubeconfig for Kubernetes mode (default: in-cluster config, then KUBECONFIG, then ~/.kube/config).
     #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
+    /// The namespace of the agents' pods (the DaemonSet passes its own, from
+    /// the downward API). The agents share the reporting of invalid objects:
+    /// each object gets its Events from one Ready agent, chosen by hashing
+    /// the object's uid over their nodes. Without it, every agent reports
+    /// every invalid object. Needs list and watch on pods there.
+    #[arg(long, value_name = "NAMESPACE", env = "POD_NAMESPACE", conflicts_with = "manifests")]
+    peer_namespace: Option<String>,
+    /// The label selector of the agents' pods in `--peer-namespace`.
+    #[arg(
+        long,
+        value_name = "SELECTOR",
+        env = "MCS_PEER_SELECTOR",
+        default_value = "app.kubernetes.io/name=mcs-agent"
+    )]
+    peer_selector: String,
     /// An interface facing client pods (repeatable). Ingress gets DNAT, egress reverse NAT.
     /// Failing to attach to one is fatal.
     #[arg(long = "interface", value_name = "IFACE", required_unless_present = "interface_patterns")]
@@ -485,8 +500,12 @@ struct RunArgs {
     /// How often, in seconds, a background thread walks the conntrack maps,
     /// removes expired flows and counts the live ones (what
     /// `mcs_agent_map_entries{map="conntrack"}` reports). Flows expire up to
-    /// this much (plus 10 s) past their timeout. 0 turns expiry off: flows
-    /// then leave only by their close or LRU eviction.
+    /// this much (plus 10 s) past their timeout; a pass that takes long
+    /// (hundreds of milliseconds at a million flows) stretches the interval
+    /// to 20 times its duration, so the collector stays near 5 % of a CPU.
+    /// 0 turns expiry off: flows
+    /// then leave only by their close or LRU eviction (the maps are still
+    /// counted, every 10 s).
     #[arg(long, value_name = "SECONDS", default_value_t = 10, env = "MCS_CONNTRACK_GC_INTERVAL")]
     conntrack_gc_interval: u64,
     /// Backends and frontends with their own packet counters (per-CPU maps:
@@ -773,13 +792,14 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 async fn start_kube(
     kubeconfig: Option<PathBuf>,
     node_name: Option<String>,
+    peers: Option<Peers>,
     events: mpsc::UnboundedSender<SourceEvent>,
     counts: Arc<EventCounts>,
 ) -> Result<(KubeSource, EventSink)> {
     let client = kube_client(kubeconfig.as_deref()).await?;
     let mut backoff = Duration::from_millis(500);
     let source = loop {
-        match KubeSource::start(client.clone(), node_name.as_deref(), events.clone()).await {
+        match KubeSource::start(client.clone(), node_name.as_deref(), peers.as_ref(), events.clone()).await {
             Ok(source) => break source,
             Err(e) => {
                 let _ = events.send(SourceEvent::Error { what: "API discovery", message: e.to_string() });
@@ -792,7 +812,7 @@ async fn start_kube(
     info!("waiting for the first complete list of ServiceImports, EndpointSlices and this node");
     source.wait_ready().await;
     let reporter = Reporter { controller: "mcs-agent".into(), instance: node_name.clone() };
-    let sink = EventSink::spawn(Recorder::new(client, reporter), node_name, source.nodes(), counts);
+    let sink = EventSink::spawn(Recorder::new(client, reporter), node_name, source.peers(), counts);
     Ok((source, sink))
 }
 
@@ -800,6 +820,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let RunArgs {
         manifests,
         kubeconfig,
+        peer_namespace,
+        peer_selector,
         interfaces,
         interface_patterns,
         attach,
@@ -914,6 +936,7 @@ async fn run(args: RunArgs) -> Result<()> {
             pending_kube = Some(tokio::spawn(start_kube(
                 kubeconfig,
                 locality.node_name.clone(),
+                peer_namespace.map(|namespace| Peers { namespace, selector: peer_selector }),
                 signal_tx.clone(),
                 event_counts.clone(),
             )));
@@ -987,30 +1010,32 @@ async fn run(args: RunArgs) -> Result<()> {
     let metrics = AgentMetrics::default();
     let (scrape_tx, mut scrapes) = mpsc::unbounded_channel();
     health.serve_metrics(scrape_tx);
-    // The collector counts live flows on its own thread; with it off,
-    // counting walks the map: at most every 10 s.
+    // The collector counts live flows on its own thread, so a scrape never
+    // walks the maps; with expiry off it only counts (and removes closed
+    // flows past their grace time, as the datapath would), every 10 s.
     let ct_stats = Arc::new(conntrack::CollectorStats::default());
     let ct_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _collector = if conntrack_gc_interval > 0 {
+    let _collector = {
         let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
-        let timeouts = conntrack::Timeouts {
-            udp: Duration::from_secs(conntrack_udp_timeout),
-            udp_stream: Duration::from_secs(conntrack_udp_stream_timeout),
-            tcp_syn: Duration::from_secs(conntrack_tcp_syn_timeout),
-            tcp: Duration::from_secs(conntrack_tcp_timeout),
+        let (timeouts, interval) = if conntrack_gc_interval > 0 {
+            let timeouts = conntrack::Timeouts {
+                udp: Duration::from_secs(conntrack_udp_timeout),
+                udp_stream: Duration::from_secs(conntrack_udp_stream_timeout),
+                tcp_syn: Duration::from_secs(conntrack_tcp_syn_timeout),
+                tcp: Duration::from_secs(conntrack_tcp_timeout),
+            };
+            info!(?timeouts, interval_secs = conntrack_gc_interval, "conntrack collector started");
+            (timeouts, Duration::from_secs(conntrack_gc_interval))
+        } else {
+            info!("conntrack expiry off (--conntrack-gc-interval 0): idle flows stay until evicted");
+            (conntrack::Timeouts::never(), Duration::from_secs(10))
         };
-        info!(?timeouts, interval_secs = conntrack_gc_interval, "conntrack collector started");
         let collector = conntrack::Collector::new(ct, ct6, timeouts, ct_stats.clone());
-        Some(StopOnDrop(
+        StopOnDrop(
             ct_stop.clone(),
-            collector
-                .spawn(Duration::from_secs(conntrack_gc_interval), ct_stop.clone())
-                .context("starting the conntrack collector")?,
-        ))
-    } else {
-        None
+            collector.spawn(interval, ct_stop.clone()).context("starting the conntrack collector")?,
+        )
     };
-    let mut conntrack_count: Option<(Instant, u64)> = None;
     let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
     let mut detector = Detector::new(OutlierConfig {
         consecutive_failures: outlier_consecutive_failures.max(1),
@@ -1212,18 +1237,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             Some(reply) = scrapes.recv() => {
-                let now = Instant::now();
-                let ct = match conntrack_count {
-                    _ if ct_stats.passes.load(std::sync::atomic::Ordering::Relaxed) > 0 => {
-                        ct_stats.live.load(std::sync::atomic::Ordering::Relaxed)
-                    }
-                    Some((at, n)) if now.duration_since(at) < Duration::from_secs(10) => n,
-                    _ => {
-                        let n = datapath.conntrack_len() as u64;
-                        conntrack_count = Some((now, n));
-                        n
-                    }
-                };
+                let ct = ct_stats.live.load(std::sync::atomic::Ordering::Relaxed);
                 let sizes = datapath.sizes();
                 let applied = reconciler.applied();
                 let view = AgentView {
@@ -1234,10 +1248,10 @@ async fn run(args: RunArgs) -> Result<()> {
                     ejections: detector.ejections_total(),
                     health_unwatched: health_view.unwatched as u64,
                     events: event_counts.outcomes().to_vec(),
-                    conntrack_gc: (conntrack_gc_interval > 0).then(|| {
+                    conntrack_gc: {
                         use std::sync::atomic::Ordering::Relaxed;
-                        (ct_stats.expired.load(Relaxed), ct_stats.last_pass_us.load(Relaxed) as f64 / 1e6)
-                    }),
+                        Some((ct_stats.expired.load(Relaxed), ct_stats.last_pass_us.load(Relaxed) as f64 / 1e6))
+                    },
                     socket_lb: datapath.sockets_cgroup().is_some() && !socket_lb.host_only,
                     objects: reconciler
                         .objects()

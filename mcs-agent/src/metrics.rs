@@ -75,7 +75,8 @@ pub struct AgentView {
     pub fill: Vec<(&'static str, u64, u64)>,
     /// Passive health ejections since the agent started.
     pub ejections: u64,
-    /// Backends passive health cannot watch (their id is past `--stats-entries`).
+    /// Backends passive health cannot watch (their id is past the HEALTH
+    /// map, which covers `--max-backends`: a guard that stays 0).
     pub health_unwatched: u64,
     /// Problems offered for Kubernetes Events, by outcome (published,
     /// failed, other_node, rate_limited, dropped).
@@ -203,7 +204,7 @@ pub fn render(
     unwatched.set(i64::try_from(view.health_unwatched).unwrap_or(i64::MAX));
     registry.register(
         "outlier_unwatched_backends",
-        "Backends passive health does not watch: their id is past the HEALTH map's size (raise --stats-entries)",
+        "Backends passive health does not watch: their id is past the HEALTH map's size, which covers --max-backends (stays 0)",
         unwatched,
     );
     let events = Family::<Labels, Counter>::default();

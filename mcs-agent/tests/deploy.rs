@@ -8,7 +8,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{Namespace, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -43,6 +43,8 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                     "ServiceAccount" => drop(typed::<ServiceAccount>(&doc, &path)),
                     "ClusterRole" => drop(typed::<ClusterRole>(&doc, &path)),
                     "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&doc, &path)),
+                    "Role" => drop(typed::<Role>(&doc, &path)),
+                    "RoleBinding" => drop(typed::<RoleBinding>(&doc, &path)),
                     "DaemonSet" => drop(typed::<DaemonSet>(&doc, &path)),
                     "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(&doc, &path)),
                     "Kustomization" | "Component" => {
@@ -63,7 +65,8 @@ fn every_manifest_parses_into_its_kubernetes_type() {
     }
     kinds.sort();
     assert_eq!(kinds.iter().filter(|k| *k == "DaemonSet").count(), 2, "the agent and its uninstaller");
-    for kind in ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "ServiceAccount"] {
+    for kind in ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "Role", "RoleBinding", "ServiceAccount"]
+    {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} in deploy/");
     }
     assert_eq!(kinds.iter().filter(|k| *k == "CustomResourceDefinition").count(), 3);
@@ -151,6 +154,38 @@ fn the_cluster_role_grants_reads_of_mcs_objects_and_events_and_nothing_else() {
             ("networking.k8s.io".into(), "servicecidrs".into(), list_watch()),
         ]
     );
+}
+
+/// The only namespaced grant: the agents' own pods, read, in their namespace,
+/// bound to the agent's service account, which the DaemonSet points at.
+#[test]
+fn the_role_reads_the_agents_pods_in_their_namespace_only() {
+    let path = deploy().join("role.yaml");
+    let role: Role = typed(&documents(&path)[0], &path);
+    assert_eq!(role.metadata.namespace.as_deref(), Some("mcs-system"));
+    let rules: Vec<_> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.api_groups.unwrap_or_default(), r.resources.unwrap_or_default(), r.verbs))
+        .collect();
+    assert_eq!(rules, [(vec![String::new()], vec!["pods".to_owned()], vec!["list".to_owned(), "watch".to_owned()])]);
+    let path = deploy().join("rolebinding.yaml");
+    let binding: RoleBinding = typed(&documents(&path)[0], &path);
+    assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("Role", "mcs-agent"));
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("mcs-agent", Some("mcs-system")));
+    let path = deploy().join("daemonset.yaml");
+    let ds: DaemonSet = typed(&documents(&path)[0], &path);
+    let pod = ds.spec.unwrap().template;
+    assert_eq!(
+        pod.metadata.unwrap().labels.unwrap()["app.kubernetes.io/name"],
+        "mcs-agent",
+        "the default --peer-selector"
+    );
+    let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+    let namespace = env.iter().find(|e| e.name == "POD_NAMESPACE").expect("POD_NAMESPACE for --peer-namespace");
+    assert_eq!(namespace.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "metadata.namespace");
 }
 
 #[test]

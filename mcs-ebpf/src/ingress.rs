@@ -4,8 +4,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext};
 use aya_log_ebpf::{debug, warn};
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_CLIENT, CtKey, CtValue, FRAG_DNAT,
-    FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP, MapAddr, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
+    AffinityKey, AffinityValue, Backend, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_CLIENT, CT_F_SYNACK, CtKey, CtValue,
+    FRAG_DNAT, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP, MapAddr, ServiceKey, ServiceValue, Stat, client_hash,
+    flow_hash,
 };
 
 use crate::{
@@ -98,7 +99,12 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
             flow.src_ip,
         ) {
             Some((id, backend)) => {
-                if let Err(e) = record::<F>(&ct_key, service, id, &backend) {
+                // A TCP packet past the handshake (its entries were evicted, or
+                // it predates this agent) belongs to a connection the backend
+                // answered: it gets established's timeout, not a SYN's, and
+                // passive health does not take a RST for a refusal.
+                let flags = if flow.proto == IPPROTO_TCP && !is_bare_syn(flow) { CT_F_SYNACK } else { 0 };
+                if let Err(e) = record::<F>(&ct_key, service, id, &backend, flags) {
                     count(Stat::CtInsertFailed);
                     warn!(ctx, "conntrack insert failed ({}) for service {}: packet dropped", e, service.service_id);
                     return TC_ACT_SHOT;
@@ -287,13 +293,14 @@ fn record<F: Family>(
     service: &ServiceValue,
     id: u32,
     backend: &Backend<F::A>,
+    flags: u8,
 ) -> Result<(), i64> {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let ct = CtValue {
         addr: backend.ip,
         port: backend.port,
-        flags: 0,
+        flags,
         _pad: 0,
         backend_id: id,
         service_id: service.service_id,

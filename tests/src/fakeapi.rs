@@ -2,8 +2,8 @@
 //! discovery, paginated lists, watch streams, 410 Gone, 403 Forbidden, and
 //! going away and coming back on the same port. It serves only what the
 //! agent asks for (ServiceImports, EndpointSlices, Nodes, ClusterProperties,
-//! Services, ServiceCIDRs, Events), from memory, on a loopback address inside
-//! a test's namespace.
+//! Services, ServiceCIDRs, the agents' pods, Events), from memory, on a
+//! loopback address inside a test's namespace.
 
 use std::{
     collections::BTreeMap,
@@ -34,7 +34,9 @@ pub const NODES: &str = "/api/v1/nodes";
 pub const PROPERTIES: &str = "/apis/about.k8s.io/v1beta1/clusterproperties";
 pub const SERVICES: &str = "/api/v1/services";
 pub const SERVICE_CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
-const RESOURCES: [&str; 6] = [IMPORTS, SLICES, NODES, PROPERTIES, SERVICES, SERVICE_CIDRS];
+/// The agents' own pods (`--peer-namespace mcs-system`).
+pub const AGENT_PODS: &str = "/api/v1/namespaces/mcs-system/pods";
+const RESOURCES: [&str; 7] = [IMPORTS, SLICES, NODES, PROPERTIES, SERVICES, SERVICE_CIDRS, AGENT_PODS];
 
 /// How one resource answers list and watch requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

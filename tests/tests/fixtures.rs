@@ -180,6 +180,25 @@ fn established_packets_follow_conntrack_and_a_bare_syn_chooses_afresh() {
     assert_eq!(view(&out).dst, BACKENDS[0], "and conntrack now follows the new choice");
 }
 
+/// A TCP packet past the handshake that finds no conntrack (its entries
+/// evicted, or older than this agent) starts a pair that knows the backend
+/// answered: the collector gives it an established connection's timeout,
+/// not a SYN's 60 s, and a bare SYN's pair still does not.
+#[test]
+fn a_tracked_anew_connection_past_its_handshake_counts_as_answered() {
+    let mut dp = datapath();
+    let sport = 47001;
+    let ack = tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_ACK | TCP_PSH, b"more data\n");
+    run(&mut dp, PROG_INGRESS, &ack);
+    let (original, reply) = flow_entries(&dp, sport);
+    assert_eq!(original.expect("tracked").flags, CT_F_SYNACK);
+    assert_eq!(reply.expect("its reply entry").1.flags, CT_F_SYNACK);
+
+    let sport = 47002;
+    run(&mut dp, PROG_INGRESS, &tcp(&Ipv4Spec::new(CLIENT, VIP), sport, 80, TCP_SYN, b""));
+    assert_eq!(flow_entries(&dp, sport).1.expect("tracked").1.flags, 0, "a SYN is not answered yet");
+}
+
 #[test]
 fn udp_is_dnatted_and_a_zero_checksum_stays_zero() {
     let mut dp = datapath();

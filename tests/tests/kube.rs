@@ -11,7 +11,7 @@ use std::{
 use mcs_tests::{
     agent::{Agent, agent_binary, probe, probe_at, wait_probe, wait_probe_at},
     bpffs::ScratchBpffs,
-    fakeapi::{self, Api, IMPORTS, Mode, NODES, PROPERTIES, SERVICES, SLICES},
+    fakeapi::{self, AGENT_PODS, Api, IMPORTS, Mode, NODES, PROPERTIES, SERVICES, SLICES},
     netns::Netns,
     topology::Clusterset,
     traffic::{Connection, Server, tcp_request, udp_request},
@@ -315,15 +315,20 @@ fn an_import_on_a_services_cluster_ip_is_refused_and_dns_keeps_reaching_the_serv
     drop(servers);
 }
 
-fn node(name: &str, ready: bool) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": "z1"}},
-        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
-            "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]}})
+/// The agent's pod on `node`, as the DaemonSet makes it.
+fn agent_pod(node: &str, ready: bool) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("mcs-agent-{node}"), "namespace": "mcs-system",
+            "labels": {"app.kubernetes.io/name": "mcs-agent"}},
+        "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "mcs-agent"}]},
+        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
 }
 
-/// Every agent sees the same bad object; one Ready node, the same for all,
+/// Every agent sees the same bad object; one Ready agent, the same for all,
 /// reports it. Three agents of three nodes share one namespace here, each on
-/// its own client interface, bpffs, state directory and health port.
+/// its own client interface, bpffs, state directory and health port. A
+/// fourth node has no running agent (as a Windows node would): it never
+/// gets an object to report.
 #[test]
 fn three_agents_and_one_bad_object_make_one_event() {
     let mut lab = Lab::new();
@@ -331,8 +336,9 @@ fn three_agents_and_one_bad_object_make_one_event() {
     lab.set.add_client();
     let names = ["node-1", "node-2", "node-3"];
     for name in names {
-        lab.api.put(NODES, node(name, true));
+        lab.api.put(AGENT_PODS, agent_pod(name, true));
     }
+    lab.api.put(AGENT_PODS, agent_pod("node-4", false));
     let mut bad = import(&[("http", 80)]);
     bad["metadata"]["name"] = json!("bad");
     bad["spec"]["ports"][0]["port"] = json!(70_000);
@@ -355,6 +361,8 @@ fn three_agents_and_one_bad_object_make_one_event() {
                 format!("pod{k}"),
                 "--node-name".to_owned(),
                 (*name).to_owned(),
+                "--peer-namespace".to_owned(),
+                "mcs-system".to_owned(),
                 "--bpffs".to_owned(),
                 scratch[k].0.arg(),
                 "--state-dir".to_owned(),
@@ -397,6 +405,11 @@ fn three_agents_and_one_bad_object_make_one_event() {
     assert!(event["note"].as_str().unwrap().contains("spec.ports[0].port"), "{event}");
     assert_eq!(event["regarding"]["fieldPath"], "spec.ports[0].port");
     let uid = "uid-demo/bad";
+    assert_eq!(
+        mcs_agent::events::reporter(uid, ["node-1", "node-2", "node-3", "node-4"]),
+        Some("node-4"),
+        "this object is one that hashing over every node would give to node-4, which runs no agent"
+    );
     let chosen = mcs_agent::events::reporter(uid, names).unwrap();
     assert_eq!(event["reportingInstance"], chosen, "the node rendezvous hashing picks");
     let other_node = |k: usize| {
@@ -406,9 +419,9 @@ fn three_agents_and_one_bad_object_make_one_event() {
     let others: Vec<usize> = (0..names.len()).filter(|k| names[*k] != chosen).collect();
     assert!(others.iter().all(|k| other_node(*k)), "the other two agents say another node reports it");
 
-    // The reporter's node goes NotReady; a new problem of the same object is
-    // reported by the node the remaining Ready ones agree on.
-    lab.api.put(NODES, node(chosen, false));
+    // The reporter's agent goes NotReady; a new problem of the same object is
+    // reported by the agent the remaining Ready ones agree on.
+    lab.api.put(AGENT_PODS, agent_pod(chosen, false));
     std::thread::sleep(Duration::from_secs(1));
     bad["spec"]["ports"][0]["port"] = json!(70_001);
     lab.api.put(IMPORTS, bad);

@@ -15,7 +15,7 @@ use std::{
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, ObjectReference, Service},
+        core::v1::{Node, ObjectReference, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -134,11 +134,13 @@ fn spawn_reflector<K>(
     what: &'static str,
     events: UnboundedSender<SourceEvent>,
     prune: fn(&mut K),
+    fingerprint: Option<fn(&K) -> u64>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     tokio::spawn(async move {
+        let mut seen = HashMap::new();
         // The same selectors as the watch, one object at most: the cheapest
         // request that needs the same permission and the same server.
         let mut probe_params = ListParams::default().limit(1);
@@ -157,7 +159,14 @@ fn spawn_reflector<K>(
                         }
                         SourceEvent::Changed
                     }
-                    Some(Ok(_)) => SourceEvent::Changed,
+                    Some(Ok(event)) => {
+                        if let Some(fingerprint) = fingerprint
+                            && !event_matters(&event, fingerprint, &mut seen)
+                        {
+                            continue;
+                        }
+                        SourceEvent::Changed
+                    }
                     Some(Err(e)) => {
                         failing = true;
                         SourceEvent::Error { what, message: e.to_string() }
@@ -179,17 +188,27 @@ fn spawn_reflector<K>(
     });
 }
 
-/// Keeps of a Node only its name and Ready condition: all a node needs of
-/// the others (which one reports an object's Events).
-fn prune_node(node: &mut Node) {
-    node.metadata.managed_fields = None;
-    node.metadata.annotations = None;
-    node.metadata.labels = None;
-    node.spec = None;
-    let ready = node.status.take().and_then(|s| s.conditions).into_iter().flatten().find(|c| c.type_ == "Ready");
-    node.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+/// Where the other nodes' agents run: the DaemonSet's pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peers {
+    pub namespace: String,
+    /// A label selector of the agent's pods.
+    pub selector: String,
+}
+
+/// Keeps of an agent's pod only its node and Ready condition: all an agent
+/// needs of the others (which one reports an object's Events).
+fn prune_peer(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.labels = None;
+    pod.metadata.owner_references = None;
+    let node_name = pod.spec.take().and_then(|s| s.node_name);
+    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec { node_name, ..Default::default() });
+    let ready = pod.status.take().and_then(|s| s.conditions).into_iter().flatten().find(|c| c.type_ == "Ready");
+    pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
         conditions: ready.map(|c| {
-            vec![k8s_openapi::api::core::v1::NodeCondition { type_: c.type_, status: c.status, ..Default::default() }]
+            vec![k8s_openapi::api::core::v1::PodCondition { type_: c.type_, status: c.status, ..Default::default() }]
         }),
         ..Default::default()
     });
@@ -197,20 +216,60 @@ fn prune_node(node: &mut Node) {
 
 /// A reflector whose changes and failures are nobody's business but its
 /// readers': it neither triggers a reconcile nor makes the agent stale.
-fn spawn_quiet_reflector<K>(api: Api<K>, writer: Writer<K>, what: &'static str, prune: fn(&mut K))
-where
+fn spawn_quiet_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    what: &'static str,
+    prune: fn(&mut K),
+) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     tokio::spawn(async move {
-        let mut stream =
-            watcher(api, watcher::Config::default()).default_backoff().modify(prune).reflect(writer).boxed();
+        let mut stream = watcher(api, config).default_backoff().modify(prune).reflect(writer).boxed();
         while let Some(event) = stream.next().await {
             if let Err(e) = event {
                 debug!(what, error = %e, "watch failed; retrying");
             }
         }
     });
+}
+
+/// Whether a watch event changes what `fingerprint` reads of its objects:
+/// a Service whose status, labels or annotations changed leaves the agent
+/// nothing to do, and must not cost a pass over every import.
+fn event_matters<K: Resource>(
+    event: &watcher::Event<K>,
+    fingerprint: fn(&K) -> u64,
+    seen: &mut HashMap<String, u64>,
+) -> bool {
+    let key =
+        |k: &K| format!("{}/{}", k.meta().namespace.as_deref().unwrap_or(""), k.meta().name.as_deref().unwrap_or(""));
+    match event {
+        watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
+            let print = fingerprint(k);
+            seen.insert(key(k), print) != Some(print)
+        }
+        watcher::Event::Delete(k) => {
+            seen.remove(&key(k));
+            true
+        }
+        watcher::Event::Init | watcher::Event::InitDone => true,
+    }
+}
+
+/// What VIP safety reads of a Service: its ClusterIPs and owners.
+fn service_fingerprint(service: &Service) -> u64 {
+    use std::hash::{DefaultHasher, Hasher as _};
+    let mut h = DefaultHasher::new();
+    let spec = service.spec.as_ref();
+    spec.and_then(|s| s.cluster_ip.as_ref()).hash(&mut h);
+    spec.and_then(|s| s.cluster_ips.as_ref()).hash(&mut h);
+    for owner in service.metadata.owner_references.iter().flatten() {
+        (&owner.api_version, &owner.kind, &owner.name).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// The caches the agent reads.
@@ -222,9 +281,9 @@ pub struct KubeSource {
     services: Store<Service>,
     service_cidrs: Option<Store<DynamicObject>>,
     node: Option<Store<Node>>,
-    /// Every Node, pruned to name and Ready condition (with `--node-name`):
-    /// who reports which object's Events.
-    nodes: Option<Store<Node>>,
+    /// The agents' pods, pruned to node and Ready condition: who reports
+    /// which object's Events.
+    peers: Option<Store<Pod>>,
     property: Option<Store<DynamicObject>>,
     /// Checked objects by (kind, uid) with the resourceVersion they were
     /// checked at: an unchanged object is never converted or checked again,
@@ -244,10 +303,12 @@ enum Checked {
 
 impl KubeSource {
     /// Finds the APIs and starts the watches. `node_name` selects this node's
-    /// Node object (locality labels); without it, locality comes from flags only.
+    /// Node object (locality labels); without it, locality comes from flags
+    /// only. `peers` finds the other agents, which share Event reporting.
     pub async fn start(
         client: Client,
         node_name: Option<&str>,
+        peers: Option<&Peers>,
         events: UnboundedSender<SourceEvent>,
     ) -> Result<Self, KubeSourceError> {
         let import_resource = service_import_resource(&client).await?;
@@ -256,7 +317,7 @@ impl KubeSource {
         let writer = Writer::new(import_resource.clone());
         let imports = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
-        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone(), keep);
+        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone(), keep, None);
 
         let (slices, writer) = reflector::store();
         let config = watcher::Config::default().labels(LABEL_SERVICE_NAME);
@@ -267,11 +328,13 @@ impl KubeSource {
             "EndpointSlice",
             events.clone(),
             keep,
+            None,
         );
 
         let (services, writer) = reflector::store();
         let config = watcher::Config::default();
-        spawn_reflector(Api::<Service>::all(client.clone()), config, writer, "Service", events.clone(), prune_service);
+        let api = Api::<Service>::all(client.clone());
+        spawn_reflector(api, config, writer, "Service", events.clone(), prune_service, Some(service_fingerprint));
 
         let service_cidrs = match discover(
             &client,
@@ -283,12 +346,7 @@ impl KubeSource {
         .await
         {
             Some(resource) => {
-                let writer = Writer::new(resource.clone());
-                let store = writer.as_reader();
-                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                let config = watcher::Config::default();
-                spawn_reflector(api, config, writer, "ServiceCIDR", events.clone(), keep);
-                Some(store)
+                Some(watch_discovered(&client, &resource, watcher::Config::default(), "ServiceCIDR", events.clone()))
             }
             None => {
                 info!(
@@ -301,12 +359,14 @@ impl KubeSource {
         let node = node_name.map(|name| {
             let (store, writer) = reflector::store();
             let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone(), keep);
+            spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone(), keep, None);
             store
         });
-        let nodes = node_name.map(|_| {
+        let peers = peers.map(|peers| {
             let (store, writer) = reflector::store();
-            spawn_quiet_reflector(Api::<Node>::all(client.clone()), writer, "Nodes (Event reporting)", prune_node);
+            let api = Api::<Pod>::namespaced(client.clone(), &peers.namespace);
+            let config = watcher::Config::default().labels(&peers.selector);
+            spawn_quiet_reflector(api, config, writer, "agent pods (Event reporting)", prune_peer);
             store
         });
 
@@ -320,12 +380,8 @@ impl KubeSource {
         .await
         {
             Some(resource) => {
-                let writer = Writer::new(resource.clone());
-                let store = writer.as_reader();
                 let config = watcher::Config::default().fields(&format!("metadata.name={CLUSTER_ID_PROPERTY}"));
-                let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-                spawn_reflector(api, config, writer, "ClusterProperty", events, keep);
-                Some(store)
+                Some(watch_discovered(&client, &resource, config, "ClusterProperty", events))
             }
             None => {
                 info!(
@@ -341,7 +397,7 @@ impl KubeSource {
             services,
             service_cidrs,
             node,
-            nodes,
+            peers,
             property,
             entries: Default::default(),
         })
@@ -454,9 +510,9 @@ impl KubeSource {
         ranges
     }
 
-    /// The Node cache for Event reporting (with `--node-name`).
-    pub fn nodes(&self) -> Option<Store<Node>> {
-        self.nodes.clone()
+    /// The agents' pods, for Event reporting (with `--peer-namespace`).
+    pub fn peers(&self) -> Option<Store<Pod>> {
+        self.peers.clone()
     }
 
     /// Zone and region labels of this node, when it is known.
@@ -521,6 +577,20 @@ impl KubeSource {
         }
         errors.iter().filter_map(|e| Some((*e, found.get(&(e.kind, e.object.clone()))?.clone()))).collect()
     }
+}
+
+/// Watches a resource found by discovery into a store of its own.
+fn watch_discovered(
+    client: &Client,
+    resource: &ApiResource,
+    config: watcher::Config,
+    what: &'static str,
+    events: UnboundedSender<SourceEvent>,
+) -> Store<DynamicObject> {
+    let writer = Writer::new(resource.clone());
+    let store = writer.as_reader();
+    spawn_reflector(Api::all_with(client.clone(), resource), config, writer, what, events, keep, None);
+    store
 }
 
 /// The reflectors that keep their objects whole.
@@ -811,7 +881,7 @@ mod tests {
         serve(fake.clone(), handle);
         let client = Client::new(service, "default");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let source = KubeSource::start(client.clone(), Some("node-1"), tx).await.expect("start");
+        let source = KubeSource::start(client.clone(), Some("node-1"), None, tx).await.expect("start");
         assert_eq!(
             source.import_resource.api_version, "multicluster.x-k8s.io/v1alpha1",
             "v1beta1 is not served: fall back"
@@ -955,9 +1025,37 @@ mod tests {
             }
         });
         let (tx, _rx) = mpsc::unbounded_channel();
-        let error =
-            KubeSource::start(Client::new(service, "default"), None, tx).await.err().expect("no ServiceImport API");
+        let error = KubeSource::start(Client::new(service, "default"), None, None, tx)
+            .await
+            .err()
+            .expect("no ServiceImport API");
         assert!(error.to_string().contains("install the MCS CRDs"), "{error}");
+    }
+
+    #[test]
+    fn only_a_services_cluster_ips_or_owners_changing_triggers_a_reconcile() {
+        let service = |ip: &str, annotation: &str| -> Service {
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "dns", "namespace": "kube-system", "annotations": {"note": annotation}},
+                "spec": {"clusterIP": ip}}))
+            .unwrap()
+        };
+        let mut seen = HashMap::new();
+        let mut matters = |event: watcher::Event<Service>| {
+            let event = match event {
+                watcher::Event::Apply(mut s) => {
+                    prune_service(&mut s);
+                    watcher::Event::Apply(s)
+                }
+                other => other,
+            };
+            event_matters(&event, service_fingerprint, &mut seen)
+        };
+        assert!(matters(watcher::Event::Apply(service("10.96.0.10", "a"))), "a new Service");
+        assert!(!matters(watcher::Event::Apply(service("10.96.0.10", "b"))), "an annotation changed: nothing to do");
+        assert!(matters(watcher::Event::Apply(service("10.96.0.11", "b"))), "its ClusterIP changed");
+        assert!(matters(watcher::Event::Delete(service("10.96.0.11", "b"))), "deleted");
+        assert!(matters(watcher::Event::Apply(service("10.96.0.11", "b"))), "back again");
     }
 
     #[test]
