@@ -7,7 +7,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
@@ -26,98 +25,10 @@ use crate::{
     },
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub const fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => mcs_common::IPPROTO_TCP,
-            Protocol::Udp => mcs_common::IPPROTO_UDP,
-        }
-    }
-
-    /// Kubernetes spelling; absent or empty means TCP.
-    fn parse(value: Option<&str>) -> Result<Self, String> {
-        match value.unwrap_or("") {
-            "" | "TCP" => Ok(Protocol::Tcp),
-            "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Err("protocol SCTP is not supported by the mcs-agent datapath (TCP and UDP are)".to_owned()),
-            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        })
-    }
-}
-
-/// `ClusterSetIP:port/protocol`, what a client dials.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FrontendKey {
-    /// One entry of `spec.ips`: each family's ClusterSetIP is its own frontend.
-    pub vip: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-}
-
-impl fmt::Display for FrontendKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", std::net::SocketAddr::new(self.vip, self.port), self.protocol)
-    }
-}
-
-/// A pod `IP:port` that serves a frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendAddr {
-    pub ip: IpAddr,
-    pub port: u16,
-}
-
-impl fmt::Display for BackendAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
-    }
-}
-
-/// An endpoint's EndpointSlice conditions, reduced to what selection uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Condition {
-    /// `ready` true or absent.
-    Ready,
-    /// Not ready, but `serving` and `terminating`: a last resort.
-    Terminating,
-    NotReady,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Locality {
-    /// `multicluster.kubernetes.io/source-cluster` of its slice.
-    pub cluster: Option<String>,
-    /// `endpoints[].zone`.
-    pub zone: Option<String>,
-    /// `topology.kubernetes.io/region` label of its slice.
-    pub region: Option<String>,
-    /// `endpoints[].nodeName`.
-    pub node: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub addr: BackendAddr,
-    /// Shared: one allocation per slice endpoint, whatever the number of
-    /// frontends (ports, passes) that list it.
-    pub locality: Arc<Locality>,
-    pub condition: Condition,
-}
+// The endpoint and address types live in the model, below every decision
+// module; they are re-exported here for the modules that read them with the
+// desired state.
+pub use crate::model::{BackendAddr, Condition, Endpoint, FrontendKey, Locality, Protocol};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Frontend {

@@ -9,7 +9,7 @@
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
-use crate::desired::{BackendAddr, Condition, Endpoint};
+use crate::model::{BackendAddr, Condition, Endpoint};
 
 /// Label on an EndpointSlice naming the region of its endpoints.
 pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
@@ -266,7 +266,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::desired::Locality;
+    use crate::model::Locality;
 
     fn node() -> NodeLocality {
         NodeLocality {

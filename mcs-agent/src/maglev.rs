@@ -13,7 +13,7 @@
 //! from scratch; established flows do not notice (conntrack pins them), only
 //! new flows hash differently.
 
-use crate::desired::BackendAddr;
+use crate::model::BackendAddr;
 
 /// Primes, roughly doubling.
 pub const TABLE_SIZES: [u32; 13] = [13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];

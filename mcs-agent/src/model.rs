@@ -4,6 +4,8 @@
 //! v1alpha1 and v1beta1 share one schema) is declared here after
 //! `../shared/reference/mcs-api/multicluster.x-k8s.io_serviceimports.yaml`.
 
+use std::{fmt, net::IpAddr, sync::Arc};
+
 use k8s_openapi::{api::discovery::v1::EndpointSlice, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{Deserialize, Serialize};
 
@@ -143,4 +145,100 @@ pub fn service_ips(service: &k8s_openapi::api::core::v1::Service) -> Vec<(std::n
 pub fn object_ref(meta: &ObjectMeta) -> (String, String) {
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".to_owned());
     (namespace, meta.name.clone().unwrap_or_default())
+}
+
+// The datapath's vocabulary: what a frontend and its endpoints are, below
+// every decision module (`locality`, `maglev`, `desired`).
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => mcs_common::IPPROTO_TCP,
+            Protocol::Udp => mcs_common::IPPROTO_UDP,
+        }
+    }
+
+    /// Kubernetes spelling; absent or empty means TCP.
+    pub(crate) fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value.unwrap_or("") {
+            "" | "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Err("protocol SCTP is not supported by the mcs-agent datapath (TCP and UDP are)".to_owned()),
+            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// `ClusterSetIP:port/protocol`, what a client dials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    /// One entry of `spec.ips`: each family's ClusterSetIP is its own frontend.
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.vip, self.port), self.protocol)
+    }
+}
+
+/// A pod `IP:port` that serves a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", std::net::SocketAddr::new(self.ip, self.port))
+    }
+}
+
+/// An endpoint's EndpointSlice conditions, reduced to what selection uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// `ready` true or absent.
+    Ready,
+    /// Not ready, but `serving` and `terminating`: a last resort.
+    Terminating,
+    NotReady,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    /// `multicluster.kubernetes.io/source-cluster` of its slice.
+    pub cluster: Option<String>,
+    /// `endpoints[].zone`.
+    pub zone: Option<String>,
+    /// `topology.kubernetes.io/region` label of its slice.
+    pub region: Option<String>,
+    /// `endpoints[].nodeName`.
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: BackendAddr,
+    /// Shared: one allocation per slice endpoint, whatever the number of
+    /// frontends (ports, passes) that list it.
+    pub locality: Arc<Locality>,
+    pub condition: Condition,
 }
