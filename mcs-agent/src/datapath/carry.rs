@@ -1,0 +1,237 @@
+//! Layout upgrades: flows, affinity and socket translations carried
+//! from an older layout's maps into this one's.
+
+// One module split by concern: the pieces share the root's types and imports.
+use super::*;
+
+/// Copies established flows, affinity and socket translations (both
+/// families) from an older layout's pinned maps into this agent's, where
+/// their shapes are the same, mapping service and backend ids through the
+/// frontends and addresses both sides know. Entries this agent already has
+/// win.
+///
+/// A layout bump that changes `CtKey`/`CtValue`, the affinity or the
+/// `SockRev` types must add a conversion here (see ARCHITECTURE.md). Layout
+/// 3's two conntrack maps are converted into `CT` entries (see below).
+pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
+    pub(super) fn open<K: aya::Pod, V: aya::Pod>(
+        old: &LayoutDir,
+        name: &'static str,
+    ) -> Option<HashMap<MapData, K, V>> {
+        let path = old.map(name);
+        let (kind, key, value, _) = expected(name);
+        let info = MapInfo::from_pin(&path).ok()?;
+        if info.map_type().ok()? != kind || info.key_size() as usize != key || info.value_size() as usize != value {
+            warn!(
+                map = name,
+                layout = old.version,
+                "the older layout's map has another shape; its entries are not carried over"
+            );
+            return None;
+        }
+        let data = MapData::from_pin(&path).ok()?;
+        let map = if kind == MapType::LruHash { Map::LruHashMap(data) } else { Map::HashMap(data) };
+        HashMap::try_from(map).ok()
+    }
+    /// Copies `from` into `to`, each value through `convert` (None: skip).
+    pub(super) fn copy<K: aya::Pod, V: aya::Pod>(
+        old: &LayoutDir,
+        name: &'static str,
+        to: &mut HashMap<MapData, K, V>,
+        convert: impl Fn(&mut K, &mut V) -> bool,
+    ) -> usize {
+        let Some(from) = open::<K, V>(old, name) else { return 0 };
+        let no_exist = 1; // BPF_NOEXIST
+        let mut n = 0;
+        for (mut k, mut v) in from.iter().filter_map(Result::ok) {
+            if convert(&mut k, &mut v) && to.insert(k, v, no_exist).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+    let old_services = |name| -> Vec<(FrontendKey, u32)> {
+        let pairs = |m: HashMap<MapData, ServiceKey, ServiceValue>| -> Vec<(FrontendKey, u32)> {
+            m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_of(&k).ok()?, v.service_id))).collect()
+        };
+        let pairs6 = |m: HashMap<MapData, ServiceKey<Ip6>, ServiceValue>| -> Vec<(FrontendKey, u32)> {
+            m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_of(&k).ok()?, v.service_id))).collect()
+        };
+        if name == MAP_SERVICES { open(old, name).map(pairs) } else { open(old, name).map(pairs6) }.unwrap_or_default()
+    };
+    let new_service_ids: BTreeMap<FrontendKey, u32> =
+        current.kernel_state().services.into_iter().filter_map(|(k, v)| Some((k.ok()?, v.service_id))).collect();
+    let service_id: BTreeMap<u32, u32> = old_services(MAP_SERVICES)
+        .into_iter()
+        .chain(old_services(MAP_SERVICES6))
+        .filter_map(|(k, old_id)| Some((old_id, *new_service_ids.get(&k)?)))
+        .collect();
+    let old_backends =
+        MapData::from_pin(old.map(MAP_BACKENDS)).ok().and_then(|d| Array::<_, Backend>::try_from(Map::Array(d)).ok());
+    let old_backends6 = MapData::from_pin(old.map(MAP_BACKENDS6))
+        .ok()
+        .and_then(|d| Array::<_, Backend<Ip6>>::try_from(Map::Array(d)).ok());
+    let new_backend_ids: BTreeMap<BackendAddr, u32> =
+        current.kernel_state().backends.into_iter().map(|(id, b)| (b, id)).collect();
+    // Ids are one space over both families: an id names a backend in one of them.
+    let backend_id = |old_id: u32| -> u32 {
+        let addr = old_backends
+            .as_ref()
+            .and_then(|m| m.get(&old_id, 0).ok())
+            .filter(|b| *b != Backend::default())
+            .map(|b| backend_addr(&b))
+            .or_else(|| {
+                old_backends6
+                    .as_ref()
+                    .and_then(|m| m.get(&old_id, 0).ok())
+                    .filter(|b| *b != Backend::default())
+                    .map(|b| backend_addr(&b))
+            });
+        addr.and_then(|a| new_backend_ids.get(&a).copied()).unwrap_or(mcs_common::NO_BACKEND)
+    };
+    let service = |id: u32| service_id.get(&id).copied();
+    let maps = &mut current.maps;
+    // One conversion per value type, instantiated for each family.
+    macro_rules! ct {
+        () => {
+            |_: &mut _, v: &mut CtValue<_>| {
+                v.backend_id = backend_id(v.backend_id);
+                v.service_id = service(v.service_id).unwrap_or(0);
+                true
+            }
+        };
+    }
+    macro_rules! sock {
+        () => {
+            |_: &mut _, v: &mut SockRevValue<_>| {
+                v.backend_id = backend_id(v.backend_id);
+                v.service_id = service(v.service_id).unwrap_or(0);
+                true
+            }
+        };
+    }
+    macro_rules! affinity {
+        () => {
+            |k: &mut AffinityKey<_>, v: &mut AffinityValue| {
+                let (Some(sid), bid) = (service(k.service_id), backend_id(v.backend_id)) else { return false };
+                k.service_id = sid;
+                v.backend_id = bid;
+                bid != mcs_common::NO_BACKEND
+            }
+        };
+    }
+    /// Layout 3's entries, each through `convert` to an entry of `CT`, with
+    /// the sibling derived from it when `sibling` (inserted only where
+    /// missing, and only beside an entry that went in).
+    pub(super) fn convert<K: aya::Pod, V: aya::Pod, A: MapAddr + aya::Pod>(
+        old: &LayoutDir,
+        name: &'static str,
+        to: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
+        sibling: bool,
+        convert: impl Fn(K, V) -> (CtKey<A>, CtValue<A>),
+    ) -> usize
+    where
+        CtKey<A>: aya::Pod,
+        CtValue<A>: aya::Pod,
+    {
+        let Some(from) = open::<K, V>(old, name) else { return 0 };
+        let no_exist = 1; // BPF_NOEXIST
+        let mut n = 0;
+        for (k, v) in from.iter().filter_map(Result::ok) {
+            let (key, value) = convert(k, v);
+            if to.insert(key, value, no_exist).is_err() {
+                continue;
+            }
+            n += 1;
+            if sibling {
+                let (sibling, sibling_value) = key.sibling(&value);
+                let _ = to.insert(sibling, sibling_value, no_exist);
+            }
+        }
+        n
+    }
+    macro_rules! from_v3_ct {
+        () => {
+            |k: v3::CtKey<_>, v: v3::CtValue<_>| {
+                let key = CtKey {
+                    src: k.client_ip,
+                    dst: k.vip,
+                    src_port: k.client_port,
+                    dst_port: k.vip_port,
+                    proto: k.proto,
+                    dir: CT_DIR_ORIGINAL,
+                    _pad: [0; 2],
+                };
+                let value = CtValue {
+                    addr: v.backend_ip,
+                    port: v.backend_port,
+                    flags: v.flags,
+                    _pad: 0,
+                    backend_id: backend_id(v.backend_id),
+                    service_id: service(v.service_id).unwrap_or(0),
+                    closed_ns: v.closed_ns,
+                    created_ns: v.created_ns,
+                    paired_ns: 0,
+                };
+                (key, value)
+            }
+        };
+    }
+    macro_rules! from_v3_rev {
+        () => {
+            |k: v3::RevNatKey<_>, v: v3::RevNatValue<_>| {
+                let key = CtKey {
+                    src: k.backend_ip,
+                    dst: k.client_ip,
+                    src_port: k.backend_port,
+                    dst_port: k.client_port,
+                    proto: k.proto,
+                    dir: CT_DIR_REPLY,
+                    _pad: [0; 2],
+                };
+                // Layout 3 kept the service only on the client's side: the
+                // reply entry goes without it (the reply path never reads it).
+                let value = CtValue {
+                    addr: v.vip,
+                    port: v.vip_port,
+                    flags: v.flags,
+                    _pad: 0,
+                    backend_id: backend_id(v.backend_id),
+                    service_id: 0,
+                    closed_ns: v.closed_ns,
+                    created_ns: 0,
+                    paired_ns: 0,
+                };
+                (key, value)
+            }
+        };
+    }
+    let conntrack = copy(old, MAP_CT, &mut maps.ct, ct!()) + copy(old, MAP_CT6, &mut maps.ct6, ct!());
+    // A layout-3 `CONNTRACK` entry alone is not derived a reply: that
+    // layout left one behind when a direct connection reused the tuple, and
+    // a reply entry would capture that connection's replies. Its first
+    // client packet puts the reply back (`paired_ns` 0: a check is due).
+    // A `REV_NAT` entry brings its flow's original entry with it (only
+    // packets to the VIP can meet that one).
+    let converted = convert(old, v3::MAP_CONNTRACK, &mut maps.ct, false, from_v3_ct!())
+        + convert(old, v3::MAP_CONNTRACK6, &mut maps.ct6, false, from_v3_ct!())
+        + convert(old, v3::MAP_REV_NAT, &mut maps.ct, true, from_v3_rev!())
+        + convert(old, v3::MAP_REV_NAT6, &mut maps.ct6, true, from_v3_rev!());
+    let sockets =
+        copy(old, MAP_SOCK_REV, &mut maps.sock_rev, sock!()) + copy(old, MAP_SOCK_REV6, &mut maps.sock_rev6, sock!());
+    let affinity = copy(old, MAP_AFFINITY, &mut maps.affinity, affinity!())
+        + copy(old, MAP_AFFINITY6, &mut maps.affinity6, affinity!());
+    CarriedOver { conntrack, converted, sockets, affinity }
+}
+
+/// What [`carry_over`] copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CarriedOver {
+    /// Conntrack entries of the same layout as ours (two per flow).
+    pub conntrack: usize,
+    /// Layout 3 conntrack and reverse-NAT entries converted.
+    pub converted: usize,
+    /// Socket-level translations.
+    pub sockets: usize,
+    pub affinity: usize,
+}

@@ -1,0 +1,196 @@
+//! Pins: where each layout version keeps its maps and links on bpffs,
+//! and how a node is cleaned of them.
+
+// One module split by concern: the pieces share the root's types and imports.
+use super::*;
+
+/// Where one layout version keeps its pins: `<bpffs>/mcs/v<N>/<MAP>` and
+/// `<bpffs>/mcs/v<N>/links/<ingress|egress>/<iface>`.
+#[derive(Clone, Debug)]
+pub struct LayoutDir {
+    pub version: u32,
+    pub dir: PathBuf,
+}
+
+impl LayoutDir {
+    pub fn new(bpffs: &Path, version: u32) -> Self {
+        Self { version, dir: bpffs.join(PIN_ROOT).join(format!("v{version}")) }
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn links(&self) -> PathBuf {
+        self.dir.join(PIN_LINKS)
+    }
+
+    pub(super) fn link(&self, iface: &str, attach_type: TcAttachType) -> PathBuf {
+        self.links().join(direction(attach_type)).join(escape(iface))
+    }
+
+    /// Interfaces with a pinned link in this layout, sorted.
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["ingress", "egress"]
+            .iter()
+            .flat_map(|dir| fs::read_dir(self.links().join(dir)).into_iter().flatten())
+            .filter_map(Result::ok)
+            .filter_map(|e| unescape(e.file_name().to_str()?))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Layout versions other than `current` that have pins under `bpffs`.
+    pub fn others(bpffs: &Path, current: u32) -> Vec<LayoutDir> {
+        let mut found: Vec<LayoutDir> = fs::read_dir(bpffs.join(PIN_ROOT))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse::<u32>().ok())
+            .filter(|v| *v != current)
+            .map(|v| LayoutDir::new(bpffs, v))
+            .collect();
+        found.sort_by_key(|l| l.version);
+        found
+    }
+}
+
+/// bpffs refuses names with a dot (reserved by the kernel), and interface
+/// names may have one (`eth0.100`): `%` and `.` are percent-encoded.
+pub(super) fn escape(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2E")
+}
+
+pub(super) fn unescape(name: &str) -> Option<String> {
+    Some(name.replace("%2E", ".").replace("%25", "%"))
+}
+
+pub(super) fn direction(attach_type: TcAttachType) -> &'static str {
+    match attach_type {
+        TcAttachType::Ingress => "ingress",
+        _ => "egress",
+    }
+}
+
+pub(super) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `root` is a bpffs, mounting one if nothing is mounted there
+/// (as inside `ip netns exec`, which remounts /sys without it).
+pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
+    let err = |message: String| DatapathError::Bpffs { path: root.to_owned(), message };
+    if let Ok(stat) = nix::sys::statfs::statfs(root)
+        && stat.filesystem_type().0 == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    fs::create_dir_all(root).map_err(|e| err(format!("cannot create the mount point: {e}")))?;
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| err(format!("not a bpffs and mounting one failed: {e}")))?;
+    warn!(
+        path = %root.display(),
+        "no bpffs there: mounted one of our own, which lives only as long as this mount namespace; \
+         for pins that outlive the agent (hitless restarts), mount bpffs on the host (systemd's sys-fs-bpf.mount does)"
+    );
+    Ok(())
+}
+
+/// `<bpffs>/mcs/v<LAYOUT_VERSION>`: where this layout's maps are pinned.
+pub fn pin_dir(bpffs: &Path) -> PathBuf {
+    LayoutDir::new(bpffs, LAYOUT_VERSION).dir
+}
+
+/// Removes a layout's pins (links first: that detaches them) and its directory,
+/// and the shared parent when no other layout uses it.
+pub(super) fn remove_layout(layout: &LayoutDir) {
+    for iface in layout.pinned_interfaces() {
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let _ = fs::remove_file(layout.link(iface.as_str(), attach_type));
+        }
+    }
+    match fs::remove_dir_all(&layout.dir) {
+        Ok(()) => debug!(path = %layout.dir.display(), "removed pins"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %layout.dir.display(), error = %e, "removing pins failed"),
+    }
+    if let Some(parent) = layout.dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default)]
+pub struct Uninstalled {
+    pub layouts: Vec<u32>,
+    pub links: usize,
+    pub netlink_filters: usize,
+}
+
+/// Removes mcs-agent from this node: every pinned link (which detaches it),
+/// every pinned map of every layout version, and our netlink filters on every
+/// interface of this network namespace.
+pub fn uninstall(bpffs: &Path) -> Result<Uninstalled, DatapathError> {
+    let mut done = Uninstalled::default();
+    ensure_bpffs(bpffs)?;
+    for layout in LayoutDir::others(bpffs, u32::MAX) {
+        done.links += layout.pinned_interfaces().len() * 2;
+        remove_layout(&layout);
+        done.layouts.push(layout.version);
+    }
+    let _ = fs::remove_dir(bpffs.join(PIN_ROOT));
+    let interfaces = nix::net::if_::if_nameindex()
+        .map_err(|e| DatapathError::Bpffs { path: bpffs.to_owned(), message: format!("listing interfaces: {e}") })?;
+    for iface in interfaces.iter() {
+        let Ok(name) = iface.name().to_str() else { continue };
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            for prog in [PROG_INGRESS, PROG_EGRESS] {
+                if tc::qdisc_detach_program(name, attach_type, prog).is_ok() {
+                    done.netlink_filters += 1;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Removes an older layout once this agent serves every interface: its
+/// remaining pinned links (interfaces nobody serves now) and its maps.
+pub fn retire_layout(layout: &LayoutDir) {
+    remove_layout(layout);
+    info!(version = layout.version, path = %layout.dir.display(), "removed the older layout's pins");
+}
+
+/// What of mcs-agent is still on this node: pinned layouts, and our TCX
+/// programs on any interface. Empty after `uninstall`. (Netlink filters are
+/// not listed: reading them needs a netlink dump aya does not expose;
+/// `uninstall` removes them all the same.)
+pub fn remains(bpffs: &Path) -> Vec<String> {
+    let mut found: Vec<String> = LayoutDir::others(bpffs, u32::MAX)
+        .iter()
+        .map(|l| format!("pins of layout v{} in {}", l.version, l.dir.display()))
+        .collect();
+    for iface in nix::net::if_::if_nameindex().iter().flat_map(|list| list.iter()) {
+        let Ok(name) = iface.name().to_str() else { continue };
+        for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let programs = SchedClassifier::query_tcx(name, attach_type).map(|(_, p)| p).unwrap_or_default();
+            if programs.iter().any(|p| matches!(p.name_as_str(), Some(PROG_INGRESS | PROG_EGRESS))) {
+                found.push(format!("TCX {} program on {name}", direction(attach_type)));
+            }
+        }
+    }
+    found
+}
+
+impl Datapath {
+    /// Older layouts to take pinned links over from (see [`retire_layout`]).
+    pub fn set_older_layouts(&mut self, older: Vec<LayoutDir>) {
+        if self.layout.is_some() {
+            self.older = older;
+        }
+    }
+
+    pub fn layout(&self) -> Option<&LayoutDir> {
+        self.layout.as_ref()
+    }
+}

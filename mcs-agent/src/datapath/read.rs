@@ -1,0 +1,104 @@
+//! Readers of kernel state: counters, conntrack, the programmed services.
+
+// One module split by concern: the pieces share the root's types and imports.
+use super::*;
+
+impl Datapath {
+    /// Counters of backend `id`, summed over CPUs (`None` past the map's size).
+    pub fn backend_stats(&self, id: u32) -> Option<BackendStats> {
+        let values = self.maps.backend_stats.get(&id, 0).ok()?;
+        Some(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
+    }
+
+    /// How many backend ids have passive health counters (ids from 0).
+    pub fn health_entries(&self) -> usize {
+        self.maps.health.len
+    }
+
+    /// Passive health's counters of backend `id` (a memory read, no syscall).
+    pub fn health(&self, id: u32) -> Option<Health> {
+        self.maps.health.get(id)
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Option<ServiceStats> {
+        let values = self.maps.service_stats.get(&id, 0).ok()?;
+        Some(values.iter().fold(ServiceStats::default(), |a, v| ServiceStats {
+            new_flows: a.new_flows + v.new_flows,
+            no_backend: a.no_backend + v.no_backend,
+        }))
+    }
+
+    /// Descriptors of `CT` and `CT6` of their own, for the collector's thread.
+    pub fn conntrack_fds(&self) -> Result<(OwnedFd, OwnedFd), DatapathError> {
+        let dup =
+            |fd: &OwnedFd, name| fd.try_clone().map_err(|e| DatapathError::Map { name, source: MapError::IoError(e) });
+        Ok((dup(&self.maps.fds.ct, MAP_CT)?, dup(&self.maps.fds.ct6, MAP_CT6)?))
+    }
+
+    /// Flows in conntrack, both families (their original-direction entries;
+    /// walks the maps: tools and tests, not the agent's loop).
+    pub fn conntrack_len(&self) -> usize {
+        let v4 = self.maps.ct.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count();
+        v4 + self.maps.ct6.keys().filter(|k| k.as_ref().is_ok_and(|k| k.dir == CT_DIR_ORIGINAL)).count()
+    }
+
+    /// What the maps hold, for rebuilding the agent's allocations after a restart.
+    pub fn kernel_state(&self) -> KernelState {
+        let maps = &self.maps;
+        let services = (maps.services.iter().filter_map(Result::ok).map(|(k, v)| (frontend_of(&k), v)))
+            .chain(maps.services6.iter().filter_map(Result::ok).map(|(k, v)| (frontend_of(&k), v)))
+            .collect();
+        let ids = 1..self.sizes.capacity.backends;
+        let backends = (ids.clone().filter_map(|id| Some((id, maps.backends.get(&id, 0).ok()?))))
+            .filter(|(_, b)| *b != Backend::default())
+            .map(|(id, b)| (id, backend_addr(&b)))
+            .chain(
+                ids.filter_map(|id| Some((id, maps.backends6.get(&id, 0).ok()?)))
+                    .filter(|(_, b)| *b != Backend::default())
+                    .map(|(id, b)| (id, backend_addr(&b))),
+            )
+            .collect();
+        KernelState { services, backends }
+    }
+
+    /// Packet counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Stat, u64)>, DatapathError> {
+        Stat::ALL
+            .iter()
+            .map(|&stat| {
+                let values = self
+                    .maps
+                    .stats
+                    .get(&(stat as u32), 0)
+                    .map_err(|source| DatapathError::Map { name: MAP_STATS, source })?;
+                Ok((stat, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn stat(&self, stat: Stat) -> u64 {
+        self.maps.stats.get(&(stat as u32), 0).map_or(0, |values| values.iter().sum())
+    }
+
+    /// IPv4 conntrack entries of one direction (`CT_DIR_*`).
+    pub fn conntrack_entries(&self, dir: u8) -> Vec<(CtKey, CtValue)> {
+        self.maps.ct.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == dir).collect()
+    }
+
+    pub fn affinity_entries(&self) -> Vec<(AffinityKey, AffinityValue)> {
+        self.maps.affinity.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.maps.services.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn selection_slot(&self, slot: u32) -> Option<u32> {
+        self.maps.selection.read(slot)
+    }
+
+    pub fn backend(&self, id: u32) -> Option<Backend> {
+        self.maps.backends.get(&id, 0).ok()
+    }
+}
