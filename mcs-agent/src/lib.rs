@@ -6,6 +6,7 @@
 //! the change into ordered map writes; [`datapath::Datapath::apply`] executes them.
 
 pub mod batch;
+pub mod cli;
 pub mod conntrack;
 pub mod datapath;
 pub mod desired;
