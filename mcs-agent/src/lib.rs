@@ -5,6 +5,7 @@
 //! [`desired::compute`] decides the frontends; [`plan::Applied::plan`] turns
 //! the change into ordered map writes; [`datapath::Datapath::apply`] executes them.
 
+pub mod agent;
 pub mod batch;
 pub mod cli;
 pub mod conntrack;

@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
+    agent::schedule::{Due, Schedule, StaleChange},
     cli::{Cli, Command, InspectArgs, InspectWhat, OnOff, Output, RunArgs},
     conntrack,
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, Sizes},
@@ -557,15 +558,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
     resync.tick().await;
-    // Failing watches by resource: ready only when none fails.
-    let mut stale: BTreeMap<&'static str, String> = BTreeMap::new();
-    let mut last_reconcile = Instant::now();
+    // When to reconcile, what a pass must do, which watches fail.
+    let mut schedule = Schedule::new(Duration::from_millis(debounce_ms), Instant::now(), source.is_some());
     let mut serving = false;
     let mut patterns = Some(patterns);
-    let mut due = Due { full: source.is_some(), ..Due::default() };
-    let mut resyncs = 0u64;
-    // (when, how long) of the last pass that recomputed every service.
-    let mut last_full_pass = (Instant::now(), Duration::ZERO);
     let metrics = AgentMetrics::default();
     let (scrape_tx, mut scrapes) = mpsc::unbounded_channel();
     health.serve_metrics(scrape_tx);
@@ -613,17 +609,15 @@ async fn run(args: RunArgs) -> Result<()> {
     outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        if due.any()
+        if schedule.due().any()
             && let Some(source) = &source
         {
             health.beat();
             let started = Instant::now();
-            let work = std::mem::take(&mut due);
+            let work = schedule.take_due();
             let full_pass = work.recompute;
             let result = reconcile(source, &flags_policy, &mut reconciler, &mut datapath, recorder.as_ref(), work);
-            if full_pass {
-                last_full_pass = (Instant::now(), started.elapsed());
-            }
+            let took = started.elapsed();
             match &result {
                 Ok(()) => metrics.reconciled(started.elapsed()),
                 Err(_) => metrics.reconcile_failed(),
@@ -692,58 +686,38 @@ async fn run(args: RunArgs) -> Result<()> {
                 Ok(()) => {}
                 Err(e) => error!(error = %e, "applying to the datapath failed; retrying on the next change or resync"),
             }
-            last_reconcile = Instant::now();
+            schedule.reconciled(Instant::now(), took, full_pass);
         }
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = resync.tick() => {
                 health.beat();
-                // Manifests: the resync thread names changed files itself.
-                due.full |= matches!(source, Some(Source::Kube(_)));
-                // Now and then every service is recomputed from scratch: the
-                // check that the incremental state is what a full pass gives.
-                // Every tenth resync, but never more than a thousandth of the
-                // time (at 100,000 services a full pass takes seconds, and
-                // changes wait behind it).
-                resyncs += 1;
-                let spacing = Duration::from_secs(300).max(last_full_pass.1 * 1000);
-                due.recompute |= resyncs.is_multiple_of(10) && last_full_pass.0.elapsed() >= spacing;
+                schedule.on_resync(Instant::now(), matches!(source, Some(Source::Kube(_))));
             }
             started = async { pending_kube.as_mut().expect("guarded").await }, if pending_kube.is_some() => {
                 pending_kube = None;
                 let (kube, events) = started.context("the API start task")??;
                 source = Some(Source::Kube(Box::new(kube)));
                 recorder = Some(events);
-                due.full = true;
+                schedule.source_ready();
             }
             Some(signal) = signals.recv() => {
                 let mut pending = Some(signal);
-                // Leading-edge debounce: a lone change is applied at once, a burst
-                // becomes one reconcile per window.
-                let window = Duration::from_millis(debounce_ms).saturating_sub(last_reconcile.elapsed());
+                let window = schedule.debounce_wait(Instant::now());
                 if !window.is_zero() {
                     tokio::time::sleep(window).await;
                 }
                 while let Some(signal) = pending.take().or_else(|| signals.try_recv().ok()) {
-                    match signal {
-                        SourceEvent::Error { what, message } => {
-                            if !stale.contains_key(what) {
-                                warn!(what, error = %message, "the API is failing; the datapath keeps its last good state (stale) while the agent retries");
-                            }
-                            stale.insert(what, message);
+                    match schedule.on_event(signal) {
+                        Some(StaleChange::Failing { what, message }) => {
+                            warn!(what, error = %message, "the API is failing; the datapath keeps its last good state (stale) while the agent retries");
                         }
-                        SourceEvent::Resumed { what } => {
-                            if stale.remove(what).is_some() {
-                                info!(what, "the API works again");
-                            }
-                        }
-                        SourceEvent::Changed => due.full = true,
-                        SourceEvent::Files(paths) => due.paths.extend(paths),
+                        Some(StaleChange::Resumed { what }) => info!(what, "the API works again"),
+                        None => {}
                     }
                 }
-                let why: Vec<String> = stale.iter().map(|(what, message)| format!("{what}: {message}")).collect();
-                health.set_stale((!why.is_empty()).then(|| why.join("; ")));
+                health.set_stale(schedule.stale());
             }
             Some(event) = link_rx.recv() => {
                 on_link_event(event, &mut datapath, &mut discovered, attach);
@@ -792,7 +766,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 let changed = std::mem::take(&mut health_pending);
                 health_view.update(&mut reconciler, &changed, &mut detector);
                 if observe_health(&mut detector, &mut health_view, &datapath, &mut reconciler) {
-                    due.recompute = true;
+                    schedule.recompute();
                 }
             }
             Some(reply) = scrapes.recv() => {
@@ -802,7 +776,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 let view = AgentView {
                     version: env!("CARGO_PKG_VERSION").to_owned(),
                     attach_mode: mode_name.clone(),
-                    stale: !stale.is_empty(),
+                    stale: schedule.is_stale(),
                     interfaces: datapath.attached_count(),
                     ejections: detector.ejections_total(),
                     health_unwatched: health_view.unwatched as u64,
@@ -1129,23 +1103,6 @@ fn take_over(
 
 /// One pass: read the source, bring the datapath to it, report new problems
 /// (as Kubernetes Events too, in Kubernetes mode).
-/// What the next pass has to do.
-#[derive(Debug, Default)]
-struct Due {
-    /// Read the whole source (start, resync, a watch that restarted).
-    full: bool,
-    /// Manifest files the watcher named.
-    paths: BTreeSet<PathBuf>,
-    /// Recompute every service (passive health changed, periodic check).
-    recompute: bool,
-}
-
-impl Due {
-    fn any(&self) -> bool {
-        self.full || self.recompute || !self.paths.is_empty()
-    }
-}
-
 fn reconcile(
     source: &Source,
     flags: &Policy,

@@ -1,0 +1,7 @@
+//! The control loop's decisions, as library code that runs without a kernel.
+//!
+//! [`schedule`] decides when the loop reconciles, what a pass must do and
+//! whether the agent is stale; time is passed in, so its tests run in
+//! milliseconds. The loop that drives it still lives in the binary.
+
+pub mod schedule;
