@@ -2,6 +2,9 @@
 //!
 //! [`schedule`] decides when the loop reconciles, what a pass must do and
 //! whether the agent is stale; time is passed in, so its tests run in
-//! milliseconds. The loop that drives it still lives in the binary.
+//! milliseconds. [`switch`] is the order of a takeover from an earlier
+//! agent, with the kernel behind a trait. The loop that drives them still
+//! lives in the binary.
 
 pub mod schedule;
+pub mod switch;

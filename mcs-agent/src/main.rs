@@ -9,7 +9,10 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
-    agent::schedule::{Due, Schedule, StaleChange},
+    agent::{
+        schedule::{Due, Schedule, StaleChange},
+        switch::{Switch, switch_over},
+    },
     cli::{Cli, Command, InspectArgs, InspectWhat, OnOff, Output, RunArgs},
     conntrack,
     datapath::{self, AttachMode, Attached, Datapath, DatapathError, Sizes},
@@ -634,40 +637,19 @@ async fn run(args: RunArgs) -> Result<()> {
             }
             match result {
                 Ok(()) if !serving => {
-                    // An upgrade across a layout change: flows first, so the new
-                    // programs know every connection when they take over.
-                    for layout in &older {
-                        let carried = datapath::carry_over(&mut datapath, layout);
-                        info!(
-                            from = layout.version,
-                            conntrack = carried.conntrack,
-                            converted = carried.converted,
-                            sockets = carried.sockets,
-                            affinity = carried.affinity,
-                            "carried over an older layout's flows"
-                        );
-                    }
-                    // Programs are swapped in only now: the maps hold the whole state.
-                    // Across layouts, the old programs stay behind ours for the
-                    // flows they created until the switch.
-                    datapath.set_handoff(!older.is_empty())?;
-                    take_over(&mut datapath, &interfaces, patterns.as_ref().expect("not started"), attach)?;
-                    socket_lb.apply(&mut datapath)?;
-                    if !older.is_empty() {
-                        // Handoff off first, then the last copy: from the flip on,
-                        // the old programs create no flows, so the copy holds every
-                        // flow they made. Copying first left a window in which a
-                        // flow they created was in neither the copy nor, once they
-                        // were retired, anywhere (a lost UDP reply, caught by
-                        // tests/tests/restart.rs about one run in four).
-                        datapath.set_handoff(false)?;
-                        for layout in &older {
-                            datapath::carry_over(&mut datapath, layout);
-                        }
-                        for layout in &older {
-                            datapath::retire_layout(layout);
-                        }
-                    }
+                    // The maps hold the whole state: take over from the agent
+                    // before, in the order `switch_over` keeps (the restart
+                    // test caught a lost UDP reply when it was another).
+                    let mut takeover = Takeover {
+                        datapath: &mut datapath,
+                        older: &older,
+                        interfaces: &interfaces,
+                        patterns: patterns.as_ref().expect("not started"),
+                        attach,
+                        socket_lb: &socket_lb,
+                        carried: 0,
+                    };
+                    switch_over(&mut takeover, older.len())?;
                     if let Some(patterns) = patterns.take()
                         && !patterns.is_empty()
                     {
@@ -820,6 +802,51 @@ async fn run(args: RunArgs) -> Result<()> {
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
     info!(counters = %counts.join(" "), "stopped");
     Ok(())
+}
+
+/// The kernel's side of a takeover (see `switch_over`).
+struct Takeover<'a> {
+    datapath: &'a mut Datapath,
+    older: &'a [datapath::LayoutDir],
+    interfaces: &'a [String],
+    patterns: &'a links::Patterns,
+    attach: AttachMode,
+    socket_lb: &'a SocketLb,
+    /// Copies made so far: the first of each layout is logged.
+    carried: usize,
+}
+
+impl Switch for Takeover<'_> {
+    type Error = anyhow::Error;
+
+    fn carry_over(&mut self, layout: usize) {
+        let layout = &self.older[layout];
+        let carried = datapath::carry_over(self.datapath, layout);
+        if self.carried < self.older.len() {
+            info!(
+                from = layout.version,
+                conntrack = carried.conntrack,
+                converted = carried.converted,
+                sockets = carried.sockets,
+                affinity = carried.affinity,
+                "carried over an older layout's flows"
+            );
+        }
+        self.carried += 1;
+    }
+
+    fn set_handoff(&mut self, on: bool) -> Result<()> {
+        Ok(self.datapath.set_handoff(on)?)
+    }
+
+    fn take_over(&mut self) -> Result<()> {
+        take_over(self.datapath, self.interfaces, self.patterns, self.attach)?;
+        self.socket_lb.apply(self.datapath)
+    }
+
+    fn retire(&mut self, layout: usize) {
+        datapath::retire_layout(&self.older[layout]);
+    }
 }
 
 /// What `--socket-lb*` asked for.
