@@ -231,9 +231,13 @@ impl Collector {
         Ok(pass)
     }
 
-    /// Runs a pass every `interval` on a low-priority thread until `stop`.
-    pub fn spawn(self, interval: Duration, stop: Arc<AtomicBool>) -> io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new().name("ct-collector".into()).spawn(move || {
+    /// Runs a pass every `interval` on a low-priority thread until the
+    /// returned handle is dropped.
+    pub fn spawn(self, interval: Duration) -> io::Result<Running> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("ct-collector".into()).spawn(move || {
+            let stop = flag;
             crate::background_thread();
             while !stop.load(Ordering::Relaxed) {
                 match self.pass_at(monotonic_ns()) {
@@ -251,7 +255,23 @@ impl Collector {
                     std::thread::sleep(Duration::from_millis(100).min(interval));
                 }
             }
-        })
+        })?;
+        Ok(Running { stop, thread: Some(thread) })
+    }
+}
+
+/// The collector's thread: dropping this stops it (after the pass in progress).
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -257,18 +257,11 @@ pub struct FlowRow {
     pub state: &'static str,
 }
 
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
 /// Translated flows, oldest first; `service` keeps only one ServiceImport's.
 /// A flow is listed by its original direction's entry (the reply's holds
 /// the same flow seen from the backend).
 pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
-    let now = monotonic_ns();
+    let now = crate::conntrack::monotonic_ns();
     let v4 = pinned.conntrack.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
     let v6 = pinned
         .conntrack6
@@ -313,7 +306,7 @@ pub struct AffinityRow {
 }
 
 pub fn affinity(pinned: &Pinned) -> Vec<AffinityRow> {
-    let now = monotonic_ns();
+    let now = crate::conntrack::monotonic_ns();
     let row = |service_id: u32, client: IpAddr, v: AffinityValue| AffinityRow {
         service: pinned.info(service_id).map(|f| f.service.clone()),
         service_id,

@@ -315,19 +315,6 @@ fn check(dir: &Path, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
-/// Stops a background thread (sets its flag, then joins it) when dropped.
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        // A pass in progress finishes first; the thread checks between passes.
-        while !self.1.is_finished() {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
 /// Where objects come from.
 enum Source {
     Manifests(PathBuf),
@@ -572,7 +559,6 @@ async fn run(args: RunArgs) -> Result<()> {
     // walks the maps; with expiry off it only counts (and removes closed
     // flows past their grace time, as the datapath would), every 10 s.
     let ct_stats = Arc::new(conntrack::CollectorStats::default());
-    let ct_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _collector = {
         let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
         let (timeouts, interval) = if conntrack_gc_interval > 0 {
@@ -589,10 +575,7 @@ async fn run(args: RunArgs) -> Result<()> {
             (conntrack::Timeouts::never(), Duration::from_secs(10))
         };
         let collector = conntrack::Collector::new(ct, ct6, timeouts, ct_stats.clone());
-        StopOnDrop(
-            ct_stop.clone(),
-            collector.spawn(interval, ct_stop.clone()).context("starting the conntrack collector")?,
-        )
+        collector.spawn(interval).context("starting the conntrack collector")?
     };
     let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
     let mut detector = Detector::new(OutlierConfig {
