@@ -6,5 +6,7 @@
 //! agent, with the kernel behind a trait. The loop that drives them still
 //! lives in the binary.
 
+pub mod config;
+pub mod error;
 pub mod schedule;
 pub mod switch;

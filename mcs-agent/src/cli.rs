@@ -2,15 +2,23 @@
 //! flag values into the library's types. The binary parses [`Cli`] and
 //! hands each subcommand to the library.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    datapath::{AttachMode, KernelLog},
+    agent::{
+        config::{Config, ConntrackGc, SocketLb, SocketLbMode, SourceConfig},
+        error::{AgentError, Context as _},
+    },
+    conntrack,
+    datapath::{self, AttachMode, KernelLog, Sizes},
     desired::{self, Policy},
     locality::{self, NodeLocality, Tier},
     maglev,
+    outlier::OutlierConfig,
+    plan::Capacity,
+    source::{kube::Peers, links::Patterns},
 };
 
 /// eBPF datapath for Kubernetes Multi-Cluster Services (KEP-1645).
@@ -460,6 +468,128 @@ pub enum OnOff {
     Off,
 }
 
+impl RunArgs {
+    /// The configuration these flags give. Checks what can be checked
+    /// without touching the kernel: the manifest directory, the interface
+    /// patterns, the excluded cgroups.
+    pub fn config(self) -> Result<Config, AgentError> {
+        let RunArgs {
+            manifests,
+            kubeconfig,
+            peer_namespace,
+            peer_selector,
+            interfaces,
+            interface_patterns,
+            attach,
+            kernel_log,
+            bpffs,
+            no_pin,
+            cleanup_on_exit,
+            layout_version,
+            max_services,
+            max_backends,
+            max_selection_slots,
+            max_conntrack,
+            conntrack_udp_timeout,
+            conntrack_udp_stream_timeout,
+            conntrack_tcp_syn_timeout,
+            conntrack_tcp_timeout,
+            conntrack_gc_interval,
+            stats_entries,
+            debounce_ms,
+            resync_secs,
+            health_addr,
+            metrics_addr,
+            outlier_detection,
+            outlier_consecutive_failures,
+            outlier_base_ejection_secs,
+            outlier_max_ejection_percent,
+            outlier_interval_ms,
+            metrics_backend_label,
+            socket_lb,
+            socket_lb_host_namespace,
+            socket_lb_terminate_tcp,
+            socket_lb_cgroup,
+            socket_lb_exclude_cgroups,
+            state_dir,
+            locality,
+        } = self;
+        for path in &socket_lb_exclude_cgroups {
+            datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
+        }
+        let patterns = Patterns::new(&interface_patterns).map_err(|e| AgentError::Config(e.to_string()))?;
+        let source = match manifests {
+            Some(dir) if !dir.is_dir() => {
+                return Err(AgentError::Config(format!("--manifests {}: not a directory", dir.display())));
+            }
+            Some(dir) => SourceConfig::Manifests(dir),
+            None => SourceConfig::Kube {
+                kubeconfig,
+                peers: peer_namespace.map(|namespace| Peers { namespace, selector: peer_selector }),
+            },
+        };
+        let conntrack = if conntrack_gc_interval > 0 {
+            ConntrackGc {
+                timeouts: conntrack::Timeouts {
+                    udp: Duration::from_secs(conntrack_udp_timeout),
+                    udp_stream: Duration::from_secs(conntrack_udp_stream_timeout),
+                    tcp_syn: Duration::from_secs(conntrack_tcp_syn_timeout),
+                    tcp: Duration::from_secs(conntrack_tcp_timeout),
+                },
+                interval: Duration::from_secs(conntrack_gc_interval),
+                expiry: true,
+            }
+        } else {
+            // Off: the collector still counts (and removes closed flows past
+            // their grace time, as the datapath would), every 10 s.
+            ConntrackGc { timeouts: conntrack::Timeouts::never(), interval: Duration::from_secs(10), expiry: false }
+        };
+        let outlier = (outlier_detection == OnOff::On).then(|| OutlierConfig {
+            consecutive_failures: outlier_consecutive_failures.max(1),
+            base_ejection: Duration::from_secs(outlier_base_ejection_secs.max(1)),
+            max_ejection: Duration::from_secs(300).max(Duration::from_secs(outlier_base_ejection_secs)),
+            max_ejected_percent: outlier_max_ejection_percent.min(100),
+        });
+        // `--socket-lb off` keeps the node's own namespace translated unless
+        // that is turned off too; then a failure there is a warning, as by default.
+        let host_only = socket_lb == Some(OnOff::Off);
+        let mode = match (socket_lb, socket_lb_host_namespace) {
+            (None, _) | (Some(OnOff::Off), OnOff::On) => SocketLbMode::Auto,
+            (Some(OnOff::On), _) => SocketLbMode::Required,
+            (Some(OnOff::Off), OnOff::Off) => SocketLbMode::Off,
+        };
+        Ok(Config {
+            source,
+            interfaces,
+            interface_patterns,
+            patterns,
+            attach,
+            kernel_log,
+            bpffs,
+            pin: !no_pin,
+            layout_version,
+            cleanup_on_exit,
+            sizes: Sizes {
+                capacity: Capacity { services: max_services, backends: max_backends, slots: max_selection_slots },
+                conntrack: max_conntrack,
+                stats_entries,
+            },
+            conntrack,
+            debounce: Duration::from_millis(debounce_ms),
+            resync: Duration::from_secs(resync_secs.max(1)),
+            health_addr,
+            metrics_addr,
+            outlier,
+            outlier_interval: Duration::from_millis(outlier_interval_ms.max(10)),
+            metrics_backend_label,
+            socket_lb: SocketLb { mode, host_only, cgroup: socket_lb_cgroup, exclude: socket_lb_exclude_cgroups },
+            terminate_tcp: socket_lb_terminate_tcp,
+            state_dir,
+            policy: locality.policy(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -484,5 +614,57 @@ mod tests {
             .unwrap_or_else(|e| panic!("{args:?}: {e}"));
         let Command::Run(run) = cli.command else { panic!("the DaemonSet runs `run`") };
         assert_eq!(run.socket_lb_cgroup.as_deref(), Some(Path::new("/host/cgroup")));
+    }
+
+    fn config(args: &[&str]) -> Result<Config, AgentError> {
+        let cli = Cli::try_parse_from(["mcs-agent", "run"].iter().chain(args)).expect("the arguments parse");
+        let Command::Run(run) = cli.command else { unreachable!() };
+        run.config()
+    }
+
+    #[test]
+    fn flags_become_a_configuration() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let manifests = dir.path().to_str().expect("a UTF-8 path");
+        let c =
+            config(&["--manifests", manifests, "--interface", "veth0", "--debounce-ms", "50", "--resync-secs", "0"])
+                .expect("a configuration");
+        assert!(matches!(&c.source, SourceConfig::Manifests(d) if d == dir.path()));
+        assert_eq!(c.debounce, Duration::from_millis(50));
+        assert_eq!(c.resync, Duration::from_secs(1), "a resync of 0 s would spin: at least 1 s");
+        assert!(c.pin && c.conntrack.expiry && c.outlier.is_some());
+        assert_eq!(c.socket_lb.mode, SocketLbMode::Auto);
+
+        let c =
+            config(&["--interface", "veth0", "--no-pin", "--conntrack-gc-interval", "0", "--outlier-detection", "off"])
+                .expect("a configuration");
+        assert!(matches!(c.source, SourceConfig::Kube { peers: None, .. }));
+        assert!(!c.pin && c.outlier.is_none());
+        assert_eq!(c.conntrack.timeouts, conntrack::Timeouts::never(), "expiry off expires nothing");
+        assert!(!c.conntrack.expiry);
+    }
+
+    #[test]
+    fn socket_lb_flags_combine_as_documented() {
+        let mode = |args: &[&str]| {
+            let mut all = vec!["--interface", "veth0"];
+            all.extend(args);
+            let c = config(&all).expect("a configuration");
+            (c.socket_lb.mode, c.socket_lb.host_only)
+        };
+        assert_eq!(mode(&[]), (SocketLbMode::Auto, false));
+        assert_eq!(mode(&["--socket-lb", "on"]), (SocketLbMode::Required, false));
+        assert_eq!(mode(&["--socket-lb", "off"]), (SocketLbMode::Auto, true), "the host namespace stays, best effort");
+        assert_eq!(mode(&["--socket-lb", "off", "--socket-lb-host-namespace", "off"]), (SocketLbMode::Off, true));
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        let e = config(&["--manifests", "/nonexistent/mcs", "--interface", "veth0"]).unwrap_err();
+        assert_eq!(e.to_string(), "--manifests /nonexistent/mcs: not a directory");
+        let e = config(&["--interface-pattern", "veth[", "--interface", "veth0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--interface-pattern \"veth[\": "), "{e}");
+        let e = config(&["--interface", "veth0", "--socket-lb-exclude-cgroup", "/nonexistent/cg"]).unwrap_err();
+        assert_eq!(e.to_string(), "--socket-lb-exclude-cgroup");
     }
 }

@@ -9,20 +9,21 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
+    agent::config::{Config, ConntrackGc, SocketLb, SocketLbMode, SourceConfig},
     agent::{
         schedule::{Due, Schedule, StaleChange},
         switch::{Switch, switch_over},
     },
-    cli::{Cli, Command, InspectArgs, InspectWhat, OnOff, Output, RunArgs},
+    cli::{Cli, Command, InspectArgs, InspectWhat, Output},
     conntrack,
-    datapath::{self, AttachMode, Attached, Datapath, DatapathError, Sizes},
+    datapath::{self, AttachMode, Attached, Datapath, DatapathError},
     desired::{self, BackendAddr, FrontendKey, ObjectError, Policy},
     events::{EventCounts, EventSink, Problem},
     health::{self, HealthHandle},
     inventory::StateWriter,
     metrics::{AgentMetrics, AgentView, Kernel},
-    outlier::{Counters, Detector, Event as OutlierEvent, OutlierConfig},
-    plan::{Applied, Capacity},
+    outlier::{Counters, Detector, Event as OutlierEvent},
+    plan::Applied,
     reconcile::Reconciler,
     source::{
         kube::{KubeSource, Peers, SourceEvent},
@@ -174,11 +175,14 @@ fn main() -> Result<()> {
         .with_target(false)
         .init();
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the runtime")?
-            .block_on(run(*args)),
+        Command::Run(args) => {
+            let config = args.config()?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(run(config))
+        }
         Command::Check { manifests, locality } => check(&manifests, &locality.policy()),
         Command::Uninstall { bpffs, stay, check } => uninstall(&bpffs, stay, check),
         Command::Inspect(args) => inspect(&args),
@@ -366,55 +370,38 @@ async fn start_kube(
     Ok((source, sink))
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let RunArgs {
-        manifests,
-        kubeconfig,
-        peer_namespace,
-        peer_selector,
+async fn run(config: Config) -> Result<()> {
+    let Config {
+        source: source_config,
         interfaces,
         interface_patterns,
+        patterns,
         attach,
         kernel_log,
         bpffs,
-        no_pin,
-        cleanup_on_exit,
+        pin,
         layout_version,
-        max_services,
-        max_backends,
-        max_selection_slots,
-        max_conntrack,
-        conntrack_udp_timeout,
-        conntrack_udp_stream_timeout,
-        conntrack_tcp_syn_timeout,
-        conntrack_tcp_timeout,
-        conntrack_gc_interval,
-        stats_entries,
-        debounce_ms,
-        resync_secs,
+        cleanup_on_exit,
+        sizes,
+        conntrack: conntrack_gc,
+        debounce,
+        resync: resync_every,
         health_addr,
         metrics_addr,
-        outlier_detection,
-        outlier_consecutive_failures,
-        outlier_base_ejection_secs,
-        outlier_max_ejection_percent,
-        outlier_interval_ms,
+        outlier,
+        outlier_interval,
         metrics_backend_label,
         socket_lb,
-        socket_lb_host_namespace,
-        socket_lb_terminate_tcp,
-        socket_lb_cgroup,
-        socket_lb_exclude_cgroups,
+        terminate_tcp: socket_lb_terminate_tcp,
         state_dir,
-        locality,
-    } = args;
-    let socket_lb = SocketLb::new(socket_lb, socket_lb_host_namespace, socket_lb_cgroup, socket_lb_exclude_cgroups)?;
+        policy: flags_policy,
+    } = config;
+    let no_pin = !pin;
     let health = HealthHandle::default();
     health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
     if let Some(addr) = metrics_addr {
         health::serve(addr, health.clone()).await.with_context(|| format!("--metrics-addr {addr}"))?;
     }
-    let patterns = links::Patterns::new(&interface_patterns)?;
     // Both sources report through the same channel: a change, or a failing watch.
     let (signal_tx, mut signals) = mpsc::unbounded_channel::<SourceEvent>();
 
@@ -423,11 +410,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut source = None;
     let event_counts = Arc::new(EventCounts::default());
     let mut pending_kube = None;
-    match manifests {
-        Some(dir) => {
-            if !dir.is_dir() {
-                bail!("--manifests {}: not a directory", dir.display());
-            }
+    match source_config {
+        SourceConfig::Manifests(dir) => {
             let tx = signal_tx.clone();
             let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // Opening and reading files are events too, and the agent's own reads
@@ -454,7 +438,7 @@ async fn run(args: RunArgs) -> Result<()> {
             // walk takes a few hundred ms the loop does not wait for.
             let tx = signal_tx.clone();
             let scanned = dir.clone();
-            let every = Duration::from_secs(resync_secs.max(1));
+            let every = resync_every;
             std::thread::Builder::new()
                 .name("resync".into())
                 .spawn(move || {
@@ -482,11 +466,11 @@ async fn run(args: RunArgs) -> Result<()> {
                 .context("starting the resync thread")?;
             source = Some(Source::Manifests(dir));
         }
-        None => {
+        SourceConfig::Kube { kubeconfig, peers } => {
             pending_kube = Some(tokio::spawn(start_kube(
                 kubeconfig,
-                locality.node_name.clone(),
-                peer_namespace.map(|namespace| Peers { namespace, selector: peer_selector }),
+                flags_policy.node.node.clone(),
+                peers,
                 signal_tx.clone(),
                 event_counts.clone(),
             )));
@@ -495,8 +479,6 @@ async fn run(args: RunArgs) -> Result<()> {
 
     // The datapath next: an earlier agent's pinned maps are adopted as they
     // are, and its programs keep serving them until this agent has reconciled.
-    let capacity = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
-    let sizes = Sizes { capacity, conntrack: max_conntrack, stats_entries };
     let pins = (!no_pin).then_some((bpffs.as_path(), layout_version));
     let mut datapath = Datapath::open(sizes, pins, kernel_log).context("loading the datapath")?;
     if let Some(logger) = datapath.take_kernel_logger() {
@@ -538,7 +520,6 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     datapath.set_older_layouts(older.clone());
 
-    let flags_policy = locality.policy();
     let mut reconciler = Reconciler::new(applied, flags_policy.clone());
     let mut recorder = None;
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
@@ -546,10 +527,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut discovered: BTreeMap<u32, String> = BTreeMap::new();
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut resync = tokio::time::interval(Duration::from_secs(resync_secs.max(1)));
+    let mut resync = tokio::time::interval(resync_every);
     resync.tick().await;
     // When to reconcile, what a pass must do, which watches fail.
-    let mut schedule = Schedule::new(Duration::from_millis(debounce_ms), Instant::now(), source.is_some());
+    let mut schedule = Schedule::new(debounce, Instant::now(), source.is_some());
     let mut serving = false;
     let mut patterns = Some(patterns);
     let metrics = AgentMetrics::default();
@@ -561,34 +542,23 @@ async fn run(args: RunArgs) -> Result<()> {
     let ct_stats = Arc::new(conntrack::CollectorStats::default());
     let _collector = {
         let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
-        let (timeouts, interval) = if conntrack_gc_interval > 0 {
-            let timeouts = conntrack::Timeouts {
-                udp: Duration::from_secs(conntrack_udp_timeout),
-                udp_stream: Duration::from_secs(conntrack_udp_stream_timeout),
-                tcp_syn: Duration::from_secs(conntrack_tcp_syn_timeout),
-                tcp: Duration::from_secs(conntrack_tcp_timeout),
-            };
-            info!(?timeouts, interval_secs = conntrack_gc_interval, "conntrack collector started");
-            (timeouts, Duration::from_secs(conntrack_gc_interval))
+        let ConntrackGc { timeouts, interval, expiry } = conntrack_gc;
+        if expiry {
+            info!(?timeouts, interval_secs = interval.as_secs(), "conntrack collector started");
         } else {
             info!("conntrack expiry off (--conntrack-gc-interval 0): idle flows stay until evicted");
-            (conntrack::Timeouts::never(), Duration::from_secs(10))
-        };
+        }
         let collector = conntrack::Collector::new(ct, ct6, timeouts, ct_stats.clone());
         collector.spawn(interval).context("starting the conntrack collector")?
     };
     let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
-    let mut detector = Detector::new(OutlierConfig {
-        consecutive_failures: outlier_consecutive_failures.max(1),
-        base_ejection: Duration::from_secs(outlier_base_ejection_secs.max(1)),
-        max_ejection: Duration::from_secs(300).max(Duration::from_secs(outlier_base_ejection_secs)),
-        max_ejected_percent: outlier_max_ejection_percent.min(100),
-    });
+    let outlier_detection = outlier.is_some();
+    let mut detector = Detector::new(outlier.unwrap_or_default());
     let mut health_view = HealthView::default();
     // Frontends changed since passive health's view was brought up to date.
     let mut health_pending: BTreeSet<FrontendKey> = BTreeSet::new();
     let state_writer = StateWriter::spawn(state_dir.clone(), Duration::from_secs(2));
-    let mut outlier_tick = tokio::time::interval(Duration::from_millis(outlier_interval_ms.max(10)));
+    let mut outlier_tick = tokio::time::interval(outlier_interval);
     // Frontends changed since sockets were last checked for departed backends.
     let mut terminate_pending: BTreeSet<FrontendKey> = BTreeSet::new();
     let mut terminate_tick = tokio::time::interval(Duration::from_millis(500));
@@ -613,7 +583,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 terminate_pending.extend(changed.iter().copied());
             }
             if !changed.is_empty() {
-                if outlier_detection == OnOff::On {
+                if outlier_detection {
                     health_pending.extend(changed.iter().copied());
                 }
                 state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
@@ -726,7 +696,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     Err(e) => warn!(error = %e, "reading the socket translations failed"),
                 }
             }
-            _ = outlier_tick.tick(), if serving && outlier_detection == OnOff::On => {
+            _ = outlier_tick.tick(), if serving && outlier_detection => {
                 // Rebuilding walks every frontend: at most every 2 s, not per change.
                 let changed = std::mem::take(&mut health_pending);
                 health_view.update(&mut reconciler, &changed, &mut detector);
@@ -832,30 +802,17 @@ impl Switch for Takeover<'_> {
     }
 }
 
-/// What `--socket-lb*` asked for.
-struct SocketLb {
-    mode: Option<OnOff>,
-    host_only: bool,
-    cgroup: Option<PathBuf>,
-    exclude: Vec<PathBuf>,
+/// The socket programs' part of a takeover.
+trait ApplySocketLb {
+    fn apply(&self, datapath: &mut Datapath) -> Result<()>;
 }
 
-impl SocketLb {
-    /// Checks the paths before anything touches the kernel.
-    fn new(mode: Option<OnOff>, host: OnOff, cgroup: Option<PathBuf>, exclude: Vec<PathBuf>) -> Result<Self> {
-        for path in &exclude {
-            datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
-        }
-        let host_only = mode == Some(OnOff::Off);
-        let mode = if host_only && host == OnOff::On { None } else { mode };
-        Ok(Self { mode, host_only, cgroup, exclude })
-    }
-
+impl ApplySocketLb for SocketLb {
     /// Attaches (or detaches) the socket programs once the maps hold the
     /// whole state. By default a failure is a warning: pods are still served
     /// by the TC path.
     fn apply(&self, datapath: &mut Datapath) -> Result<()> {
-        if self.mode == Some(OnOff::Off) {
+        if self.mode == SocketLbMode::Off {
             datapath.detach_sockets();
             return Ok(());
         }
@@ -884,7 +841,7 @@ impl SocketLb {
         })();
         match attached {
             Ok(_) => Ok(()),
-            Err(e) if self.mode.is_none() => {
+            Err(e) if self.mode == SocketLbMode::Auto => {
                 warn!(
                     error = format!("{e:#}"),
                     "socket-level load balancing could not be attached: pods are served by the TC path (an earlier agent's socket programs, if any, stay)"
