@@ -8,5 +8,6 @@
 
 pub mod config;
 pub mod error;
+pub mod passive;
 pub mod schedule;
 pub mod switch;

@@ -1,5 +1,5 @@
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -11,6 +11,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
     agent::config::{Config, ConntrackGc, SocketLb, SocketLbMode, SourceConfig},
     agent::{
+        passive::PassiveHealth,
         schedule::{Due, Schedule, StaleChange},
         switch::{Switch, switch_over},
     },
@@ -22,7 +23,6 @@ use mcs_agent::{
     health::{self, HealthHandle},
     inventory::StateWriter,
     metrics::{AgentMetrics, AgentView, Kernel},
-    outlier::{Counters, Detector, Event as OutlierEvent},
     plan::Applied,
     reconcile::Reconciler,
     source::{
@@ -552,11 +552,7 @@ async fn run(config: Config) -> Result<()> {
         collector.spawn(interval).context("starting the conntrack collector")?
     };
     let mode_name = format!("{:?}", attach.resolve()).to_lowercase();
-    let outlier_detection = outlier.is_some();
-    let mut detector = Detector::new(outlier.unwrap_or_default());
-    let mut health_view = HealthView::default();
-    // Frontends changed since passive health's view was brought up to date.
-    let mut health_pending: BTreeSet<FrontendKey> = BTreeSet::new();
+    let mut passive = outlier.map(PassiveHealth::new);
     let state_writer = StateWriter::spawn(state_dir.clone(), Duration::from_secs(2));
     let mut outlier_tick = tokio::time::interval(outlier_interval);
     // Frontends changed since sockets were last checked for departed backends.
@@ -583,8 +579,8 @@ async fn run(config: Config) -> Result<()> {
                 terminate_pending.extend(changed.iter().copied());
             }
             if !changed.is_empty() {
-                if outlier_detection {
-                    health_pending.extend(changed.iter().copied());
+                if let Some(passive) = &mut passive {
+                    passive.changed(changed.iter().copied());
                 }
                 state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
             }
@@ -696,11 +692,10 @@ async fn run(config: Config) -> Result<()> {
                     Err(e) => warn!(error = %e, "reading the socket translations failed"),
                 }
             }
-            _ = outlier_tick.tick(), if serving && outlier_detection => {
-                // Rebuilding walks every frontend: at most every 2 s, not per change.
-                let changed = std::mem::take(&mut health_pending);
-                health_view.update(&mut reconciler, &changed, &mut detector);
-                if observe_health(&mut detector, &mut health_view, &datapath, &mut reconciler) {
+            _ = outlier_tick.tick(), if serving && passive.is_some() => {
+                if let Some(passive) = &mut passive
+                    && passive.tick(Instant::now(), &datapath, &mut reconciler)
+                {
                     schedule.recompute();
                 }
             }
@@ -713,8 +708,8 @@ async fn run(config: Config) -> Result<()> {
                     attach_mode: mode_name.clone(),
                     stale: schedule.is_stale(),
                     interfaces: datapath.attached_count(),
-                    ejections: detector.ejections_total(),
-                    health_unwatched: health_view.unwatched as u64,
+                    ejections: passive.as_ref().map_or(0, PassiveHealth::ejections_total),
+                    health_unwatched: passive.as_ref().map_or(0, |p| p.unwatched() as u64),
                     events: event_counts.outcomes().to_vec(),
                     conntrack_gc: {
                         use std::sync::atomic::Ordering::Relaxed;
@@ -851,186 +846,6 @@ impl ApplySocketLb for SocketLb {
             Err(e) => Err(e),
         }
     }
-}
-
-/// Passive health's view of what is programmed, kept between ticks and
-/// brought up to date with what changed only: at 100,000 services a walk of
-/// everything on every tick stalled the loop for tens of milliseconds.
-#[derive(Default)]
-struct HealthView {
-    /// Each programmed frontend's ready backends (the ejection limit).
-    groups: Vec<Vec<BackendAddr>>,
-    /// The frontend of each group, and the group of each frontend.
-    group_keys: Vec<FrontendKey>,
-    group_of: HashMap<FrontendKey, usize>,
-    /// How many groups list each backend. Passive health keeps a backend's
-    /// record while a group lists it, even when the backend is out of every
-    /// table (ejected).
-    listed: HashMap<BackendAddr, u32>,
-    /// A backend stopped being listed since the detector was last pruned.
-    unlisted: bool,
-    /// Backend address by id: a tick reads the health counters of these
-    /// (HEALTH covers every backend id).
-    ids: Vec<Option<BackendAddr>>,
-    /// Counters as last read, by backend id.
-    last: Vec<mcs_common::Health>,
-    /// Backends whose id is past the counted ones: passive health cannot
-    /// watch them. Shown in /metrics and warned about when it changes.
-    unwatched: usize,
-}
-
-impl HealthView {
-    /// Takes in the frontends that changed and the backend ids handed out or
-    /// freed since the last call (everything, the first time or after a
-    /// re-adoption).
-    fn update(&mut self, reconciler: &mut Reconciler, changed: &BTreeSet<FrontendKey>, detector: &mut Detector) {
-        let set = |ids: &mut Vec<Option<BackendAddr>>, id: u32, addr: Option<BackendAddr>| {
-            if ids.len() <= id as usize {
-                ids.resize(id as usize + 1, None);
-            }
-            ids[id as usize] = addr;
-        };
-        let all = match reconciler.take_backend_changes() {
-            None => {
-                self.ids.clear();
-                for (addr, id) in reconciler.applied().backends() {
-                    set(&mut self.ids, id, Some(*addr));
-                }
-                true
-            }
-            Some(changes) => {
-                for (id, addr) in changes {
-                    set(&mut self.ids, id, addr);
-                }
-                false
-            }
-        };
-        let keys: Vec<FrontendKey> = if all {
-            reconciler.state().frontends.keys().copied().collect()
-        } else {
-            changed.iter().copied().collect()
-        };
-        if all {
-            self.groups.clear();
-            self.group_keys.clear();
-            self.group_of.clear();
-            self.listed.clear();
-            self.unlisted = true;
-        }
-        for key in keys {
-            self.set_group(reconciler, key);
-        }
-        if std::mem::take(&mut self.unlisted) {
-            // Records of backends no frontend lists any more.
-            detector.retain(|addr| self.listed.contains_key(addr));
-        }
-    }
-
-    fn list(&mut self, group: &[BackendAddr], add: bool) {
-        for addr in group {
-            if add {
-                *self.listed.entry(*addr).or_default() += 1;
-            } else if let Some(n) = self.listed.get_mut(addr) {
-                *n -= 1;
-                if *n == 0 {
-                    self.listed.remove(addr);
-                    self.unlisted = true;
-                }
-            }
-        }
-    }
-
-    fn set_group(&mut self, reconciler: &Reconciler, key: FrontendKey) {
-        let group =
-            reconciler.state().frontends.get(&key).filter(|_| reconciler.applied().frontend(&key).is_some()).map(|f| {
-                f.endpoints
-                    .iter()
-                    .filter(|e| e.condition == mcs_agent::desired::Condition::Ready)
-                    .map(|e| e.addr)
-                    .collect::<Vec<_>>()
-            });
-        if let Some(group) = &group {
-            self.list(group, true);
-        }
-        match (self.group_of.get(&key).copied(), group) {
-            (Some(i), Some(group)) => {
-                let old = std::mem::replace(&mut self.groups[i], group);
-                self.list(&old, false);
-            }
-            (None, Some(group)) => {
-                self.group_of.insert(key, self.groups.len());
-                self.groups.push(group);
-                self.group_keys.push(key);
-            }
-            (Some(i), None) => {
-                self.group_of.remove(&key);
-                let old = self.groups.swap_remove(i);
-                self.list(&old, false);
-                self.group_keys.swap_remove(i);
-                if let Some(moved) = self.group_keys.get(i) {
-                    self.group_of.insert(*moved, i);
-                }
-            }
-            (None, None) => {}
-        }
-    }
-}
-
-/// One passive-health tick: read the connect counters of every backend id
-/// that has them (memory reads of the mmapped HEALTH map), feed the ones that
-/// moved to the detector, and hand its verdict to the reconciler. True when
-/// the verdict changed (a reconcile is due).
-fn observe_health(
-    detector: &mut Detector,
-    view: &mut HealthView,
-    datapath: &Datapath,
-    reconciler: &mut Reconciler,
-) -> bool {
-    let counters = |h: mcs_common::Health| Counters { syns: h.syns, synacks: h.synacks, syn_rsts: h.syn_rsts };
-    let mut changed = BTreeMap::new();
-    for (id, addr) in view.ids.iter().enumerate() {
-        let Some(addr) = addr else { continue };
-        // Past the counted ids: the rest have no counters.
-        let Some(now) = datapath.health(id as u32) else { break };
-        if view.last.len() <= id {
-            view.last.resize(id + 1, mcs_common::Health::default());
-        }
-        let last = &mut view.last[id];
-        if *last != now {
-            changed.insert(*addr, (counters(*last), counters(now)));
-            *last = now;
-        }
-    }
-    for event in detector.observe(Instant::now(), &changed, &view.groups) {
-        match event {
-            OutlierEvent::Ejected { addr, failures, duration, ejections } => warn!(
-                backend = %addr, failures, seconds = duration.as_secs(), ejections,
-                "passive health: backend ejected from new connections (connect attempts failing)"
-            ),
-            OutlierEvent::Probing { addr } => {
-                info!(backend = %addr, "passive health: ejection over, probing with a small share of new connections")
-            }
-            OutlierEvent::Recovered { addr } => info!(backend = %addr, "passive health: backend answers again"),
-            OutlierEvent::Spared { addr, failures } => warn!(
-                backend = %addr, failures,
-                "passive health: backend failing but not ejected, its frontend is at --outlier-max-ejection-percent"
-            ),
-        }
-    }
-    let unwatched = view.ids.iter().skip(datapath.health_entries()).filter(|a| a.is_some()).count();
-    if unwatched != view.unwatched {
-        if unwatched > 0 {
-            warn!(
-                unwatched,
-                counted_ids = datapath.health_entries(),
-                "passive health cannot watch backends whose id is past the HEALTH map's size (it should cover --max-backends); restart the agent"
-            );
-        } else {
-            info!("passive health watches every backend again");
-        }
-        view.unwatched = unwatched;
-    }
-    reconciler.set_health(detector.ejected(), detector.probing())
 }
 
 /// Hooks this agent's programs everywhere: explicit interfaces (failing is
