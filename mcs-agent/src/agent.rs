@@ -7,7 +7,9 @@
 //! lives in the binary.
 
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod passive;
 pub mod schedule;
 pub mod switch;
+pub mod takeover;

@@ -9,15 +9,17 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use kube::runtime::events::{Recorder, Reporter};
 use mcs_agent::{
-    agent::config::{Config, ConntrackGc, SocketLb, SocketLbMode, SourceConfig},
+    agent::config::{Config, ConntrackGc, SourceConfig},
     agent::{
+        discovery::{DatapathHooks, Discovered},
         passive::PassiveHealth,
         schedule::{Due, Schedule, StaleChange},
-        switch::{Switch, switch_over},
+        switch::switch_over,
+        takeover::Takeover,
     },
     cli::{Cli, Command, InspectArgs, InspectWhat, Output},
     conntrack,
-    datapath::{self, AttachMode, Attached, Datapath, DatapathError},
+    datapath::{self, Datapath, DatapathError},
     desired::{self, BackendAddr, FrontendKey, ObjectError, Policy},
     events::{EventCounts, EventSink, Problem},
     health::{self, HealthHandle},
@@ -27,8 +29,7 @@ use mcs_agent::{
     reconcile::Reconciler,
     source::{
         kube::{KubeSource, Peers, SourceEvent},
-        links::{self, LinkEvent},
-        manifests,
+        links, manifests,
     },
     terminate,
 };
@@ -229,44 +230,6 @@ fn uninstall(bpffs: &Path, stay: bool, check: bool) -> Result<()> {
         })?;
     }
     Ok(())
-}
-
-/// Attaches to a pattern-matched link that appeared; forgets one that went away.
-fn on_link_event(event: LinkEvent, datapath: &mut Datapath, discovered: &mut BTreeMap<u32, String>, mode: AttachMode) {
-    match event {
-        LinkEvent::Present { name, index } => {
-            if discovered.get(&index) == Some(&name) {
-                return;
-            }
-            // A renamed link: start over.
-            if let Some(old) = discovered.remove(&index) {
-                datapath.forget(&old);
-            }
-            // Attached already (an explicit --interface): keep it, never leave a gap.
-            if datapath.is_attached(&name) && !discovered.values().any(|n| *n == name) {
-                discovered.insert(index, name);
-                return;
-            }
-            // A new link reusing the name of one whose removal we missed.
-            if datapath.is_attached(&name) {
-                datapath.forget(&name);
-                discovered.retain(|_, n| *n != name);
-            }
-            match datapath.attach(&name, mode) {
-                Ok(_) => {
-                    discovered.insert(index, name);
-                }
-                // Often a link that vanished again at once; the next event retries.
-                Err(e) => warn!(iface = name, error = %e, "attaching to a discovered interface failed"),
-            }
-        }
-        LinkEvent::Gone { name, index } => {
-            if discovered.remove(&index).is_some() {
-                datapath.forget(&name);
-                info!(iface = name, "interface gone");
-            }
-        }
-    }
 }
 
 fn check(dir: &Path, policy: &Policy) -> Result<()> {
@@ -523,8 +486,7 @@ async fn run(config: Config) -> Result<()> {
     let mut reconciler = Reconciler::new(applied, flags_policy.clone());
     let mut recorder = None;
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
-    // ifindex -> name of links attached through a pattern.
-    let mut discovered: BTreeMap<u32, String> = BTreeMap::new();
+    let mut discovered = Discovered::default();
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut resync = tokio::time::interval(resync_every);
@@ -651,7 +613,7 @@ async fn run(config: Config) -> Result<()> {
                 health.set_stale(schedule.stale());
             }
             Some(event) = link_rx.recv() => {
-                on_link_event(event, &mut datapath, &mut discovered, attach);
+                discovered.on_event(event, &mut DatapathHooks(&mut datapath, attach));
             }
             _ = terminate_tick.tick(), if !terminate_pending.is_empty() => {
                 // At most twice a second, and off the loop: the scan reads
@@ -749,137 +711,6 @@ async fn run(config: Config) -> Result<()> {
     datapath.shutdown();
     let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
     info!(counters = %counts.join(" "), "stopped");
-    Ok(())
-}
-
-/// The kernel's side of a takeover (see `switch_over`).
-struct Takeover<'a> {
-    datapath: &'a mut Datapath,
-    older: &'a [datapath::LayoutDir],
-    interfaces: &'a [String],
-    patterns: &'a links::Patterns,
-    attach: AttachMode,
-    socket_lb: &'a SocketLb,
-    /// Copies made so far: the first of each layout is logged.
-    carried: usize,
-}
-
-impl Switch for Takeover<'_> {
-    type Error = anyhow::Error;
-
-    fn carry_over(&mut self, layout: usize) {
-        let layout = &self.older[layout];
-        let carried = datapath::carry_over(self.datapath, layout);
-        if self.carried < self.older.len() {
-            info!(
-                from = layout.version,
-                conntrack = carried.conntrack,
-                converted = carried.converted,
-                sockets = carried.sockets,
-                affinity = carried.affinity,
-                "carried over an older layout's flows"
-            );
-        }
-        self.carried += 1;
-    }
-
-    fn set_handoff(&mut self, on: bool) -> Result<()> {
-        Ok(self.datapath.set_handoff(on)?)
-    }
-
-    fn take_over(&mut self) -> Result<()> {
-        take_over(self.datapath, self.interfaces, self.patterns, self.attach)?;
-        self.socket_lb.apply(self.datapath)
-    }
-
-    fn retire(&mut self, layout: usize) {
-        datapath::retire_layout(&self.older[layout]);
-    }
-}
-
-/// The socket programs' part of a takeover.
-trait ApplySocketLb {
-    fn apply(&self, datapath: &mut Datapath) -> Result<()>;
-}
-
-impl ApplySocketLb for SocketLb {
-    /// Attaches (or detaches) the socket programs once the maps hold the
-    /// whole state. By default a failure is a warning: pods are still served
-    /// by the TC path.
-    fn apply(&self, datapath: &mut Datapath) -> Result<()> {
-        if self.mode == SocketLbMode::Off {
-            datapath.detach_sockets();
-            return Ok(());
-        }
-        let attached = (|| -> Result<PathBuf> {
-            let cgroup = match &self.cgroup {
-                Some(path) => path.clone(),
-                None => {
-                    let root = datapath::cgroup2_root().context(
-                        "no cgroup2 mount in /proc/self/mounts (mount the host's, or pass --socket-lb-cgroup)",
-                    )?;
-                    // The root cgroup's id is 1; anything else is a cgroup
-                    // namespace's view (a container), which covers only itself.
-                    if datapath::cgroup_id(&root)? != 1 {
-                        bail!(
-                            "the cgroup2 mount at {} is not the host's root (a cgroup namespace?): mount the host's cgroup2 and pass --socket-lb-cgroup",
-                            root.display()
-                        );
-                    }
-                    root
-                }
-            };
-            datapath.set_sock_exclude(&self.exclude).context("--socket-lb-exclude-cgroup")?;
-            datapath.set_sock_host_only(self.host_only).context("--socket-lb")?;
-            datapath.attach_sockets(&cgroup).context("--socket-lb-cgroup")?;
-            Ok(cgroup)
-        })();
-        match attached {
-            Ok(_) => Ok(()),
-            Err(e) if self.mode == SocketLbMode::Auto => {
-                warn!(
-                    error = format!("{e:#}"),
-                    "socket-level load balancing could not be attached: pods are served by the TC path (an earlier agent's socket programs, if any, stay)"
-                );
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// Hooks this agent's programs everywhere: explicit interfaces (failing is
-/// fatal) and interfaces an earlier agent hooked that still match. Where an
-/// earlier agent's programs are attached they are swapped atomically.
-fn take_over(
-    datapath: &mut Datapath,
-    interfaces: &[String],
-    patterns: &links::Patterns,
-    mode: AttachMode,
-) -> Result<()> {
-    let mut replaced = 0;
-    for iface in interfaces {
-        if let Attached::Replaced(_) = datapath.attach(iface, mode).with_context(|| format!("--interface {iface}"))? {
-            replaced += 1;
-        }
-    }
-    for iface in datapath.pinned_not_attached() {
-        let present = nix::net::if_::if_nametoindex(iface.as_str()).is_ok();
-        if present && patterns.matches(&iface) {
-            match datapath.attach(&iface, mode) {
-                Ok(Attached::Replaced(_)) => replaced += 1,
-                Ok(Attached::New(_)) => {}
-                Err(e) => {
-                    warn!(iface, error = %e, "taking over a pinned interface failed; the earlier agent's programs stay")
-                }
-            }
-        } else {
-            datapath.release_pinned(&iface);
-        }
-    }
-    if replaced > 0 {
-        info!(interfaces = replaced, "replaced an earlier agent's programs in place");
-    }
     Ok(())
 }
 

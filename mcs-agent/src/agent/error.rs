@@ -11,6 +11,9 @@ pub enum AgentError {
     /// A flag or configuration that cannot work, said in the user's words.
     #[error("{0}")]
     Config(String),
+    /// The datapath failed, in its own words.
+    #[error(transparent)]
+    Datapath(#[from] crate::datapath::DatapathError),
     /// A step that failed (naming the flag or resource it used), and why.
     #[error("{what}")]
     Step {
@@ -36,6 +39,19 @@ impl<T, E: Into<Cause>> Context<T> for Result<T, E> {
     }
 }
 
+/// An error and its causes on one line (`a: b: c`), as anyhow's `{:#}`
+/// prints them: for a log field.
+pub fn chain(e: &(dyn StdError + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,12 +65,6 @@ mod tests {
         // A step inside a step keeps the whole chain.
         let outer: Result<(), AgentError> = Err(e);
         let e = outer.context("taking over").unwrap_err();
-        let mut chain = vec![e.to_string()];
-        let mut cause = e.source();
-        while let Some(c) = cause {
-            chain.push(c.to_string());
-            cause = c.source();
-        }
-        assert_eq!(chain, ["taking over", "--interface nope0", "no such interface"]);
+        assert_eq!(chain(&e), "taking over: --interface nope0: no such interface");
     }
 }
