@@ -1,15 +1,24 @@
-//! The control loop's decisions, as library code that runs without a kernel.
+//! The agent: its configuration, the loop that runs it, and the loop's
+//! decisions as library code that runs without a kernel.
 //!
-//! [`schedule`] decides when the loop reconciles, what a pass must do and
-//! whether the agent is stale; time is passed in, so its tests run in
-//! milliseconds. [`switch`] is the order of a takeover from an earlier
-//! agent, with the kernel behind a trait. The loop that drives them still
-//! lives in the binary.
+//! [`run::Agent`] is the loop. What it decides is in modules of its own,
+//! each with its inputs passed in (time) or behind a narrow trait (the
+//! kernel), so its tests run in milliseconds: [`schedule`] (when to
+//! reconcile, what a pass must do, whether the agent is stale), [`switch`]
+//! (the order of a takeover from an earlier agent), [`passive`] (passive
+//! health's tick) and [`discovery`] (interfaces found by pattern).
+//! [`takeover`], [`sources`] and [`pass`] are the kernel's and the API's
+//! side of it.
 
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod pass;
 pub mod passive;
+pub mod run;
 pub mod schedule;
+pub mod sources;
 pub mod switch;
 pub mod takeover;
+
+pub use self::{config::Config, error::AgentError, run::Agent};

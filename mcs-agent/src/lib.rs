@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod batch;
 pub mod cli;
+pub mod commands;
 pub mod conntrack;
 pub mod datapath;
 pub mod desired;

@@ -1,5 +1,5 @@
 //! What `mcs-agent run` was asked to do, checked and in the library's types:
-//! the command line ([`crate::cli::RunArgs::config`]) builds it, the agent
+//! the command line (`cli::RunArgs::config`) builds it, the agent
 //! runs it. Nothing here touches the kernel.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};

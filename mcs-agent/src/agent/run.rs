@@ -1,0 +1,506 @@
+//! The agent: what `mcs-agent run` starts and drives until SIGINT or SIGTERM.
+//!
+//! [`Agent::start`] checks nothing twice (the [`Config`] is checked) and
+//! touches the kernel in order: the probe servers, the source, the datapath
+//! (adopting an earlier agent's pins), the conntrack collector. [`Agent::run`]
+//! is the loop: it reconciles when [`Schedule`] says so, takes over from an
+//! earlier agent after the first complete pass, and answers each event (a
+//! change signal, a new link, a tick, a scrape) with a method of its own.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc::{self, UnboundedReceiver, UnboundedSender},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use super::{
+    config::{Config, ConntrackGc, SocketLb, SourceConfig},
+    discovery::{DatapathHooks, Discovered},
+    error::{AgentError, Context as _},
+    pass::reconcile,
+    passive::PassiveHealth,
+    schedule::{Schedule, StaleChange},
+    sources::{self, Source},
+    switch::switch_over,
+    takeover::Takeover,
+};
+use crate::{
+    conntrack,
+    datapath::{self, AttachMode, Datapath},
+    desired::{self, BackendAddr, FrontendKey, Policy},
+    events::{EventCounts, EventSink},
+    health::{self, HealthHandle, ScrapeRequest},
+    inventory::StateWriter,
+    metrics::{self, AgentMetrics, AgentView, Kernel},
+    plan::Applied,
+    reconcile::Reconciler,
+    source::{
+        kube::{KubeSource, SourceEvent},
+        links::{self, LinkEvent, Patterns},
+    },
+    terminate,
+};
+
+type KubeStart = JoinHandle<Result<(KubeSource, EventSink), AgentError>>;
+
+pub struct Agent {
+    // What the flags asked, as far as the loop still needs it.
+    interfaces: Vec<String>,
+    interface_patterns: Vec<String>,
+    attach: AttachMode,
+    health_addr: std::net::SocketAddr,
+    socket_lb: SocketLb,
+    terminate_tcp: bool,
+    metrics_backend_label: bool,
+    cleanup_on_exit: bool,
+    pin: bool,
+    resync: Duration,
+    outlier_interval: Duration,
+    flags_policy: Policy,
+
+    health: HealthHandle,
+    /// Both sources report through the same channel: a change, or a failing watch.
+    signals: UnboundedReceiver<SourceEvent>,
+    /// The directory watch lasts as long as this.
+    file_watcher: Option<notify::RecommendedWatcher>,
+    source: Option<Source>,
+    /// The API's start, until it has listed everything once.
+    pending_kube: Option<KubeStart>,
+    event_counts: Arc<EventCounts>,
+    recorder: Option<EventSink>,
+
+    datapath: Datapath,
+    older: Vec<datapath::LayoutDir>,
+    reconciler: Reconciler,
+    /// When to reconcile, what a pass must do, which watches fail.
+    schedule: Schedule,
+    /// The first complete pass is done and this agent's programs are hooked.
+    serving: bool,
+    /// Until the first complete pass: then the link watch takes them.
+    patterns: Option<Patterns>,
+    link_tx: UnboundedSender<LinkEvent>,
+    links: UnboundedReceiver<LinkEvent>,
+    discovered: Discovered,
+
+    metrics: AgentMetrics,
+    scrapes: UnboundedReceiver<ScrapeRequest>,
+    ct_stats: Arc<conntrack::CollectorStats>,
+    collector: conntrack::Running,
+    mode_name: String,
+    passive: Option<PassiveHealth>,
+    state_writer: StateWriter,
+    /// Frontends changed since sockets were last checked for departed backends.
+    terminate_pending: BTreeSet<FrontendKey>,
+}
+
+impl Agent {
+    pub async fn start(config: Config) -> Result<Self, AgentError> {
+        let Config {
+            source: source_config,
+            interfaces,
+            interface_patterns,
+            patterns,
+            attach,
+            kernel_log,
+            bpffs,
+            pin,
+            layout_version,
+            cleanup_on_exit,
+            sizes,
+            conntrack: conntrack_gc,
+            debounce,
+            resync,
+            health_addr,
+            metrics_addr,
+            outlier,
+            outlier_interval,
+            metrics_backend_label,
+            socket_lb,
+            terminate_tcp,
+            state_dir,
+            policy: flags_policy,
+        } = config;
+        let health = HealthHandle::default();
+        health::serve(health_addr, health.clone()).await.with_context(|| format!("--health-addr {health_addr}"))?;
+        if let Some(addr) = metrics_addr {
+            health::serve(addr, health.clone()).await.with_context(|| format!("--metrics-addr {addr}"))?;
+        }
+        let (signal_tx, signals) = mpsc::unbounded_channel::<SourceEvent>();
+
+        // The source before the kernel: a directory that cannot be watched
+        // fails before anything is loaded.
+        let mut file_watcher = None;
+        let mut source = None;
+        let event_counts = Arc::new(EventCounts::default());
+        let mut pending_kube = None;
+        match source_config {
+            SourceConfig::Manifests(dir) => {
+                file_watcher = Some(sources::watch_manifests(&dir, resync, signal_tx.clone())?);
+                source = Some(Source::Manifests(dir));
+            }
+            SourceConfig::Kube { kubeconfig, peers } => {
+                pending_kube = Some(tokio::spawn(sources::start_kube(
+                    kubeconfig,
+                    flags_policy.node.node.clone(),
+                    peers,
+                    signal_tx.clone(),
+                    event_counts.clone(),
+                )));
+            }
+        }
+
+        // The datapath next: an earlier agent's pinned maps are adopted as they
+        // are, and its programs keep serving them until this agent has reconciled.
+        let pins = pin.then_some((bpffs.as_path(), layout_version));
+        let mut datapath = Datapath::open(sizes, pins, kernel_log).context("loading the datapath")?;
+        if let Some(logger) = datapath.take_kernel_logger() {
+            // SAFETY: the logger owns the ring buffer's fd, open and unchanged for as
+            // long as the AsyncFd owns the logger.
+            let mut logger =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                    .context("watching the kernel log ring buffer")?;
+            tokio::spawn(async move {
+                while let Ok(mut ready) = logger.readable_mut().await {
+                    ready.get_inner_mut().flush();
+                    ready.clear_ready();
+                }
+            });
+        }
+        datapath.set_cleanup_on_exit(cleanup_on_exit);
+        let applied = adopt(&datapath);
+        let older = if pin { datapath::LayoutDir::others(&bpffs, layout_version) } else { Vec::new() };
+        if !older.is_empty() {
+            let versions: Vec<u32> = older.iter().map(|l| l.version).collect();
+            info!(?versions, current = layout_version, "found the pins of another layout version: upgrading from it");
+        }
+        datapath.set_older_layouts(older.clone());
+
+        let (scrape_tx, scrapes) = mpsc::unbounded_channel();
+        health.serve_metrics(scrape_tx);
+        // The collector counts live flows on its own thread, so a scrape never
+        // walks the maps; with expiry off it only counts (and removes closed
+        // flows past their grace time, as the datapath would), every 10 s.
+        let ct_stats = Arc::new(conntrack::CollectorStats::default());
+        let collector = {
+            let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
+            let ConntrackGc { timeouts, interval, expiry } = conntrack_gc;
+            if expiry {
+                info!(?timeouts, interval_secs = interval.as_secs(), "conntrack collector started");
+            } else {
+                info!("conntrack expiry off (--conntrack-gc-interval 0): idle flows stay until evicted");
+            }
+            let collector = conntrack::Collector::new(ct, ct6, timeouts, ct_stats.clone());
+            collector.spawn(interval).context("starting the conntrack collector")?
+        };
+        let (link_tx, links) = mpsc::unbounded_channel();
+        Ok(Self {
+            interfaces,
+            interface_patterns,
+            attach,
+            health_addr,
+            socket_lb,
+            terminate_tcp,
+            metrics_backend_label,
+            cleanup_on_exit,
+            pin,
+            resync,
+            outlier_interval,
+            reconciler: Reconciler::new(applied, flags_policy.clone()),
+            flags_policy,
+            health,
+            signals,
+            file_watcher,
+            schedule: Schedule::new(debounce, Instant::now(), source.is_some()),
+            source,
+            pending_kube,
+            event_counts,
+            recorder: None,
+            datapath,
+            older,
+            serving: false,
+            patterns: Some(patterns),
+            link_tx,
+            links,
+            discovered: Discovered::default(),
+            metrics: AgentMetrics::default(),
+            scrapes,
+            ct_stats,
+            collector,
+            mode_name: format!("{:?}", attach.resolve()).to_lowercase(),
+            passive: outlier.map(PassiveHealth::new),
+            state_writer: StateWriter::spawn(state_dir, Duration::from_secs(2)),
+            terminate_pending: BTreeSet::new(),
+        })
+    }
+
+    /// The loop, until SIGINT or SIGTERM; then [`Agent::stop`].
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut resync = tokio::time::interval(self.resync);
+        resync.tick().await;
+        let mut outlier_tick = tokio::time::interval(self.outlier_interval);
+        outlier_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut terminate_tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            if self.schedule.due().any() && self.source.is_some() {
+                self.pass()?;
+            }
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = resync.tick() => {
+                    self.health.beat();
+                    self.schedule.on_resync(Instant::now(), matches!(self.source, Some(Source::Kube(_))));
+                }
+                started = async { self.pending_kube.as_mut().expect("guarded").await }, if self.pending_kube.is_some() => {
+                    self.pending_kube = None;
+                    let (kube, events) = started.context("the API start task")??;
+                    self.source = Some(Source::Kube(Box::new(kube)));
+                    self.recorder = Some(events);
+                    self.schedule.source_ready();
+                }
+                Some(signal) = self.signals.recv() => self.on_signal(signal).await,
+                Some(event) = self.links.recv() => {
+                    self.discovered.on_event(event, &mut DatapathHooks(&mut self.datapath, self.attach));
+                }
+                // At most twice a second, and off the loop: the scan reads
+                // every remembered socket.
+                _ = terminate_tick.tick(), if !self.terminate_pending.is_empty() => self.end_sockets().await,
+                _ = outlier_tick.tick(), if self.serving && self.passive.is_some() => {
+                    if let Some(passive) = &mut self.passive
+                        && passive.tick(Instant::now(), &self.datapath, &mut self.reconciler)
+                    {
+                        self.schedule.recompute();
+                    }
+                }
+                Some(reply) = self.scrapes.recv() => {
+                    let _ = reply.send(self.scrape());
+                }
+            }
+        }
+        self.stop();
+        Ok(())
+    }
+
+    /// One reconcile pass, and the takeover after the first that succeeds.
+    fn pass(&mut self) -> Result<(), AgentError> {
+        let Some(source) = &self.source else { return Ok(()) };
+        self.health.beat();
+        let started = Instant::now();
+        let work = self.schedule.take_due();
+        let full_pass = work.recompute;
+        let result = reconcile(
+            source,
+            &self.flags_policy,
+            &mut self.reconciler,
+            &mut self.datapath,
+            self.recorder.as_ref(),
+            work,
+        );
+        let took = started.elapsed();
+        match &result {
+            Ok(()) => self.metrics.reconciled(started.elapsed()),
+            Err(_) => self.metrics.reconcile_failed(),
+        }
+        let changed = self.reconciler.take_changed();
+        if self.datapath.sockets_cgroup().is_some() {
+            self.terminate_pending.extend(changed.iter().copied());
+        }
+        if !changed.is_empty() {
+            if let Some(passive) = &mut self.passive {
+                passive.changed(changed.iter().copied());
+            }
+            let reconciler = &self.reconciler;
+            self.state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
+        }
+        match result {
+            Ok(()) if !self.serving => self.take_over()?,
+            Ok(()) => {}
+            Err(e) => error!(error = %e, "applying to the datapath failed; retrying on the next change or resync"),
+        }
+        self.schedule.reconciled(Instant::now(), took, full_pass);
+        Ok(())
+    }
+
+    /// The maps hold the whole state: take over from the agent before, in
+    /// the order `switch_over` keeps (the restart test caught a lost UDP
+    /// reply when it was another), then watch for new links.
+    fn take_over(&mut self) -> Result<(), AgentError> {
+        let mut takeover = Takeover {
+            datapath: &mut self.datapath,
+            older: &self.older,
+            interfaces: &self.interfaces,
+            patterns: self.patterns.as_ref().expect("not started"),
+            attach: self.attach,
+            socket_lb: &self.socket_lb,
+            carried: 0,
+        };
+        switch_over(&mut takeover, self.older.len())?;
+        if let Some(patterns) = self.patterns.take()
+            && !patterns.is_empty()
+        {
+            let tx = self.link_tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = links::watch(patterns, tx).await {
+                    error!(error = %e, "interface discovery stopped; new pods will not be served");
+                }
+            });
+        }
+        self.serving = true;
+        self.health.set_ready();
+        info!(node = ?self.reconciler.policy().node, tiers = ?self.reconciler.policy().tiers, "locality");
+        info!(interfaces = ?self.interfaces, patterns = ?self.interface_patterns, health = %self.health_addr, "agent ready");
+        Ok(())
+    }
+
+    /// A change or a failing watch: wait out the debounce window, then take
+    /// in everything that arrived meanwhile.
+    async fn on_signal(&mut self, signal: SourceEvent) {
+        let mut pending = Some(signal);
+        let window = self.schedule.debounce_wait(Instant::now());
+        if !window.is_zero() {
+            tokio::time::sleep(window).await;
+        }
+        while let Some(signal) = pending.take().or_else(|| self.signals.try_recv().ok()) {
+            match self.schedule.on_event(signal) {
+                Some(StaleChange::Failing { what, message }) => {
+                    warn!(what, error = %message, "the API is failing; the datapath keeps its last good state (stale) while the agent retries");
+                }
+                Some(StaleChange::Resumed { what }) => info!(what, "the API works again"),
+                None => {}
+            }
+        }
+        self.health.set_stale(self.schedule.stale());
+    }
+
+    /// Ends the sockets translated to backends that left the frontends
+    /// changed since the last call, on a blocking thread.
+    async fn end_sockets(&mut self) {
+        let changed = std::mem::take(&mut self.terminate_pending);
+        let state = self.reconciler.state();
+        // The changed frontends as they are now (the thread decides with
+        // `Frontend::keeps_sockets_to`); a deleted one keeps none.
+        let frontends: BTreeMap<FrontendKey, desired::Frontend> =
+            changed.iter().filter_map(|key| Some((*key, state.frontends.get(key)?.clone()))).collect();
+        let mut rev = match self.datapath.sock_rev() {
+            Ok(rev) => rev,
+            Err(e) => return warn!(error = %e, "reading the socket translations failed"),
+        };
+        let started = Instant::now();
+        let tcp = self.terminate_tcp;
+        let gone = tokio::task::spawn_blocking(move || {
+            let keeps =
+                |key: &FrontendKey, addr: &BackendAddr| frontends.get(key).is_some_and(|f| f.keeps_sockets_to(addr));
+            let ended = terminate::victims(&rev.sockets(), &changed, keeps, tcp);
+            let destroyed = terminate::terminate(&ended);
+            // Only what is gone: a socket that could not be ended keeps
+            // showing the VIP as its peer.
+            let gone: Vec<_> = ended.into_iter().filter(|s| destroyed.contains(&s.cookie)).collect();
+            rev.forget(&gone);
+            gone.len()
+        })
+        .await
+        .unwrap_or(0);
+        if gone > 0 {
+            self.metrics.sockets_terminated(gone as u64);
+            info!(
+                sockets = gone,
+                took_ms = started.elapsed().as_millis() as u64,
+                "ended sockets whose backend left their service"
+            );
+        }
+    }
+
+    /// The /metrics page.
+    fn scrape(&self) -> String {
+        let datapath = &self.datapath;
+        let sizes = datapath.sizes();
+        let applied = self.reconciler.applied();
+        let view = AgentView {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            attach_mode: self.mode_name.clone(),
+            stale: self.schedule.is_stale(),
+            interfaces: datapath.attached_count(),
+            ejections: self.passive.as_ref().map_or(0, PassiveHealth::ejections_total),
+            health_unwatched: self.passive.as_ref().map_or(0, |p| p.unwatched() as u64),
+            events: self.event_counts.outcomes().to_vec(),
+            conntrack_gc: Some((
+                self.ct_stats.expired.load(Relaxed),
+                self.ct_stats.last_pass_us.load(Relaxed) as f64 / 1e6,
+            )),
+            socket_lb: datapath.sockets_cgroup().is_some() && !self.socket_lb.host_only,
+            objects: self
+                .reconciler
+                .objects()
+                .iter()
+                .flat_map(|(kind, valid, invalid)| [(*kind, "valid", *valid), (*kind, "invalid", *invalid)])
+                .collect(),
+            fill: vec![
+                ("conntrack", self.ct_stats.live.load(Relaxed), u64::from(sizes.conntrack)),
+                ("services", applied.frontend_count() as u64, u64::from(sizes.capacity.services)),
+                ("backends", applied.backend_count() as u64, u64::from(sizes.capacity.backends.saturating_sub(1))),
+                ("selection", applied.slots_used(), u64::from(sizes.capacity.slots)),
+            ],
+        };
+        let kernel = Kernel {
+            backend: &|id| datapath.backend_stats(id),
+            service: &|id| datapath.service_stats(id),
+            datapath: datapath.stats().unwrap_or_default(),
+        };
+        metrics::render(&self.metrics, &view, &self.reconciler.inventory(), &kernel, self.metrics_backend_label)
+    }
+
+    /// Leaves the datapath serving (or removes it, with --cleanup-on-exit or
+    /// --no-pin) and writes the last state.json.
+    fn stop(self) {
+        let Self { file_watcher, pending_kube, state_writer, datapath, collector, cleanup_on_exit, pin, .. } = self;
+        drop(file_watcher);
+        if let Some(task) = pending_kube {
+            task.abort();
+        }
+        if cleanup_on_exit || !pin {
+            info!("shutting down: detaching and removing pins");
+        }
+        state_writer.finish();
+        let stats = datapath.stats().unwrap_or_default();
+        datapath.shutdown();
+        drop(collector);
+        let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
+        info!(counters = %counts.join(" "), "stopped");
+    }
+}
+
+/// The programmed state to start from: an earlier agent's, read from its
+/// pinned maps, or nothing.
+fn adopt(datapath: &Datapath) -> Applied {
+    let capacity = datapath.sizes().capacity;
+    if !datapath.adopted() {
+        return Applied::new(capacity);
+    }
+    let state = datapath.kernel_state();
+    let (applied, problems) =
+        Applied::adopt(capacity, &state.services, &state.backends, |i| datapath.selection_slot(i));
+    for problem in &problems {
+        warn!(problem = %problem, "adopting the pinned state");
+    }
+    info!(
+        frontends = applied.frontend_count(),
+        backends = applied.backend_count(),
+        conntrack = datapath.conntrack_len(),
+        "adopted the datapath of an earlier agent; it keeps serving until this agent has reconciled"
+    );
+    applied
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    Agent::start(config).await?.run().await
+}

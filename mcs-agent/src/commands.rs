@@ -1,0 +1,248 @@
+//! The subcommands besides `run`: `check` (manifests, no kernel),
+//! `inspect` (the pinned maps) and `uninstall`. Each returns what to print
+//! or writes it to the writers it is given; the binary maps errors to exit
+//! codes.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+use crate::{
+    cli::{InspectArgs, InspectWhat, Output},
+    datapath::{self, DatapathError},
+    desired::{self, Policy},
+    inspect::{self, InspectError},
+    source::manifests::{self, ManifestError},
+};
+
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: Box<ManifestError>,
+    },
+    #[error("{0} object(s) invalid")]
+    Invalid(usize),
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error("--bpffs {}", path.display())]
+    Uninstall {
+        path: PathBuf,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error("still on this node after uninstalling: {0} (is an agent still running? stop it first)")]
+    Remains(String),
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("rendering JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// `rows` as JSON, or as a table of `cells` per row.
+fn rows_or_table<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> Result<String, CommandError> {
+    if json {
+        return Ok(serde_json::to_string_pretty(rows)?);
+    }
+    Ok(inspect::table(header, &rows.iter().map(cells).collect::<Vec<_>>()))
+}
+
+/// `mcs-agent inspect`: the text to print (JSON ends with a newline).
+pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
+    let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
+    let json = args.output == Output::Json;
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    let text = match &args.what {
+        InspectWhat::Services => {
+            let rows = inspect::services(&pinned);
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                let mut out = String::new();
+                for s in &rows {
+                    let affinity = match s.affinity_timeout_secs {
+                        0 => String::new(),
+                        t => format!("  ClientIP affinity {t}s"),
+                    };
+                    out.push_str(&format!(
+                        "{}  {} ({})  table {} slots  {} new connections, {} dropped (no backend){affinity}\n",
+                        s.frontend,
+                        opt(&s.service),
+                        opt(&s.port_name),
+                        s.table_size,
+                        s.new_connections,
+                        s.no_backend_drops,
+                    ));
+                    let cells: Vec<Vec<String>> = s
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            vec![
+                                format!("  {}", b.address),
+                                opt(&b.cluster),
+                                opt(&b.zone),
+                                opt(&b.tier),
+                                b.weight.map_or_else(|| "-".into(), |w| format!("{:.1}%", w * 100.0)),
+                                format!("{:.1}%", b.table_share * 100.0),
+                                opt(&b.condition),
+                                b.new_connections.to_string(),
+                                b.packets_to.to_string(),
+                                b.packets_from.to_string(),
+                            ]
+                        })
+                        .collect();
+                    out.push_str(&inspect::table(
+                        &[
+                            "  BACKEND",
+                            "CLUSTER",
+                            "ZONE",
+                            "TIER",
+                            "WEIGHT",
+                            "TABLE",
+                            "STATE",
+                            "NEW CONNS",
+                            "PKTS TO",
+                            "PKTS FROM",
+                        ],
+                        &cells,
+                    ));
+                }
+                if pinned.inventory.is_none() {
+                    out.push_str("(no state.json in --state-dir: services, clusters, zones and tiers unknown)\n");
+                }
+                out
+            }
+        }
+        InspectWhat::Conntrack { service } => rows_or_table(
+            &inspect::conntrack(&pinned, service.as_deref()),
+            json,
+            &["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE"],
+            |r| {
+                vec![
+                    r.client.clone(),
+                    r.vip.clone(),
+                    r.backend.clone(),
+                    r.protocol.to_owned(),
+                    opt(&r.service),
+                    format!("{:.1}s", r.age_secs),
+                    r.state.to_owned(),
+                ]
+            },
+        )?,
+        InspectWhat::Affinity => {
+            rows_or_table(&inspect::affinity(&pinned), json, &["SERVICE", "CLIENT", "BACKEND", "IDLE"], |r| {
+                vec![opt(&r.service), r.client.to_string(), opt(&r.backend), format!("{:.1}s", r.idle_secs)]
+            })?
+        }
+        InspectWhat::Stats => rows_or_table(&inspect::stats(&pinned), json, &["EVENT", "PACKETS"], |r| {
+            vec![r.event.to_owned(), r.count.to_string()]
+        })?,
+    };
+    Ok(if json { text + "\n" } else { text })
+}
+
+/// `mcs-agent check`: each frontend and its endpoints on `out`, each
+/// problem on `err`; an error when any object is invalid.
+pub fn check(dir: &Path, policy: &Policy, out: &mut dyn Write, err: &mut dyn Write) -> Result<(), CommandError> {
+    let read = manifests::Cache::default()
+        .read_dir(dir)
+        .map_err(|e| CommandError::Read { path: dir.to_owned(), source: Box::new(e) })?;
+    let mut model = desired::Model::default();
+    model.replace(read.changes, policy, &desired::Runtime::default());
+    let mut problems = read.problems;
+    let mut errors: Vec<String> = model.errors().map(ToString::to_string).collect();
+    errors.sort();
+    problems.extend(errors);
+    for (key, frontend) in &model.state().frontends {
+        let port = if frontend.port_name.is_empty() { String::new() } else { format!(" ({})", frontend.port_name) };
+        let tiers: Vec<String> = frontend.tiers.iter().map(ToString::to_string).collect();
+        let affinity = match frontend.affinity_timeout_secs {
+            0 => String::new(),
+            secs => format!("  ClientIP affinity {secs}s"),
+        };
+        writeln!(
+            out,
+            "{key}{port}  {}  {} of {} endpoint(s) serve; tiers {}; table {} slots{affinity}",
+            frontend.service,
+            frontend.weights.len(),
+            frontend.endpoints.len(),
+            tiers.join(","),
+            frontend.table_size
+        )?;
+        for endpoint in &frontend.endpoints {
+            let share = frontend.weights.iter().find(|w| w.addr == endpoint.addr);
+            let (share, tier) = share.map_or(("-".to_owned(), "-".to_owned()), |w| {
+                (format!("{:.1}%", w.share * 100.0), frontend.tiers[w.tier].to_string())
+            });
+            let l = &endpoint.locality;
+            writeln!(
+                out,
+                "    {:<21} {:>6}  tier={:<7} {:?}  cluster={} zone={} region={}",
+                endpoint.addr.to_string(),
+                share,
+                tier,
+                endpoint.condition,
+                l.cluster.as_deref().unwrap_or("-"),
+                l.zone.as_deref().unwrap_or("-"),
+                l.region.as_deref().unwrap_or("-"),
+            )?;
+        }
+    }
+    for problem in &problems {
+        writeln!(err, "error: {problem}")?;
+    }
+    if !problems.is_empty() {
+        return Err(CommandError::Invalid(problems.len()));
+    }
+    Ok(())
+}
+
+/// What `uninstall --check` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Remains {
+    Nothing,
+    /// What is left, one line each.
+    Left(Vec<String>),
+}
+
+/// `mcs-agent uninstall --check`: nothing of mcs-agent left on this node, or what is.
+pub fn uninstall_check(bpffs: &Path) -> Remains {
+    let left = datapath::remains(bpffs);
+    if left.is_empty() { Remains::Nothing } else { Remains::Left(left) }
+}
+
+/// `mcs-agent uninstall`: removes every layout's pins and links, and waits
+/// (up to 2 s) until nothing is left; says what it removed on `out`.
+pub fn uninstall(bpffs: &Path, out: &mut dyn Write) -> Result<(), CommandError> {
+    let done = datapath::uninstall(bpffs)
+        .map_err(|e| CommandError::Uninstall { path: bpffs.to_owned(), source: Box::new(e) })?;
+    writeln!(
+        out,
+        "removed layout version(s) {:?} ({} pinned link(s)), {} netlink filter(s)",
+        done.layouts, done.links, done.netlink_filters
+    )?;
+    // The kernel detaches an unpinned link from a work queue, a moment later.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let left = loop {
+        let left = datapath::remains(bpffs);
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !left.is_empty() {
+        return Err(CommandError::Remains(left.join("; ")));
+    }
+    Ok(())
+}
