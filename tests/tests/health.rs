@@ -192,12 +192,12 @@ fn a_refusing_backend_past_id_16384_is_ejected_among_20000() {
     let (good, bad) = (cluster.add_pod(), cluster.add_pod());
     let _server = Server::tcp(&cluster.ns, good, 8080, "cluster-a/pod-1");
     let generation = agent.generation();
-    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
-    manifests::write(
-        dir.path(),
-        "cluster-a.yaml",
-        &endpoint_slice("demo", "web", "cluster-a", PORTS, &[(good, true), (bad, true)]),
-    );
+    // One file, so that one pass takes both: with two, the pass after the
+    // first write may run before the second is seen.
+    let web = service_import("demo", "web", VIP, &[("http", 80, "TCP")])
+        + "---\n"
+        + &endpoint_slice("demo", "web", "cluster-a", PORTS, &[(good, true), (bad, true)]);
+    manifests::write(dir.path(), "web.yaml", &web);
     agent.wait_reconciled_after(generation);
 
     let inspect = || -> Value {
