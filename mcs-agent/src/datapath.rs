@@ -45,7 +45,7 @@ pub use self::{attach::*, carry::*, load::*, pins::*};
 pub use sock::{cgroup_id, cgroup2_root};
 
 use crate::{
-    desired::{BackendAddr, FrontendKey},
+    model::{BackendAddr, FrontendKey},
     plan::{Capacity, FamilyBackend, FamilyKey, MapOp, backend_addr, frontend_of},
 };
 

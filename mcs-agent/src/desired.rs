@@ -26,9 +26,8 @@ use crate::{
 };
 
 // The endpoint and address types live in the model, below every decision
-// module; they are re-exported here for the modules that read them with the
-// desired state.
-pub use crate::model::{BackendAddr, Condition, Endpoint, FrontendKey, Locality, Protocol};
+// module; every module imports them from there.
+use crate::model::{BackendAddr, Condition, Endpoint, FrontendKey, Locality, Protocol};
 
 mod validate;
 pub use self::validate::family_name;

@@ -13,7 +13,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    desired::{Condition, DesiredState, Frontend, FrontendKey, Runtime},
+    desired::{DesiredState, Frontend, Runtime},
+    model::{Condition, FrontendKey},
     plan::Applied,
 };
 
@@ -163,7 +164,7 @@ impl Inventory {
 }
 
 /// Frontends programmed (`Some`) or removed (`None`).
-pub type Changes = Vec<(crate::desired::FrontendKey, Option<FrontendInfo>)>;
+pub type Changes = Vec<(crate::model::FrontendKey, Option<FrontendInfo>)>;
 
 /// Keeps `state.json` current off the reconcile loop. The writer thread holds
 /// each programmed frontend as JSON, takes changed frontends as they are
@@ -182,7 +183,7 @@ impl StateWriter {
             .name("state-writer".into())
             .spawn(move || {
                 crate::background_thread();
-                let mut frontends: std::collections::BTreeMap<crate::desired::FrontendKey, Box<str>> =
+                let mut frontends: std::collections::BTreeMap<crate::model::FrontendKey, Box<str>> =
                     std::collections::BTreeMap::new();
                 let mut dirty = false;
                 let mut last = std::time::Instant::now() - interval;
@@ -235,7 +236,7 @@ impl StateWriter {
     }
 }
 
-fn write_joined(dir: &Path, frontends: &std::collections::BTreeMap<crate::desired::FrontendKey, Box<str>>) {
+fn write_joined(dir: &Path, frontends: &std::collections::BTreeMap<crate::model::FrontendKey, Box<str>>) {
     use std::io::Write as _;
     // Streamed: the joined document is as large as every frontend's JSON.
     let write = || -> std::io::Result<()> {

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::desired::BackendAddr;
+use crate::model::BackendAddr;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OutlierConfig {

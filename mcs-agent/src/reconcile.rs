@@ -14,10 +14,10 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, DatapathError},
-    desired::{BackendAddr, Delta, DesiredState, FrontendKey, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
+    desired::{Delta, DesiredState, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
     inventory::{FrontendInfo, Inventory},
     maglev,
-    model::{ClusterIps, Snapshot},
+    model::{BackendAddr, ClusterIps, FrontendKey, Snapshot},
     plan::{Applied, MapOp, PlanSummary},
     source::manifests,
 };

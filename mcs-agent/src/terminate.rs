@@ -27,7 +27,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::desired::{BackendAddr, FrontendKey, Protocol};
+use crate::model::{BackendAddr, FrontendKey, Protocol};
 
 /// A socket translated at the socket layer, as `SOCK_REV` records it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

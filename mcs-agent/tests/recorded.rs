@@ -5,9 +5,9 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use mcs_agent::{
-    desired::{self, DesiredState, FrontendKey, Policy, Protocol},
+    desired::{self, DesiredState, Policy},
     locality::NodeLocality,
-    model::Origin,
+    model::{FrontendKey, Origin, Protocol},
     source::manifests::parse_documents,
 };
 

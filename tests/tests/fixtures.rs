@@ -7,8 +7,8 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use mcs_agent::{
     datapath::{Datapath, Sizes},
-    desired::{self, BackendAddr, FrontendKey, Policy, Protocol},
-    model::Origin,
+    desired::{self, Policy},
+    model::{BackendAddr, FrontendKey, Origin, Protocol},
     plan::{Capacity, selection_table},
     source::manifests::parse_documents,
 };
@@ -832,7 +832,7 @@ fn layout_3_flows_are_carried_over_as_pairs() {
 
     // Ids are this agent's, found through the addresses both layouts know.
     let state = dp.kernel_state();
-    let want_frontend = desired::FrontendKey { vip: VIP.into(), port: 80, protocol: Protocol::Tcp };
+    let want_frontend = FrontendKey { vip: VIP.into(), port: 80, protocol: Protocol::Tcp };
     let new_service = state.services.iter().find(|(k, _)| *k == Ok(want_frontend)).unwrap().1.service_id;
     let (ct_a, rev_a) = flow_entries(&dp, sport_a);
     let (ct_a, rev_a) = (ct_a.unwrap(), rev_a.unwrap().1);

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::Datapath,
-    desired::{BackendAddr, Condition, FrontendKey},
+    model::{BackendAddr, Condition, FrontendKey},
     outlier::{Counters, Detector, Event, OutlierConfig},
     reconcile::Reconciler,
 };

@@ -34,11 +34,12 @@ use super::{
 use crate::{
     conntrack,
     datapath::{self, AttachMode, Datapath},
-    desired::{self, BackendAddr, FrontendKey, Policy},
+    desired::{self, Policy},
     events::{EventCounts, EventSink},
     health::{self, HealthHandle, ScrapeRequest},
     inventory::StateWriter,
     metrics::{self, AgentMetrics, AgentView, Kernel},
+    model::{BackendAddr, FrontendKey},
     plan::Applied,
     reconcile::Reconciler,
     source::{
