@@ -11,6 +11,7 @@
 //! side of it.
 
 pub mod config;
+pub mod control;
 pub mod discovery;
 pub mod error;
 pub mod pass;

@@ -12,10 +12,11 @@ use std::{
 use thiserror::Error;
 
 use crate::{
+    agent::control,
     cli::{InspectArgs, InspectWhat, Output},
     datapath::{self, DatapathError},
     desired::{self, Policy},
-    inspect::{self, InspectError},
+    inspect::{self, AgentServices, InspectError, ServiceRow},
     source::manifests::{self, ManifestError},
 };
 
@@ -59,70 +60,27 @@ fn rows_or_table<T: serde::Serialize>(
 }
 
 /// `mcs-agent inspect`: the text to print (JSON ends with a newline).
+///
+/// `services` asks the running agent first (its control socket in
+/// `--state-dir`), whose answer is one generation of tables and names; the
+/// pinned maps named by `state.json` otherwise (the agent stopped).
 pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
-    let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
     let json = args.output == Output::Json;
+    if matches!(args.what, InspectWhat::Services)
+        && let Some(answer) = ask_agent(args)
+    {
+        let note = format!("(from the running agent, generation {})\n", answer.generation);
+        return services_text(&answer.rows, json, &note);
+    }
+    let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     let text = match &args.what {
         InspectWhat::Services => {
-            let rows = inspect::services(&pinned);
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                let mut out = String::new();
-                for s in &rows {
-                    let affinity = match s.affinity_timeout_secs {
-                        0 => String::new(),
-                        t => format!("  ClientIP affinity {t}s"),
-                    };
-                    out.push_str(&format!(
-                        "{}  {} ({})  table {} slots  {} new connections, {} dropped (no backend){affinity}\n",
-                        s.frontend,
-                        opt(&s.service),
-                        opt(&s.port_name),
-                        s.table_size,
-                        s.new_connections,
-                        s.no_backend_drops,
-                    ));
-                    let cells: Vec<Vec<String>> = s
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            vec![
-                                format!("  {}", b.address),
-                                opt(&b.cluster),
-                                opt(&b.zone),
-                                opt(&b.tier),
-                                b.weight.map_or_else(|| "-".into(), |w| format!("{:.1}%", w * 100.0)),
-                                format!("{:.1}%", b.table_share * 100.0),
-                                opt(&b.condition),
-                                b.new_connections.to_string(),
-                                b.packets_to.to_string(),
-                                b.packets_from.to_string(),
-                            ]
-                        })
-                        .collect();
-                    out.push_str(&inspect::table(
-                        &[
-                            "  BACKEND",
-                            "CLUSTER",
-                            "ZONE",
-                            "TIER",
-                            "WEIGHT",
-                            "TABLE",
-                            "STATE",
-                            "NEW CONNS",
-                            "PKTS TO",
-                            "PKTS FROM",
-                        ],
-                        &cells,
-                    ));
-                }
-                if pinned.inventory.is_none() {
-                    out.push_str("(no state.json in --state-dir: services, clusters, zones and tiers unknown)\n");
-                }
-                out
-            }
+            let note = match pinned.inventory {
+                None => "(no state.json in --state-dir: services, clusters, zones and tiers unknown)\n",
+                Some(_) => "(from the pinned maps and state.json: no agent answered on --state-dir)\n",
+            };
+            return services_text(&inspect::services(&pinned), json, note);
         }
         InspectWhat::Conntrack { service } => rows_or_table(
             &inspect::conntrack(&pinned, service.as_deref()),
@@ -150,6 +108,65 @@ pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
         })?,
     };
     Ok(if json { text + "\n" } else { text })
+}
+
+/// The running agent's answer to `services`, unless none answers on
+/// `--state-dir` or it serves another bpffs than `--bpffs`.
+fn ask_agent(args: &InspectArgs) -> Option<AgentServices> {
+    let answer: AgentServices = serde_json::from_str(&control::ask(&args.state_dir, "services")?).ok()?;
+    let same = |a: &Path, b: &Path| a.canonicalize().ok().zip(b.canonicalize().ok()).is_some_and(|(a, b)| a == b);
+    match &answer.bpffs {
+        Some(bpffs) if !same(bpffs, &args.bpffs) => None,
+        _ => Some(answer),
+    }
+}
+
+/// Service rows as JSON, or as a table per frontend with `note` under them.
+fn services_text(rows: &[ServiceRow], json: bool, note: &str) -> Result<String, CommandError> {
+    if json {
+        return Ok(serde_json::to_string_pretty(rows)? + "\n");
+    }
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    let mut out = String::new();
+    for s in rows {
+        let affinity = match s.affinity_timeout_secs {
+            0 => String::new(),
+            t => format!("  ClientIP affinity {t}s"),
+        };
+        out.push_str(&format!(
+            "{}  {} ({})  table {} slots  {} new connections, {} dropped (no backend){affinity}\n",
+            s.frontend,
+            opt(&s.service),
+            opt(&s.port_name),
+            s.table_size,
+            s.new_connections,
+            s.no_backend_drops,
+        ));
+        let cells: Vec<Vec<String>> = s
+            .backends
+            .iter()
+            .map(|b| {
+                vec![
+                    format!("  {}", b.address),
+                    opt(&b.cluster),
+                    opt(&b.zone),
+                    opt(&b.tier),
+                    b.weight.map_or_else(|| "-".into(), |w| format!("{:.1}%", w * 100.0)),
+                    format!("{:.1}%", b.table_share * 100.0),
+                    opt(&b.condition),
+                    b.new_connections.to_string(),
+                    b.packets_to.to_string(),
+                    b.packets_from.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&inspect::table(
+            &["  BACKEND", "CLUSTER", "ZONE", "TIER", "WEIGHT", "TABLE", "STATE", "NEW CONNS", "PKTS TO", "PKTS FROM"],
+            &cells,
+        ));
+    }
+    out.push_str(note);
+    Ok(out)
 }
 
 /// `mcs-agent check`: each frontend and its endpoints on `out`, each

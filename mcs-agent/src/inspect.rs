@@ -1,6 +1,8 @@
 //! `mcs-agent inspect`: the node's datapath as the pinned maps hold it,
 //! named with the agent's `state.json`. Reads only; works while the agent is
-//! stopped (the datapath keeps serving then).
+//! stopped (the datapath keeps serving then). While the agent runs, it
+//! answers `inspect services` itself ([`service_rows`] over its own
+//! datapath), so the tables and their names are of one generation.
 
 use std::{
     collections::BTreeMap,
@@ -15,11 +17,11 @@ use mcs_common::{
     MAP_CT6, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_STATS, ServiceKey, ServiceStats,
     ServiceValue, Stat, ct_closed,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    datapath::{LayoutDir, SlotMemory},
+    datapath::{Datapath, LayoutDir, SlotMemory},
     inventory::{FrontendInfo, Inventory},
     plan::{ToIp, backend_addr},
 };
@@ -121,6 +123,66 @@ impl Pinned {
     }
 }
 
+/// The tables a service row is read from: the pinned maps (`inspect` on its
+/// own) or the running agent's datapath (answering `inspect` on its socket,
+/// with the names of the same generation).
+pub trait Tables {
+    /// Every programmed frontend: its name (`VIP:port/PROTO`) and entry.
+    fn frontends(&self) -> Vec<(String, ServiceValue)>;
+    /// The backend id in a selection slot.
+    fn slot(&self, slot: u32) -> Option<u32>;
+    /// A backend id's address, in whichever family's array holds it.
+    fn backend(&self, id: u32) -> Option<SocketAddr>;
+    fn backend_stats(&self, id: u32) -> BackendStats;
+    fn service_stats(&self, id: u32) -> ServiceStats;
+}
+
+impl Tables for Pinned {
+    fn frontends(&self) -> Vec<(String, ServiceValue)> {
+        let v6 = self.services6.iter().flat_map(|m| m.iter().filter_map(Result::ok));
+        let v4 = self.services.iter().filter_map(Result::ok).map(|(k, v)| (frontend_name(&k), v));
+        v4.chain(v6.map(|(k, v)| (frontend_name(&k), v))).collect()
+    }
+
+    fn slot(&self, slot: u32) -> Option<u32> {
+        self.selection.read(slot)
+    }
+
+    fn backend(&self, id: u32) -> Option<SocketAddr> {
+        Pinned::backend(self, id)
+    }
+
+    fn backend_stats(&self, id: u32) -> BackendStats {
+        Pinned::backend_stats(self, id)
+    }
+
+    fn service_stats(&self, id: u32) -> ServiceStats {
+        Pinned::service_stats(self, id)
+    }
+}
+
+impl Tables for Datapath {
+    fn frontends(&self) -> Vec<(String, ServiceValue)> {
+        self.kernel_services().into_iter().map(|(key, value)| (key.to_string(), value)).collect()
+    }
+
+    fn slot(&self, slot: u32) -> Option<u32> {
+        self.selection_slot(slot)
+    }
+
+    fn backend(&self, id: u32) -> Option<SocketAddr> {
+        self.backend_address(id).map(|a| SocketAddr::new(a.ip, a.port))
+    }
+
+    fn backend_stats(&self, id: u32) -> BackendStats {
+        Datapath::backend_stats(self, id).unwrap_or_default()
+    }
+
+    fn service_stats(&self, id: u32) -> ServiceStats {
+        Datapath::service_stats(self, id).unwrap_or_default()
+    }
+}
+
 /// The endpoint's condition, unless passive health overrides it.
 fn state_of(condition: &str, health: &str) -> String {
     match health {
@@ -139,7 +201,7 @@ fn socket<A: ToIp>(ip: A, port: u16) -> SocketAddr {
     SocketAddr::new(ip.to_ip(), u16::from_be(port))
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceRow {
     pub frontend: String,
     pub service: Option<String>,
@@ -150,9 +212,13 @@ pub struct ServiceRow {
     pub new_connections: u64,
     pub no_backend_drops: u64,
     pub backends: Vec<BackendRow>,
+    /// The agent's reconcile generation the row shows, when the running
+    /// agent answered (maps and names then come from that one generation);
+    /// `null` when read from the pinned maps and `state.json`.
+    pub generation: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendRow {
     pub address: String,
     pub backend_id: u32,
@@ -171,30 +237,50 @@ pub struct BackendRow {
     pub packets_from: u64,
 }
 
-/// Every frontend with its table's members, sorted by frontend.
+/// What the running agent answers to `services` on its control socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentServices {
+    pub generation: u64,
+    /// The agent's `--bpffs` (`None` with `--no-pin`): an `inspect` about
+    /// another bpffs reads that one's pins instead.
+    pub bpffs: Option<std::path::PathBuf>,
+    pub rows: Vec<ServiceRow>,
+}
+
+/// Every frontend with its table's members, sorted by frontend, from the
+/// pinned maps named by `state.json`.
 pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
-    let v6 = pinned.services6.iter().flat_map(|m| m.iter().filter_map(Result::ok));
-    let entries = pinned.services.iter().filter_map(Result::ok).map(|(k, v)| (frontend_name(&k), v));
-    let mut rows: Vec<ServiceRow> = entries
-        .chain(v6.map(|(k, v)| (frontend_name(&k), v)))
+    service_rows(pinned, |id| pinned.info(id), None)
+}
+
+/// Every frontend of `tables` with its table's members, sorted by frontend;
+/// `info` names what is behind a service id.
+pub fn service_rows<'a>(
+    tables: &impl Tables,
+    info: impl Fn(u32) -> Option<&'a FrontendInfo>,
+    generation: Option<u64>,
+) -> Vec<ServiceRow> {
+    let mut rows: Vec<ServiceRow> = tables
+        .frontends()
+        .into_iter()
         .map(|(name, value)| {
             let mut held: BTreeMap<u32, u32> = BTreeMap::new();
             for slot in value.slot_offset..value.slot_offset.saturating_add(value.slot_count) {
-                if let Some(id) = pinned.selection.read(slot) {
+                if let Some(id) = tables.slot(slot) {
                     *held.entry(id).or_default() += 1;
                 }
             }
-            let info = pinned.info(value.service_id).filter(|f| f.key() == name);
+            let info = info(value.service_id).filter(|f| f.key() == name);
             let mut backends: Vec<BackendRow> = held
                 .iter()
                 .map(|(&id, &slots)| {
-                    let address = pinned.backend(id);
+                    let address = tables.backend(id);
                     let known = info.and_then(|f| {
                         f.backends
                             .iter()
                             .find(|b| b.backend_id == Some(id) && Some(SocketAddr::new(b.ip, b.port)) == address)
                     });
-                    let stats = pinned.backend_stats(id);
+                    let stats = tables.backend_stats(id);
                     BackendRow {
                         address: address.map_or_else(|| "(freed id)".to_owned(), |a| a.to_string()),
                         backend_id: id,
@@ -227,7 +313,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                     packets_from: 0,
                 });
             }
-            let stats = pinned.service_stats(value.service_id);
+            let stats = tables.service_stats(value.service_id);
             ServiceRow {
                 frontend: name,
                 service: info.map(|f| f.service.clone()),
@@ -238,6 +324,7 @@ pub fn services(pinned: &Pinned) -> Vec<ServiceRow> {
                 new_connections: stats.new_flows,
                 no_backend_drops: stats.no_backend,
                 backends,
+                generation,
             }
         })
         .collect();

@@ -430,6 +430,11 @@ impl Reconciler {
         Inventory::build(self.model.state(), &self.applied, &self.runtime)
     }
 
+    /// Passes completed so far.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// One frontend as [`Inventory`] describes it, when it is programmed.
     pub fn frontend_info(&self, key: &FrontendKey) -> Option<FrontendInfo> {
         let frontend = self.model.state().frontends.get(key)?;

@@ -284,3 +284,58 @@ fn inspect_shows_the_programmed_state_while_running_and_stopped() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Right after a change, `inspect services` shows the kernel's tables with
+/// the names of the same generation: the running agent answers it. A pod
+/// that turns ready is listed once, ready, with its cluster, tier and share
+/// of the table (read from state.json, which lags up to 2 s, it was listed
+/// twice: once from the table with no names, once as not ready with none).
+#[test]
+fn inspect_right_after_a_change_names_what_the_kernel_holds() {
+    let lab = lab();
+    let mut agent = lab.agent();
+    let rows = lab.inspect_json(&["services"]);
+    let web = |rows: &Value| rows.as_array().unwrap().iter().find(|s| s["frontend"] == "10.96.0.10:80/TCP").cloned();
+    let before = web(&rows).expect("the frontend");
+    let first = before["generation"].as_u64().expect("the running agent answers, with its generation");
+    let unready = before["backends"].as_array().unwrap().iter().find(|b| b["condition"] == "not-ready").cloned();
+    let unready = unready.expect("cluster-a's unready pod");
+    let cluster_a: Vec<(Ipv4Addr, bool)> = before["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["cluster"] == "cluster-a")
+        .map(|b| (b["address"].as_str().unwrap().parse::<SocketAddrV4>().unwrap().ip().to_owned(), true))
+        .collect();
+    assert_eq!(cluster_a.len(), 2, "{before:#}");
+
+    let generation = agent.generation();
+    let yaml = endpoint_slice("demo", "web", "cluster-a", SLICE_PORTS, &cluster_a);
+    manifests::write(lab.dir.path(), "web-cluster-a.yaml", &yaml);
+    agent.wait_reconciled_after(generation);
+    let after = web(&lab.inspect_json(&["services"])).expect("the frontend");
+    assert!(after["generation"].as_u64().unwrap() > first, "a newer generation: {after:#}");
+    let backends = after["backends"].as_array().unwrap();
+    let addresses: BTreeSet<&str> = backends.iter().map(|b| b["address"].as_str().unwrap()).collect();
+    assert_eq!(addresses.len(), backends.len(), "each backend once: {after:#}");
+    let turned = backends.iter().find(|b| b["address"] == unready["address"]).expect("the pod that turned ready");
+    assert_eq!(turned["condition"], "ready", "{turned:#}");
+    assert_eq!(turned["cluster"], "cluster-a");
+    assert_eq!(turned["tier"], "cluster");
+    assert!(turned["backend_id"].as_u64().unwrap() > 0);
+    // The kernel's table: all of it is held, and it follows the weights the names carry.
+    let share: f64 = backends.iter().map(|b| b["table_share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9, "{after:#}");
+    for b in backends {
+        let (weight, table) = (b["weight"].as_f64().expect("named"), b["table_share"].as_f64().unwrap());
+        assert!((weight - table).abs() < 0.01, "the table follows the weights: {b}");
+    }
+    let text = String::from_utf8(lab.inspect(&["services"]).stdout).unwrap();
+    assert!(text.contains("(from the running agent, generation"), "{text}");
+
+    // Stopped, the pinned maps and state.json answer, with no generation.
+    drop(agent);
+    let stopped = web(&lab.inspect_json(&["services"])).expect("the frontend");
+    assert!(stopped["generation"].is_null(), "{stopped:#}");
+    assert_eq!(stopped["backends"].as_array().unwrap().len(), backends.len());
+}

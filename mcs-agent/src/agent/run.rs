@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use super::{
     config::{Config, ConntrackGc, SocketLb, SourceConfig},
+    control::{self, ControlSocket},
     discovery::{DatapathHooks, Discovered},
     error::{AgentError, Context as _},
     pass::reconcile,
@@ -37,7 +38,8 @@ use crate::{
     desired::{self, Policy},
     events::{EventCounts, EventSink},
     health::{self, HealthHandle, ScrapeRequest},
-    inventory::StateWriter,
+    inspect::{self, AgentServices},
+    inventory::{FrontendInfo, StateWriter},
     metrics::{self, AgentMetrics, AgentView, Kernel},
     model::{BackendAddr, FrontendKey},
     plan::Applied,
@@ -92,6 +94,10 @@ pub struct Agent {
 
     metrics: AgentMetrics,
     scrapes: UnboundedReceiver<ScrapeRequest>,
+    /// `inspect` asking on `<state-dir>/agent.sock`.
+    inspects: UnboundedReceiver<control::Request>,
+    _control: Option<ControlSocket>,
+    bpffs: Option<std::path::PathBuf>,
     ct_stats: Arc<conntrack::CollectorStats>,
     collector: conntrack::Running,
     mode_name: String,
@@ -201,6 +207,12 @@ impl Agent {
             collector.spawn(interval).context("starting the conntrack collector")?
         };
         let (link_tx, links) = mpsc::unbounded_channel();
+        // Without it inspect reads the pinned maps and state.json, as when
+        // the agent is stopped: a warning, not a reason to stop serving.
+        let (inspect_tx, inspects) = mpsc::unbounded_channel();
+        let control = control::serve(&state_dir, inspect_tx)
+            .inspect_err(|e| warn!(error = %super::error::chain(e), "inspect cannot ask this agent"))
+            .ok();
         Ok(Self {
             interfaces,
             interface_patterns,
@@ -232,11 +244,14 @@ impl Agent {
             discovered: Discovered::default(),
             metrics: AgentMetrics::default(),
             scrapes,
+            inspects,
+            _control: control,
+            bpffs: pin.then(|| bpffs.clone()),
             ct_stats,
             collector,
             mode_name: format!("{:?}", attach.resolve()).to_lowercase(),
             passive: outlier.map(PassiveHealth::new),
-            state_writer: StateWriter::spawn(state_dir, Duration::from_secs(2)),
+            state_writer: StateWriter::spawn(state_dir.clone(), Duration::from_secs(2)),
             terminate_pending: BTreeSet::new(),
         })
     }
@@ -284,6 +299,9 @@ impl Agent {
                 }
                 Some(reply) = self.scrapes.recv() => {
                     let _ = reply.send(self.scrape());
+                }
+                Some(request) = self.inspects.recv() => {
+                    let _ = request.reply.send(self.answer(&request.what));
                 }
             }
         }
@@ -417,6 +435,27 @@ impl Agent {
                 took_ms = started.elapsed().as_millis() as u64,
                 "ended sockets whose backend left their service"
             );
+        }
+    }
+
+    /// An `inspect` request, answered between passes: the tables and the
+    /// names behind them are of one generation.
+    fn answer(&self, what: &str) -> String {
+        let error = |message: String| serde_json::json!({ "error": message }).to_string();
+        match what {
+            // Before the first pass the names are not known yet: inspect
+            // reads the pinned maps and the earlier agent's state.json.
+            "services" if !self.serving => error("not serving yet".into()),
+            "services" => {
+                let inventory = self.reconciler.inventory();
+                let by_id: std::collections::HashMap<u32, &FrontendInfo> =
+                    inventory.frontends.iter().map(|f| (f.service_id, f)).collect();
+                let generation = self.reconciler.generation();
+                let rows = inspect::service_rows(&self.datapath, |id| by_id.get(&id).copied(), Some(generation));
+                let answer = AgentServices { generation, bpffs: self.bpffs.clone(), rows };
+                serde_json::to_string(&answer).unwrap_or_else(|e| error(e.to_string()))
+            }
+            other => error(format!("unknown request {other:?}; this agent answers: services")),
         }
     }
 

@@ -90,6 +90,22 @@ impl Datapath {
         self.maps.affinity.iter().filter_map(Result::ok).collect()
     }
 
+    /// Every frontend programmed, both families.
+    pub fn kernel_services(&self) -> Vec<(FrontendKey, ServiceValue)> {
+        let maps = &self.maps;
+        let v4 = maps.services.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_of(&k).ok()?, v)));
+        let v6 = maps.services6.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((frontend_of(&k).ok()?, v)));
+        v4.chain(v6).collect()
+    }
+
+    /// A backend id's address, in whichever family's array holds it.
+    pub fn backend_address(&self, id: u32) -> Option<BackendAddr> {
+        match self.maps.backends.get(&id, 0).ok().filter(|b| *b != Backend::default()) {
+            Some(b) => Some(backend_addr(&b)),
+            None => self.maps.backends6.get(&id, 0).ok().filter(|b| *b != Backend::default()).map(|b| backend_addr(&b)),
+        }
+    }
+
     pub fn services(&self) -> Vec<(ServiceKey, ServiceValue)> {
         self.maps.services.iter().filter_map(Result::ok).collect()
     }
