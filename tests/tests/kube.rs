@@ -212,6 +212,35 @@ fn a_410_gone_makes_the_agent_list_again_and_converge() {
     assert!(requests.iter().any(|r| r.starts_with("410 Gone")), "the agent met a 410: {requests:?}");
 }
 
+/// After a 10 s outage, a change made meanwhile and compacted away (the
+/// watches resume into 410 Gone and must list again) reaches the datapath
+/// within seconds of the API's return: the retries are capped at 2 s
+/// (kube's default backoff grows to 30 s; it took 15 s).
+#[test]
+fn after_an_outage_a_change_made_meanwhile_lands_within_seconds_of_the_apis_return() {
+    let lab = Lab::new();
+    let api = lab.serve();
+    let _agent = lab.agent();
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    tcp_request(lab.client(), vip()).expect("served");
+
+    drop(api);
+    wait_probe(&lab.set.node, "/readyz", READY, |code, _| code == 503);
+    std::thread::sleep(Duration::from_secs(10));
+    // History is compacted, then the change: only a new list has it.
+    lab.api.drop_watches(true);
+    lab.api.put(SLICES, slice("cluster-a", &lab.pods[1..]));
+    let back = std::time::Instant::now();
+    let _api = lab.serve();
+    only_served_by(&lab, "cluster-a/pod-2", "the change made while the API was away");
+    let took = back.elapsed();
+    let requests = lab.api.requests();
+    assert!(requests.iter().any(|r| r.starts_with("410 Gone")), "the agent met a 410: {requests:?}");
+    assert!(took < Duration::from_secs(8), "the change landed {took:.1?} after the API returned");
+    wait_probe(&lab.set.node, "/readyz", READY, ready);
+    eprintln!("the change made during the outage landed {took:.1?} after the API returned");
+}
+
 #[test]
 fn a_restart_while_the_api_is_down_keeps_serving_the_adopted_state() {
     let lab = Lab::new();

@@ -17,7 +17,7 @@ use super::error::{AgentError, Context as _};
 use crate::{
     events::{EventCounts, EventSink},
     source::{
-        kube::{KubeSource, Peers, SourceEvent},
+        kube::{KubeSource, Peers, RetryBackoff, SourceEvent},
         manifests,
     },
 };
@@ -113,14 +113,14 @@ pub async fn start_kube(
     counts: Arc<EventCounts>,
 ) -> Result<(KubeSource, EventSink), AgentError> {
     let client = kube_client(kubeconfig.as_deref()).await?;
-    let mut backoff = Duration::from_millis(500);
+    // As the watches retry: the API's return is noticed within 2 s.
+    let mut backoff = RetryBackoff::new();
     let source = loop {
         match KubeSource::start(client.clone(), node_name.as_deref(), peers.as_ref(), events.clone()).await {
             Ok(source) => break source,
             Err(e) => {
                 let _ = events.send(SourceEvent::Error { what: "API discovery", message: e.to_string() });
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(backoff.next().unwrap_or(RetryBackoff::MAX)).await;
             }
         }
     };

@@ -125,6 +125,61 @@ fn prune_service(service: &mut Service) {
 /// that resumes without any change yields no event to notice it by.
 const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 
+/// Delays between the retries of a failing watch: from 250 ms, doubling, at
+/// most 2 s, each drawn between half and all of that (jitter, so a fleet of
+/// agents does not retry in step); reset once the watch works again.
+///
+/// kube's default grows to 30 s, so an agent whose API had been away for
+/// a while noticed its return up to 30 s late, and a change compacted away
+/// meanwhile (410 Gone: one more failure before the relist) later still.
+/// With this cap the relist follows within about 4 s (two retries). The
+/// price is at most one request per watch every 1 to 2 s per agent while
+/// the API fails, which fail fast or are shed by API Priority and Fairness.
+#[derive(Clone, Debug)]
+pub struct RetryBackoff {
+    next: Duration,
+    /// xorshift state for the jitter, seeded per watch.
+    seed: u64,
+}
+
+impl RetryBackoff {
+    pub const FIRST: Duration = Duration::from_millis(250);
+    pub const MAX: Duration = Duration::from_secs(2);
+
+    pub fn new() -> Self {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        Self { next: Self::FIRST, seed }
+    }
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Iterator for RetryBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        // Between half and all of the ceiling.
+        let fraction = 0.5 + (self.seed % 1024) as f64 / 2048.0;
+        Some(ceiling.mul_f64(fraction))
+    }
+}
+
+impl kube::runtime::utils::Backoff for RetryBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Runs one reflector until the agent stops, reporting every change and
 /// error, and when the resource answers again after an error.
 fn spawn_reflector<K>(
@@ -146,7 +201,8 @@ fn spawn_reflector<K>(
         let mut probe_params = ListParams::default().limit(1);
         probe_params.label_selector = config.label_selector.clone();
         probe_params.field_selector = config.field_selector.clone();
-        let mut stream = watcher(api.clone(), config).default_backoff().modify(prune).reflect(writer).boxed();
+        let mut stream =
+            watcher(api.clone(), config).backoff(RetryBackoff::new()).modify(prune).reflect(writer).boxed();
         let mut failing = false;
         loop {
             let signal = tokio::select! {
@@ -227,7 +283,7 @@ fn spawn_quiet_reflector<K>(
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
     tokio::spawn(async move {
-        let mut stream = watcher(api, config).default_backoff().modify(prune).reflect(writer).boxed();
+        let mut stream = watcher(api, config).backoff(RetryBackoff::new()).modify(prune).reflect(writer).boxed();
         while let Some(event) = stream.next().await {
             if let Err(e) = event {
                 debug!(what, error = %e, "watch failed; retrying");
@@ -1067,5 +1123,21 @@ mod tests {
         assert!(snapshot.imports.is_empty());
         assert_eq!(errors[0].field, "spec.ports[0].port");
         assert!(errors[0].to_string().starts_with("ServiceImport demo/web: spec.ports[0].port:"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn retries_double_from_a_quarter_second_to_two_seconds_with_jitter_and_reset() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = RetryBackoff::new();
+        for ceiling in [250, 500, 1000, 2000, 2000, 2000] {
+            let ceiling = Duration::from_millis(ceiling);
+            let delay = backoff.next().expect("never gives up");
+            assert!(delay >= ceiling / 2 && delay <= ceiling, "{delay:?} within {ceiling:?}");
+        }
+        backoff.reset();
+        assert!(backoff.next().unwrap() <= RetryBackoff::FIRST, "from the start again");
+        // Two agents do not retry in step.
+        let (a, b): (Vec<_>, Vec<_>) = (RetryBackoff::new().take(8).collect(), RetryBackoff::new().take(8).collect());
+        assert_ne!(a, b);
     }
 }
