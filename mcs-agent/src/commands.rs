@@ -40,9 +40,9 @@ pub enum CommandError {
     },
     #[error("still on this node after uninstalling: {0} (is an agent still running? stop it first)")]
     Remains(String),
-    #[error("writing the output: {0}")]
+    #[error("writing the output")]
     Output(#[from] std::io::Error),
-    #[error("rendering JSON: {0}")]
+    #[error(transparent)]
     Json(#[from] serde_json::Error),
 }
 

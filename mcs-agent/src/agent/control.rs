@@ -31,22 +31,24 @@ pub struct Request {
 
 /// The bound socket: removed when dropped, unless another agent has bound
 /// the path since (an upgrade's new agent takes it over while the old one
-/// still runs).
+/// still runs). The listener lives as long as the agent, so its inode is
+/// not reused meanwhile.
 pub struct ControlSocket {
     path: PathBuf,
-    inode: u64,
+    id: (u64, u64),
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
 /// Binds `<state_dir>/agent.sock` (replacing a stale one) and serves it on a
-/// task: each request goes to the loop on `tx`.
+/// task, one connection at a time: each request goes to the loop on `tx`,
+/// so at most one answer is being computed or waiting for the loop.
 pub fn serve(state_dir: &Path, tx: UnboundedSender<Request>) -> Result<ControlSocket, AgentError> {
     let path = state_dir.join(SOCKET);
     let what = || format!("--state-dir {}: the control socket {}", state_dir.display(), path.display());
@@ -58,40 +60,44 @@ pub fn serve(state_dir: &Path, tx: UnboundedSender<Request>) -> Result<ControlSo
     }
     let listener = UnixListener::bind(&path).with_context(what)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).with_context(what)?;
-    let inode = std::fs::metadata(&path).with_context(what)?.ino();
+    let meta = std::fs::metadata(&path).with_context(what)?;
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            match listener.accept().await {
+                Ok((stream, _)) => answer(stream, &tx).await,
+                // Out of descriptors, most likely: try again in a moment.
                 Err(e) => {
-                    warn!(error = %e, "the control socket stopped accepting; inspect falls back to the pinned maps");
-                    return;
+                    warn!(error = %e, "the control socket could not accept a connection");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut line = String::new();
-                // A short, bounded request: a client that says nothing is dropped.
-                let read = tokio::time::timeout(Duration::from_secs(5), async {
-                    use tokio::io::AsyncReadExt as _;
-                    BufReader::new(read.take(256)).read_line(&mut line).await
-                });
-                if !matches!(read.await, Ok(Ok(_))) {
-                    return;
-                }
-                let (reply, answer) = oneshot::channel();
-                if tx.send(Request { what: line.trim().to_owned(), reply }).is_err() {
-                    return;
-                }
-                if let Ok(answer) = answer.await {
-                    let _ = write.write_all(answer.as_bytes()).await;
-                    let _ = write.shutdown().await;
-                }
-            });
+            }
         }
     });
-    Ok(ControlSocket { path, inode })
+    Ok(ControlSocket { path, id: (meta.dev(), meta.ino()) })
+}
+
+/// One connection: a request line (5 s to send it), the loop's answer, and
+/// 30 s to take it; a client too slow for either is dropped.
+async fn answer(stream: tokio::net::UnixStream, tx: &UnboundedSender<Request>) {
+    use tokio::io::AsyncReadExt as _;
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(256));
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line));
+    if !matches!(read.await, Ok(Ok(_))) {
+        return;
+    }
+    let (reply, answer) = oneshot::channel();
+    if tx.send(Request { what: line.trim().to_owned(), reply }).is_err() {
+        return;
+    }
+    if let Ok(answer) = answer.await {
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            write.write_all(answer.as_bytes()).await?;
+            write.shutdown().await
+        })
+        .await;
+    }
 }
 
 /// Asks the agent whose `--state-dir` is `state_dir`; `None` when no agent

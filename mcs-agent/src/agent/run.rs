@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::mpsc::{self, UnboundedReceiver, UnboundedSender},
     task::JoinHandle,
 };
@@ -53,7 +53,51 @@ use crate::{
 
 type KubeStart = JoinHandle<Result<(KubeSource, EventSink), AgentError>>;
 
+// Fields drop in the order they are declared. When `run` returns early on
+// an error (`stop` is skipped), they go as the old locals of the loop went,
+// in the reverse order of their creation: the state.json writer and the
+// conntrack collector before the datapath (whose drop may detach and unpin,
+// with --cleanup-on-exit), the sources last.
 pub struct Agent {
+    state_writer: StateWriter,
+    passive: Option<PassiveHealth>,
+    mode_name: String,
+    collector: conntrack::Running,
+    ct_stats: Arc<conntrack::CollectorStats>,
+    /// `inspect` asking on `<state-dir>/agent.sock`.
+    inspects: UnboundedReceiver<control::Request>,
+    control: Option<ControlSocket>,
+    bpffs: Option<std::path::PathBuf>,
+    metrics: AgentMetrics,
+    scrapes: UnboundedReceiver<ScrapeRequest>,
+    /// Frontends changed since sockets were last checked for departed backends.
+    terminate_pending: BTreeSet<FrontendKey>,
+    sigint: Signal,
+    sigterm: Signal,
+    discovered: Discovered,
+    link_tx: UnboundedSender<LinkEvent>,
+    links: UnboundedReceiver<LinkEvent>,
+    /// Until the first complete pass: then the link watch takes them.
+    patterns: Option<Patterns>,
+    /// The first complete pass is done and this agent's programs are hooked.
+    serving: bool,
+    /// When to reconcile, what a pass must do, which watches fail.
+    schedule: Schedule,
+    recorder: Option<EventSink>,
+    reconciler: Reconciler,
+    older: Vec<datapath::LayoutDir>,
+    datapath: Datapath,
+
+    /// The API's start, until it has listed everything once.
+    pending_kube: Option<KubeStart>,
+    event_counts: Arc<EventCounts>,
+    source: Option<Source>,
+    /// The directory watch lasts as long as this.
+    file_watcher: Option<notify::RecommendedWatcher>,
+    /// Both sources report through the same channel: a change, or a failing watch.
+    signals: UnboundedReceiver<SourceEvent>,
+    health: HealthHandle,
+
     // What the flags asked, as far as the loop still needs it.
     interfaces: Vec<String>,
     interface_patterns: Vec<String>,
@@ -67,44 +111,6 @@ pub struct Agent {
     resync: Duration,
     outlier_interval: Duration,
     flags_policy: Policy,
-
-    health: HealthHandle,
-    /// Both sources report through the same channel: a change, or a failing watch.
-    signals: UnboundedReceiver<SourceEvent>,
-    /// The directory watch lasts as long as this.
-    file_watcher: Option<notify::RecommendedWatcher>,
-    source: Option<Source>,
-    /// The API's start, until it has listed everything once.
-    pending_kube: Option<KubeStart>,
-    event_counts: Arc<EventCounts>,
-    recorder: Option<EventSink>,
-
-    datapath: Datapath,
-    older: Vec<datapath::LayoutDir>,
-    reconciler: Reconciler,
-    /// When to reconcile, what a pass must do, which watches fail.
-    schedule: Schedule,
-    /// The first complete pass is done and this agent's programs are hooked.
-    serving: bool,
-    /// Until the first complete pass: then the link watch takes them.
-    patterns: Option<Patterns>,
-    link_tx: UnboundedSender<LinkEvent>,
-    links: UnboundedReceiver<LinkEvent>,
-    discovered: Discovered,
-
-    metrics: AgentMetrics,
-    scrapes: UnboundedReceiver<ScrapeRequest>,
-    /// `inspect` asking on `<state-dir>/agent.sock`.
-    inspects: UnboundedReceiver<control::Request>,
-    _control: Option<ControlSocket>,
-    bpffs: Option<std::path::PathBuf>,
-    ct_stats: Arc<conntrack::CollectorStats>,
-    collector: conntrack::Running,
-    mode_name: String,
-    passive: Option<PassiveHealth>,
-    state_writer: StateWriter,
-    /// Frontends changed since sockets were last checked for departed backends.
-    terminate_pending: BTreeSet<FrontendKey>,
 }
 
 impl Agent {
@@ -172,7 +178,7 @@ impl Agent {
             // long as the AsyncFd owns the logger.
             let mut logger =
                 unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-                    .context("watching the kernel log ring buffer")?;
+                    .map_err(|e| AgentError::Config(format!("watching the kernel log ring buffer: {e}")))?;
             tokio::spawn(async move {
                 while let Ok(mut ready) = logger.readable_mut().await {
                     ready.get_inner_mut().flush();
@@ -189,6 +195,8 @@ impl Agent {
         }
         datapath.set_older_layouts(older.clone());
 
+        let sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let (scrape_tx, scrapes) = mpsc::unbounded_channel();
         health.serve_metrics(scrape_tx);
         // The collector counts live flows on its own thread, so a scrape never
@@ -245,7 +253,9 @@ impl Agent {
             metrics: AgentMetrics::default(),
             scrapes,
             inspects,
-            _control: control,
+            control,
+            sigint,
+            sigterm,
             bpffs: pin.then(|| bpffs.clone()),
             ct_stats,
             collector,
@@ -258,8 +268,6 @@ impl Agent {
 
     /// The loop, until SIGINT or SIGTERM; then [`Agent::stop`].
     pub async fn run(mut self) -> Result<(), AgentError> {
-        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut resync = tokio::time::interval(self.resync);
         resync.tick().await;
         let mut outlier_tick = tokio::time::interval(self.outlier_interval);
@@ -270,8 +278,8 @@ impl Agent {
                 self.pass()?;
             }
             tokio::select! {
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = self.sigint.recv() => break,
+                _ = self.sigterm.recv() => break,
                 _ = resync.tick() => {
                     self.health.beat();
                     self.schedule.on_resync(Instant::now(), matches!(self.source, Some(Source::Kube(_))));
@@ -301,7 +309,10 @@ impl Agent {
                     let _ = reply.send(self.scrape());
                 }
                 Some(request) = self.inspects.recv() => {
-                    let _ = request.reply.send(self.answer(&request.what));
+                    // A client that gave up costs nothing.
+                    if !request.reply.is_closed() {
+                        let _ = request.reply.send(self.answer(&request.what));
+                    }
                 }
             }
         }
@@ -501,7 +512,10 @@ impl Agent {
     /// Leaves the datapath serving (or removes it, with --cleanup-on-exit or
     /// --no-pin) and writes the last state.json.
     fn stop(self) {
-        let Self { file_watcher, pending_kube, state_writer, datapath, collector, cleanup_on_exit, pin, .. } = self;
+        let Self {
+            file_watcher, pending_kube, state_writer, datapath, collector, control, cleanup_on_exit, pin, ..
+        } = self;
+        drop(control);
         drop(file_watcher);
         if let Some(task) = pending_kube {
             task.abort();

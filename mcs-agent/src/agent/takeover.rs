@@ -132,7 +132,7 @@ fn apply_socket_lb(socket_lb: &SocketLb, datapath: &mut Datapath) -> Result<(), 
         Ok(_) => Ok(()),
         Err(e) if socket_lb.mode == SocketLbMode::Auto => {
             warn!(
-                error = %crate::agent::error::chain(&e),
+                error = crate::agent::error::chain(&e),
                 "socket-level load balancing could not be attached: pods are served by the TC path (an earlier agent's socket programs, if any, stay)"
             );
             Ok(())

@@ -9,7 +9,7 @@ use std::{
     fmt::Debug,
     hash::Hash,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt as _;
@@ -127,7 +127,7 @@ const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 
 /// Delays between the retries of a failing watch: from 250 ms, doubling, at
 /// most 2 s, each drawn between half and all of that (jitter, so a fleet of
-/// agents does not retry in step); reset once the watch works again.
+/// agents does not retry in step).
 ///
 /// kube's default grows to 30 s, so an agent whose API had been away for
 /// a while noticed its return up to 30 s late, and a change compacted away
@@ -135,9 +135,15 @@ const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 /// With this cap the relist follows within about 4 s (two retries). The
 /// price is at most one request per watch every 1 to 2 s per agent while
 /// the API fails, which fail fast or are shed by API Priority and Fairness.
+///
+/// A reset counts only after [`RetryBackoff::QUIET`] without a failure:
+/// kube resets the backoff on any event, and its watcher emits one (`Init`)
+/// without asking the API before each relist, so a list that kept failing
+/// would otherwise be retried every 250 ms forever.
 #[derive(Clone, Debug)]
 pub struct RetryBackoff {
     next: Duration,
+    last_failure: Option<Instant>,
     /// xorshift state for the jitter, seeded per watch.
     seed: u64,
 }
@@ -145,11 +151,36 @@ pub struct RetryBackoff {
 impl RetryBackoff {
     pub const FIRST: Duration = Duration::from_millis(250);
     pub const MAX: Duration = Duration::from_secs(2);
+    pub const QUIET: Duration = Duration::from_secs(10);
 
     pub fn new() -> Self {
         use std::hash::{BuildHasher as _, Hasher as _};
         let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
-        Self { next: Self::FIRST, seed }
+        Self { next: Self::FIRST, last_failure: None, seed }
+    }
+
+    /// The delay before retrying a failure at `now`.
+    pub fn next_at(&mut self, now: Instant) -> Duration {
+        if self.last_failure.is_some_and(|last| now.saturating_duration_since(last) >= Self::QUIET) {
+            self.next = Self::FIRST;
+        }
+        self.last_failure = Some(now);
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        // Between half and all of the ceiling.
+        let fraction = 0.5 + (self.seed % 1024) as f64 / 2048.0;
+        ceiling.mul_f64(fraction)
+    }
+
+    /// The watch worked at `now`: start again from the first delay, unless
+    /// it failed within [`RetryBackoff::QUIET`].
+    pub fn reset_at(&mut self, now: Instant) {
+        if self.last_failure.is_none_or(|last| now.saturating_duration_since(last) >= Self::QUIET) {
+            self.next = Self::FIRST;
+        }
     }
 }
 
@@ -163,20 +194,13 @@ impl Iterator for RetryBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let ceiling = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        // Between half and all of the ceiling.
-        let fraction = 0.5 + (self.seed % 1024) as f64 / 2048.0;
-        Some(ceiling.mul_f64(fraction))
+        Some(self.next_at(Instant::now()))
     }
 }
 
 impl kube::runtime::utils::Backoff for RetryBackoff {
     fn reset(&mut self) {
-        self.next = Self::FIRST;
+        self.reset_at(Instant::now());
     }
 }
 
@@ -1126,18 +1150,38 @@ mod tests {
     }
 
     #[test]
-    fn retries_double_from_a_quarter_second_to_two_seconds_with_jitter_and_reset() {
-        use kube::runtime::utils::Backoff as _;
-        let mut backoff = RetryBackoff::new();
-        for ceiling in [250, 500, 1000, 2000, 2000, 2000] {
+    fn retries_double_from_a_quarter_second_to_two_seconds_with_jitter() {
+        let (mut backoff, t0) = (RetryBackoff::new(), Instant::now());
+        for (i, ceiling) in [250, 500, 1000, 2000, 2000, 2000].into_iter().enumerate() {
             let ceiling = Duration::from_millis(ceiling);
-            let delay = backoff.next().expect("never gives up");
+            let delay = backoff.next_at(t0 + Duration::from_secs(i as u64));
             assert!(delay >= ceiling / 2 && delay <= ceiling, "{delay:?} within {ceiling:?}");
         }
-        backoff.reset();
-        assert!(backoff.next().unwrap() <= RetryBackoff::FIRST, "from the start again");
         // Two agents do not retry in step.
         let (a, b): (Vec<_>, Vec<_>) = (RetryBackoff::new().take(8).collect(), RetryBackoff::new().take(8).collect());
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_success_between_failures_does_not_reset_the_backoff_only_a_quiet_spell_does() {
+        let (mut backoff, t0) = (RetryBackoff::new(), Instant::now());
+        let mut at = t0;
+        // A list that keeps failing, with the watcher's Init (a reset) before each try.
+        for ceiling in [250, 500, 1000, 2000, 2000] {
+            backoff.reset_at(at);
+            let delay = backoff.next_at(at);
+            assert!(
+                delay > Duration::from_millis(ceiling) / 2 - Duration::from_millis(1),
+                "{delay:?} for {ceiling} ms"
+            );
+            at += delay;
+        }
+        // Working for the quiet spell: the next failure starts over.
+        backoff.reset_at(at + RetryBackoff::QUIET);
+        assert!(backoff.next_at(at + RetryBackoff::QUIET) <= RetryBackoff::FIRST);
+        // A failure long after the last one starts over too, reset or not.
+        backoff.next_at(at + RetryBackoff::QUIET);
+        backoff.next_at(at + RetryBackoff::QUIET);
+        assert!(backoff.next_at(at + RetryBackoff::QUIET * 3) <= RetryBackoff::FIRST);
     }
 }
