@@ -171,6 +171,26 @@ fn run(agent_binary: &Path, requests: usize) -> Result<()> {
     for line in String::from_utf8_lossy(&inspect.stdout).lines() {
         println!("    {line}");
     }
+    // What it shows is what the kernel holds, named: each backend once, every
+    // one in the table with its cluster and tier, and the table whole.
+    let json = std::process::Command::new(agent_binary)
+        .args(["inspect", "services", "-o", "json", "--bpffs", &bpffs.arg(), "--state-dir"])
+        .arg(state.path())
+        .output()
+        .context("running mcs-agent inspect -o json")?;
+    let rows: serde_json::Value = serde_json::from_slice(&json.stdout).context("inspect -o json")?;
+    for row in rows.as_array().context("inspect -o json: an array")? {
+        let backends = row["backends"].as_array().context("a row's backends")?;
+        let addresses: std::collections::BTreeSet<&str> =
+            backends.iter().filter_map(|b| b["address"].as_str()).collect();
+        ensure!(addresses.len() == backends.len(), "inspect lists a backend twice: {row}");
+        ensure!(!row["generation"].is_null(), "the running agent answers inspect: {row}");
+        let held: Vec<&serde_json::Value> =
+            backends.iter().filter(|b| b["table_share"].as_f64().unwrap_or(0.0) > 0.0).collect();
+        ensure!(held.iter().all(|b| b["cluster"].is_string() && b["tier"] != "-"), "unnamed backends in {row}");
+        let share: f64 = held.iter().filter_map(|b| b["table_share"].as_f64()).sum();
+        ensure!(held.is_empty() || (share - 1.0).abs() < 1e-9, "the table is not whole: {row}");
+    }
     println!("\n    and a few lines of its /metrics (new connections by source cluster and tier, drops):");
     let (_, metrics) = probe(&set.node, "/metrics").context("scraping /metrics")?;
     for line in metrics.lines().filter(|l| {
