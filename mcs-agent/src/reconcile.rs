@@ -13,7 +13,7 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, KernelState},
     desired::{Delta, DesiredState, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
     inventory::{FrontendInfo, Inventory},
     maglev,
@@ -21,6 +21,29 @@ use crate::{
     plan::{Applied, MapOp, PlanSummary},
     source::manifests,
 };
+
+/// What a pass needs of the kernel: writing the ordered map operations, and
+/// reading back what the maps hold when a write failed half way. The
+/// datapath is one; the tests below hold the maps in memory instead.
+pub trait KernelMaps {
+    fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError>;
+    fn kernel_state(&self) -> KernelState;
+    fn selection_slot(&self, slot: u32) -> Option<u32>;
+}
+
+impl KernelMaps for Datapath {
+    fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+        Datapath::apply(self, ops)
+    }
+
+    fn kernel_state(&self) -> KernelState {
+        Datapath::kernel_state(self)
+    }
+
+    fn selection_slot(&self, slot: u32) -> Option<u32> {
+        Datapath::selection_slot(self, slot)
+    }
+}
 
 /// Outcome of one pass, for logs and tests.
 #[derive(Debug, Default)]
@@ -103,7 +126,7 @@ impl Reconciler {
 
     /// Reads the whole manifests directory (re-parsing changed files only)
     /// and brings the datapath to it.
-    pub fn from_manifests(&mut self, dir: &Path, datapath: &mut Datapath) -> Result<Report, DatapathError> {
+    pub fn from_manifests(&mut self, dir: &Path, datapath: &mut impl KernelMaps) -> Result<Report, DatapathError> {
         let started = Instant::now();
         let read = match self.manifests.read_dir(dir) {
             Ok(read) => read,
@@ -118,7 +141,11 @@ impl Reconciler {
     }
 
     /// Re-reads only these manifest files (as the file watcher named them).
-    pub fn from_manifest_paths(&mut self, paths: &[PathBuf], datapath: &mut Datapath) -> Result<Report, DatapathError> {
+    pub fn from_manifest_paths(
+        &mut self,
+        paths: &[PathBuf],
+        datapath: &mut impl KernelMaps,
+    ) -> Result<Report, DatapathError> {
         let started = Instant::now();
         let read = self.manifests.read_paths(paths);
         self.read_us = started.elapsed().as_micros() as u64;
@@ -130,7 +157,7 @@ impl Reconciler {
         &mut self,
         snapshot: &Snapshot,
         problems: Vec<String>,
-        datapath: &mut Datapath,
+        datapath: &mut impl KernelMaps,
     ) -> Result<Report, DatapathError> {
         self.apply_groups(crate::desired::group_snapshot(snapshot), problems, datapath)
     }
@@ -141,7 +168,7 @@ impl Reconciler {
         &mut self,
         groups: Vec<(ServiceRef, Group)>,
         problems: Vec<String>,
-        datapath: &mut Datapath,
+        datapath: &mut impl KernelMaps,
     ) -> Result<Report, DatapathError> {
         let listed: BTreeSet<&ServiceRef> = groups.iter().map(|(s, _)| s).collect();
         let gone: Vec<(ServiceRef, Group)> = self
@@ -164,7 +191,7 @@ impl Reconciler {
         &mut self,
         changes: Vec<(ServiceRef, Group)>,
         source_problems: Option<Vec<String>>,
-        datapath: &mut Datapath,
+        datapath: &mut impl KernelMaps,
     ) -> Result<Report, DatapathError> {
         let started = Instant::now();
         let delta = self.model.replace(changes, &self.policy, &self.runtime);
@@ -176,7 +203,7 @@ impl Reconciler {
     pub fn set_cluster_ips(
         &mut self,
         cluster_ips: ClusterIps,
-        datapath: &mut Datapath,
+        datapath: &mut impl KernelMaps,
     ) -> Result<Report, DatapathError> {
         let started = Instant::now();
         let delta = self.model.set_cluster_ips(cluster_ips, &self.policy, &self.runtime);
@@ -185,7 +212,7 @@ impl Reconciler {
 
     /// Recomputes every service (after a policy or health change, and as the
     /// periodic check that the incremental state is what a full pass gives).
-    pub fn recompute_all(&mut self, datapath: &mut Datapath) -> Result<Report, DatapathError> {
+    pub fn recompute_all(&mut self, datapath: &mut impl KernelMaps) -> Result<Report, DatapathError> {
         let started = Instant::now();
         let delta = self.model.recompute_all(&self.policy, &self.runtime);
         self.finish(delta, started, None, datapath)
@@ -255,7 +282,7 @@ impl Reconciler {
         mut delta: Delta,
         started: Instant,
         source_problems: Option<Vec<String>>,
-        datapath: &mut Datapath,
+        datapath: &mut impl KernelMaps,
     ) -> Result<Report, DatapathError> {
         let full = delta.services >= self.model.service_count().max(1);
         if let Some(resized) = self.fit_budget(full) {
@@ -478,5 +505,158 @@ impl Reconciler {
     /// Selection slots per backend the tables are sized for now.
     pub fn slots_per_backend(&self) -> u32 {
         self.runtime.slots_per_backend()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Passes against maps held in memory: what is written, what is not, and
+    //! how a write that fails half way is recovered, with no kernel.
+
+    use std::collections::BTreeMap;
+
+    use mcs_common::ServiceValue;
+
+    use super::*;
+    use crate::{
+        model::Origin,
+        plan::{Capacity, FamilyKey, frontend_of},
+        source::manifests::parse_documents,
+    };
+
+    /// SERVICES, BACKENDS and SELECTION as plain maps; `fail` makes the next
+    /// write fail after half of its operations, as a full map would.
+    #[derive(Default)]
+    struct Maps {
+        services: BTreeMap<FrontendKey, ServiceValue>,
+        backends: BTreeMap<u32, BackendAddr>,
+        slots: BTreeMap<u32, u32>,
+        writes: usize,
+        fail: bool,
+    }
+
+    impl KernelMaps for Maps {
+        fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+            let upto = if std::mem::take(&mut self.fail) { ops.len() / 2 } else { ops.len() };
+            for op in &ops[..upto] {
+                self.writes += 1;
+                match op {
+                    MapOp::PutBackend { id, backend } => {
+                        self.backends.insert(*id, backend.addr());
+                    }
+                    MapOp::PutSlots { offset, ids } => {
+                        for (i, id) in ids.iter().enumerate() {
+                            self.slots.insert(offset + i as u32, *id);
+                        }
+                    }
+                    MapOp::PutService { key: FamilyKey::V4(key), value, .. } => {
+                        self.services.insert(frontend_of(key).expect("TCP or UDP"), *value);
+                    }
+                    MapOp::DeleteService { key: FamilyKey::V4(key) } => {
+                        self.services.remove(&frontend_of(key).expect("TCP or UDP"));
+                    }
+                    MapOp::ClearBackend { id, .. } => {
+                        self.backends.remove(id);
+                    }
+                    MapOp::PurgeAffinity { .. } => {}
+                    MapOp::PutService { key: FamilyKey::V6(_), .. }
+                    | MapOp::DeleteService { key: FamilyKey::V6(_) } => {
+                        unreachable!("IPv4 only here")
+                    }
+                }
+            }
+            if upto < ops.len() {
+                return Err(DatapathError::MissingMap("SERVICES (a write failed half way)"));
+            }
+            Ok(())
+        }
+
+        fn kernel_state(&self) -> KernelState {
+            KernelState {
+                services: self.services.iter().map(|(k, v)| (Ok(*k), *v)).collect(),
+                backends: self.backends.iter().map(|(id, addr)| (*id, *addr)).collect(),
+            }
+        }
+
+        fn selection_slot(&self, slot: u32) -> Option<u32> {
+            self.slots.get(&slot).copied()
+        }
+    }
+
+    impl Maps {
+        /// The backends a frontend's table names, as the datapath would pick them.
+        fn table(&self, vip: &str) -> BTreeSet<BackendAddr> {
+            let (_, value) = self.services.iter().find(|(k, _)| k.vip.to_string() == vip).expect("the frontend");
+            (value.slot_offset..value.slot_offset + value.slot_count).map(|s| self.backends[&self.slots[&s]]).collect()
+        }
+    }
+
+    fn snapshot(pods: &[&str]) -> Snapshot {
+        let endpoints: String =
+            pods.iter().map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n")).collect();
+        let yaml = format!(
+            r#"apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: ClusterSetIP
+  ips: ["198.18.0.10"]
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-west
+  namespace: demo
+  labels: {{multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: west}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{endpoints}"#
+        );
+        let (snapshot, errors) = parse_documents(&Origin("test.yaml".into()), &yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        snapshot
+    }
+
+    fn addrs(pods: &[&str]) -> BTreeSet<BackendAddr> {
+        pods.iter().map(|ip| BackendAddr { ip: ip.parse().unwrap(), port: 8080 }).collect()
+    }
+
+    fn reconciler() -> Reconciler {
+        let capacity = Capacity { services: 16, backends: 64, slots: 1 << 16 };
+        Reconciler::new(Applied::new(capacity), Policy::default())
+    }
+
+    #[test]
+    fn a_pass_writes_the_table_and_an_unchanged_state_writes_nothing() {
+        let (mut reconciler, mut maps) = (reconciler(), Maps::default());
+        let pods = ["10.1.0.1", "10.1.0.2", "10.1.0.3"];
+        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("written");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&pods), "every slot names a ready pod, and every pod has slots");
+        let writes = maps.writes;
+        let report = reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("written");
+        assert_eq!((maps.writes, report.summary), (writes, PlanSummary::default()), "nothing changed, nothing written");
+
+        // One pod leaves: the table no longer names it, and its id is freed.
+        reconciler.apply_snapshot(&snapshot(&pods[..2]), Vec::new(), &mut maps).expect("written");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&pods[..2]));
+        assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn a_write_that_fails_half_way_is_read_back_and_finished_by_the_next_pass() {
+        let (mut reconciler, mut maps) = (reconciler(), Maps::default());
+        let pods = ["10.1.0.1", "10.1.0.2"];
+        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("written");
+        let grown = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
+        maps.fail = true;
+        assert!(reconciler.apply_snapshot(&snapshot(&grown), Vec::new(), &mut maps).is_err());
+        // The old table still serves whole: the service entry flips last.
+        assert_eq!(maps.table("198.18.0.10"), addrs(&pods));
+        // The same objects again: nothing new to compute, but the frontend is
+        // planned anew from what the maps hold, and finished.
+        reconciler.apply_snapshot(&snapshot(&grown), Vec::new(), &mut maps).expect("written");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&grown));
     }
 }
