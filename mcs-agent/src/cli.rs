@@ -124,6 +124,10 @@ pub enum InspectWhat {
     Affinity,
     /// The datapath's event counters.
     Stats,
+    /// Each pinned map: its capacity and the kernel memory charged for it
+    /// (per-CPU maps count every CPU's copy; `mcs_agent_map_memory_bytes`
+    /// in /metrics says the same for a running agent).
+    Maps,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -14,7 +14,7 @@ use thiserror::Error;
 use crate::{
     agent::control,
     cli::{InspectArgs, InspectWhat, Output},
-    datapath::{self, DatapathError},
+    datapath::{self, DatapathError, LayoutDir},
     desired::{self, Policy},
     inspect::{self, AgentServices, InspectError, ServiceRow},
     source::manifests::{self, ManifestError},
@@ -106,8 +106,24 @@ pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
         InspectWhat::Stats => rows_or_table(&inspect::stats(&pinned), json, &["EVENT", "PACKETS"], |r| {
             vec![r.event.to_owned(), r.count.to_string()]
         })?,
+        InspectWhat::Maps => {
+            let maps = datapath::memory::pinned_maps(&LayoutDir::new(&args.bpffs, mcs_common::LAYOUT_VERSION).dir);
+            let total: u64 = maps.iter().map(|m| m.bytes).sum();
+            let mut text = rows_or_table(&maps, json, &["MAP", "MAX ENTRIES", "KERNEL MEMORY"], |m| {
+                vec![m.map.clone(), m.max_entries.to_string(), mib(m.bytes)]
+            })?;
+            if !json {
+                text.push_str(&format!("total {}\n", mib(total)));
+            }
+            text
+        }
     };
     Ok(if json { text + "\n" } else { text })
+}
+
+/// Bytes as MiB with one decimal.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 /// The running agent's answer to `services`, unless none answers on

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 mod attach;
 mod carry;
 mod load;
+pub mod memory;
 mod mmap;
 mod ops;
 mod pins;

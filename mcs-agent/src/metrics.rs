@@ -86,6 +86,9 @@ pub struct AgentView {
     pub conntrack_gc: Option<(u64, f64)>,
     /// Socket-level load balancing is attached (to this cgroup).
     pub socket_lb: bool,
+    /// Kernel memory charged for each of the agent's maps (read once at
+    /// start: sizes are fixed while it runs).
+    pub map_memory: Vec<crate::datapath::memory::MapMemory>,
 }
 
 /// Kernel counters, read on demand.
@@ -302,6 +305,16 @@ pub fn render(
         capacity.get_or_create(&labels(&[("map", map)])).set(*cap as i64);
     }
     registry.register("map_entries", "Entries in use in a datapath map (selection: slots)", entries);
+    let memory = Family::<Labels, Gauge>::default();
+    for m in &view.map_memory {
+        memory.get_or_create(&labels(&[("map", &m.map)])).set(m.bytes as i64);
+    }
+    registry.register_with_unit(
+        "map_memory",
+        "Kernel memory charged for a BPF map of the agent (per-CPU maps: every CPU's copy)",
+        Unit::Bytes,
+        memory,
+    );
     registry.register("map_capacity", "Capacity of a datapath map (selection: slots)", capacity);
     let stale = Gauge::<i64>::default();
     stale.set(i64::from(view.stale));

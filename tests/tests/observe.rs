@@ -339,3 +339,28 @@ fn inspect_right_after_a_change_names_what_the_kernel_holds() {
     assert!(stopped["generation"].is_null(), "{stopped:#}");
     assert_eq!(stopped["backends"].as_array().unwrap().len(), backends.len());
 }
+
+/// Kernel memory per map: `inspect maps` reads it for the pinned maps, and
+/// the running agent reports the same in `mcs_agent_map_memory_bytes`.
+#[test]
+fn inspect_maps_and_metrics_give_the_kernel_memory_of_each_map() {
+    let lab = lab();
+    let _agent = lab.agent();
+    let maps = lab.inspect_json(&["maps"]);
+    let maps = maps.as_array().unwrap();
+    let named = |name: &str| maps.iter().find(|m| m["map"] == name).unwrap_or_else(|| panic!("{name} in {maps:?}"));
+    for name in ["SERVICES", "BACKENDS", "SELECTION", "CT", "HEALTH", "BACKEND_STATS"] {
+        let m = named(name);
+        assert!(m["max_entries"].as_u64().unwrap() > 0 && m["bytes"].as_u64().unwrap() > 0, "{m}");
+    }
+    // Two entries per flow: CT is twice the size of AFFINITY.
+    assert_eq!(named("CT")["max_entries"].as_u64().unwrap(), 2 * named("AFFINITY")["max_entries"].as_u64().unwrap());
+    let text = String::from_utf8(lab.inspect(&["maps"]).stdout).unwrap();
+    assert!(text.contains("KERNEL MEMORY") && text.contains("total "), "{text}");
+
+    let scrape = scrape(&lab);
+    for name in ["SERVICES", "CT", "BACKEND_STATS"] {
+        let reported = sum(&scrape, "mcs_agent_map_memory_bytes", &[("map", name)]);
+        assert_eq!(reported, named(name)["bytes"].as_f64().unwrap(), "{name}: /metrics and inspect agree");
+    }
+}

@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     conntrack,
-    datapath::{self, AttachMode, Datapath},
+    datapath::{self, AttachMode, Datapath, memory::MapMemory},
     desired::{self, Policy},
     events::{EventCounts, EventSink},
     health::{self, HealthHandle, ScrapeRequest},
@@ -62,6 +62,8 @@ pub struct Agent {
     state_writer: StateWriter,
     passive: Option<PassiveHealth>,
     mode_name: String,
+    /// Kernel memory of each map, read once: sizes are fixed while it runs.
+    map_memory: Vec<MapMemory>,
     collector: conntrack::Running,
     ct_stats: Arc<conntrack::CollectorStats>,
     /// `inspect` asking on `<state-dir>/agent.sock`.
@@ -260,6 +262,7 @@ impl Agent {
             ct_stats,
             collector,
             mode_name: format!("{:?}", attach.resolve()).to_lowercase(),
+            map_memory: datapath::memory::own_maps(),
             passive: outlier.map(PassiveHealth::new),
             state_writer: StateWriter::spawn(state_dir.clone(), Duration::from_secs(2)),
             terminate_pending: BTreeSet::new(),
@@ -488,6 +491,7 @@ impl Agent {
                 self.ct_stats.last_pass_us.load(Relaxed) as f64 / 1e6,
             )),
             socket_lb: datapath.sockets_cgroup().is_some() && !self.socket_lb.host_only,
+            map_memory: self.map_memory.clone(),
             objects: self
                 .reconciler
                 .objects()

@@ -43,7 +43,7 @@ pub(super) fn map_health(ebpf: &mut Ebpf, len: u32) -> Result<HealthMemory, Data
     };
     let io_err = |e| DatapathError::Map { name, source: MapError::IoError(e) };
     let fd = data.fd().as_fd().try_clone_to_owned().map_err(io_err)?;
-    HealthMemory::map(&fd, len).map_err(io_err)
+    HealthMemory::map(fd, len).map_err(io_err)
 }
 
 /// What each map must look like to be adopted: type, key and value size, flags.
@@ -112,9 +112,8 @@ pub(super) fn map_selection(ebpf: &mut Ebpf, slots: u32) -> Result<SlotMemory, D
         return Err(DatapathError::Map { name, source: MapError::InvalidMapType { map_type: 0 } });
     };
     let io_err = |e| DatapathError::Map { name, source: MapError::IoError(e) };
-    // The mapping holds its own reference to the map; the fd can close after.
     let fd = data.fd().as_fd().try_clone_to_owned().map_err(io_err)?;
-    SlotMemory::map(&fd, slots.div_ceil(2) * 2).map_err(io_err)
+    SlotMemory::map(fd, slots.div_ceil(2) * 2).map_err(io_err)
 }
 
 pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -251,7 +250,7 @@ impl Datapath {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         // Now, while every map descriptor the programs refer to is open (the
-        // selection map's closes once it is mapped). A kernel without them
+        // selection map leaves `ebpf` once it is mapped). A kernel without them
         // still gets the TC path.
         let sock_load = sock::load_programs(&mut ebpf).err();
         let [services, backends, slot_pairs, ct_entries, .., health_entries] = wanted.map(|(_, size)| size);

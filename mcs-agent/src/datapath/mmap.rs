@@ -10,6 +10,9 @@ pub(crate) struct SlotMemory {
     base: NonNull<u32>,
     slots: usize,
     bytes: usize,
+    /// The mapping holds the map by itself; the descriptor stays open so
+    /// the map shows in fdinfo, where its kernel memory is read (/metrics).
+    _fd: OwnedFd,
 }
 
 /// A shared, writable mapping of a `BPF_F_MMAPABLE` map's first `bytes`
@@ -30,9 +33,9 @@ pub(super) fn mmap_map<T>(fd: &OwnedFd, bytes: usize) -> io::Result<(NonNull<T>,
 }
 
 impl SlotMemory {
-    pub(super) fn map(fd: &OwnedFd, slots: u32) -> io::Result<Self> {
-        let (base, bytes) = mmap_map(fd, slots as usize * 4)?;
-        Ok(Self { base, slots: slots as usize, bytes })
+    pub(super) fn map(fd: OwnedFd, slots: u32) -> io::Result<Self> {
+        let (base, bytes) = mmap_map(&fd, slots as usize * 4)?;
+        Ok(Self { base, slots: slots as usize, bytes, _fd: fd })
     }
 
     pub(super) fn write(&mut self, offset: u32, ids: &[u32]) -> Result<(), MapError> {
@@ -53,7 +56,7 @@ impl SlotMemory {
         let info = MapInfo::from_pin(path).map_err(io::Error::other)?;
         let data = MapData::from_pin(path).map_err(io::Error::other)?;
         let fd = data.fd().as_fd().try_clone_to_owned()?;
-        Self::map(&fd, info.max_entries() * 2)
+        Self::map(fd, info.max_entries() * 2)
     }
 
     pub(crate) fn read(&self, index: u32) -> Option<u32> {
@@ -74,12 +77,14 @@ pub(super) struct HealthMemory {
     base: NonNull<Health>,
     pub(super) len: usize,
     bytes: usize,
+    /// Open for fdinfo, as [`SlotMemory`]'s.
+    _fd: OwnedFd,
 }
 
 impl HealthMemory {
-    pub(super) fn map(fd: &OwnedFd, len: u32) -> io::Result<Self> {
-        let (base, bytes) = mmap_map(fd, len as usize * size_of::<Health>())?;
-        Ok(Self { base, len: len as usize, bytes })
+    pub(super) fn map(fd: OwnedFd, len: u32) -> io::Result<Self> {
+        let (base, bytes) = mmap_map(&fd, len as usize * size_of::<Health>())?;
+        Ok(Self { base, len: len as usize, bytes, _fd: fd })
     }
 
     pub(super) fn get(&self, id: u32) -> Option<Health> {
