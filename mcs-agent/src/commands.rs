@@ -66,24 +66,26 @@ fn rows_or_table<T: serde::Serialize>(
 /// pinned maps named by `state.json` otherwise (the agent stopped).
 pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
     let json = args.output == Output::Json;
+    let end = |text: String| if json { text + "\n" } else { text };
     if matches!(args.what, InspectWhat::Services)
         && let Some(answer) = ask_agent(args)
     {
         let note = format!("(from the running agent, generation {})\n", answer.generation);
-        return services_text(&answer.rows, json, &note);
+        return services_text(&answer.rows, json, &note).map(end);
     }
-    let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
+    let pinned = || inspect::Pinned::open(&args.bpffs, &args.state_dir);
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     let text = match &args.what {
         InspectWhat::Services => {
+            let pinned = pinned()?;
             let note = match pinned.inventory {
                 None => "(no state.json in --state-dir: services, clusters, zones and tiers unknown)\n",
                 Some(_) => "(from the pinned maps and state.json: no agent answered on --state-dir)\n",
             };
-            return services_text(&inspect::services(&pinned), json, note);
+            services_text(&inspect::services(&pinned), json, note)?
         }
         InspectWhat::Conntrack { service } => rows_or_table(
-            &inspect::conntrack(&pinned, service.as_deref()),
+            &inspect::conntrack(&pinned()?, service.as_deref()),
             json,
             &["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE"],
             |r| {
@@ -99,26 +101,30 @@ pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
             },
         )?,
         InspectWhat::Affinity => {
-            rows_or_table(&inspect::affinity(&pinned), json, &["SERVICE", "CLIENT", "BACKEND", "IDLE"], |r| {
+            rows_or_table(&inspect::affinity(&pinned()?), json, &["SERVICE", "CLIENT", "BACKEND", "IDLE"], |r| {
                 vec![opt(&r.service), r.client.to_string(), opt(&r.backend), format!("{:.1}s", r.idle_secs)]
             })?
         }
-        InspectWhat::Stats => rows_or_table(&inspect::stats(&pinned), json, &["EVENT", "PACKETS"], |r| {
+        InspectWhat::Stats => rows_or_table(&inspect::stats(&pinned()?), json, &["EVENT", "PACKETS"], |r| {
             vec![r.event.to_owned(), r.count.to_string()]
         })?,
         InspectWhat::Maps => {
-            let maps = datapath::memory::pinned_maps(&LayoutDir::new(&args.bpffs, mcs_common::LAYOUT_VERSION).dir);
-            let total: u64 = maps.iter().map(|m| m.bytes).sum();
+            // The pins alone: no need to map SELECTION or read state.json.
+            let dir = LayoutDir::new(&args.bpffs, mcs_common::LAYOUT_VERSION).dir;
+            let maps = datapath::memory::pinned_maps(&dir);
+            if maps.is_empty() {
+                return Err(InspectError::NothingPinned(dir.display().to_string()).into());
+            }
             let mut text = rows_or_table(&maps, json, &["MAP", "MAX ENTRIES", "KERNEL MEMORY"], |m| {
                 vec![m.map.clone(), m.max_entries.to_string(), mib(m.bytes)]
             })?;
             if !json {
-                text.push_str(&format!("total {}\n", mib(total)));
+                text.push_str(&format!("total {}\n", mib(maps.iter().map(|m| m.bytes).sum())));
             }
             text
         }
     };
-    Ok(if json { text + "\n" } else { text })
+    Ok(end(text))
 }
 
 /// Bytes as MiB with one decimal.
@@ -140,7 +146,7 @@ fn ask_agent(args: &InspectArgs) -> Option<AgentServices> {
 /// Service rows as JSON, or as a table per frontend with `note` under them.
 fn services_text(rows: &[ServiceRow], json: bool, note: &str) -> Result<String, CommandError> {
     if json {
-        return Ok(serde_json::to_string_pretty(rows)? + "\n");
+        return Ok(serde_json::to_string_pretty(rows)?);
     }
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     let mut out = String::new();

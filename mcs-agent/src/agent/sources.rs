@@ -5,7 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use kube::runtime::events::{Recorder, Reporter};
@@ -120,7 +120,7 @@ pub async fn start_kube(
             Ok(source) => break source,
             Err(e) => {
                 let _ = events.send(SourceEvent::Error { what: "API discovery", message: e.to_string() });
-                tokio::time::sleep(backoff.next().unwrap_or(RetryBackoff::MAX)).await;
+                tokio::time::sleep(backoff.next_at(Instant::now())).await;
             }
         }
     };
