@@ -78,7 +78,8 @@ pub enum Command {
     /// affinity, counters.
     ///
     /// Reads the pinned maps (works while the agent is stopped too) and names
-    /// what is behind each id from the agent's state.json (--state-dir).
+    /// what is behind each id: the running agent answers on its control
+    /// socket in --state-dir, a stopped one left state.json there.
     /// Examples: `mcs-agent inspect services`, `mcs-agent inspect conntrack
     /// --service demo/web -o json`.
     Inspect(InspectArgs),
@@ -458,8 +459,9 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub socket_lb_exclude_cgroups: Vec<PathBuf>,
-    /// Where the agent describes what it programmed (state.json: services,
-    /// clusters, zones, tiers behind each id), for `mcs-agent inspect`.
+    /// Where `mcs-agent inspect` finds the agent: its control socket
+    /// (agent.sock) while it runs, and the state.json it writes when it stops
+    /// (services, clusters, zones, tiers behind each id).
     #[arg(long, value_name = "DIR", default_value = "/run/mcs-agent", env = "MCS_STATE_DIR")]
     pub state_dir: PathBuf,
     #[command(flatten)]

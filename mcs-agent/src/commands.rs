@@ -16,7 +16,7 @@ use crate::{
     cli::{InspectArgs, InspectWhat, Output},
     datapath::{self, DatapathError, LayoutDir},
     desired::{self, Policy},
-    inspect::{self, AgentServices, InspectError, ServiceRow},
+    inspect::{self, AgentInventory, AgentServices, InspectError, ServiceRow},
     source::manifests::{self, ManifestError},
 };
 
@@ -63,26 +63,40 @@ fn rows_or_table<T: serde::Serialize>(
 ///
 /// `services` asks the running agent first (its control socket in
 /// `--state-dir`), whose answer is one generation of tables and names; the
-/// pinned maps named by `state.json` otherwise (the agent stopped).
+/// pinned maps named by the `state.json` a stopping agent leaves otherwise.
+/// The other views read the pinned maps, named the same way (the running
+/// agent answers `inventory`).
 pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
     let json = args.output == Output::Json;
     let end = |text: String| if json { text + "\n" } else { text };
     if matches!(args.what, InspectWhat::Services)
-        && let Some(answer) = ask_agent(args)
+        && let Some(answer) = ask_agent::<AgentServices>(args, "services")
     {
         let note = format!("(from the running agent, generation {})\n", answer.generation);
         return services_text(&answer.rows, json, &note).map(end);
     }
-    let pinned = || inspect::Pinned::open(&args.bpffs, &args.state_dir);
+    // Named by the running agent (the generation it answers with), or by the
+    // state.json the last one left when it stopped.
+    let pinned = || -> Result<inspect::Pinned, CommandError> {
+        let mut pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
+        if let Some(answer) = ask_agent::<AgentInventory>(args, "inventory") {
+            pinned.inventory = Some(answer.inventory);
+        }
+        Ok(pinned)
+    };
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     let text = match &args.what {
         InspectWhat::Services => {
-            let pinned = pinned()?;
-            let note = match pinned.inventory {
-                None => "(no state.json in --state-dir: services, clusters, zones and tiers unknown)\n",
-                Some(_) => "(from the pinned maps and state.json: no agent answered on --state-dir)\n",
+            // The agent did not answer `services`: it would not name them either.
+            let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
+            let note = match &pinned.inventory {
+                None => "(no agent answered on --state-dir, and none left a state.json there: services, clusters, zones and tiers unknown)\n".to_owned(),
+                Some(left) => format!(
+                    "(from the pinned maps, named by the state.json the last agent left when it stopped{}: no agent answered on --state-dir)\n",
+                    left.generation.map(|g| format!(" at generation {g}")).unwrap_or_default()
+                ),
             };
-            services_text(&inspect::services(&pinned), json, note)?
+            services_text(&inspect::services(&pinned), json, &note)?
         }
         InspectWhat::Conntrack { service } => rows_or_table(
             &inspect::conntrack(&pinned()?, service.as_deref()),
@@ -132,12 +146,29 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// The running agent's answer to `services`, unless none answers on
+/// An answer naming the bpffs its agent serves.
+trait Served: serde::de::DeserializeOwned {
+    fn bpffs(&self) -> Option<&Path>;
+}
+
+impl Served for AgentServices {
+    fn bpffs(&self) -> Option<&Path> {
+        self.bpffs.as_deref()
+    }
+}
+
+impl Served for AgentInventory {
+    fn bpffs(&self) -> Option<&Path> {
+        self.bpffs.as_deref()
+    }
+}
+
+/// The running agent's answer to `what`, unless none answers on
 /// `--state-dir` or it serves another bpffs than `--bpffs`.
-fn ask_agent(args: &InspectArgs) -> Option<AgentServices> {
-    let answer: AgentServices = serde_json::from_str(&control::ask(&args.state_dir, "services")?).ok()?;
+fn ask_agent<T: Served>(args: &InspectArgs, what: &str) -> Option<T> {
+    let answer: T = serde_json::from_str(&control::ask(&args.state_dir, what)?).ok()?;
     let same = |a: &Path, b: &Path| a.canonicalize().ok().zip(b.canonicalize().ok()).is_some_and(|(a, b)| a == b);
-    match &answer.bpffs {
+    match answer.bpffs() {
         Some(bpffs) if !same(bpffs, &args.bpffs) => None,
         _ => Some(answer),
     }

@@ -1,8 +1,9 @@
 //! `mcs-agent inspect`: the node's datapath as the pinned maps hold it,
-//! named with the agent's `state.json`. Reads only; works while the agent is
-//! stopped (the datapath keeps serving then). While the agent runs, it
-//! answers `inspect services` itself ([`service_rows`] over its own
-//! datapath), so the tables and their names are of one generation.
+//! named by the running agent or by the `state.json` the last one left when
+//! it stopped. Reads only; works while the agent is stopped (the datapath
+//! keeps serving then). While the agent runs, it answers `inspect services`
+//! itself ([`service_rows`] over its own datapath), so the tables and their
+//! names are of one generation.
 
 use std::{
     collections::BTreeMap,
@@ -53,7 +54,8 @@ pub struct Pinned {
     stats: PerCpuArray<MapData, u64>,
     backend_stats: Option<PerCpuArray<MapData, BackendStats>>,
     service_stats: Option<PerCpuArray<MapData, ServiceStats>>,
-    /// What `state.json` says is behind the ids, if the agent wrote one.
+    /// What is behind the ids: `state.json`, if a stopping agent left one
+    /// (`inspect` puts the running agent's answer here instead).
     pub inventory: Option<Inventory>,
 }
 
@@ -245,6 +247,16 @@ pub struct AgentServices {
     /// another bpffs reads that one's pins instead.
     pub bpffs: Option<std::path::PathBuf>,
     pub rows: Vec<ServiceRow>,
+}
+
+/// What the running agent answers to `inventory`: the names behind the ids,
+/// for `inspect conntrack` and `inspect affinity`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentInventory {
+    pub generation: u64,
+    /// As in [`AgentServices`].
+    pub bpffs: Option<std::path::PathBuf>,
+    pub inventory: Inventory,
 }
 
 /// Every frontend with its table's members, sorted by frontend, from the

@@ -1,8 +1,9 @@
 //! What is programmed, described for people: which ServiceImport, port name,
 //! cluster, zone and tier stand behind each frontend and backend id. The
 //! maps only hold addresses and ids; `/metrics` labels its series from this,
-//! and the agent writes it next to the pins (`state.json` in `--state-dir`)
-//! so `mcs-agent inspect` can name things even while the agent is stopped.
+//! the running agent answers `inspect` with it, and a stopping agent writes
+//! it next to the pins (`state.json` in `--state-dir`) so `mcs-agent inspect`
+//! can name things while no agent runs.
 
 use std::{
     io,
@@ -26,6 +27,10 @@ pub const FILE: &str = "state.json";
 pub struct Inventory {
     pub schema: u32,
     pub layout_version: u32,
+    /// The agent's generation these names are of (`None` in files of agents
+    /// before it was recorded).
+    #[serde(default)]
+    pub generation: Option<u64>,
     pub frontends: Vec<FrontendInfo>,
 }
 
@@ -79,7 +84,7 @@ impl Inventory {
             .iter()
             .filter_map(|(key, frontend)| Self::frontend(key, frontend, applied, runtime))
             .collect();
-        Self { schema: SCHEMA, layout_version: mcs_common::LAYOUT_VERSION, frontends }
+        Self { schema: SCHEMA, layout_version: mcs_common::LAYOUT_VERSION, generation: None, frontends }
     }
 
     /// One frontend, when it is programmed.
@@ -135,12 +140,23 @@ impl Inventory {
         })
     }
 
-    /// Writes `dir/state.json` atomically (a reader never sees half a file).
+    /// Writes `dir/state.json` atomically (a reader never sees half a
+    /// file), streamed: at 100,000 services it is tens of megabytes.
     pub fn write(&self, dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(".{FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(self).map_err(io::Error::other)?)?;
+        let mut out = io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
+        serde_json::to_writer(&mut out, self).map_err(io::Error::other)?;
+        out.into_inner().map_err(|e| e.into_error())?;
         std::fs::rename(&tmp, dir.join(FILE))
+    }
+
+    /// Removes `dir/state.json`, if there is one.
+    pub fn remove(dir: &Path) -> io::Result<()> {
+        match std::fs::remove_file(dir.join(FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Reads `dir/state.json`; `Ok(None)` when there is none.
@@ -160,101 +176,5 @@ impl Inventory {
             ));
         }
         Ok(Some(inventory))
-    }
-}
-
-/// Frontends programmed (`Some`) or removed (`None`).
-pub type Changes = Vec<(crate::model::FrontendKey, Option<FrontendInfo>)>;
-
-/// Keeps `state.json` current off the reconcile loop. The writer thread holds
-/// each programmed frontend as JSON, takes changed frontends as they are
-/// programmed, and rewrites the file at most every `interval`: at 100,000
-/// services the file is tens of megabytes, and building it must not delay
-/// the next change.
-pub struct StateWriter {
-    tx: Option<std::sync::mpsc::Sender<Changes>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StateWriter {
-    pub fn spawn(dir: PathBuf, interval: std::time::Duration) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Changes>();
-        let handle = std::thread::Builder::new()
-            .name("state-writer".into())
-            .spawn(move || {
-                crate::background_thread();
-                let mut frontends: std::collections::BTreeMap<crate::model::FrontendKey, Box<str>> =
-                    std::collections::BTreeMap::new();
-                let mut dirty = false;
-                let mut last = std::time::Instant::now() - interval;
-                loop {
-                    let wait = if dirty { interval.saturating_sub(last.elapsed()) } else { interval * 1000 };
-                    match rx.recv_timeout(wait) {
-                        Ok(changes) => {
-                            for (key, info) in changes {
-                                match info.and_then(|i| serde_json::to_string(&i).ok()) {
-                                    Some(json) => frontends.insert(key, json.into()),
-                                    None => frontends.remove(&key),
-                                };
-                            }
-                            dirty = true;
-                        }
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                            if dirty {
-                                write_joined(&dir, &frontends);
-                            }
-                            return;
-                        }
-                    }
-                    if dirty && last.elapsed() >= interval {
-                        write_joined(&dir, &frontends);
-                        dirty = false;
-                        last = std::time::Instant::now();
-                    }
-                }
-            })
-            .expect("spawning the state.json writer");
-        Self { tx: Some(tx), handle: Some(handle) }
-    }
-
-    /// Frontends programmed (`Some`) or removed (`None`) since the last update.
-    pub fn update(&self, changes: Changes) {
-        if !changes.is_empty()
-            && let Some(tx) = &self.tx
-        {
-            let _ = tx.send(changes);
-        }
-    }
-
-    /// Writes what is pending and stops the thread.
-    pub fn finish(mut self) {
-        drop(self.tx.take());
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
-    }
-}
-
-fn write_joined(dir: &Path, frontends: &std::collections::BTreeMap<crate::model::FrontendKey, Box<str>>) {
-    use std::io::Write as _;
-    // Streamed: the joined document is as large as every frontend's JSON.
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".{FILE}.tmp"));
-        let mut out = std::io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
-        write!(out, "{{\"schema\":{SCHEMA},\"layout_version\":{},\"frontends\":[", mcs_common::LAYOUT_VERSION)?;
-        for (i, json) in frontends.values().enumerate() {
-            if i > 0 {
-                out.write_all(b",")?;
-            }
-            out.write_all(json.as_bytes())?;
-        }
-        out.write_all(b"]}")?;
-        out.into_inner().map_err(|e| e.into_error())?;
-        std::fs::rename(&tmp, dir.join(FILE))
-    };
-    if let Err(e) = write() {
-        tracing::warn!(dir = %dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed");
     }
 }

@@ -26,9 +26,9 @@ pub mod reconcile;
 pub mod source;
 pub mod terminate;
 
-/// Lowers the calling thread to nice 19. Background work (the state.json
-/// writer, the manifest resync walk) then yields the CPUs to the reconcile
-/// loop: on a small node a change must not wait behind a 20 MB rewrite.
+/// Lowers the calling thread to nice 19. Background work (the manifest
+/// resync walk, the conntrack collector) then yields the CPUs to the
+/// reconcile loop: on a small node a change must not wait behind it.
 /// Best effort: without the permission the thread keeps its priority.
 pub fn background_thread() {
     // SAFETY: plain syscalls on the calling thread; Linux's setpriority

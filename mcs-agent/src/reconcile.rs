@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, DatapathError, KernelState},
     desired::{Delta, DesiredState, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
-    inventory::{FrontendInfo, Inventory},
+    inventory::Inventory,
     maglev,
     model::{BackendAddr, ClusterIps, FrontendKey, Snapshot},
     plan::{Applied, MapOp, PlanSummary},
@@ -454,18 +454,15 @@ impl Reconciler {
     /// What is programmed, described for people (built on demand: at 100,000
     /// services it is large).
     pub fn inventory(&self) -> Inventory {
-        Inventory::build(self.model.state(), &self.applied, &self.runtime)
+        Inventory {
+            generation: Some(self.generation),
+            ..Inventory::build(self.model.state(), &self.applied, &self.runtime)
+        }
     }
 
     /// Passes completed so far.
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    /// One frontend as [`Inventory`] describes it, when it is programmed.
-    pub fn frontend_info(&self, key: &FrontendKey) -> Option<FrontendInfo> {
-        let frontend = self.model.state().frontends.get(key)?;
-        Inventory::frontend(key, frontend, &self.applied, &self.runtime)
     }
 
     /// Backend ids handed out (with their address) or freed since the last

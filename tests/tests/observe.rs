@@ -288,8 +288,9 @@ fn inspect_shows_the_programmed_state_while_running_and_stopped() {
 /// Right after a change, `inspect services` shows the kernel's tables with
 /// the names of the same generation: the running agent answers it. A pod
 /// that turns ready is listed once, ready, with its cluster, tier and share
-/// of the table (read from state.json, which lags up to 2 s, it was listed
+/// of the table (read from a state.json rewritten every 2 s, it was listed
 /// twice: once from the table with no names, once as not ready with none).
+/// Stopped, the agent leaves the names of what it left in the maps.
 #[test]
 fn inspect_right_after_a_change_names_what_the_kernel_holds() {
     let lab = lab();
@@ -333,11 +334,20 @@ fn inspect_right_after_a_change_names_what_the_kernel_holds() {
     let text = String::from_utf8(lab.inspect(&["services"]).stdout).unwrap();
     assert!(text.contains("(from the running agent, generation"), "{text}");
 
-    // Stopped, the pinned maps and state.json answer, with no generation.
+    // Stopped, the pinned maps answer, with no generation, named by the
+    // state.json the agent wrote as it stopped.
     drop(agent);
     let stopped = web(&lab.inspect_json(&["services"])).expect("the frontend");
     assert!(stopped["generation"].is_null(), "{stopped:#}");
     assert_eq!(stopped["backends"].as_array().unwrap().len(), backends.len());
+    let left = stopped["backends"].as_array().unwrap().iter().find(|b| b["address"] == unready["address"]).unwrap();
+    assert_eq!(
+        (&left["cluster"], &left["tier"], &left["condition"]),
+        (&"cluster-a".into(), &"cluster".into(), &"ready".into()),
+        "{left:#}"
+    );
+    let text = String::from_utf8(lab.inspect(&["services"]).stdout).unwrap();
+    assert!(text.contains("named by the state.json the last agent left when it stopped at generation"), "{text}");
 }
 
 /// Kernel memory per map: `inspect maps` reads it for the pinned maps, and

@@ -24,7 +24,7 @@ pub const SOCKET: &str = "agent.sock";
 
 /// A question for the loop, and where its answer goes.
 pub struct Request {
-    /// `services`.
+    /// `services` or `inventory`.
     pub what: String,
     pub reply: oneshot::Sender<String>,
 }
@@ -38,9 +38,16 @@ pub struct ControlSocket {
     id: (u64, u64),
 }
 
+impl ControlSocket {
+    /// The path is still this agent's socket (no newer agent has bound it).
+    pub fn is_ours(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+}
+
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+        if self.is_ours() {
             let _ = std::fs::remove_file(&self.path);
         }
     }

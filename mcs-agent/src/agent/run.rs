@@ -38,8 +38,8 @@ use crate::{
     desired::{self, Policy},
     events::{EventCounts, EventSink},
     health::{self, HealthHandle, ScrapeRequest},
-    inspect::{self, AgentServices},
-    inventory::{FrontendInfo, StateWriter},
+    inspect::{self, AgentInventory, AgentServices},
+    inventory::{FrontendInfo, Inventory},
     metrics::{self, AgentMetrics, AgentView, Kernel},
     model::{BackendAddr, FrontendKey},
     plan::Applied,
@@ -55,11 +55,10 @@ type KubeStart = JoinHandle<Result<(KubeSource, EventSink), AgentError>>;
 
 // Fields drop in the order they are declared. When `run` returns early on
 // an error (`stop` is skipped), they go as the old locals of the loop went,
-// in the reverse order of their creation: the state.json writer and the
-// conntrack collector before the datapath (whose drop may detach and unpin,
+// in the reverse order of their creation: the conntrack collector before
+// the datapath (whose drop may detach and unpin,
 // with --cleanup-on-exit), the sources last.
 pub struct Agent {
-    state_writer: StateWriter,
     passive: Option<PassiveHealth>,
     mode_name: String,
     /// Kernel memory of each map, read once: sizes are fixed while it runs.
@@ -70,6 +69,8 @@ pub struct Agent {
     inspects: UnboundedReceiver<control::Request>,
     control: Option<ControlSocket>,
     bpffs: Option<std::path::PathBuf>,
+    /// `--state-dir`: where a stopping agent leaves `state.json`.
+    state_dir: std::path::PathBuf,
     metrics: AgentMetrics,
     scrapes: UnboundedReceiver<ScrapeRequest>,
     /// Frontends changed since sockets were last checked for departed backends.
@@ -217,12 +218,18 @@ impl Agent {
             collector.spawn(interval).context("starting the conntrack collector")?
         };
         let (link_tx, links) = mpsc::unbounded_channel();
-        // Without it inspect reads the pinned maps and state.json, as when
-        // the agent is stopped: a warning, not a reason to stop serving.
+        // Without it inspect reads the pinned maps unnamed, as when the
+        // agent is stopped: a warning, not a reason to stop serving.
         let (inspect_tx, inspects) = mpsc::unbounded_channel();
         let control = control::serve(&state_dir, inspect_tx)
             .inspect_err(|e| warn!(error = %super::error::chain(e), "inspect cannot ask this agent"))
             .ok();
+        // An earlier agent's names: this agent is about to change the maps
+        // they describe. While it runs, inspect asks it; it writes its own
+        // when it stops.
+        if let Err(e) = Inventory::remove(&state_dir) {
+            warn!(dir = %state_dir.display(), error = %e, "removing the earlier agent's state.json failed; inspect may name backends wrongly while this agent is stopped");
+        }
         Ok(Self {
             interfaces,
             interface_patterns,
@@ -259,12 +266,12 @@ impl Agent {
             sigint,
             sigterm,
             bpffs: pin.then(|| bpffs.clone()),
+            state_dir,
             ct_stats,
             collector,
             mode_name: format!("{:?}", attach.resolve()).to_lowercase(),
             map_memory: datapath::memory::own_maps(),
             passive: outlier.map(PassiveHealth::new),
-            state_writer: StateWriter::spawn(state_dir.clone(), Duration::from_secs(2)),
             terminate_pending: BTreeSet::new(),
         })
     }
@@ -351,8 +358,6 @@ impl Agent {
             if let Some(passive) = &mut self.passive {
                 passive.changed(changed.iter().copied());
             }
-            let reconciler = &self.reconciler;
-            self.state_writer.update(changed.into_iter().map(|key| (key, reconciler.frontend_info(&key))).collect());
         }
         match result {
             Ok(()) if !self.serving => self.take_over()?,
@@ -456,20 +461,25 @@ impl Agent {
     /// names behind them are of one generation.
     fn answer(&self, what: &str) -> String {
         let error = |message: String| serde_json::json!({ "error": message }).to_string();
+        let generation = self.reconciler.generation();
+        let bpffs = self.bpffs.clone();
+        let json = |answer: Result<String, serde_json::Error>| answer.unwrap_or_else(|e| error(e.to_string()));
         match what {
             // Before the first pass the names are not known yet: inspect
-            // reads the pinned maps and the earlier agent's state.json.
-            "services" if !self.serving => error("not serving yet".into()),
+            // reads the pinned maps unnamed.
+            "services" | "inventory" if !self.serving => error("not serving yet".into()),
             "services" => {
                 let inventory = self.reconciler.inventory();
                 let by_id: std::collections::HashMap<u32, &FrontendInfo> =
                     inventory.frontends.iter().map(|f| (f.service_id, f)).collect();
-                let generation = self.reconciler.generation();
                 let rows = inspect::service_rows(&self.datapath, |id| by_id.get(&id).copied(), Some(generation));
-                let answer = AgentServices { generation, bpffs: self.bpffs.clone(), rows };
-                serde_json::to_string(&answer).unwrap_or_else(|e| error(e.to_string()))
+                json(serde_json::to_string(&AgentServices { generation, bpffs, rows }))
             }
-            other => error(format!("unknown request {other:?}; this agent answers: services")),
+            "inventory" => {
+                let inventory = self.reconciler.inventory();
+                json(serde_json::to_string(&AgentInventory { generation, bpffs, inventory }))
+            }
+            other => error(format!("unknown request {other:?}; this agent answers: services, inventory")),
         }
     }
 
@@ -514,11 +524,31 @@ impl Agent {
     }
 
     /// Leaves the datapath serving (or removes it, with --cleanup-on-exit or
-    /// --no-pin) and writes the last state.json.
+    /// --no-pin) and, when it stays, writes `state.json`: the names of what
+    /// it leaves in the maps, for `inspect` while no agent runs.
     fn stop(self) {
-        let Self {
-            file_watcher, pending_kube, state_writer, datapath, collector, control, cleanup_on_exit, pin, ..
-        } = self;
+        // Not when a newer agent has taken the socket (an upgrade): that one
+        // has programmed the maps since, and writes its own when it stops.
+        let leaves_names = self.serving
+            && self.pin
+            && !self.cleanup_on_exit
+            && self.control.as_ref().is_none_or(ControlSocket::is_ours);
+        if leaves_names {
+            let started = Instant::now();
+            let inventory = self.reconciler.inventory();
+            match inventory.write(&self.state_dir) {
+                Ok(()) => info!(
+                    frontends = inventory.frontends.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    dir = %self.state_dir.display(),
+                    "wrote state.json for inspect"
+                ),
+                Err(e) => {
+                    warn!(dir = %self.state_dir.display(), error = %e, "writing state.json for `mcs-agent inspect` failed")
+                }
+            }
+        }
+        let Self { file_watcher, pending_kube, datapath, collector, control, cleanup_on_exit, pin, .. } = self;
         drop(control);
         drop(file_watcher);
         if let Some(task) = pending_kube {
@@ -527,7 +557,6 @@ impl Agent {
         if cleanup_on_exit || !pin {
             info!("shutting down: detaching and removing pins");
         }
-        state_writer.finish();
         let stats = datapath.stats().unwrap_or_default();
         datapath.shutdown();
         drop(collector);
