@@ -354,10 +354,10 @@ impl Agent {
         if self.datapath.sockets_cgroup().is_some() {
             self.terminate_pending.extend(changed.iter().copied());
         }
-        if !changed.is_empty() {
-            if let Some(passive) = &mut self.passive {
-                passive.changed(changed.iter().copied());
-            }
+        if !changed.is_empty()
+            && let Some(passive) = &mut self.passive
+        {
+            passive.changed(changed.iter().copied());
         }
         match result {
             Ok(()) if !self.serving => self.take_over()?,
