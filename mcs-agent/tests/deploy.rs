@@ -212,6 +212,7 @@ fn exposed_metrics() -> std::collections::BTreeSet<String> {
     let inventory = Inventory {
         schema: mcs_agent::inventory::SCHEMA,
         layout_version: mcs_common::LAYOUT_VERSION,
+        generation: Some(1),
         frontends: vec![FrontendInfo {
             vip: "10.96.0.10".parse().unwrap(),
             port: 80,
