@@ -87,7 +87,7 @@ pub enum Command {
     ///
     /// Touches nothing in the kernel. Exits non-zero when an object is invalid.
     Check {
-        /// Directory of Kubernetes YAML files.
+        /// Directory of Kubernetes YAML (`*.yaml`, `*.yml`) or JSON (`*.json`) files.
         #[arg(long, value_name = "DIR")]
         manifests: PathBuf,
         #[command(flatten)]
