@@ -237,7 +237,9 @@ impl Datapath {
         }
         let level = kernel_log as u8;
         loader.override_global(aya_log::LEVEL, &level, false);
+        let started = std::time::Instant::now();
         let mut ebpf = loader.load(OBJECT)?;
+        let maps_done = started.elapsed();
         // Before the programs load: they refer to the log ring buffer, which
         // the logger takes out of `ebpf` and must keep open.
         let logger = match kernel_log {
@@ -253,6 +255,13 @@ impl Datapath {
         // selection map leaves `ebpf` once it is mapped). A kernel without them
         // still gets the TC path.
         let sock_load = sock::load_programs(&mut ebpf).err();
+        // Where a cold start goes before the first pass: creating (and
+        // preallocating) the maps, and the verifier.
+        tracing::info!(
+            maps_us = maps_done.as_micros() as u64,
+            programs_us = (started.elapsed() - maps_done).as_micros() as u64,
+            "datapath loaded"
+        );
         let [services, backends, slot_pairs, ct_entries, .., health_entries] = wanted.map(|(_, size)| size);
         let conntrack = ct_entries / 2;
         let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
