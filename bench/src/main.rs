@@ -8,6 +8,7 @@ mod family;
 mod kubeproxy;
 mod lab;
 mod load;
+mod memory;
 mod packet;
 mod report;
 mod stats;
@@ -91,7 +92,7 @@ struct Args {
     #[arg(long)]
     dump_manifests: Option<PathBuf>,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption,family")]
+    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption,family,memory")]
     only: Vec<Part>,
     /// Services programmed during the disruption measurement. Default: 1000 (quick: 100).
     #[arg(long)]
@@ -107,6 +108,9 @@ enum Part {
     Disruption,
     /// IPv6 beside IPv4: new connections per second, direct and through a dual-stack VIP.
     Family,
+    /// The agent's control-plane structures built in-process with a counting
+    /// allocator: live heap bytes per service by structure.
+    Memory,
 }
 
 /// Everything one configuration measured in one round.
@@ -254,6 +258,20 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let memory = if args.only.contains(&Part::Memory) {
+        let small = args.control_services.unwrap_or(if quick { 1000 } else { 10_000 });
+        let mut out = Vec::new();
+        for count in [small, large].into_iter().filter(|&n| n > 0) {
+            let pods: Vec<std::net::Ipv4Addr> =
+                (1..=lab::ENDPOINTS as u8).map(|k| std::net::Ipv4Addr::new(10, 10, 0, k)).collect();
+            let dir = tempfile::tempdir().context("manifest directory")?;
+            lab::write_manifests(dir.path(), &lab::services(count, count / 2, &pods));
+            out.push(memory::measure(dir.path(), count, lab::ENDPOINTS)?);
+        }
+        out
+    } else {
+        Vec::new()
+    };
 
     let mut runs: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
     if args.only.contains(&Part::Datapath) {
@@ -351,6 +369,7 @@ fn main() -> Result<()> {
         datapath: report::datapath(&runs),
         disruption,
         families,
+        memory,
     };
     report::write(&args.out, &results)?;
     // A partial run (`--only`) is not the latest run: it would replace the

@@ -37,6 +37,8 @@ pub struct Results {
     pub datapath: Vec<Row>,
     pub disruption: Vec<crate::disruption::Row>,
     pub families: Vec<crate::family::Row>,
+    /// The control plane's heap by structure, per service count.
+    pub memory: Vec<crate::memory::Breakdown>,
 }
 
 pub fn datapath(runs: &BTreeMap<Key, Vec<Run>>) -> Vec<Row> {
@@ -327,6 +329,20 @@ fn targets(results: &Results) -> Vec<Target> {
         });
     }
 
+    for m in &results.memory {
+        let per = m.retained as f64 / m.services as f64;
+        out.push(Target {
+            goal: "control-plane heap ≤ 4 KiB per 10-endpoint service (what its facts take)",
+            measured: format!(
+                "{:.1} KiB per service retained at {} services (largest: {})",
+                per / 1024.0,
+                count(m.services),
+                m.parts.iter().max_by_key(|p| p.bytes).map_or("-", |p| p.structure)
+            ),
+            met: Some(per <= 4096.0),
+        });
+    }
+
     let agent: Vec<&crate::disruption::Row> = results.disruption.iter().filter(|r| r.path == "mcs-agent").collect();
     if !agent.is_empty() {
         let failed: u64 = agent.iter().map(|r| r.tcp_failed + r.udp_failed).sum();
@@ -519,7 +535,40 @@ pub fn markdown(results: &Results) -> String {
             num(c.peak_rss_mib)
         );
     }
+    if !results.memory.is_empty() {
+        memory_table(&mut out, &results.memory);
+    }
     out
+}
+
+/// The control plane's heap by structure, a column pair per service count.
+fn memory_table(out: &mut String, memory: &[crate::memory::Breakdown]) {
+    let kb = |bytes: usize, services: usize| format!("{:.1}", bytes as f64 / services as f64 / 1024.0);
+    let mib = |bytes: usize| format!("{:.1}", bytes as f64 / (1024.0 * 1024.0));
+    let heads: Vec<String> =
+        memory.iter().map(|m| format!("{} services: KiB/service | MiB", count(m.services))).collect();
+    let _ = writeln!(
+        out,
+        "\n### Control-plane memory by structure (live heap after the first pass, counting allocator; {} endpoints per service)\n\nThe agent's structures built in the benchmark's process from the same manifests, against maps that keep nothing. The agent's RSS (above) adds allocator retention and the mmapped maps.\n\n| structure | what it holds | {} |\n|---|---|{}",
+        memory[0].endpoints_per_service,
+        heads.join(" | "),
+        "---:|---:|".repeat(memory.len())
+    );
+    for (i, part) in memory[0].parts.iter().enumerate() {
+        let cells: Vec<String> = memory
+            .iter()
+            .map(|m| format!("{} | {}", kb(m.parts[i].bytes, m.services), mib(m.parts[i].bytes)))
+            .collect();
+        let _ = writeln!(out, "| {} | {} | {} |", part.structure, part.what, cells.join(" | "));
+    }
+    let row = |out: &mut String, name: &str, what: &str, get: fn(&crate::memory::Breakdown) -> usize| {
+        let cells: Vec<String> =
+            memory.iter().map(|m| format!("{} | {}", kb(get(m), m.services), mib(get(m)))).collect();
+        let _ = writeln!(out, "| **{name}** | {what} | {} |", cells.join(" | "));
+    };
+    row(out, "retained", "all of the above", |m| m.retained);
+    row(out, "first pass peak", "the most held at once while the first pass ran", |m| m.first_pass_peak);
+    row(out, "inventory", "built for one `inspect` answer or `/metrics` scrape, then dropped", |m| m.inventory);
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
