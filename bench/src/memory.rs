@@ -137,7 +137,7 @@ pub struct Breakdown {
     pub retained: usize,
     /// The most held at once during the first pass.
     pub first_pass_peak: usize,
-    /// Built for one `inspect` answer or scrape, then dropped.
+    /// Built for one `inspect` answer, then dropped.
     pub inventory: usize,
 }
 

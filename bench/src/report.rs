@@ -568,7 +568,7 @@ fn memory_table(out: &mut String, memory: &[crate::memory::Breakdown]) {
     };
     row(out, "retained", "all of the above", |m| m.retained);
     row(out, "first pass peak", "the most held at once while the first pass ran", |m| m.first_pass_peak);
-    row(out, "inventory", "built for one `inspect` answer or `/metrics` scrape, then dropped", |m| m.inventory);
+    row(out, "inventory", "built for one `inspect` answer, then dropped (a `/metrics` scrape builds one frontend at a time)", |m| m.inventory);
 }
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";

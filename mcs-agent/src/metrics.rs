@@ -19,7 +19,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::inventory::Inventory;
+use crate::inventory::FrontendInfo;
 
 type Labels = Vec<(String, String)>;
 
@@ -116,7 +116,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 pub fn render(
     agent: &AgentMetrics,
     view: &AgentView,
-    inventory: &Inventory,
+    frontends: impl IntoIterator<Item = FrontendInfo>,
     kernel: &Kernel<'_>,
     backend_label: bool,
 ) -> String {
@@ -132,7 +132,11 @@ pub fn render(
     let ejected = Family::<Labels, Gauge>::default();
     // A backend id shared by two frontends is counted once, under the first.
     let mut counted = BTreeSet::new();
-    for frontend in &inventory.frontends {
+    // One frontend described at a time: the whole inventory at once was
+    // 2.4 KiB per service per scrape (235 MiB at 100,000 services).
+    let mut programmed = 0;
+    for frontend in frontends {
+        programmed += 1;
         let port = format!("{}/{}", frontend.port, frontend.protocol);
         let service = &frontend.service;
         if let Some(stats) = (kernel.service)(frontend.service_id) {
@@ -296,7 +300,7 @@ pub fn render(
     }
     registry.register("objects", "ServiceImports and EndpointSlices seen, valid or invalid (skipped)", objects);
     let frontends = Gauge::<i64>::default();
-    frontends.set(inventory.frontends.len() as i64);
+    frontends.set(programmed);
     registry.register("frontends", "Frontends (ClusterSetIP:port/protocol) programmed", frontends);
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, DatapathError, KernelState},
     desired::{Delta, DesiredState, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
-    inventory::Inventory,
+    inventory::{FrontendInfo, Inventory},
     maglev,
     model::{BackendAddr, ClusterIps, FrontendKey, Snapshot},
     plan::{Applied, MapOp, PlanSummary},
@@ -458,6 +458,16 @@ impl Reconciler {
             generation: Some(self.generation),
             ..Inventory::build(self.model.state(), &self.applied, &self.runtime)
         }
+    }
+
+    /// The programmed frontends as [`Inventory`] describes them, each built
+    /// when it is reached (a scrape walks them once).
+    pub fn frontend_infos(&self) -> impl Iterator<Item = FrontendInfo> + '_ {
+        let state = self.model.state();
+        state
+            .frontends
+            .iter()
+            .filter_map(|(key, frontend)| Inventory::frontend(key, frontend, &self.applied, &self.runtime))
     }
 
     /// Passes completed so far.

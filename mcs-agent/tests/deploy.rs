@@ -249,7 +249,7 @@ fn exposed_metrics() -> std::collections::BTreeSet<String> {
         service: &|_| Some(mcs_common::ServiceStats::default()),
         datapath: vec![(mcs_common::Stat::NoBackend, 1)],
     };
-    render(&agent, &view, &inventory, &kernel, false)
+    render(&agent, &view, inventory.frontends, &kernel, false)
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))

@@ -520,7 +520,7 @@ impl Agent {
             service: &|id| datapath.service_stats(id),
             datapath: datapath.stats().unwrap_or_default(),
         };
-        metrics::render(&self.metrics, &view, &self.reconciler.inventory(), &kernel, self.metrics_backend_label)
+        metrics::render(&self.metrics, &view, self.reconciler.frontend_infos(), &kernel, self.metrics_backend_label)
     }
 
     /// Leaves the datapath serving (or removes it, with --cleanup-on-exit or
