@@ -253,7 +253,7 @@ pub fn check(dir: &Path, policy: &Policy, out: &mut dyn Write, err: &mut dyn Wri
         for endpoint in &frontend.endpoints {
             let share = frontend.weights.iter().find(|w| w.addr == endpoint.addr);
             let (share, tier) = share.map_or(("-".to_owned(), "-".to_owned()), |w| {
-                (format!("{:.1}%", w.share * 100.0), frontend.tiers[w.tier].to_string())
+                (format!("{:.1}%", w.share * 100.0), frontend.tiers[w.tier()].to_string())
             });
             let l = &endpoint.locality;
             writeln!(

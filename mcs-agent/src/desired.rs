@@ -65,6 +65,11 @@ impl Frontend {
             .is_ok_and(|i| self.endpoints[i].condition != Condition::NotReady)
     }
 
+    /// The endpoint at `addr`.
+    pub fn endpoint(&self, addr: &BackendAddr) -> Option<&Endpoint> {
+        self.endpoints.binary_search_by(|e| e.addr.cmp(addr)).ok().map(|i| &self.endpoints[i])
+    }
+
     /// Backends that receive new connections.
     pub fn backends(&self) -> impl Iterator<Item = &BackendAddr> {
         self.weights.iter().map(|w| &w.addr)
@@ -279,8 +284,7 @@ fn health_weights(
         weights.push(locality::Weighted {
             addr: e.addr,
             share: probe_total / (probe_total / PROBE_SHARE).round().max(1.0),
-            tier,
-            cluster: e.locality.cluster.clone(),
+            tier: u8::try_from(tier).expect("a handful of tiers"),
         });
     }
     weights.sort_by_key(|w| w.addr);

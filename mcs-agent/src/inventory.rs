@@ -107,7 +107,7 @@ impl Inventory {
                     cluster: endpoint.locality.cluster.clone(),
                     zone: endpoint.locality.zone.clone(),
                     region: endpoint.locality.region.clone(),
-                    tier: weighted.map_or_else(|| "-".to_owned(), |w| frontend.tiers[w.tier].to_string()),
+                    tier: weighted.map_or_else(|| "-".to_owned(), |w| frontend.tiers[w.tier()].to_string()),
                     weight: weighted.map_or(0.0, |w| w.share),
                     condition: match endpoint.condition {
                         Condition::Ready => "ready",

@@ -208,7 +208,7 @@ mod tests {
     fn frontend(backends: &[u8]) -> Frontend {
         let weights: Vec<Weighted> = backends
             .iter()
-            .map(|&last| Weighted { addr: addr(last), share: 1.0 / backends.len() as f64, tier: 0, cluster: None })
+            .map(|&last| Weighted { addr: addr(last), share: 1.0 / backends.len() as f64, tier: 0 })
             .collect();
         Frontend {
             service: "demo/web".into(),

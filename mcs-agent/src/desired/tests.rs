@@ -97,7 +97,9 @@ fn ports_map_by_name_and_protocol_and_only_ready_endpoints_serve() {
     assert_eq!(addrs(&state, 4242, Protocol::Tcp), ["10.1.0.2:42", "10.2.0.2:42"]);
     assert_eq!(addrs(&state, 53, Protocol::Udp), ["10.1.0.2:5353", "10.2.0.2:5353"]);
     let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, protocol: Protocol::Tcp };
-    assert_eq!(state.frontends[&key].weights[1].cluster.as_deref(), Some("cluster-b"));
+    let frontend = &state.frontends[&key];
+    let second = frontend.endpoint(&frontend.weights[1].addr).expect("an endpoint");
+    assert_eq!(second.locality.cluster.as_deref(), Some("cluster-b"));
     assert_eq!(state.frontends[&key].endpoints.len(), 3, "the unready endpoint is kept for tier health");
 }
 
@@ -246,8 +248,10 @@ fn the_import_holding_a_vip_keeps_it_and_else_the_oldest_wins() {
 fn shares(state: &DesiredState) -> BTreeMap<String, f64> {
     let key = FrontendKey { vip: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, protocol: Protocol::Tcp };
     let mut by: BTreeMap<String, f64> = BTreeMap::new();
-    for w in &state.frontends[&key].weights {
-        *by.entry(w.cluster.clone().unwrap_or_default()).or_default() += (w.share * 1000.0).round() / 1000.0;
+    let frontend = &state.frontends[&key];
+    for w in &frontend.weights {
+        let cluster = frontend.endpoint(&w.addr).and_then(|e| e.locality.cluster.clone());
+        *by.entry(cluster.unwrap_or_default()).or_default() += (w.share * 1000.0).round() / 1000.0;
     }
     by
 }
