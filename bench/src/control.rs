@@ -168,6 +168,30 @@ fn measure_changes(
     services: &mut [ServicePort],
     measured: usize,
 ) -> Result<Vec<f64>> {
+    let ports: Vec<ServicePort> = services.iter().filter(|s| s.name == name).cloned().collect();
+    let refs: Vec<&ServicePort> = ports.iter().collect();
+    let samples = time_changes(changes, bpffs, measured, |c| {
+        let text = lab::service_manifest(&refs, &changed_endpoints(c));
+        let tmp = dir.join(format!(".{name}.yaml.tmp"));
+        std::fs::write(&tmp, text)?;
+        // The clock starts when `rename` makes the change visible.
+        Ok(Some((tmp, dir.join(format!("{name}.yaml")))))
+    })?;
+    for s in services.iter_mut().filter(|s| s.name == name) {
+        s.endpoints = changed_endpoints(changes.saturating_sub(1));
+    }
+    Ok(samples)
+}
+
+/// Times `changes` endpoint changes of the measured service, each from the
+/// moment it is made (`change(c)`, or the rename it returns) to its
+/// `SERVICES` entry changing in the kernel.
+fn time_changes(
+    changes: usize,
+    bpffs: &ScratchBpffs,
+    measured: usize,
+    mut change: impl FnMut(usize) -> Result<Option<(PathBuf, PathBuf)>>,
+) -> Result<Vec<f64>> {
     let pin: PathBuf = pin_dir(bpffs.path()).join(MAP_SERVICES);
     let data = MapData::from_pin(&pin).with_context(|| format!("opening the agent's pinned {}", pin.display()))?;
     let map: BpfHashMap<MapData, ServiceKey, ServiceValue> =
@@ -178,17 +202,14 @@ fn measure_changes(
         proto: IPPROTO_TCP,
         _pad: 0,
     };
-    let ports: Vec<ServicePort> = services.iter().filter(|s| s.name == name).cloned().collect();
-    let refs: Vec<&ServicePort> = ports.iter().collect();
     let mut samples = Vec::with_capacity(changes);
     for c in 0..changes {
         let before = map.get(&key, 0).context("the measured service is not in SERVICES")?;
-        let endpoints = changed_endpoints(c);
-        let text = lab::service_manifest(&refs, &endpoints);
-        let tmp = dir.join(format!(".{name}.yaml.tmp"));
-        std::fs::write(&tmp, text)?;
-        let t0 = Instant::now();
-        std::fs::rename(&tmp, dir.join(format!("{name}.yaml")))?;
+        let mut t0 = Instant::now();
+        if let Some((from, to)) = change(c)? {
+            t0 = Instant::now();
+            std::fs::rename(from, to)?;
+        }
         loop {
             let now = map.get(&key, 0).context("the measured service vanished from SERVICES")?;
             if bytemuck::bytes_of(&now) != bytemuck::bytes_of(&before) {
@@ -204,10 +225,103 @@ fn measure_changes(
         // (a burst is coalesced by design and would measure the window instead).
         std::thread::sleep(Duration::from_millis(110 + (c % 7) as u64 * 5));
     }
-    for s in services.iter_mut().filter(|s| s.name == name) {
-        s.endpoints = changed_endpoints(changes.saturating_sub(1));
-    }
     Ok(samples)
+}
+
+/// Kubernetes mode: the same services served by a list/watch API server of
+/// our own (pages of 500, as the real one honours `limit`), one agent from
+/// cold, then endpoint changes from the API's write to the kernel map.
+#[derive(Clone, Debug, Serialize)]
+pub struct KubeControl {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    /// Process start to "agent ready".
+    pub ready_ms: f64,
+    pub rss_mib: f64,
+    pub rss_anon_mib: f64,
+    pub rss_maps_mib: f64,
+    /// The EndpointSlice written to the API to the SERVICES entry flipped.
+    pub change_ms: Summary,
+}
+
+pub fn measure_kube(agent_binary: &Path, agent_args: &[String], count: usize, changes: usize) -> Result<KubeControl> {
+    use mcs_agent::{model::Origin, source::manifests::parse_documents};
+    use mcs_tests::fakeapi::{self, Api, IMPORTS, NODES, SLICES};
+    let started = Instant::now();
+    let measured = count / 2;
+    let pods: Vec<Ipv4Addr> = (1..=ENDPOINTS as u8).map(|k| Ipv4Addr::new(10, 10, 0, k)).collect();
+    let services = lab::services(count, measured, &pods);
+    let api = Api::default();
+    api.set_page_limit(500);
+    // The manifests' objects, as JSON: what the API server holds.
+    let objects = |ports: &[&ServicePort], endpoints: &[Ipv4Addr]| -> Result<(serde_json::Value, serde_json::Value)> {
+        let (snapshot, errors) =
+            parse_documents(&Origin(ports[0].name.clone()), &lab::service_manifest(ports, endpoints));
+        if !errors.is_empty() || snapshot.imports.len() != 1 || snapshot.slices.len() != 1 {
+            bail!("the benchmark's manifest for {} does not parse: {errors:?}", ports[0].name);
+        }
+        Ok((serde_json::to_value(&snapshot.imports[0].1)?, serde_json::to_value(&snapshot.slices[0].1)?))
+    };
+    let mut i = 0;
+    let mut measured_ports = Vec::new();
+    while i < services.len() {
+        let ports: Vec<&ServicePort> = services[i..].iter().take_while(|s| s.name == services[i].name).collect();
+        i += ports.len();
+        let (import, slice) = objects(&ports, &ports[0].endpoints)?;
+        api.put(IMPORTS, import);
+        api.put(SLICES, slice);
+        if ports[0].vip == lab::vip(measured) {
+            measured_ports = ports.into_iter().cloned().collect::<Vec<_>>();
+        }
+    }
+    api.put(NODES, serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}));
+
+    let node = Netns::new("mcs-bench-kube");
+    let bpffs = ScratchBpffs::new();
+    let dir = tempfile::tempdir().context("kubeconfig directory")?;
+    let port = node.run(|| std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().map(|a| a.port())))??;
+    let _server = api.serve(&node, port);
+    let kubeconfig = fakeapi::kubeconfig(dir.path(), port);
+    let mut args: Vec<String> = [
+        "run",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "node-1",
+        "--bpffs",
+        &bpffs.path().display().to_string(),
+        "--interface-pattern",
+        "mcs-bench-none-*",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(agent_args.iter().cloned());
+    let t0 = Instant::now();
+    let mut agent = Agent::spawn(agent_binary, &node, &args);
+    agent.wait_for(|l| l.contains("agent ready"), Duration::from_secs(300));
+    let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(200));
+    let (rss, _, anon, maps) = rss_mib(agent.pid().context("agent pid")?);
+    let refs: Vec<&ServicePort> = measured_ports.iter().collect();
+    let change = time_changes(changes, &bpffs, measured, |c| {
+        let (_, slice) = objects(&refs, &changed_endpoints(c))?;
+        api.put(SLICES, slice);
+        Ok(None)
+    })?;
+    let (ok, log) = agent.stop();
+    if !ok {
+        bail!("the agent did not stop cleanly:\n{}", log.join("\n"));
+    }
+    eprintln!("bench: Kubernetes mode at {count} services measured in {:.1?}", started.elapsed());
+    Ok(KubeControl {
+        services: count,
+        endpoints_per_service: ENDPOINTS,
+        ready_ms,
+        rss_mib: rss,
+        rss_anon_mib: anon,
+        rss_maps_mib: maps,
+        change_ms: summarize(&change),
+    })
 }
 
 type Loads = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);

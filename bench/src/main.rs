@@ -258,6 +258,13 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let control_kube = if args.only.contains(&Part::Control) {
+        let count = args.control_services.unwrap_or(if quick { 1000 } else { 10_000 });
+        let changes = args.changes.unwrap_or(if quick { 20 } else { 200 });
+        Some(control::measure_kube(&args.agent, &agent_args, count, changes)?)
+    } else {
+        None
+    };
     let memory = if args.only.contains(&Part::Memory) {
         let small = args.control_services.unwrap_or(if quick { 1000 } else { 10_000 });
         let mut out = Vec::new();
@@ -366,6 +373,7 @@ fn main() -> Result<()> {
         packet,
         control,
         control_large,
+        control_kube,
         datapath: report::datapath(&runs),
         disruption,
         families,

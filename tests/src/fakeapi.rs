@@ -63,6 +63,8 @@ struct State {
     events_posted: Vec<Value>,
     /// Event series updates (PATCH), as sent.
     events_patched: Vec<Value>,
+    /// Most objects on one page of a list (2 unless set).
+    page_limit: Option<usize>,
 }
 
 /// The server's data, shared across stops and starts.
@@ -109,6 +111,13 @@ impl Api {
         }
         drop(state);
         self.changed.notify_waiters();
+    }
+
+    /// Lists answer with pages of at most `limit` objects (and at most what
+    /// the client asks for). By default 2, so tests see clients follow
+    /// `continue`; a benchmark of thousands of objects wants hundreds.
+    pub fn set_page_limit(&self, limit: usize) {
+        self.state.lock().unwrap().page_limit = Some(limit.max(1));
     }
 
     pub fn set_mode(&self, resource: &'static str, mode: Mode) {
@@ -222,12 +231,16 @@ impl Api {
         self.list(resource, &query)
     }
 
-    /// A page of at most two objects: clients must follow `continue`.
+    /// A page of at most two objects (or the page limit): clients must follow `continue`.
     fn list(&self, resource: &'static str, query: &BTreeMap<String, String>) -> Response<BoxBody<Bytes, Infallible>> {
         let state = self.state.lock().unwrap();
         let all: Vec<&Value> = state.objects.get(resource).map(|o| o.values().collect()).unwrap_or_default();
         let start: usize = query.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
-        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(usize::MAX).min(2);
+        let limit = query
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .unwrap_or(usize::MAX)
+            .min(state.page_limit.unwrap_or(2));
         let page: Vec<&Value> = all.iter().skip(start).take(limit).copied().collect();
         let next = start + page.len();
         let mut metadata = json!({"resourceVersion": state.resource_version.to_string()});
