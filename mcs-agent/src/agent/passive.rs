@@ -72,7 +72,13 @@ impl Programmed for Reconciler {
             .frontends
             .get(key)
             .filter(|_| self.applied().frontend(key).is_some())
-            .map(|f| f.endpoints.iter().filter(|e| e.condition == Condition::Ready).map(|e| e.addr).collect::<Vec<_>>())
+            .map(|f| {
+                // Kept until the frontend changes: no spare capacity.
+                let mut ready: Vec<BackendAddr> =
+                    f.endpoints.iter().filter(|e| e.condition == Condition::Ready).map(|e| e.addr).collect();
+                ready.shrink_to_fit();
+                ready
+            })
     }
 
     fn set_health(&mut self, ejected: BTreeSet<BackendAddr>, probing: BTreeSet<BackendAddr>) -> bool {
@@ -119,9 +125,13 @@ impl View {
         };
         let all = match programmed.take_backend_changes() {
             None => {
-                self.ids.clear();
-                for (addr, id) in programmed.backend_ids() {
-                    set(&mut self.ids, id, Some(addr));
+                // Sized once, exactly: grown id by id, doubling left up to
+                // half of it spare (a million ids at 100,000 services).
+                let backends = programmed.backend_ids();
+                let len = backends.iter().map(|(_, id)| *id as usize + 1).max().unwrap_or(0);
+                self.ids = vec![None; len];
+                for (addr, id) in backends {
+                    self.ids[id as usize] = Some(addr);
                 }
                 true
             }
@@ -221,13 +231,16 @@ impl PassiveHealth {
         let view = &mut self.view;
         let as_counters = |h: Health| Counters { syns: h.syns, synacks: h.synacks, syn_rsts: h.syn_rsts };
         let mut moved = BTreeMap::new();
+        // One step to the ids' length (not id by id, which doubling would
+        // leave up to half spare).
+        let counted = view.ids.len().min(counters.health_entries());
+        if view.last.len() < counted {
+            view.last.resize(counted, Health::default());
+        }
         for (id, addr) in view.ids.iter().enumerate() {
             let Some(addr) = addr else { continue };
             // Past the counted ids: the rest have no counters.
             let Some(now) = counters.health(id as u32) else { break };
-            if view.last.len() <= id {
-                view.last.resize(id + 1, Health::default());
-            }
             let last = &mut view.last[id];
             if *last != now {
                 moved.insert(*addr, (as_counters(*last), as_counters(now)));
