@@ -106,7 +106,10 @@ pub fn build(backends: &[(BackendAddr, u32)], size: u32) -> Vec<u32> {
         })
         .collect();
     let weight_max = order.iter().map(|&i| u64::from(backends[i].1)).max().unwrap_or(1);
-    let mut next = vec![0u64; order.len()];
+    // Each backend's next slot in its permutation, `(offset + j * skip) % m`
+    // for its j-th probe, advanced by one addition: a division per probe was
+    // most of a cold start's table building.
+    let mut next: Vec<u64> = perm.iter().map(|&(offset, _)| offset).collect();
     let mut credit = vec![0u64; order.len()];
     let mut table = vec![u32::MAX; size as usize];
     let mut filled = 0u64;
@@ -117,16 +120,22 @@ pub fn build(backends: &[(BackendAddr, u32)], size: u32) -> Vec<u32> {
                 continue;
             }
             credit[k] -= weight_max;
-            let (offset, skip) = perm[k];
+            let skip = perm[k].1;
+            let mut pos = next[k];
             loop {
-                let slot = ((offset + next[k] * skip) % m) as usize;
-                next[k] += 1;
+                let slot = pos as usize;
+                // skip < m, so one subtraction wraps it.
+                pos += skip;
+                if pos >= m {
+                    pos -= m;
+                }
                 if table[slot] == u32::MAX {
                     table[slot] = i as u32;
                     filled += 1;
                     break;
                 }
             }
+            next[k] = pos;
             if filled == m {
                 break;
             }
@@ -279,6 +288,57 @@ mod tests {
         reversed.reverse();
         let size = table_size(20, DEFAULT_MAX_TABLE_SIZE);
         assert_eq!(as_addrs(&build(&input, size), &input), as_addrs(&build(&reversed, size), &reversed));
+    }
+
+    /// The permutation walk as the paper writes it, a modulo per probe: the
+    /// tables must not change between agent versions (an unchanged node
+    /// restarts with zero map writes, and flows keep their backends).
+    fn by_the_formula(backends: &[(BackendAddr, u32)], size: u32) -> Vec<u32> {
+        let m = u64::from(size);
+        let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].1 > 0).collect();
+        order.sort_by_key(|&i| backends[i].0);
+        let perm: Vec<(u64, u64)> = order
+            .iter()
+            .map(|&i| (hash(&backends[i].0, 0x6d61_676c) % m, hash(&backends[i].0, 0x6576_0001) % (m - 1) + 1))
+            .collect();
+        let weight_max = order.iter().map(|&i| u64::from(backends[i].1)).max().unwrap_or(1);
+        let (mut next, mut credit) = (vec![0u64; order.len()], vec![0u64; order.len()]);
+        let mut table = vec![u32::MAX; size as usize];
+        let mut filled = 0;
+        while filled < m && !order.is_empty() {
+            for (k, &i) in order.iter().enumerate() {
+                credit[k] += u64::from(backends[i].1);
+                if credit[k] < weight_max {
+                    continue;
+                }
+                credit[k] -= weight_max;
+                loop {
+                    let slot = ((perm[k].0 + next[k] * perm[k].1) % m) as usize;
+                    next[k] += 1;
+                    if table[slot] == u32::MAX {
+                        table[slot] = i as u32;
+                        filled += 1;
+                        break;
+                    }
+                }
+                if filled == m {
+                    break;
+                }
+            }
+        }
+        if order.is_empty() { Vec::new() } else { table }
+    }
+
+    #[test]
+    fn tables_are_those_of_the_formula() {
+        for (n, size) in [(1, 251), (3, 251), (10, 1009), (20, table_size(20, DEFAULT_MAX_TABLE_SIZE)), (100, 16_381)] {
+            let mut input = backends(n);
+            assert_eq!(build(&input, size), by_the_formula(&input, size), "{n} backends, {size} slots");
+            for (k, b) in input.iter_mut().enumerate() {
+                b.1 = 1 + (k as u32 % 4);
+            }
+            assert_eq!(build(&input, size), by_the_formula(&input, size), "{n} weighted backends, {size} slots");
+        }
     }
 
     #[test]
