@@ -88,6 +88,9 @@ pub struct Reconciler {
     read_us: u64,
     /// Parsed manifest files, re-read only when they change.
     manifests: manifests::Cache,
+    /// A first read made while the datapath loaded (and how long it took):
+    /// the first pass takes it instead of reading.
+    primed: Option<(manifests::Read, u64)>,
     /// Passive health and the slot budget, fed to every pass.
     runtime: Runtime,
     /// Objects by service and the desired state, kept between passes.
@@ -116,6 +119,7 @@ impl Reconciler {
             source_problems: BTreeSet::new(),
             read_us: 0,
             manifests: manifests::Cache::default(),
+            primed: None,
             runtime: Runtime::default(),
             model: Model::default(),
             changed: BTreeSet::new(),
@@ -124,9 +128,22 @@ impl Reconciler {
         }
     }
 
+    /// Takes a first read of the manifests made elsewhere (the agent reads
+    /// while its datapath loads): the next [`Reconciler::from_manifests`]
+    /// applies it instead of reading. Files changed since are the file
+    /// watcher's to report, as for any pass.
+    pub fn prime_manifests(&mut self, cache: manifests::Cache, read: manifests::Read, read_us: u64) {
+        self.manifests = cache;
+        self.primed = Some((read, read_us));
+    }
+
     /// Reads the whole manifests directory (re-parsing changed files only)
     /// and brings the datapath to it.
     pub fn from_manifests(&mut self, dir: &Path, datapath: &mut impl KernelMaps) -> Result<Report, DatapathError> {
+        if let Some((read, read_us)) = self.primed.take() {
+            self.read_us = read_us;
+            return self.apply_changes(read.changes, Some(read.problems), datapath);
+        }
         let started = Instant::now();
         let read = match self.manifests.read_dir(dir) {
             Ok(read) => read,
@@ -149,7 +166,16 @@ impl Reconciler {
         let started = Instant::now();
         let read = self.manifests.read_paths(paths);
         self.read_us = started.elapsed().as_micros() as u64;
-        self.apply_changes(read.changes, Some(read.problems), datapath)
+        // A first read not applied yet goes first: the cache holds it already.
+        let mut changes = match self.primed.take() {
+            Some((primed, read_us)) => {
+                self.read_us += read_us;
+                primed.changes
+            }
+            None => Vec::new(),
+        };
+        changes.extend(read.changes);
+        self.apply_changes(changes, Some(read.problems), datapath)
     }
 
     /// A whole snapshot (tests, tools): every service is replaced.
@@ -599,9 +625,15 @@ mod tests {
     }
 
     fn snapshot(pods: &[&str]) -> Snapshot {
+        let (snapshot, errors) = parse_documents(&Origin("test.yaml".into()), &manifest(pods));
+        assert!(errors.is_empty(), "{errors:?}");
+        snapshot
+    }
+
+    fn manifest(pods: &[&str]) -> String {
         let endpoints: String =
             pods.iter().map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n")).collect();
-        let yaml = format!(
+        format!(
             r#"apiVersion: multicluster.x-k8s.io/v1beta1
 kind: ServiceImport
 metadata: {{name: web, namespace: demo}}
@@ -620,10 +652,7 @@ addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints:
 {endpoints}"#
-        );
-        let (snapshot, errors) = parse_documents(&Origin("test.yaml".into()), &yaml);
-        assert!(errors.is_empty(), "{errors:?}");
-        snapshot
+        )
     }
 
     fn addrs(pods: &[&str]) -> BTreeSet<BackendAddr> {
@@ -649,6 +678,38 @@ endpoints:
         reconciler.apply_snapshot(&snapshot(&pods[..2]), Vec::new(), &mut maps).expect("written");
         assert_eq!(maps.table("198.18.0.10"), addrs(&pods[..2]));
         assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn a_first_read_made_while_the_datapath_loads_is_applied_once_with_later_changes_on_top() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        let primed = |pods: &[&str]| {
+            std::fs::write(&file, manifest(pods)).unwrap();
+            let mut cache = manifests::Cache::default();
+            let read = cache.read_dir(dir.path()).expect("readable");
+            let mut reconciler = reconciler();
+            reconciler.prime_manifests(cache, read, 7);
+            reconciler
+        };
+        // The first full pass applies it, without reading again.
+        let (mut reconciler, mut maps) = (primed(&["10.1.0.1", "10.1.0.2"]), Maps::default());
+        let report = reconciler.from_manifests(dir.path(), &mut maps).expect("written");
+        assert_eq!((maps.table("198.18.0.10"), report.read_us), (addrs(&["10.1.0.1", "10.1.0.2"]), 7));
+        std::fs::write(&file, manifest(&["10.1.0.3"])).unwrap();
+        reconciler.from_manifests(dir.path(), &mut maps).expect("written");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&["10.1.0.3"]), "the next full pass reads");
+
+        // A change the watcher names before the first full pass: both apply.
+        let (mut reconciler, mut maps) = (primed(&["10.1.0.1"]), Maps::default());
+        std::fs::write(
+            dir.path().join("other.yaml"),
+            manifest(&["10.1.0.4"]).replace("198.18.0.10", "198.18.0.11").replace(": web", ": other"),
+        )
+        .unwrap();
+        reconciler.from_manifest_paths(&[dir.path().join("other.yaml")], &mut maps).expect("written");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&["10.1.0.1"]));
+        assert_eq!(maps.table("198.18.0.11"), addrs(&["10.1.0.4"]));
     }
 
     #[test]

@@ -68,17 +68,13 @@ impl Programmed for Reconciler {
     }
 
     fn ready_backends(&self, key: &FrontendKey) -> Option<Vec<BackendAddr>> {
-        self.state()
-            .frontends
-            .get(key)
-            .filter(|_| self.applied().frontend(key).is_some())
-            .map(|f| {
-                // Kept until the frontend changes: no spare capacity.
-                let mut ready: Vec<BackendAddr> =
-                    f.endpoints.iter().filter(|e| e.condition == Condition::Ready).map(|e| e.addr).collect();
-                ready.shrink_to_fit();
-                ready
-            })
+        self.state().frontends.get(key).filter(|_| self.applied().frontend(key).is_some()).map(|f| {
+            // Kept until the frontend changes: no spare capacity.
+            let mut ready: Vec<BackendAddr> =
+                f.endpoints.iter().filter(|e| e.condition == Condition::Ready).map(|e| e.addr).collect();
+            ready.shrink_to_fit();
+            ready
+        })
     }
 
     fn set_health(&mut self, ejected: BTreeSet<BackendAddr>, probing: BTreeSet<BackendAddr>) -> bool {

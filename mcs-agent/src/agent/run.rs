@@ -156,9 +156,20 @@ impl Agent {
         let mut source = None;
         let event_counts = Arc::new(EventCounts::default());
         let mut pending_kube = None;
+        let mut first_read = None;
         match source_config {
             SourceConfig::Manifests(dir) => {
                 file_watcher = Some(sources::watch_manifests(&dir, resync, signal_tx.clone())?);
+                // Parsed while the kernel creates the maps and verifies the
+                // programs (a fifth of a cold start); a file changed after the
+                // watch began is also the watcher's to report.
+                let read_dir = dir.clone();
+                first_read = Some(std::thread::spawn(move || {
+                    let started = Instant::now();
+                    let mut cache = crate::source::manifests::Cache::default();
+                    let read = cache.read_dir(&read_dir);
+                    (cache, read, started.elapsed().as_micros() as u64)
+                }));
                 source = Some(Source::Manifests(dir));
             }
             SourceConfig::Kube { kubeconfig, peers } => {
@@ -218,6 +229,11 @@ impl Agent {
             collector.spawn(interval).context("starting the conntrack collector")?
         };
         let (link_tx, links) = mpsc::unbounded_channel();
+        let mut reconciler = Reconciler::new(applied, flags_policy.clone());
+        // An unreadable directory is left to the first pass, which reports it.
+        if let Some(Ok((cache, Ok(read), read_us))) = first_read.map(std::thread::JoinHandle::join) {
+            reconciler.prime_manifests(cache, read, read_us);
+        }
         // Without it inspect reads the pinned maps unnamed, as when the
         // agent is stopped: a warning, not a reason to stop serving.
         let (inspect_tx, inspects) = mpsc::unbounded_channel();
@@ -242,7 +258,7 @@ impl Agent {
             pin,
             resync,
             outlier_interval,
-            reconciler: Reconciler::new(applied, flags_policy.clone()),
+            reconciler,
             flags_policy,
             health,
             signals,
