@@ -56,8 +56,8 @@ type KubeStart = JoinHandle<Result<(KubeSource, EventSink), AgentError>>;
 // Fields drop in the order they are declared. When `run` returns early on
 // an error (`stop` is skipped), they go as the old locals of the loop went,
 // in the reverse order of their creation: the conntrack collector before
-// the datapath (whose drop may detach and unpin,
-// with --cleanup-on-exit), the sources last.
+// the datapath (whose drop may detach and unpin, with --cleanup-on-exit),
+// the sources last.
 pub struct Agent {
     passive: Option<PassiveHealth>,
     mode_name: String,
