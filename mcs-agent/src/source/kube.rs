@@ -35,8 +35,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
 use crate::{
-    desired::{Group, ImportEntry, ObjectError, ServiceRange, ServiceRef, SliceEntry},
-    model::{ClusterIps, LABEL_SERVICE_NAME, MCS_GROUP, Origin, ServiceImport, Snapshot, object_ref, service_ips},
+    desired::{DERIVED_SERVICE_ANNOTATIONS, Group, ImportEntry, ObjectError, ServiceRange, ServiceRef, SliceEntry},
+    model::{
+        ClusterIps, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MCS_GROUP, Origin, ServiceImport, Snapshot, object_ref,
+        service_ips,
+    },
 };
 
 pub const CLUSTER_PROPERTY_GROUP: &str = "about.k8s.io";
@@ -102,6 +105,41 @@ async fn discover(client: &Client, group: &str, versions: &[&str], kind: &str, p
 /// Served versions of the ServiceCIDR API, preferred first (GA in
 /// Kubernetes 1.33, beta in 1.31 and 1.32).
 pub const SERVICE_CIDR_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+/// Keeps of an EndpointSlice what the agent reads: its name, the MCS and
+/// region labels, ports and endpoints' addresses, conditions, zone and node.
+/// Managed fields (often half an object), annotations, targetRefs and hints
+/// are dropped as objects arrive: at 10,000 services the reflector holds
+/// every slice.
+fn prune_slice(slice: &mut EndpointSlice) {
+    let meta = &mut slice.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    if let Some(labels) = &mut meta.labels {
+        labels.retain(|key, _| [LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, LABEL_REGION].contains(&key.as_str()));
+    }
+    for endpoint in &mut slice.endpoints {
+        endpoint.target_ref = None;
+        endpoint.hints = None;
+        endpoint.deprecated_topology = None;
+    }
+}
+
+/// Keeps of a ServiceImport what the agent reads: managed fields go, and of
+/// the annotations those it reads (the derived Service's, the cluster
+/// weights), of the status its cluster selector results.
+fn prune_import(import: &mut DynamicObject) {
+    let meta = &mut import.metadata;
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|key, _| {
+            DERIVED_SERVICE_ANNOTATIONS.contains(&key.as_str()) || key == crate::locality::ANNOTATION_CLUSTER_WEIGHTS
+        });
+    }
+    if let Some(status) = import.data.get_mut("status").and_then(serde_json::Value::as_object_mut) {
+        status.retain(|key, _| key == "clusterSelectorResults");
+    }
+}
 
 /// Keeps of a Service only what the ClusterSetIP safety rules read (its
 /// name, ClusterIPs and ownerReferences): a cluster has many Services and
@@ -397,7 +435,7 @@ impl KubeSource {
         let writer = Writer::new(import_resource.clone());
         let imports = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
-        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone(), keep, None);
+        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone(), prune_import, None);
 
         let (slices, writer) = reflector::store();
         let config = watcher::Config::default().labels(LABEL_SERVICE_NAME);
@@ -407,7 +445,7 @@ impl KubeSource {
             writer,
             "EndpointSlice",
             events.clone(),
-            keep,
+            prune_slice,
             None,
         );
 
@@ -725,6 +763,48 @@ mod tests {
     use tower_test::mock;
 
     use super::*;
+
+    /// Objects as they arrive are pruned to what the agent reads: checked,
+    /// they give the same entries as whole.
+    #[test]
+    fn pruned_objects_check_as_the_whole_ones() {
+        let managed = json!([{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]);
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-a", "namespace": "demo", "uid": "u1", "resourceVersion": "7", "managedFields": managed,
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "labels": {LABEL_SERVICE_NAME: "web", LABEL_SOURCE_CLUSTER: "a", LABEL_REGION: "r1", "app": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "zone": "z1", "nodeName": "n1",
+                "targetRef": {"kind": "Pod", "name": "web-0"}, "hints": {"forZones": [{"name": "z1"}]}}]
+        }))
+        .unwrap();
+        let mut pruned = slice.clone();
+        prune_slice(&mut pruned);
+        assert!(pruned.metadata.managed_fields.is_none() && pruned.metadata.annotations.is_none());
+        assert_eq!(pruned.metadata.labels.as_ref().unwrap().len(), 3);
+        assert!(pruned.endpoints[0].target_ref.is_none() && pruned.endpoints[0].hints.is_none());
+        let entry = |s: &EndpointSlice| format!("{:?}", SliceEntry::new(&Origin::default(), s));
+        assert_eq!(entry(&pruned), entry(&slice));
+
+        let import: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+            "metadata": {"name": "web", "namespace": "demo", "uid": "u2", "resourceVersion": "8", "managedFields": managed,
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}",
+                    "multicluster.kubernetes.io/derived-service": "derived-web",
+                    "mcs-agent.io/cluster-weights": "a=3,b=1"}},
+            "spec": {"type": "ClusterSetIP", "ips": ["198.18.0.10"], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+            "status": {"clusterSelectorResults": [{"clusters": ["a"]}], "clusters": [{"cluster": "a"}, {"cluster": "b"}]}
+        }))
+        .unwrap();
+        let mut pruned = import.clone();
+        prune_import(&mut pruned);
+        assert!(pruned.metadata.managed_fields.is_none());
+        assert_eq!(pruned.metadata.annotations.as_ref().unwrap().len(), 2);
+        assert_eq!(pruned.data["status"], json!({"clusterSelectorResults": [{"clusters": ["a"]}]}));
+        let entry = |o: &DynamicObject| format!("{:?}", ImportEntry::new(&Origin::default(), &import_from(o).unwrap()));
+        assert_eq!(entry(&pruned), entry(&import));
+    }
 
     const IMPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports";
     const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
