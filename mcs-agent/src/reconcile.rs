@@ -91,6 +91,8 @@ pub struct Reconciler {
     /// A first read made while the datapath loaded (and how long it took):
     /// the first pass takes it instead of reading.
     primed: Option<(manifests::Read, u64)>,
+    /// Manifest files parsed so far (changed ones only).
+    parsed_files: u64,
     /// Passive health and the slot budget, fed to every pass.
     runtime: Runtime,
     /// Objects by service and the desired state, kept between passes.
@@ -120,6 +122,7 @@ impl Reconciler {
             read_us: 0,
             manifests: manifests::Cache::default(),
             primed: None,
+            parsed_files: 0,
             runtime: Runtime::default(),
             model: Model::default(),
             changed: BTreeSet::new(),
@@ -142,6 +145,7 @@ impl Reconciler {
     pub fn from_manifests(&mut self, dir: &Path, datapath: &mut impl KernelMaps) -> Result<Report, DatapathError> {
         if let Some((read, read_us)) = self.primed.take() {
             self.read_us = read_us;
+            self.parsed_files += read.parsed as u64;
             return self.apply_changes(read.changes, Some(read.problems), datapath);
         }
         let started = Instant::now();
@@ -154,7 +158,14 @@ impl Reconciler {
             }
         };
         self.read_us = started.elapsed().as_micros() as u64;
+        self.parsed_files += read.parsed as u64;
         self.apply_changes(read.changes, Some(read.problems), datapath)
+    }
+
+    /// Manifest files parsed so far: a pass that parsed none and changed
+    /// nothing was only a repeated event.
+    pub fn parsed_files(&self) -> u64 {
+        self.parsed_files
     }
 
     /// Re-reads only these manifest files (as the file watcher named them).
@@ -166,6 +177,7 @@ impl Reconciler {
         let started = Instant::now();
         let read = self.manifests.read_paths(paths);
         self.read_us = started.elapsed().as_micros() as u64;
+        self.parsed_files += read.parsed as u64;
         // A first read not applied yet goes first: the cache holds it already.
         let mut changes = match self.primed.take() {
             Some((primed, read_us)) => {

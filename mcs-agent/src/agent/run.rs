@@ -353,6 +353,7 @@ impl Agent {
         let started = Instant::now();
         let work = self.schedule.take_due();
         let full_pass = work.recompute;
+        let parsed_before = self.reconciler.parsed_files();
         let result = reconcile(
             source,
             &self.flags_policy,
@@ -367,6 +368,12 @@ impl Agent {
             Err(_) => self.metrics.reconcile_failed(),
         }
         let changed = self.reconciler.take_changed();
+        // A pass that parsed no file and changed nothing was a repeated
+        // event (a rename reaches the watcher as two): it must not open a
+        // debounce window, which held the next real change up to 100 ms.
+        let idle = changed.is_empty()
+            && self.reconciler.parsed_files() == parsed_before
+            && matches!(self.source, Some(Source::Manifests(_)));
         if self.datapath.sockets_cgroup().is_some() {
             self.terminate_pending.extend(changed.iter().copied());
         }
@@ -380,7 +387,7 @@ impl Agent {
             Ok(()) => {}
             Err(e) => error!(error = %e, "applying to the datapath failed; retrying on the next change or resync"),
         }
-        self.schedule.reconciled(Instant::now(), took, full_pass);
+        self.schedule.reconciled(Instant::now(), took, full_pass, !idle);
         Ok(())
     }
 

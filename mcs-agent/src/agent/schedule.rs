@@ -137,11 +137,16 @@ impl Schedule {
 
     /// A pass ended at `now`; it took `took`, and `full` when it recomputed
     /// every service.
-    pub fn reconciled(&mut self, now: Instant, took: Duration, full: bool) {
+    /// A pass ended at `now`. Only one that did work (`worked`) opens a
+    /// debounce window: a pass for a repeated event must not delay the next
+    /// change.
+    pub fn reconciled(&mut self, now: Instant, took: Duration, full: bool, worked: bool) {
         if full {
             self.last_full_pass = (now, took);
         }
-        self.last_reconcile = now;
+        if worked {
+            self.last_reconcile = now;
+        }
     }
 }
 
@@ -156,9 +161,12 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Schedule::new(100 * MS, t0, false);
         assert_eq!(s.debounce_wait(t0 + 500 * MS), Duration::ZERO, "after a quiet period");
-        s.reconciled(t0 + 500 * MS, 5 * MS, false);
+        s.reconciled(t0 + 500 * MS, 5 * MS, false, true);
         assert_eq!(s.debounce_wait(t0 + 530 * MS), 70 * MS, "within the window: the rest of it");
         assert_eq!(s.debounce_wait(t0 + 600 * MS), Duration::ZERO);
+        // A pass that found nothing to do (a repeated event) opens no window.
+        s.reconciled(t0 + 650 * MS, MS, false, false);
+        assert_eq!(s.debounce_wait(t0 + 660 * MS), Duration::ZERO, "the next change goes at once");
         // Every change of the window lands in one pass.
         s.on_event(SourceEvent::Files(vec!["a.yaml".into()]));
         s.on_event(SourceEvent::Files(vec!["b.yaml".into(), "a.yaml".into()]));
@@ -206,21 +214,21 @@ mod tests {
             assert!(due.full, "Kubernetes mode re-reads its caches every resync");
             if due.recompute {
                 recomputes.push(k);
-                s.reconciled(now, Duration::from_millis(200), true);
+                s.reconciled(now, Duration::from_millis(200), true, true);
             }
         }
         assert_eq!(recomputes, [10, 20, 30, 40], "every tenth resync, 300 s apart");
 
         // A full pass of 2 s: no more than one per 2,000 s.
         let mut s = Schedule::new(100 * MS, t0, false);
-        s.reconciled(t0, Duration::from_secs(2), true);
+        s.reconciled(t0, Duration::from_secs(2), true, true);
         let mut recomputes = Vec::new();
         for k in 1..=200u32 {
             let now = t0 + resync * k;
             s.on_resync(now, false);
             if s.take_due().recompute {
                 recomputes.push(k);
-                s.reconciled(now, Duration::from_secs(2), true);
+                s.reconciled(now, Duration::from_secs(2), true, true);
             }
         }
         assert_eq!(recomputes, [70, 140], "the first tenth resync past 2,000 s, then again");
