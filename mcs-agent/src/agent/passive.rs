@@ -237,7 +237,8 @@ impl PassiveHealth {
             let Some(addr) = addr else { continue };
             // Past the counted ids: the rest have no counters.
             let Some(now) = counters.health(id as u32) else { break };
-            let last = &mut view.last[id];
+            // Sized to the counted ids above.
+            let Some(last) = view.last.get_mut(id) else { break };
             if *last != now {
                 moved.insert(*addr, (as_counters(*last), as_counters(now)));
                 *last = now;
