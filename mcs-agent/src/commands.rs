@@ -78,18 +78,18 @@ pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
     // Named by the running agent (the generation it answers with), or by the
     // state.json the last one left when it stopped.
     let pinned = || -> Result<inspect::Pinned, CommandError> {
-        let mut pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
-        if let Some(answer) = ask_agent::<AgentInventory>(args, "inventory") {
-            pinned.inventory = Some(answer.inventory);
-        }
-        Ok(pinned)
+        let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
+        Ok(match ask_agent::<AgentInventory>(args, "inventory") {
+            Some(answer) => pinned.named(Some(answer.inventory)),
+            None => pinned,
+        })
     };
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     let text = match &args.what {
         InspectWhat::Services => {
             // The agent did not answer `services`: it would not name them either.
             let pinned = inspect::Pinned::open(&args.bpffs, &args.state_dir)?;
-            let note = match &pinned.inventory {
+            let note = match pinned.inventory() {
                 None => "(no agent answered on --state-dir, and none left a state.json there: services, clusters, zones and tiers unknown)\n".to_owned(),
                 Some(left) => format!(
                     "(from the pinned maps, named by the state.json the last agent left when it stopped{}: no agent answered on --state-dir)\n",

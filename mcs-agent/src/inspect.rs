@@ -56,7 +56,9 @@ pub struct Pinned {
     service_stats: Option<PerCpuArray<MapData, ServiceStats>>,
     /// What is behind the ids: `state.json`, if a stopping agent left one
     /// (`inspect` puts the running agent's answer here instead).
-    pub inventory: Option<Inventory>,
+    inventory: Option<Inventory>,
+    /// Its frontends by service id: every flow is named through it.
+    by_id: std::collections::HashMap<u32, usize>,
 }
 
 fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
@@ -90,8 +92,10 @@ impl Pinned {
             stats: open(&layout, MAP_STATS, Map::PerCpuArray)?,
             backend_stats: open(&layout, MAP_BACKEND_STATS, Map::PerCpuArray).ok(),
             service_stats: open(&layout, MAP_SERVICE_STATS, Map::PerCpuArray).ok(),
-            inventory: Inventory::read(state_dir)?,
-        })
+            inventory: None,
+            by_id: std::collections::HashMap::new(),
+        }
+        .named(Inventory::read(state_dir)?))
     }
 
     /// A backend id's address, in whichever family's array holds it.
@@ -121,7 +125,22 @@ impl Pinned {
     }
 
     fn info(&self, service_id: u32) -> Option<&FrontendInfo> {
-        self.inventory.as_ref()?.frontends.iter().find(|f| f.service_id == service_id)
+        self.inventory.as_ref()?.frontends.get(*self.by_id.get(&service_id)?)
+    }
+
+    /// Names the ids with `inventory` (the running agent's, or `state.json`);
+    /// the first frontend of an id names it, as before.
+    pub fn named(mut self, inventory: Option<Inventory>) -> Self {
+        self.by_id = inventory
+            .iter()
+            .flat_map(|i| i.frontends.iter().enumerate().rev().map(|(k, f)| (f.service_id, k)))
+            .collect();
+        self.inventory = inventory;
+        self
+    }
+
+    pub fn inventory(&self) -> Option<&Inventory> {
+        self.inventory.as_ref()
     }
 }
 

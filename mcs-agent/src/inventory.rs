@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    desired::{DesiredState, Frontend, Runtime},
+    desired::{Frontend, Runtime},
     model::{Condition, FrontendKey},
     plan::Applied,
 };
@@ -76,17 +76,6 @@ impl FrontendInfo {
 }
 
 impl Inventory {
-    /// Joins the desired state with the ids the plan gave it. Frontends that
-    /// did not fit (capacity) are left out: they are not programmed.
-    pub fn build(state: &DesiredState, applied: &Applied, runtime: &Runtime) -> Self {
-        let frontends = state
-            .frontends
-            .iter()
-            .filter_map(|(key, frontend)| Self::frontend(key, frontend, applied, runtime))
-            .collect();
-        Self { schema: SCHEMA, layout_version: mcs_common::LAYOUT_VERSION, generation: None, frontends }
-    }
-
     /// One frontend, when it is programmed.
     pub fn frontend(
         key: &FrontendKey,

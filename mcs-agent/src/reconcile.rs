@@ -493,13 +493,16 @@ impl Reconciler {
     /// services it is large).
     pub fn inventory(&self) -> Inventory {
         Inventory {
+            schema: crate::inventory::SCHEMA,
+            layout_version: mcs_common::LAYOUT_VERSION,
             generation: Some(self.generation),
-            ..Inventory::build(self.model.state(), &self.applied, &self.runtime)
+            frontends: self.frontend_infos().collect(),
         }
     }
 
     /// The programmed frontends as [`Inventory`] describes them, each built
-    /// when it is reached (a scrape walks them once).
+    /// when it is reached (a scrape walks them once). Frontends that did not
+    /// fit (capacity) are left out: they are not programmed.
     pub fn frontend_infos(&self) -> impl Iterator<Item = FrontendInfo> + '_ {
         let state = self.model.state();
         state

@@ -492,10 +492,9 @@ impl Agent {
             // reads the pinned maps unnamed.
             "services" | "inventory" if !self.serving => error("not serving yet".into()),
             "services" => {
-                let inventory = self.reconciler.inventory();
-                let by_id: std::collections::HashMap<u32, &FrontendInfo> =
-                    inventory.frontends.iter().map(|f| (f.service_id, f)).collect();
-                let rows = inspect::service_rows(&self.datapath, |id| by_id.get(&id).copied(), Some(generation));
+                let by_id: std::collections::HashMap<u32, FrontendInfo> =
+                    self.reconciler.frontend_infos().map(|f| (f.service_id, f)).collect();
+                let rows = inspect::service_rows(&self.datapath, |id| by_id.get(&id), Some(generation));
                 json(serde_json::to_string(&AgentServices { generation, bpffs, rows }))
             }
             "inventory" => {
