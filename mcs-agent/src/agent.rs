@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod discovery;
 pub mod error;
+pub mod grow;
 pub mod pass;
 pub mod passive;
 pub mod run;

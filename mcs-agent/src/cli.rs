@@ -14,6 +14,7 @@ use crate::{
     conntrack,
     datapath::{self, AttachMode, KernelLog, Sizes},
     desired::{self, Policy},
+    growth,
     locality::{self, NodeLocality, Tier},
     maglev,
     outlier::OutlierConfig,
@@ -331,15 +332,29 @@ pub struct RunArgs {
     /// <BPFFS>/mcs/v<N>/), to exercise an upgrade across a layout change.
     #[arg(long, value_name = "N", hide = true, default_value_t = mcs_common::LAYOUT_VERSION)]
     pub layout_version: u32,
-    /// Capacity of the frontend map (ClusterSetIP:port/protocol entries).
-    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_SERVICES)]
+    /// Most frontends (ClusterSetIP:port/protocol entries) the maps may grow
+    /// to. The maps start at --initial-services and grow while serving, as
+    /// the imports need, without dropping a connection; past this bound a
+    /// frontend is refused (an Event and a log line name it).
+    #[arg(long, default_value_t = growth::BOUNDS.services)]
     pub max_services: u32,
-    /// Capacity of the backend map (distinct pod IP:port pairs).
-    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_BACKENDS)]
+    /// Most backends (distinct pod IP:port pairs) the maps may grow to.
+    #[arg(long, default_value_t = growth::BOUNDS.backends)]
     pub max_backends: u32,
-    /// Capacity of the selection tables, in slots, over all frontends.
-    #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_SELECTION_SLOTS)]
+    /// Most selection-table slots, over all frontends, the maps may grow to
+    /// (4 bytes each). Short of it, tables are sized down to fit.
+    #[arg(long, default_value_t = growth::BOUNDS.slots)]
     pub max_selection_slots: u32,
+    /// Frontends the maps hold at start (at most --max-services). A node
+    /// that will serve more can start there and skip a growth.
+    #[arg(long, default_value_t = growth::INITIAL.services)]
+    pub initial_services: u32,
+    /// Backends the maps hold at start (at most --max-backends).
+    #[arg(long, default_value_t = growth::INITIAL.backends)]
+    pub initial_backends: u32,
+    /// Selection slots at start (at most --max-selection-slots).
+    #[arg(long, default_value_t = growth::INITIAL.slots)]
+    pub initial_selection_slots: u32,
     /// Capacity of the connection-tracking tables (least recently used flows are evicted).
     #[arg(long, default_value_t = mcs_common::DEFAULT_MAX_CONNTRACK)]
     pub max_conntrack: u32,
@@ -496,6 +511,9 @@ impl RunArgs {
             max_services,
             max_backends,
             max_selection_slots,
+            initial_services,
+            initial_backends,
+            initial_selection_slots,
             max_conntrack,
             conntrack_udp_timeout,
             conntrack_udp_stream_timeout,
@@ -525,6 +543,7 @@ impl RunArgs {
             datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
         }
         let patterns = Patterns::new(&interface_patterns).map_err(|e| AgentError::Config(e.to_string()))?;
+        let bounds = Capacity { services: max_services, backends: max_backends, slots: max_selection_slots };
         let source = match manifests {
             Some(dir) if !dir.is_dir() => {
                 return Err(AgentError::Config(format!("--manifests {}: not a directory", dir.display())));
@@ -577,10 +596,14 @@ impl RunArgs {
             layout_version,
             cleanup_on_exit,
             sizes: Sizes {
-                capacity: Capacity { services: max_services, backends: max_backends, slots: max_selection_slots },
+                capacity: growth::initial(
+                    Capacity { services: initial_services, backends: initial_backends, slots: initial_selection_slots },
+                    bounds,
+                ),
                 conntrack: max_conntrack,
                 stats_entries,
             },
+            bounds,
             conntrack,
             debounce: Duration::from_millis(debounce_ms),
             resync: Duration::from_secs(resync_secs.max(1)),

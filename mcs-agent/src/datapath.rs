@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 mod attach;
 mod carry;
+mod grow;
 mod load;
 pub mod memory;
 mod mmap;
@@ -217,6 +218,9 @@ pub struct Datapath {
     /// Older layouts whose pinned links are taken over (updated in place and
     /// re-pinned under `layout`) when this agent attaches.
     older: Vec<LayoutDir>,
+    /// Link ids of the datapath this one grows from (see
+    /// [`crate::growth`]): kept attached, behind ours, until it is retired.
+    protected: Vec<u32>,
     /// The kernel programs' log reader, with `--kernel-log` on.
     logger: Option<KernelLogger>,
     /// The maps were found pinned (a restart), not created.

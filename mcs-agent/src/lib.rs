@@ -13,6 +13,7 @@ pub mod conntrack;
 pub mod datapath;
 pub mod desired;
 pub mod events;
+pub mod growth;
 pub mod health;
 pub mod inspect;
 pub mod inventory;

@@ -75,6 +75,8 @@ pub struct AgentView {
     pub fill: Vec<(&'static str, u64, u64)>,
     /// Passive health ejections since the agent started.
     pub ejections: u64,
+    /// Times the maps grew since the agent started (see [`crate::growth`]).
+    pub map_growths: u64,
     /// Backends passive health cannot watch (their id is past the HEALTH
     /// map, which covers `--max-backends`: a guard that stays 0).
     pub health_unwatched: u64,
@@ -86,8 +88,8 @@ pub struct AgentView {
     pub conntrack_gc: Option<(u64, f64)>,
     /// Socket-level load balancing is attached (to this cgroup).
     pub socket_lb: bool,
-    /// Kernel memory charged for each of the agent's maps (read once at
-    /// start: sizes are fixed while it runs).
+    /// Kernel memory charged for each of the agent's maps (read at start
+    /// and after each growth).
     pub map_memory: Vec<crate::datapath::memory::MapMemory>,
 }
 
@@ -207,6 +209,13 @@ pub fn render(
     let ejections = Counter::<u64>::default();
     ejections.inc_by(view.ejections);
     registry.register("outlier_ejections", "Passive health ejections since the agent started", ejections);
+    let growths = Counter::<u64>::default();
+    growths.inc_by(view.map_growths);
+    registry.register(
+        "map_growths",
+        "Times the datapath moved to larger maps (frontends, backends or selection slots past 7/8 full) since the agent started",
+        growths,
+    );
     let unwatched = Gauge::<i64>::default();
     unwatched.set(i64::try_from(view.health_unwatched).unwrap_or(i64::MAX));
     registry.register(

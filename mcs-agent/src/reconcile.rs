@@ -15,10 +15,11 @@ use tracing::{info, warn};
 use crate::{
     datapath::{Datapath, DatapathError, KernelState},
     desired::{Delta, DesiredState, Group, Model, ObjectError, Policy, Runtime, ServiceRef},
+    growth,
     inventory::{FrontendInfo, Inventory},
     maglev,
     model::{BackendAddr, ClusterIps, FrontendKey, Snapshot},
-    plan::{Applied, MapOp, PlanSummary},
+    plan::{Applied, Capacity, MapOp, PlanSummary},
     source::manifests,
 };
 
@@ -105,6 +106,11 @@ pub struct Reconciler {
     backend_changes: Option<Vec<(u32, Option<BackendAddr>)>>,
     /// Frontends a failed write left unplanned: planned again next pass.
     pending: BTreeSet<FrontendKey>,
+    /// How far the maps may grow (`--max-*`); `None`: they never do.
+    bounds: Option<Capacity>,
+    /// The capacity a pass found the maps must grow to: its frontends are
+    /// held (pending) until [`Reconciler::regrow`] programs larger maps.
+    outgrown: Option<Capacity>,
 }
 
 /// Frontends planned and written together (see `Reconciler::finish`).
@@ -128,7 +134,78 @@ impl Reconciler {
             changed: BTreeSet::new(),
             backend_changes: None,
             pending: BTreeSet::new(),
+            bounds: None,
+            outgrown: None,
         }
+    }
+
+    /// Lets the maps grow up to `bounds`: a pass whose desired state comes
+    /// near a map's size writes nothing and asks for larger maps instead
+    /// ([`Reconciler::take_outgrown`]). `None` (the default): a frontend
+    /// that does not fit is refused.
+    pub fn set_growth(&mut self, bounds: Option<Capacity>) {
+        self.bounds = bounds;
+    }
+
+    /// The capacity the last pass asked the maps to grow to, once.
+    pub fn take_outgrown(&mut self) -> Option<Capacity> {
+        self.outgrown.take()
+    }
+
+    /// What the desired state needs of the maps, as far as a pass can tell
+    /// without walking every backend: the backends programmed now and the
+    /// new addresses of the frontends about to be planned (freed ones are
+    /// not subtracted: it errs towards growing).
+    fn demand(&self, keys: &BTreeSet<FrontendKey>) -> growth::Demand {
+        let state = self.model.state();
+        let mut new: BTreeSet<&BackendAddr> = BTreeSet::new();
+        for frontend in keys.iter().filter_map(|key| state.frontends.get(key)) {
+            new.extend(frontend.weights.iter().map(|w| &w.addr).filter(|a| self.applied.backend_id(a).is_none()));
+        }
+        let per = u64::from(self.runtime.slots_per_backend().max(1));
+        growth::Demand {
+            services: state.frontends.len() as u64,
+            backends: (self.applied.backend_count() + new.len()) as u64,
+            // The tables at their full size, were they shrunk to fit.
+            slots: self.model.slots() * u64::from(maglev::SLOTS_PER_BACKEND) / per,
+        }
+    }
+
+    /// Moves to empty maps of `capacity` (a larger datapath, see
+    /// [`crate::growth`]) and programs every frontend into them. On an
+    /// error the old allocation state is back, growth stops at the old
+    /// capacity, and the held frontends are planned by the next pass
+    /// against the old maps (those that do not fit are refused, as
+    /// without growth).
+    pub fn regrow(&mut self, capacity: Capacity, datapath: &mut impl KernelMaps) -> Result<Report, DatapathError> {
+        let started = Instant::now();
+        let old = std::mem::replace(&mut self.applied, Applied::new(capacity));
+        let held = std::mem::take(&mut self.pending);
+        self.pending = self.model.state().frontends.keys().copied().collect();
+        let changes = self.backend_changes.replace(Vec::new());
+        // A full pass: tables shrunk to fit the old slots may grow back.
+        let delta = Delta { services: self.model.service_count(), ..Delta::default() };
+        match self.finish(delta, started, None, datapath) {
+            Ok(report) => {
+                // Every id is new: passive health starts its view afresh.
+                self.backend_changes = None;
+                Ok(report)
+            }
+            Err(e) => {
+                self.applied = old;
+                self.pending = held.into_iter().chain(self.model.state().frontends.keys().copied()).collect();
+                self.backend_changes = changes;
+                self.bounds = Some(self.applied.capacity());
+                Err(e)
+            }
+        }
+    }
+
+    /// Growth failed outside the maps (creating them, taking over): the
+    /// held frontends go to the current maps next pass, and growth stops.
+    pub fn stop_growing(&mut self) {
+        self.bounds = Some(self.applied.capacity());
+        self.pending.extend(self.model.state().frontends.keys().copied());
     }
 
     /// Takes a first read of the manifests made elsewhere (the agent reads
@@ -333,6 +410,15 @@ impl Reconciler {
         let applying = Instant::now();
         let mut keys = std::mem::take(&mut self.pending);
         keys.extend(delta.frontends.iter().copied());
+        // Near a map's size: write nothing, hold the frontends, and ask for
+        // larger maps (the agent grows the datapath, then regrows into it).
+        let outgrown =
+            self.bounds.and_then(|bounds| growth::grown(self.applied.capacity(), self.demand(&keys), bounds));
+        if let Some(target) = outgrown {
+            info!(from = ?self.applied.capacity(), to = ?target, "the maps must grow");
+            self.outgrown = Some(target);
+            self.pending = std::mem::take(&mut keys);
+        }
         // In chunks: a plan holds each new table's slots until it is written,
         // and at cold start that is every table (40 MB at 10,000 frontends).
         // Each chunk is a complete plan of its frontends, so any prefix of
@@ -369,7 +455,9 @@ impl Reconciler {
                 return Err(e);
             }
         }
-        self.generation += 1;
+        if outgrown.is_none() {
+            self.generation += 1;
+        }
         if delta.services >= 1000 {
             // A big pass (start, resync) frees most of what it parsed and
             // built; glibc keeps freed heap unless asked to give it back.

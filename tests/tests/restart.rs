@@ -15,13 +15,13 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use mcs_tests::{
-    agent::{Agent, agent_binary},
+    agent::{Agent, agent_binary, probe},
     bpffs::ScratchBpffs,
     disruption::{Load, Phase},
     manifests::{self, Port, endpoint_slice, service_import},
     netns::Netns,
     topology::Clusterset,
-    traffic::Server,
+    traffic::{Server, tcp_request},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -89,6 +89,8 @@ struct Lab {
     set: Clusterset,
     dir: tempfile::TempDir,
     bpffs: ScratchBpffs,
+    /// Every serving pod, both clusters.
+    pods: Vec<Ipv4Addr>,
     _servers: Vec<Server>,
 }
 
@@ -97,15 +99,17 @@ impl Lab {
         let mut set = Clusterset::new(1, &["cluster-a", "cluster-b"]);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut servers = Vec::new();
+        let mut pods = Vec::new();
         manifests::write(dir.path(), "web-import.yaml", &service_import("demo", "web", VIP, IMPORT_PORTS));
         for cluster in &mut set.clusters {
             let (ips, serving) = cluster.add_serving_pods(2, 8080, 5353);
             servers.extend(serving);
+            pods.extend(&ips);
             let endpoints: Vec<(Ipv4Addr, bool)> = ips.into_iter().map(|ip| (ip, true)).collect();
             let yaml = endpoint_slice("demo", "web", &cluster.name, SLICE_PORTS, &endpoints);
             manifests::write(dir.path(), &format!("web-{}.yaml", cluster.name), &yaml);
         }
-        Self { set, dir, bpffs: ScratchBpffs::new(), _servers: servers }
+        Self { set, dir, bpffs: ScratchBpffs::new(), pods, _servers: servers }
     }
 
     fn agent(&self, binary: &std::path::Path, extra: &[&str]) -> Agent {
@@ -294,4 +298,113 @@ fn restarts_and_upgrades_under_load_fail_no_connection() {
     });
     assert_eq!(left, 0, "uninstall detaches everything");
     assert!(!lab.bpffs.path().join("mcs").exists(), "uninstall removes every pin");
+}
+
+/// `mcs_agent_map_growths_total` from the agent's /metrics.
+fn growths(node: &Netns) -> u64 {
+    let (_, metrics) = probe(node, "/metrics").expect("/metrics answers");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mcs_agent_map_growths_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mcs_agent_map_growths_total in /metrics:\n{metrics}"))
+}
+
+/// The pinned BACKENDS map's size.
+fn pinned_backends(lab: &Lab) -> u64 {
+    let dir = mcs_agent::datapath::pin_dir(lab.bpffs.path());
+    let maps = mcs_agent::datapath::memory::pinned_maps(&dir);
+    maps.iter().find(|m| m.map == "BACKENDS").map(|m| m.max_entries).expect("BACKENDS is pinned")
+}
+
+/// Imports enough to outgrow maps started small: `count` services of one
+/// port each on their own VIPs, every pod an endpoint on a port of its own
+/// (new backends), the first on the pods' served port.
+fn more_imports(lab: &Lab, count: u8) -> Vec<SocketAddrV4> {
+    let mut yaml = String::new();
+    let mut vips = Vec::new();
+    for i in 0..count {
+        let vip = Ipv4Addr::new(10, 96, 1, 1 + i);
+        let port = if i == 0 { 8080 } else { 9000 + u16::from(i) };
+        let name = format!("more-{i}");
+        yaml.push_str(&service_import("demo", &name, vip, &[("http", 80, "TCP")]));
+        yaml.push_str("---\n");
+        let endpoints: Vec<(Ipv4Addr, bool)> = lab.pods.iter().map(|ip| (*ip, true)).collect();
+        yaml.push_str(&endpoint_slice("demo", &name, "cluster-a", &[("http", port, "TCP")], &endpoints));
+        yaml.push_str("---\n");
+        vips.push(SocketAddrV4::new(vip, 80));
+    }
+    manifests::write(lab.dir.path(), "more.yaml", &yaml);
+    vips
+}
+
+#[test]
+fn the_maps_grow_under_load_and_fail_no_connection() {
+    let lab = Lab::new();
+    let binary = agent_binary();
+    // Room for 15 backends; the lab's import has 8 (4 pods, 2 ports).
+    let small = ["--initial-backends", "16", "--initial-services", "16"];
+    let agent = lab.agent(&binary, &small);
+    assert_eq!(pinned_backends(&lab), 16);
+    assert_eq!(growths(&lab.set.node), 0);
+    let watch = Watch::start(&lab.set.node, "pod0");
+    let load = Load::start(&lab.set.clients[0].ns, SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53), 8);
+    std::thread::sleep(Duration::from_millis(800));
+    let steady = load.mark();
+
+    // 4 services of 4 new backends each (the first shares the served
+    // port): 8 + 12 backends outgrow 16 while the load runs.
+    let vips = more_imports(&lab, 4);
+    let mut agent = agent;
+    agent.wait_for(|l| l.contains("the maps grew"), Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(800));
+    let (grown, fates) = load.finish();
+    let (samples, gaps, _) = watch.finish();
+
+    let phases = [("steady state", &steady), ("growth and after", &grown)];
+    let lines: Vec<String> = phases.iter().map(|(k, p)| report(k, p)).collect();
+    eprintln!("disruption (client view):\n{}", lines.join("\n"));
+    for line in agent.logs().iter().filter(|l| l.contains("grew") || l.contains("must grow") || l.contains("carried")) {
+        eprintln!("{line}");
+    }
+    for (kind, phase) in phases {
+        assert_eq!((phase.tcp.failed, phase.udp.failed), (0, 0), "{kind}: {:?}\n{}", phase.errors, lines.join("\n"));
+        assert!(phase.tcp.ok > 0 && phase.udp.ok > 0, "{kind}: no traffic completed");
+    }
+    for fate in &fates {
+        assert!(fate.broken.is_none(), "a long-lived connection broke: {fate:?}");
+        assert!(fate.moved_to.is_none(), "a long-lived connection changed backend: {fate:?}");
+    }
+    assert!(samples > 100, "the watch sampled the interface");
+    assert_eq!(gaps, 0, "there was an instant with no program attached");
+
+    // Grown, under the layout's own directory, and counted.
+    assert_eq!(growths(&lab.set.node), 1);
+    assert_eq!(pinned_backends(&lab), 65_536, "12 + 8 backends and half again, in steps of 65,536");
+    let layout = mcs_agent::datapath::LayoutDir::new(lab.bpffs.path(), mcs_common::LAYOUT_VERSION);
+    assert!(!layout.growth().dir.exists(), "the growth directory was moved into place");
+    assert!(layout.dir.join("links/ingress/pod0").exists());
+    let reply = tcp_request(&lab.set.clients[0].ns, vips[0]).expect("an import that came with the growth is served");
+    assert_eq!(reply.reply_from, std::net::SocketAddr::V4(vips[0]), "the client saw the VIP answer");
+    assert!(reply.identity.contains("/pod-"), "a pod answered: {}", reply.identity);
+
+    // A restart adopts the grown maps as they are: no growth.
+    let (clean, logs) = agent.stop();
+    assert!(clean, "{}", logs.join("\n"));
+    let agent = lab.agent(&binary, &small);
+    assert_eq!(pinned_backends(&lab), 65_536);
+    assert_eq!(growths(&lab.set.node), 0, "the adopted maps already fit");
+    tcp_request(&lab.set.clients[0].ns, vips[0]).expect("served after the restart");
+
+    // A fresh node whose state outgrows the first maps grows before it is ready.
+    agent.stop();
+    lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
+    let agent = lab.agent(&binary, &small);
+    assert_eq!(growths(&lab.set.node), 1, "grown before ready");
+    assert_eq!(pinned_backends(&lab), 65_536);
+    tcp_request(&lab.set.clients[0].ns, SocketAddrV4::new(VIP, 80)).expect("served once ready");
+    tcp_request(&lab.set.clients[0].ns, vips[0]).expect("served once ready");
+    let (clean, _) = agent.stop();
+    assert!(clean);
+    lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
 }

@@ -9,6 +9,7 @@ use crate::{
     datapath::{AttachMode, KernelLog, Sizes},
     desired::Policy,
     outlier::OutlierConfig,
+    plan::Capacity,
     source::{kube::Peers, links::Patterns},
 };
 
@@ -73,7 +74,10 @@ pub struct Config {
     pub pin: bool,
     pub layout_version: u32,
     pub cleanup_on_exit: bool,
+    /// The sizes to start with (see [`crate::growth`]).
     pub sizes: Sizes,
+    /// How far the maps may grow (`--max-*`).
+    pub bounds: Capacity,
     pub conntrack: ConntrackGc,
     /// At most one reconcile per this long.
     pub debounce: Duration,

@@ -25,6 +25,7 @@ use super::{
     control::{self, ControlSocket},
     discovery::{DatapathHooks, Discovered},
     error::{AgentError, Context as _},
+    grow::{Growth, Old},
     pass::reconcile,
     passive::PassiveHealth,
     schedule::{Schedule, StaleChange},
@@ -34,15 +35,16 @@ use super::{
 };
 use crate::{
     conntrack,
-    datapath::{self, AttachMode, Datapath, memory::MapMemory},
+    datapath::{self, AttachMode, Datapath, KernelLog, memory::MapMemory},
     desired::{self, Policy},
     events::{EventCounts, EventSink},
+    growth,
     health::{self, HealthHandle, ScrapeRequest},
     inspect::{self, AgentInventory, AgentServices},
     inventory::{FrontendInfo, Inventory},
     metrics::{self, AgentMetrics, AgentView, Kernel},
     model::{BackendAddr, FrontendKey},
-    plan::Applied,
+    plan::{Applied, Capacity},
     reconcile::Reconciler,
     source::{
         kube::{KubeSource, SourceEvent},
@@ -61,10 +63,14 @@ type KubeStart = JoinHandle<Result<(KubeSource, EventSink), AgentError>>;
 pub struct Agent {
     passive: Option<PassiveHealth>,
     mode_name: String,
-    /// Kernel memory of each map, read once: sizes are fixed while it runs.
+    /// Kernel memory of each map, read at start and after each growth.
     map_memory: Vec<MapMemory>,
     collector: conntrack::Running,
     ct_stats: Arc<conntrack::CollectorStats>,
+    conntrack_gc: ConntrackGc,
+    kernel_log: KernelLog,
+    /// Times the maps grew (see [`crate::growth`]).
+    growths: u64,
     /// `inspect` asking on `<state-dir>/agent.sock`.
     inspects: UnboundedReceiver<control::Request>,
     control: Option<ControlSocket>,
@@ -130,6 +136,7 @@ impl Agent {
             layout_version,
             cleanup_on_exit,
             sizes,
+            bounds,
             conntrack: conntrack_gc,
             debounce,
             resync,
@@ -185,21 +192,13 @@ impl Agent {
 
         // The datapath next: an earlier agent's pinned maps are adopted as they
         // are, and its programs keep serving them until this agent has reconciled.
+        if pin {
+            datapath::ensure_bpffs(&bpffs).context("--bpffs")?;
+            datapath::LayoutDir::recover_growth(&bpffs, layout_version);
+        }
         let pins = pin.then_some((bpffs.as_path(), layout_version));
         let mut datapath = Datapath::open(sizes, pins, kernel_log).context("loading the datapath")?;
-        if let Some(logger) = datapath.take_kernel_logger() {
-            // SAFETY: the logger owns the ring buffer's fd, open and unchanged for as
-            // long as the AsyncFd owns the logger.
-            let mut logger =
-                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-                    .map_err(|e| AgentError::Config(format!("watching the kernel log ring buffer: {e}")))?;
-            tokio::spawn(async move {
-                while let Ok(mut ready) = logger.readable_mut().await {
-                    ready.get_inner_mut().flush();
-                    ready.clear_ready();
-                }
-            });
-        }
+        read_kernel_log(&mut datapath)?;
         datapath.set_cleanup_on_exit(cleanup_on_exit);
         let applied = adopt(&datapath);
         let older = if pin { datapath::LayoutDir::others(&bpffs, layout_version) } else { Vec::new() };
@@ -217,19 +216,15 @@ impl Agent {
         // walks the maps; with expiry off it only counts (and removes closed
         // flows past their grace time, as the datapath would), every 10 s.
         let ct_stats = Arc::new(conntrack::CollectorStats::default());
-        let collector = {
-            let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
-            let ConntrackGc { timeouts, interval, expiry } = conntrack_gc;
-            if expiry {
-                info!(?timeouts, interval_secs = interval.as_secs(), "conntrack collector started");
-            } else {
-                info!("conntrack expiry off (--conntrack-gc-interval 0): idle flows stay until evicted");
-            }
-            let collector = conntrack::Collector::new(ct, ct6, timeouts, ct_stats.clone());
-            collector.spawn(interval).context("starting the conntrack collector")?
-        };
+        if conntrack_gc.expiry {
+            info!(timeouts = ?conntrack_gc.timeouts, interval_secs = conntrack_gc.interval.as_secs(), "conntrack collector started");
+        } else {
+            info!("conntrack expiry off (--conntrack-gc-interval 0): idle flows stay until evicted");
+        }
+        let collector = collect_conntrack(&datapath, conntrack_gc, &ct_stats)?;
         let (link_tx, links) = mpsc::unbounded_channel();
         let mut reconciler = Reconciler::new(applied, flags_policy.clone());
+        reconciler.set_growth(Some(bounds));
         // An unreadable directory is left to the first pass, which reports it.
         if let Some(Ok((cache, Ok(read), read_us))) = first_read.map(std::thread::JoinHandle::join) {
             reconciler.prime_manifests(cache, read, read_us);
@@ -285,6 +280,9 @@ impl Agent {
             state_dir,
             ct_stats,
             collector,
+            conntrack_gc,
+            kernel_log,
+            growths: 0,
             mode_name: format!("{:?}", attach.resolve()).to_lowercase(),
             map_memory: datapath::memory::own_maps(),
             passive: outlier.map(PassiveHealth::new),
@@ -382,8 +380,14 @@ impl Agent {
         {
             passive.changed(changed.iter().copied());
         }
+        // A pass that found the maps too small wrote nothing: grow them
+        // (and take over, before the first takeover) now.
+        let outgrown = self.reconciler.take_outgrown();
+        if let Some(target) = outgrown {
+            self.grow(target)?;
+        }
         match result {
-            Ok(()) if !self.serving => self.take_over()?,
+            Ok(()) if !self.serving && outgrown.is_none() => self.take_over()?,
             Ok(()) => {}
             Err(e) => error!(error = %e, "applying to the datapath failed; retrying on the next change or resync"),
         }
@@ -405,6 +409,12 @@ impl Agent {
             carried: 0,
         };
         switch_over(&mut takeover, self.older.len())?;
+        self.serve();
+        Ok(())
+    }
+
+    /// Programs hooked everywhere: ready, and new links are watched.
+    fn serve(&mut self) {
         if let Some(patterns) = self.patterns.take()
             && !patterns.is_empty()
         {
@@ -419,6 +429,91 @@ impl Agent {
         self.health.set_ready();
         info!(node = ?self.reconciler.policy().node, tiers = ?self.reconciler.policy().tiers, "locality");
         info!(interfaces = ?self.interfaces, patterns = ?self.interface_patterns, health = %self.health_addr, "agent ready");
+    }
+
+    /// Moves to larger maps ([`crate::growth`]): a second datapath of the
+    /// same layout, programmed whole, takes over from this one as an
+    /// upgrade does. When the larger maps cannot be had (memory, a write
+    /// that fails), growth stops where it is and the held frontends go to
+    /// the current maps (those that do not fit are refused and reported).
+    fn grow(&mut self, target: Capacity) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let from = self.datapath.sizes().capacity;
+        let give_up = |agent: &mut Self, why: String| {
+            warn!(from = ?from, to = ?target, error = %why, "the maps cannot grow; frontends that do not fit are refused");
+            agent.reconciler.stop_growing();
+            agent.schedule.recompute();
+        };
+        if let Some(available) = available_memory()
+            && !growth::fits_memory(target, available)
+        {
+            let why = format!(
+                "the larger maps take about {} MiB and the node has {} MiB available (both sizes exist while one takes over)",
+                growth::kernel_bytes(target) >> 20,
+                available >> 20
+            );
+            give_up(self, why);
+            return Ok(());
+        }
+        let mut grown = match self.datapath.open_grown(target, self.kernel_log) {
+            Ok(grown) => grown,
+            Err(e) => {
+                give_up(self, e.to_string());
+                return Ok(());
+            }
+        };
+        read_kernel_log(&mut grown)?;
+        let loaded = started.elapsed();
+        if let Err(e) = self.reconciler.regrow(target, &mut grown) {
+            give_up(self, e.to_string());
+            return Ok(());
+        }
+        let programmed = started.elapsed();
+        // What the datapaths being replaced serve: the grown one takes each.
+        let mut served = self.datapath.attached_interfaces();
+        if !self.serving {
+            served.clear();
+            let patterns = self.patterns.as_ref().expect("not serving yet");
+            let pinned = self.datapath.pinned_not_attached().into_iter();
+            served.extend(
+                pinned.chain(self.older.iter().flat_map(|l| l.pinned_interfaces())).filter(|i| patterns.matches(i)),
+            );
+        }
+        let older = std::mem::take(&mut self.older);
+        let running = std::mem::replace(&mut self.datapath, grown);
+        let mut olds = vec![Old::Running(Some(Box::new(running)))];
+        olds.extend(older.into_iter().map(Old::Pinned));
+        let count = olds.len();
+        let default_patterns = Patterns::default();
+        let mut switch = Growth {
+            datapath: &mut self.datapath,
+            olds,
+            interfaces: &self.interfaces,
+            served: &served,
+            patterns: self.patterns.as_ref().unwrap_or(&default_patterns),
+            attach: self.attach,
+            socket_lb: &self.socket_lb,
+        };
+        switch_over(&mut switch, count)?;
+        self.datapath.settle(self.cleanup_on_exit || !self.pin).context("settling the grown maps")?;
+        // Bound to the old maps: the collector's descriptors and the sizes.
+        self.collector = collect_conntrack(&self.datapath, self.conntrack_gc, &self.ct_stats)?;
+        self.map_memory = datapath::memory::own_maps();
+        self.growths += 1;
+        let capacity = self.datapath.sizes().capacity;
+        info!(
+            from = ?from,
+            to = ?capacity,
+            frontends = self.reconciler.applied().frontend_count(),
+            backends = self.reconciler.applied().backend_count(),
+            load_ms = loaded.as_millis() as u64,
+            program_ms = (programmed - loaded).as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "the maps grew"
+        );
+        if !self.serving {
+            self.serve();
+        }
         Ok(())
     }
 
@@ -516,6 +611,7 @@ impl Agent {
             stale: self.schedule.is_stale(),
             interfaces: datapath.attached_count(),
             ejections: self.passive.as_ref().map_or(0, PassiveHealth::ejections_total),
+            map_growths: self.growths,
             health_unwatched: self.passive.as_ref().map_or(0, |p| p.unwatched() as u64),
             events: self.event_counts.outcomes().to_vec(),
             conntrack_gc: Some((
@@ -585,6 +681,45 @@ impl Agent {
         let counts: Vec<String> = stats.iter().map(|(s, n)| format!("{}={n}", s.name())).collect();
         info!(counters = %counts.join(" "), "stopped");
     }
+}
+
+/// Hands the kernel programs' log (with `--kernel-log`) to a task.
+fn read_kernel_log(datapath: &mut Datapath) -> Result<(), AgentError> {
+    if let Some(logger) = datapath.take_kernel_logger() {
+        // SAFETY: the logger owns the ring buffer's fd, open and unchanged for as
+        // long as the AsyncFd owns the logger.
+        let mut logger =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                .map_err(|e| AgentError::Config(format!("watching the kernel log ring buffer: {e}")))?;
+        tokio::spawn(async move {
+            while let Ok(mut ready) = logger.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The collector counts live flows on its own thread, so a scrape never
+/// walks the maps; with expiry off it only counts (and removes closed flows
+/// past their grace time, as the datapath would), every 10 s.
+fn collect_conntrack(
+    datapath: &Datapath,
+    gc: ConntrackGc,
+    stats: &Arc<conntrack::CollectorStats>,
+) -> Result<conntrack::Running, AgentError> {
+    let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
+    let collector = conntrack::Collector::new(ct, ct6, gc.timeouts, stats.clone());
+    collector.spawn(gc.interval).context("starting the conntrack collector")
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The programmed state to start from: an earlier agent's, read from its

@@ -51,7 +51,7 @@ impl Switch for Takeover<'_> {
     }
 
     fn take_over(&mut self) -> Result<(), AgentError> {
-        take_over(self.datapath, self.interfaces, self.patterns, self.attach)?;
+        take_over(self.datapath, self.interfaces, &[], self.patterns, self.attach)?;
         apply_socket_lb(self.socket_lb, self.datapath)
     }
 
@@ -61,11 +61,13 @@ impl Switch for Takeover<'_> {
 }
 
 /// Hooks this agent's programs everywhere: explicit interfaces (failing is
-/// fatal) and interfaces an earlier agent hooked that still match. Where an
-/// earlier agent's programs are attached they are swapped atomically.
-fn take_over(
+/// fatal), interfaces an earlier agent hooked that still match, and `also`
+/// (those a datapath this one grew from served). Where an earlier agent's
+/// programs are attached they are swapped atomically.
+pub(super) fn take_over(
     datapath: &mut Datapath,
     interfaces: &[String],
+    also: &[String],
     patterns: &Patterns,
     mode: AttachMode,
 ) -> Result<(), AgentError> {
@@ -75,12 +77,22 @@ fn take_over(
             replaced += 1;
         }
     }
-    for iface in datapath.pinned_not_attached() {
+    let also = also.iter().filter(|i| !interfaces.contains(i)).cloned().map(|i| (i, true));
+    let pinned = datapath.pinned_not_attached().into_iter().map(|i| (i, false));
+    for (iface, served) in also.chain(pinned).collect::<Vec<_>>() {
+        if datapath.is_attached(&iface) {
+            continue;
+        }
         let present = nix::net::if_::if_nametoindex(iface.as_str()).is_ok();
-        if present && patterns.matches(&iface) {
+        if present && (served || patterns.matches(&iface)) {
             match datapath.attach(&iface, mode) {
                 Ok(Attached::Replaced(_)) => replaced += 1,
                 Ok(Attached::New(_)) => {}
+                // The datapath grown from retires next: this interface
+                // would be left unserved.
+                Err(e) if served => {
+                    return Err(e).with_context(|| format!("taking over {iface} from the smaller maps"));
+                }
                 Err(e) => {
                     warn!(iface, error = %e, "taking over a pinned interface failed; the earlier agent's programs stay")
                 }
@@ -98,7 +110,7 @@ fn take_over(
 /// Attaches (or detaches) the socket programs once the maps hold the whole
 /// state. By default a failure is a warning: pods are still served by the
 /// TC path.
-fn apply_socket_lb(socket_lb: &SocketLb, datapath: &mut Datapath) -> Result<(), AgentError> {
+pub(super) fn apply_socket_lb(socket_lb: &SocketLb, datapath: &mut Datapath) -> Result<(), AgentError> {
     if socket_lb.mode == SocketLbMode::Off {
         datapath.detach_sockets();
         return Ok(());

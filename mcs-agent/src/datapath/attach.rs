@@ -271,6 +271,7 @@ impl Datapath {
     /// (an earlier agent's, still serving interfaces not taken over yet).
     pub(super) fn protected_links(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.attached.values().flat_map(|a| a.hooks.iter().filter_map(hook_link_id)).collect();
+        ids.extend(&self.protected);
         for layout in self.layout.iter().chain(&self.older) {
             for iface in layout.pinned_interfaces() {
                 for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {

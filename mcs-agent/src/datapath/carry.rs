@@ -13,29 +13,28 @@ use super::*;
 /// A layout bump that changes `CtKey`/`CtValue`, the affinity or the
 /// `SockRev` types must add a conversion here (see ARCHITECTURE.md). Layout
 /// 3's two conntrack maps are converted into `CT` entries (see below).
-pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
+pub fn carry_over(current: &mut Datapath, old: &dyn OldMaps) -> CarriedOver {
     pub(super) fn open<K: aya::Pod, V: aya::Pod>(
-        old: &LayoutDir,
+        old: &dyn OldMaps,
         name: &'static str,
     ) -> Option<HashMap<MapData, K, V>> {
-        let path = old.map(name);
         let (kind, key, value, _) = expected(name);
-        let info = MapInfo::from_pin(&path).ok()?;
+        let data = old.open(name)?;
+        let info = data.info().ok()?;
         if info.map_type().ok()? != kind || info.key_size() as usize != key || info.value_size() as usize != value {
             warn!(
                 map = name,
-                layout = old.version,
+                layout = old.version(),
                 "the older layout's map has another shape; its entries are not carried over"
             );
             return None;
         }
-        let data = MapData::from_pin(&path).ok()?;
         let map = if kind == MapType::LruHash { Map::LruHashMap(data) } else { Map::HashMap(data) };
         HashMap::try_from(map).ok()
     }
     /// Copies `from` into `to`, each value through `convert` (None: skip).
     pub(super) fn copy<K: aya::Pod, V: aya::Pod>(
-        old: &LayoutDir,
+        old: &dyn OldMaps,
         name: &'static str,
         to: &mut HashMap<MapData, K, V>,
         convert: impl Fn(&mut K, &mut V) -> bool,
@@ -66,11 +65,8 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
         .chain(old_services(MAP_SERVICES6))
         .filter_map(|(k, old_id)| Some((old_id, *new_service_ids.get(&k)?)))
         .collect();
-    let old_backends =
-        MapData::from_pin(old.map(MAP_BACKENDS)).ok().and_then(|d| Array::<_, Backend>::try_from(Map::Array(d)).ok());
-    let old_backends6 = MapData::from_pin(old.map(MAP_BACKENDS6))
-        .ok()
-        .and_then(|d| Array::<_, Backend<Ip6>>::try_from(Map::Array(d)).ok());
+    let old_backends = old.open(MAP_BACKENDS).and_then(|d| Array::<_, Backend>::try_from(Map::Array(d)).ok());
+    let old_backends6 = old.open(MAP_BACKENDS6).and_then(|d| Array::<_, Backend<Ip6>>::try_from(Map::Array(d)).ok());
     let new_backend_ids: BTreeMap<BackendAddr, u32> =
         current.kernel_state().backends.into_iter().map(|(id, b)| (b, id)).collect();
     // Ids are one space over both families: an id names a backend in one of them.
@@ -124,7 +120,7 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
     /// the sibling derived from it when `sibling` (inserted only where
     /// missing, and only beside an entry that went in).
     pub(super) fn convert<K: aya::Pod, V: aya::Pod, A: MapAddr + aya::Pod>(
-        old: &LayoutDir,
+        old: &dyn OldMaps,
         name: &'static str,
         to: &mut HashMap<MapData, CtKey<A>, CtValue<A>>,
         sibling: bool,
@@ -222,6 +218,49 @@ pub fn carry_over(current: &mut Datapath, old: &LayoutDir) -> CarriedOver {
     let affinity = copy(old, MAP_AFFINITY, &mut maps.affinity, affinity!())
         + copy(old, MAP_AFFINITY6, &mut maps.affinity6, affinity!());
     CarriedOver { conntrack, converted, sockets, affinity }
+}
+
+/// Where [`carry_over`] copies from: an older layout's pins, or a
+/// datapath this agent still holds (a growth, pinned or not).
+pub trait OldMaps {
+    fn version(&self) -> u32;
+    /// The map pinned or held under this name, if there is one.
+    fn open(&self, name: &'static str) -> Option<MapData>;
+}
+
+impl OldMaps for LayoutDir {
+    fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn open(&self, name: &'static str) -> Option<MapData> {
+        MapData::from_pin(self.map(name)).ok()
+    }
+}
+
+impl OldMaps for Datapath {
+    fn version(&self) -> u32 {
+        self.layout.as_ref().map_or(LAYOUT_VERSION, |l| l.version)
+    }
+
+    fn open(&self, name: &'static str) -> Option<MapData> {
+        use aya::maps::IterableMap as _;
+        let maps = &self.maps;
+        let fd = match name {
+            MAP_SERVICES => maps.fds.services.as_fd(),
+            MAP_SERVICES6 => maps.fds.services6.as_fd(),
+            MAP_BACKENDS => maps.fds.backends.as_fd(),
+            MAP_BACKENDS6 => maps.fds.backends6.as_fd(),
+            MAP_CT => maps.fds.ct.as_fd(),
+            MAP_CT6 => maps.fds.ct6.as_fd(),
+            MAP_SOCK_REV => maps.sock_rev_fds[0].as_fd(),
+            MAP_SOCK_REV6 => maps.sock_rev_fds[1].as_fd(),
+            MAP_AFFINITY => maps.affinity.map().fd().as_fd(),
+            MAP_AFFINITY6 => maps.affinity6.map().fd().as_fd(),
+            _ => return None,
+        };
+        MapData::from_fd(fd.try_clone_to_owned().ok()?).ok()
+    }
 }
 
 /// What [`carry_over`] copied.

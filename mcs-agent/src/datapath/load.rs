@@ -143,6 +143,23 @@ impl Datapath {
     /// contents, and their sizes where they differ from `sizes`) and missing
     /// ones are created and pinned. Nothing is attached yet.
     pub fn open(sizes: Sizes, pins: Option<(&Path, u32)>, kernel_log: KernelLog) -> Result<Self, DatapathError> {
+        let layout = match pins {
+            Some((root, version)) => {
+                ensure_bpffs(root)?;
+                Some(LayoutDir::new(root, version))
+            }
+            None => None,
+        };
+        Self::open_at(sizes, layout, kernel_log)
+    }
+
+    /// [`Datapath::open`], pinned in `layout`'s directory (a layout's own,
+    /// or its growth directory) on a bpffs already there.
+    pub(super) fn open_at(
+        sizes: Sizes,
+        layout: Option<LayoutDir>,
+        kernel_log: KernelLog,
+    ) -> Result<Self, DatapathError> {
         let Sizes { capacity, conntrack, stats_entries } = sizes;
         let mut wanted = [
             (MAP_SERVICES, capacity.services),
@@ -171,10 +188,8 @@ impl Datapath {
             // 262,144 backends).
             (MAP_HEALTH, capacity.backends),
         ];
-        let layout = match pins {
-            Some((root, version)) => {
-                ensure_bpffs(root)?;
-                let layout = LayoutDir::new(root, version);
+        let layout = match layout {
+            Some(layout) => {
                 for dir in ["ingress", "egress"] {
                     fs::create_dir_all(layout.links().join(dir)).map_err(|e| DatapathError::Bpffs {
                         path: layout.dir.clone(),
@@ -215,11 +230,13 @@ impl Datapath {
                     }
                     Ok(Some(pinned)) => {
                         if pinned != *size {
-                            warn!(
+                            // A grown map stays grown; a map smaller than
+                            // the state needs grows while serving.
+                            info!(
                                 map = *name,
                                 pinned,
                                 requested = *size,
-                                "adopting the pinned map with its own size; a new size takes `mcs-agent uninstall` and a restart"
+                                "adopting the pinned map with its own size (the maps grow as imports need, up to --max-*)"
                             );
                             *size = pinned;
                         }
@@ -305,6 +322,7 @@ impl Datapath {
             sizes: Sizes { capacity, conntrack, stats_entries },
             layout,
             older: Vec::new(),
+            protected: Vec::new(),
             logger,
             adopted,
             attached: BTreeMap::new(),

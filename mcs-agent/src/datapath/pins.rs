@@ -17,6 +17,25 @@ impl LayoutDir {
         Self { version, dir: bpffs.join(PIN_ROOT).join(format!("v{version}")) }
     }
 
+    /// Where a larger datapath of this layout is built before it takes
+    /// over (see [`crate::growth`]): `<bpffs>/mcs/grow-v<N>`, renamed to
+    /// `v<N>` once the old one is retired.
+    pub fn growth(&self) -> LayoutDir {
+        let parent = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        LayoutDir { version: self.version, dir: parent.join(format!("{GROWTH_PREFIX}v{}", self.version)) }
+    }
+
+    /// This is a growth directory (see [`LayoutDir::growth`]).
+    pub fn is_growth(&self) -> bool {
+        self.dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(GROWTH_PREFIX))
+    }
+
+    /// The layout's own directory, for a growth directory.
+    pub fn main(&self) -> LayoutDir {
+        let parent = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        LayoutDir { version: self.version, dir: parent.join(format!("v{}", self.version)) }
+    }
+
     pub fn map(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -42,20 +61,53 @@ impl LayoutDir {
         names
     }
 
-    /// Layout versions other than `current` that have pins under `bpffs`.
+    /// Layout versions other than `current` that have pins under `bpffs`,
+    /// and every growth directory an interrupted growth left (of any
+    /// version: its programs may serve flows, so it is taken over as an
+    /// older layout is).
     pub fn others(bpffs: &Path, current: u32) -> Vec<LayoutDir> {
         let mut found: Vec<LayoutDir> = fs::read_dir(bpffs.join(PIN_ROOT))
             .into_iter()
             .flatten()
             .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.parse::<u32>().ok())
-            .filter(|v| *v != current)
-            .map(|v| LayoutDir::new(bpffs, v))
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_owned();
+                let (growth, rest) = match name.strip_prefix(GROWTH_PREFIX) {
+                    Some(rest) => (true, rest.to_owned()),
+                    None => (false, name.clone()),
+                };
+                let version = rest.strip_prefix('v')?.parse::<u32>().ok()?;
+                (growth || version != current).then(|| LayoutDir { version, dir: bpffs.join(PIN_ROOT).join(&name) })
+            })
             .collect();
-        found.sort_by_key(|l| l.version);
+        found.sort_by(|a, b| (a.version, &a.dir).cmp(&(b.version, &b.dir)));
         found
     }
+
+    /// Finishes a growth that was interrupted after the old datapath was
+    /// retired and before its successor moved into the layout's directory:
+    /// the successor is the layout now. True if there was one to move.
+    pub fn recover_growth(bpffs: &Path, version: u32) -> bool {
+        let main = LayoutDir::new(bpffs, version);
+        let growth = main.growth();
+        if main.dir.exists() || !growth.dir.exists() {
+            return false;
+        }
+        match fs::rename(&growth.dir, &main.dir) {
+            Ok(()) => {
+                info!(from = %growth.dir.display(), to = %main.dir.display(), "finished an interrupted growth of the maps");
+                true
+            }
+            Err(e) => {
+                warn!(path = %growth.dir.display(), error = %e, "moving a grown datapath into place failed; it is taken over as an older layout");
+                false
+            }
+        }
+    }
 }
+
+/// The name of a growth directory before its `v<N>`.
+const GROWTH_PREFIX: &str = "grow-";
 
 /// bpffs refuses names with a dot (reserved by the kernel), and interface
 /// names may have one (`eth0.100`): `%` and `.` are percent-encoded.

@@ -36,6 +36,17 @@ pub(super) struct SockAttachment {
     links: Vec<SockLink>,
 }
 
+impl SockAttachment {
+    /// Its pins moved (see `Datapath::settle`).
+    pub(super) fn moved(&mut self, moved: &impl Fn(&mut PathBuf)) {
+        for link in &mut self.links {
+            if let SockLink::Pinned(path) = link {
+                moved(path);
+            }
+        }
+    }
+}
+
 enum SockLink {
     /// Pinned: stays attached after the agent exits.
     Pinned(PathBuf),

@@ -33,7 +33,7 @@ pub enum LinkWatchError {
 }
 
 /// Shell-style globs (`veth*`, `cali*`, `lxc*`, `eni*`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Patterns(Vec<glob::Pattern>);
 
 impl Patterns {

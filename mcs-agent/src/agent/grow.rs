@@ -1,0 +1,79 @@
+//! The kernel's side of a growth ([`crate::growth`] decides when and to
+//! what): the larger datapath takes over from the serving one in the order
+//! an upgrade keeps ([`super::switch`]), the serving one counting as the
+//! older layout: flows carried, programs swapped in front with handoff,
+//! the smaller maps retired.
+
+use tracing::info;
+
+use super::{
+    config::SocketLb,
+    error::AgentError,
+    switch::Switch,
+    takeover::{apply_socket_lb, take_over},
+};
+use crate::{
+    datapath::{self, AttachMode, Datapath, LayoutDir, OldMaps},
+    source::links::Patterns,
+};
+
+/// What a grown datapath takes over from.
+pub enum Old {
+    /// The datapath it grew from (taken when it retires).
+    Running(Option<Box<Datapath>>),
+    /// An older layout's pins the agent had not taken over yet (a growth
+    /// before the first takeover).
+    Pinned(LayoutDir),
+}
+
+pub struct Growth<'a> {
+    /// The grown datapath, programmed.
+    pub datapath: &'a mut Datapath,
+    pub olds: Vec<Old>,
+    /// `--interface`.
+    pub interfaces: &'a [String],
+    /// The interfaces the old datapaths serve.
+    pub served: &'a [String],
+    pub patterns: &'a Patterns,
+    pub attach: AttachMode,
+    pub socket_lb: &'a SocketLb,
+}
+
+impl Switch for Growth<'_> {
+    type Error = AgentError;
+
+    fn carry_over(&mut self, layout: usize) {
+        let old: &dyn OldMaps = match &self.olds[layout] {
+            Old::Running(Some(datapath)) => datapath.as_ref(),
+            Old::Running(None) => return,
+            Old::Pinned(layout) => layout,
+        };
+        let carried = datapath::carry_over(self.datapath, old);
+        info!(
+            conntrack = carried.conntrack,
+            sockets = carried.sockets,
+            affinity = carried.affinity,
+            "carried flows over to the grown maps"
+        );
+    }
+
+    fn set_handoff(&mut self, on: bool) -> Result<(), AgentError> {
+        Ok(self.datapath.set_handoff(on)?)
+    }
+
+    fn take_over(&mut self) -> Result<(), AgentError> {
+        take_over(self.datapath, self.interfaces, self.served, self.patterns, self.attach)?;
+        apply_socket_lb(self.socket_lb, self.datapath)
+    }
+
+    fn retire(&mut self, layout: usize) {
+        match &mut self.olds[layout] {
+            Old::Running(datapath) => {
+                if let Some(datapath) = datapath.take() {
+                    datapath.retire();
+                }
+            }
+            Old::Pinned(layout) => datapath::retire_layout(layout),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Growth (see [`crate::growth`]): a larger datapath of the same layout,
+//! built beside the serving one, which then retires.
+
+// One module split by concern: the pieces share the root's types and imports.
+use super::*;
+
+impl Datapath {
+    /// Loads a datapath like this one with maps of `capacity`: pinned in the
+    /// layout's growth directory when this one is pinned, attached nowhere.
+    /// Dropped before it takes over, it removes itself. Its programs hand
+    /// off to this one's (kept attached behind them) until this one retires.
+    pub fn open_grown(&self, capacity: Capacity, kernel_log: KernelLog) -> Result<Datapath, DatapathError> {
+        let layout = self.layout.as_ref().map(LayoutDir::growth);
+        if let Some(leftover) = &layout {
+            // A failed growth of this agent's (a start takes over any other).
+            remove_layout(leftover);
+        }
+        let mut grown = Self::open_at(Sizes { capacity, ..self.sizes }, layout, kernel_log)?;
+        grown.cleanup_on_exit = true;
+        grown.protected = self.link_ids();
+        grown.older = self.layout.iter().chain(&self.older).cloned().collect();
+        Ok(grown)
+    }
+
+    /// The interfaces this datapath's programs are attached to.
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        self.attached.keys().cloned().collect()
+    }
+
+    /// Ids of this datapath's TCX links.
+    fn link_ids(&self) -> Vec<u32> {
+        self.attached.values().flat_map(|a| a.hooks.iter().filter_map(hook_link_id)).collect()
+    }
+
+    /// Steps aside for the datapath grown from it, which has taken over
+    /// every interface and the socket hooks: its links are detached (netlink
+    /// filters were replaced in place and stay), its pins removed.
+    pub fn retire(mut self) {
+        self.finished = true;
+        for (iface, attachment) in std::mem::take(&mut self.attached) {
+            let hooks: Vec<Hook> =
+                attachment.hooks.into_iter().filter(|hook| !matches!(hook, Hook::Netlink(_))).collect();
+            release(&iface, hooks);
+        }
+        if let Some(sockets) = self.sockets.take() {
+            sock::release_sockets(sockets);
+        }
+        if let Some(layout) = self.layout.take() {
+            remove_layout(&layout);
+            info!(path = %layout.dir.display(), "retired the datapath grown from");
+        }
+    }
+
+    /// Once the datapath grown from is retired: moves this one's pins from
+    /// the growth directory to the layout's own, where every tool looks.
+    /// bpffs renames a directory with what is pinned in it, links included:
+    /// nothing detaches.
+    pub fn settle(&mut self, cleanup_on_exit: bool) -> Result<(), DatapathError> {
+        self.protected.clear();
+        self.older.clear();
+        if let Some(growth) = self.layout.clone().filter(LayoutDir::is_growth) {
+            let main = growth.main();
+            fs::rename(&growth.dir, &main.dir).map_err(|e| DatapathError::Bpffs {
+                path: growth.dir.clone(),
+                message: format!("moving the grown datapath's pins to {}: {e}", main.dir.display()),
+            })?;
+            let moved = |path: &mut PathBuf| {
+                if let Ok(rest) = path.strip_prefix(&growth.dir) {
+                    *path = main.dir.join(rest);
+                }
+            };
+            for hook in self.attached.values_mut().flat_map(|a| a.hooks.iter_mut()) {
+                if let Hook::Pinned { path, .. } = hook {
+                    moved(path);
+                }
+            }
+            if let Some(sockets) = &mut self.sockets {
+                sockets.moved(&moved);
+            }
+            self.layout = Some(main);
+        }
+        self.set_cleanup_on_exit(cleanup_on_exit);
+        Ok(())
+    }
+}
