@@ -830,4 +830,49 @@ endpoints:
         reconciler.apply_snapshot(&snapshot(&grown), Vec::new(), &mut maps).expect("written");
         assert_eq!(maps.table("198.18.0.10"), addrs(&grown));
     }
+
+    #[test]
+    fn a_state_that_outgrows_the_maps_is_held_and_programmed_whole_into_larger_ones() {
+        let small = Capacity { services: 16, backends: 8, slots: 1 << 16 };
+        let mut reconciler = Reconciler::new(Applied::new(small), Policy::default());
+        reconciler.set_growth(Some(Capacity { services: 1024, backends: 1 << 20, slots: 1 << 20 }));
+        let mut maps = Maps::default();
+        let pods = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7"];
+        // 7 backends pass 7/8 of the 7 ids: nothing is written, growth is asked.
+        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("held");
+        assert_eq!(maps.writes, 0, "nothing half-applied into maps about to be replaced");
+        let target = reconciler.take_outgrown().expect("the backends must grow");
+        assert_eq!(target, Capacity { backends: 65_536, ..small });
+        assert_eq!(reconciler.take_outgrown(), None, "asked once");
+
+        // Into the larger (empty) maps: every frontend, whole.
+        let mut grown = Maps::default();
+        reconciler.regrow(target, &mut grown).expect("programmed");
+        assert_eq!(grown.table("198.18.0.10"), addrs(&pods));
+        assert_eq!(reconciler.applied().capacity(), target);
+        assert_eq!(reconciler.take_backend_changes(), None, "every id is new: passive health starts afresh");
+        // A change afterwards is planned against the larger maps as usual.
+        reconciler.apply_snapshot(&snapshot(&pods[..2]), Vec::new(), &mut grown).expect("written");
+        assert_eq!(grown.table("198.18.0.10"), addrs(&pods[..2]));
+    }
+
+    #[test]
+    fn when_growth_fails_the_held_state_goes_to_the_current_maps_as_far_as_it_fits() {
+        let small = Capacity { services: 16, backends: 8, slots: 1 << 16 };
+        let mut reconciler = Reconciler::new(Applied::new(small), Policy::default());
+        reconciler.set_growth(Some(Capacity { services: 1024, backends: 1 << 20, slots: 1 << 20 }));
+        let mut maps = Maps::default();
+        let pods = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7"];
+        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("held");
+        let target = reconciler.take_outgrown().expect("asked");
+        // The larger maps fail half way: back to the old allocation.
+        let mut grown = Maps { fail: true, ..Maps::default() };
+        assert!(reconciler.regrow(target, &mut grown).is_err());
+        assert_eq!(reconciler.applied().capacity(), small);
+        // The next pass programs the held frontend into the current maps
+        // (seven backends fit in seven ids), and asks for no growth again.
+        reconciler.recompute_all(&mut maps).expect("written");
+        assert_eq!(reconciler.take_outgrown(), None, "growth stops at the capacity it failed from");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&pods));
+    }
 }
