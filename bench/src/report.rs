@@ -289,7 +289,7 @@ fn targets(results: &Results) -> Vec<Target> {
             goal: if small {
                 "10k services programmed from cold < 300 ms (goal 50 ms)"
             } else {
-                "100k services programmed from cold (works)"
+                "100k services programmed from cold < 3 s"
             },
             measured: format!(
                 "{} services: process start → ready {} ms; of which load {} + read {} + compute {} + write maps {} = {} ms",
@@ -301,8 +301,20 @@ fn targets(results: &Results) -> Vec<Target> {
                 num(c.cold_apply_ms.median),
                 num(programmed)
             ),
-            met: Some(if small { c.cold_start_ms.median < 300.0 } else { c.cold_start_ms.n > 0 }),
+            met: Some(c.cold_start_ms.median < if small { 300.0 } else { 3000.0 }),
         });
+        if !small {
+            // The run fails unless every frontend is programmed.
+            out.push(Target {
+                goal: "100k × 10 (a million distinct endpoints) all programmed with default flags, no sizing",
+                measured: format!(
+                    "{} frontends programmed; the maps grew {} time(s) before ready",
+                    count(c.services),
+                    c.growths
+                ),
+                met: Some(c.cold_start_ms.n > 0),
+            });
+        }
         out.push(Target {
             goal: if small {
                 "one change to datapath p99 < 5 ms at 10k services"
@@ -551,9 +563,10 @@ pub fn markdown(results: &Results) -> String {
         let ms = |s: &Summary| format!("{} ms (p99 {}, n={})", num(s.median), num(s.p99), s.n);
         let _ = writeln!(
             out,
-            "\n### Control plane ({} services × {} endpoints, mcs-agent only)\n\nkube-proxy is not run at this scale: one nft transaction of 10,000 services already takes minutes (above), and `iptables-restore` grows faster than linearly. The agent runs with `--max-services 131072 --max-backends 1048576`.\n\n| what | mcs-agent |\n|---|---:|\n| cold start to fully programmed | {} (load {} + read {} + compute {} + maps {}) |\n| one endpoint change (manifest renamed → kernel map) | {} |\n| agent RSS after programming | {} MiB own + {} MiB mmapped maps (peak {} MiB) |",
+            "\n### Control plane ({} services × {} endpoints, mcs-agent only)\n\nkube-proxy is not run at this scale: one nft transaction of 10,000 services already takes minutes (above), and `iptables-restore` grows faster than linearly. The agent runs with default flags: its maps start at 65,536 frontends and 262,144 backends and grew {} time(s) before it was ready (the load counts both datapaths).\n\n| what | mcs-agent |\n|---|---:|\n| cold start to fully programmed | {} (load {} + read {} + compute {} + maps {}) |\n| one endpoint change (manifest renamed → kernel map) | {} |\n| agent RSS after programming | {} MiB own + {} MiB mmapped maps (peak {} MiB) |",
             count(c.services),
             c.endpoints_per_service,
+            c.growths,
             ms(&c.cold_start_ms),
             num(c.cold_load_ms.median),
             num(c.cold_read_ms.median),

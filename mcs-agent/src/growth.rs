@@ -17,7 +17,9 @@ pub struct Demand {
     pub services: u64,
     /// Distinct backend addresses (backend ids are one space too).
     pub backends: u64,
-    /// Selection slots the tables take at their full size.
+    /// Selection slots the tables need: what they take, or, when that comes
+    /// near the budget, what they take at the slot budget's smallest size
+    /// (the budget shrinks them before the map must grow).
     pub slots: u64,
 }
 

@@ -111,6 +111,9 @@ pub struct Reconciler {
     /// The capacity a pass found the maps must grow to: its frontends are
     /// held (pending) until [`Reconciler::regrow`] programs larger maps.
     outgrown: Option<Capacity>,
+    /// Read and compute time of a pass that held its frontends for a
+    /// growth: reported with the pass that programs them.
+    held_us: (u64, u64),
 }
 
 /// Frontends planned and written together (see `Reconciler::finish`).
@@ -136,6 +139,7 @@ impl Reconciler {
             pending: BTreeSet::new(),
             bounds: None,
             outgrown: None,
+            held_us: (0, 0),
         }
     }
 
@@ -162,12 +166,22 @@ impl Reconciler {
         for frontend in keys.iter().filter_map(|key| state.frontends.get(key)) {
             new.extend(frontend.weights.iter().map(|w| &w.addr).filter(|a| self.applied.backend_id(a).is_none()));
         }
-        let per = u64::from(self.runtime.slots_per_backend().max(1));
+        // Slots are not refused: the slot budget sizes every table down to
+        // fit. They must grow only when the tables would not fit at the
+        // smallest size, which is worth a walk only when they come near.
+        let budget = slot_budget(self.applied.capacity().slots);
+        let slots = if self.model.slots() * 8 > budget * 7 {
+            let smallest = *maglev::SLOT_LADDER.last().expect("a ladder");
+            let max = self.policy.max_table_size;
+            let sizes = state.frontends.values().filter(|f| !f.weights.is_empty());
+            sizes.map(|f| u64::from(maglev::table_size_for(f.weights.len(), max, smallest))).sum()
+        } else {
+            self.model.slots()
+        };
         growth::Demand {
             services: state.frontends.len() as u64,
             backends: (self.applied.backend_count() + new.len()) as u64,
-            // The tables at their full size, were they shrunk to fit.
-            slots: self.model.slots() * u64::from(maglev::SLOTS_PER_BACKEND) / per,
+            slots,
         }
     }
 
@@ -517,9 +531,15 @@ impl Reconciler {
             info!(problem = %fixed, "resolved");
         }
 
+        let (held_read, held_compute) = std::mem::take(&mut self.held_us);
+        let read_us = std::mem::take(&mut self.read_us) + held_read;
+        let compute_us = compute_us + held_compute;
+        if outgrown.is_some() {
+            self.held_us = (read_us, compute_us);
+        }
         let report = Report {
             generation: self.generation,
-            read_us: std::mem::take(&mut self.read_us),
+            read_us,
             compute_us,
             apply_us: applying.elapsed().as_micros() as u64,
             frontends: self.applied.frontend_count(),
@@ -873,6 +893,20 @@ endpoints:
         // (seven backends fit in seven ids), and asks for no growth again.
         reconciler.recompute_all(&mut maps).expect("written");
         assert_eq!(reconciler.take_outgrown(), None, "growth stops at the capacity it failed from");
+        assert_eq!(maps.table("198.18.0.10"), addrs(&pods));
+    }
+
+    #[test]
+    fn tables_that_fit_once_sized_down_do_not_grow_the_slots() {
+        let capacity = Capacity { services: 16, backends: 64, slots: 4096 };
+        let mut reconciler = Reconciler::new(Applied::new(capacity), Policy::default());
+        reconciler.set_growth(Some(Capacity { services: 1024, backends: 1 << 20, slots: 1 << 26 }));
+        let mut maps = Maps::default();
+        let pods = ["10.1.0.1", "10.1.0.2", "10.1.0.3"];
+        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("written");
+        assert_eq!(reconciler.take_outgrown(), None, "the slot budget sizes the table down instead");
+        let (_, value) = maps.services.iter().next().expect("programmed");
+        assert!(value.slot_count < maglev::table_size(3, maglev::DEFAULT_MAX_TABLE_SIZE), "sized down");
         assert_eq!(maps.table("198.18.0.10"), addrs(&pods));
     }
 }
