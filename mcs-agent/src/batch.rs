@@ -125,6 +125,21 @@ struct ElemAttr {
     flags: u64,
 }
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Whether a hash map holds no element (it has no first key).
+pub fn is_empty(map: BorrowedFd<'_>, key_size: usize) -> io::Result<bool> {
+    let mut first = vec![0u8; key_size.max(1)];
+    // A null key asks for the first one; `value` is `next_key` here.
+    let mut attr = ElemAttr { map_fd: map.as_raw_fd() as u32, value: first.as_mut_ptr() as u64, ..ElemAttr::default() };
+    // SAFETY: `first` has the map's key size, the kernel's write.
+    match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, (&mut attr as *mut ElemAttr).cast(), std::mem::size_of::<ElemAttr>()) } {
+        Ok(()) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// One element's value into `value`; `Ok(false)` when the key is absent.
 ///
 /// # Safety

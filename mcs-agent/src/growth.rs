@@ -90,10 +90,11 @@ fn even(slots: u32) -> u32 {
 /// take their values; per-CPU counters are capped by `--stats-entries`
 /// and counted apart). For the check that a growth fits the node.
 pub fn kernel_bytes(capacity: Capacity) -> u64 {
-    // SERVICES + SERVICES6: about 100 bytes an element each.
-    let services = u64::from(capacity.services) * 200;
-    // BACKENDS (8 B) + BACKENDS6 (20 B) + HEALTH (32 B).
-    let backends = u64::from(capacity.backends) * 60;
+    // SERVICES + SERVICES6, as the kernel charges them (`inspect maps`
+    // at 151,552 entries: 15.6 and 17.9 MiB).
+    let services = u64::from(capacity.services) * 232;
+    // BACKENDS (8 B) + BACKENDS6 (24 B) + HEALTH (32 B).
+    let backends = u64::from(capacity.backends) * 64;
     let slots = u64::from(capacity.slots) * 4;
     services + backends + slots
 }

@@ -314,6 +314,24 @@ impl Reconciler {
         self.apply_changes(changes, Some(problems), datapath)
     }
 
+    /// These services with their objects (the others stay as they are):
+    /// those whose entries are the very ones of the last pass are not
+    /// recomputed.
+    pub fn apply_some_groups(
+        &mut self,
+        groups: Vec<(ServiceRef, Group)>,
+        datapath: &mut impl KernelMaps,
+    ) -> Result<Report, DatapathError> {
+        let changes: Vec<(ServiceRef, Group)> = groups
+            .into_iter()
+            .filter(|(service, group)| {
+                let known = self.model.group(service);
+                known.is_none_or(|old| !old.same_as(group)) && !(known.is_none() && group.is_empty())
+            })
+            .collect();
+        self.apply_changes(changes, None, datapath)
+    }
+
     /// Replaces the objects of these services and brings the datapath to the
     /// result. `source_problems`, when given, replaces the source's list.
     pub fn apply_changes(

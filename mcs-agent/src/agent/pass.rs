@@ -51,19 +51,28 @@ pub fn reconcile(
                 info!(node = ?policy.node, "node locality changed");
             }
             let recompute = reconciler.set_policy(policy) || due.recompute;
-            let mut report = if due.full {
-                // Services first: an import and the Service whose ClusterIP it
-                // takes may arrive together, and the import must never win.
-                let services = reconciler.set_cluster_ips(kube.cluster_ips(), datapath)?;
-                let (groups, conversion_errors) = kube.groups();
-                let problems = conversion_errors.iter().map(ToString::to_string).collect();
-                let mut report = reconciler.apply_groups(groups, problems, datapath)?;
-                report.object_errors.extend(conversion_errors);
-                report.object_errors.extend(services.object_errors);
-                report.new_problems.extend(services.new_problems);
-                report
-            } else {
-                Default::default()
+            // Only the services the watches named, when no full pass is due:
+            // a regroup of every object is O(objects) per change.
+            let some = match due.full {
+                true => None,
+                false if due.services.is_empty() => Some(Vec::new()),
+                false => kube.groups_of(&due.services),
+            };
+            let mut report = match some {
+                Some(groups) if groups.is_empty() => Default::default(),
+                Some(groups) => reconciler.apply_some_groups(groups, datapath)?,
+                None => {
+                    // Services first: an import and the Service whose ClusterIP it
+                    // takes may arrive together, and the import must never win.
+                    let services = reconciler.set_cluster_ips(kube.cluster_ips(), datapath)?;
+                    let (groups, conversion_errors) = kube.groups();
+                    let problems = conversion_errors.iter().map(ToString::to_string).collect();
+                    let mut report = reconciler.apply_groups(groups, problems, datapath)?;
+                    report.object_errors.extend(conversion_errors);
+                    report.object_errors.extend(services.object_errors);
+                    report.new_problems.extend(services.new_problems);
+                    report
+                }
             };
             if recompute {
                 let again = reconciler.recompute_all(datapath)?;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::source::kube::SourceEvent;
+use crate::{desired::ServiceRef, source::kube::SourceEvent};
 
 /// What the next pass has to do.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -17,13 +17,15 @@ pub struct Due {
     pub full: bool,
     /// Manifest files the watcher named.
     pub paths: BTreeSet<PathBuf>,
+    /// Services whose imports or slices the API changed.
+    pub services: BTreeSet<ServiceRef>,
     /// Recompute every service (passive health changed, periodic check).
     pub recompute: bool,
 }
 
 impl Due {
     pub fn any(&self) -> bool {
-        self.full || self.recompute || !self.paths.is_empty()
+        self.full || self.recompute || !self.paths.is_empty() || !self.services.is_empty()
     }
 }
 
@@ -91,6 +93,10 @@ impl Schedule {
             }
             SourceEvent::Files(paths) => {
                 self.due.paths.extend(paths);
+                None
+            }
+            SourceEvent::Services(services) => {
+                self.due.services.extend(services);
                 None
             }
         }
@@ -170,9 +176,11 @@ mod tests {
         // Every change of the window lands in one pass.
         s.on_event(SourceEvent::Files(vec!["a.yaml".into()]));
         s.on_event(SourceEvent::Files(vec!["b.yaml".into(), "a.yaml".into()]));
+        s.on_event(SourceEvent::Services(vec![("demo".into(), "web".into())]));
+        s.on_event(SourceEvent::Services(vec![("demo".into(), "web".into()), ("demo".into(), "api".into())]));
         s.on_event(SourceEvent::Changed);
         let due = s.take_due();
-        assert_eq!((due.full, due.paths.len()), (true, 2));
+        assert_eq!((due.full, due.paths.len(), due.services.len()), (true, 2, 2));
         assert!(!s.due().any(), "taken");
     }
 

@@ -5,10 +5,10 @@
 //! the agent recomputes from the whole cache (level-triggered).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt::Debug,
     hash::Hash,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -33,6 +33,10 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
+
+mod index;
+
+pub use index::{ServiceIndex, Touched};
 
 use crate::{
     desired::{DERIVED_SERVICE_ANNOTATIONS, Group, ImportEntry, ObjectError, ServiceRange, ServiceRef, SliceEntry},
@@ -68,6 +72,8 @@ pub enum SourceEvent {
     Changed,
     /// These manifest files changed (standalone mode).
     Files(Vec<std::path::PathBuf>),
+    /// These services' ServiceImports or EndpointSlices changed (Kubernetes mode).
+    Services(Vec<ServiceRef>),
     /// A watch failed; it backs off and retries on its own. `what` names the resource.
     Error { what: &'static str, message: String },
     /// The watch of `what` works again after an `Error`.
@@ -242,6 +248,23 @@ impl kube::runtime::utils::Backoff for RetryBackoff {
     }
 }
 
+/// An object's service, for a [`ServiceIndex`].
+type ServiceOf<K> = fn(&K) -> Option<ServiceRef>;
+
+/// What a reflector's events signal beyond "something changed".
+struct Signals<K> {
+    /// Only a change to what this reads of an object matters.
+    fingerprint: Option<fn(&K) -> u64>,
+    /// Objects by service: a change names the services it touched.
+    index: Option<(Arc<Mutex<ServiceIndex>>, ServiceOf<K>)>,
+}
+
+impl<K> Default for Signals<K> {
+    fn default() -> Self {
+        Self { fingerprint: None, index: None }
+    }
+}
+
 /// Runs one reflector until the agent stops, reporting every change and
 /// error, and when the resource answers again after an error.
 fn spawn_reflector<K>(
@@ -251,12 +274,19 @@ fn spawn_reflector<K>(
     what: &'static str,
     events: UnboundedSender<SourceEvent>,
     prune: fn(&mut K),
-    fingerprint: Option<fn(&K) -> u64>,
+    signals: Signals<K>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
+    let Signals { fingerprint, index } = signals;
     tokio::spawn(async move {
+        // Every event goes into the index, whatever is signalled.
+        let touched = |event: &watcher::Event<K>| {
+            index
+                .as_ref()
+                .map(|(index, service)| index.lock().unwrap_or_else(|e| e.into_inner()).on_event(event, service))
+        };
         let mut seen = HashMap::new();
         // The same selectors as the watch, one object at most: the cheapest
         // request that needs the same permission and the same server.
@@ -270,7 +300,8 @@ fn spawn_reflector<K>(
             let signal = tokio::select! {
                 event = stream.next() => match event {
                     None => break,
-                    Some(Ok(_)) if failing => {
+                    Some(Ok(event)) if failing => {
+                        touched(&event);
                         failing = false;
                         if events.send(SourceEvent::Resumed { what }).is_err() {
                             break;
@@ -283,7 +314,12 @@ fn spawn_reflector<K>(
                         {
                             continue;
                         }
-                        SourceEvent::Changed
+                        match touched(&event) {
+                            Some(Touched::Services(services)) if services.is_empty() => continue,
+                            Some(Touched::Services(services)) => SourceEvent::Services(services),
+                            Some(Touched::Nothing) => continue,
+                            Some(Touched::All) | None => SourceEvent::Changed,
+                        }
                     }
                     Some(Err(e)) => {
                         failing = true;
@@ -406,7 +442,43 @@ pub struct KubeSource {
     /// Checked objects by (kind, uid) with the resourceVersion they were
     /// checked at: an unchanged object is never converted or checked again,
     /// and its service is not recomputed.
-    entries: std::sync::Mutex<HashMap<ObjectId, (Option<String>, Checked)>>,
+    entries: Mutex<HashMap<ObjectId, (Option<String>, Checked)>>,
+    /// Imports and slices by service, from the watch events.
+    import_index: Arc<Mutex<ServiceIndex>>,
+    slice_index: Arc<Mutex<ServiceIndex>>,
+    /// Services whose import was invalid at the last full pass: its problem
+    /// is among the source's, which only a full pass replaces.
+    invalid: Mutex<HashSet<ServiceRef>>,
+}
+
+/// An import's service: its own namespace and name.
+fn import_service(import: &DynamicObject) -> Option<ServiceRef> {
+    Some(object_ref(&import.metadata))
+}
+
+/// A slice's service: the `multicluster.kubernetes.io/service-name` label.
+fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((object_ref(&slice.metadata).0, name.clone()))
+}
+
+/// An object's entry: the cached one while its uid and resourceVersion are
+/// the same, else `convert`'s (cached in `next`).
+fn checked(
+    cache: &mut HashMap<ObjectId, (Option<String>, Checked)>,
+    next: Option<&mut HashMap<ObjectId, (Option<String>, Checked)>>,
+    import: bool,
+    meta: &ObjectMeta,
+    convert: &dyn Fn() -> Checked,
+) -> Checked {
+    let (namespace, name) = object_ref(meta);
+    let id = (import, meta.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}")));
+    let checked = match cache.remove(&id) {
+        Some((version, checked)) if version == meta.resource_version && version.is_some() => checked,
+        _ => convert(),
+    };
+    next.unwrap_or(cache).insert(id, (meta.resource_version.clone(), checked.clone()));
+    checked
 }
 
 /// (is a ServiceImport, uid).
@@ -435,9 +507,20 @@ impl KubeSource {
         let writer = Writer::new(import_resource.clone());
         let imports = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
-        spawn_reflector(api, watcher::Config::default(), writer, "ServiceImport", events.clone(), prune_import, None);
+        let import_index = Arc::new(Mutex::new(ServiceIndex::default()));
+        let index = Some((import_index.clone(), import_service as ServiceOf<_>));
+        spawn_reflector(
+            api,
+            watcher::Config::default(),
+            writer,
+            "ServiceImport",
+            events.clone(),
+            prune_import,
+            Signals { index, ..Signals::default() },
+        );
 
         let (slices, writer) = reflector::store();
+        let slice_index = Arc::new(Mutex::new(ServiceIndex::default()));
         let config = watcher::Config::default().labels(LABEL_SERVICE_NAME);
         spawn_reflector(
             Api::<EndpointSlice>::all(client.clone()),
@@ -446,13 +529,21 @@ impl KubeSource {
             "EndpointSlice",
             events.clone(),
             prune_slice,
-            None,
+            Signals { index: Some((slice_index.clone(), slice_service as ServiceOf<_>)), ..Signals::default() },
         );
 
         let (services, writer) = reflector::store();
         let config = watcher::Config::default();
         let api = Api::<Service>::all(client.clone());
-        spawn_reflector(api, config, writer, "Service", events.clone(), prune_service, Some(service_fingerprint));
+        spawn_reflector(
+            api,
+            config,
+            writer,
+            "Service",
+            events.clone(),
+            prune_service,
+            Signals { fingerprint: Some(service_fingerprint), ..Signals::default() },
+        );
 
         let service_cidrs = match discover(
             &client,
@@ -477,7 +568,15 @@ impl KubeSource {
         let node = node_name.map(|name| {
             let (store, writer) = reflector::store();
             let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-            spawn_reflector(Api::<Node>::all(client.clone()), config, writer, "Node", events.clone(), keep, None);
+            spawn_reflector(
+                Api::<Node>::all(client.clone()),
+                config,
+                writer,
+                "Node",
+                events.clone(),
+                keep,
+                Signals::default(),
+            );
             store
         });
         let peers = peers.map(|peers| {
@@ -518,6 +617,9 @@ impl KubeSource {
             peers,
             property,
             entries: Default::default(),
+            import_index,
+            slice_index,
+            invalid: Default::default(),
         })
     }
 
@@ -552,28 +654,19 @@ impl KubeSource {
         let mut next: HashMap<ObjectId, (Option<String>, Checked)> = HashMap::with_capacity(cache.len());
         let mut groups: BTreeMap<ServiceRef, Group> = BTreeMap::new();
         let mut errors = Vec::new();
-        let mut check = |kind: bool, meta: &ObjectMeta, convert: &dyn Fn() -> Checked| {
-            let (namespace, name) = object_ref(meta);
-            let id = (kind, meta.uid.clone().unwrap_or_else(|| format!("{namespace}/{name}")));
-            let checked = match cache.remove(&id) {
-                Some((version, checked)) if version == meta.resource_version && version.is_some() => checked,
-                _ => convert(),
-            };
-            next.insert(id, (meta.resource_version.clone(), checked.clone()));
-            checked
-        };
+        let mut invalid = HashSet::new();
         for object in self.imports.state() {
-            match check(true, &object.metadata, &|| match import_from(&object) {
-                Ok(import) => Checked::Import(Arc::new(ImportEntry::new(&Origin::default(), &import))),
-                Err(e) => Checked::Invalid(e),
-            }) {
+            match checked(&mut cache, Some(&mut next), true, &object.metadata, &|| import_entry(&object)) {
                 Checked::Import(entry) => groups.entry(entry.service()).or_default().imports.push(entry),
-                Checked::Invalid(e) => errors.push(e),
+                Checked::Invalid(e) => {
+                    invalid.insert(object_ref(&object.metadata));
+                    errors.push(e);
+                }
                 Checked::Slice(_) => {}
             }
         }
         for object in self.slices.state() {
-            if let Checked::Slice(entry) = check(false, &object.metadata, &|| {
+            if let Checked::Slice(entry) = checked(&mut cache, Some(&mut next), false, &object.metadata, &|| {
                 Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), &object)))
             }) && let Some(service) = entry.service()
             {
@@ -581,6 +674,7 @@ impl KubeSource {
             }
         }
         *cache = next;
+        *self.invalid.lock().unwrap_or_else(|e| e.into_inner()) = invalid;
         let groups = groups
             .into_iter()
             .map(|(service, mut group)| {
@@ -589,6 +683,57 @@ impl KubeSource {
             })
             .collect();
         (groups, errors)
+    }
+
+    /// These services with their checked objects, found through the
+    /// indexes kept from the watch events (a service with none comes back
+    /// empty: it was deleted). `None` when a full pass must decide: an
+    /// import that is invalid now, or was at the last full pass (its
+    /// problem is among the source's, which a full pass replaces).
+    pub fn groups_of(&self, services: &BTreeSet<ServiceRef>) -> Option<Vec<(ServiceRef, Group)>> {
+        {
+            let invalid = self.invalid.lock().unwrap_or_else(|e| e.into_inner());
+            if services.iter().any(|s| invalid.contains(s)) {
+                return None;
+            }
+        }
+        let import_names: Vec<Vec<String>> = {
+            let index = self.import_index.lock().unwrap_or_else(|e| e.into_inner());
+            services.iter().map(|s| index.names(s)).collect()
+        };
+        let slice_names: Vec<Vec<String>> = {
+            let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
+            services.iter().map(|s| index.names(s)).collect()
+        };
+        let mut cache = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut groups = Vec::with_capacity(services.len());
+        for ((service, imports), slices) in services.iter().zip(import_names).zip(slice_names) {
+            let mut group = Group::default();
+            for name in imports {
+                let key = reflector::ObjectRef::new_with(&name, self.import_resource.clone()).within(&service.0);
+                // Gone meanwhile: its own event follows.
+                let Some(object) = self.imports.get(&key) else { continue };
+                match checked(&mut cache, None, true, &object.metadata, &|| import_entry(&object)) {
+                    Checked::Import(entry) => group.imports.push(entry),
+                    Checked::Invalid(_) => return None,
+                    Checked::Slice(_) => {}
+                }
+            }
+            for name in slices {
+                let Some(object) = self.slices.get(&reflector::ObjectRef::new(&name).within(&service.0)) else {
+                    continue;
+                };
+                if let Checked::Slice(entry) = checked(&mut cache, None, false, &object.metadata, &|| {
+                    Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), &object)))
+                }) && entry.service().as_ref() == Some(service)
+                {
+                    group.slices.push(entry);
+                }
+            }
+            group.sort();
+            groups.push((service.clone(), group));
+        }
+        Some(groups)
     }
 
     /// Every Service's ClusterIPs (the first Service by name if two list one).
@@ -707,7 +852,7 @@ fn watch_discovered(
 ) -> Store<DynamicObject> {
     let writer = Writer::new(resource.clone());
     let store = writer.as_reader();
-    spawn_reflector(Api::all_with(client.clone(), resource), config, writer, what, events, keep, None);
+    spawn_reflector(Api::all_with(client.clone(), resource), config, writer, what, events, keep, Signals::default());
     store
 }
 
@@ -734,6 +879,14 @@ pub fn snapshot_from(
 
 /// A watched ServiceImport as the typed object; a field that does not fit
 /// the schema is named.
+/// A ServiceImport checked, or why it is invalid.
+fn import_entry(object: &DynamicObject) -> Checked {
+    match import_from(object) {
+        Ok(import) => Checked::Import(Arc::new(ImportEntry::new(&Origin::default(), &import))),
+        Err(e) => Checked::Invalid(e),
+    }
+}
+
 fn import_from(object: &DynamicObject) -> Result<ServiceImport, ObjectError> {
     let value =
         serde_json::to_value(object).map_err(|e| conversion_error(&object.metadata, String::new(), e.to_string()))?;
@@ -1051,6 +1204,27 @@ mod tests {
         eventually("the watched ADDED import", || ports(&source).len() == 2).await;
         eventually("the slice update", || slice_addresses(&source) == 2).await;
         eventually("resumption after the failed watch", || ports(&source) == [("web".to_owned(), 8080)]).await;
+        // The watches named the services they changed, and the indexes find
+        // their objects without a walk of the caches.
+        let mut events = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            events.push(event);
+        }
+        let named: BTreeSet<ServiceRef> = events
+            .iter()
+            .filter_map(|e| if let SourceEvent::Services(s) = e { Some(s.clone()) } else { None })
+            .flatten()
+            .collect();
+        let demo = |name: &str| ("demo".to_owned(), name.to_owned());
+        assert!(named.contains(&demo("web")) && named.contains(&demo("api")), "{named:?}");
+        let groups = source.groups_of(&BTreeSet::from([demo("web"), demo("api")])).expect("all valid");
+        let counts: Vec<(String, usize, usize)> =
+            groups.iter().map(|(s, g)| (s.1.clone(), g.imports.len(), g.slices.len())).collect();
+        assert_eq!(
+            counts,
+            [("api".into(), 0, 0), ("web".into(), 1, 1)],
+            "the deleted import's service comes back empty"
+        );
         assert_eq!(source.node_locality(), (Some("z1".into()), Some("r1".into())));
         assert_eq!(source.cluster_id().as_deref(), Some("cluster-a"), "from ClusterProperty cluster.clusterset.k8s.io");
         let cluster_ips = source.cluster_ips();
@@ -1098,7 +1272,6 @@ mod tests {
         };
         recorder.publish(&event, &reference).await.expect("event published");
 
-        let mut events = Vec::new();
         while let Ok(event) = rx.try_recv() {
             events.push(event);
         }
