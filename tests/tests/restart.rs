@@ -407,4 +407,65 @@ fn the_maps_grow_under_load_and_fail_no_connection() {
     let (clean, _) = agent.stop();
     assert!(clean);
     lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
+
+    // Unpinned (--no-pin), the same: the larger maps take over from maps
+    // this process holds.
+    let no_pin: Vec<&str> = small.iter().copied().chain(["--no-pin"]).collect();
+    let agent = lab.agent(&binary, &no_pin);
+    assert_eq!(growths(&lab.set.node), 1, "grown before ready");
+    tcp_request(&lab.set.clients[0].ns, vips[0]).expect("served once ready");
+    let (clean, logs) = agent.stop();
+    assert!(clean, "{}", logs.join("\n"));
+    assert!(!lab.bpffs.path().join("mcs").exists(), "nothing pinned");
+    let left = lab.set.node.run(|| SchedClassifier::query_tcx("pod0", TcAttachType::Ingress).unwrap().1.len());
+    assert_eq!(left, 0, "an unpinned datapath goes with its agent");
+}
+
+#[test]
+fn an_interrupted_growth_is_finished_or_taken_over_by_the_next_agent() {
+    let lab = Lab::new();
+    let binary = agent_binary();
+    let layout = mcs_agent::datapath::LayoutDir::new(lab.bpffs.path(), mcs_common::LAYOUT_VERSION);
+    let growth = layout.growth();
+    let agent = lab.agent(&binary, &[]);
+    let load = Load::start(&lab.set.clients[0].ns, SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53), 4);
+    let settle = || std::thread::sleep(Duration::from_millis(600));
+    settle();
+    let mut phases = vec![("steady state", load.mark())];
+
+    // A crash after the smaller maps were retired and before the grown ones
+    // moved into place leaves only the growth directory, serving.
+    agent.crash();
+    std::fs::rename(&layout.dir, &growth.dir).expect("bpffs renames a directory");
+    let agent = lab.agent(&binary, &[]);
+    assert!(layout.dir.join("links/ingress/pod0").exists() && !growth.dir.exists(), "moved into place");
+    settle();
+    phases.push(("growth directory alone", load.mark()));
+
+    // A crash before the switch: the growth directory serves beside the
+    // layout's own (here an empty one): taken over as an older layout.
+    agent.crash();
+    std::fs::rename(&layout.dir, &growth.dir).expect("rename");
+    std::fs::create_dir(&layout.dir).expect("mkdir");
+    let agent = lab.agent(&binary, &[]);
+    assert!(!growth.dir.exists(), "taken over and retired");
+    assert!(layout.dir.join("links/ingress/pod0").exists());
+    settle();
+    phases.push(("growth directory beside the layout's", load.mark()));
+
+    let (last, fates) = load.finish();
+    phases.push(("after", last));
+    let lines: Vec<String> = phases.iter().map(|(kind, phase)| report(kind, phase)).collect();
+    eprintln!("disruption (client view):\n{}", lines.join("\n"));
+    for (kind, phase) in &phases {
+        assert_eq!((phase.tcp.failed, phase.udp.failed), (0, 0), "{kind}: {:?}\n{}", phase.errors, lines.join("\n"));
+    }
+    for fate in &fates {
+        assert!(fate.broken.is_none(), "a long-lived connection broke: {fate:?}");
+        assert!(fate.moved_to.is_none(), "a long-lived connection changed backend: {fate:?}");
+    }
+    let (clean, _) = agent.stop();
+    assert!(clean);
+    lab.set.node.exec(&[&binary.display().to_string(), "uninstall", "--bpffs", &lab.bpffs.arg()]);
+    assert!(!lab.bpffs.path().join("mcs").exists(), "uninstall removes every pin");
 }
