@@ -271,12 +271,15 @@ impl Datapath {
         // Now, while every map descriptor the programs refer to is open (the
         // selection map leaves `ebpf` once it is mapped). A kernel without them
         // still gets the TC path.
+        let tc_done = started.elapsed();
         let sock_load = sock::load_programs(&mut ebpf).err();
         // Where a cold start goes before the first pass: creating (and
-        // preallocating) the maps, and the verifier.
+        // preallocating) the maps, and the verifier (the TC programs, then
+        // the socket programs).
         tracing::info!(
             maps_us = maps_done.as_micros() as u64,
             programs_us = (started.elapsed() - maps_done).as_micros() as u64,
+            tc_us = (tc_done - maps_done).as_micros() as u64,
             "datapath loaded"
         );
         let [services, backends, slot_pairs, ct_entries, .., health_entries] = wanted.map(|(_, size)| size);
