@@ -507,7 +507,7 @@ impl KubeSource {
         let writer = Writer::new(import_resource.clone());
         let imports = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
-        let import_index = Arc::new(Mutex::new(ServiceIndex::default()));
+        let import_index = Arc::new(Mutex::new(ServiceIndex::own_names()));
         let index = Some((import_index.clone(), import_service as ServiceOf<_>));
         spawn_reflector(
             api,

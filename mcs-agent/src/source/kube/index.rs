@@ -14,6 +14,9 @@ type ObjectKey = (String, String);
 
 #[derive(Debug, Default)]
 pub struct ServiceIndex {
+    /// Objects named as their service (ServiceImports): nothing to keep,
+    /// an event names its own object's service.
+    own: bool,
     service_of: HashMap<ObjectKey, ServiceRef>,
     objects: HashMap<ServiceRef, BTreeSet<String>>,
     /// A relist in progress: the objects listed so far.
@@ -32,6 +35,12 @@ pub enum Touched {
 }
 
 impl ServiceIndex {
+    /// For objects named as their service (ServiceImports): it keeps
+    /// nothing, [`ServiceIndex::names`] is the service's own name.
+    pub fn own_names() -> Self {
+        Self { own: true, ..Self::default() }
+    }
+
     /// Takes in one watch event; `service` tells an object's service.
     pub fn on_event<K: Resource>(
         &mut self,
@@ -43,6 +52,12 @@ impl ServiceIndex {
             (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
         };
         match event {
+            watcher::Event::Init if self.own => Touched::Nothing,
+            watcher::Event::InitApply(_) if self.own => Touched::Nothing,
+            watcher::Event::InitDone if self.own => Touched::All,
+            watcher::Event::Apply(k) | watcher::Event::Delete(k) if self.own => {
+                Touched::Services(service(k).into_iter().collect())
+            }
             watcher::Event::Init => {
                 self.relisting = Some(HashMap::new());
                 Touched::Nothing
@@ -97,6 +112,9 @@ impl ServiceIndex {
 
     /// The names of a service's objects (in its namespace).
     pub fn names(&self, service: &ServiceRef) -> Vec<String> {
+        if self.own {
+            return vec![service.1.clone()];
+        }
         self.objects.get(service).map(|n| n.iter().cloned().collect()).unwrap_or_default()
     }
 }
@@ -156,6 +174,21 @@ mod tests {
         let touched = index.on_event(&watcher::Event::Delete(slice("web-b", "api")), service);
         assert_eq!(touched, Touched::Services(vec![demo("api")]));
         assert!(index.names(&demo("api")).is_empty());
+    }
+
+    #[test]
+    fn objects_named_as_their_service_need_no_index() {
+        let mut index = ServiceIndex::own_names();
+        let own = |s: &EndpointSlice| Some(("demo".to_owned(), s.metadata.name.clone()?));
+        assert_eq!(index.on_event(&watcher::Event::Apply(slice("web", "")), own), Touched::Services(vec![demo("web")]));
+        assert_eq!(
+            index.on_event(&watcher::Event::Delete(slice("web", "")), own),
+            Touched::Services(vec![demo("web")])
+        );
+        assert_eq!(index.on_event(&watcher::Event::InitApply(slice("api", "")), own), Touched::Nothing);
+        assert_eq!(index.on_event(&watcher::Event::<EndpointSlice>::InitDone, own), Touched::All);
+        assert_eq!(index.names(&demo("api")), ["api"]);
+        assert!(index.service_of.is_empty() && index.objects.is_empty());
     }
 
     #[test]
