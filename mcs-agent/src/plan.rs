@@ -121,14 +121,22 @@ struct Quarantine {
     regions: Vec<Region>,
 }
 
+/// A programmed backend's id and the tables naming it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BackendId {
+    id: u32,
+    refs: u32,
+}
+
 /// What the kernel holds, as far as the agent has programmed it.
 #[derive(Clone, Debug)]
 pub struct Applied {
     capacity: Capacity,
     frontends: BTreeMap<FrontendKey, AppliedFrontend>,
-    backend_ids: BTreeMap<BackendAddr, u32>,
-    /// How many frontends' tables name each backend: at zero its id is freed.
-    backend_refs: BTreeMap<BackendAddr, u32>,
+    /// Each backend's id, and how many frontends' tables name it (at zero
+    /// its id is freed). One map: two keyed by address cost 4 MB each at
+    /// 10,000 services.
+    backends: BTreeMap<BackendAddr, BackendId>,
     service_pool: IdPool,
     backend_pool: IdPool,
     slots: SlotAllocator,

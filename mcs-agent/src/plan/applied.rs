@@ -8,8 +8,7 @@ impl Applied {
         Self {
             capacity,
             frontends: BTreeMap::new(),
-            backend_ids: BTreeMap::new(),
-            backend_refs: BTreeMap::new(),
+            backends: BTreeMap::new(),
             service_pool: IdPool::new(1, capacity.services.saturating_add(1)),
             // Backend id 0 is NO_BACKEND; ids index the BACKENDS array.
             backend_pool: IdPool::new(1, capacity.backends),
@@ -89,17 +88,20 @@ impl Applied {
             );
         }
         let used_backends: BTreeSet<u32> = addr_of.keys().copied().collect();
-        let mut backend_refs: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+        let mut backends: BTreeMap<BackendAddr, BackendId> =
+            backend_ids.iter().map(|(addr, id)| (*addr, BackendId { id: *id, refs: 0 })).collect();
+        drop(backend_ids);
         for f in frontends.values() {
             for addr in &f.members {
-                *backend_refs.entry(*addr).or_default() += 1;
+                if let Some(b) = backends.get_mut(addr) {
+                    b.refs += 1;
+                }
             }
         }
         let applied = Self {
             capacity,
             frontends,
-            backend_ids,
-            backend_refs,
+            backends,
             service_pool: IdPool::with_used(1, capacity.services.saturating_add(1), &service_ids),
             backend_pool: IdPool::with_used(1, capacity.backends, &used_backends),
             slots,
@@ -107,7 +109,7 @@ impl Applied {
         };
         // Ids of duplicate addresses are taken but unreferenced: clear them.
         let orphans: Vec<u32> =
-            addr_of.iter().filter(|(id, a)| applied.backend_ids.get(a) != Some(id)).map(|(id, _)| *id).collect();
+            addr_of.iter().filter(|(id, a)| applied.backend_id(a) != Some(**id)).map(|(id, _)| *id).collect();
         let mut applied = applied;
         applied.quarantine.backend_ids.extend(&orphans);
         (applied, problems)
@@ -115,12 +117,12 @@ impl Applied {
 
     /// The backend id of an address, while some frontend uses it.
     pub fn backend_id(&self, addr: &BackendAddr) -> Option<u32> {
-        self.backend_ids.get(addr).copied()
+        self.backends.get(addr).map(|b| b.id)
     }
 
     /// Every backend some frontend uses, with its id.
     pub fn backends(&self) -> impl Iterator<Item = (&BackendAddr, u32)> {
-        self.backend_ids.iter().map(|(a, id)| (a, *id))
+        self.backends.iter().map(|(a, b)| (a, b.id))
     }
 
     /// The service id and table size of a programmed frontend.
@@ -147,7 +149,7 @@ impl Applied {
     }
 
     pub fn backend_count(&self) -> usize {
-        self.backend_ids.len()
+        self.backends.len()
     }
 
     /// Plans every frontend: desired and programmed.
@@ -157,10 +159,11 @@ impl Applied {
     }
 
     fn release_ref(&mut self, addr: &BackendAddr, unreferenced: &mut BTreeSet<BackendAddr>) {
-        if let Some(n) = self.backend_refs.get_mut(addr) {
-            *n -= 1;
-            if *n == 0 {
-                self.backend_refs.remove(addr);
+        if let Some(b) = self.backends.get_mut(addr)
+            && b.refs > 0
+        {
+            b.refs -= 1;
+            if b.refs == 0 {
                 unreferenced.insert(*addr);
             }
         }
@@ -264,7 +267,7 @@ impl Applied {
             };
             let Table { members, slots: table } = tables.remove(key).unwrap_or_default();
             let new_addrs: Vec<BackendAddr> =
-                members.iter().filter(|a| !next.backend_ids.contains_key(a)).copied().collect();
+                members.iter().filter(|a| !next.backends.contains_key(a)).copied().collect();
             // After a restart: a table the kernel already holds exactly is kept,
             // so adopting costs no writes and moves no flow.
             if let Some(old) = old
@@ -273,7 +276,7 @@ impl Applied {
                 && old.affinity_timeout_secs == frontend.affinity_timeout_secs
                 && old.region.len as usize == table.len()
             {
-                let member_ids: Vec<u32> = members.iter().map(|a| next.backend_ids[a]).collect();
+                let member_ids: Vec<u32> = members.iter().map(|a| next.backends[a].id).collect();
                 let ids: Vec<u32> = table.iter().map(|&i| member_ids[i as usize]).collect();
                 if slots_digest(&ids) == adopted {
                     if let Some(region) = region {
@@ -298,18 +301,20 @@ impl Applied {
             let region = region.unwrap_or_else(|| old.expect("in place only over an old table").region);
             for addr in new_addrs {
                 let id = next.backend_pool.alloc().expect("availability checked above");
-                next.backend_ids.insert(addr, id);
+                next.backends.insert(addr, BackendId { id, refs: 0 });
                 unreferenced.remove(&addr);
                 puts_backend.push(MapOp::PutBackend { id, backend: backend_value(&addr) });
             }
             for addr in &members {
-                *next.backend_refs.entry(*addr).or_default() += 1;
+                if let Some(b) = next.backends.get_mut(addr) {
+                    b.refs += 1;
+                }
                 unreferenced.remove(addr);
             }
             if region.len > 0 {
                 // Tables have thousands of slots but few members: look each member up
                 // once, then map slots through the (sorted) member list.
-                let member_ids: Vec<u32> = members.iter().map(|a| next.backend_ids[a]).collect();
+                let member_ids: Vec<u32> = members.iter().map(|a| next.backends[a].id).collect();
                 let ids = table.iter().map(|&i| member_ids[i as usize]).collect();
                 puts_slots.push(MapOp::PutSlots { offset: region.offset, ids });
             }
@@ -333,7 +338,7 @@ impl Applied {
                     .members
                     .iter()
                     .filter(|a| members.binary_search(a).is_err())
-                    .map(|a| next.backend_ids[a])
+                    .map(|a| next.backends[a].id)
                     .collect();
                 if !gone.is_empty() || frontend.affinity_timeout_secs == 0 {
                     let backend_ids = (frontend.affinity_timeout_secs != 0).then_some(gone);
@@ -363,7 +368,7 @@ impl Applied {
 
         let mut clears = Vec::new();
         for addr in unreferenced {
-            if let Some(id) = next.backend_ids.remove(&addr) {
+            if let Some(BackendId { id, .. }) = next.backends.remove(&addr) {
                 next.quarantine.backend_ids.push(id);
                 clears.push(MapOp::ClearBackend { id, v6: addr.ip.is_ipv6() });
             }
