@@ -99,11 +99,12 @@ pub fn kernel_bytes(capacity: Capacity) -> u64 {
     services + backends + slots
 }
 
-/// Whether growing from `current` to `next` leaves the node enough memory:
-/// both datapaths exist while one takes over from the other, so the new
-/// maps must fit in half of what is available.
-pub fn fits_memory(next: Capacity, available_bytes: u64) -> bool {
-    kernel_bytes(next) <= available_bytes / 2
+/// Whether a second datapath of `bytes` (every map of it, the grown ones
+/// at their new size) leaves the node enough memory: both datapaths exist
+/// while one takes over from the other, and the new one may take half of
+/// what is available.
+pub fn fits_memory(bytes: u64, available_bytes: u64) -> bool {
+    bytes <= available_bytes / 2
 }
 
 #[cfg(test)]
@@ -140,7 +141,7 @@ mod tests {
         assert!(u64::from(next.slots) - u64::from(next.slots) / 8 >= demand.slots);
         assert_eq!(next.slots % 2, 0);
         assert_eq!(grown(next, demand, BOUNDS), None, "grown once, the same demand asks nothing more");
-        assert!(fits_memory(next, 4 << 30), "{} bytes on a node with 4 GiB available", kernel_bytes(next));
+        assert!(fits_memory(kernel_bytes(next), 4 << 30), "{} bytes with 4 GiB available", kernel_bytes(next));
     }
 
     #[test]
@@ -163,7 +164,7 @@ mod tests {
     #[test]
     fn growth_that_the_node_cannot_hold_twice_is_refused() {
         let next = Capacity { services: 1 << 20, backends: 1 << 22, slots: 1 << 27 };
-        assert!(!fits_memory(next, 1 << 30));
-        assert!(fits_memory(next, 8 << 30));
+        assert!(!fits_memory(kernel_bytes(next), 1 << 30));
+        assert!(fits_memory(kernel_bytes(next), 8 << 30));
     }
 }

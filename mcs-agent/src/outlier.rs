@@ -115,36 +115,11 @@ impl Detector {
         changed: &BTreeMap<BackendAddr, (Counters, Counters)>,
         groups: &[Vec<BackendAddr>],
     ) -> Vec<Event> {
-        self.observe_with(now, changed, groups, true)
-    }
-
-    /// [`Detector::observe`] of the backends whose counters moved only:
-    /// part of a round read in steps, whose last step sweeps every record
-    /// (an ejection's time running out needs no counter to move).
-    pub fn observe_changed(
-        &mut self,
-        now: Instant,
-        changed: &BTreeMap<BackendAddr, (Counters, Counters)>,
-        groups: &[Vec<BackendAddr>],
-    ) -> Vec<Event> {
-        self.observe_with(now, changed, groups, false)
-    }
-
-    fn observe_with(
-        &mut self,
-        now: Instant,
-        changed: &BTreeMap<BackendAddr, (Counters, Counters)>,
-        groups: &[Vec<BackendAddr>],
-        sweep: bool,
-    ) -> Vec<Event> {
         let config = self.config;
         let mut events = Vec::new();
         let mut candidates = Vec::new();
-        let unchanged: Vec<(BackendAddr, Counters, Counters)> = if sweep {
-            self.tracks.iter().filter(|(a, _)| !changed.contains_key(a)).map(|(a, t)| (*a, t.last, t.last)).collect()
-        } else {
-            Vec::new()
-        };
+        let unchanged: Vec<(BackendAddr, Counters, Counters)> =
+            self.tracks.iter().filter(|(a, _)| !changed.contains_key(a)).map(|(a, t)| (*a, t.last, t.last)).collect();
         for (addr, previous, now_counters) in changed.iter().map(|(a, (p, c))| (*a, *p, *c)).chain(unchanged) {
             let (addr, now_counters) = (&addr, &now_counters);
             let track = self.tracks.entry(*addr).or_insert_with(|| Track {

@@ -569,7 +569,7 @@ impl Reconciler {
             object_errors,
             new_problems,
         };
-        if summary != PlanSummary::default() || report.generation == 1 {
+        if summary != PlanSummary::default() || (report.generation == 1 && outgrown.is_none()) {
             info!(
                 generation = report.generation,
                 frontends = report.frontends,

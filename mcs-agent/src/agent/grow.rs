@@ -63,7 +63,15 @@ impl Switch for Growth<'_> {
 
     fn take_over(&mut self) -> Result<(), AgentError> {
         take_over(self.datapath, self.interfaces, self.served, self.patterns, self.attach)?;
-        apply_socket_lb(self.socket_lb, self.datapath)
+        apply_socket_lb(self.socket_lb, self.datapath)?;
+        // Pinned, the old socket links went with the swap; held by this
+        // process (`--no-pin`), they go now, before the last copy.
+        for old in &mut self.olds {
+            if let Old::Running(Some(datapath)) = old {
+                datapath.release_socket_links();
+            }
+        }
+        Ok(())
     }
 
     fn retire(&mut self, layout: usize) {

@@ -126,6 +126,8 @@ impl View {
                 let backends = programmed.backend_ids();
                 let len = backends.iter().map(|(_, id)| *id as usize + 1).max().unwrap_or(0);
                 self.ids = vec![None; len];
+                // Counters by id are another backend's once ids moved.
+                self.last.clear();
                 for (addr, id) in backends {
                     self.ids[id as usize] = Some(addr);
                 }
@@ -206,6 +208,13 @@ pub struct PassiveHealth {
     pending: BTreeSet<FrontendKey>,
     /// The next backend id a round reads; 0 between rounds.
     cursor: usize,
+    /// Counters that moved in this round's steps so far: the detector sees
+    /// the round whole, at its last step (seen step by step, the last
+    /// step's sweep observed them again with no time gone by).
+    moved: BTreeMap<BackendAddr, (Counters, Counters)>,
+    /// Every backend id moved since the round began (the maps grew): it
+    /// ends at its next step with what it read.
+    cut: bool,
 }
 
 /// Backend ids one step reads: about a millisecond. A round over a
@@ -215,12 +224,30 @@ pub const STEP_IDS: usize = 131_072;
 
 impl PassiveHealth {
     pub fn new(config: OutlierConfig) -> Self {
-        Self { detector: Detector::new(config), view: View::default(), pending: BTreeSet::new(), cursor: 0 }
+        Self {
+            detector: Detector::new(config),
+            view: View::default(),
+            pending: BTreeSet::new(),
+            cursor: 0,
+            moved: BTreeMap::new(),
+            cut: false,
+        }
     }
 
-    /// Frontends a reconcile changed: the next tick looks at them again.
+    /// Frontends a reconcile changed: the next round looks at them again.
+    /// A round in progress goes on by its view: a freed id is quarantined
+    /// for a plan before it is handed out again, so what the rest of the
+    /// round reads under a stale view is at worst a departed backend's
+    /// (ending the round instead would starve the last ids under a steady
+    /// stream of changes).
     pub fn changed(&mut self, keys: impl IntoIterator<Item = FrontendKey>) {
         self.pending.extend(keys);
+    }
+
+    /// Every backend id moved (the maps grew): a round in progress ends at
+    /// its next step, and the next one reads by a view built afresh.
+    pub fn ids_moved(&mut self) {
+        self.cut |= self.in_round();
     }
 
     /// One tick: bring the view up to date (rebuilding walks only what
@@ -262,15 +289,19 @@ impl PassiveHealth {
         }
         let view = &mut self.view;
         let as_counters = |h: Health| Counters { syns: h.syns, synacks: h.synacks, syn_rsts: h.syn_rsts };
-        let mut moved = BTreeMap::new();
+        let moved = &mut self.moved;
         // One step to the ids' length (not id by id, which doubling would
         // leave up to half spare).
         let counted = view.ids.len().min(counters.health_entries());
         if view.last.len() < counted {
             view.last.resize(counted, Health::default());
         }
-        let end = self.cursor.saturating_add(ids).min(view.ids.len());
-        let mut done = end == view.ids.len();
+        let end = if std::mem::take(&mut self.cut) {
+            self.cursor
+        } else {
+            self.cursor.saturating_add(ids).min(view.ids.len())
+        };
+        let mut done = end == view.ids.len() || end == self.cursor;
         for (id, addr) in view.ids.iter().enumerate().take(end).skip(self.cursor) {
             let Some(addr) = addr else { continue };
             // Past the counted ids: the rest have no counters.
@@ -289,12 +320,8 @@ impl PassiveHealth {
             }
         }
         self.cursor = if done { 0 } else { end };
-        let events = if done {
-            self.detector.observe(now, &moved, &view.groups)
-        } else {
-            self.detector.observe_changed(now, &moved, &view.groups)
-        };
-        for event in events {
+        let moved = std::mem::take(moved);
+        for event in self.detector.observe(now, &moved, &view.groups) {
             match event {
                 Event::Ejected { addr, failures, duration, ejections } => warn!(
                     backend = %addr, failures, seconds = duration.as_secs(), ejections,
@@ -311,7 +338,7 @@ impl PassiveHealth {
             }
         }
         if !done {
-            return (programmed.set_health(self.detector.ejected(), self.detector.probing()), false);
+            return (false, false);
         }
         let unwatched = view.ids.iter().skip(counters.health_entries()).filter(|a| a.is_some()).count();
         if unwatched != view.unwatched {
@@ -483,19 +510,20 @@ mod tests {
             assert_eq!(steps[2].0, tick == 3, "id 4 is read in the last step; its third refusal ejects");
         }
         assert_eq!(programmed.ejected, BTreeSet::from([addr(4)]));
-        // A frontend changed in the middle of a round waits for the next one.
-        kernel.connect(1, 1, 1, 0);
+        // A frontend changed in the middle of a round waits for the next.
         let at = t0 + Duration::from_secs(1);
         health.step(at, &kernel, &mut programmed, 2);
-        assert!(health.in_round());
         health.changed([key(81)]);
-        assert!(!health.pending.is_empty());
         health.step(at, &kernel, &mut programmed, 2);
         assert!(!health.pending.is_empty(), "taken at the start of a round only");
-        health.step(at, &kernel, &mut programmed, 2);
-        assert!(!health.in_round());
+        assert!(health.step(at, &kernel, &mut programmed, 2).1);
         health.step(at, &kernel, &mut programmed, 2);
         assert!(health.pending.is_empty());
+        // The maps grew (every id moved): the round ends with what it read.
+        health.step(at, &kernel, &mut programmed, 2);
+        health.ids_moved();
+        assert!(health.step(at, &kernel, &mut programmed, 2).1, "cut short");
+        assert!(!health.in_round());
     }
 
     #[test]

@@ -69,8 +69,15 @@ pub struct Agent {
     ct_stats: Arc<conntrack::CollectorStats>,
     conntrack_gc: ConntrackGc,
     kernel_log: KernelLog,
+    /// The task reading the kernel programs' log, with `--kernel-log`.
+    kernel_logger: Option<JoinHandle<()>>,
     /// Times the maps grew (see [`crate::growth`]).
     growths: u64,
+    /// `--max-*`: how far the maps may grow.
+    bounds: Capacity,
+    /// Growth waits for the first takeover (an interrupted growth is
+    /// taken over first).
+    grow_after_takeover: bool,
     /// `inspect` asking on `<state-dir>/agent.sock`.
     inspects: UnboundedReceiver<control::Request>,
     control: Option<ControlSocket>,
@@ -198,7 +205,7 @@ impl Agent {
         }
         let pins = pin.then_some((bpffs.as_path(), layout_version));
         let mut datapath = Datapath::open(sizes, pins, kernel_log).context("loading the datapath")?;
-        read_kernel_log(&mut datapath)?;
+        let kernel_logger = read_kernel_log(&mut datapath)?;
         datapath.set_cleanup_on_exit(cleanup_on_exit);
         let applied = adopt(&datapath);
         let older = if pin { datapath::LayoutDir::others(&bpffs, layout_version) } else { Vec::new() };
@@ -282,7 +289,10 @@ impl Agent {
             collector,
             conntrack_gc,
             kernel_log,
+            kernel_logger,
             growths: 0,
+            bounds,
+            grow_after_takeover: false,
             mode_name: format!("{:?}", attach.resolve()).to_lowercase(),
             map_memory: datapath::memory::own_maps(),
             passive: outlier.map(PassiveHealth::new),
@@ -411,6 +421,14 @@ impl Agent {
             carried: 0,
         };
         switch_over(&mut takeover, self.older.len())?;
+        // Retired: a later growth must not take them over again (one of them
+        // may be the growth directory it builds in).
+        self.older.clear();
+        self.datapath.set_older_layouts(Vec::new());
+        if std::mem::take(&mut self.grow_after_takeover) {
+            self.reconciler.set_growth(Some(self.bounds));
+            self.schedule.recompute();
+        }
         self.serve();
         Ok(())
     }
@@ -435,9 +453,11 @@ impl Agent {
 
     /// Moves to larger maps ([`crate::growth`]): a second datapath of the
     /// same layout, programmed whole, takes over from this one as an
-    /// upgrade does. When the larger maps cannot be had (memory, a write
-    /// that fails), growth stops where it is and the held frontends go to
-    /// the current maps (those that do not fit are refused and reported).
+    /// upgrade does. When the larger maps cannot be had (memory, loading
+    /// them, a write that fails), growth stops where it is and the held
+    /// frontends go to the current maps (those that do not fit are refused
+    /// and reported). A takeover that fails half way ends the agent, as at
+    /// start, leaving both datapaths pinned for the next one to take over.
     fn grow(&mut self, target: Capacity) -> Result<(), AgentError> {
         let started = Instant::now();
         let from = self.datapath.sizes().capacity;
@@ -446,12 +466,26 @@ impl Agent {
             agent.reconciler.stop_growing();
             agent.schedule.recompute();
         };
+        // Before the first takeover, an interrupted growth's directory is
+        // among the layouts to take over, and its name is the one a growth
+        // builds in: take over first with what fits, then grow.
+        if !self.serving && self.older.iter().any(datapath::LayoutDir::is_growth) {
+            info!("an interrupted growth is taken over first; the maps grow right after");
+            self.reconciler.set_growth(None);
+            self.grow_after_takeover = true;
+            self.schedule.recompute();
+            return Ok(());
+        }
+        // The larger datapath is a whole second one (conntrack and socket
+        // maps included) until the smaller retires.
+        let current: u64 = self.map_memory.iter().map(|m| m.bytes).sum();
+        let needed = current + growth::kernel_bytes(target).saturating_sub(growth::kernel_bytes(from));
         if let Some(available) = available_memory()
-            && !growth::fits_memory(target, available)
+            && !growth::fits_memory(needed, available)
         {
             let why = format!(
-                "the larger maps take about {} MiB and the node has {} MiB available (both sizes exist while one takes over)",
-                growth::kernel_bytes(target) >> 20,
+                "a second datapath with the larger maps takes about {} MiB and the node has {} MiB available",
+                needed >> 20,
                 available >> 20
             );
             give_up(self, why);
@@ -464,7 +498,13 @@ impl Agent {
                 return Ok(());
             }
         };
-        read_kernel_log(&mut grown)?;
+        let logger = match read_kernel_log(&mut grown) {
+            Ok(logger) => logger,
+            Err(e) => {
+                give_up(self, e.to_string());
+                return Ok(());
+            }
+        };
         let loaded = started.elapsed();
         if let Err(e) = self.reconciler.regrow(target, &mut grown) {
             give_up(self, e.to_string());
@@ -474,7 +514,6 @@ impl Agent {
         // What the datapaths being replaced serve: the grown one takes each.
         let mut served = self.datapath.attached_interfaces();
         if !self.serving {
-            served.clear();
             let patterns = self.patterns.as_ref().expect("not serving yet");
             let pinned = self.datapath.pinned_not_attached().into_iter();
             served.extend(
@@ -496,15 +535,33 @@ impl Agent {
             attach: self.attach,
             socket_lb: &self.socket_lb,
         };
-        switch_over(&mut switch, count)?;
-        self.datapath.settle(self.cleanup_on_exit || !self.pin).context("settling the grown maps")?;
-        // Every frontend was written anew, but none changed its backends:
-        // no socket to end, and passive health rebuilds its view anyway
-        // (every id is new). Handing the lot on cost a second rebuild
-        // (0.47 s on the loop at 100,000 services).
-        let _ = self.reconciler.take_changed();
+        let switched = switch_over(&mut switch, count);
+        // From here the grown datapath serves (or serves beside the old one):
+        // it stays when the agent stops, as any agent's datapath does.
+        self.datapath.set_cleanup_on_exit(self.cleanup_on_exit);
+        switched?;
+        self.datapath.settle();
+        if let Some(task) = std::mem::replace(&mut self.kernel_logger, logger) {
+            task.abort();
+        }
+        // Every frontend was written anew. Passive health rebuilds its view
+        // (every id moved; handing it every frontend cost a second rebuild,
+        // 0.47 s at 100,000 services); sockets are checked for the backends
+        // the held change removed.
+        let changed = self.reconciler.take_changed();
+        if self.datapath.sockets_cgroup().is_some() {
+            self.terminate_pending.extend(changed);
+        }
+        if let Some(passive) = &mut self.passive {
+            passive.ids_moved();
+        }
         // Bound to the old maps: the collector's descriptors and the sizes.
-        self.collector = collect_conntrack(&self.datapath, self.conntrack_gc, &self.ct_stats)?;
+        // The old collector is joined off the loop (it may be mid-walk).
+        let old = std::mem::replace(
+            &mut self.collector,
+            collect_conntrack(&self.datapath, self.conntrack_gc, &self.ct_stats)?,
+        );
+        std::thread::spawn(move || drop(old));
         self.map_memory = datapath::memory::own_maps();
         self.growths += 1;
         let capacity = self.datapath.sizes().capacity;
@@ -703,21 +760,21 @@ impl Agent {
 }
 
 /// Hands the kernel programs' log (with `--kernel-log`) to a task.
-fn read_kernel_log(datapath: &mut Datapath) -> Result<(), AgentError> {
-    if let Some(logger) = datapath.take_kernel_logger() {
+fn read_kernel_log(datapath: &mut Datapath) -> Result<Option<JoinHandle<()>>, AgentError> {
+    let Some(logger) = datapath.take_kernel_logger() else { return Ok(None) };
+    {
         // SAFETY: the logger owns the ring buffer's fd, open and unchanged for as
         // long as the AsyncFd owns the logger.
         let mut logger =
             unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
                 .map_err(|e| AgentError::Config(format!("watching the kernel log ring buffer: {e}")))?;
-        tokio::spawn(async move {
+        Ok(Some(tokio::spawn(async move {
             while let Ok(mut ready) = logger.readable_mut().await {
                 ready.get_inner_mut().flush();
                 ready.clear_ready();
             }
-        });
+        })))
     }
-    Ok(())
 }
 
 /// The collector counts live flows on its own thread, so a scrape never

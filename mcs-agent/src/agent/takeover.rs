@@ -90,7 +90,8 @@ pub(super) fn take_over(
                 Ok(Attached::New(_)) => {}
                 // The datapath grown from retires next: this interface
                 // would be left unserved.
-                Err(e) if served => {
+                // (One deleted meanwhile, a pod gone, is left out.)
+                Err(e) if served && nix::net::if_::if_nametoindex(iface.as_str()).is_ok() => {
                     return Err(e).with_context(|| format!("taking over {iface} from the smaller maps"));
                 }
                 Err(e) => {

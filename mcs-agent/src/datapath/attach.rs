@@ -202,6 +202,10 @@ impl Datapath {
         // else an older layout's): swap the program in place.
         let candidates: Vec<PathBuf> =
             pin.iter().cloned().chain(self.older.iter().map(|l| l.link(iface, attach_type))).collect();
+        // An older layout's link on it (an upgrade, a growth): ours goes in
+        // front of it even where this layout's own link is there too (a
+        // growth interrupted before its switch left the grown link in front).
+        let older_here = self.older.iter().any(|l| l.link(iface, attach_type).exists());
         let prog = program(&mut self.ebpf, name).map_err(|e| e.to_string())?;
         for found in candidates.iter().filter(|p| p.exists()) {
             let Some(link) = adopt_link(found, iface, attach_type) else {
@@ -209,7 +213,7 @@ impl Datapath {
                 let _ = fs::remove_file(found);
                 continue;
             };
-            if pin.as_ref() != Some(found) {
+            if pin.as_ref() != Some(found) || older_here {
                 // An older layout's link: its programs know the flows of the older
                 // maps, so they stay behind ours (see `CONFIG_F_HANDOFF`) until
                 // `retire_layout` unpins them.
@@ -219,7 +223,12 @@ impl Datapath {
                 let fd = FdLink::try_from(prog.take_link(id).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
                 let link_id = fd.info().map_err(|e| e.to_string())?.id();
                 let path = pin.clone().expect("older layouts are only set with pins");
-                fd.pin(&path).map_err(|e| format!("pinning the link at {}: {e}", path.display()))?;
+                // Pinned beside and renamed over this layout's own link, if
+                // any: its pin gone, it detaches (ours is in front already).
+                let fresh = path.with_file_name(format!("{}-new", escape(iface)));
+                let _ = fs::remove_file(&fresh);
+                fd.pin(&fresh).map_err(|e| format!("pinning the link at {}: {e}", fresh.display()))?;
+                fs::rename(&fresh, &path).map_err(|e| format!("moving the link's pin to {}: {e}", path.display()))?;
                 return Ok((Hook::Pinned { path, link_id }, true));
             }
             let id = prog.attach_to_link(link).map_err(|e| format!("BPF_LINK_UPDATE: {e}"))?;

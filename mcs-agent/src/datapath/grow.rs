@@ -12,10 +12,17 @@ impl Datapath {
     pub fn open_grown(&self, capacity: Capacity, kernel_log: KernelLog) -> Result<Datapath, DatapathError> {
         let layout = self.layout.as_ref().map(LayoutDir::growth);
         if let Some(leftover) = &layout {
-            // A failed growth of this agent's (a start takes over any other).
+            // Of a growth of this agent's that failed before it took over
+            // (an interrupted one is taken over before the agent grows).
             remove_layout(leftover);
         }
         let mut grown = Self::open_at(Sizes { capacity, ..self.sizes }, layout, kernel_log)?;
+        if grown.adopted {
+            return Err(DatapathError::Bpffs {
+                path: grown.layout.as_ref().map(|l| l.dir.clone()).unwrap_or_default(),
+                message: "a leftover growth directory could not be removed".into(),
+            });
+        }
         grown.cleanup_on_exit = true;
         grown.protected = self.link_ids();
         grown.older = self.layout.iter().chain(&self.older).cloned().collect();
@@ -54,16 +61,22 @@ impl Datapath {
     /// Once the datapath grown from is retired: moves this one's pins from
     /// the growth directory to the layout's own, where every tool looks.
     /// bpffs renames a directory with what is pinned in it, links included:
-    /// nothing detaches.
-    pub fn settle(&mut self, cleanup_on_exit: bool) -> Result<(), DatapathError> {
+    /// nothing detaches. Should that fail, it serves from the growth
+    /// directory, which the next start moves into place.
+    pub fn settle(&mut self) {
         self.protected.clear();
         self.older.clear();
         if let Some(growth) = self.layout.clone().filter(LayoutDir::is_growth) {
             let main = growth.main();
-            fs::rename(&growth.dir, &main.dir).map_err(|e| DatapathError::Bpffs {
-                path: growth.dir.clone(),
-                message: format!("moving the grown datapath's pins to {}: {e}", main.dir.display()),
-            })?;
+            if let Err(e) = fs::rename(&growth.dir, &main.dir) {
+                warn!(
+                    from = %growth.dir.display(),
+                    to = %main.dir.display(),
+                    error = %e,
+                    "moving the grown datapath's pins into place failed; it serves from where it is until the next start moves it"
+                );
+                return;
+            }
             let moved = |path: &mut PathBuf| {
                 if let Ok(rest) = path.strip_prefix(&growth.dir) {
                     *path = main.dir.join(rest);
@@ -79,7 +92,14 @@ impl Datapath {
             }
             self.layout = Some(main);
         }
-        self.set_cleanup_on_exit(cleanup_on_exit);
-        Ok(())
+    }
+
+    /// Detaches this datapath's socket programs (a growth, once the grown
+    /// datapath's are attached: translations must all go to its maps before
+    /// its last copy of them).
+    pub fn release_socket_links(&mut self) {
+        if let Some(sockets) = self.sockets.take() {
+            sock::release_sockets(sockets);
+        }
     }
 }
