@@ -869,15 +869,24 @@ endpoints:
         assert_eq!(maps.table("198.18.0.10"), addrs(&grown));
     }
 
-    #[test]
-    fn a_state_that_outgrows_the_maps_is_held_and_programmed_whole_into_larger_ones() {
-        let small = Capacity { services: 16, backends: 8, slots: 1 << 16 };
-        let mut reconciler = Reconciler::new(Applied::new(small), Policy::default());
+    const SMALL: Capacity = Capacity { services: 16, backends: 8, slots: 1 << 16 };
+    const SEVEN: [&str; 7] = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7"];
+
+    /// Maps of 7 backend ids that may grow, and a pass of 7 backends: past
+    /// 7/8 of them.
+    fn outgrown() -> (Reconciler, Maps) {
+        let mut reconciler = Reconciler::new(Applied::new(SMALL), Policy::default());
         reconciler.set_growth(Some(Capacity { services: 1024, backends: 1 << 20, slots: 1 << 20 }));
         let mut maps = Maps::default();
-        let pods = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7"];
+        reconciler.apply_snapshot(&snapshot(&SEVEN), Vec::new(), &mut maps).expect("held");
+        (reconciler, maps)
+    }
+
+    #[test]
+    fn a_state_that_outgrows_the_maps_is_held_and_programmed_whole_into_larger_ones() {
+        let (small, pods) = (SMALL, SEVEN);
         // 7 backends pass 7/8 of the 7 ids: nothing is written, growth is asked.
-        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("held");
+        let (mut reconciler, maps) = outgrown();
         assert_eq!(maps.writes, 0, "nothing half-applied into maps about to be replaced");
         let target = reconciler.take_outgrown().expect("the backends must grow");
         assert_eq!(target, Capacity { backends: 65_536, ..small });
@@ -896,12 +905,8 @@ endpoints:
 
     #[test]
     fn when_growth_fails_the_held_state_goes_to_the_current_maps_as_far_as_it_fits() {
-        let small = Capacity { services: 16, backends: 8, slots: 1 << 16 };
-        let mut reconciler = Reconciler::new(Applied::new(small), Policy::default());
-        reconciler.set_growth(Some(Capacity { services: 1024, backends: 1 << 20, slots: 1 << 20 }));
-        let mut maps = Maps::default();
-        let pods = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7"];
-        reconciler.apply_snapshot(&snapshot(&pods), Vec::new(), &mut maps).expect("held");
+        let (small, pods) = (SMALL, SEVEN);
+        let (mut reconciler, mut maps) = outgrown();
         let target = reconciler.take_outgrown().expect("asked");
         // The larger maps fail half way: back to the old allocation.
         let mut grown = Maps { fail: true, ..Maps::default() };
