@@ -203,6 +203,8 @@ impl Reconciler {
             Ok(report) => {
                 // Every id is new: passive health starts its view afresh.
                 self.backend_changes = None;
+                // Every frontend was written, but only the held ones changed.
+                self.changed = held;
                 Ok(report)
             }
             Err(e) => {

@@ -320,6 +320,9 @@ impl PassiveHealth {
             }
         }
         self.cursor = if done { 0 } else { end };
+        if !done {
+            return (false, false);
+        }
         let moved = std::mem::take(moved);
         for event in self.detector.observe(now, &moved, &view.groups) {
             match event {
@@ -336,9 +339,6 @@ impl PassiveHealth {
                     "passive health: backend failing but not ejected, its frontend is at --outlier-max-ejection-percent"
                 ),
             }
-        }
-        if !done {
-            return (false, false);
         }
         let unwatched = view.ids.iter().skip(counters.health_entries()).filter(|a| a.is_some()).count();
         if unwatched != view.unwatched {
@@ -524,6 +524,23 @@ mod tests {
         health.ids_moved();
         assert!(health.step(at, &kernel, &mut programmed, 2).1, "cut short");
         assert!(!health.in_round());
+    }
+
+    #[test]
+    fn syns_in_flight_across_a_rounds_steps_are_not_failures() {
+        let (mut health, mut kernel, mut programmed) = (PassiveHealth::new(config()), Kernel::new(16), fake(4));
+        let t0 = Instant::now();
+        health.tick(t0, &kernel, &mut programmed);
+        // Read in the round's first step with 5 SYNs unanswered, answered
+        // before the next round: seen mid-round again, they were failures.
+        kernel.connect(1, 5, 0, 0);
+        let round = |health: &mut PassiveHealth, kernel: &Kernel, programmed: &mut Fake, at| {
+            while !health.step(at, kernel, programmed, 2).1 {}
+        };
+        round(&mut health, &kernel, &mut programmed, t0 + Duration::from_millis(250));
+        kernel.connect(1, 0, 5, 0);
+        round(&mut health, &kernel, &mut programmed, t0 + Duration::from_millis(500));
+        assert!(programmed.ejected.is_empty(), "a healthy backend stays");
     }
 
     #[test]

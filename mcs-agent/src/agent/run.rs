@@ -507,6 +507,9 @@ impl Agent {
         };
         let loaded = started.elapsed();
         if let Err(e) = self.reconciler.regrow(target, &mut grown) {
+            if let Some(task) = logger {
+                task.abort();
+            }
             give_up(self, e.to_string());
             return Ok(());
         }
@@ -544,24 +547,24 @@ impl Agent {
         if let Some(task) = std::mem::replace(&mut self.kernel_logger, logger) {
             task.abort();
         }
-        // Every frontend was written anew. Passive health rebuilds its view
-        // (every id moved; handing it every frontend cost a second rebuild,
-        // 0.47 s at 100,000 services); sockets are checked for the backends
-        // the held change removed.
+        // Passive health rebuilds its view (every id moved); the frontends
+        // the held change touched go on as any pass's do (sockets to
+        // backends it removed are ended).
         let changed = self.reconciler.take_changed();
         if self.datapath.sockets_cgroup().is_some() {
-            self.terminate_pending.extend(changed);
+            self.terminate_pending.extend(changed.iter().copied());
         }
         if let Some(passive) = &mut self.passive {
             passive.ids_moved();
+            passive.changed(changed);
         }
-        // Bound to the old maps: the collector's descriptors and the sizes.
-        // The old collector is joined off the loop (it may be mid-walk).
-        let old = std::mem::replace(
+        // Bound to the old maps: the collector's descriptors (joined here,
+        // within the growth's own time: its maps must be closed before
+        // the memory is read) and the sizes.
+        drop(std::mem::replace(
             &mut self.collector,
             collect_conntrack(&self.datapath, self.conntrack_gc, &self.ct_stats)?,
-        );
-        std::thread::spawn(move || drop(old));
+        ));
         self.map_memory = datapath::memory::own_maps();
         self.growths += 1;
         let capacity = self.datapath.sizes().capacity;

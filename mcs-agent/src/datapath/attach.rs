@@ -225,7 +225,8 @@ impl Datapath {
                 let path = pin.clone().expect("older layouts are only set with pins");
                 // Pinned beside and renamed over this layout's own link, if
                 // any: its pin gone, it detaches (ours is in front already).
-                let fresh = path.with_file_name(format!("{}-new", escape(iface)));
+                // `:` is in no interface name (`pinned_interfaces` skips it).
+                let fresh = path.with_file_name(format!("{}:new", escape(iface)));
                 let _ = fs::remove_file(&fresh);
                 fd.pin(&fresh).map_err(|e| format!("pinning the link at {}: {e}", fresh.display()))?;
                 fs::rename(&fresh, &path).map_err(|e| format!("moving the link's pin to {}: {e}", path.display()))?;

@@ -10,6 +10,14 @@ impl Datapath {
     /// Dropped before it takes over, it removes itself. Its programs hand
     /// off to this one's (kept attached behind them) until this one retires.
     pub fn open_grown(&self, capacity: Capacity, kernel_log: KernelLog) -> Result<Datapath, DatapathError> {
+        if let Some(layout) = self.layout.as_ref().filter(|l| l.is_growth()) {
+            // Its pins could not be moved into place: a growth from here
+            // would build where it serves.
+            return Err(DatapathError::Bpffs {
+                path: layout.dir.clone(),
+                message: "the datapath still serves from its growth directory; the next start takes it over".into(),
+            });
+        }
         let layout = self.layout.as_ref().map(LayoutDir::growth);
         if let Some(leftover) = &layout {
             // Of a growth of this agent's that failed before it took over
@@ -61,8 +69,9 @@ impl Datapath {
     /// Once the datapath grown from is retired: moves this one's pins from
     /// the growth directory to the layout's own, where every tool looks.
     /// bpffs renames a directory with what is pinned in it, links included:
-    /// nothing detaches. Should that fail, it serves from the growth
-    /// directory, which the next start moves into place.
+    /// nothing detaches. Should that fail (the old directory could not be
+    /// removed), it serves from the growth directory, which the next start
+    /// takes over as an older layout; it grows no more until then.
     pub fn settle(&mut self) {
         self.protected.clear();
         self.older.clear();

@@ -54,7 +54,7 @@ impl LayoutDir {
             .iter()
             .flat_map(|dir| fs::read_dir(self.links().join(dir)).into_iter().flatten())
             .filter_map(Result::ok)
-            .filter_map(|e| unescape(e.file_name().to_str()?))
+            .filter_map(|e| unescape(e.file_name().to_str().filter(|n| !n.contains(':'))?))
             .collect();
         names.sort();
         names.dedup();
