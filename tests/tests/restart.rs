@@ -25,6 +25,15 @@ use mcs_tests::{
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// One test of this file at a time: each runs continuous load and counts a
+/// failed request as a failure of the agent; four at once on a 2-CPU
+/// machine made one of them time out.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 const IMPORT_PORTS: &[Port<'static>] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
 const SLICE_PORTS: &[Port<'static>] = &[("http", 8080, "TCP"), ("dns", 5353, "UDP")];
 
@@ -146,6 +155,7 @@ fn netlink_filters(ns: &Netns, iface: &str) -> (usize, usize) {
 
 #[test]
 fn netlink_filters_are_replaced_in_place_under_load() {
+    let _serial = serial();
     let lab = Lab::new();
     let binary = agent_binary();
     let mut agent = lab.agent(&binary, &["--attach", "netlink"]);
@@ -198,6 +208,7 @@ fn netlink_filters_are_replaced_in_place_under_load() {
 
 #[test]
 fn restarts_and_upgrades_under_load_fail_no_connection() {
+    let _serial = serial();
     let lab = Lab::new();
     let binary = agent_binary();
     // "A differently built binary": another file, loaded as another program.
@@ -340,6 +351,7 @@ fn more_imports(lab: &Lab, count: u8) -> Vec<SocketAddrV4> {
 
 #[test]
 fn the_maps_grow_under_load_and_fail_no_connection() {
+    let _serial = serial();
     let lab = Lab::new();
     let binary = agent_binary();
     // Room for 15 backends; the lab's import has 8 (4 pods, 2 ports).
@@ -423,6 +435,7 @@ fn the_maps_grow_under_load_and_fail_no_connection() {
 
 #[test]
 fn an_interrupted_growth_is_finished_or_taken_over_by_the_next_agent() {
+    let _serial = serial();
     let lab = Lab::new();
     let binary = agent_binary();
     let layout = mcs_agent::datapath::LayoutDir::new(lab.bpffs.path(), mcs_common::LAYOUT_VERSION);
