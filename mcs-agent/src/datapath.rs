@@ -295,9 +295,7 @@ impl Datapath {
             release(&iface, attachment.hooks);
             debug!(iface, "detached");
         }
-        if let Some(sockets) = self.sockets.take() {
-            sock::release_sockets(sockets);
-        }
+        self.release_socket_links();
         if let Some(layout) = self.layout.take() {
             remove_layout(&layout);
         }

@@ -384,14 +384,7 @@ impl Agent {
         let idle = changed.is_empty()
             && self.reconciler.parsed_files() == parsed_before
             && matches!(self.source, Some(Source::Manifests(_)));
-        if self.datapath.sockets_cgroup().is_some() {
-            self.terminate_pending.extend(changed.iter().copied());
-        }
-        if !changed.is_empty()
-            && let Some(passive) = &mut self.passive
-        {
-            passive.changed(changed.iter().copied());
-        }
+        self.hand_on(&changed);
         // A pass that found the maps too small wrote nothing: grow them
         // (and take over, before the first takeover) now.
         let outgrown = self.reconciler.take_outgrown();
@@ -491,28 +484,13 @@ impl Agent {
             give_up(self, why);
             return Ok(());
         }
-        let mut grown = match self.datapath.open_grown(target, self.kernel_log) {
-            Ok(grown) => grown,
+        let (grown, logger, loaded) = match self.prepare_growth(target, started) {
+            Ok(prepared) => prepared,
             Err(e) => {
-                give_up(self, e.to_string());
+                give_up(self, e);
                 return Ok(());
             }
         };
-        let logger = match read_kernel_log(&mut grown) {
-            Ok(logger) => logger,
-            Err(e) => {
-                give_up(self, e.to_string());
-                return Ok(());
-            }
-        };
-        let loaded = started.elapsed();
-        if let Err(e) = self.reconciler.regrow(target, &mut grown) {
-            if let Some(task) = logger {
-                task.abort();
-            }
-            give_up(self, e.to_string());
-            return Ok(());
-        }
         let programmed = started.elapsed();
         // What the datapaths being replaced serve: the grown one takes each.
         let mut served = self.datapath.attached_interfaces();
@@ -550,14 +528,11 @@ impl Agent {
         // Passive health rebuilds its view (every id moved); the frontends
         // the held change touched go on as any pass's do (sockets to
         // backends it removed are ended).
-        let changed = self.reconciler.take_changed();
-        if self.datapath.sockets_cgroup().is_some() {
-            self.terminate_pending.extend(changed.iter().copied());
-        }
         if let Some(passive) = &mut self.passive {
             passive.ids_moved();
-            passive.changed(changed);
         }
+        let changed = self.reconciler.take_changed();
+        self.hand_on(&changed);
         // Bound to the old maps: the collector's descriptors (joined here,
         // within the growth's own time: its maps must be closed before
         // the memory is read) and the sizes.
@@ -582,6 +557,39 @@ impl Agent {
             self.serve();
         }
         Ok(())
+    }
+
+    /// The larger datapath, loaded (its kernel-log reader started) and
+    /// programmed whole; the time the load took. Dropped on an error, it
+    /// removes itself.
+    fn prepare_growth(
+        &mut self,
+        target: Capacity,
+        started: Instant,
+    ) -> Result<(Datapath, Option<JoinHandle<()>>, Duration), String> {
+        let mut grown = self.datapath.open_grown(target, self.kernel_log).map_err(|e| e.to_string())?;
+        let logger = read_kernel_log(&mut grown).map_err(|e| e.to_string())?;
+        let loaded = started.elapsed();
+        if let Err(e) = self.reconciler.regrow(target, &mut grown) {
+            if let Some(task) = logger {
+                task.abort();
+            }
+            return Err(e.to_string());
+        }
+        Ok((grown, logger, loaded))
+    }
+
+    /// Frontends a pass changed: their sockets to departed backends are
+    /// ended (with socket-level load balancing), passive health looks again.
+    fn hand_on(&mut self, changed: &BTreeSet<FrontendKey>) {
+        if self.datapath.sockets_cgroup().is_some() {
+            self.terminate_pending.extend(changed.iter().copied());
+        }
+        if !changed.is_empty()
+            && let Some(passive) = &mut self.passive
+        {
+            passive.changed(changed.iter().copied());
+        }
     }
 
     /// One step of passive health's round (see [`PassiveHealth::step`]).

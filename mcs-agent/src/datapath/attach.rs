@@ -280,7 +280,7 @@ impl Datapath {
     /// agent's hooks elsewhere, and every link pinned in our layout directories
     /// (an earlier agent's, still serving interfaces not taken over yet).
     pub(super) fn protected_links(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self.attached.values().flat_map(|a| a.hooks.iter().filter_map(hook_link_id)).collect();
+        let mut ids = self.link_ids();
         ids.extend(&self.protected);
         for layout in self.layout.iter().chain(&self.older) {
             for iface in layout.pinned_interfaces() {

@@ -43,7 +43,7 @@ impl Datapath {
     }
 
     /// Ids of this datapath's TCX links.
-    fn link_ids(&self) -> Vec<u32> {
+    pub(super) fn link_ids(&self) -> Vec<u32> {
         self.attached.values().flat_map(|a| a.hooks.iter().filter_map(hook_link_id)).collect()
     }
 
@@ -57,9 +57,7 @@ impl Datapath {
                 attachment.hooks.into_iter().filter(|hook| !matches!(hook, Hook::Netlink(_))).collect();
             release(&iface, hooks);
         }
-        if let Some(sockets) = self.sockets.take() {
-            sock::release_sockets(sockets);
-        }
+        self.release_socket_links();
         if let Some(layout) = self.layout.take() {
             remove_layout(&layout);
             info!(path = %layout.dir.display(), "retired the datapath grown from");
@@ -82,7 +80,7 @@ impl Datapath {
                     from = %growth.dir.display(),
                     to = %main.dir.display(),
                     error = %e,
-                    "moving the grown datapath's pins into place failed; it serves from where it is until the next start moves it"
+                    "moving the grown datapath's pins into place failed; it serves from where it is, grows no more, and the next start takes it over"
                 );
                 return;
             }

@@ -21,8 +21,7 @@ impl LayoutDir {
     /// over (see [`crate::growth`]): `<bpffs>/mcs/grow-v<N>`, renamed to
     /// `v<N>` once the old one is retired.
     pub fn growth(&self) -> LayoutDir {
-        let parent = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
-        LayoutDir { version: self.version, dir: parent.join(format!("{GROWTH_PREFIX}v{}", self.version)) }
+        self.sibling(format!("{GROWTH_PREFIX}v{}", self.version))
     }
 
     /// This is a growth directory (see [`LayoutDir::growth`]).
@@ -32,8 +31,13 @@ impl LayoutDir {
 
     /// The layout's own directory, for a growth directory.
     pub fn main(&self) -> LayoutDir {
+        self.sibling(format!("v{}", self.version))
+    }
+
+    /// This version in another directory beside this one.
+    fn sibling(&self, name: String) -> LayoutDir {
         let parent = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
-        LayoutDir { version: self.version, dir: parent.join(format!("v{}", self.version)) }
+        LayoutDir { version: self.version, dir: parent.join(name) }
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -86,21 +90,19 @@ impl LayoutDir {
 
     /// Finishes a growth that was interrupted after the old datapath was
     /// retired and before its successor moved into the layout's directory:
-    /// the successor is the layout now. True if there was one to move.
-    pub fn recover_growth(bpffs: &Path, version: u32) -> bool {
+    /// the successor is the layout now.
+    pub fn recover_growth(bpffs: &Path, version: u32) {
         let main = LayoutDir::new(bpffs, version);
         let growth = main.growth();
         if main.dir.exists() || !growth.dir.exists() {
-            return false;
+            return;
         }
         match fs::rename(&growth.dir, &main.dir) {
             Ok(()) => {
-                info!(from = %growth.dir.display(), to = %main.dir.display(), "finished an interrupted growth of the maps");
-                true
+                info!(from = %growth.dir.display(), to = %main.dir.display(), "finished an interrupted growth of the maps")
             }
             Err(e) => {
-                warn!(path = %growth.dir.display(), error = %e, "moving a grown datapath into place failed; it is taken over as an older layout");
-                false
+                warn!(path = %growth.dir.display(), error = %e, "moving a grown datapath into place failed; it is taken over as an older layout")
             }
         }
     }

@@ -443,8 +443,8 @@ pub struct KubeSource {
     /// checked at: an unchanged object is never converted or checked again,
     /// and its service is not recomputed.
     entries: Mutex<HashMap<ObjectId, (Option<String>, Checked)>>,
-    /// Imports and slices by service, from the watch events.
-    import_index: Arc<Mutex<ServiceIndex>>,
+    /// Slices by service, from the watch events (an import is named as
+    /// its service).
     slice_index: Arc<Mutex<ServiceIndex>>,
     /// Services whose import was invalid at the last full pass: its problem
     /// is among the source's, which only a full pass replaces.
@@ -507,8 +507,8 @@ impl KubeSource {
         let writer = Writer::new(import_resource.clone());
         let imports = writer.as_reader();
         let api = Api::<DynamicObject>::all_with(client.clone(), &import_resource);
-        let import_index = Arc::new(Mutex::new(ServiceIndex::own_names()));
-        let index = Some((import_index.clone(), import_service as ServiceOf<_>));
+        // Named as their services: the index keeps nothing, it only names them.
+        let index = Some((Arc::new(Mutex::new(ServiceIndex::own_names())), import_service as ServiceOf<_>));
         spawn_reflector(
             api,
             watcher::Config::default(),
@@ -617,7 +617,6 @@ impl KubeSource {
             peers,
             property,
             entries: Default::default(),
-            import_index,
             slice_index,
             invalid: Default::default(),
         })
@@ -666,9 +665,9 @@ impl KubeSource {
             }
         }
         for object in self.slices.state() {
-            if let Checked::Slice(entry) = checked(&mut cache, Some(&mut next), false, &object.metadata, &|| {
-                Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), &object)))
-            }) && let Some(service) = entry.service()
+            if let Checked::Slice(entry) =
+                checked(&mut cache, Some(&mut next), false, &object.metadata, &|| slice_entry(&object))
+                && let Some(service) = entry.service()
             {
                 groups.entry(service).or_default().slices.push(entry);
             }
@@ -697,22 +696,17 @@ impl KubeSource {
                 return None;
             }
         }
-        let import_names: Vec<Vec<String>> = {
-            let index = self.import_index.lock().unwrap_or_else(|e| e.into_inner());
-            services.iter().map(|s| index.names(s)).collect()
-        };
         let slice_names: Vec<Vec<String>> = {
             let index = self.slice_index.lock().unwrap_or_else(|e| e.into_inner());
             services.iter().map(|s| index.names(s)).collect()
         };
         let mut cache = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut groups = Vec::with_capacity(services.len());
-        for ((service, imports), slices) in services.iter().zip(import_names).zip(slice_names) {
+        for (service, slices) in services.iter().zip(slice_names) {
             let mut group = Group::default();
-            for name in imports {
-                let key = reflector::ObjectRef::new_with(&name, self.import_resource.clone()).within(&service.0);
-                // Gone meanwhile: its own event follows.
-                let Some(object) = self.imports.get(&key) else { continue };
+            // An import is named as its service. Gone meanwhile: its own event follows.
+            let key = reflector::ObjectRef::new_with(&service.1, self.import_resource.clone()).within(&service.0);
+            if let Some(object) = self.imports.get(&key) {
                 match checked(&mut cache, None, true, &object.metadata, &|| import_entry(&object)) {
                     Checked::Import(entry) => group.imports.push(entry),
                     Checked::Invalid(_) => return None,
@@ -723,9 +717,9 @@ impl KubeSource {
                 let Some(object) = self.slices.get(&reflector::ObjectRef::new(&name).within(&service.0)) else {
                     continue;
                 };
-                if let Checked::Slice(entry) = checked(&mut cache, None, false, &object.metadata, &|| {
-                    Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), &object)))
-                }) && entry.service().as_ref() == Some(service)
+                if let Checked::Slice(entry) =
+                    checked(&mut cache, None, false, &object.metadata, &|| slice_entry(&object))
+                    && entry.service().as_ref() == Some(service)
                 {
                     group.slices.push(entry);
                 }
@@ -879,6 +873,11 @@ pub fn snapshot_from(
 
 /// A watched ServiceImport as the typed object; a field that does not fit
 /// the schema is named.
+/// An EndpointSlice checked.
+fn slice_entry(object: &EndpointSlice) -> Checked {
+    Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), object)))
+}
+
 /// A ServiceImport checked, or why it is invalid.
 fn import_entry(object: &DynamicObject) -> Checked {
     match import_from(object) {
