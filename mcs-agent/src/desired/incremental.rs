@@ -16,6 +16,20 @@ struct Output {
     errors: Vec<ObjectError>,
 }
 
+/// One service: its objects and what the last pass made of them, under one
+/// key (two maps by service kept every name twice).
+#[derive(Debug, Default)]
+struct Service {
+    group: Group,
+    output: Output,
+}
+
+impl Service {
+    fn is_empty(&self) -> bool {
+        self.group.is_empty() && self.output.frontends.is_empty() && self.output.errors.is_empty()
+    }
+}
+
 /// What a pass changed: the frontends to re-plan, the problems that appeared
 /// and those that went away.
 #[derive(Debug, Default)]
@@ -37,14 +51,14 @@ pub struct Delta {
 /// and every service claiming an address whose claim or use changed.
 #[derive(Debug, Default)]
 pub struct Model {
-    groups: HashMap<ServiceRef, Group>,
+    /// Services with objects, or with frontends or problems from the last pass.
+    services: HashMap<ServiceRef, Service>,
     /// Endpoint address -> slices (`namespace/name`) listing it, with counts.
-    endpoints: HashMap<IpAddr, Listers>,
+    endpoints: ByAddress<Counted<std::sync::Arc<str>>>,
     /// ClusterSetIP -> services whose valid imports ask for it, with counts.
-    claims: HashMap<IpAddr, BTreeMap<ServiceRef, u32>>,
+    claims: ByAddress<Counted<ServiceRef>>,
     /// The cluster's Services by ClusterIP: a ClusterSetIP may not be one.
     cluster_ips: ClusterIps,
-    outputs: HashMap<ServiceRef, Output>,
     state: DesiredState,
     /// ClusterSetIP -> the service serving it.
     held: BTreeMap<IpAddr, String>,
@@ -52,58 +66,120 @@ pub struct Model {
     slots: u64,
 }
 
-/// The slices listing one endpoint address: almost always one, so that case
-/// takes no allocation of its own (at 100,000 endpoints this index is large).
+/// Keys with counts, as a value of an index by address that almost always
+/// holds one key once (one slice lists an endpoint, one service claims a
+/// ClusterSetIP): that case takes no allocation of its own. At 10,000
+/// services a one-key `BTreeMap` per address cost 0.6 KiB per service.
 #[derive(Debug)]
-enum Listers {
-    One(std::sync::Arc<str>),
-    Many(BTreeMap<std::sync::Arc<str>, u32>),
+enum Counted<K> {
+    One(K),
+    Many(BTreeMap<K, u32>),
 }
 
-impl Listers {
-    fn add(&mut self, slice: std::sync::Arc<str>) {
+impl<K: Ord + Clone> Counted<K> {
+    fn add(&mut self, key: K) {
         match self {
-            Listers::One(only) => {
+            Counted::One(only) => {
                 let mut many = BTreeMap::from([(only.clone(), 1)]);
-                *many.entry(slice).or_default() += 1;
-                *self = Listers::Many(many);
+                *many.entry(key).or_default() += 1;
+                *self = Counted::Many(many);
             }
-            Listers::Many(many) => *many.entry(slice).or_default() += 1,
+            Counted::Many(many) => *many.entry(key).or_default() += 1,
         }
     }
 
-    /// False when no slice lists the address any more.
-    fn remove(&mut self, slice: &str) -> bool {
+    /// False when no key is left.
+    fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         match self {
-            Listers::One(only) => **only != *slice,
-            Listers::Many(many) => {
-                if let Some(n) = many.get_mut(slice) {
+            Counted::One(only) => (*only).borrow() != key,
+            Counted::Many(many) => {
+                if let Some(n) = many.get_mut(key) {
                     *n -= 1;
                     if *n == 0 {
-                        many.remove(slice);
+                        many.remove(key);
                     }
+                }
+                // Back to the allocation-free case once one key is left once.
+                if many.len() == 1
+                    && let Some((only, 1)) = many.first_key_value().map(|(k, n)| (k.clone(), *n))
+                {
+                    *self = Counted::One(only);
+                    return true;
                 }
                 !many.is_empty()
             }
         }
     }
 
-    fn first(&self) -> Option<&std::sync::Arc<str>> {
-        match self {
-            Listers::One(only) => Some(only),
-            Listers::Many(many) => many.keys().next(),
-        }
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        let (one, many) = match self {
+            Counted::One(only) => (Some(only), None),
+            Counted::Many(many) => (None, Some(many.keys())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
-fn bump<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) {
-    if add {
-        *map.entry(key).or_default() += 1;
-    } else if let Some(n) = map.get_mut(&key) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(&key);
+/// An index by address, one map per family: keyed by `IpAddr` (17 bytes,
+/// padded to the value's alignment) an IPv4 entry took 16 bytes more, and
+/// the endpoint index has an entry per endpoint address.
+#[derive(Debug)]
+struct ByAddress<V> {
+    v4: HashMap<std::net::Ipv4Addr, V>,
+    v6: HashMap<std::net::Ipv6Addr, V>,
+}
+
+impl<V> Default for ByAddress<V> {
+    fn default() -> Self {
+        Self { v4: HashMap::new(), v6: HashMap::new() }
+    }
+}
+
+impl<V> ByAddress<V> {
+    fn get(&self, ip: &IpAddr) -> Option<&V> {
+        match ip {
+            IpAddr::V4(ip) => self.v4.get(ip),
+            IpAddr::V6(ip) => self.v6.get(ip),
         }
+    }
+
+    fn get_mut(&mut self, ip: &IpAddr) -> Option<&mut V> {
+        match ip {
+            IpAddr::V4(ip) => self.v4.get_mut(ip),
+            IpAddr::V6(ip) => self.v6.get_mut(ip),
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, value: V) {
+        match ip {
+            IpAddr::V4(ip) => self.v4.insert(ip, value),
+            IpAddr::V6(ip) => self.v6.insert(ip, value),
+        };
+    }
+
+    fn remove(&mut self, ip: &IpAddr) {
+        match ip {
+            IpAddr::V4(ip) => self.v4.remove(ip),
+            IpAddr::V6(ip) => self.v6.remove(ip),
+        };
+    }
+}
+
+/// Counts `key` in (or out of) the index entry of `ip`, dropping the entry
+/// when nothing is left.
+fn count<K: Ord + Clone>(index: &mut ByAddress<Counted<K>>, ip: IpAddr, key: K, add: bool) {
+    match (index.get_mut(&ip), add) {
+        (Some(keys), true) => keys.add(key),
+        (None, true) => index.insert(ip, Counted::One(key)),
+        (Some(keys), false) => {
+            if !keys.remove(&key) {
+                index.remove(&ip);
+            }
+        }
+        (None, false) => {}
     }
 }
 
@@ -130,26 +206,27 @@ impl Model {
     }
 
     pub fn service_count(&self) -> usize {
-        self.groups.len()
+        self.services().count()
     }
 
+    /// Services with objects, and their objects.
     pub fn services(&self) -> impl Iterator<Item = (&ServiceRef, &Group)> {
-        self.groups.iter()
+        self.services.iter().filter(|(_, s)| !s.group.is_empty()).map(|(r, s)| (r, &s.group))
     }
 
     pub fn group(&self, service: &ServiceRef) -> Option<&Group> {
-        self.groups.get(service)
+        self.services.get(service).map(|s| &s.group).filter(|g| !g.is_empty())
     }
 
     /// Every current problem with an object.
     pub fn errors(&self) -> impl Iterator<Item = &ObjectError> {
-        self.outputs.values().flat_map(|o| o.errors.iter())
+        self.services.values().flat_map(|s| s.output.errors.iter())
     }
 
     /// (imports, invalid imports, slices, invalid slices) over all services.
     pub fn counts(&self) -> [u64; 4] {
         let mut c = [0u64; 4];
-        for group in self.groups.values() {
+        for (_, group) in self.services() {
             c[0] += group.imports.len() as u64;
             c[1] += group.imports.iter().filter(|i| !i.is_valid()).count() as u64;
             c[2] += group.slices.len() as u64;
@@ -165,41 +242,28 @@ impl Model {
         let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
         for (service, mut group) in changes {
             group.sort();
-            let old = self.groups.remove(&service).unwrap_or_default();
+            let old = self.services.get_mut(&service).map(|s| std::mem::take(&mut s.group)).unwrap_or_default();
             let addresses = |g: &Group| g.slices.iter().flat_map(|s| s.addresses()).collect::<BTreeSet<_>>();
             let (before, after) = (addresses(&old), addresses(&group));
             for (ip, slice) in before.difference(&after) {
                 touched.insert(*ip);
-                if let Some(listers) = self.endpoints.get_mut(ip)
-                    && !listers.remove(slice)
-                {
-                    self.endpoints.remove(ip);
-                }
+                count(&mut self.endpoints, *ip, slice.clone(), false);
             }
             for (ip, slice) in after.difference(&before) {
                 touched.insert(*ip);
-                match self.endpoints.get_mut(ip) {
-                    Some(listers) => listers.add(slice.clone()),
-                    None => {
-                        self.endpoints.insert(*ip, Listers::One(slice.clone()));
-                    }
-                }
+                count(&mut self.endpoints, *ip, slice.clone(), true);
             }
             for (entries, add) in [(&old.imports, false), (&group.imports, true)] {
                 for entry in entries.iter() {
                     for vip in entry.vips() {
                         touched.insert(vip);
-                        let claimants = self.claims.entry(vip).or_default();
-                        bump(claimants, service.clone(), add);
-                        if claimants.is_empty() {
-                            self.claims.remove(&vip);
-                        }
+                        count(&mut self.claims, vip, service.clone(), add);
                     }
                 }
             }
             dirty.insert(service.clone());
             if !group.is_empty() {
-                self.groups.insert(service, group);
+                self.services.entry(service).or_default().group = group;
             }
         }
         self.dirty_claimants(&touched, &mut dirty);
@@ -259,7 +323,7 @@ impl Model {
     /// Recomputes every service (policy or passive health changed, or a full
     /// resync).
     pub fn recompute_all(&mut self, policy: &Policy, runtime: &Runtime) -> Delta {
-        let dirty: BTreeSet<ServiceRef> = self.groups.keys().chain(self.outputs.keys()).cloned().collect();
+        let dirty: BTreeSet<ServiceRef> = self.services.keys().cloned().collect();
         self.recompute(dirty, policy, runtime)
     }
 
@@ -290,7 +354,7 @@ impl Model {
         };
         let mut old_errors = Vec::new();
         for (service, ..) in &results {
-            let Some(old) = self.outputs.remove(service) else { continue };
+            let Some(old) = self.services.get_mut(service).map(|s| std::mem::take(&mut s.output)) else { continue };
             let name = format!("{}/{}", service.0, service.1);
             for key in old.frontends {
                 if let Some(f) = self.state.frontends.remove(&key) {
@@ -323,7 +387,9 @@ impl Model {
                 new_errors.insert(text);
             }
             if !keys.is_empty() || !errors.is_empty() {
-                self.outputs.insert(service, Output { frontends: keys, errors });
+                self.services.entry(service).or_default().output = Output { frontends: keys, errors };
+            } else if self.services.get(&service).is_some_and(Service::is_empty) {
+                self.services.remove(&service);
             }
         }
         // Problems of recomputed services that are gone now.
@@ -348,7 +414,7 @@ impl Model {
 
     /// The first slice (by `namespace/name`) listing `ip` as an endpoint.
     fn endpoint_slice(&self, ip: IpAddr) -> Option<&str> {
-        self.endpoints.get(&ip).and_then(Listers::first).map(|s| &**s)
+        self.endpoints.get(&ip).and_then(|slices| slices.keys().next()).map(|s| &**s)
     }
 
     /// Which import gets `vip`: of the valid imports asking for it, the one
@@ -364,7 +430,7 @@ impl Model {
         let claimants = self.claims.get(&vip)?;
         claimants
             .keys()
-            .filter_map(|service| self.groups.get(service))
+            .filter_map(|service| self.group(service))
             .flat_map(|g| g.imports.iter())
             .filter(|entry| !(policy.skip_derived && entry.derived) && entry.vips().any(|v| v == vip))
             .filter(|entry| self.service_conflict(vip, entry, policy).is_none())
@@ -379,7 +445,7 @@ impl Model {
     ) -> (Vec<(FrontendKey, Frontend)>, Vec<ObjectError>) {
         let mut errors = Vec::new();
         let mut frontends = Vec::new();
-        let Some(group) = self.groups.get(service) else { return (frontends, errors) };
+        let Some(group) = self.group(service) else { return (frontends, errors) };
         let mut slices = Vec::new();
         for slice in &group.slices {
             match &slice.valid {
@@ -447,7 +513,7 @@ impl Model {
                     let key = FrontendKey { vip: *vip, ..*key };
                     let mut endpoints: BTreeMap<BackendAddr, Endpoint> = BTreeMap::new();
                     for slice in &slices {
-                        let Some(&port) = slice.ports.get(&(port_name.clone(), key.protocol)) else {
+                        let Some(port) = slice.port(port_name, key.protocol) else {
                             continue;
                         };
                         // A frontend is balanced over endpoints of its own family.

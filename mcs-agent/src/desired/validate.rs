@@ -152,8 +152,9 @@ pub(super) fn validate_import(origin: &Origin, import: &ServiceImport) -> Result
 pub(super) struct ValidSlice {
     /// Ports left out (a protocol the datapath does not carry).
     pub(super) skipped: Vec<ObjectError>,
-    /// (name, protocol) -> port number
-    pub(super) ports: BTreeMap<(String, Protocol), u16>,
+    /// (name, protocol, port number), sorted by name and protocol: a slice
+    /// has a port or two, where a map would take a node of its own.
+    pub(super) ports: Vec<(String, Protocol, u16)>,
     pub(super) endpoints: Vec<(IpAddr, Arc<Locality>, Condition)>,
 }
 
@@ -173,7 +174,7 @@ pub(super) fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<O
             return Err(err("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN")));
         }
     };
-    let mut ports = BTreeMap::new();
+    let mut ports: Vec<(String, Protocol, u16)> = Vec::new();
     let mut skipped = Vec::new();
     for (i, port) in slice.ports.iter().flatten().enumerate() {
         let protocol = match Protocol::parse(port.protocol.as_deref()) {
@@ -189,8 +190,14 @@ pub(super) fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<O
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| err(format!("ports[{i}].port"), format!("{raw} is out of range 1-65535")))?;
-        ports.insert((port.name.clone().unwrap_or_default(), protocol), number);
+        let name = port.name.clone().unwrap_or_default();
+        // A repeated name and protocol: the last one counts, as it would in a map.
+        match ports.binary_search_by(|(n, p, _)| (n.as_str(), *p).cmp(&(name.as_str(), protocol))) {
+            Ok(at) => ports[at].2 = number,
+            Err(at) => ports.insert(at, (name, protocol, number)),
+        }
     }
+    ports.shrink_to_fit();
     let label = |key: &str| slice.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
     let (cluster, region) = (label(LABEL_SOURCE_CLUSTER), label(LABEL_REGION));
     let mut endpoints = Vec::new();
@@ -241,6 +248,14 @@ pub(super) fn validate_slice(origin: &Origin, slice: &EndpointSlice) -> Result<O
     }
     endpoints.shrink_to_fit();
     Ok(Some(ValidSlice { skipped, ports, endpoints }))
+}
+
+impl ValidSlice {
+    /// The slice's port number for a port name and protocol.
+    pub(super) fn port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        let at = self.ports.binary_search_by(|(n, p, _)| (n.as_str(), *p).cmp(&(name, protocol))).ok()?;
+        Some(self.ports[at].2)
+    }
 }
 
 /// `status.clusterSelectorResults` (KEP-5939): ordered sets of cluster ids.
