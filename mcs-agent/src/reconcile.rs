@@ -143,6 +143,18 @@ impl Reconciler {
         }
     }
 
+    /// A reconciler that knows which service holds each ClusterSetIP, as
+    /// one with a history would: the reference a fresh pass is compared to.
+    #[cfg(test)]
+    pub(crate) fn seeded(applied: Applied, policy: Policy, held: BTreeMap<std::net::IpAddr, String>) -> Self {
+        Self { model: Model::with_held(held), ..Self::new(applied, policy) }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> &BTreeMap<std::net::IpAddr, String> {
+        self.model.held()
+    }
+
     /// Lets the maps grow up to `bounds`: a pass whose desired state comes
     /// near a map's size writes nothing and asks for larger maps instead
     /// ([`Reconciler::take_outgrown`]). `None` (the default): a frontend
@@ -685,87 +697,15 @@ impl Reconciler {
 }
 
 #[cfg(test)]
+pub(crate) mod memory;
+
+#[cfg(test)]
 mod tests {
     //! Passes against maps held in memory: what is written, what is not, and
     //! how a write that fails half way is recovered, with no kernel.
 
-    use std::collections::BTreeMap;
-
-    use mcs_common::ServiceValue;
-
-    use super::*;
-    use crate::{
-        model::Origin,
-        plan::{Capacity, FamilyKey, frontend_of},
-        source::manifests::parse_documents,
-    };
-
-    /// SERVICES, BACKENDS and SELECTION as plain maps; `fail` makes the next
-    /// write fail after half of its operations, as a full map would.
-    #[derive(Default)]
-    struct Maps {
-        services: BTreeMap<FrontendKey, ServiceValue>,
-        backends: BTreeMap<u32, BackendAddr>,
-        slots: BTreeMap<u32, u32>,
-        writes: usize,
-        fail: bool,
-    }
-
-    impl KernelMaps for Maps {
-        fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
-            let upto = if std::mem::take(&mut self.fail) { ops.len() / 2 } else { ops.len() };
-            for op in &ops[..upto] {
-                self.writes += 1;
-                match op {
-                    MapOp::PutBackend { id, backend } => {
-                        self.backends.insert(*id, backend.addr());
-                    }
-                    MapOp::PutSlots { offset, ids } => {
-                        for (i, id) in ids.iter().enumerate() {
-                            self.slots.insert(offset + i as u32, *id);
-                        }
-                    }
-                    MapOp::PutService { key: FamilyKey::V4(key), value, .. } => {
-                        self.services.insert(frontend_of(key).expect("TCP or UDP"), *value);
-                    }
-                    MapOp::DeleteService { key: FamilyKey::V4(key) } => {
-                        self.services.remove(&frontend_of(key).expect("TCP or UDP"));
-                    }
-                    MapOp::ClearBackend { id, .. } => {
-                        self.backends.remove(id);
-                    }
-                    MapOp::PurgeAffinity { .. } => {}
-                    MapOp::PutService { key: FamilyKey::V6(_), .. }
-                    | MapOp::DeleteService { key: FamilyKey::V6(_) } => {
-                        unreachable!("IPv4 only here")
-                    }
-                }
-            }
-            if upto < ops.len() {
-                return Err(DatapathError::MissingMap("SERVICES (a write failed half way)"));
-            }
-            Ok(())
-        }
-
-        fn kernel_state(&self) -> KernelState {
-            KernelState {
-                services: self.services.iter().map(|(k, v)| (Ok(*k), *v)).collect(),
-                backends: self.backends.iter().map(|(id, addr)| (*id, *addr)).collect(),
-            }
-        }
-
-        fn selection_slot(&self, slot: u32) -> Option<u32> {
-            self.slots.get(&slot).copied()
-        }
-    }
-
-    impl Maps {
-        /// The backends a frontend's table names, as the datapath would pick them.
-        fn table(&self, vip: &str) -> BTreeSet<BackendAddr> {
-            let (_, value) = self.services.iter().find(|(k, _)| k.vip.to_string() == vip).expect("the frontend");
-            (value.slot_offset..value.slot_offset + value.slot_count).map(|s| self.backends[&self.slots[&s]]).collect()
-        }
-    }
+    use super::{memory::Maps, *};
+    use crate::{model::Origin, plan::Capacity, source::manifests::parse_documents};
 
     fn snapshot(pods: &[&str]) -> Snapshot {
         let (snapshot, errors) = parse_documents(&Origin("test.yaml".into()), &manifest(pods));

@@ -7,11 +7,14 @@ use tracing::info;
 
 use super::{schedule::Due, sources::Source};
 use crate::{
-    datapath::{Datapath, DatapathError},
+    datapath::DatapathError,
     desired::{ObjectError, Policy},
     events::{EventSink, Problem},
-    reconcile::Reconciler,
+    reconcile::{KernelMaps, Reconciler},
 };
+
+#[cfg(test)]
+mod tests;
 
 /// One pass: read the source, bring the datapath to it, report new problems
 /// (as Kubernetes Events too, in Kubernetes mode).
@@ -19,7 +22,7 @@ pub fn reconcile(
     source: &Source,
     flags: &Policy,
     reconciler: &mut Reconciler,
-    datapath: &mut Datapath,
+    datapath: &mut impl KernelMaps,
     events: Option<&EventSink>,
     due: Due,
 ) -> Result<(), DatapathError> {

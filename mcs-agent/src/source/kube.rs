@@ -34,7 +34,7 @@ use thiserror::Error;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
-mod index;
+pub(crate) mod index;
 
 pub use index::{ServiceIndex, Touched};
 
@@ -622,6 +622,31 @@ impl KubeSource {
         })
     }
 
+    /// A source with no API behind it, fed by hand as the reflectors feed
+    /// it (see [`offline::Feed`]).
+    #[cfg(test)]
+    fn offline(
+        import_resource: ApiResource,
+        slice_index: Arc<Mutex<ServiceIndex>>,
+    ) -> (Self, Writer<DynamicObject>, Writer<EndpointSlice>) {
+        let imports = Writer::new(import_resource.clone());
+        let (slices, slice_writer) = reflector::store();
+        let source = Self {
+            import_resource,
+            imports: imports.as_reader(),
+            slices,
+            services: reflector::store().0,
+            service_cidrs: None,
+            node: None,
+            peers: None,
+            property: None,
+            entries: Default::default(),
+            slice_index,
+            invalid: Default::default(),
+        };
+        (source, imports, slice_writer)
+    }
+
     /// Waits until every cache has its first complete list.
     pub async fn wait_ready(&self) {
         let _ = self.imports.wait_until_ready().await;
@@ -895,6 +920,48 @@ fn import_from(object: &DynamicObject) -> Result<ServiceImport, ObjectError> {
 
 fn conversion_error(meta: &ObjectMeta, field: String, message: String) -> ObjectError {
     ObjectError::about(&Origin::default(), "ServiceImport", meta)(field, message)
+}
+
+/// The Kubernetes source without an API server, for tests of what it makes
+/// of objects: each change goes in as the reflectors take a watch event in
+/// (pruned, into the store, into the index), and says what it touched.
+#[cfg(test)]
+pub(crate) mod offline {
+    use super::*;
+
+    pub struct Feed {
+        imports: Writer<DynamicObject>,
+        slices: Writer<EndpointSlice>,
+        import_index: ServiceIndex,
+        slice_index: Arc<Mutex<ServiceIndex>>,
+    }
+
+    impl Feed {
+        pub fn new() -> (Self, KubeSource) {
+            let resource = ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk(MCS_GROUP, "v1beta1", "ServiceImport"),
+                "serviceimports",
+            );
+            let slice_index = Arc::new(Mutex::new(ServiceIndex::default()));
+            let (source, imports, slices) = KubeSource::offline(resource, slice_index.clone());
+            (Self { imports, slices, import_index: ServiceIndex::own_names(), slice_index }, source)
+        }
+
+        /// An import added or changed (`Some`), or deleted.
+        pub fn import(&mut self, mut object: DynamicObject, deleted: bool) -> Touched {
+            prune_import(&mut object);
+            let event = if deleted { watcher::Event::Delete(object) } else { watcher::Event::Apply(object) };
+            self.imports.apply_watcher_event(&event);
+            self.import_index.on_event(&event, import_service)
+        }
+
+        pub fn slice(&mut self, mut object: EndpointSlice, deleted: bool) -> Touched {
+            prune_slice(&mut object);
+            let event = if deleted { watcher::Event::Delete(object) } else { watcher::Event::Apply(object) };
+            self.slices.apply_watcher_event(&event);
+            self.slice_index.lock().unwrap_or_else(|e| e.into_inner()).on_event(&event, slice_service)
+        }
+    }
 }
 
 #[cfg(test)]
