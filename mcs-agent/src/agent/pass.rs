@@ -21,13 +21,14 @@ mod tests;
 pub fn reconcile(
     source: &Source,
     flags: &Policy,
+    node_addresses: BTreeSet<IpAddr>,
     reconciler: &mut Reconciler,
     datapath: &mut impl KernelMaps,
     events: Option<&EventSink>,
     due: Due,
 ) -> Result<(), DatapathError> {
     let mut policy = flags.clone();
-    policy.node_addresses = local_addresses();
+    policy.node_addresses = node_addresses;
     let report = match source {
         Source::Manifests(dir) => {
             let recompute = reconciler.set_policy(policy) || due.recompute;
@@ -99,7 +100,7 @@ pub fn reconcile(
 }
 
 /// This network namespace's addresses: none may become a ClusterSetIP.
-fn local_addresses() -> BTreeSet<IpAddr> {
+pub fn local_addresses() -> BTreeSet<IpAddr> {
     nix::ifaddrs::getifaddrs()
         .into_iter()
         .flatten()

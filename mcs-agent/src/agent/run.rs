@@ -26,7 +26,7 @@ use super::{
     discovery::{DatapathHooks, Discovered},
     error::{AgentError, Context as _},
     grow::{Growth, Old},
-    pass::reconcile,
+    pass::{local_addresses, reconcile},
     passive::{self, PassiveHealth},
     schedule::{Schedule, StaleChange},
     sources::{self, Source},
@@ -367,6 +367,7 @@ impl Agent {
         let result = reconcile(
             source,
             &self.flags_policy,
+            local_addresses(),
             &mut self.reconciler,
             &mut self.datapath,
             self.recorder.as_ref(),

@@ -205,8 +205,10 @@ impl Model {
         self.slots
     }
 
+    /// Services with objects. Between passes every entry has objects: one
+    /// left with neither objects nor output is removed by its recompute.
     pub fn service_count(&self) -> usize {
-        self.services().count()
+        self.services.len()
     }
 
     /// Services with objects, and their objects.

@@ -104,6 +104,20 @@ fn ports_map_by_name_and_protocol_and_only_ready_endpoints_serve() {
 }
 
 #[test]
+fn a_slice_port_listed_twice_by_name_and_protocol_takes_its_last_number() {
+    // "http" twice, and an unnamed port listed after named ones: the lookup
+    // is by name and protocol, whatever the order in the slice.
+    let ports = "- {name: http, port: 8080, protocol: TCP}\n- {name: tcp2, port: 42, protocol: TCP}";
+    let reordered = "- {name: tcp2, port: 42, protocol: TCP}\n- {name: http, port: 8080, protocol: TCP}\n- {name: http, port: 9090, protocol: TCP}\n- {name: dns, port: 5353, protocol: UDP}";
+    let yaml = format!("{IMPORT}{}", slice("web-a", "a", r#"[{addresses: ["10.1.0.2"]}]"#).replace(ports, reordered));
+    let (state, errors) = compute(&snapshot(&yaml), &Policy::default());
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(addrs(&state, 80, Protocol::Tcp), ["10.1.0.2:9090"]);
+    assert_eq!(addrs(&state, 4242, Protocol::Tcp), ["10.1.0.2:42"]);
+    assert_eq!(addrs(&state, 53, Protocol::Udp), ["10.1.0.2:5353"]);
+}
+
+#[test]
 fn headless_imports_and_unlabelled_or_foreign_slices_produce_nothing() {
     let yaml = IMPORT.replace("ClusterSetIP", "Headless") + &slice("web-a", "a", r#"[{addresses: ["10.1.0.2"]}]"#);
     let (state, errors) = compute(&snapshot(&yaml), &Policy::default());

@@ -961,6 +961,34 @@ pub(crate) mod offline {
             self.slices.apply_watcher_event(&event);
             self.slice_index.lock().unwrap_or_else(|e| e.into_inner()).on_event(&event, slice_service)
         }
+
+        /// Both watches list everything anew (after a 410 Gone, say): the
+        /// objects listed replace the stores and the slice index.
+        pub fn relist(&mut self, imports: Vec<DynamicObject>, slices: Vec<EndpointSlice>) -> [Touched; 2] {
+            fn list<K: Resource + Clone>(
+                objects: Vec<K>,
+                prune: fn(&mut K),
+                mut take: impl FnMut(&watcher::Event<K>) -> Touched,
+            ) -> Touched {
+                take(&watcher::Event::Init);
+                for mut object in objects {
+                    prune(&mut object);
+                    take(&watcher::Event::InitApply(object));
+                }
+                take(&watcher::Event::InitDone)
+            }
+            let (writer, index) = (&mut self.imports, &mut self.import_index);
+            let imports = list(imports, prune_import, |event| {
+                writer.apply_watcher_event(event);
+                index.on_event(event, import_service)
+            });
+            let (writer, index) = (&mut self.slices, &self.slice_index);
+            let slices = list(slices, prune_slice, |event| {
+                writer.apply_watcher_event(event);
+                index.lock().unwrap_or_else(|e| e.into_inner()).on_event(event, slice_service)
+            });
+            [imports, slices]
+        }
     }
 }
 

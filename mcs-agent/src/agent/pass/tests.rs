@@ -7,18 +7,20 @@
 //! whole objects, parsed apart from either source, and both hold the state
 //! and report the problems a whole-snapshot computation gives.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::DynamicObject;
 use serde_json::{Value, json};
 
 use super::*;
 use crate::{
     agent::sources::Source,
-    desired::{Runtime, compute_with},
+    desired::{DesiredState, Runtime, compute_with},
     locality::ANNOTATION_CLUSTER_WEIGHTS,
-    model::{Origin, ServiceImport, Snapshot},
+    model::{BackendAddr, Origin, ServiceImport, Snapshot},
     plan::{Applied, Capacity},
     reconcile::memory::Maps,
     source::kube::{index::Touched, offline::Feed},
@@ -70,16 +72,27 @@ fn random_service(rng: &mut Rng, i: u64, version: u64) -> Vec<Value> {
         if rng.one_in(4) {
             spec["trafficDistribution"] = json!("PreferClose");
         }
+        // What the agent does not read rides along: the Kubernetes source
+        // prunes it, the manifests keep it.
         let mut metadata = json!({"name": format!("svc-{i}"), "namespace": "ns", "uid": format!("import-{i}"),
-            "resourceVersion": version.to_string()});
+            "resourceVersion": version.to_string(), "managedFields": [{"manager": "mcs-controller"}],
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}});
         if !rng.one_in(3) {
             metadata["creationTimestamp"] = json!(format!("2026-01-0{}T00:00:00Z", 1 + rng.below(3)));
         }
         if rng.one_in(4) {
-            metadata["annotations"] = json!({ANNOTATION_CLUSTER_WEIGHTS: "east=3,west=1"});
+            metadata["annotations"][ANNOTATION_CLUSTER_WEIGHTS] = json!("east=3,west=1");
+        }
+        if rng.one_in(4) {
+            metadata["annotations"]["multicluster.kubernetes.io/derived-service"] = json!(format!("derived-{i}"));
+        }
+        let mut status = json!({"clusters": [{"cluster": "east"}, {"cluster": "west"}]});
+        if rng.one_in(3) {
+            // KEP-5939: west first, else east.
+            status["clusterSelectorResults"] = json!([{"clusters": ["west"]}, {"clusters": ["east"]}]);
         }
         objects.push(json!({"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
-            "metadata": metadata, "spec": spec}));
+            "metadata": metadata, "spec": spec, "status": status}));
     }
     for s in 0..rng.below(4) {
         let v6 = rng.one_in(3);
@@ -88,7 +101,8 @@ fn random_service(rng: &mut Rng, i: u64, version: u64) -> Vec<Value> {
                 let n = 1 + rng.below(8);
                 let address = if v6 { format!("fd00:10::{n}") } else { format!("10.0.0.{n}") };
                 let mut endpoint = json!({"addresses": [address], "conditions": {"ready": !rng.one_in(4),
-                    "serving": !rng.one_in(2), "terminating": rng.one_in(2)}});
+                    "serving": !rng.one_in(2), "terminating": rng.one_in(2)},
+                    "targetRef": {"kind": "Pod", "name": format!("pod-{n}")}, "hints": {"forZones": [{"name": "z1"}]}});
                 if !rng.one_in(3) {
                     endpoint["zone"] = json!(rng.pick(&["z1", "z2"]));
                 }
@@ -127,19 +141,32 @@ fn same_object(a: &Value, b: &Value) -> bool {
     a["kind"] == b["kind"] && a["metadata"]["name"] == b["metadata"]["name"]
 }
 
-/// The whole objects, parsed as neither source parses them.
-fn snapshot(world: &BTreeMap<u64, Vec<Value>>) -> Snapshot {
+fn file(dir: &Path, i: u64) -> PathBuf {
+    dir.join(format!("svc-{i}.yaml"))
+}
+
+/// The whole objects, parsed as neither source parses them, each named as
+/// its manifest document.
+fn snapshot(dir: &Path, world: &BTreeMap<u64, Vec<Value>>) -> Snapshot {
     let mut snapshot = Snapshot::default();
-    for object in world.values().flatten() {
-        if is_import(object) {
-            let import: ServiceImport = serde_json::from_value(object.clone()).expect("an import");
-            snapshot.imports.push((Origin::default(), import));
-        } else {
-            let slice: EndpointSlice = serde_json::from_value(object.clone()).expect("a slice");
-            snapshot.slices.push((Origin::default(), slice));
+    for (i, objects) in world {
+        for (n, object) in objects.iter().enumerate() {
+            let origin = Origin(format!("{} (document {})", file(dir, *i).display(), n + 1));
+            if is_import(object) {
+                let import: ServiceImport = serde_json::from_value(object.clone()).expect("an import");
+                snapshot.imports.push((origin, import));
+            } else {
+                let slice: EndpointSlice = serde_json::from_value(object.clone()).expect("a slice");
+                snapshot.slices.push((origin, slice));
+            }
         }
     }
     snapshot
+}
+
+/// This node's own addresses, one of them among the ClusterSetIPs asked for.
+fn node_addresses() -> BTreeSet<IpAddr> {
+    BTreeSet::from(["198.18.0.3".parse().expect("an address")])
 }
 
 fn capacity() -> Capacity {
@@ -174,18 +201,27 @@ impl Agent {
     }
 
     fn pass(&mut self, due: Due) {
-        reconcile(&self.source, &flags(), &mut self.reconciler, &mut self.maps, None, due).expect("a pass");
+        reconcile(&self.source, &flags(), node_addresses(), &mut self.reconciler, &mut self.maps, None, due)
+            .expect("a pass");
     }
 
-    fn problems(&self) -> BTreeSet<String> {
-        self.reconciler.problems().iter().map(|p| without_origin(p)).collect()
+    /// Backend ids written and named by no table: a leak.
+    fn unnamed_backends(&self) -> Vec<BackendAddr> {
+        let named: BTreeSet<BackendAddr> = self.maps.served().into_values().flat_map(|s| s.table).collect();
+        self.maps.backends.values().filter(|addr| !named.contains(addr)).copied().collect()
     }
+}
+
+/// ClusterSetIP -> the service its frontends belong to: what `held` must be.
+fn holders(state: &DesiredState) -> BTreeMap<IpAddr, String> {
+    state.frontends.iter().map(|(key, f)| (key.vip, f.service.clone())).collect()
 }
 
 #[test]
 fn both_sources_program_what_a_fresh_pass_programs_from_the_whole_objects() {
     let dir = tempfile::tempdir().expect("a scratch directory");
     let mut seen = BTreeMap::<&str, usize>::new();
+    let mut seen_relists = 0;
     for seed in 1..=20u64 {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
         for entry in std::fs::read_dir(dir.path()).expect("readable") {
@@ -199,25 +235,32 @@ fn both_sources_program_what_a_fresh_pass_programs_from_the_whole_objects() {
             let held = manifests.reconciler.held().clone();
             let mut paths = BTreeSet::new();
             let mut kube_due = Due { full: step == 0, ..Due::default() };
+            let relist = step > 0 && rng.one_in(10);
             for _ in 0..=rng.below(3) {
                 let i = rng.below(SERVICES);
                 let old = world.remove(&i).unwrap_or_default();
                 let new = if rng.one_in(6) { Vec::new() } else { random_service(&mut rng, i, step + 1) };
-                // Files: one per service, every object of it.
-                let path = dir.path().join(format!("svc-{i}.yaml"));
+                // Files: one per service, every object of it, replaced by a
+                // rename as tools write (a rewrite in place may keep the
+                // size and, within a clock tick, the mtime).
+                let path = file(dir.path(), i);
                 if new.is_empty() {
                     let _ = std::fs::remove_file(&path);
                 } else {
                     let docs: Vec<String> = new.iter().map(|o| serde_json::to_string(o).expect("JSON")).collect();
-                    std::fs::write(&path, docs.join("\n---\n")).expect("written");
+                    let scratch = dir.path().join(".next");
+                    std::fs::write(&scratch, docs.join("\n---\n")).expect("written");
+                    std::fs::rename(&scratch, &path).expect("renamed");
                 }
                 paths.insert(path);
                 // Watch events: what went away is deleted, the rest applied.
                 let gone = old.iter().filter(|o| !new.iter().any(|n| same_object(n, o)));
                 for (object, deleted) in gone.map(|o| (o, true)).chain(new.iter().map(|o| (o, false))) {
+                    if relist {
+                        break;
+                    }
                     let touched = if is_import(object) {
-                        let object: DynamicObject = serde_json::from_value(object.clone()).expect("an object");
-                        feed.import(object, deleted)
+                        feed.import(serde_json::from_value(object.clone()).expect("an import"), deleted)
                     } else {
                         feed.slice(serde_json::from_value(object.clone()).expect("a slice"), deleted)
                     };
@@ -230,14 +273,26 @@ fn both_sources_program_what_a_fresh_pass_programs_from_the_whole_objects() {
                     world.insert(i, new);
                 }
             }
+            if relist {
+                // The watches missed these changes and list everything anew.
+                let objects = world.values().flatten();
+                let imports = objects.clone().filter(|o| is_import(o)).map(|o| serde_json::from_value(o.clone()));
+                let slices = objects.filter(|o| !is_import(o)).map(|o| serde_json::from_value(o.clone()));
+                let listed = feed.relist(
+                    imports.collect::<Result<_, _>>().expect("imports"),
+                    slices.collect::<Result<_, _>>().expect("slices"),
+                );
+                assert_eq!(listed, [Touched::All, Touched::All], "a relist asks for a full pass");
+                kube_due.full = true;
+            }
             manifests.pass(Due { full: step == 0, paths, ..Due::default() });
             kube.pass(kube_due);
 
             // The reference: the whole objects, a fresh reconciler that knows
             // who held each ClusterSetIP before this change, empty maps.
-            let snapshot = snapshot(&world);
+            let snapshot = snapshot(dir.path(), &world);
             let mut policy = flags();
-            policy.node_addresses = local_addresses();
+            policy.node_addresses = node_addresses();
             let runtime = Runtime { held: held.clone(), ..Runtime::default() };
             let (state, errors) = compute_with(&snapshot, &policy, &runtime);
             let mut fresh = Reconciler::seeded(Applied::new(capacity()), policy, held);
@@ -250,9 +305,19 @@ fn both_sources_program_what_a_fresh_pass_programs_from_the_whole_objects() {
             let served = maps.served();
             assert_eq!(manifests.maps.served(), served, "manifests source: the maps differ; {}", context());
             assert_eq!(kube.maps.served(), served, "Kubernetes source: the maps differ; {}", context());
+            for agent in [&manifests, &kube] {
+                assert_eq!(agent.reconciler.held(), &holders(&state), "held ClusterSetIPs; {}", context());
+                assert_eq!(agent.unnamed_backends(), [], "backend ids leaked; {}", context());
+            }
+            // The same problems; the manifests name their file and document.
             let problems: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
-            assert_eq!(manifests.problems(), problems, "manifests source: the problems differ; {}", context());
-            assert_eq!(kube.problems(), problems, "Kubernetes source: the problems differ; {}", context());
+            let manifest_problems: BTreeSet<String> = manifests.reconciler.problems().into_iter().collect();
+            assert_eq!(manifest_problems, problems, "manifests source: the problems differ; {}", context());
+            let kube_problems: BTreeSet<String> =
+                kube.reconciler.problems().iter().map(|p| without_origin(p)).collect();
+            let problems: BTreeSet<String> = problems.iter().map(|p| without_origin(p)).collect();
+            assert_eq!(kube_problems, problems, "Kubernetes source: the problems differ; {}", context());
+            seen_relists += usize::from(relist);
 
             let mut count = |what, n: usize| *seen.entry(what).or_default() += n;
             count("frontends", served.len());
@@ -267,6 +332,8 @@ fn both_sources_program_what_a_fresh_pass_programs_from_the_whole_objects() {
                     "contended ClusterSetIPs"
                 } else if problem.contains("is the address of an endpoint") {
                     "captured ClusterSetIPs"
+                } else if problem.contains("is an address of this node") {
+                    "the node's address"
                 } else {
                     "other problems"
                 };
@@ -282,9 +349,11 @@ fn both_sources_program_what_a_fresh_pass_programs_from_the_whole_objects() {
         "weighted tables",
         "contended ClusterSetIPs",
         "captured ClusterSetIPs",
+        "the node's address",
         "other problems",
     ];
     for what in wanted {
         assert!(seen.get(what).is_some_and(|&n| n > 20), "too few {what}: {seen:?}");
     }
+    assert!(seen_relists > 20, "too few relists: {seen_relists}");
 }

@@ -147,3 +147,29 @@ fn incremental_passes_give_what_a_full_pass_gives() {
     // The sequences must exercise what makes services depend on each other.
     assert!(seen.iter().all(|&n| n > 100), "frontends, contended VIPs, captured VIPs, Services' ClusterIPs: {seen:?}");
 }
+
+#[test]
+fn counted_keys_hold_one_key_without_a_map_and_count_repeats() {
+    let mut keys = Counted::One("b");
+    keys.add("a");
+    keys.add("b");
+    assert_eq!(keys.keys().copied().collect::<Vec<_>>(), ["a", "b"], "in key order");
+    assert!(keys.remove("b"), "b is still counted once, a once");
+    assert!(matches!(&keys, Counted::Many(m) if m.len() == 2));
+    assert!(keys.remove("a"));
+    assert!(matches!(keys, Counted::One("b")), "one key counted once: back to no map");
+    assert!(keys.remove("c"), "a key never counted changes nothing");
+    assert!(!keys.remove("b"), "nothing left");
+
+    let mut twice = Counted::One("a");
+    twice.add("a");
+    assert!(twice.remove("a") && matches!(twice, Counted::One("a")), "counted twice, removed once: still there");
+
+    let mut index: ByAddress<Counted<&str>> = ByAddress::default();
+    let (v4, v6): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "::ffff:10.0.0.1".parse().unwrap());
+    count(&mut index, v4, "s", true);
+    count(&mut index, v6, "t", true);
+    assert_eq!(index.get(&v4).map(|k| k.keys().copied().collect::<Vec<_>>()), Some(vec!["s"]));
+    count(&mut index, v4, "s", false);
+    assert!(index.get(&v4).is_none() && index.get(&v6).is_some(), "each family apart; an emptied entry goes");
+}
