@@ -14,10 +14,7 @@ use std::{
 
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, ObjectReference, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, ObjectReference, Pod, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -35,8 +32,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
 pub(crate) mod index;
+mod slice;
 
 pub use index::{ServiceIndex, Touched};
+pub use slice::StoredSlice;
 
 use crate::{
     desired::{DERIVED_SERVICE_ANNOTATIONS, Group, ImportEntry, ObjectError, ServiceRange, ServiceRef, SliceEntry},
@@ -117,17 +116,12 @@ pub const SERVICE_CIDR_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 /// Managed fields (often half an object), annotations, targetRefs and hints
 /// are dropped as objects arrive: at 10,000 services the reflector holds
 /// every slice.
-fn prune_slice(slice: &mut EndpointSlice) {
+fn prune_slice(slice: &mut StoredSlice) {
     let meta = &mut slice.metadata;
     meta.managed_fields = None;
     meta.annotations = None;
     if let Some(labels) = &mut meta.labels {
         labels.retain(|key, _| [LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, LABEL_REGION].contains(&key.as_str()));
-    }
-    for endpoint in &mut slice.endpoints {
-        endpoint.target_ref = None;
-        endpoint.hints = None;
-        endpoint.deprecated_topology = None;
     }
 }
 
@@ -430,7 +424,7 @@ fn service_fingerprint(service: &Service) -> u64 {
 pub struct KubeSource {
     import_resource: ApiResource,
     imports: Store<DynamicObject>,
-    slices: Store<EndpointSlice>,
+    slices: Store<StoredSlice>,
     /// Every Service, pruned to its ClusterIPs and owners.
     services: Store<Service>,
     service_cidrs: Option<Store<DynamicObject>>,
@@ -457,7 +451,7 @@ fn import_service(import: &DynamicObject) -> Option<ServiceRef> {
 }
 
 /// A slice's service: the `multicluster.kubernetes.io/service-name` label.
-fn slice_service(slice: &EndpointSlice) -> Option<ServiceRef> {
+fn slice_service(slice: &StoredSlice) -> Option<ServiceRef> {
     let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
     Some((object_ref(&slice.metadata).0, name.clone()))
 }
@@ -523,7 +517,7 @@ impl KubeSource {
         let slice_index = Arc::new(Mutex::new(ServiceIndex::default()));
         let config = watcher::Config::default().labels(LABEL_SERVICE_NAME);
         spawn_reflector(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<StoredSlice>::all(client.clone()),
             config,
             writer,
             "EndpointSlice",
@@ -628,7 +622,7 @@ impl KubeSource {
     fn offline(
         import_resource: ApiResource,
         slice_index: Arc<Mutex<ServiceIndex>>,
-    ) -> (Self, Writer<DynamicObject>, Writer<EndpointSlice>) {
+    ) -> (Self, Writer<DynamicObject>, Writer<StoredSlice>) {
         let imports = Writer::new(import_resource.clone());
         let (slices, slice_writer) = reflector::store();
         let source = Self {
@@ -882,7 +876,7 @@ fn keep<K>(_: &mut K) {}
 /// not fit the schema is reported with its field path and left out.
 pub fn snapshot_from(
     imports: &[std::sync::Arc<DynamicObject>],
-    slices: &[std::sync::Arc<EndpointSlice>],
+    slices: &[std::sync::Arc<StoredSlice>],
 ) -> (Snapshot, Vec<ObjectError>) {
     let mut snapshot = Snapshot::default();
     let mut errors = Vec::new();
@@ -892,15 +886,15 @@ pub fn snapshot_from(
             Err(e) => errors.push(e),
         }
     }
-    snapshot.slices = slices.iter().map(|s| (Origin::default(), s.as_ref().clone())).collect();
+    snapshot.slices = slices.iter().map(|s| (Origin::default(), s.to_slice())).collect();
     (snapshot, errors)
 }
 
 /// A watched ServiceImport as the typed object; a field that does not fit
 /// the schema is named.
 /// An EndpointSlice checked.
-fn slice_entry(object: &EndpointSlice) -> Checked {
-    Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), object)))
+fn slice_entry(object: &StoredSlice) -> Checked {
+    Checked::Slice(Arc::new(SliceEntry::new(&Origin::default(), &object.to_slice())))
 }
 
 /// A ServiceImport checked, or why it is invalid.
@@ -931,7 +925,7 @@ pub(crate) mod offline {
 
     pub struct Feed {
         imports: Writer<DynamicObject>,
-        slices: Writer<EndpointSlice>,
+        slices: Writer<StoredSlice>,
         import_index: ServiceIndex,
         slice_index: Arc<Mutex<ServiceIndex>>,
     }
@@ -955,7 +949,7 @@ pub(crate) mod offline {
             self.import_index.on_event(&event, import_service)
         }
 
-        pub fn slice(&mut self, mut object: EndpointSlice, deleted: bool) -> Touched {
+        pub fn slice(&mut self, mut object: StoredSlice, deleted: bool) -> Touched {
             prune_slice(&mut object);
             let event = if deleted { watcher::Event::Delete(object) } else { watcher::Event::Apply(object) };
             self.slices.apply_watcher_event(&event);
@@ -964,7 +958,7 @@ pub(crate) mod offline {
 
         /// Both watches list everything anew (after a 410 Gone, say): the
         /// objects listed replace the stores and the slice index.
-        pub fn relist(&mut self, imports: Vec<DynamicObject>, slices: Vec<EndpointSlice>) -> [Touched; 2] {
+        pub fn relist(&mut self, imports: Vec<DynamicObject>, slices: Vec<StoredSlice>) -> [Touched; 2] {
             fn list<K: Resource + Clone>(
                 objects: Vec<K>,
                 prune: fn(&mut K),
@@ -1016,23 +1010,28 @@ mod tests {
     #[test]
     fn pruned_objects_check_as_the_whole_ones() {
         let managed = json!([{"manager": "kubectl", "operation": "Apply", "fieldsV1": {"f:spec": {}}}]);
-        let slice: EndpointSlice = serde_json::from_value(json!({
+        let json = json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "web-a", "namespace": "demo", "uid": "u1", "resourceVersion": "7", "managedFields": managed,
                 "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
                 "labels": {LABEL_SERVICE_NAME: "web", LABEL_SOURCE_CLUSTER: "a", LABEL_REGION: "r1", "app": "web"}},
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "zone": "z1", "nodeName": "n1",
-                "targetRef": {"kind": "Pod", "name": "web-0"}, "hints": {"forZones": [{"name": "z1"}]}}]
-        }))
-        .unwrap();
-        let mut pruned = slice.clone();
-        prune_slice(&mut pruned);
-        assert!(pruned.metadata.managed_fields.is_none() && pruned.metadata.annotations.is_none());
-        assert_eq!(pruned.metadata.labels.as_ref().unwrap().len(), 3);
-        assert!(pruned.endpoints[0].target_ref.is_none() && pruned.endpoints[0].hints.is_none());
-        let entry = |s: &EndpointSlice| format!("{:?}", SliceEntry::new(&Origin::default(), s));
-        assert_eq!(entry(&pruned), entry(&slice));
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "zone": "z1", "nodeName": "n1",
+                    "targetRef": {"kind": "Pod", "name": "web-0"}, "hints": {"forZones": [{"name": "z1"}]}},
+                {"addresses": ["10.0.0.2", "10.0.0.3"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                    "hostname": "web-1", "deprecatedTopology": {"a": "b"}}]
+        });
+        // Stored: what the watch decodes, pruned as it arrives.
+        let mut stored: StoredSlice = serde_json::from_value(json.clone()).unwrap();
+        prune_slice(&mut stored);
+        assert!(stored.metadata.managed_fields.is_none() && stored.metadata.annotations.is_none());
+        assert_eq!(stored.metadata.labels.as_ref().unwrap().len(), 3);
+        let whole: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json).unwrap();
+        let entry = |s: &k8s_openapi::api::discovery::v1::EndpointSlice| {
+            format!("{:?}", SliceEntry::new(&Origin::default(), s))
+        };
+        assert_eq!(entry(&stored.to_slice()), entry(&whole));
 
         let import: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
