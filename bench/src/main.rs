@@ -10,6 +10,7 @@ mod lab;
 mod load;
 mod memory;
 mod packet;
+mod profile;
 mod report;
 mod stats;
 
@@ -280,6 +281,7 @@ fn main() -> Result<()> {
     };
 
     let mut runs: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
+    let mut profiles = Vec::new();
     if args.only.contains(&Part::Datapath) {
         let agent_flag_refs: Vec<&str> = agent_args.iter().map(String::as_str).collect();
         // The client threads are this process's: socket-level load balancing
@@ -329,7 +331,15 @@ fn main() -> Result<()> {
                             check(path, count, workload, n, &run)?;
                             line.push(format!("{workload:?}x{n} {:.0}/s", run.rate));
                             let key = Key { path, services: count, position, workload, clients: n };
-                            runs.entry(key).or_default().push(run);
+                            runs.entry(key.clone()).or_default().push(run);
+                            // The first round also profiles the agent's paths.
+                            if round == 0 && matches!(path, Path4::McsAgent | Path4::SocketLb) {
+                                let clients = lab.clients(n);
+                                let seconds = Duration::from_secs_f64(seconds);
+                                profiles.push(profile::profile(key, || {
+                                    load::run(workload, &clients, target.into(), seconds)
+                                })?);
+                            }
                         }
                     }
                     drop(installed);
@@ -374,6 +384,7 @@ fn main() -> Result<()> {
         control_large,
         control_kube,
         datapath: report::datapath(&runs),
+        profiles,
         disruption,
         families,
         memory,

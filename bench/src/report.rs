@@ -37,6 +37,8 @@ pub struct Results {
     /// The agent in Kubernetes mode, against a list/watch API server of our own.
     pub control_kube: Option<crate::control::KubeControl>,
     pub datapath: Vec<Row>,
+    /// The agent's programs' run time per transaction (first round).
+    pub profiles: Vec<crate::profile::Profile>,
     pub disruption: Vec<crate::disruption::Row>,
     pub families: Vec<crate::family::Row>,
     /// The control plane's heap by structure, per service count.
@@ -152,6 +154,45 @@ fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &st
             ratio(median(Path4::SocketLb), median(Path4::Direct)),
             ratio(median(Path4::McsAgent), median(Path4::Iptables)),
             ratio(median(Path4::McsAgent), median(Path4::Nftables)),
+        );
+    }
+}
+
+/// The agent's programs' time per transaction beside what the transaction
+/// cost over direct: what the programs explain of the gap, and what not.
+fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Profile]) {
+    if profiles.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n#### Where the time goes (kernel run-time statistics of each program, a profiled run after the measured ones)\n\n\
+         Each program as runs per transaction × ns per run. \"Over direct\" is what a transaction cost beyond direct in the measured runs (1/rate − 1/direct's rate, medians, per client); BPF's share of it is the programs' time.\n\n\
+         | services | path | workload | clients | programs (runs/op × ns/run) | BPF ns/op | over direct, ns/op |\n|---:|---|---|---:|---|---:|---:|"
+    );
+    for p in profiles {
+        let k = &p.key;
+        let programs: Vec<String> = p
+            .programs
+            .iter()
+            .map(|c| format!("{} {:.2}×{:.0}", c.program.trim_start_matches("mcs_"), c.runs_per_op, c.ns_per_run))
+            .collect();
+        let rate = |path| find(rows, path, k.services, k.position, k.workload, k.clients).map(|r| r.rate.median);
+        // Per client: each client's transactions are back to back.
+        let over = match (rate(k.path), rate(Path4::Direct)) {
+            (Some(r), Some(d)) if r > 0.0 && d > 0.0 => (1e9 / r - 1e9 / d) * k.clients as f64,
+            _ => f64::NAN,
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:?} | {} | {} | {:.0} | {} |",
+            count(k.services),
+            k.path.label(),
+            k.workload,
+            k.clients,
+            programs.join(", "),
+            p.bpf_ns_per_op,
+            if over.is_finite() { format!("{over:.0}") } else { "–".into() }
         );
     }
 }
@@ -454,6 +495,7 @@ pub fn markdown(results: &Results) -> String {
         workload_table(&mut out, rows, Workload::UdpRr, "UDP requests per second (request/response)", |r| &r.rate);
         let errors: u64 = rows.iter().map(|r| r.errors).sum();
         let _ = writeln!(out, "\nFailed transactions over all runs: {errors}.");
+        profile_table(&mut out, rows, &results.profiles);
     }
 
     if !results.families.is_empty() {
