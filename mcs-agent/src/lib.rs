@@ -26,6 +26,8 @@ pub mod plan;
 pub mod reconcile;
 pub mod source;
 pub mod terminate;
+#[cfg(test)]
+mod testing;
 
 /// Lowers the calling thread to nice 19. Background work (the manifest
 /// resync walk, the conntrack collector) then yields the CPUs to the

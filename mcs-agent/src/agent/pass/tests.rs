@@ -24,27 +24,8 @@ use crate::{
     plan::{Applied, Capacity},
     reconcile::memory::Maps,
     source::kube::{index::Touched, offline::Feed},
+    testing::Rng,
 };
-
-/// xorshift: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len() as u64) as usize]
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
 
 const SERVICES: u64 = 6;
 /// ClusterSetIPs few enough that imports contend for them; the last is also

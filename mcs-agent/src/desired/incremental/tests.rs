@@ -4,17 +4,7 @@
 
 use super::*;
 use crate::source::manifests::parse_documents;
-
-/// xorshift: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+use crate::testing::Rng;
 
 const SERVICES: u64 = 6;
 /// VIPs and endpoint addresses share a pool, so imports contend for VIPs
@@ -25,34 +15,34 @@ fn addr(i: u64) -> String {
 
 fn random_service(rng: &mut Rng, i: u64) -> String {
     let mut yaml = String::new();
-    if rng.next(5) > 0 {
-        let ips = match rng.next(6) {
+    if rng.below(5) > 0 {
+        let ips = match rng.below(6) {
             0 => String::new(),
             1 => r#""not-an-ip""#.to_owned(),
-            _ => format!(r#""{}""#, addr(rng.next(8))),
+            _ => format!(r#""{}""#, addr(rng.below(8))),
         };
-        let created = if rng.next(3) == 0 {
+        let created = if rng.below(3) == 0 {
             String::new()
         } else {
-            format!("creationTimestamp: \"2026-01-0{}T00:00:00Z\"", 1 + rng.next(3))
+            format!("creationTimestamp: \"2026-01-0{}T00:00:00Z\"", 1 + rng.below(3))
         };
-        let port = if rng.next(2) == 0 { "80" } else { "8080" };
+        let port = if rng.below(2) == 0 { "80" } else { "8080" };
         yaml.push_str(&format!(
                 "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceImport\nmetadata: {{name: svc-{i}, namespace: ns, {created}}}\nspec:\n  type: ClusterSetIP\n  ips: [{ips}]\n  ports:\n  - {{name: http, port: {port}, protocol: TCP}}\n---\n"
             ));
     }
-    for s in 0..rng.next(3) {
-        let endpoints: Vec<String> = (0..rng.next(4))
+    for s in 0..rng.below(3) {
+        let endpoints: Vec<String> = (0..rng.below(4))
             .map(|_| {
-                let ready = rng.next(4) > 0;
+                let ready = rng.below(4) > 0;
                 format!(
                     "  - addresses: [\"{}\"]\n    conditions: {{ready: {ready}}}\n",
-                    addr(8 + rng.next(6).min(5) - if rng.next(3) == 0 { 8 } else { 0 })
+                    addr(8 + rng.below(6).min(5) - if rng.below(3) == 0 { 8 } else { 0 })
                 )
             })
             .collect();
-        let cluster = ["east", "west"][rng.next(2) as usize];
-        let target = 8000 + rng.next(2);
+        let cluster = ["east", "west"][rng.below(2) as usize];
+        let target = 8000 + rng.below(2);
         yaml.push_str(&format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-{s}\n  namespace: ns\n  labels: {{multicluster.kubernetes.io/service-name: svc-{i}, multicluster.kubernetes.io/source-cluster: {cluster}}}\naddressType: IPv4\nports:\n- {{name: http, port: {target}, protocol: TCP}}\nendpoints:\n{}---\n",
                 if endpoints.is_empty() { "  []\n".to_owned() } else { endpoints.concat() }
@@ -89,26 +79,26 @@ fn incremental_passes_give_what_a_full_pass_gives() {
         let mut cluster_ips = ClusterIps::new();
         for step in 0..60 {
             let held = incremental.held().clone();
-            if rng.next(4) == 0 {
+            if rng.below(4) == 0 {
                 // The cluster's Services move (a pass of its own, as in the
                 // agent): one may hold a ClusterSetIP, owned by the import
                 // asking for it or not.
-                cluster_ips = (0..rng.next(3))
+                cluster_ips = (0..rng.below(3))
                     .map(|_| {
                         let owners =
-                            if rng.next(2) == 0 { vec![format!("svc-{}", rng.next(SERVICES))] } else { vec![] };
+                            if rng.below(2) == 0 { vec![format!("svc-{}", rng.below(SERVICES))] } else { vec![] };
                         let service = ServiceIp { namespace: "ns".into(), name: "svc".into(), owner_imports: owners };
-                        (addr(rng.next(8)).parse().unwrap(), service)
+                        (addr(rng.below(8)).parse().unwrap(), service)
                     })
                     .collect();
                 incremental.set_cluster_ips(cluster_ips.clone(), &policy, &Runtime::default());
             } else {
                 // One to three services change at once, as in a debounce window.
                 let mut changed = BTreeSet::new();
-                for _ in 0..=rng.next(3) {
-                    let i = rng.next(SERVICES);
+                for _ in 0..=rng.below(3) {
+                    let i = rng.below(SERVICES);
                     changed.insert(i);
-                    if rng.next(6) == 0 {
+                    if rng.below(6) == 0 {
                         files.remove(&i);
                     } else {
                         files.insert(i, random_service(&mut rng, i));
