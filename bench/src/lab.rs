@@ -44,10 +44,15 @@ pub enum Path4 {
     Iptables,
     /// kube-proxy nftables mode.
     Nftables,
+    /// Straight to a pod address with the agent attached as it runs by
+    /// default (TC programs and socket LB): what traffic that is not to a
+    /// ClusterSetIP pays for the agent being there.
+    Attached,
 }
 
 impl Path4 {
-    pub const ALL: [Path4; 5] = [Path4::Direct, Path4::McsAgent, Path4::SocketLb, Path4::Iptables, Path4::Nftables];
+    pub const ALL: [Path4; 6] =
+        [Path4::Direct, Path4::McsAgent, Path4::SocketLb, Path4::Iptables, Path4::Nftables, Path4::Attached];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -56,6 +61,7 @@ impl Path4 {
             Path4::SocketLb => "mcs-agent socket LB",
             Path4::Iptables => "kube-proxy iptables",
             Path4::Nftables => "kube-proxy nftables",
+            Path4::Attached => "pod to pod, agent attached",
         }
     }
 }
@@ -216,12 +222,12 @@ pub fn install(
             let pod = lab.pods[0];
             return Ok((Installed::Nothing, SocketAddrV4::new(pod, TCP_TARGET), SocketAddrV4::new(pod, UDP_TARGET)));
         }
-        Path4::McsAgent | Path4::SocketLb => {
+        Path4::McsAgent | Path4::SocketLb | Path4::Attached => {
             let dir = tempfile::tempdir().context("manifest directory")?;
             write_manifests(dir.path(), services);
             let mut args = vec!["--no-pin"];
             let cgroup;
-            if path == Path4::SocketLb {
+            if matches!(path, Path4::SocketLb | Path4::Attached) {
                 // The bench process itself is in this cgroup (see main.rs):
                 // its client threads' sockets are translated at connect().
                 cgroup = sock_cgroup.context("socket LB needs the bench's cgroup")?.to_owned();
@@ -229,7 +235,12 @@ pub fn install(
             }
             args.extend_from_slice(agent_args);
             let agent = Agent::start(lab.node(), dir.path(), &lab.set.client_ifaces(), &args);
-            Installed::Agent { _agent: agent, _manifests: dir }
+            let installed = Installed::Agent { _agent: agent, _manifests: dir };
+            if path == Path4::Attached {
+                let pod = lab.pods[0];
+                return Ok((installed, SocketAddrV4::new(pod, TCP_TARGET), SocketAddrV4::new(pod, UDP_TARGET)));
+            }
+            installed
         }
         Path4::Iptables => {
             feed(lab.node(), &[iptables_restore], &crate::kubeproxy::iptables(services))?;

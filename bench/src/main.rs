@@ -294,7 +294,7 @@ fn main() -> Result<()> {
             for &count in &counts {
                 let positions: &[Position] =
                     if count == 1 || quick { &[Position::Last] } else { &[Position::Last, Position::Middle] };
-                let mut configs = vec![(Path4::Direct, Position::Last)];
+                let mut configs = vec![(Path4::Direct, Position::Last), (Path4::Attached, Position::Last)];
                 for path in [Path4::McsAgent, Path4::SocketLb, Path4::Iptables, Path4::Nftables] {
                     for &position in positions {
                         configs.push((path, position));
@@ -333,7 +333,7 @@ fn main() -> Result<()> {
                             let key = Key { path, services: count, position, workload, clients: n };
                             runs.entry(key.clone()).or_default().push(run);
                             // The first round also profiles the agent's paths.
-                            if round == 0 && matches!(path, Path4::McsAgent | Path4::SocketLb) {
+                            if round == 0 && matches!(path, Path4::McsAgent | Path4::SocketLb | Path4::Attached) {
                                 let clients = lab.clients(n);
                                 let seconds = Duration::from_secs_f64(seconds);
                                 profiles.push(profile::profile(key, || {
@@ -409,7 +409,8 @@ fn check(path: Path4, services: usize, workload: Workload, clients: usize, run: 
     if run.transactions == 0 {
         bail!("{what}: no transaction completed ({} errors)", run.errors);
     }
-    if path != Path4::Direct && workload == Workload::TcpCrr && run.transactions >= 100 && run.backends < 2 {
+    let balanced = !matches!(path, Path4::Direct | Path4::Attached);
+    if balanced && workload == Workload::TcpCrr && run.transactions >= 100 && run.backends < 2 {
         bail!("{what}: every connection reached the same backend; the service is not load-balanced");
     }
     if run.errors * 100 > run.transactions {

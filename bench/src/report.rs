@@ -70,8 +70,9 @@ fn find(
     workload: Workload,
     clients: usize,
 ) -> Option<&Row> {
-    // Direct does not depend on where the service sits: it has no services.
-    let position = if path == Path4::Direct { Position::Last } else { position };
+    // Direct does not depend on where the service sits: it has no services
+    // (nor the attached agent's pod-to-pod traffic, measured once).
+    let position = if matches!(path, Path4::Direct | Path4::Attached) { Position::Last } else { position };
     rows.iter().find(|r| r.key == Key { path, services, position, workload, clients })
 }
 
@@ -113,13 +114,13 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-const PATHS: [Path4; 5] = Path4::ALL;
+const PATHS: [Path4; 6] = Path4::ALL;
 
 /// The rows of one workload's table; `metric` picks rate or a latency.
 fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &str, metric: fn(&Row) -> &Summary) {
     let mut keys: Vec<(usize, Position, usize)> = rows
         .iter()
-        .filter(|r| r.key.workload == workload && r.key.path != Path4::Direct)
+        .filter(|r| r.key.workload == workload && !matches!(r.key.path, Path4::Direct | Path4::Attached))
         .map(|r| (r.key.services, r.key.position, r.key.clients))
         .collect();
     keys.sort();
@@ -130,16 +131,16 @@ fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &st
     let _ = writeln!(out, "\n#### {title}\n");
     let _ = writeln!(
         out,
-        "| services | measured service | clients | direct | mcs-agent | mcs-agent socket LB | kube-proxy iptables | kube-proxy nftables | mcs-agent ÷ direct | socket LB ÷ direct | mcs-agent ÷ iptables | mcs-agent ÷ nftables |"
+        "| services | measured service | clients | direct | mcs-agent | mcs-agent socket LB | kube-proxy iptables | kube-proxy nftables | pod to pod, agent attached | mcs-agent ÷ direct | socket LB ÷ direct | attached ÷ direct | mcs-agent ÷ iptables | mcs-agent ÷ nftables |"
     );
-    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (services, position, clients) in keys {
         let get = |p| find(rows, p, services, position, workload, clients);
         let cells: Vec<String> = PATHS.iter().map(|&p| get(p).map(|r| cell(metric(r))).unwrap_or("–".into())).collect();
         let median = |p| get(p).map(|r| metric(r).median);
         let _ = writeln!(
             out,
-            "| {} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             count(services),
             match position {
                 Position::Last => "last",
@@ -150,8 +151,10 @@ fn workload_table(out: &mut String, rows: &[Row], workload: Workload, title: &st
             cells[2],
             cells[3],
             cells[4],
+            cells[5],
             ratio(median(Path4::McsAgent), median(Path4::Direct)),
             ratio(median(Path4::SocketLb), median(Path4::Direct)),
+            ratio(median(Path4::Attached), median(Path4::Direct)),
             ratio(median(Path4::McsAgent), median(Path4::Iptables)),
             ratio(median(Path4::McsAgent), median(Path4::Nftables)),
         );
@@ -261,6 +264,35 @@ fn targets(results: &Results) -> Vec<Target> {
                 measured: format!("{w:.2}×"),
                 met: Some(w >= 0.99),
             });
+        }
+        // What the agent costs traffic that is not to a ClusterSetIP.
+        let rate = |p, w, s, c| find(rows, p, s, Position::Last, w, c).map(|r| r.rate.median);
+        for workload in [Workload::TcpCrr, Workload::TcpRr, Workload::UdpRr] {
+            let mut worst: Option<f64> = None;
+            for &s in &counts {
+                for &c in &clients {
+                    if let (Some(a), Some(d)) =
+                        (rate(Path4::Attached, workload, s, c), rate(Path4::Direct, workload, s, c))
+                    {
+                        worst = Some(worst.map_or(a / d, |w: f64| w.min(a / d)));
+                    }
+                }
+            }
+            if let Some(w) = worst {
+                out.push(Target {
+                    goal: match workload {
+                        Workload::TcpCrr => {
+                            "pod to pod with the agent attached: new connections ≥ 0.99× no agent (worst)"
+                        }
+                        Workload::TcpRr => {
+                            "pod to pod with the agent attached: kept-alive requests ≥ 0.99× no agent (worst)"
+                        }
+                        Workload::UdpRr => "pod to pod with the agent attached: UDP requests ≥ 0.99× no agent (worst)",
+                    },
+                    measured: format!("{w:.2}×"),
+                    met: Some(w >= 0.99),
+                });
+            }
         }
         for &c in &clients {
             if let (Some(a), Some(b)) = (crr(Path4::McsAgent, max, c), crr(Path4::McsAgent, min, c)) {
@@ -736,7 +768,15 @@ pub fn chart(results: &Results, path: &Path) -> Result<()> {
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
-        let colours = [BLACK, RGBColor(0, 114, 178), RGBColor(213, 94, 0), RGBColor(0, 158, 115)];
+        // One per path (Okabe-Ito): with fewer, `zip` left the last paths out.
+        let colours = [
+            BLACK,
+            RGBColor(0, 114, 178),
+            RGBColor(213, 94, 0),
+            RGBColor(0, 158, 115),
+            RGBColor(204, 121, 167),
+            RGBColor(230, 159, 0),
+        ];
         for ((p, points), colour) in series.iter().zip(colours) {
             if points.is_empty() {
                 continue;
