@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, os::fd::OwnedFd};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::{
     programs::loaded_programs,
     sys::{Stats, enable_stats},
@@ -52,14 +52,19 @@ pub struct Profile {
 }
 
 /// Runs `run` with the statistics on, and divides what each program did
-/// by the transactions it completed.
+/// by the transactions it completed. An error when the kernel keeps no
+/// statistics or the run completed nothing: the caller warns and goes on
+/// without this profile.
 pub fn profile(key: Key, run: impl FnOnce() -> Run) -> Result<Profile> {
     let on = StatsOn(enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS (the run-time statistics)")?);
     let before = programs();
     let done = run();
     let after = programs();
     drop(on);
-    let ops = done.transactions.max(1) as f64;
+    if done.transactions == 0 {
+        bail!("the profiled run completed no transaction ({} errors)", done.errors);
+    }
+    let ops = done.transactions as f64;
     let programs: Vec<ProgramCost> = after
         .iter()
         .filter_map(|(name, &(ns, runs))| {

@@ -171,7 +171,7 @@ fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Pro
         out,
         "\n#### Where the time goes (kernel run-time statistics of each program, a profiled run after the measured ones)\n\n\
          Each program as runs per transaction × ns per run. \"Over direct\" is what a transaction cost beyond direct in the measured runs (1/rate − 1/direct's rate, medians, per client); BPF's share of it is the programs' time.\n\n\
-         | services | path | workload | clients | programs (runs/op × ns/run) | BPF ns/op | over direct, ns/op |\n|---:|---|---|---:|---|---:|---:|"
+         | services | measured service | path | workload | clients | programs (runs/op × ns/run) | BPF ns/op | over direct, ns/op |\n|---:|---|---|---|---:|---|---:|---:|"
     );
     for p in profiles {
         let k = &p.key;
@@ -188,8 +188,12 @@ fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Pro
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:?} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {:?} | {} | {} | {:.0} | {} |",
             count(k.services),
+            match k.position {
+                Position::Last => "last",
+                Position::Middle => "middle",
+            },
             k.path.label(),
             k.workload,
             k.clients,

@@ -1032,6 +1032,14 @@ mod tests {
             format!("{:?}", SliceEntry::new(&Origin::default(), s))
         };
         assert_eq!(entry(&stored.to_slice()), entry(&whole));
+        // A service scaled to zero: the API sends its endpoints as null.
+        let empty = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-b", "namespace": "demo", "labels": {LABEL_SERVICE_NAME: "web"}},
+            "addressType": "IPv4", "ports": null, "endpoints": null});
+        let stored: StoredSlice = serde_json::from_value(empty.clone()).expect("endpoints: null is no endpoints");
+        let whole: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(empty).unwrap();
+        assert!(stored.endpoints.is_empty());
+        assert_eq!(entry(&stored.to_slice()), entry(&whole));
 
         let import: DynamicObject = serde_json::from_value(json!({
             "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",

@@ -106,6 +106,8 @@ fn random_service(rng: &mut Rng, i: u64, version: u64) -> Vec<Value> {
         if rng.one_in(3) {
             labels["topology.kubernetes.io/region"] = json!(rng.pick(&["r1", "r2"]));
         }
+        // The API sends no endpoints as null (the Go field has no omitempty).
+        let endpoints = if endpoints.is_empty() && rng.one_in(2) { Value::Null } else { json!(endpoints) };
         objects.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("svc-{i}-{s}"), "namespace": "ns", "uid": format!("slice-{i}-{s}"),
                 "resourceVersion": version.to_string(), "labels": labels},

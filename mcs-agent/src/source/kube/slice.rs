@@ -11,7 +11,7 @@ use k8s_openapi::{
     api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// An EndpointSlice as the source stores it: what [`crate::desired::SliceEntry`]
 /// reads, and nothing else.
@@ -20,17 +20,21 @@ use serde::Deserialize;
 pub struct StoredSlice {
     #[serde(default)]
     pub metadata: ObjectMeta,
-    /// Required, as in the API's schema.
+    /// Missing, it is reported by the slice's check (as the whole type did).
+    #[serde(default)]
     pub address_type: String,
     #[serde(default)]
     pub ports: Option<Vec<EndpointPort>>,
-    #[serde(default)]
+    /// The API sends a slice without endpoints (a service scaled to zero) as
+    /// `"endpoints": null`: its Go field has no `omitempty`.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub endpoints: Vec<StoredEndpoint>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredEndpoint {
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub addresses: Vec<String>,
     #[serde(default)]
     pub conditions: Option<EndpointConditions>,
@@ -38,6 +42,11 @@ pub struct StoredEndpoint {
     pub zone: Option<String>,
     #[serde(default)]
     pub node_name: Option<String>,
+}
+
+/// A list that may be absent or `null`: empty either way.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 impl StoredSlice {
