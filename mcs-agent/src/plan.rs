@@ -200,7 +200,11 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::{locality::Weighted, model::Protocol};
+    use crate::{
+        locality::Weighted,
+        model::Protocol,
+        reconcile::{KernelMaps as _, memory::Maps},
+    };
 
     /// Small prime tables keep the expectations readable.
     const SIZE: u32 = 7;
@@ -238,72 +242,28 @@ mod tests {
         DesiredState { frontends: frontends.iter().cloned().collect() }
     }
 
-    /// The maps as the kernel would hold them after a sequence of plans.
-    #[derive(Default)]
-    struct FakeKernel {
-        services: BTreeMap<FrontendKey, ServiceValue>,
-        backends: BTreeMap<u32, BackendAddr>,
-        slots: BTreeMap<u32, u32>,
-    }
-
-    fn frontend_key(key: &FamilyKey) -> FrontendKey {
-        match key {
-            FamilyKey::V4(k) => frontend_of(k).unwrap(),
-            FamilyKey::V6(k) => frontend_of(k).unwrap(),
-        }
-    }
-
-    impl FakeKernel {
-        fn apply(&mut self, ops: &[MapOp]) {
-            for op in ops {
-                match op {
-                    MapOp::PutBackend { id, backend } => {
-                        let addr = match backend {
-                            FamilyBackend::V4(b) => backend_addr(b),
-                            FamilyBackend::V6(b) => backend_addr(b),
-                        };
-                        self.backends.insert(*id, addr);
-                    }
-                    MapOp::PutSlots { offset, ids } => {
-                        for (i, id) in ids.iter().enumerate() {
-                            self.slots.insert(offset + i as u32, *id);
-                        }
-                    }
-                    MapOp::PutService { key, value, .. } => {
-                        self.services.insert(frontend_key(key), *value);
-                    }
-                    MapOp::DeleteService { key } => {
-                        self.services.remove(&frontend_key(key));
-                    }
-                    MapOp::PurgeAffinity { .. } => {}
-                    MapOp::ClearBackend { id, .. } => {
-                        self.backends.remove(id);
-                    }
-                }
-            }
-        }
-
-        fn adopt(&self, capacity: Capacity) -> (Applied, Vec<String>) {
-            let services: Vec<_> = self.services.iter().map(|(k, v)| (Ok(*k), *v)).collect();
-            let backends: Vec<_> = self.backends.iter().map(|(k, v)| (*k, *v)).collect();
-            Applied::adopt(capacity, &services, &backends, |i| Some(self.slots.get(&i).copied().unwrap_or(0)))
-        }
+    /// What an agent restarted on `kernel` (the maps as a sequence of plans
+    /// left them) would adopt.
+    fn adopt(kernel: &Maps, capacity: Capacity) -> (Applied, Vec<String>) {
+        let services: Vec<_> = kernel.services.iter().map(|(k, v)| (Ok(*k), *v)).collect();
+        let backends: Vec<_> = kernel.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        Applied::adopt(capacity, &services, &backends, |i| Some(kernel.slots.get(&i).copied().unwrap_or(0)))
     }
 
     #[test]
     fn a_restarted_agent_adopts_the_kernel_state_and_writes_nothing_for_it() {
         let capacity = Capacity { services: 16, backends: 16, slots: 64 };
         let state = desired(&[(key(1, 80), frontend(&[1, 2, 3])), (key(2, 53), with_affinity(frontend(&[2, 4])))]);
-        let mut kernel = FakeKernel::default();
+        let mut kernel = Maps::default();
         let first = Applied::new(capacity).plan(&state);
-        kernel.apply(&first.ops);
+        kernel.apply(&first.ops).expect("applied");
         // Something the old agent had quarantined is released by now.
         let second = first.next.plan(&desired(&[(key(1, 80), frontend(&[1, 2, 3]))]));
-        kernel.apply(&second.ops);
+        kernel.apply(&second.ops).expect("applied");
         let third = second.next.plan(&state);
-        kernel.apply(&third.ops);
+        kernel.apply(&third.ops).expect("applied");
 
-        let (adopted, problems) = kernel.adopt(capacity);
+        let (adopted, problems) = adopt(&kernel, capacity);
         assert!(problems.is_empty(), "{problems:?}");
         let again = adopted.plan(&state);
         assert!(again.ops.is_empty(), "an unchanged state writes nothing: {:?}", kinds(&again.ops));
@@ -327,12 +287,12 @@ mod tests {
     fn adoption_rebuilds_what_it_cannot_trust() {
         let capacity = Capacity { services: 16, backends: 16, slots: 64 };
         let state = desired(&[(key(1, 80), frontend(&[1, 2]))]);
-        let mut kernel = FakeKernel::default();
-        kernel.apply(&Applied::new(capacity).plan(&state).ops);
+        let mut kernel = Maps::default();
+        kernel.apply(&Applied::new(capacity).plan(&state).ops).expect("applied");
         // A backend the table names has vanished.
         let first_backend = *kernel.backends.keys().next().unwrap();
         kernel.backends.remove(&first_backend);
-        let (adopted, problems) = kernel.adopt(capacity);
+        let (adopted, problems) = adopt(&kernel, capacity);
         assert_eq!(problems.len(), 1, "{problems:?}");
         let plan = adopted.plan(&state);
         assert!(kinds(&plan.ops).contains(&"service"), "the frontend is rewritten: {:?}", kinds(&plan.ops));

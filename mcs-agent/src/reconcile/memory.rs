@@ -88,8 +88,8 @@ pub struct Served {
 impl Maps {
     /// The backends a frontend's table names, as the datapath would pick them.
     pub fn table(&self, vip: &str) -> BTreeSet<BackendAddr> {
-        let (key, _) = self.services.iter().find(|(k, _)| k.vip.to_string() == vip).expect("the frontend");
-        self.served()[key].table.iter().copied().collect()
+        let (_, value) = self.services.iter().find(|(k, _)| k.vip.to_string() == vip).expect("the frontend");
+        self.slots_of(value).collect()
     }
 
     /// Every frontend as served.
@@ -97,12 +97,15 @@ impl Maps {
         self.services
             .iter()
             .map(|(key, value)| {
-                let table = (value.slot_offset..value.slot_offset + value.slot_count)
-                    .map(|s| self.backends[&self.slots[&s]])
-                    .collect();
+                let table = self.slots_of(value).collect();
                 let served = Served { flags: value.flags, affinity_timeout_secs: value.affinity_timeout_secs, table };
                 (*key, served)
             })
             .collect()
+    }
+
+    /// Each slot's backend, in order.
+    fn slots_of<'a>(&'a self, value: &ServiceValue) -> impl Iterator<Item = BackendAddr> + 'a {
+        (value.slot_offset..value.slot_offset + value.slot_count).map(|s| self.backends[&self.slots[&s]])
     }
 }
