@@ -164,18 +164,30 @@ struct WorkerResult {
 /// Runs `workload` against `target` from every client namespace at once for
 /// `duration`, one worker thread per client.
 pub fn run(workload: Workload, clients: &[&Netns], target: SocketAddr, duration: Duration) -> Run {
+    run_spread(workload, clients, &[target], duration)
+}
+
+/// As [`run`], spread over `targets` as a VIP spreads over its backends:
+/// client `k` starts at `targets[k]`; a new connection per transaction
+/// goes to the next one, a kept-alive connection or a UDP socket keeps its
+/// first. (One server thread answering four clients batches work that four
+/// would not: a baseline of one pod address is not the VIP's equal.)
+pub fn run_spread(workload: Workload, clients: &[&Netns], targets: &[SocketAddr], duration: Duration) -> Run {
     let barrier = Arc::new(Barrier::new(clients.len()));
     let handles: Vec<JoinHandle<WorkerResult>> = clients
         .iter()
-        .map(|ns| {
+        .enumerate()
+        .map(|(k, ns)| {
             let barrier = barrier.clone();
+            let mut own: Vec<SocketAddr> = targets.to_vec();
+            own.rotate_left(k % targets.len().max(1));
             ns.spawn(move || {
                 barrier.wait();
                 let deadline = Instant::now() + duration;
                 match workload {
-                    Workload::TcpCrr => crr(target, deadline),
-                    Workload::TcpRr => rr(target, deadline),
-                    Workload::UdpRr => udp(target, deadline),
+                    Workload::TcpCrr => crr(&own, deadline),
+                    Workload::TcpRr => rr(own[0], deadline),
+                    Workload::UdpRr => udp(own[0], deadline),
                 }
             })
         })
@@ -235,10 +247,12 @@ fn connect(target: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-fn crr(target: SocketAddr, deadline: Instant) -> WorkerResult {
+fn crr(targets: &[SocketAddr], deadline: Instant) -> WorkerResult {
     let mut result = WorkerResult::default();
     let mut buf = [0u8; 64];
+    let mut next = targets.iter().cycle();
     while Instant::now() < deadline {
+        let target = *next.next().expect("at least one target");
         let started = Instant::now();
         let answered = connect(target).and_then(|mut stream| {
             stream.write_all(REQUEST)?;

@@ -10,6 +10,7 @@ mod lab;
 mod load;
 mod memory;
 mod packet;
+mod paired;
 mod profile;
 mod report;
 mod stats;
@@ -46,7 +47,7 @@ struct Args {
     /// Where to write results.md, results.json and new-connections.png.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// About a minute: 1 round, short runs, the measured service last only, fewer samples.
+    /// Two to three minutes: 1 round, short runs, the measured service last only, fewer samples.
     #[arg(long)]
     quick: bool,
     /// Service counts (10 endpoints each). Default: 1,1000,10000.
@@ -93,8 +94,17 @@ struct Args {
     #[arg(long)]
     dump_manifests: Option<PathBuf>,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,disruption,family,memory")]
+    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,paired,disruption,family,memory")]
     only: Vec<Part>,
+    /// Pairs of slices per paired comparison (`paired`). Default: 12 (quick: 4, a smoke run).
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// Seconds per slice of a paired comparison. Default: 1.0 (quick: 0.2).
+    #[arg(long)]
+    slice_seconds: Option<f64>,
+    /// Which paired comparisons to make (`paired`).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tc-path,socket-lb,attached")]
+    comparisons: Vec<paired::Comparison>,
     /// Services programmed during the disruption measurement. Default: 1000 (quick: 100).
     #[arg(long)]
     disruption_services: Option<usize>,
@@ -105,6 +115,10 @@ enum Part {
     Packet,
     Control,
     Datapath,
+    /// Ratios precise to about 1 %: two states of one lab (VIP and pod
+    /// address; agent and no agent) in alternating slices, a ratio per pair,
+    /// their median with a 95 % interval.
+    Paired,
     /// Restarts under load: mcs-agent's four kinds, kube-proxy's resync.
     Disruption,
     /// IPv6 beside IPv4: new connections per second, direct and through a dual-stack VIP.
@@ -280,16 +294,18 @@ fn main() -> Result<()> {
         Vec::new()
     };
 
+    let agent_flag_refs: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+    // The client threads are this process's: socket-level load balancing
+    // sees them only if the process is in the cgroup it is attached to.
+    // A cgroup of our own (never the root), left again at the end.
+    // Only the parts that use socket LB need it.
+    let cgroup = (args.only.contains(&Part::Datapath) || args.only.contains(&Part::Paired))
+        .then(|| mcs_tests::cgroup::TestCgroup::new("mcs-bench"));
+    let _member = cgroup.as_ref().map(|c| c.join_self());
+    let sock_cgroup = cgroup.as_ref().map(|c| c.agent_path()).unwrap_or_default();
     let mut runs: BTreeMap<Key, Vec<Run>> = BTreeMap::new();
     let mut profiles = Vec::new();
     if args.only.contains(&Part::Datapath) {
-        let agent_flag_refs: Vec<&str> = agent_args.iter().map(String::as_str).collect();
-        // The client threads are this process's: socket-level load balancing
-        // sees them only if the process is in the cgroup it is attached to.
-        // A cgroup of our own (never the root), left again at the end.
-        let cgroup = mcs_tests::cgroup::TestCgroup::new("mcs-bench");
-        let _member = cgroup.join_self();
-        let sock_cgroup = cgroup.agent_path();
         for round in 0..rounds {
             for &count in &counts {
                 let positions: &[Position] =
@@ -357,6 +373,23 @@ fn main() -> Result<()> {
         }
     }
 
+    let paired = if args.only.contains(&Part::Paired) {
+        // The TC path at the fewest and the most services; the rest at the fewest.
+        let mut services = vec![counts.iter().copied().min().unwrap_or(1)];
+        services.extend(counts.iter().copied().max().filter(|&m| m != services[0]));
+        paired::measure(&paired::Options {
+            agent_args: &agent_flag_refs,
+            sock_cgroup: &sock_cgroup,
+            clients,
+            pairs: args.pairs.unwrap_or(if quick { 4 } else { 12 }).max(2),
+            slice: Duration::from_secs_f64(args.slice_seconds.unwrap_or(if quick { 0.2 } else { 1.0 })),
+            services: if quick { &services[..1] } else { &services },
+            comparisons: &args.comparisons,
+        })?
+    } else {
+        paired::Paired::default()
+    };
+
     let disruption = if args.only.contains(&Part::Disruption) {
         let services = args.disruption_services.unwrap_or(if quick { 100 } else { 1000 }).max(1);
         let rows = disruption::measure(&args.agent, &agent_args, services, &args.iptables_restore)?;
@@ -385,6 +418,7 @@ fn main() -> Result<()> {
         control_large,
         control_kube,
         datapath: report::datapath(&runs),
+        paired,
         profiles,
         disruption,
         families,

@@ -56,6 +56,13 @@ pub struct Profile {
 /// statistics or the run completed nothing: the caller warns and goes on
 /// without this profile.
 pub fn profile(key: Key, run: impl FnOnce() -> Run) -> Result<Profile> {
+    let (transactions, programs, bpf_ns_per_op) = measure(run)?;
+    Ok(Profile { key, transactions, programs, bpf_ns_per_op })
+}
+
+/// As [`profile`], for any run: transactions, each program's share, and
+/// all programs' ns per transaction.
+pub fn measure(run: impl FnOnce() -> Run) -> Result<(u64, Vec<ProgramCost>, f64)> {
     let on = StatsOn(enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS (the run-time statistics)")?);
     let before = programs();
     let done = run();
@@ -78,5 +85,5 @@ pub fn profile(key: Key, run: impl FnOnce() -> Run) -> Result<Profile> {
         })
         .collect();
     let bpf_ns_per_op = programs.iter().map(|p| p.runs_per_op * p.ns_per_run).sum();
-    Ok(Profile { key, transactions: done.transactions, programs, bpf_ns_per_op })
+    Ok((done.transactions, programs, bpf_ns_per_op))
 }

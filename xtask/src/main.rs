@@ -60,12 +60,14 @@ enum Task {
     ///
     /// Installs what is missing, builds release binaries and runs mcs-bench:
     /// data path (new connections/s, kept-alive latency, UDP rate at 1, 1,000
-    /// and 10,000 services), per-packet cost (BPF_PROG_TEST_RUN), control plane
-    /// (cold start, one change, RSS, iptables-restore and nft -f). Writes
-    /// target/bench/results.{md,json} and new-connections.png; a full run also
-    /// records BENCHMARKS.md and docs/bench/. About 10-15 minutes; --quick about 1.
+    /// and 10,000 services), paired comparisons precise to about 1 % (VIP and
+    /// pod address, agent and no agent), per-packet cost (BPF_PROG_TEST_RUN),
+    /// control plane (cold start, one change, RSS, iptables-restore and nft -f).
+    /// Writes target/bench/results.{md,json} and new-connections.png; a full
+    /// run also records BENCHMARKS.md and docs/bench/. About 25 minutes;
+    /// --quick two to three.
     Bench {
-        /// A smoke run in about a minute: 1 and 1,000 services, one round, short runs.
+        /// A smoke run of two to three minutes: 1 and 1,000 services, one round, short runs.
         #[arg(long)]
         quick: bool,
         /// More mcs-bench arguments (see `cargo xtask bench -- --help`).
