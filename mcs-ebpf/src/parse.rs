@@ -81,9 +81,13 @@ pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
 
-/// Largest header stack the common path reads: Ethernet + IPv4 with 40
-/// bytes of options + TCP (IPv6 + TCP is shorter).
-const MAX_HEADERS: u32 = (ETH_LEN + 60 + TCP_LEN) as u32;
+/// The headers the common path reads, per family: Ethernet, the fixed IP
+/// header and 20 bytes of L4 header. Only these are made linear: a TCP
+/// segment's linear part holds its headers and little more, and pulling
+/// past it copies the head of every cloned skb (each data segment a local
+/// socket sends). IPv4 options are pulled when a packet has them.
+const V4_HEADERS: u32 = (ETH_LEN + 20 + TCP_LEN) as u32;
+const V6_HEADERS: u32 = (ETH_LEN + IPV6_LEN + TCP_LEN) as u32;
 
 /// Makes the first `want` bytes (or the whole packet, if shorter) linear:
 /// headers of a paged skb may sit outside the linear area.
@@ -107,17 +111,20 @@ pub fn pull_more(ctx: &TcContext, want: u32) -> bool {
 }
 
 pub fn parse(ctx: &TcContext) -> Parsed {
-    if !pull(ctx, MAX_HEADERS) {
-        return Parsed::Malformed;
-    }
+    // The Ethernet header is linear at TC (the stack pulled it to read the
+    // protocol); a frame without one is not ours.
     let Some(ether_type) = load::<[u8; 2]>(ctx, 12) else {
         return Parsed::Other;
     };
-    match u16::from_be_bytes(ether_type) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
-        _ => Parsed::Other,
+    let (family, want) = match u16::from_be_bytes(ether_type) {
+        ETH_P_IP => (4, V4_HEADERS),
+        ETH_P_IPV6 => (6, V6_HEADERS),
+        _ => return Parsed::Other,
+    };
+    if !pull(ctx, want) {
+        return Parsed::Malformed;
     }
+    if family == 4 { parse_v4(ctx) } else { parse_v6(ctx) }
 }
 
 /// Ports, TCP flags and ICMP type at `l4_off`; `None` when the frame does
@@ -189,6 +196,9 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     let src_ip = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
     let dst_ip = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
     let l4_off = l3_off + ihl;
+    if ihl > 20 && !pull_more(ctx, (l4_off + TCP_LEN) as u32) {
+        return Parsed::Malformed;
+    }
     let mut flow =
         Flow { src_ip, dst_ip, src_port: 0, dst_port: 0, proto, tcp_flags: 0, icmp_type: 0, l4_off, ip_len, frag };
     if let Frag::Later(_) = frag {
