@@ -100,7 +100,7 @@ struct Args {
     #[arg(long)]
     pairs: Option<usize>,
     /// Seconds per slice of a paired comparison. Default: 1.0 (quick: 0.2).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_seconds)]
     slice_seconds: Option<f64>,
     /// Which paired comparisons to make (`paired`).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tc-path,socket-lb,attached")]
@@ -108,6 +108,13 @@ struct Args {
     /// Services programmed during the disruption measurement. Default: 1000 (quick: 100).
     #[arg(long)]
     disruption_services: Option<usize>,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.01..=3600.0).contains(&x) => Ok(x),
+        _ => Err(format!("{s:?}: seconds between 0.01 and 3600")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -297,8 +304,8 @@ fn main() -> Result<()> {
     let agent_flag_refs: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     // The client threads are this process's: socket-level load balancing
     // sees them only if the process is in the cgroup it is attached to.
-    // A cgroup of our own (never the root), left again at the end.
-    // Only the parts that use socket LB need it.
+    // A cgroup of our own (never the root), left when the process ends;
+    // made only when a part that uses socket LB runs.
     let cgroup = (args.only.contains(&Part::Datapath) || args.only.contains(&Part::Paired))
         .then(|| mcs_tests::cgroup::TestCgroup::new("mcs-bench"));
     let _member = cgroup.as_ref().map(|c| c.join_self());
@@ -381,7 +388,7 @@ fn main() -> Result<()> {
             agent_args: &agent_flag_refs,
             sock_cgroup: &sock_cgroup,
             clients,
-            pairs: args.pairs.unwrap_or(if quick { 4 } else { 12 }).max(2),
+            pairs: args.pairs.unwrap_or(if quick { 4 } else { 12 }).clamp(2, 1000),
             slice: Duration::from_secs_f64(args.slice_seconds.unwrap_or(if quick { 0.2 } else { 1.0 })),
             services: if quick { &services[..1] } else { &services },
             comparisons: &args.comparisons,

@@ -94,9 +94,14 @@ pub struct Row {
 }
 
 impl Row {
-    /// Met only when the whole interval clears the target.
+    /// Met only when the whole interval clears the target; no verdict
+    /// from an interval that covers less than 95 % (too few pairs).
     pub fn met(&self) -> Option<bool> {
-        self.target.map(|t| self.ratio.low >= t)
+        self.target.filter(|_| self.judges()).map(|t| self.ratio.low >= t)
+    }
+
+    pub fn judges(&self) -> bool {
+        self.ratio.coverage >= 0.95
     }
 }
 
@@ -144,8 +149,9 @@ pub fn measure(opts: &Options<'_>) -> Result<Paired> {
     Ok(out)
 }
 
-/// The CPU the load runs on, and the rest, for the agent.
-fn cpus() -> Result<(CpuSet, CpuSet)> {
+/// The CPU the load runs on, the rest (for the agent), and all the
+/// calling thread may use now (to put back).
+fn cpus() -> Result<(CpuSet, CpuSet, CpuSet)> {
     let all = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
     let allowed: Vec<usize> = (0..CpuSet::count()).filter(|&c| all.is_set(c).unwrap_or(false)).collect();
     let (&load_cpu, rest) = allowed.split_first().context("no CPU allowed")?;
@@ -155,7 +161,7 @@ fn cpus() -> Result<(CpuSet, CpuSet)> {
     for &c in if rest.is_empty() { &allowed[..] } else { rest } {
         others.set(c)?;
     }
-    Ok((load, others))
+    Ok((load, others, all))
 }
 
 /// Pins this thread (and every thread or process it starts from now on,
@@ -175,8 +181,8 @@ impl Drop for Pinned {
 
 fn compare(opts: &Options<'_>, comparison: Comparison, count: usize) -> Result<(Vec<Row>, Vec<StateProfile>)> {
     let started = Instant::now();
-    let (load_cpu, agent_cpus) = cpus()?;
-    let _restore = Pinned(sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?);
+    let (load_cpu, agent_cpus, all) = cpus()?;
+    let _restore = Pinned(all);
     // The servers' threads start here and stay on the load's CPU.
     pin(&load_cpu)?;
     let lab = Lab::new(opts.clients)?;
@@ -205,24 +211,29 @@ fn compare(opts: &Options<'_>, comparison: Comparison, count: usize) -> Result<(
         }
         Comparison::Attached => (None, pod.clone()),
     };
+    // The attached comparison's A half: an agent of its own, settled.
+    let attach = |is_a: bool| -> Result<Option<Installed>> {
+        if comparison != Comparison::Attached || !is_a {
+            return Ok(None);
+        }
+        let (agent, _, _) = install(Path4::Attached)?;
+        // A fresh agent's first moments (its first passes, the collector's
+        // first walk) are not what it costs in steady state.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Some(agent))
+    };
     let setup = started.elapsed();
     let work = workloads(opts.clients);
     let mut a = vec![Vec::new(); work.len()];
     let mut b = vec![Vec::new(); work.len()];
     let mut toggles = Duration::ZERO;
     for pair in 0..opts.pairs {
-        let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if pair % 2 == 0 { [true, false] } else { [false, true] };
         for is_a in order {
             let t = Instant::now();
-            let attached =
-                if comparison == Comparison::Attached && is_a { Some(install(Path4::Attached)?.0) } else { None };
+            let attached = attach(is_a)?;
             toggles += t.elapsed();
             let (tcp, udp) = if is_a { (&vip.0, &vip.1) } else { (&pod.0, &pod.1) };
-            if attached.is_some() {
-                // A fresh agent's first moments (its first passes, the collector's
-                // first walk) are not what it costs in steady state.
-                std::thread::sleep(Duration::from_millis(300));
-            }
             // Not recorded: caches, neighbours and server threads warm up after a switch.
             load::run_spread(Workload::TcpCrr, &lab.clients(opts.clients), tcp, Duration::from_millis(100));
             for (i, &(workload, n)) in work.iter().enumerate() {
@@ -244,8 +255,7 @@ fn compare(opts: &Options<'_>, comparison: Comparison, count: usize) -> Result<(
     // measured without the statistics, which cost every program run two clock reads.
     let mut profiles = Vec::new();
     for (half, is_a) in [("A", true), ("B", false)] {
-        let attached =
-            if comparison == Comparison::Attached && is_a { Some(install(Path4::Attached)?.0) } else { None };
+        let attached = attach(is_a)?;
         if running.is_none() && attached.is_none() {
             continue;
         }
