@@ -178,11 +178,7 @@ fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Pro
     );
     for p in profiles {
         let k = &p.key;
-        let programs: Vec<String> = p
-            .programs
-            .iter()
-            .map(|c| format!("{} {:.2}×{:.0}", c.program.trim_start_matches("mcs_"), c.runs_per_op, c.ns_per_run))
-            .collect();
+        let programs = programs_cell(&p.programs);
         let rate = |path| find(rows, path, k.services, k.position, k.workload, k.clients).map(|r| r.rate.median);
         // Per client: each client's transactions are back to back.
         let over = match (rate(k.path), rate(Path4::Direct)) {
@@ -200,7 +196,7 @@ fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Pro
             k.path.label(),
             k.workload,
             k.clients,
-            programs.join(", "),
+            programs,
             p.bpf_ns_per_op,
             if over.is_finite() { format!("{over:.0}") } else { "–".into() }
         );
@@ -218,6 +214,23 @@ fn goal(comparison: Comparison, workload: Workload, how: &str) -> String {
         (Attached, Workload::UdpRr) => "pod to pod with the agent attached: UDP requests ≥ 0.99× no agent",
     };
     format!("{what} ({how})")
+}
+
+/// Each program as `name runs×ns`.
+fn programs_cell(programs: &[crate::profile::ProgramCost]) -> String {
+    let each: Vec<String> = programs
+        .iter()
+        .map(|c| format!("{} {:.2}×{:.0}", c.program.trim_start_matches("mcs_"), c.runs_per_op, c.ns_per_run))
+        .collect();
+    each.join(", ")
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "–",
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -259,11 +272,7 @@ fn paired_table(out: &mut String, rows: &[crate::paired::Row]) {
             num(median(&r.b)),
             interval(&r.ratio),
             r.target.map_or("–".into(), |t| format!("≥ {t:.2}×")),
-            match r.met() {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
-            }
+            verdict(r.met())
         );
     }
 }
@@ -279,11 +288,7 @@ fn paired_profiles(out: &mut String, paired: &crate::paired::Paired) {
          | comparison | services | half | programs (runs/op × ns/run) | BPF ns/op | A − B, ns/op |\n|---|---:|---|---|---:|---:|"
     );
     for p in &paired.profiles {
-        let programs: Vec<String> = p
-            .programs
-            .iter()
-            .map(|c| format!("{} {:.2}×{:.0}", c.program.trim_start_matches("mcs_"), c.runs_per_op, c.ns_per_run))
-            .collect();
+        let programs = programs_cell(&p.programs);
         let row = paired.rows.iter().find(|r| {
             r.comparison == p.comparison && r.services == p.services && r.workload == Workload::TcpCrr && r.clients == 1
         });
@@ -294,7 +299,7 @@ fn paired_profiles(out: &mut String, paired: &crate::paired::Paired) {
             p.comparison.label(),
             count(p.services),
             p.half,
-            programs.join(", "),
+            programs,
             p.bpf_ns_per_op,
             if p.half == "A" && extra.is_finite() { format!("{extra:.0}") } else { "–".into() }
         );
@@ -658,12 +663,7 @@ pub fn markdown(results: &Results) -> String {
     if !targets.is_empty() {
         let _ = writeln!(out, "\n### Targets\n\n| target | measured | met |\n|---|---|---|");
         for t in &targets {
-            let met = match t.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
-            };
-            let _ = writeln!(out, "| {} | {} | {met} |", t.goal, t.measured);
+            let _ = writeln!(out, "| {} | {} | {} |", t.goal, t.measured, verdict(t.met));
         }
     }
 
