@@ -113,9 +113,8 @@ pub struct StateProfile {
     pub services: usize,
     /// "A" or "B", as in the comparison's ratio.
     pub half: &'static str,
-    pub transactions: u64,
-    pub programs: Vec<crate::profile::ProgramCost>,
-    pub bpf_ns_per_op: f64,
+    #[serde(flatten)]
+    pub cost: crate::profile::Cost,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -262,9 +261,7 @@ fn compare(opts: &Options<'_>, comparison: Comparison, count: usize) -> Result<(
         let tcp = if is_a { &vip.0 } else { &pod.0 };
         load::run_spread(Workload::TcpCrr, &lab.clients(1), tcp, Duration::from_millis(100));
         match crate::profile::measure(|| load::run_spread(Workload::TcpCrr, &lab.clients(1), tcp, opts.slice)) {
-            Ok((transactions, programs, bpf_ns_per_op)) => {
-                profiles.push(StateProfile { comparison, services: count, half, transactions, programs, bpf_ns_per_op })
-            }
+            Ok(cost) => profiles.push(StateProfile { comparison, services: count, half, cost }),
             Err(e) => eprintln!("bench: warning: no profile of {} ({half}): {e:#}", comparison.label()),
         }
         drop(attached);

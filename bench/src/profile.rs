@@ -40,15 +40,22 @@ pub struct ProgramCost {
     pub ns_per_run: f64,
 }
 
+/// What a profiled run's programs cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cost {
+    pub transactions: u64,
+    pub programs: Vec<ProgramCost>,
+    /// All programs' run time per transaction.
+    pub bpf_ns_per_op: f64,
+}
+
 /// A profiled run of one configuration.
 #[derive(Clone, Debug, Serialize)]
 pub struct Profile {
     #[serde(flatten)]
     pub key: Key,
-    pub transactions: u64,
-    pub programs: Vec<ProgramCost>,
-    /// All programs' run time per transaction.
-    pub bpf_ns_per_op: f64,
+    #[serde(flatten)]
+    pub cost: Cost,
 }
 
 /// Runs `run` with the statistics on, and divides what each program did
@@ -56,13 +63,11 @@ pub struct Profile {
 /// statistics or the run completed nothing: the caller warns and goes on
 /// without this profile.
 pub fn profile(key: Key, run: impl FnOnce() -> Run) -> Result<Profile> {
-    let (transactions, programs, bpf_ns_per_op) = measure(run)?;
-    Ok(Profile { key, transactions, programs, bpf_ns_per_op })
+    Ok(Profile { key, cost: measure(run)? })
 }
 
-/// As [`profile`], for any run: transactions, each program's share, and
-/// all programs' ns per transaction.
-pub fn measure(run: impl FnOnce() -> Run) -> Result<(u64, Vec<ProgramCost>, f64)> {
+/// As [`profile`], for any run.
+pub fn measure(run: impl FnOnce() -> Run) -> Result<Cost> {
     let on = StatsOn(enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS (the run-time statistics)")?);
     let before = programs();
     let done = run();
@@ -85,5 +90,5 @@ pub fn measure(run: impl FnOnce() -> Run) -> Result<(u64, Vec<ProgramCost>, f64)
         })
         .collect();
     let bpf_ns_per_op = programs.iter().map(|p| p.runs_per_op * p.ns_per_run).sum();
-    Ok((done.transactions, programs, bpf_ns_per_op))
+    Ok(Cost { transactions: done.transactions, programs, bpf_ns_per_op })
 }

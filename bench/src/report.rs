@@ -178,7 +178,7 @@ fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Pro
     );
     for p in profiles {
         let k = &p.key;
-        let programs = programs_cell(&p.programs);
+        let programs = programs_cell(&p.cost.programs);
         let rate = |path| find(rows, path, k.services, k.position, k.workload, k.clients).map(|r| r.rate.median);
         // Per client: each client's transactions are back to back.
         let over = match (rate(k.path), rate(Path4::Direct)) {
@@ -197,7 +197,7 @@ fn profile_table(out: &mut String, rows: &[Row], profiles: &[crate::profile::Pro
             k.workload,
             k.clients,
             programs,
-            p.bpf_ns_per_op,
+            p.cost.bpf_ns_per_op,
             if over.is_finite() { format!("{over:.0}") } else { "–".into() }
         );
     }
@@ -288,7 +288,7 @@ fn paired_profiles(out: &mut String, paired: &crate::paired::Paired) {
          | comparison | services | half | programs (runs/op × ns/run) | BPF ns/op | A − B, ns/op |\n|---|---:|---|---|---:|---:|"
     );
     for p in &paired.profiles {
-        let programs = programs_cell(&p.programs);
+        let programs = programs_cell(&p.cost.programs);
         let row = paired.rows.iter().find(|r| {
             r.comparison == p.comparison && r.services == p.services && r.workload == Workload::TcpCrr && r.clients == 1
         });
@@ -300,7 +300,7 @@ fn paired_profiles(out: &mut String, paired: &crate::paired::Paired) {
             count(p.services),
             p.half,
             programs,
-            p.bpf_ns_per_op,
+            p.cost.bpf_ns_per_op,
             if p.half == "A" && extra.is_finite() { format!("{extra:.0}") } else { "–".into() }
         );
     }

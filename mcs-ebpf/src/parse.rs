@@ -116,15 +116,12 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     let Some(ether_type) = load::<[u8; 2]>(ctx, 12) else {
         return Parsed::Other;
     };
-    let (family, want) = match u16::from_be_bytes(ether_type) {
-        ETH_P_IP => (4, V4_HEADERS),
-        ETH_P_IPV6 => (6, V6_HEADERS),
-        _ => return Parsed::Other,
-    };
-    if !pull(ctx, want) {
-        return Parsed::Malformed;
+    match u16::from_be_bytes(ether_type) {
+        ETH_P_IP if pull(ctx, V4_HEADERS) => parse_v4(ctx),
+        ETH_P_IPV6 if pull(ctx, V6_HEADERS) => parse_v6(ctx),
+        ETH_P_IP | ETH_P_IPV6 => Parsed::Malformed,
+        _ => Parsed::Other,
     }
-    if family == 4 { parse_v4(ctx) } else { parse_v6(ctx) }
 }
 
 /// Ports, TCP flags and ICMP type at `l4_off`; `None` when the frame does
