@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     agent::{
-        config::{Config, ConntrackGc, SocketLb, SocketLbMode, SourceConfig},
+        config::{Config, ConntrackGc, External, SocketLb, SocketLbMode, SourceConfig},
         error::{AgentError, Context as _},
     },
     conntrack,
@@ -272,6 +272,17 @@ fn parse_table_size(value: &str) -> Result<u32, String> {
     Ok(size)
 }
 
+/// `LOW-HIGH`, both in 1024-65535.
+fn port_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text.split_once('-').ok_or_else(|| format!("{text:?}: expected LOW-HIGH, e.g. 61000-65535"))?;
+    let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    let (low, high) = (parse(low)?, parse(high)?);
+    if low < 1024 || low > high {
+        return Err(format!("{text:?}: LOW must be at least 1024 and at most HIGH"));
+    }
+    Ok((low, high))
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Standalone mode: a directory of Kubernetes YAML files (`*.yaml`, `*.yml`;
@@ -300,7 +311,11 @@ pub struct RunArgs {
     pub peer_selector: String,
     /// An interface facing client pods (repeatable). Ingress gets DNAT, egress reverse NAT.
     /// Failing to attach to one is fatal.
-    #[arg(long = "interface", value_name = "IFACE", required_unless_present = "interface_patterns")]
+    #[arg(
+        long = "interface",
+        value_name = "IFACE",
+        required_unless_present_any = ["interface_patterns", "external_interfaces"]
+    )]
     pub interfaces: Vec<String>,
     /// Attach to every interface whose name matches this glob (repeatable), now
     /// and whenever one appears: `veth*` (Calico: `cali*`, Cilium: `lxc*`, AWS VPC CNI: `eni*`).
@@ -475,6 +490,46 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub socket_lb_exclude_cgroups: Vec<PathBuf>,
+    /// An interface where ClusterSetIP traffic from outside the node arrives
+    /// (repeatable, or a glob such as `bond*`, matched at start): VMs, hosts
+    /// and gateways that route the ClusterSetIP range to this node. An XDP
+    /// program balances it as the pod paths do and translates it with source
+    /// NAT to a node address (--external-snat-address), so a backend in any
+    /// cluster answers through this node. An XDP program already there that
+    /// is not this agent's (a CNI's) is never replaced: attaching fails.
+    #[arg(long = "external-interface", value_name = "IFACE", env = "MCS_EXTERNAL_INTERFACES", value_delimiter = ',')]
+    pub external_interfaces: Vec<String>,
+    /// The node address flows from outside are translated to, one per family
+    /// (repeatable). Default: the first --external-interface's first address
+    /// of each family (IPv6: a global one); a family without one is not served.
+    #[arg(
+        long = "external-snat-address",
+        value_name = "IP",
+        env = "MCS_EXTERNAL_SNAT_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub external_snat_addresses: Vec<std::net::IpAddr>,
+    /// The ports flows from outside are translated to, `LOW-HIGH`. Keep it
+    /// out of the node's own ephemeral ports (net.ipv4.ip_local_port_range,
+    /// 32768-60999 by default) and NodePorts: a reply to a port in the range
+    /// is taken for a translated flow's. Each backend gets the whole range.
+    #[arg(long, value_name = "LOW-HIGH", default_value = "61000-65535", value_parser = port_range, env = "MCS_EXTERNAL_SNAT_PORTS")]
+    pub external_snat_ports: (u16, u16),
+    /// Serve clients from outside only from these ranges (repeatable, both
+    /// families); traffic from anyone else passes the XDP program untouched.
+    /// Default: every client.
+    #[arg(
+        long = "external-source-cidr",
+        value_name = "CIDR",
+        env = "MCS_EXTERNAL_SOURCE_CIDRS",
+        value_delimiter = ','
+    )]
+    pub external_source_cidrs: Vec<ipnet::IpNet>,
+    /// How XDP is hooked: `native` in the driver (fastest; veth has it),
+    /// `generic` in the stack (any driver), `auto` native where the driver
+    /// has it. The mode in force is logged and in `mcs_agent_xdp_attached`.
+    #[arg(long, value_enum, default_value = "auto", env = "MCS_XDP_MODE")]
+    pub xdp_mode: datapath::XdpAttach,
     /// Where `mcs-agent inspect` finds the agent: its control socket
     /// (agent.sock) while it runs, and the state.json it writes when it stops
     /// (services, clusters, zones, tiers behind each id).
@@ -536,9 +591,25 @@ impl RunArgs {
             socket_lb_terminate_tcp,
             socket_lb_cgroup,
             socket_lb_exclude_cgroups,
+            external_interfaces,
+            external_snat_addresses,
+            external_snat_ports,
+            external_source_cidrs,
+            xdp_mode,
             state_dir,
             locality,
         } = self;
+        let mut snat =
+            datapath::Xnat { ports: external_snat_ports, sources: external_source_cidrs, ..Default::default() };
+        for addr in external_snat_addresses {
+            let taken = match addr {
+                std::net::IpAddr::V4(a) => snat.addr4.replace(a).is_some(),
+                std::net::IpAddr::V6(a) => snat.addr6.replace(a).is_some(),
+            };
+            if taken {
+                return Err(AgentError::Config(format!("--external-snat-address {addr}: one address per family")));
+            }
+        }
         for path in &socket_lb_exclude_cgroups {
             datapath::cgroup_id(path).context("--socket-lb-exclude-cgroup")?;
         }
@@ -602,6 +673,7 @@ impl RunArgs {
                 ),
                 conntrack: max_conntrack,
                 stats_entries,
+                xnat_conntrack: if external_interfaces.is_empty() { datapath::XNAT_TOKEN_SIZE } else { max_conntrack },
             },
             bounds,
             conntrack,
@@ -614,6 +686,7 @@ impl RunArgs {
             metrics_backend_label,
             socket_lb: SocketLb { mode, host_only, cgroup: socket_lb_cgroup, exclude: socket_lb_exclude_cgroups },
             terminate_tcp: socket_lb_terminate_tcp,
+            external: External { interfaces: external_interfaces, snat, mode: xdp_mode },
             state_dir,
             policy: locality.policy(),
         })
@@ -696,5 +769,33 @@ mod tests {
         assert!(e.to_string().starts_with("--interface-pattern \"veth[\": "), "{e}");
         let e = config(&["--interface", "veth0", "--socket-lb-exclude-cgroup", "/nonexistent/cg"]).unwrap_err();
         assert_eq!(e.to_string(), "--socket-lb-exclude-cgroup");
+    }
+
+    #[test]
+    fn snat_ports_are_a_range_above_the_well_known_ports() {
+        assert_eq!(port_range("61000-65535"), Ok((61000, 65535)));
+        assert_eq!(port_range("2000-2000"), Ok((2000, 2000)));
+        for bad in ["61000", "65535-61000", "80-90", "a-b", "61000-70000"] {
+            assert!(port_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn external_flags_size_the_flows_from_outside_and_take_one_address_per_family() {
+        let c = config(&["--interface", "veth0", "--external-interface", "eth0"]).unwrap();
+        assert_eq!(c.sizes.xnat_conntrack, c.sizes.conntrack, "served: sized like conntrack");
+        assert_eq!(c.external.snat.ports, (61000, 65535));
+        let c = config(&["--interface", "veth0"]).unwrap();
+        assert_eq!(c.sizes.xnat_conntrack, datapath::XNAT_TOKEN_SIZE, "not served: a token size");
+        let e = config(&[
+            "--external-interface",
+            "eth0",
+            "--external-snat-address",
+            "10.0.0.1",
+            "--external-snat-address",
+            "10.0.0.2",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("one address per family"), "{e}");
     }
 }

@@ -24,15 +24,17 @@ use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FragKey,
     FragValue, Health, Ip4, Ip6, LAYOUT_VERSION, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BACKENDS6, MAP_CONFIG, MAP_CT, MAP_CT6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_HOST_NETNS, MAP_SELECTION,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS, MapAddr,
-    PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey,
-    SockRevValue, Stat, v3,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS, MAP_XNAT,
+    MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6, MapAddr, NatValue, PIN_LINKS, PIN_ROOT, PROG_EGRESS,
+    PROG_INGRESS, PROG_UPLINK, PROG_XDP, SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey,
+    SockRevValue, Stat, XnatConfig, v3,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
 mod attach;
 mod carry;
+mod external;
 mod grow;
 mod load;
 pub mod memory;
@@ -43,7 +45,7 @@ mod read;
 mod sock;
 
 pub(crate) use self::mmap::*;
-pub use self::{attach::*, carry::*, load::*, pins::*};
+pub use self::{attach::*, carry::*, external::*, load::*, pins::*};
 pub use sock::{cgroup_id, cgroup2_root};
 
 use crate::{
@@ -120,6 +122,10 @@ pub enum KernelLog {
     Trace,
 }
 
+/// `XNAT_CT`'s size on a node without external interfaces: an LRU map is
+/// preallocated, and nothing fills it.
+pub const XNAT_TOKEN_SIZE: u32 = 64;
+
 /// Map sizes, chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
@@ -127,6 +133,9 @@ pub struct Sizes {
     pub conntrack: u32,
     /// Backend and service ids with their own counters.
     pub stats_entries: u32,
+    /// Flows from outside the node (`XNAT_CT`, two entries each): the
+    /// conntrack size with `--external-interface`, a token size without.
+    pub xnat_conntrack: u32,
 }
 
 impl Default for Sizes {
@@ -135,6 +144,7 @@ impl Default for Sizes {
             capacity: Capacity::default(),
             conntrack: mcs_common::DEFAULT_MAX_CONNTRACK,
             stats_entries: mcs_common::DEFAULT_STATS_ENTRIES,
+            xnat_conntrack: XNAT_TOKEN_SIZE,
         }
     }
 }
@@ -226,6 +236,8 @@ pub struct Datapath {
     /// The maps were found pinned (a restart), not created.
     adopted: bool,
     attached: BTreeMap<String, Attachment>,
+    /// External interfaces (`--external-interface`): XDP and the uplink TC program.
+    external: BTreeMap<String, ExternalHooks>,
     /// The socket programs' cgroup attachment (socket-level load balancing).
     sockets: Option<sock::SockAttachment>,
     /// Why the socket programs could not be loaded, if they could not.
@@ -283,6 +295,8 @@ impl Datapath {
             return;
         }
         self.finished = true;
+        // Held by this process: an external interface is served while the agent runs.
+        self.release_externals();
         if !self.cleanup_on_exit {
             let pinned =
                 self.attached.values().flat_map(|a| &a.hooks).filter(|h| matches!(h, Hook::Pinned { .. })).count();

@@ -88,6 +88,8 @@ pub struct AgentView {
     pub conntrack_gc: Option<(u64, f64)>,
     /// Socket-level load balancing is attached (to this cgroup).
     pub socket_lb: bool,
+    /// External interfaces served by XDP, with the mode (`native`, `generic`).
+    pub xdp: Vec<(String, &'static str)>,
     /// Kernel memory charged for each of the agent's maps (read at start
     /// and after each growth).
     pub map_memory: Vec<crate::datapath::memory::MapMemory>,
@@ -106,6 +108,10 @@ fn drop_reason(stat: Stat) -> Option<&'static str> {
         Stat::NoBackend => Some("no_backend"),
         Stat::CtInsertFailed => Some("conntrack_insert_failed"),
         Stat::RewriteFailed => Some("rewrite_failed"),
+        Stat::XdpNoBackend => Some("no_backend"),
+        Stat::XdpMidstream => Some("xdp_midstream_miss"),
+        Stat::SnatExhausted => Some("snat_exhausted"),
+        Stat::XdpUnroutable => Some("xdp_unroutable"),
         _ => None,
     }
 }
@@ -335,6 +341,15 @@ pub fn render(
         "stale",
         "1 while a watch of the Kubernetes API fails (the datapath keeps its last good state)",
         stale,
+    );
+    let xdp = Family::<Labels, Gauge>::default();
+    for (iface, mode) in &view.xdp {
+        xdp.get_or_create(&labels(&[("interface", iface), ("mode", mode)])).set(1);
+    }
+    registry.register(
+        "xdp_attached",
+        "1 for each external interface whose XDP program serves ClusterSetIP traffic from outside, by mode (native: in the driver; generic: in the stack)",
+        xdp,
     );
     let interfaces = Gauge::<i64>::default();
     interfaces.set(view.interfaces as i64);

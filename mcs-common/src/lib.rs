@@ -67,6 +67,13 @@ pub const PIN_ROOT: &str = "mcs";
 /// Names of the programs, as the kernel reports them (used to find stale attachments).
 pub const PROG_INGRESS: &str = "mcs_ingress";
 pub const PROG_EGRESS: &str = "mcs_egress";
+/// XDP on an external interface (`--external-interface`): ClusterSetIP
+/// traffic from outside the node, translated with source NAT (see [`NatValue`]).
+pub const PROG_XDP: &str = "mcs_xdp";
+/// TC ingress on an external interface: sends out what `mcs_xdp` translated
+/// but handed to the stack (a backend on this node, a neighbour not yet
+/// resolved), which routing would refuse (its source is the node's own address).
+pub const PROG_UPLINK: &str = "mcs_uplink";
 /// Socket-level load balancing: cgroup programs, one per hook, in attach
 /// order (passive health's `sock_ops` counter and the reverse translations
 /// before the calls that need them).
@@ -144,6 +151,37 @@ pub const MAP_SOCK_REV6: &str = "SOCK_REV6";
 pub const MAP_HOST_NETNS: &str = "HOST_NETNS";
 /// cgroup ids (and their descendants) that socket-level load balancing skips.
 pub const MAP_SOCK_EXCLUDE: &str = "SOCK_EXCLUDE";
+/// Conntrack of flows from outside the node, translated with source NAT by
+/// `mcs_xdp`: both directions' entries (see [`NatValue`]).
+pub const MAP_XNAT_CT: &str = "XNAT_CT";
+pub const MAP_XNAT_CT6: &str = "XNAT_CT6";
+/// `[0]`: [`XnatConfig`].
+pub const MAP_XNAT: &str = "XNAT";
+/// `--external-source-cidr`: LPM tries of the client ranges served from outside.
+pub const MAP_XNAT_SRC: &str = "XNAT_SRC";
+pub const MAP_XNAT_SRC6: &str = "XNAT_SRC6";
+
+/// Ports tried for a new flow's source NAT before it counts as exhausted.
+pub const XNAT_PORT_TRIES: u32 = 16;
+
+/// `XnatConfig::flags`: only clients in `XNAT_SRC` (`XNAT_SRC6`) are served.
+pub const XNAT_F_SOURCE_FILTER4: u32 = 1;
+pub const XNAT_F_SOURCE_FILTER6: u32 = 2;
+
+/// `XNAT[0]`: how flows from outside are translated. A zero address turns
+/// that family off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct XnatConfig {
+    /// The node address clients' flows are translated to (map byte order).
+    pub addr4: Ip4,
+    pub addr6: Ip6,
+    /// The source NAT port range, `port_lo .. port_lo + port_count`, host byte order.
+    pub port_lo: u16,
+    pub port_count: u16,
+    /// `XNAT_F_*`.
+    pub flags: u32,
+}
 
 /// Default number of backend ids and service ids with their own counters.
 /// Ids are allocated smallest first, so this covers the first 16,383 of
@@ -368,6 +406,47 @@ impl<A: MapAddr> CtKey<A> {
     }
 }
 
+/// `XNAT_CT` (`XNAT_CT6`) value: how a packet of a flow from outside is
+/// rewritten, in either direction: its source becomes `nat:nat_port`, its
+/// destination `peer:peer_port`. The key is the packet's own tuple
+/// ([`CtKey`]): `CT_DIR_ORIGINAL` is client -> VIP (rewritten to node
+/// address -> backend), `CT_DIR_REPLY` is backend -> node address
+/// (rewritten to VIP -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatValue<A = Ip4> {
+    pub peer: A,
+    pub nat: A,
+    pub peer_port: u16,
+    pub nat_port: u16,
+    /// `CT_F_*`, as on the TC path's entries.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `bpf_ktime_get_ns()` when the connection closed; 0 while open.
+    pub closed_ns: u64,
+    pub created_ns: u64,
+}
+
+impl<A: MapAddr> NatValue<A> {
+    /// The key of the flow's other entry: the packet this entry produces,
+    /// answered.
+    #[inline(always)]
+    pub fn sibling_key(&self, proto: u8, dir: u8) -> CtKey<A> {
+        let dir = if dir == CT_DIR_ORIGINAL { CT_DIR_REPLY } else { CT_DIR_ORIGINAL };
+        CtKey {
+            src: self.peer,
+            dst: self.nat,
+            src_port: self.peer_port,
+            dst_port: self.nat_port,
+            proto,
+            dir,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// `AFFINITY` key: ClientIP session affinity of one client to one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -477,6 +556,7 @@ pod_for_both! {
     FragValue: 4 + 4, 16 + 4;
     SockRevKey: 8 + 4 + 4, 8 + 16 + 4;
     SockRevValue: 4 + 12, 16 + 12;
+    NatValue: 8 + 32, 32 + 32;
 }
 
 /// `BACKEND_STATS` value (per CPU, index = backend id): what went to and came
@@ -585,10 +665,34 @@ pub enum Stat {
     SockExcluded = 21,
     /// A flow's entry found its sibling evicted and put it back (see `CtKey::sibling`).
     CtPairRestored = 22,
+    /// XDP: a new flow from outside was translated (backend selected, source NAT port taken).
+    XdpNewFlow = 23,
+    /// XDP: a packet of a known flow from outside was translated.
+    XdpEstablished = 24,
+    /// XDP: a backend's reply to the node address was translated back to the client.
+    XdpRevNat = 25,
+    /// XDP: a TCP packet past the handshake to a ClusterSetIP that no flow
+    /// knows: dropped (balancing it afresh would change its source port).
+    XdpMidstream = 26,
+    /// XDP: no free source NAT port for a new flow: dropped.
+    SnatExhausted = 27,
+    /// XDP: a new flow to a frontend without a usable backend: dropped.
+    XdpNoBackend = 28,
+    /// XDP: translated and handed to the stack for delivery (a backend on
+    /// this node, or a neighbour not yet resolved).
+    XdpToStack = 29,
+    /// XDP: a translated packet has no route, or is too big for its way out: dropped.
+    XdpUnroutable = 30,
+    /// A backend on this node answered a flow from outside: its reply was
+    /// translated back at the pod's interface.
+    XnatLocalRevNat = 31,
+    /// XDP: a packet to a ClusterSetIP that XDP does not translate
+    /// (fragments, ICMP, TTL expiring): passed to the stack untouched.
+    XdpPassed = 32,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 33;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -613,6 +717,16 @@ impl Stat {
         Stat::SockRevNat,
         Stat::SockExcluded,
         Stat::CtPairRestored,
+        Stat::XdpNewFlow,
+        Stat::XdpEstablished,
+        Stat::XdpRevNat,
+        Stat::XdpMidstream,
+        Stat::SnatExhausted,
+        Stat::XdpNoBackend,
+        Stat::XdpToStack,
+        Stat::XdpUnroutable,
+        Stat::XnatLocalRevNat,
+        Stat::XdpPassed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -640,6 +754,16 @@ impl Stat {
             Stat::SockRevNat => "sock_rev_nat",
             Stat::SockExcluded => "sock_excluded",
             Stat::CtPairRestored => "ct_pair_restored",
+            Stat::XdpNewFlow => "xdp_new_flow",
+            Stat::XdpEstablished => "xdp_established",
+            Stat::XdpRevNat => "xdp_rev_nat",
+            Stat::XdpMidstream => "xdp_midstream_miss",
+            Stat::SnatExhausted => "snat_exhausted",
+            Stat::XdpNoBackend => "xdp_no_backend",
+            Stat::XdpToStack => "xdp_to_stack",
+            Stat::XdpUnroutable => "xdp_unroutable",
+            Stat::XnatLocalRevNat => "xnat_local_rev_nat",
+            Stat::XdpPassed => "xdp_passed",
         }
     }
 }
@@ -742,6 +866,8 @@ mod user {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for Health {}
+    unsafe impl<A: MapAddr> aya::Pod for NatValue<A> {}
+    unsafe impl aya::Pod for XnatConfig {}
 }
 
 #[cfg(test)]

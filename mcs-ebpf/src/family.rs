@@ -2,20 +2,21 @@
 //! header checksum. The programs are written once, generic over [`Family`].
 
 use aya_ebpf::{
-    maps::{Array, HashMap, LruHashMap},
-    programs::TcContext,
+    bindings::bpf_fib_lookup,
+    maps::{Array, HashMap, LpmTrie, LruHashMap},
 };
 use mcs_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragKey, FragValue, Ip4, Ip6, MapAddr, NatValue, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, XNAT_F_SOURCE_FILTER4, XNAT_F_SOURCE_FILTER6, XnatConfig,
 };
 
 use crate::{
     csum::Delta,
     maps::{
         AFFINITY, AFFINITY6, BACKENDS, BACKENDS6, CT, CT6, FRAGS, FRAGS6, SERVICES, SERVICES6, SOCK_REV, SOCK_REV6,
+        XNAT_CT, XNAT_CT6, XNAT_SRC, XNAT_SRC6,
     },
-    parse::{ETH_LEN, ptr_at},
+    parse::{ETH_LEN, Packet, ptr_at},
 };
 
 pub trait Family {
@@ -28,6 +29,14 @@ pub trait Family {
     /// IPv4 has a header checksum; IPv6 has none, but its pseudo-header is
     /// in the ICMPv6 checksum.
     const HEADER_CSUM: bool;
+    /// Offset of the TTL (hop limit) from the IP header.
+    const TTL_OFF: usize;
+    /// `AF_INET` or `AF_INET6`, for `bpf_fib_lookup`.
+    const AF: u8;
+    /// The `XnatConfig::flags` bit of this family's source filter.
+    const SOURCE_FILTER: u32;
+    /// Prefix length of a whole address, for an LPM lookup.
+    const BITS: u32;
 
     fn services() -> &'static HashMap<ServiceKey<Self::A>, ServiceValue>;
     fn backends() -> &'static Array<Backend<Self::A>>;
@@ -35,6 +44,12 @@ pub trait Family {
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::A>, AffinityValue>;
     fn frags() -> &'static LruHashMap<FragKey<Self::A>, FragValue<Self::A>>;
     fn sock_rev() -> &'static LruHashMap<SockRevKey<Self::A>, SockRevValue<Self::A>>;
+    fn xnat_ct() -> &'static LruHashMap<CtKey<Self::A>, NatValue<Self::A>>;
+    fn xnat_src() -> &'static LpmTrie<Self::A, u8>;
+    /// This family's source NAT address (zero: the family is not served from outside).
+    fn xnat_addr(config: &XnatConfig) -> Self::A;
+    /// The source and destination of a route lookup.
+    fn fib_addrs(params: &mut bpf_fib_lookup, src: Self::A, dst: Self::A);
     /// The checksum change of an address changing from `old` to `new`.
     fn delta(d: Delta, old: Self::A, new: Self::A) -> Delta;
 }
@@ -48,6 +63,10 @@ impl Family for V4 {
     const DST_OFF: usize = 16;
     const ICMP: u8 = mcs_common::IPPROTO_ICMP;
     const HEADER_CSUM: bool = true;
+    const TTL_OFF: usize = 8;
+    const AF: u8 = 2;
+    const SOURCE_FILTER: u32 = XNAT_F_SOURCE_FILTER4;
+    const BITS: u32 = 32;
 
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Ip4>, ServiceValue> {
@@ -74,6 +93,23 @@ impl Family for V4 {
         &SOCK_REV
     }
     #[inline(always)]
+    fn xnat_ct() -> &'static LruHashMap<CtKey<Ip4>, NatValue<Ip4>> {
+        &XNAT_CT
+    }
+    #[inline(always)]
+    fn xnat_src() -> &'static LpmTrie<Ip4, u8> {
+        &XNAT_SRC
+    }
+    #[inline(always)]
+    fn xnat_addr(config: &XnatConfig) -> Ip4 {
+        config.addr4
+    }
+    #[inline(always)]
+    fn fib_addrs(params: &mut bpf_fib_lookup, src: Ip4, dst: Ip4) {
+        params.__bindgen_anon_3.ipv4_src = src;
+        params.__bindgen_anon_4.ipv4_dst = dst;
+    }
+    #[inline(always)]
     fn delta(d: Delta, old: Ip4, new: Ip4) -> Delta {
         d.dword(old, new)
     }
@@ -85,6 +121,10 @@ impl Family for V6 {
     const DST_OFF: usize = 24;
     const ICMP: u8 = mcs_common::IPPROTO_ICMPV6;
     const HEADER_CSUM: bool = false;
+    const TTL_OFF: usize = 7;
+    const AF: u8 = 10;
+    const SOURCE_FILTER: u32 = XNAT_F_SOURCE_FILTER6;
+    const BITS: u32 = 128;
 
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Ip6>, ServiceValue> {
@@ -111,6 +151,23 @@ impl Family for V6 {
         &SOCK_REV6
     }
     #[inline(always)]
+    fn xnat_ct() -> &'static LruHashMap<CtKey<Ip6>, NatValue<Ip6>> {
+        &XNAT_CT6
+    }
+    #[inline(always)]
+    fn xnat_src() -> &'static LpmTrie<Ip6, u8> {
+        &XNAT_SRC6
+    }
+    #[inline(always)]
+    fn xnat_addr(config: &XnatConfig) -> Ip6 {
+        config.addr6
+    }
+    #[inline(always)]
+    fn fib_addrs(params: &mut bpf_fib_lookup, src: Ip6, dst: Ip6) {
+        params.__bindgen_anon_3.ipv6_src = src;
+        params.__bindgen_anon_4.ipv6_dst = dst;
+    }
+    #[inline(always)]
     fn delta(d: Delta, old: Ip6, new: Ip6) -> Delta {
         d.words(old, new)
     }
@@ -120,7 +177,7 @@ impl Family for V6 {
 /// IPv4, compensates the header checksum. Returns the change for the L4
 /// (pseudo-header) checksum.
 #[inline(always)]
-pub fn write_ip<F: Family>(ctx: &TcContext, off: usize, old: F::A, new: F::A) -> Result<Delta, i64> {
+pub fn write_ip<F: Family>(ctx: &impl Packet, off: usize, old: F::A, new: F::A) -> Result<Delta, i64> {
     let addr = ptr_at::<F::A>(ctx, ETH_LEN + off).ok_or(-1i64)?;
     if F::HEADER_CSUM {
         let check = ptr_at::<u16>(ctx, ETH_LEN + 10).ok_or(-1i64)?;

@@ -15,7 +15,8 @@ use crate::{
     icmp,
     maps::{SELECTION, TC_ACT_SHOT, TC_NEXT, backend_stats, count, handoff, health_add, service_stats},
     nat::{Side, follow_fragment, rewrite},
-    parse::{Flow, Frag, Parsed, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
+    parse::{Flow, Frag, Parsed, parse},
+    xnat::{self, is_bare_syn},
 };
 
 /// `ingress`'s answer for a new flow to a frontend with no backend.
@@ -24,13 +25,14 @@ const REJECT: i32 = i32::MIN;
 #[classifier]
 pub fn mcs_ingress(ctx: TcContext) -> i32 {
     // A rejection is made here, not in `ingress`: its buffers and the
-    // translation's must not share a call chain's 512 bytes of stack.
+    // translation's must not share a call chain's 512 bytes of stack. So is
+    // the check for a local backend's reply to a flow from outside.
     match parse(&ctx) {
-        Parsed::V4(flow) => match ingress::<V4>(&ctx, &flow) {
+        Parsed::V4(flow) => match xnat::local_reply::<V4>(&ctx, &flow).unwrap_or_else(|| ingress::<V4>(&ctx, &flow)) {
             REJECT => icmp::reject::<V4>(&ctx, &flow),
             verdict => verdict,
         },
-        Parsed::V6(flow) => match ingress::<V6>(&ctx, &flow) {
+        Parsed::V6(flow) => match xnat::local_reply::<V6>(&ctx, &flow).unwrap_or_else(|| ingress::<V6>(&ctx, &flow)) {
             REJECT => icmp::reject::<V6>(&ctx, &flow),
             verdict => verdict,
         },
@@ -157,11 +159,6 @@ fn remember_fragment<F: Family>(flow: &Flow<F::A>, id: u32, backend_ip: F::A) {
     let key = FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
     // Best effort: without it the later fragments are counted as misses.
     let _ = F::frags().insert(key, FragValue { addr: backend_ip, side: FRAG_DNAT }, 0);
-}
-
-#[inline(always)]
-fn is_bare_syn<A>(flow: &Flow<A>) -> bool {
-    flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
 
 /// A direct connection from a client port that earlier talked to a VIP

@@ -16,6 +16,8 @@ mod maps;
 mod nat;
 mod parse;
 mod sock;
+mod xdp;
+mod xnat;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CtKey, CtValue, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_FRAGS, DEFAULT_MAX_SELECTION_SLOTS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REV,
-    DEFAULT_STATS_ENTRIES, FragKey, FragValue, Health, Ip6, SelectionPair, ServiceKey, ServiceStats, ServiceValue,
-    SockRevKey, SockRevValue, Stat,
+    DEFAULT_STATS_ENTRIES, FragKey, FragValue, Health, Ip6, NatValue, SelectionPair, ServiceKey, ServiceStats,
+    ServiceValue, SockRevKey, SockRevValue, Stat, XnatConfig,
 };
 
 /// TC_ACT_UNSPEC, which TCX calls TCX_NEXT: hand the packet, translated or not,
@@ -82,6 +82,38 @@ pub static HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 /// to the TC path (a sidecar mesh that must see the VIP).
 #[map]
 pub static SOCK_EXCLUDE: HashMap<u64, u32> = HashMap::with_max_entries(256, 0);
+
+/// Flows from outside the node (`mcs_xdp`): both entries of each, one map
+/// per family. Sized like `CT` by the agent.
+#[map]
+pub static XNAT_CT: LruHashMap<CtKey, NatValue> = LruHashMap::with_max_entries(2 * DEFAULT_MAX_CONNTRACK, 0);
+
+#[map]
+pub static XNAT_CT6: LruHashMap<CtKey<Ip6>, NatValue<Ip6>> = LruHashMap::with_max_entries(2 * DEFAULT_MAX_CONNTRACK, 0);
+
+/// Room for one flow's translation of either family, per CPU: the XDP
+/// path's frames have no room for it below the BPF stack limit. Not pinned.
+#[map]
+pub static XNAT_SCRATCH: PerCpuArray<NatValue<Ip6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch translation, as family `A`'s.
+#[inline(always)]
+pub fn xnat_scratch<A: mcs_common::MapAddr>() -> Option<&'static mut NatValue<A>> {
+    const { assert!(core::mem::size_of::<NatValue<A>>() <= core::mem::size_of::<NatValue<Ip6>>()) };
+    // SAFETY: a per-CPU map value, 8-aligned, at least as large as either
+    // family's value (checked above); no other user on this CPU during the run.
+    XNAT_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p.cast::<NatValue<A>>() })
+}
+
+#[map]
+pub static XNAT: Array<XnatConfig> = Array::with_max_entries(1, 0);
+
+/// `--external-source-cidr`, by family (consulted only with `XNAT_F_SOURCE_FILTER*`).
+#[map]
+pub static XNAT_SRC: LpmTrie<u32, u8> = LpmTrie::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+pub static XNAT_SRC6: LpmTrie<Ip6, u8> = LpmTrie::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);

@@ -1,11 +1,11 @@
 //! Header parsing with a bounds check right before every access.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use mcs_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6};
 
 pub const ETH_LEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 pub const IPV6_LEN: usize = 40;
@@ -64,8 +64,59 @@ pub enum Parsed {
     V6(Flow<Ip6>),
 }
 
+/// A packet as both hooks see it: TC's skb and XDP's buffer. Parsing and
+/// the header accesses are written once over it.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length (an skb may hold part of it outside the linear area).
+    fn len(&self) -> u32;
+    /// Makes the first `len` bytes linear.
+    fn pull_data(&self, len: u32) -> Result<(), i64>;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+    #[inline(always)]
+    fn pull_data(&self, len: u32) -> Result<(), i64> {
+        TcContext::pull_data(self, len)
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+    /// An XDP buffer without fragments is linear already; every access is
+    /// bounds-checked against `data_end` anyway.
+    #[inline(always)]
+    fn pull_data(&self, _len: u32) -> Result<(), i64> {
+        Ok(())
+    }
+}
+
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -76,7 +127,7 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
 
 /// Reads a `T` at `off`, unaligned.
 #[inline(always)]
-pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+pub fn load<T: Copy>(ctx: &impl Packet, off: usize) -> Option<T> {
     // SAFETY: bounds checked by ptr_at.
     ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
@@ -92,7 +143,7 @@ const V6_HEADERS: u32 = (ETH_LEN + IPV6_LEN + TCP_LEN) as u32;
 /// Makes the first `want` bytes (or the whole packet, if shorter) linear:
 /// headers of a paged skb may sit outside the linear area.
 #[inline(always)]
-pub fn pull(ctx: &TcContext, want: u32) -> bool {
+pub fn pull(ctx: &impl Packet, want: u32) -> bool {
     let linear = (ctx.data_end() - ctx.data()) as u32;
     if linear < want && ctx.len() > linear {
         let want = if ctx.len() < want { ctx.len() } else { want };
@@ -105,12 +156,12 @@ pub fn pull(ctx: &TcContext, want: u32) -> bool {
 /// errors), where computing the linear length again trips the verifier (the
 /// compiler reuses the packet pointer it read before an earlier pull).
 #[inline(always)]
-pub fn pull_more(ctx: &TcContext, want: u32) -> bool {
+pub fn pull_more(ctx: &impl Packet, want: u32) -> bool {
     let len = ctx.len();
     ctx.pull_data(if len < want { len } else { want }).is_ok()
 }
 
-pub fn parse(ctx: &TcContext) -> Parsed {
+pub fn parse(ctx: &impl Packet) -> Parsed {
     // The Ethernet header is linear at TC (the stack pulled it to read the
     // protocol); a frame without one is not ours.
     let Some(ether_type) = load::<[u8; 2]>(ctx, 12) else {
@@ -124,10 +175,23 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
+/// [`parse`] of a frame whose EtherType was read already: one family's
+/// code only (the XDP program parses in a function per family, so the
+/// other family's locals never share its frame).
+#[inline(always)]
+pub fn parse_family(ctx: &impl Packet, ether_type: u16) -> Parsed {
+    match ether_type {
+        ETH_P_IP if pull(ctx, V4_HEADERS) => parse_v4(ctx),
+        ETH_P_IPV6 if pull(ctx, V6_HEADERS) => parse_v6(ctx),
+        ETH_P_IP | ETH_P_IPV6 => Parsed::Malformed,
+        _ => Parsed::Other,
+    }
+}
+
 /// Ports, TCP flags and ICMP type at `l4_off`; `None` when the frame does
 /// not hold the whole header (every field a rewrite touches must be there).
 #[inline(always)]
-fn l4(ctx: &TcContext, proto: u8, l4_off: usize) -> Option<(u16, u16, u8, u8)> {
+fn l4(ctx: &impl Packet, proto: u8, l4_off: usize) -> Option<(u16, u16, u8, u8)> {
     match proto {
         IPPROTO_TCP => {
             // Byte 13 holds CWR..FIN.
@@ -147,7 +211,7 @@ fn l4(ctx: &TcContext, proto: u8, l4_off: usize) -> Option<(u16, u16, u8, u8)> {
 
 /// Fills the flow's ports, TCP flags and ICMP type; false when cut short.
 #[inline(always)]
-fn read_l4<A>(ctx: &TcContext, flow: &mut Flow<A>) -> bool {
+fn read_l4<A>(ctx: &impl Packet, flow: &mut Flow<A>) -> bool {
     let Some((src_port, dst_port, tcp_flags, icmp_type)) = l4(ctx, flow.proto, flow.l4_off) else {
         return false;
     };
@@ -167,7 +231,7 @@ const fn l4_min(proto: u8) -> usize {
     }
 }
 
-fn parse_v4(ctx: &TcContext) -> Parsed {
+fn parse_v4(ctx: &impl Packet) -> Parsed {
     let l3_off = ETH_LEN;
     let Some(ip) = load::<[u8; 20]>(ctx, l3_off) else {
         return Parsed::Malformed;
@@ -212,7 +276,7 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     Parsed::V4(flow)
 }
 
-fn parse_v6(ctx: &TcContext) -> Parsed {
+fn parse_v6(ctx: &impl Packet) -> Parsed {
     let l3_off = ETH_LEN;
     let Some(ip) = load::<[u8; 8]>(ctx, l3_off) else {
         return Parsed::Malformed;

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
 pub mod disruption;
+pub mod ethtool;
 pub mod fakeapi;
 pub mod frame;
 pub mod manifests;

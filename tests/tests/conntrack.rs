@@ -64,6 +64,7 @@ fn the_collector_empties_expired_flows_while_a_million_live_ones_keep_theirs() {
         capacity: Capacity { services: 64, backends: 256, slots: 1 << 16 },
         conntrack: 1_200_000,
         stats_entries: 64,
+        ..Sizes::default()
     };
     let dp = Datapath::load(sizes, None).expect("loading the datapath (needs root)");
     let (ct, ct6) = dp.conntrack_fds().unwrap();

@@ -37,6 +37,16 @@ pub enum SocketLbMode {
     Off,
 }
 
+/// What `--external-*` and `--xdp-mode` asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct External {
+    /// `--external-interface`: names or globs. Empty: no XDP.
+    pub interfaces: Vec<String>,
+    /// The source NAT settings; addresses not given are found at attach.
+    pub snat: crate::datapath::Xnat,
+    pub mode: crate::datapath::XdpAttach,
+}
+
 /// What `--socket-lb*` asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SocketLb {
@@ -92,6 +102,7 @@ pub struct Config {
     pub socket_lb: SocketLb,
     /// End TCP sockets too when their backend leaves.
     pub terminate_tcp: bool,
+    pub external: External,
     pub state_dir: PathBuf,
     /// The policy the flags give, before the Node and ClusterProperty fill gaps.
     pub policy: Policy,

@@ -21,7 +21,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{
-    config::{Config, ConntrackGc, SocketLb, SourceConfig},
+    config::{Config, ConntrackGc, External, SocketLb, SourceConfig},
     control::{self, ControlSocket},
     discovery::{DatapathHooks, Discovered},
     error::{AgentError, Context as _},
@@ -120,6 +120,7 @@ pub struct Agent {
     attach: AttachMode,
     health_addr: std::net::SocketAddr,
     socket_lb: SocketLb,
+    external: External,
     terminate_tcp: bool,
     metrics_backend_label: bool,
     cleanup_on_exit: bool,
@@ -154,6 +155,7 @@ impl Agent {
             metrics_backend_label,
             socket_lb,
             terminate_tcp,
+            external,
             state_dir,
             policy: flags_policy,
         } = config;
@@ -254,6 +256,7 @@ impl Agent {
             attach,
             health_addr,
             socket_lb,
+            external,
             terminate_tcp,
             metrics_backend_label,
             cleanup_on_exit,
@@ -412,6 +415,7 @@ impl Agent {
             patterns: self.patterns.as_ref().expect("not started"),
             attach: self.attach,
             socket_lb: &self.socket_lb,
+            external: &self.external,
             carried: 0,
         };
         switch_over(&mut takeover, self.older.len())?;
@@ -516,6 +520,7 @@ impl Agent {
             patterns: self.patterns.as_ref().unwrap_or(&default_patterns),
             attach: self.attach,
             socket_lb: &self.socket_lb,
+            external: &self.external,
         };
         let switched = switch_over(&mut switch, count);
         // From here the grown datapath serves (or serves beside the old one):
@@ -707,6 +712,7 @@ impl Agent {
                 self.ct_stats.last_pass_us.load(Relaxed) as f64 / 1e6,
             )),
             socket_lb: datapath.sockets_cgroup().is_some() && !self.socket_lb.host_only,
+            xdp: datapath.external_interfaces().into_iter().map(|(i, m)| (i, m.name())).collect(),
             map_memory: self.map_memory.clone(),
             objects: self
                 .reconciler

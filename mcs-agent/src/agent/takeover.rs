@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use super::{
-    config::{SocketLb, SocketLbMode},
+    config::{External, SocketLb, SocketLbMode},
     error::{AgentError, Context as _},
     switch::Switch,
 };
@@ -23,6 +23,7 @@ pub struct Takeover<'a> {
     pub patterns: &'a Patterns,
     pub attach: AttachMode,
     pub socket_lb: &'a SocketLb,
+    pub external: &'a External,
     /// Copies made so far: the first of each layout is logged.
     pub carried: usize,
 }
@@ -52,7 +53,8 @@ impl Switch for Takeover<'_> {
 
     fn take_over(&mut self) -> Result<(), AgentError> {
         take_over(self.datapath, self.interfaces, &[], self.patterns, self.attach)?;
-        apply_socket_lb(self.socket_lb, self.datapath)
+        apply_socket_lb(self.socket_lb, self.datapath)?;
+        apply_external(self.external, self.datapath)
     }
 
     fn retire(&mut self, layout: usize) {
@@ -151,5 +153,83 @@ pub(super) fn apply_socket_lb(socket_lb: &SocketLb, datapath: &mut Datapath) -> 
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Serves the external interfaces (`--external-interface`): the source NAT
+/// settings first (an address not given is the first interface's), then
+/// the programs on every interface named or matched. Failing is fatal: an
+/// operator who asked for it relies on it.
+pub(super) fn apply_external(external: &External, datapath: &mut Datapath) -> Result<(), AgentError> {
+    if external.interfaces.is_empty() {
+        return Ok(());
+    }
+    let present: Vec<String> = nix::net::if_::if_nameindex()
+        .map(|list| list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let mut names = Vec::new();
+    for wanted in &external.interfaces {
+        let matched: Vec<&String> = match glob::Pattern::new(wanted) {
+            Ok(p) if wanted.contains(['*', '?', '[']) => present.iter().filter(|i| p.matches(i)).collect(),
+            _ => present.iter().filter(|i| *i == wanted).collect(),
+        };
+        if matched.is_empty() {
+            return Err(AgentError::Config(format!(
+                "--external-interface {wanted}: no such interface in this network namespace"
+            )));
+        }
+        names.extend(matched.into_iter().filter(|i| !names.contains(*i)).cloned().collect::<Vec<_>>());
+    }
+    let mut snat = external.snat.clone();
+    let (addr4, addr6) = interface_addresses(&names[0]);
+    snat.addr4 = snat.addr4.or(addr4);
+    snat.addr6 = snat.addr6.or(addr6);
+    if snat.addr4.is_none() && snat.addr6.is_none() {
+        return Err(AgentError::Config(format!(
+            "--external-interface {}: it has no address to translate flows from outside to; give --external-snat-address",
+            names[0]
+        )));
+    }
+    warn_port_overlap(snat.ports);
+    datapath.set_xnat(&snat).context("--external-snat-address")?;
+    for iface in &names {
+        datapath.attach_external(iface, external.mode).with_context(|| format!("--external-interface {iface}"))?;
+    }
+    info!(interfaces = ?names, snat = %datapath::describe_xnat(&snat), "serving ClusterSetIP traffic from outside");
+    Ok(())
+}
+
+/// The first IPv4 and the first global IPv6 address of `iface`.
+fn interface_addresses(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let (mut v4, mut v6) = (None, None);
+    for ifa in nix::ifaddrs::getifaddrs().into_iter().flatten().filter(|a| a.interface_name == iface) {
+        let Some(addr) = ifa.address else { continue };
+        if let Some(a) = addr.as_sockaddr_in() {
+            v4 = v4.or(Some(a.ip()));
+        } else if let Some(a) = addr.as_sockaddr_in6() {
+            let ip = a.ip();
+            // Link-local addresses do not route to other clusters.
+            if ip.segments()[0] & 0xffc0 != 0xfe80 {
+                v6 = v6.or(Some(ip));
+            }
+        }
+    }
+    (v4, v6)
+}
+
+/// A source NAT port the node may also use for its own connections would
+/// take their replies.
+fn warn_port_overlap((low, high): (u16, u16)) {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else { return };
+    let mut ports = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    if let (Some(first), Some(last)) = (ports.next(), ports.next())
+        && low <= last
+        && first <= high
+    {
+        warn!(
+            snat_ports = format!("{low}-{high}"),
+            local_ports = format!("{first}-{last}"),
+            "--external-snat-ports overlaps net.ipv4.ip_local_port_range: the node's own connections may lose replies to translated flows"
+        );
     }
 }

@@ -74,6 +74,11 @@ pub(super) fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_SOCK_REV6 => (MapType::LruHash, size_of::<SockRevKey<Ip6>>(), size_of::<SockRevValue<Ip6>>(), 0),
         MAP_SOCK_EXCLUDE => (MapType::Hash, 8, 4, 0),
         MAP_HOST_NETNS => (MapType::Array, 4, 8, 0),
+        MAP_XNAT_CT => (MapType::LruHash, size_of::<CtKey>(), size_of::<NatValue>(), 0),
+        MAP_XNAT_CT6 => (MapType::LruHash, size_of::<CtKey<Ip6>>(), size_of::<NatValue<Ip6>>(), 0),
+        MAP_XNAT => (MapType::Array, 4, size_of::<XnatConfig>(), 0),
+        MAP_XNAT_SRC => (MapType::LpmTrie, 8, 1, 0),
+        MAP_XNAT_SRC6 => (MapType::LpmTrie, 20, 1, 0),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }
@@ -160,7 +165,7 @@ impl Datapath {
         layout: Option<LayoutDir>,
         kernel_log: KernelLog,
     ) -> Result<Self, DatapathError> {
-        let Sizes { capacity, conntrack, stats_entries } = sizes;
+        let Sizes { capacity, conntrack, stats_entries, xnat_conntrack } = sizes;
         let mut wanted = [
             (MAP_SERVICES, capacity.services),
             (MAP_BACKENDS, capacity.backends),
@@ -182,6 +187,11 @@ impl Datapath {
             (MAP_SOCK_REV6, conntrack),
             (MAP_SOCK_EXCLUDE, 256),
             (MAP_HOST_NETNS, 1),
+            (MAP_XNAT_CT, xnat_conntrack.saturating_mul(2)),
+            (MAP_XNAT_CT6, xnat_conntrack.saturating_mul(2)),
+            (MAP_XNAT, 1),
+            (MAP_XNAT_SRC, 1024),
+            (MAP_XNAT_SRC6, 1024),
             // Last: its size is read back below. Every backend id, whatever
             // --stats-entries: passive health must watch every backend, and
             // the map is not per-CPU (32 bytes an id, 8 MiB at the default
@@ -214,6 +224,13 @@ impl Datapath {
                     Ok(Some(pinned)) if *name == MAP_STATS && pinned != Stat::COUNT => {
                         // Counters only: start them afresh rather than refuse to start.
                         warn!(path = %path.display(), "pinned counters have another size; starting them from zero");
+                        let _ = fs::remove_file(&path);
+                    }
+                    Ok(Some(pinned)) if matches!(*name, MAP_XNAT_CT | MAP_XNAT_CT6) && pinned != *size => {
+                        // Sized by --external-interface (a token size
+                        // without): flows from outside start afresh when it
+                        // changes, rather than run on a map of the wrong size.
+                        info!(map = *name, pinned, requested = *size, "resizing the pinned map of flows from outside");
                         let _ = fs::remove_file(&path);
                     }
                     Ok(Some(pinned)) if *name == MAP_HEALTH && pinned != *size => {
@@ -265,9 +282,15 @@ impl Datapath {
                 DatapathError::Map { name: "AYA_LOGS", source: MapError::IoError(io::Error::other(e)) }
             })?),
         };
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_UPLINK] {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
+        let xdp: &mut aya::programs::Xdp = ebpf
+            .program_mut(PROG_XDP)
+            .ok_or(DatapathError::MissingProgram(PROG_XDP))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
+        xdp.load().map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
         // Now, while every map descriptor the programs refer to is open (the
         // selection map leaves `ebpf` once it is mapped). A kernel without them
         // still gets the TC path.
@@ -283,6 +306,7 @@ impl Datapath {
             "datapath loaded"
         );
         let [services, backends, slot_pairs, ct_entries, .., health_entries] = wanted.map(|(_, size)| size);
+        let xnat_conntrack = wanted.iter().find(|(n, _)| *n == MAP_XNAT_CT).map_or(xnat_conntrack, |(_, s)| s / 2);
         let conntrack = ct_entries / 2;
         let capacity = Capacity { services, backends, slots: slot_pairs * 2 };
         let fds = BatchFds {
@@ -322,13 +346,14 @@ impl Datapath {
         Ok(Self {
             ebpf,
             maps,
-            sizes: Sizes { capacity, conntrack, stats_entries },
+            sizes: Sizes { capacity, conntrack, stats_entries, xnat_conntrack },
             layout,
             older: Vec::new(),
             protected: Vec::new(),
             logger,
             adopted,
             attached: BTreeMap::new(),
+            external: BTreeMap::new(),
             sockets: None,
             sock_load,
             config_flags,

@@ -1,0 +1,367 @@
+//! Flows from outside the node (`--external-interface`): their conntrack
+//! (`XNAT_CT`), shared by the XDP program that translates them and the TC
+//! programs that finish what XDP cannot do itself. Source NAT to a node
+//! address makes a backend in any cluster answer through this node; a
+//! backend on this node answers through its pod interface, where
+//! [`local_reply`] undoes the translation.
+
+// The map calls take keys and values by reference on purpose: by value they
+// would be copied onto a stack the XDP path has little of.
+#![allow(clippy::needless_borrows_for_generic_args)]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    },
+    macros::classifier,
+    programs::TcContext,
+};
+use mcs_common::{
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_SYNACK, CtKey, IPPROTO_TCP, IPPROTO_UDP,
+    MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed, flow_hash,
+};
+
+use crate::{
+    ct::{close_bits, expired},
+    family::{Family, V4, V6},
+    ingress::select,
+    maps::{TC_ACT_SHOT, TC_NEXT, XNAT, backend_stats, count, health_add, service_stats},
+    nat::{Side, rewrite},
+    parse::{Flow, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
+};
+
+#[inline(always)]
+pub fn is_bare_syn<A>(flow: &Flow<A>) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
+#[inline(always)]
+fn tuple<A: MapAddr>(flow: &Flow<A>, dir: u8) -> CtKey<A> {
+    CtKey {
+        src: flow.src_ip,
+        dst: flow.dst_ip,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// Whether `port` (map byte order) is in the source NAT range.
+#[inline(always)]
+pub fn in_port_range(config: &XnatConfig, port: u16) -> bool {
+    u16::from_be(port).wrapping_sub(config.port_lo) < config.port_count
+}
+
+/// Removes a flow's entry and, if it is there, the other one.
+#[inline(never)]
+fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>) {
+    let _ = F::xnat_ct().remove(&value.sibling_key(key.proto, key.dir));
+    let _ = F::xnat_ct().remove(key);
+}
+
+/// Adds TCP close bits to both entries; the connection's end starts the
+/// grace time, as on the TC path.
+#[inline(never)]
+fn mark<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>, bits: u8) {
+    // SAFETY: map value pointer, valid for this program run.
+    let value = unsafe { &mut *entry };
+    let sibling = F::xnat_ct().get_ptr_mut(&value.sibling_key(key.proto, key.dir));
+    let mut flags = bits | value.flags;
+    if let Some(sibling) = sibling {
+        // SAFETY: as above.
+        flags |= unsafe { (*sibling).flags };
+    }
+    // SAFETY: helper without preconditions.
+    let now = if ct_closed(flags) { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    for entry in [Some(entry), sibling].into_iter().flatten() {
+        // SAFETY: as above.
+        unsafe {
+            (*entry).flags = flags;
+            if { (*entry).closed_ns } == 0 {
+                (*entry).closed_ns = now;
+            }
+        }
+    }
+}
+
+/// The translation of a packet whose flow is known (either direction),
+/// into `out`; false: unknown, or a closed connection's leftovers
+/// (removed), or a UDP flow whose backend left (removed, to be balanced
+/// afresh).
+// Out of line, filling the caller's value: the XDP path's frames must stay
+// within BPF's 512 bytes.
+#[inline(never)]
+pub fn known<F: Family>(flow: &Flow<F::A>, dir: u8, out: &mut NatValue<F::A>) -> bool {
+    let key = tuple(flow, dir);
+    let Some(entry) = F::xnat_ct().get_ptr_mut(&key) else { return false };
+    // SAFETY: map value pointer, valid for this program run.
+    let value = unsafe { &*entry };
+    // A closed connection's tuple opened again by a new SYN, or past its grace time.
+    if value.closed_ns != 0 && ((dir == CT_DIR_ORIGINAL && is_bare_syn(flow)) || expired(value.closed_ns)) {
+        remove_pair::<F>(&key, value);
+        count(Stat::ClosedExpired);
+        return false;
+    }
+    if flow.proto == IPPROTO_TCP {
+        let bits = close_bits(flow.tcp_flags, if dir == CT_DIR_ORIGINAL { CT_F_FIN_CLIENT } else { CT_F_FIN_BACKEND });
+        if bits != 0 {
+            mark::<F>(&key, entry, bits);
+        }
+    }
+    if dir == CT_DIR_ORIGINAL && flow.proto == IPPROTO_UDP {
+        let current = F::backends().get(value.backend_id);
+        if current.is_none_or(|b| b.ip != value.peer || b.port != value.peer_port) {
+            remove_pair::<F>(&key, value);
+            return false;
+        }
+    }
+    if dir == CT_DIR_REPLY && flow.proto == IPPROTO_TCP && value.flags & CT_F_SYNACK == 0 {
+        // Passive health: the backend's first answer to a connection's SYN.
+        if flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK {
+            health_add(value.backend_id, |h| &mut h.synacks);
+            // SAFETY: as above.
+            unsafe { (*entry).flags |= CT_F_SYNACK };
+        } else if flow.tcp_flags & TCP_FLAG_RST != 0 {
+            health_add(value.backend_id, |h| &mut h.syn_rsts);
+        }
+    }
+    account::<F>(flow, value, dir);
+    *out = *value;
+    true
+}
+
+/// Per-backend packet and byte counters, while the id still names the
+/// backend the flow went to.
+#[inline(always)]
+fn account<F: Family>(flow: &Flow<F::A>, value: &NatValue<F::A>, dir: u8) {
+    let (ip, port) = if dir == CT_DIR_ORIGINAL { (value.peer, value.peer_port) } else { (flow.src_ip, flow.src_port) };
+    if let Some(stats) = backend_stats(value.backend_id)
+        && F::backends().get(value.backend_id).is_some_and(|b| b.ip == ip && b.port == port)
+    {
+        if dir == CT_DIR_ORIGINAL {
+            stats.packets_to += 1;
+            stats.bytes_to += u64::from(flow.ip_len);
+        } else {
+            stats.packets_from += 1;
+            stats.bytes_from += u64::from(flow.ip_len);
+        }
+    }
+}
+
+/// A new flow from outside: a backend selected as on the other paths, a
+/// source NAT port free for that backend, and both entries (the reply's
+/// first: its insert is what claims the port). The original entry is left
+/// in `value`. `Err`: dropped, already counted.
+// One value and one key, reused from the reply's entry to the original's:
+// the XDP path's frames must stay within BPF's 512 bytes.
+#[inline(never)]
+pub fn open<F: Family>(
+    flow: &Flow<F::A>,
+    service: &ServiceValue,
+    config: &XnatConfig,
+    node: F::A,
+    value: &mut NatValue<F::A>,
+) -> Result<(), ()> {
+    // Under source NAT a connection balanced afresh mid-stream would reach
+    // its backend from a new port and only earn a RST.
+    if flow.proto == IPPROTO_TCP && !is_bare_syn(flow) {
+        count(Stat::XdpMidstream);
+        return Err(());
+    }
+    let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
+    let Some((id, backend)) = select::<F>(service, || hash, flow.src_ip) else {
+        count(Stat::XdpNoBackend);
+        if let Some(stats) = service_stats(service.service_id) {
+            stats.no_backend += 1;
+        }
+        return Err(());
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    *value = NatValue {
+        peer: flow.src_ip,
+        nat: flow.dst_ip,
+        peer_port: flow.src_port,
+        nat_port: flow.dst_port,
+        flags: 0,
+        _pad: [0; 3],
+        backend_id: id,
+        service_id: service.service_id,
+        closed_ns: 0,
+        created_ns: now,
+    };
+    let mut key = CtKey {
+        src: backend.ip,
+        dst: node,
+        src_port: backend.port,
+        dst_port: 0,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    // A port is taken when its reply tuple (backend, node address, port) is
+    // free: the same port serves other backends at the same time. The first
+    // try is the flow's hash, then the next ports in turn.
+    let mut claimed = false;
+    let span = u32::from(config.port_count);
+    for i in 0..XNAT_PORT_TRIES {
+        let Some(offset) = (hash >> 8).wrapping_add(i).checked_rem(span) else { break };
+        key.dst_port = (config.port_lo.wrapping_add(offset as u16)).to_be();
+        if F::xnat_ct().insert(&key, &*value, BPF_NOEXIST as u64).is_ok() {
+            claimed = true;
+            break;
+        }
+    }
+    if !claimed {
+        count(Stat::SnatExhausted);
+        return Err(());
+    }
+    let port = key.dst_port;
+    (value.peer, value.nat, value.peer_port, value.nat_port) = (backend.ip, node, backend.port, port);
+    let reply = key;
+    key = tuple(flow, CT_DIR_ORIGINAL);
+    if F::xnat_ct().insert(&key, &*value, 0).is_err() {
+        let _ = F::xnat_ct().remove(&reply);
+        count(Stat::CtInsertFailed);
+        return Err(());
+    }
+    count(Stat::XdpNewFlow);
+    if let Some(stats) = backend_stats(id) {
+        stats.new_flows += 1;
+        stats.packets_to += 1;
+        stats.bytes_to += u64::from(flow.ip_len);
+    }
+    if is_bare_syn(flow) {
+        health_add(id, |h| &mut h.syns);
+    }
+    if let Some(stats) = service_stats(service.service_id) {
+        stats.new_flows += 1;
+    }
+    Ok(())
+}
+
+/// Route lookup parameters for a packet from `src:sport` to `dst:dport`
+/// (as translated), arriving on `ifindex`.
+#[inline(always)]
+pub fn fib_params<F: Family>(
+    flow: &Flow<F::A>,
+    (src, sport): (F::A, u16),
+    (dst, dport): (F::A, u16),
+    ifindex: u32,
+) -> bpf_fib_lookup {
+    // SAFETY: a plain C struct; zero is a valid value of every field.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = F::AF;
+    params.l4_protocol = flow.proto;
+    params.sport = sport;
+    params.dport = dport;
+    params.__bindgen_anon_1.tot_len = flow.ip_len;
+    params.ifindex = ifindex;
+    F::fib_addrs(&mut params, src, dst);
+    params
+}
+
+/// Writes the route's next hop and own MAC into the Ethernet header.
+#[inline(always)]
+pub fn set_macs(ctx: &impl Packet, params: &bpf_fib_lookup) -> bool {
+    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else { return false };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { eth.write_unaligned(macs) };
+    true
+}
+
+/// TC ingress on external interfaces: a packet `mcs_xdp` translated but
+/// handed to the stack (a backend on this node, a neighbour not resolved
+/// yet) goes out of the route's interface from here. Routing would refuse
+/// it: its source is the node's own address, as no packet from outside
+/// otherwise has (a martian). Other packets pay a parse and a compare.
+#[classifier]
+pub fn mcs_uplink(ctx: TcContext) -> i32 {
+    match parse(&ctx) {
+        Parsed::V4(flow) => uplink::<V4>(&ctx, &flow),
+        Parsed::V6(flow) => uplink::<V6>(&ctx, &flow),
+        _ => TC_NEXT,
+    }
+}
+
+#[inline(never)]
+fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
+    let Some(config) = XNAT.get(0) else { return TC_NEXT };
+    let node = F::xnat_addr(config);
+    if flow.src_ip != node || node == F::A::ZERO || !in_port_range(config, flow.src_port) {
+        return TC_NEXT;
+    }
+    route_out::<F>(ctx, flow, (flow.src_ip, flow.src_port), (flow.dst_ip, flow.dst_port))
+}
+
+/// Sends a translated packet out of its route's interface, bypassing the
+/// stack's routing (its source is a VIP or the node's own address).
+#[inline(always)]
+fn route_out<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, src: (F::A, u16), dst: (F::A, u16)) -> i32 {
+    // SAFETY: a read of the context's field.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut params = fib_params::<F>(flow, src, dst, ifindex);
+    // No MTU check: the output path fragments or reports as it would for
+    // routed traffic.
+    params.__bindgen_anon_1.tot_len = 0;
+    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) } as u32;
+    match rc {
+        // SAFETY (both): helpers without preconditions.
+        BPF_FIB_LKUP_RET_SUCCESS if set_macs(ctx, &params) => unsafe { bpf_redirect(params.ifindex, 0) as i32 },
+        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
+        _ => {
+            count(Stat::XdpUnroutable);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// At TC ingress of a pod interface, before anything else: a reply to the
+/// node's source NAT address from a backend on this node, for a flow from
+/// outside. It never crosses the external interface's XDP program, so it
+/// is translated back here (VIP -> client) and sent out of the route's
+/// interface. `None`: not such a reply. Costs other packets an array read
+/// and a compare.
+#[inline(always)]
+pub fn local_reply<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32> {
+    let config = XNAT.get(0)?;
+    let node = F::xnat_addr(config);
+    if flow.dst_ip != node || node == F::A::ZERO || !in_port_range(config, flow.dst_port) {
+        return None;
+    }
+    local_reply_known::<F>(ctx, flow)
+}
+
+// Out of line: its conntrack key and value must not join the DNAT path's frame.
+#[inline(never)]
+fn local_reply_known<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32> {
+    if !matches!(flow.frag, crate::parse::Frag::Whole) || flow.proto == F::ICMP {
+        return None;
+    }
+    let mut value = NatValue::default();
+    if !known::<F>(flow, CT_DIR_REPLY, &mut value) {
+        return None;
+    }
+    Some(local_reply_send::<F>(ctx, flow, &value))
+}
+
+#[inline(never)]
+fn local_reply_send<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, value: &NatValue<F::A>) -> i32 {
+    if rewrite::<F>(ctx, flow, Side::Source, value.nat, value.nat_port).is_err()
+        || rewrite::<F>(ctx, flow, Side::Destination, value.peer, value.peer_port).is_err()
+    {
+        count(Stat::RewriteFailed);
+        return TC_ACT_SHOT;
+    }
+    count(Stat::XnatLocalRevNat);
+    route_out::<F>(ctx, flow, (value.nat, value.nat_port), (value.peer, value.peer_port))
+}
