@@ -530,6 +530,11 @@ pub struct RunArgs {
     /// has it. The mode in force is logged and in `mcs_agent_xdp_attached`.
     #[arg(long, value_enum, default_value = "auto", env = "MCS_XDP_MODE")]
     pub xdp_mode: datapath::XdpAttach,
+    /// Capacity of the connection table of flows from outside (least
+    /// recently used evicted; two entries each, preallocated: about 190
+    /// bytes a flow for IPv4 and 240 for IPv6 of kernel memory).
+    #[arg(long, default_value_t = 65_536, env = "MCS_MAX_EXTERNAL_CONNTRACK")]
+    pub max_external_conntrack: u32,
     /// Where `mcs-agent inspect` finds the agent: its control socket
     /// (agent.sock) while it runs, and the state.json it writes when it stops
     /// (services, clusters, zones, tiers behind each id).
@@ -596,12 +601,38 @@ impl RunArgs {
             external_snat_ports,
             external_source_cidrs,
             xdp_mode,
+            max_external_conntrack,
             state_dir,
             locality,
         } = self;
+        if external_interfaces.is_empty()
+            && (!external_snat_addresses.is_empty()
+                || !external_source_cidrs.is_empty()
+                || xdp_mode != datapath::XdpAttach::Auto)
+        {
+            return Err(AgentError::Config(
+                "--external-snat-address, --external-source-cidr and --xdp-mode need --external-interface".into(),
+            ));
+        }
+        if external_source_cidrs.len() > 1024 {
+            return Err(AgentError::Config(format!(
+                "--external-source-cidr: {} ranges, at most 1,024 (merge adjacent ones)",
+                external_source_cidrs.len()
+            )));
+        }
+        if !external_interfaces.is_empty() && interfaces.is_empty() && interface_patterns.is_empty() {
+            tracing::warn!(
+                "--external-interface without --interface or --interface-pattern: a backend on this node cannot answer clients from outside (its replies are translated back at its pod interface)"
+            );
+        }
         let mut snat =
             datapath::Xnat { ports: external_snat_ports, sources: external_source_cidrs, ..Default::default() };
         for addr in external_snat_addresses {
+            if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback() {
+                return Err(AgentError::Config(format!(
+                    "--external-snat-address {addr}: not a unicast address of the node"
+                )));
+            }
             let taken = match addr {
                 std::net::IpAddr::V4(a) => snat.addr4.replace(a).is_some(),
                 std::net::IpAddr::V6(a) => snat.addr6.replace(a).is_some(),
@@ -673,7 +704,11 @@ impl RunArgs {
                 ),
                 conntrack: max_conntrack,
                 stats_entries,
-                xnat_conntrack: if external_interfaces.is_empty() { datapath::XNAT_TOKEN_SIZE } else { max_conntrack },
+                xnat_conntrack: if external_interfaces.is_empty() {
+                    datapath::XNAT_TOKEN_SIZE
+                } else {
+                    max_external_conntrack.max(datapath::XNAT_TOKEN_SIZE)
+                },
             },
             bounds,
             conntrack,
@@ -783,7 +818,7 @@ mod tests {
     #[test]
     fn external_flags_size_the_flows_from_outside_and_take_one_address_per_family() {
         let c = config(&["--interface", "veth0", "--external-interface", "eth0"]).unwrap();
-        assert_eq!(c.sizes.xnat_conntrack, c.sizes.conntrack, "served: sized like conntrack");
+        assert_eq!(c.sizes.xnat_conntrack, 65_536, "served: its own size");
         assert_eq!(c.external.snat.ports, (61000, 65535));
         let c = config(&["--interface", "veth0"]).unwrap();
         assert_eq!(c.sizes.xnat_conntrack, datapath::XNAT_TOKEN_SIZE, "not served: a token size");
@@ -797,5 +832,9 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("one address per family"), "{e}");
+        let e = config(&["--external-interface", "eth0", "--external-snat-address", "0.0.0.0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--external-snat-address 0.0.0.0"), "{e}");
+        let e = config(&["--interface", "veth0", "--xdp-mode", "native"]).unwrap_err();
+        assert!(e.to_string().contains("need --external-interface"), "{e}");
     }
 }

@@ -33,7 +33,7 @@ use std::{
 use bytemuck::{Pod, Zeroable};
 use mcs_common::{
     CT_CLOSE_GRACE_NS, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REPLIED, CT_F_SYNACK, CT_PAIR_CHECK_NS, CtKey, CtValue,
-    IPPROTO_TCP, Ip4, Ip6, MapAddr,
+    IPPROTO_TCP, Ip4, Ip6, MapAddr, NatValue,
 };
 use tracing::{debug, warn};
 
@@ -78,7 +78,27 @@ fn nanos(d: Duration) -> u64 {
 /// Whether the flow this entry belongs to has expired at `now` (the
 /// kernel's CLOCK_MONOTONIC, nanoseconds). Pure: see the module docs.
 pub fn expired<A: MapAddr>(key: &CtKey<A>, value: &CtValue<A>, now: u64, timeouts: &Timeouts) -> bool {
-    let (closed, paired, created, flags) = (value.closed_ns, value.paired_ns, value.created_ns, value.flags);
+    let times = Times { closed: value.closed_ns, last: value.paired_ns, created: value.created_ns, flags: value.flags };
+    expired_at(key, times, now, timeouts)
+}
+
+/// [`expired`] for a flow from outside (`XNAT_CT`): the same rules, its
+/// idle clock `seen_ns`.
+pub fn expired_nat<A: MapAddr>(key: &CtKey<A>, value: &NatValue<A>, now: u64, timeouts: &Timeouts) -> bool {
+    let times = Times { closed: value.closed_ns, last: value.seen_ns, created: value.created_ns, flags: value.flags };
+    expired_at(key, times, now, timeouts)
+}
+
+/// What an entry says of its flow's age and state.
+struct Times {
+    closed: u64,
+    last: u64,
+    created: u64,
+    flags: u8,
+}
+
+fn expired_at<A: MapAddr>(key: &CtKey<A>, times: Times, now: u64, timeouts: &Timeouts) -> bool {
+    let Times { closed, last: paired, created, flags } = times;
     if closed != 0 {
         return now.saturating_sub(closed) > CT_CLOSE_GRACE_NS;
     }
@@ -205,17 +225,88 @@ where
     Ok((live, expired_flows))
 }
 
+/// Removes expired flows from one map of flows from outside (`XNAT_CT`
+/// with [`Ip4`], `XNAT_CT6` with [`Ip6`]); returns (live, expired). Its
+/// ports return to the source NAT range with them.
+fn sweep_nat<A: MapAddr + Pod>(map: &OwnedFd, now: u64, timeouts: &Timeouts) -> io::Result<(u64, u64)>
+where
+    CtKey<A>: Pod,
+    NatValue<A>: Pod,
+{
+    let (key_size, value_size) = (size_of::<CtKey<A>>(), size_of::<NatValue<A>>());
+    let mut keys = vec![CtKey::<A>::zeroed(); BATCH];
+    let mut values = vec![NatValue::<A>::zeroed(); BATCH];
+    let mut doomed: Vec<(CtKey<A>, NatValue<A>)> = Vec::new();
+    let mut live = 0u64;
+    let mut cursor = batch::Cursor::default();
+    while !cursor.done() {
+        // SAFETY: `map` is a map of flows from outside of this family (the
+        // caller's promise): its keys and values are `CtKey<A>` and `NatValue<A>`.
+        let n = unsafe {
+            batch::lookup(
+                map.as_fd(),
+                &mut cursor,
+                bytemuck::cast_slice_mut(&mut keys),
+                key_size,
+                bytemuck::cast_slice_mut(&mut values),
+                value_size,
+            )
+        }?;
+        for (key, value) in keys[..n].iter().zip(&values[..n]) {
+            if expired_nat(key, value, now, timeouts) {
+                doomed.push((*key, *value));
+            } else if key.dir == CT_DIR_ORIGINAL {
+                live += 1;
+            }
+        }
+    }
+    let mut expired_flows = 0;
+    for (key, seen) in doomed {
+        let mut value = NatValue::<A>::zeroed();
+        let mut found = NatValue::<A>::zeroed();
+        // SAFETY: as above.
+        unsafe {
+            // Only the same entry, still expired (a port reused meanwhile
+            // is another flow's now); its sibling only if it points back.
+            if !batch::get(map.as_fd(), bytemuck::bytes_of(&key), bytemuck::bytes_of_mut(&mut value))?
+                || value.created_ns != seen.created_ns
+                || !expired_nat(&key, &value, now, timeouts)
+            {
+                continue;
+            }
+            let sibling = value.sibling_key(key.proto, key.dir);
+            if batch::get(map.as_fd(), bytemuck::bytes_of(&sibling), bytemuck::bytes_of_mut(&mut found))?
+                && found.sibling_key(sibling.proto, sibling.dir) == key
+            {
+                batch::delete(map.as_fd(), bytemuck::bytes_of(&sibling))?;
+            }
+            if batch::delete(map.as_fd(), bytemuck::bytes_of(&key))? {
+                expired_flows += 1;
+            }
+        }
+    }
+    Ok((live, expired_flows))
+}
+
 /// The background collector of `CT` and `CT6`.
 pub struct Collector {
     ct: OwnedFd,
     ct6: OwnedFd,
+    /// `XNAT_CT`, `XNAT_CT6`: flows from outside (see [`Collector::with_xnat`]).
+    xnat: Option<(OwnedFd, OwnedFd)>,
     timeouts: Timeouts,
     stats: Arc<CollectorStats>,
 }
 
 impl Collector {
     pub fn new(ct: OwnedFd, ct6: OwnedFd, timeouts: Timeouts, stats: Arc<CollectorStats>) -> Self {
-        Self { ct, ct6, timeouts, stats }
+        Self { ct, ct6, xnat: None, timeouts, stats }
+    }
+
+    /// Also collects the flows from outside (their count joins the live flows).
+    pub fn with_xnat(mut self, xnat: OwnedFd, xnat6: OwnedFd) -> Self {
+        self.xnat = Some((xnat, xnat6));
+        self
     }
 
     /// One pass over both maps at `now` (CLOCK_MONOTONIC nanoseconds).
@@ -223,7 +314,15 @@ impl Collector {
         let started = Instant::now();
         let (live4, expired4) = sweep::<Ip4>(&self.ct, now, &self.timeouts)?;
         let (live6, expired6) = sweep::<Ip6>(&self.ct6, now, &self.timeouts)?;
-        let pass = Pass { live: live4 + live6, expired: expired4 + expired6, took: started.elapsed() };
+        let (mut live, mut expired) = (live4 + live6, expired4 + expired6);
+        if let Some((xnat, xnat6)) = &self.xnat {
+            for (l, e) in [sweep_nat::<Ip4>(xnat, now, &self.timeouts)?, sweep_nat::<Ip6>(xnat6, now, &self.timeouts)?]
+            {
+                live += l;
+                expired += e;
+            }
+        }
+        let pass = Pass { live, expired, took: started.elapsed() };
         self.stats.live.store(pass.live, Ordering::Relaxed);
         self.stats.expired.fetch_add(pass.expired, Ordering::Relaxed);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
@@ -306,6 +405,20 @@ mod tests {
         // reply entry decides; alone, it waits for the longest.
         assert_eq!(expires_after(IPPROTO_UDP, CT_DIR_ORIGINAL, 0), 120 + check);
         assert_eq!(expires_after(IPPROTO_TCP, CT_DIR_ORIGINAL, 0), 6 * 3600 + check);
+    }
+
+    #[test]
+    fn a_flow_from_outside_idles_out_by_its_seen_clock_as_a_pod_flow_does() {
+        let t = Timeouts::default();
+        let key: CtKey = CtKey { proto: IPPROTO_UDP, dir: CT_DIR_REPLY, ..CtKey::default() };
+        let value = NatValue { created_ns: S, seen_ns: 1000 * S, ..NatValue::default() };
+        let check = CT_PAIR_CHECK_NS;
+        assert!(!expired_nat(&key, &value, 1000 * S + 30 * S + check, &t), "30 s idle plus the check: kept");
+        assert!(expired_nat(&key, &value, 1000 * S + 30 * S + check + 1, &t), "then gone, its port free");
+        let answered = NatValue { flags: CT_F_REPLIED, ..value };
+        assert!(!expired_nat(&key, &answered, 1000 * S + 120 * S + check, &t), "answered: the stream timeout");
+        let closed = NatValue { closed_ns: 1000 * S, ..value };
+        assert!(expired_nat(&key, &closed, 1000 * S + CT_CLOSE_GRACE_NS + 1, &Timeouts::never()));
     }
 
     #[test]

@@ -172,6 +172,9 @@ struct Maps {
     sock_rev_fds: [OwnedFd; 2],
     sock_rev6: HashMap<MapData, SockRevKey<Ip6>, SockRevValue<Ip6>>,
     host_netns: Array<MapData, u64>,
+    /// `XNAT_CT`, `XNAT_CT6`: flows from outside (`--external-interface`).
+    xnat_ct: HashMap<MapData, CtKey, NatValue>,
+    xnat_ct6: HashMap<MapData, CtKey<Ip6>, NatValue<Ip6>>,
     /// Descriptors of the maps written in batches (the typed maps hide theirs).
     fds: BatchFds,
 }
@@ -242,6 +245,8 @@ pub struct Datapath {
     sockets: Option<sock::SockAttachment>,
     /// Why the socket programs could not be loaded, if they could not.
     sock_load: Option<DatapathError>,
+    /// Why the external interfaces' programs could not be loaded, if they could not.
+    xdp_load: Option<DatapathError>,
     /// What `CONFIG[0]` holds (`CONFIG_F_*`).
     config_flags: u32,
     /// Detach and unpin on drop (tests, the demo, `--no-pin`); otherwise the
@@ -295,8 +300,6 @@ impl Datapath {
             return;
         }
         self.finished = true;
-        // Held by this process: an external interface is served while the agent runs.
-        self.release_externals();
         if !self.cleanup_on_exit {
             let pinned =
                 self.attached.values().flat_map(|a| &a.hooks).filter(|h| matches!(h, Hook::Pinned { .. })).count();
@@ -309,6 +312,7 @@ impl Datapath {
             release(&iface, attachment.hooks);
             debug!(iface, "detached");
         }
+        self.release_externals();
         self.release_socket_links();
         if let Some(layout) = self.layout.take() {
             remove_layout(&layout);

@@ -427,6 +427,10 @@ pub struct NatValue<A = Ip4> {
     /// `bpf_ktime_get_ns()` when the connection closed; 0 while open.
     pub closed_ns: u64,
     pub created_ns: u64,
+    /// `bpf_ktime_get_coarse_ns()` of the flow's last packet, either way,
+    /// refreshed at most once per `CT_PAIR_CHECK_NS` (on both entries): the
+    /// conntrack collector's idle clock.
+    pub seen_ns: u64,
 }
 
 impl<A: MapAddr> NatValue<A> {
@@ -556,7 +560,7 @@ pod_for_both! {
     FragValue: 4 + 4, 16 + 4;
     SockRevKey: 8 + 4 + 4, 8 + 16 + 4;
     SockRevValue: 4 + 12, 16 + 12;
-    NatValue: 8 + 32, 32 + 32;
+    NatValue: 8 + 40, 32 + 40;
 }
 
 /// `BACKEND_STATS` value (per CPU, index = backend id): what went to and came
@@ -689,10 +693,12 @@ pub enum Stat {
     /// XDP: a packet to a ClusterSetIP that XDP does not translate
     /// (fragments, ICMP, TTL expiring): passed to the stack untouched.
     XdpPassed = 32,
+    /// XDP: a translated packet sent back out of the interface it came in on.
+    XdpTx = 33,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 34;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -727,6 +733,7 @@ impl Stat {
         Stat::XdpUnroutable,
         Stat::XnatLocalRevNat,
         Stat::XdpPassed,
+        Stat::XdpTx,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -764,6 +771,7 @@ impl Stat {
             Stat::XdpUnroutable => "xdp_unroutable",
             Stat::XnatLocalRevNat => "xnat_local_rev_nat",
             Stat::XdpPassed => "xdp_passed",
+            Stat::XdpTx => "xdp_tx",
         }
     }
 }

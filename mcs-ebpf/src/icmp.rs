@@ -3,9 +3,16 @@
 //! backend.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_REDIRECT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{bpf_redirect, bpf_skb_change_tail},
-    programs::TcContext,
+    bindings::{
+        TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_TX},
+    },
+    helpers::{
+        bpf_redirect, bpf_skb_change_tail,
+        generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    },
+    programs::{TcContext, XdpContext},
 };
 use mcs_common::{CT_DIR_REPLY, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat};
 
@@ -13,7 +20,7 @@ use crate::{
     csum::{Delta, fold},
     family::{Family, write_ip},
     maps::{TC_ACT_SHOT, TC_NEXT, count},
-    parse::{ETH_LEN, Flow, IPV6_LEN, load, ptr_at, pull_more},
+    parse::{ETH_LEN, Flow, IPV6_LEN, Packet, load, ptr_at, pull_more},
 };
 
 const ICMP_HDR: usize = 8;
@@ -164,19 +171,7 @@ fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) 
 /// instead.
 #[inline(always)]
 pub fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
-    // The quote keeps the whole L4 header: a locally sent TCP segment is
-    // CHECKSUM_PARTIAL, and the kernel refuses to trim it short of its
-    // checksum field.
-    // A SYN gets a RST rather than an ICMP error: the error often arrives
-    // while connect() still holds the socket, and Linux then only notes it
-    // (LockDroppedIcmps) and retransmits; a RST is queued and always refuses.
-    let made = match (F::HEADER_CSUM, flow.proto == IPPROTO_TCP) {
-        (true, true) => reset4(ctx, flow.l4_off),
-        (true, false) => reject4::<{ (20 + 8) / 2 }>(ctx, flow.l4_off),
-        (false, true) => reset6(ctx, flow.l4_off),
-        (false, false) => reject6::<{ (IPV6_LEN + 8) / 2 }>(ctx, flow.l4_off),
-    };
-    if made.is_err() {
+    if answer::<F, _>(ctx, flow.l4_off, flow.proto).is_err() {
         return TC_ACT_SHOT;
     }
     count(Stat::Rejected);
@@ -185,6 +180,111 @@ pub fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     // SAFETY: helper without preconditions.
     let action = unsafe { bpf_redirect(ifindex, 0) };
     if action == i64::from(TC_ACT_REDIRECT) { TC_ACT_REDIRECT } else { TC_ACT_SHOT }
+}
+
+/// [`reject`] at XDP (a client outside the node): the answer goes back out
+/// of the uplink with `XDP_TX`.
+#[inline(always)]
+pub fn reject_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, proto: u8) -> u32 {
+    if answer::<F, _>(ctx, l4_off, proto).is_err() {
+        return XDP_DROP;
+    }
+    count(Stat::Rejected);
+    XDP_TX
+}
+
+/// Turns the packet into its rejection, in place.
+#[inline(always)]
+fn answer<F: Family, C: Answer>(ctx: &C, l4_off: usize, proto: u8) -> Result<(), i64> {
+    // The quote keeps the whole L4 header: a locally sent TCP segment is
+    // CHECKSUM_PARTIAL, and the kernel refuses to trim it short of its
+    // checksum field.
+    // A SYN gets a RST rather than an ICMP error: the error often arrives
+    // while connect() still holds the socket, and Linux then only notes it
+    // (LockDroppedIcmps) and retransmits; a RST is queued and always refuses.
+    match (F::HEADER_CSUM, proto == IPPROTO_TCP) {
+        (true, true) => reset4(ctx, l4_off),
+        (true, false) => reject4::<_, { (20 + 8) / 2 }>(ctx, l4_off),
+        (false, true) => reset6(ctx, l4_off),
+        (false, false) => reject6::<_, { (IPV6_LEN + 8) / 2 }>(ctx, l4_off),
+    }
+}
+
+/// What building an answer in place needs of a hook.
+pub trait Answer: Packet {
+    fn read<T: Copy>(&self, off: usize) -> Result<T, i64>;
+    /// Trims the packet to `keep` bytes (its headers and 8 bytes of L4),
+    /// makes room after the Ethernet header for the answer's own headers,
+    /// writes `answer` (those headers, then the quote) there and swaps the
+    /// Ethernet addresses.
+    fn turn_around<T: Copy>(&self, keep: u32, answer: &T) -> Result<(), i64>;
+}
+
+impl Answer for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Result<T, i64> {
+        self.load(off)
+    }
+
+    #[inline(always)]
+    fn turn_around<T: Copy>(&self, keep: u32, answer: &T) -> Result<(), i64> {
+        let eth: [u16; 6] = self.load(0)?;
+        // SAFETY: the context's own skb.
+        if unsafe { bpf_skb_change_tail(self.skb.skb, keep, 0) } != 0 {
+            return Err(-1);
+        }
+        let grow = core::mem::size_of::<T>() - (keep as usize - ETH_LEN);
+        if grow > 0 {
+            self.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)?;
+        }
+        self.store(ETH_LEN, answer, 0)?;
+        let swapped = [eth[3], eth[4], eth[5], eth[0], eth[1], eth[2]];
+        self.store(0, &swapped, 0)?;
+        Ok(())
+    }
+}
+
+impl Answer for XdpContext {
+    // The helpers copy, as TC's load and store do: copies through packet
+    // pointers of whole answers cost the frames a stack they have not.
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Result<T, i64> {
+        let mut out = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes exactly size_of::<T>() bytes or fails.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(self.ctx, off as u32, out.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32)
+        };
+        if rc != 0 {
+            return Err(rc);
+        }
+        // SAFETY: filled by the helper.
+        Ok(unsafe { out.assume_init() })
+    }
+
+    #[inline(always)]
+    fn turn_around<T: Copy>(&self, keep: u32, answer: &T) -> Result<(), i64> {
+        let eth: [u16; 7] = self.read(0)?;
+        let len = (self.data_end() - self.data()) as i32;
+        // SAFETY (all): the helpers check the room they take or give back,
+        // and copy exactly the bytes given.
+        if unsafe { bpf_xdp_adjust_tail(self.ctx, keep as i32 - len) } != 0 {
+            return Err(-1);
+        }
+        let grow = core::mem::size_of::<T>() - (keep as usize - ETH_LEN);
+        if grow > 0 && unsafe { bpf_xdp_adjust_head(self.ctx, -(grow as i32)) } != 0 {
+            return Err(-1);
+        }
+        // The new head holds whatever was there: the whole Ethernet header
+        // is written, its type kept.
+        let mut head = [eth[3], eth[4], eth[5], eth[0], eth[1], eth[2], eth[6]];
+        let mut body = *answer;
+        let size = core::mem::size_of::<T>() as u32;
+        let stored = unsafe {
+            bpf_xdp_store_bytes(self.ctx, 0, head.as_mut_ptr().cast(), ETH_LEN as u32) == 0
+                && bpf_xdp_store_bytes(self.ctx, ETH_LEN as u32, (&raw mut body).cast(), size) == 0
+        };
+        if stored { Ok(()) } else { Err(-1) }
+    }
 }
 
 /// The ones'-complement sum of wire-order 16-bit words.
@@ -203,28 +303,9 @@ const fn w(a: u8, b: u8) -> u16 {
     u16::from_ne_bytes([a, b])
 }
 
-/// Trims the packet to its headers and 8 bytes of L4 (`keep`), makes room
-/// after the Ethernet header for the error's own headers, writes `error`
-/// (those headers, then the quote) there and swaps the Ethernet addresses.
-#[inline(always)]
-fn turn_around<T>(ctx: &TcContext, keep: u32, error: &T) -> Result<(), i64> {
-    let eth: [u16; 6] = ctx.load(0)?;
-    // SAFETY: the context's own skb.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, keep, 0) } != 0 {
-        return Err(-1);
-    }
-    let grow = core::mem::size_of::<T>() - (keep as usize - ETH_LEN);
-    if grow > 0 {
-        ctx.adjust_room(grow as i32, BPF_ADJ_ROOM_MAC, 0)?;
-    }
-    ctx.store(ETH_LEN, error, 0)?;
-    let swapped = [eth[3], eth[4], eth[5], eth[0], eth[1], eth[2]];
-    ctx.store(0, &swapped, 0)?;
-    Ok(())
-}
-
 /// `Q`: the quote's length in 16-bit words.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Error4<const Q: usize> {
     ip: [u16; 10],
     icmp: [u16; 4],
@@ -233,6 +314,7 @@ struct Error4<const Q: usize> {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Error6<const Q: usize> {
     ip: [u16; 20],
     icmp: [u16; 4],
@@ -242,11 +324,11 @@ struct Error6<const Q: usize> {
 
 // Subprograms: their buffers get frames of their own.
 #[inline(never)]
-fn reject4<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+fn reject4<C: Answer, const Q: usize>(ctx: &C, l4_off: usize) -> Result<(), i64> {
     if l4_off != ETH_LEN + 20 {
         return Err(-1);
     }
-    let quote: [u16; Q] = ctx.load(ETH_LEN)?;
+    let quote: [u16; Q] = ctx.read(ETH_LEN)?;
     let len = core::mem::size_of::<Error4<Q>>() as u16;
     let mut e = Error4 {
         ip: [w(0x45, 0), len.to_be(), 0, 0, w(64, IPPROTO_ICMP), 0, quote[8], quote[9], quote[6], quote[7]],
@@ -256,15 +338,15 @@ fn reject4<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     };
     e.ip[5] = !fold(0, sum_words(&e.ip));
     e.icmp[1] = !fold(sum_words(&e.icmp), sum_words(&e.quote));
-    turn_around(ctx, (ETH_LEN + Q * 2) as u32, &e)
+    ctx.turn_around((ETH_LEN + Q * 2) as u32, &e)
 }
 
 #[inline(never)]
-fn reject6<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+fn reject6<C: Answer, const Q: usize>(ctx: &C, l4_off: usize) -> Result<(), i64> {
     if l4_off != ETH_LEN + IPV6_LEN {
         return Err(-1);
     }
-    let quote: [u16; Q] = ctx.load(ETH_LEN)?;
+    let quote: [u16; Q] = ctx.read(ETH_LEN)?;
     let payload = (core::mem::size_of::<Error6<Q>>() - IPV6_LEN) as u16;
     let mut e = Error6 { ip: [0; 20], icmp: [w(1, 4), 0, 0, 0], quote };
     e.ip[0] = w(0x60, 0);
@@ -277,7 +359,7 @@ fn reject6<const Q: usize>(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
     let mut sum = sum_words(&e.ip) - u32::from(e.ip[0]) - u32::from(e.ip[2]) - u32::from(e.ip[3]);
     sum += u32::from(payload.to_be()) + u32::from(w(0, IPPROTO_ICMPV6));
     e.icmp[1] = !fold(sum + sum_words(&e.icmp), sum_words(&e.quote));
-    turn_around(ctx, (ETH_LEN + Q * 2) as u32, &e)
+    ctx.turn_around((ETH_LEN + Q * 2) as u32, &e)
 }
 
 /// The acknowledgment of a SYN whose sequence number is in two wire words.
@@ -300,37 +382,39 @@ fn rst_header(sport: u16, dport: u16, seq: [u16; 2], pseudo: u32) -> [u16; 10] {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Reset4 {
     ip: [u16; 10],
     tcp: [u16; 10],
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Reset6 {
     ip: [u16; 20],
     tcp: [u16; 10],
 }
 
 #[inline(never)]
-fn reset4(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+fn reset4<C: Answer>(ctx: &C, l4_off: usize) -> Result<(), i64> {
     if l4_off != ETH_LEN + 20 {
         return Err(-1);
     }
     // The SYN's IPv4 header, ports and sequence number.
-    let syn: [u16; 14] = ctx.load(ETH_LEN)?;
+    let syn: [u16; 14] = ctx.read(ETH_LEN)?;
     let mut ip = [w(0x45, 0), 40u16.to_be(), 0, 0, w(64, IPPROTO_TCP), 0, syn[8], syn[9], syn[6], syn[7]];
     ip[5] = !fold(0, sum_words(&ip));
     let pseudo = sum_words(&[ip[6], ip[7], ip[8], ip[9], w(0, IPPROTO_TCP), 20u16.to_be()]);
     let r = Reset4 { ip, tcp: rst_header(syn[10], syn[11], [syn[12], syn[13]], pseudo) };
-    turn_around(ctx, (ETH_LEN + 40) as u32, &r)
+    ctx.turn_around((ETH_LEN + 40) as u32, &r)
 }
 
 #[inline(never)]
-fn reset6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
+fn reset6<C: Answer>(ctx: &C, l4_off: usize) -> Result<(), i64> {
     if l4_off != ETH_LEN + IPV6_LEN {
         return Err(-1);
     }
-    let syn: [u16; 24] = ctx.load(ETH_LEN)?;
+    let syn: [u16; 24] = ctx.read(ETH_LEN)?;
     let mut ip = [0u16; 20];
     ip[0] = w(0x60, 0);
     ip[2] = 20u16.to_be();
@@ -342,5 +426,5 @@ fn reset6(ctx: &TcContext, l4_off: usize) -> Result<(), i64> {
         pseudo += u32::from(*word);
     }
     let r = Reset6 { ip, tcp: rst_header(syn[20], syn[21], [syn[22], syn[23]], pseudo) };
-    turn_around(ctx, (ETH_LEN + IPV6_LEN + 20) as u32, &r)
+    ctx.turn_around((ETH_LEN + IPV6_LEN + 20) as u32, &r)
 }

@@ -25,6 +25,7 @@ use mcs_common::{CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_UDP, MapAddr, NatValue, 
 use crate::{
     csum::Delta,
     family::{Family, V4, V6},
+    icmp,
     maps::{XNAT, count, xnat_scratch},
     parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag, Parsed, load, parse_family, ptr_at},
     xnat::{fib_params, in_port_range, known, open, set_macs},
@@ -32,10 +33,44 @@ use crate::{
 
 #[xdp]
 pub fn mcs_xdp(ctx: XdpContext) -> u32 {
-    match load::<[u8; 2]>(&ctx, 12).map(u16::from_be_bytes) {
+    let verdict = match load::<[u8; 2]>(&ctx, 12).map(u16::from_be_bytes) {
         Some(ETH_P_IP) => xdp_v4(&ctx),
         Some(ETH_P_IPV6) => xdp_v6(&ctx),
-        _ => XDP_PASS,
+        _ => return XDP_PASS,
+    };
+    // A rejection is made here, in the program's own small frame: its
+    // buffers and the parsed flow's must not share a call chain's 512
+    // bytes of stack.
+    match Reject::decode(verdict) {
+        Some(Reject { v6: false, l4_off, proto }) => icmp::reject_xdp::<V4>(&ctx, l4_off, proto),
+        Some(Reject { v6: true, l4_off, proto }) => icmp::reject_xdp::<V6>(&ctx, l4_off, proto),
+        None => verdict,
+    }
+}
+
+/// A new flow to a frontend with no backend, to be answered: what the
+/// answer needs of the parsed packet, in the verdict's place.
+struct Reject {
+    v6: bool,
+    l4_off: usize,
+    proto: u8,
+}
+
+impl Reject {
+    const BIT: u32 = 1 << 31;
+    const V6: u32 = 1 << 30;
+
+    fn encode<F: Family>(flow: &Flow<F::A>) -> u32 {
+        let family = if F::HEADER_CSUM { 0 } else { Self::V6 };
+        Self::BIT | family | ((flow.l4_off as u32 & 0xffff) << 8) | u32::from(flow.proto)
+    }
+
+    fn decode(verdict: u32) -> Option<Self> {
+        (verdict & Self::BIT != 0).then_some(Reject {
+            v6: verdict & Self::V6 != 0,
+            l4_off: ((verdict >> 8) & 0xffff) as usize,
+            proto: verdict as u8,
+        })
     }
 }
 
@@ -99,8 +134,10 @@ fn xdp<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>) -> u32 {
             let key = ServiceKey { vip: flow.dst_ip, port: flow.dst_port, proto: flow.proto, _pad: 0 };
             let Some(service) = F::services().get_ptr(key) else { return XDP_PASS };
             // SAFETY: map value pointer, valid for this program run.
-            if open::<F>(flow, unsafe { &*service }, config, node, value).is_err() {
-                return XDP_DROP;
+            match open::<F>(flow, unsafe { &*service }, config, node, value) {
+                Ok(()) => {}
+                Err(true) => return Reject::encode::<F>(flow),
+                Err(false) => return XDP_DROP,
             }
         }
     }
@@ -125,6 +162,7 @@ fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>) 
             if !set_macs(ctx, &params) {
                 return XDP_DROP;
             }
+            count(Stat::XdpTx);
             XDP_TX
         }
         // Another interface (a pod's, another uplink) or a neighbour not

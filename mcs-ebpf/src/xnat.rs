@@ -14,21 +14,22 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup},
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+        generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     },
     macros::classifier,
     programs::TcContext,
 };
 use mcs_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_SYNACK, CtKey, IPPROTO_TCP, IPPROTO_UDP,
-    MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed, flow_hash,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_REPLIED, CT_F_SYNACK, CT_PAIR_CHECK_NS,
+    CtKey, IPPROTO_TCP, IPPROTO_UDP, MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed,
+    flow_hash,
 };
 
 use crate::{
     ct::{close_bits, expired},
     family::{Family, V4, V6},
     ingress::select,
-    maps::{TC_ACT_SHOT, TC_NEXT, XNAT, backend_stats, count, health_add, service_stats},
+    maps::{TC_ACT_SHOT, TC_NEXT, XNAT, backend_stats, count, health_add, service_stats, xnat_scratch},
     nat::{Side, rewrite},
     parse::{Flow, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
 };
@@ -57,10 +58,24 @@ pub fn in_port_range(config: &XnatConfig, port: u16) -> bool {
     u16::from_be(port).wrapping_sub(config.port_lo) < config.port_count
 }
 
-/// Removes a flow's entry and, if it is there, the other one.
+/// The flow's other entry, if it is there and is this flow's: it must point
+/// back. After an eviction the tuple may be another flow's (a port claimed
+/// anew), whose entry this flow must never close, remove or refresh.
+#[inline(always)]
+fn sibling_of<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>) -> Option<*mut NatValue<F::A>> {
+    let sibling = value.sibling_key(key.proto, key.dir);
+    let found = F::xnat_ct().get_ptr_mut(&sibling)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let back = unsafe { (*found).sibling_key(sibling.proto, sibling.dir) };
+    (back == *key).then_some(found)
+}
+
+/// Removes a flow's entry and, if it is this flow's, the other one.
 #[inline(never)]
 fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>) {
-    let _ = F::xnat_ct().remove(&value.sibling_key(key.proto, key.dir));
+    if sibling_of::<F>(key, value).is_some() {
+        let _ = F::xnat_ct().remove(&value.sibling_key(key.proto, key.dir));
+    }
     let _ = F::xnat_ct().remove(key);
 }
 
@@ -70,7 +85,7 @@ fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>) {
 fn mark<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>, bits: u8) {
     // SAFETY: map value pointer, valid for this program run.
     let value = unsafe { &mut *entry };
-    let sibling = F::xnat_ct().get_ptr_mut(&value.sibling_key(key.proto, key.dir));
+    let sibling = sibling_of::<F>(key, value);
     let mut flags = bits | value.flags;
     if let Some(sibling) = sibling {
         // SAFETY: as above.
@@ -99,8 +114,9 @@ fn mark<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>, bits: u8) {
 pub fn known<F: Family>(flow: &Flow<F::A>, dir: u8, out: &mut NatValue<F::A>) -> bool {
     let key = tuple(flow, dir);
     let Some(entry) = F::xnat_ct().get_ptr_mut(&key) else { return false };
-    // SAFETY: map value pointer, valid for this program run.
-    let value = unsafe { &*entry };
+    // SAFETY: map value pointer, valid for this program run. A copy: the
+    // entry is written below.
+    let value = &unsafe { *entry };
     // A closed connection's tuple opened again by a new SYN, or past its grace time.
     if value.closed_ns != 0 && ((dir == CT_DIR_ORIGINAL && is_bare_syn(flow)) || expired(value.closed_ns)) {
         remove_pair::<F>(&key, value);
@@ -113,7 +129,9 @@ pub fn known<F: Family>(flow: &Flow<F::A>, dir: u8, out: &mut NatValue<F::A>) ->
             mark::<F>(&key, entry, bits);
         }
     }
-    if dir == CT_DIR_ORIGINAL && flow.proto == IPPROTO_UDP {
+    // UDP has no connection to keep: once its backend left the service, it
+    // is balanced afresh. Nor does a new TCP connection on a reused port.
+    if dir == CT_DIR_ORIGINAL && (flow.proto == IPPROTO_UDP || is_bare_syn(flow)) {
         let current = F::backends().get(value.backend_id);
         if current.is_none_or(|b| b.ip != value.peer || b.port != value.peer_port) {
             remove_pair::<F>(&key, value);
@@ -130,9 +148,63 @@ pub fn known<F: Family>(flow: &Flow<F::A>, dir: u8, out: &mut NatValue<F::A>) ->
             health_add(value.backend_id, |h| &mut h.syn_rsts);
         }
     }
+    if dir == CT_DIR_REPLY && flow.proto == IPPROTO_UDP && value.flags & CT_F_REPLIED == 0 {
+        // The backend answered: the collector gives the flow the stream timeout.
+        // SAFETY: as above.
+        unsafe { (*entry).flags |= CT_F_REPLIED };
+    }
+    touch::<F>(&key, entry);
     account::<F>(flow, value, dir);
-    *out = *value;
+    // SAFETY: as above.
+    *out = unsafe { *entry };
     true
+}
+
+/// At most once per `CT_PAIR_CHECK_NS`: the flow's idle clock, on both
+/// entries (a direction quiet for now must not look idle to the collector
+/// while the other is busy; the lookup also keeps it recent in the LRU).
+/// The coarse clock costs a memory read, not a clock read.
+#[inline(always)]
+fn touch<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>) {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: map value pointer, valid for this program run.
+    let value = unsafe { &mut *entry };
+    // Saturating: a fresh entry carries the fine clock, up to a tick ahead.
+    if now.saturating_sub(value.seen_ns) < CT_PAIR_CHECK_NS {
+        return;
+    }
+    value.seen_ns = now;
+    touch_sibling::<F>(key, value, now);
+}
+
+/// Refreshes the other entry, or puts it back if memory pressure evicted
+/// it. Its tuple claimed by another flow meanwhile (a reply entry holds a
+/// source NAT port), this flow cannot be translated without mixing with
+/// that one: it is forgotten, and its next packet is a miss.
+#[inline(never)]
+fn touch_sibling<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>, now: u64) {
+    if let Some(sibling) = sibling_of::<F>(key, value) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*sibling).seen_ns = now };
+        return;
+    }
+    if value.closed_ns != 0 {
+        return;
+    }
+    // Built in the per-CPU scratch value, not on the stack (the callers'
+    // frames leave little): free until `known` copies its entry out.
+    let Some(restored) = xnat_scratch::<F::A>() else { return };
+    // The answered packet, translated back: to this entry's tuple, reversed.
+    *restored = *value;
+    (restored.peer, restored.nat, restored.peer_port, restored.nat_port) =
+        (key.src, key.dst, key.src_port, key.dst_port);
+    restored.seen_ns = now;
+    if F::xnat_ct().insert(&value.sibling_key(key.proto, key.dir), &*restored, BPF_NOEXIST as u64).is_ok() {
+        count(Stat::CtPairRestored);
+    } else {
+        let _ = F::xnat_ct().remove(key);
+    }
 }
 
 /// Per-backend packet and byte counters, while the id still names the
@@ -156,7 +228,8 @@ fn account<F: Family>(flow: &Flow<F::A>, value: &NatValue<F::A>, dir: u8) {
 /// A new flow from outside: a backend selected as on the other paths, a
 /// source NAT port free for that backend, and both entries (the reply's
 /// first: its insert is what claims the port). The original entry is left
-/// in `value`. `Err`: dropped, already counted.
+/// in `value`. `Err`: not translated, already counted; `Err(true)`: to be
+/// answered with a rejection (a new flow to a frontend without backends).
 // One value and one key, reused from the reply's entry to the original's:
 // the XDP path's frames must stay within BPF's 512 bytes.
 #[inline(never)]
@@ -166,12 +239,12 @@ pub fn open<F: Family>(
     config: &XnatConfig,
     node: F::A,
     value: &mut NatValue<F::A>,
-) -> Result<(), ()> {
+) -> Result<(), bool> {
     // Under source NAT a connection balanced afresh mid-stream would reach
     // its backend from a new port and only earn a RST.
     if flow.proto == IPPROTO_TCP && !is_bare_syn(flow) {
         count(Stat::XdpMidstream);
-        return Err(());
+        return Err(false);
     }
     let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
     let Some((id, backend)) = select::<F>(service, || hash, flow.src_ip) else {
@@ -179,7 +252,8 @@ pub fn open<F: Family>(
         if let Some(stats) = service_stats(service.service_id) {
             stats.no_backend += 1;
         }
-        return Err(());
+        // Only a flow's opening packet is answered, as on the TC path.
+        return Err(flow.proto == IPPROTO_UDP || is_bare_syn(flow));
     };
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -194,6 +268,7 @@ pub fn open<F: Family>(
         service_id: service.service_id,
         closed_ns: 0,
         created_ns: now,
+        seen_ns: now,
     };
     let mut key = CtKey {
         src: backend.ip,
@@ -212,23 +287,28 @@ pub fn open<F: Family>(
     for i in 0..XNAT_PORT_TRIES {
         let Some(offset) = (hash >> 8).wrapping_add(i).checked_rem(span) else { break };
         key.dst_port = (config.port_lo.wrapping_add(offset as u16)).to_be();
-        if F::xnat_ct().insert(&key, &*value, BPF_NOEXIST as u64).is_ok() {
+        // Looked up first: a failed insert into an LRU map still takes a
+        // free node, evicting another flow's entry when the map is full.
+        if F::xnat_ct().get_ptr(&key).is_none() && F::xnat_ct().insert(&key, &*value, BPF_NOEXIST as u64).is_ok() {
             claimed = true;
             break;
         }
     }
     if !claimed {
         count(Stat::SnatExhausted);
-        return Err(());
+        return Err(false);
     }
     let port = key.dst_port;
     (value.peer, value.nat, value.peer_port, value.nat_port) = (backend.ip, node, backend.port, port);
     let reply = key;
     key = tuple(flow, CT_DIR_ORIGINAL);
-    if F::xnat_ct().insert(&key, &*value, 0).is_err() {
+    // Not over another CPU's translation of the same new flow: its reply
+    // entry, holding another port, would be orphaned. Its translation
+    // stands; this packet goes (the client sends it again).
+    if F::xnat_ct().insert(&key, &*value, BPF_NOEXIST as u64).is_err() {
         let _ = F::xnat_ct().remove(&reply);
         count(Stat::CtInsertFailed);
-        return Err(());
+        return Err(false);
     }
     count(Stat::XdpNewFlow);
     if let Some(stats) = backend_stats(id) {
@@ -297,6 +377,20 @@ fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     let Some(config) = XNAT.get(0) else { return TC_NEXT };
     let node = F::xnat_addr(config);
     if flow.src_ip != node || node == F::A::ZERO || !in_port_range(config, flow.src_port) {
+        return TC_NEXT;
+    }
+    // Only a flow we translated: anyone upstream can forge this source, and
+    // a redirect passes by the stack's checks (martians, rp_filter, netfilter).
+    let reply = CtKey {
+        src: flow.dst_ip,
+        dst: node,
+        src_port: flow.dst_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if F::xnat_ct().get_ptr(&reply).is_none() {
         return TC_NEXT;
     }
     route_out::<F>(ctx, flow, (flow.src_ip, flow.src_port), (flow.dst_ip, flow.dst_port))

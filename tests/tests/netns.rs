@@ -175,7 +175,7 @@ fn tcp_and_udp_through_the_vip_reach_every_ready_backend_as_the_vip() {
     assert!(clean_exit, "SIGTERM must end the agent with status 0:\n{}", logs.join("\n"));
     assert!(tcx_programs(&lab.set.node, "pod0").is_empty(), "nothing stays attached after a normal stop");
     let stopped = logs.iter().find(|l| l.contains("stopped")).expect("final counters");
-    assert!(stopped.contains("rev_nat=") && !stopped.contains("new_flow=0 "), "{stopped}");
+    assert!(stopped.contains(" rev_nat=") && !stopped.contains(" new_flow=0 "), "{stopped}");
 }
 
 #[test]

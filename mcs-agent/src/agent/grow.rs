@@ -10,7 +10,7 @@ use super::{
     config::{External, SocketLb},
     error::AgentError,
     switch::Switch,
-    takeover::{apply_external, apply_socket_lb, take_over},
+    takeover::{apply_external, apply_socket_lb, prepare_external, take_over},
 };
 use crate::{
     datapath::{self, AttachMode, Datapath, LayoutDir, OldMaps},
@@ -63,16 +63,19 @@ impl Switch for Growth<'_> {
     }
 
     fn take_over(&mut self) -> Result<(), AgentError> {
-        take_over(self.datapath, self.interfaces, self.served, self.patterns, self.attach)?;
-        apply_socket_lb(self.socket_lb, self.datapath)?;
         // XDP has one program per interface and nothing behind it: the old
-        // datapath's links are handed over and swapped in place.
+        // datapath's links are handed over and swapped in place, with the
+        // source NAT settings in the grown maps first (the pod interfaces'
+        // programs translate local backends' replies by them).
+        prepare_external(self.external, self.datapath)?;
         for old in &mut self.olds {
             if let Old::Running(Some(datapath)) = old {
                 self.datapath.take_externals(datapath)?;
             }
         }
         apply_external(self.external, self.datapath)?;
+        take_over(self.datapath, self.interfaces, self.served, self.patterns, self.attach)?;
+        apply_socket_lb(self.socket_lb, self.datapath)?;
         // Pinned, the old socket links went with the swap; held by this
         // process (`--no-pin`), they go now, before the last copy.
         for old in &mut self.olds {

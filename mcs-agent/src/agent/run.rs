@@ -804,7 +804,8 @@ fn collect_conntrack(
     stats: &Arc<conntrack::CollectorStats>,
 ) -> Result<conntrack::Running, AgentError> {
     let (ct, ct6) = datapath.conntrack_fds().context("the conntrack collector's map descriptors")?;
-    let collector = conntrack::Collector::new(ct, ct6, gc.timeouts, stats.clone());
+    let (xnat, xnat6) = datapath.xnat_conntrack_fds().context("the conntrack collector's map descriptors")?;
+    let collector = conntrack::Collector::new(ct, ct6, gc.timeouts, stats.clone()).with_xnat(xnat, xnat6);
     collector.spawn(gc.interval).context("starting the conntrack collector")
 }
 

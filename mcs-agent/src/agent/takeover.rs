@@ -52,9 +52,11 @@ impl Switch for Takeover<'_> {
     }
 
     fn take_over(&mut self) -> Result<(), AgentError> {
+        // The source NAT settings before the pod interfaces' programs, which
+        // translate local backends' replies by them.
+        apply_external(self.external, self.datapath)?;
         take_over(self.datapath, self.interfaces, &[], self.patterns, self.attach)?;
-        apply_socket_lb(self.socket_lb, self.datapath)?;
-        apply_external(self.external, self.datapath)
+        apply_socket_lb(self.socket_lb, self.datapath)
     }
 
     fn retire(&mut self, layout: usize) {
@@ -161,13 +163,31 @@ pub(super) fn apply_socket_lb(socket_lb: &SocketLb, datapath: &mut Datapath) -> 
 /// the programs on every interface named or matched. Failing is fatal: an
 /// operator who asked for it relies on it.
 pub(super) fn apply_external(external: &External, datapath: &mut Datapath) -> Result<(), AgentError> {
+    let Some(names) = prepare_external(external, datapath)? else { return Ok(()) };
+    for iface in &names {
+        datapath.attach_external(iface, external.mode).with_context(|| format!("--external-interface {iface}"))?;
+    }
+    Ok(())
+}
+
+/// The source NAT settings into the maps (an address not given is the
+/// first interface's), and earlier agents' links of interfaces no longer
+/// named released; the interfaces to serve. Cleared when none is named.
+pub(super) fn prepare_external(
+    external: &External,
+    datapath: &mut Datapath,
+) -> Result<Option<Vec<String>>, AgentError> {
     if external.interfaces.is_empty() {
-        return Ok(());
+        // An earlier agent's, of a flag since dropped; and no address is
+        // translated back at pod interfaces any more.
+        datapath.release_unlisted_externals(&[]);
+        datapath.set_xnat(&crate::datapath::Xnat::default()).context("clearing the source NAT settings")?;
+        return Ok(None);
     }
     let present: Vec<String> = nix::net::if_::if_nameindex()
         .map(|list| list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
-    let mut names = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for wanted in &external.interfaces {
         let matched: Vec<&String> = match glob::Pattern::new(wanted) {
             Ok(p) if wanted.contains(['*', '?', '[']) => present.iter().filter(|i| p.matches(i)).collect(),
@@ -178,7 +198,11 @@ pub(super) fn apply_external(external: &External, datapath: &mut Datapath) -> Re
                 "--external-interface {wanted}: no such interface in this network namespace"
             )));
         }
-        names.extend(matched.into_iter().filter(|i| !names.contains(*i)).cloned().collect::<Vec<_>>());
+        for iface in matched {
+            if !names.contains(iface) {
+                names.push(iface.clone());
+            }
+        }
     }
     let mut snat = external.snat.clone();
     let (addr4, addr6) = interface_addresses(&names[0]);
@@ -191,12 +215,23 @@ pub(super) fn apply_external(external: &External, datapath: &mut Datapath) -> Re
         )));
     }
     warn_port_overlap(snat.ports);
-    datapath.set_xnat(&snat).context("--external-snat-address")?;
-    for iface in &names {
-        datapath.attach_external(iface, external.mode).with_context(|| format!("--external-interface {iface}"))?;
+    for addr in [snat.addr4.map(std::net::IpAddr::V4), snat.addr6.map(std::net::IpAddr::V6)].into_iter().flatten() {
+        if !is_local(addr) {
+            warn!(%addr, "--external-snat-address is not an address of this node: replies to it will not come back here");
+        }
     }
+    datapath.set_xnat(&snat).context("--external-snat-address, --external-source-cidr")?;
+    datapath.release_unlisted_externals(&names);
     info!(interfaces = ?names, snat = %datapath::describe_xnat(&snat), "serving ClusterSetIP traffic from outside");
-    Ok(())
+    Ok(Some(names))
+}
+
+/// Whether `addr` is assigned to an interface of this network namespace.
+fn is_local(addr: std::net::IpAddr) -> bool {
+    nix::ifaddrs::getifaddrs().into_iter().flatten().filter_map(|a| a.address).any(|a| {
+        a.as_sockaddr_in().map(|s| std::net::IpAddr::V4(s.ip())) == Some(addr)
+            || a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())) == Some(addr)
+    })
 }
 
 /// The first IPv4 and the first global IPv6 address of `iface`.

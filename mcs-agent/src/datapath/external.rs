@@ -13,8 +13,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use mcs_common::{
-    MAP_XNAT, MAP_XNAT_SRC, MAP_XNAT_SRC6, PROG_UPLINK, PROG_XDP, XNAT_F_SOURCE_FILTER4, XNAT_F_SOURCE_FILTER6,
-    XnatConfig,
+    MAP_XNAT, MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6, PROG_UPLINK, PROG_XDP, XNAT_F_SOURCE_FILTER4,
+    XNAT_F_SOURCE_FILTER6, XnatConfig,
 };
 
 /// How the XDP program is hooked to an external interface.
@@ -45,11 +45,113 @@ impl XdpRunMode {
     }
 }
 
-/// Our hooks on one external interface, held by this process.
+/// How one of our hooks on an external interface is held.
+enum Held<L> {
+    /// By this process only (no pins: `--no-pin`, tests): gone with it.
+    Owned(L),
+    /// Pinned under `<bpffs>/mcs/external/`: attached until the pin is
+    /// removed, so the uplink stays served while the agent restarts; the
+    /// next agent swaps its program in with BPF_LINK_UPDATE.
+    Pinned(PathBuf),
+}
+
+/// Our hooks on one external interface.
 pub(super) struct ExternalHooks {
-    xdp: XdpLink,
-    uplink: SchedClassifierLink,
+    xdp: Held<XdpLink>,
+    uplink: Held<SchedClassifierLink>,
     mode: XdpRunMode,
+}
+
+/// Where the external interfaces' links are pinned: beside the layout
+/// directories, not in one, since XDP has one program per interface, which
+/// every layout and growth in turn updates in place.
+fn external_dir(layout: &LayoutDir) -> PathBuf {
+    layout.dir.parent().map(|p| p.join("external")).unwrap_or_else(|| layout.dir.join("external"))
+}
+
+/// Where `XNAT_CT` and `XNAT_CT6` are pinned: in the external directory, so
+/// a restart, a growth and a layout upgrade all use the very map the XDP
+/// program in the link used until its swap. A copy, as the TC path's
+/// conntrack gets, would lose the flows opened between the copy and the
+/// swap (no older program stands behind XDP to take them). The name
+/// carries `NatValue`'s own version: a change of its layout starts afresh
+/// under a new name. Ids in entries made by another datapath may name
+/// other backends after a growth: counters check the address, and a UDP
+/// flow whose id no longer names its backend is balanced afresh once.
+pub(super) fn external_map(layout: &LayoutDir, name: &str) -> Result<PathBuf, DatapathError> {
+    let dir = external_dir(layout);
+    fs::create_dir_all(&dir).map_err(|e| DatapathError::Bpffs {
+        path: dir.clone(),
+        message: format!("cannot create the pin directory: {e}"),
+    })?;
+    Ok(dir.join(format!("{name}_V{XNAT_LAYOUT}")))
+}
+
+/// The layout of `NatValue` (and the external pins' names).
+const XNAT_LAYOUT: u32 = 1;
+
+/// Removes the shared maps of flows from outside once no external link is
+/// pinned (cleanup on exit of the last datapath).
+fn remove_external_maps(dir: &Path) {
+    if pinned_externals(dir).is_empty() {
+        for name in [MAP_XNAT_CT, MAP_XNAT_CT6] {
+            let _ = fs::remove_file(dir.join(format!("{name}_V{XNAT_LAYOUT}")));
+        }
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+/// `xdp-<mode>-<iface>` (the mode is in the name: the link does not say it)
+/// and `tc-<iface>`.
+fn xdp_pin(dir: &Path, mode: XdpRunMode, iface: &str) -> PathBuf {
+    dir.join(format!("xdp-{}-{}", mode.name(), escape(iface)))
+}
+
+fn tc_pin(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("tc-{}", escape(iface)))
+}
+
+/// Interfaces with a pinned external link in `dir`.
+fn pinned_externals(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let rest = name
+                .strip_prefix("tc-")
+                .or_else(|| name.strip_prefix("xdp-native-"))
+                .or_else(|| name.strip_prefix("xdp-generic-"))?;
+            unescape(rest)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Removes every pinned external link under `bpffs` (which detaches them)
+/// and their directory; how many there were.
+pub(super) fn remove_external_pins(bpffs: &Path) -> usize {
+    let dir = bpffs.join(PIN_ROOT).join("external");
+    let mut removed = 0;
+    for entry in fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
+        if fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    let _ = fs::remove_dir(&dir);
+    removed
+}
+
+/// The external links pinned under `bpffs` (for `uninstall --check`).
+pub(super) fn external_pins(bpffs: &Path) -> Vec<String> {
+    let dir = bpffs.join(PIN_ROOT).join("external");
+    pinned_externals(&dir)
+        .into_iter()
+        .map(|i| format!("XDP and TC programs pinned for external interface {i}"))
+        .collect()
 }
 
 /// What flows from outside are translated to (`XNAT[0]`) and who may send them.
@@ -98,28 +200,62 @@ impl Datapath {
         array.set(0, xnat.config(), 0).map_err(|source| DatapathError::Map { name, source })
     }
 
-    /// Hooks `mcs_uplink` (TC ingress) and then `mcs_xdp` to `iface`. An XDP
+    /// Hooks `mcs_uplink` (TC ingress) and then `mcs_xdp` to `iface`. An
+    /// earlier agent's (pinned) are swapped in place, with no gap; an XDP
     /// program already there that is not ours (a CNI's) is never replaced.
     pub fn attach_external(&mut self, iface: &str, how: XdpAttach) -> Result<XdpRunMode, DatapathError> {
         let iface_err = |message: String| DatapathError::Interface { iface: iface.to_owned(), message };
         if let Some(hooks) = self.external.get(iface) {
             return Ok(hooks.mode);
         }
-        let ifindex = nix::net::if_::if_nametoindex(iface)
-            .map_err(|_| iface_err("no such interface in this network namespace".into()))?;
+        if let Some(e) = &self.xdp_load {
+            return Err(iface_err(format!("the kernel refused the external interface programs: {e}")));
+        }
+        let ifindex = nix::net::if_::if_nameindex()
+            .ok()
+            .and_then(|list| list.iter().find(|i| i.name().to_str() == Ok(iface)).map(|i| i.index()))
+            .ok_or_else(|| iface_err("no such interface in this network namespace".into()))?;
+        let dir = self.layout.as_ref().map(external_dir);
+        if let Some(dir) = &dir {
+            fs::create_dir_all(dir).map_err(|e| DatapathError::Bpffs {
+                path: dir.clone(),
+                message: format!("cannot create the pin directory: {e}"),
+            })?;
+        }
         // The TC half first: XDP hands it packets from its first run on.
-        let prog = program(&mut self.ebpf, PROG_UPLINK)?;
-        let options = TcAttachOptions::TcxOrder(LinkOrder::first());
-        let id = prog
-            .attach_with_options(iface, TcAttachType::Ingress, options)
-            .map_err(|e| iface_err(format!("attaching {PROG_UPLINK} (TCX ingress): {e}")))?;
-        let uplink = prog.take_link(id).map_err(|e| iface_err(e.to_string()))?;
+        let uplink = self.hook_uplink(iface, dir.as_deref()).map_err(iface_err)?;
         let xdp: &mut Xdp = self
             .ebpf
             .program_mut(PROG_XDP)
             .ok_or(DatapathError::MissingProgram(PROG_XDP))?
             .try_into()
             .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
+        // An earlier agent's link, pinned: our program in its place.
+        for mode in [XdpRunMode::Native, XdpRunMode::Generic] {
+            let Some(path) = dir.as_deref().map(|d| xdp_pin(d, mode, iface)) else { break };
+            if !path.exists() {
+                continue;
+            }
+            let swapped = PinnedLink::from_pin(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|link| xdp.attach_to_link(link).map_err(|e| e.to_string()))
+                .and_then(|id| xdp.take_link(id).map_err(|e| e.to_string()));
+            match swapped {
+                Ok(link) => {
+                    // Our descriptor goes; the pin holds the link.
+                    drop(FdLink::try_from(link).map_err(|e| iface_err(e.to_string()))?);
+                    info!(iface, mode = mode.name(), "XDP program replaced in place (BPF_LINK_UPDATE)");
+                    self.external.insert(iface.to_owned(), ExternalHooks { xdp: Held::Pinned(path), uplink, mode });
+                    return Ok(mode);
+                }
+                Err(e) => {
+                    // A link whose interface was deleted and created again.
+                    debug!(iface, error = %e, "a pinned XDP link could not be updated; attaching afresh");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
         let tries: &[(XdpMode, XdpRunMode)] = match how {
             XdpAttach::Auto => &[(XdpMode::Driver, XdpRunMode::Native), (XdpMode::Skb, XdpRunMode::Generic)],
             XdpAttach::Native => &[(XdpMode::Driver, XdpRunMode::Native)],
@@ -130,42 +266,96 @@ impl Datapath {
             match xdp.attach_to_if_index(ifindex, mode) {
                 Ok(id) => {
                     let link = xdp.take_link(id).map_err(|e| iface_err(e.to_string()))?;
+                    let held = match dir.as_deref() {
+                        None => Held::Owned(link),
+                        Some(dir) => {
+                            let path = xdp_pin(dir, run, iface);
+                            let fd = FdLink::try_from(link).map_err(|e| iface_err(e.to_string()))?;
+                            fd.pin(&path)
+                                .map_err(|e| iface_err(format!("pinning the XDP link at {}: {e}", path.display())))?;
+                            Held::Pinned(path)
+                        }
+                    };
                     if !failures.is_empty() {
                         warn!(iface, tried = ?failures, "native XDP refused; serving with generic XDP (slower)");
                     }
                     info!(iface, mode = run.name(), "XDP attached: serving ClusterSetIP traffic from outside");
-                    self.external.insert(iface.to_owned(), ExternalHooks { xdp: link, uplink, mode: run });
+                    self.external.insert(iface.to_owned(), ExternalHooks { xdp: held, uplink, mode: run });
                     return Ok(run);
                 }
                 Err(e) => failures.push(format!("{}: {}", run.name(), xdp_error(&e, iface))),
             }
         }
         // Nothing left half-attached.
-        let _ = uplink.detach();
+        release(iface, uplink);
         Err(iface_err(format!("attaching {PROG_XDP}: {}", failures.join("; "))))
     }
 
-    /// Takes over `old`'s external interfaces (a growth): each XDP link gets
-    /// this datapath's program in place (BPF_LINK_UPDATE), so no packet
-    /// from outside meets no program. The TC half reads nothing but the
-    /// packet, so the old link stays as it is.
+    /// `mcs_uplink` at `iface`'s TC ingress: an earlier agent's pinned link
+    /// updated in place, else a new link, first in line.
+    fn hook_uplink(&mut self, iface: &str, dir: Option<&Path>) -> Result<Held<SchedClassifierLink>, String> {
+        let pin = dir.map(|d| tc_pin(d, iface));
+        let prog = program(&mut self.ebpf, PROG_UPLINK).map_err(|e| e.to_string())?;
+        if let Some(path) = &pin
+            && path.exists()
+        {
+            if let Some(link) = adopt_link(path, iface, TcAttachType::Ingress) {
+                let id = prog.attach_to_link(link).map_err(|e| format!("BPF_LINK_UPDATE of {PROG_UPLINK}: {e}"))?;
+                let link = prog.take_link(id).map_err(|e| e.to_string())?;
+                drop(FdLink::try_from(link).map_err(|e| e.to_string())?);
+                return Ok(Held::Pinned(path.clone()));
+            }
+            let _ = fs::remove_file(path);
+        }
+        let options = TcAttachOptions::TcxOrder(LinkOrder::first());
+        let id = prog
+            .attach_with_options(iface, TcAttachType::Ingress, options)
+            .map_err(|e| format!("attaching {PROG_UPLINK} (TCX ingress): {e}"))?;
+        let link = prog.take_link(id).map_err(|e| e.to_string())?;
+        let Some(path) = pin else { return Ok(Held::Owned(link)) };
+        let fd = FdLink::try_from(link).map_err(|e| e.to_string())?;
+        fd.pin(&path).map_err(|e| format!("pinning the link at {}: {e}", path.display()))?;
+        Ok(Held::Pinned(path))
+    }
+
+    /// Releases earlier agents' pinned external links of interfaces not in
+    /// `keep` (no longer named by `--external-interface`, or gone).
+    pub fn release_unlisted_externals(&mut self, keep: &[String]) {
+        let Some(dir) = self.layout.as_ref().map(external_dir) else { return };
+        for iface in pinned_externals(&dir) {
+            if keep.contains(&iface) {
+                continue;
+            }
+            if let Some(hooks) = self.external.remove(&iface) {
+                release_external(&iface, hooks);
+            }
+            let _ = fs::remove_file(tc_pin(&dir, &iface));
+            for mode in [XdpRunMode::Native, XdpRunMode::Generic] {
+                let _ = fs::remove_file(xdp_pin(&dir, mode, &iface));
+            }
+            info!(iface, "released an external interface not served any more");
+        }
+    }
+
+    /// Takes over `old`'s external interfaces (a growth). Links held by
+    /// the old process get this datapath's XDP program in place
+    /// (BPF_LINK_UPDATE), so no packet from outside meets no program;
+    /// pinned ones are found by [`Datapath::attach_external`] and updated
+    /// the same way. The TC half reads nothing but the packet and `XNAT`,
+    /// which both datapaths hold alike: an owned one stays as it is.
     pub fn take_externals(&mut self, old: &mut Datapath) -> Result<(), DatapathError> {
         for (iface, hooks) in std::mem::take(&mut old.external) {
+            let ExternalHooks { xdp: Held::Owned(link), uplink, mode } = hooks else { continue };
             let xdp: &mut Xdp = self
                 .ebpf
                 .program_mut(PROG_XDP)
                 .ok_or(DatapathError::MissingProgram(PROG_XDP))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
-            let ExternalHooks { xdp: link, uplink, mode } = hooks;
-            let id = xdp.attach_to_link(link).map_err(|e| DatapathError::Interface {
-                iface: iface.clone(),
-                message: format!("swapping the XDP program in place: {e}"),
-            })?;
-            let link = xdp
-                .take_link(id)
-                .map_err(|e| DatapathError::Interface { iface: iface.clone(), message: e.to_string() })?;
-            self.external.insert(iface, ExternalHooks { xdp: link, uplink, mode });
+            let err = |message: String| DatapathError::Interface { iface: iface.clone(), message };
+            let id = xdp.attach_to_link(link).map_err(|e| err(format!("swapping the XDP program in place: {e}")))?;
+            let link = xdp.take_link(id).map_err(|e| err(e.to_string()))?;
+            self.external.insert(iface, ExternalHooks { xdp: Held::Owned(link), uplink, mode });
         }
         Ok(())
     }
@@ -182,9 +372,13 @@ impl Datapath {
         true
     }
 
+    /// Detaches every external interface (cleanup on exit), pins included.
     pub(super) fn release_externals(&mut self) {
         for (iface, hooks) in std::mem::take(&mut self.external) {
             release_external(&iface, hooks);
+        }
+        if let Some(dir) = self.layout.as_ref().map(external_dir) {
+            remove_external_maps(&dir);
         }
     }
 }
@@ -215,12 +409,23 @@ fn replace_ranges<K: aya::Pod + PartialEq>(
 }
 
 fn release_external(iface: &str, hooks: ExternalHooks) {
-    use aya::programs::links::Link as _;
-    if let Err(e) = hooks.xdp.detach() {
-        debug!(iface, error = %e, "detaching XDP");
-    }
-    if let Err(e) = hooks.uplink.detach() {
-        debug!(iface, error = %e, "detaching the uplink TC program");
+    release(iface, hooks.xdp);
+    release(iface, hooks.uplink);
+}
+
+fn release<L: aya::programs::links::Link>(iface: &str, held: Held<L>) {
+    match held {
+        // Removing the pin drops the last reference: the link detaches.
+        Held::Pinned(path) => {
+            if let Err(e) = fs::remove_file(&path) {
+                debug!(iface, path = %path.display(), error = %e, "unpinning an external link");
+            }
+        }
+        Held::Owned(link) => {
+            if let Err(e) = link.detach() {
+                debug!(iface, error = %e, "detaching an external link");
+            }
+        }
     }
 }
 

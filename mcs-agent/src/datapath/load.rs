@@ -129,6 +129,17 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// `mcs_uplink` and `mcs_xdp` into the kernel.
+fn load_external_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    program(ebpf, PROG_UPLINK)?.load().map_err(|source| DatapathError::Program { name: PROG_UPLINK, source })?;
+    let xdp: &mut aya::programs::Xdp = ebpf
+        .program_mut(PROG_XDP)
+        .ok_or(DatapathError::MissingProgram(PROG_XDP))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
+    xdp.load().map_err(|source| DatapathError::Program { name: PROG_XDP, source })
+}
+
 pub(super) fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
     let program = ebpf.program_mut(name).ok_or(DatapathError::Program { name, source: ProgramError::NotLoaded })?;
     program.try_into().map_err(|source| DatapathError::Program { name, source })
@@ -219,7 +230,14 @@ impl Datapath {
                 *size = backends_size;
             }
             if let Some(layout) = &layout {
-                let path = layout.map(name);
+                // Flows from outside live beside the layouts, in one map every
+                // datapath shares (see `external_map`): XDP has no older
+                // program behind ours to hand a flow it does not know to.
+                let path = if matches!(*name, MAP_XNAT_CT | MAP_XNAT_CT6) {
+                    external_map(layout, name)?
+                } else {
+                    layout.map(name)
+                };
                 match check_pinned(name, &path) {
                     Ok(Some(pinned)) if *name == MAP_STATS && pinned != Stat::COUNT => {
                         // Counters only: start them afresh rather than refuse to start.
@@ -282,15 +300,12 @@ impl Datapath {
                 DatapathError::Map { name: "AYA_LOGS", source: MapError::IoError(io::Error::other(e)) }
             })?),
         };
-        for name in [PROG_INGRESS, PROG_EGRESS, PROG_UPLINK] {
+        for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
         }
-        let xdp: &mut aya::programs::Xdp = ebpf
-            .program_mut(PROG_XDP)
-            .ok_or(DatapathError::MissingProgram(PROG_XDP))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
-        xdp.load().map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
+        // Only `--external-interface` needs them: a kernel that refuses them
+        // still serves pods (attaching an external interface then fails, saying why).
+        let xdp_load = load_external_programs(&mut ebpf).err();
         // Now, while every map descriptor the programs refer to is open (the
         // selection map leaves `ebpf` once it is mapped). A kernel without them
         // still gets the TC path.
@@ -340,6 +355,8 @@ impl Datapath {
             sock_rev: take(&mut ebpf, MAP_SOCK_REV)?,
             sock_rev6: take(&mut ebpf, MAP_SOCK_REV6)?,
             host_netns: take(&mut ebpf, MAP_HOST_NETNS)?,
+            xnat_ct: take(&mut ebpf, MAP_XNAT_CT)?,
+            xnat_ct6: take(&mut ebpf, MAP_XNAT_CT6)?,
         };
         let cleanup_on_exit = layout.is_none();
         let config_flags = maps.config.get(&0, 0).unwrap_or(0);
@@ -356,6 +373,7 @@ impl Datapath {
             external: BTreeMap::new(),
             sockets: None,
             sock_load,
+            xdp_load,
             config_flags,
             cleanup_on_exit,
             finished: false,

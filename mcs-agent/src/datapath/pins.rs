@@ -192,6 +192,7 @@ pub fn uninstall(bpffs: &Path) -> Result<Uninstalled, DatapathError> {
         remove_layout(&layout);
         done.layouts.push(layout.version);
     }
+    done.links += remove_external_pins(bpffs);
     let _ = fs::remove_dir(bpffs.join(PIN_ROOT));
     let interfaces = nix::net::if_::if_nameindex()
         .map_err(|e| DatapathError::Bpffs { path: bpffs.to_owned(), message: format!("listing interfaces: {e}") })?;
@@ -224,6 +225,7 @@ pub fn remains(bpffs: &Path) -> Vec<String> {
         .iter()
         .map(|l| format!("pins of layout v{} in {}", l.version, l.dir.display()))
         .collect();
+    found.extend(external_pins(bpffs));
     for iface in nix::net::if_::if_nameindex().iter().flat_map(|list| list.iter()) {
         let Ok(name) = iface.name().to_str() else { continue };
         for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {

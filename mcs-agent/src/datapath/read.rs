@@ -36,6 +36,18 @@ impl Datapath {
         Ok((dup(&self.maps.fds.ct, MAP_CT)?, dup(&self.maps.fds.ct6, MAP_CT6)?))
     }
 
+    /// `XNAT_CT` and `XNAT_CT6` (flows from outside), for the conntrack collector.
+    pub fn xnat_conntrack_fds(&self) -> Result<(OwnedFd, OwnedFd), DatapathError> {
+        use aya::maps::IterableMap as _;
+        let dup = |data: &MapData, name| {
+            data.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DatapathError::Map { name, source: MapError::IoError(e) })
+        };
+        Ok((dup(self.maps.xnat_ct.map(), MAP_XNAT_CT)?, dup(self.maps.xnat_ct6.map(), MAP_XNAT_CT6)?))
+    }
+
     /// Flows in conntrack, both families (their original-direction entries;
     /// walks the maps: tools and tests, not the agent's loop).
     pub fn conntrack_len(&self) -> usize {
