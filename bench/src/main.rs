@@ -4,6 +4,7 @@ mod control;
 use clap::ValueEnum as _;
 
 mod disruption;
+mod external;
 mod family;
 mod kubeproxy;
 mod lab;
@@ -94,7 +95,11 @@ struct Args {
     #[arg(long)]
     dump_manifests: Option<PathBuf>,
     /// Parts to run.
-    #[arg(long, value_delimiter = ',', default_value = "packet,control,datapath,paired,disruption,family,memory")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "packet,control,datapath,paired,disruption,family,memory,external"
+    )]
     only: Vec<Part>,
     /// Pairs of slices per paired comparison (`paired`). Default: 12 (quick: 4, a smoke run).
     #[arg(long)]
@@ -133,6 +138,10 @@ enum Part {
     /// The agent's control-plane structures built in-process with a counting
     /// allocator: live heap bytes per service by structure.
     Memory,
+    /// Clients outside the node: new connections through the agent's XDP
+    /// program against nftables DNAT and masquerade (paired slices), and
+    /// XDP's cost per packet against the TC program's.
+    External,
 }
 
 /// Everything one configuration measured in one round.
@@ -418,6 +427,19 @@ fn main() -> Result<()> {
         Vec::new()
     };
 
+    let external = if args.only.contains(&Part::External) {
+        Some(external::measure(&external::Options {
+            agent: &args.agent,
+            agent_args: &agent_flag_refs,
+            pairs: args.pairs.unwrap_or(if quick { 4 } else { 12 }).clamp(2, 1000),
+            slice: Duration::from_secs_f64(args.slice_seconds.unwrap_or(if quick { 0.2 } else { 1.0 })),
+            clients,
+            packet_runs: args.packet_runs.unwrap_or(if quick { 100_000 } else { 1_000_000 }),
+        })?)
+    } else {
+        None
+    };
+
     let results = report::Results {
         conditions,
         packet,
@@ -430,6 +452,7 @@ fn main() -> Result<()> {
         disruption,
         families,
         memory,
+        external,
     };
     report::write(&args.out, &results)?;
     // A partial run (`--only`) is not the latest run: it would replace the

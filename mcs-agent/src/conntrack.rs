@@ -268,17 +268,23 @@ where
         unsafe {
             // Only the same entry, still expired (a port reused meanwhile
             // is another flow's now); its sibling only if it points back.
-            if !batch::get(map.as_fd(), bytemuck::bytes_of(&key), bytemuck::bytes_of_mut(&mut value))?
-                || value.created_ns != seen.created_ns
-                || !expired_nat(&key, &value, now, timeouts)
-            {
+            if !batch::get(map.as_fd(), bytemuck::bytes_of(&key), bytemuck::bytes_of_mut(&mut value))? {
+                continue;
+            }
+            if value.created_ns != seen.created_ns || !expired_nat(&key, &value, now, timeouts) {
+                // Alive after all: count it as the walk would have.
+                live += u64::from(key.dir == CT_DIR_ORIGINAL);
                 continue;
             }
             let sibling = value.sibling_key(key.proto, key.dir);
             if batch::get(map.as_fd(), bytemuck::bytes_of(&sibling), bytemuck::bytes_of_mut(&mut found))?
                 && found.sibling_key(sibling.proto, sibling.dir) == key
+                && batch::delete(map.as_fd(), bytemuck::bytes_of(&sibling))?
+                && sibling.dir == CT_DIR_ORIGINAL
+                && !expired_nat(&sibling, &found, now, timeouts)
             {
-                batch::delete(map.as_fd(), bytemuck::bytes_of(&sibling))?;
+                // The walk counted it live.
+                live = live.saturating_sub(1);
             }
             if batch::delete(map.as_fd(), bytemuck::bytes_of(&key))? {
                 expired_flows += 1;

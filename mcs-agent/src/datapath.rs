@@ -308,11 +308,13 @@ impl Datapath {
             // exist with pins.
             return;
         }
+        // Outside clients' flows first: their local backends' replies are
+        // translated back by the pod interfaces' programs.
+        self.release_externals();
         for (iface, attachment) in std::mem::take(&mut self.attached) {
             release(&iface, attachment.hooks);
             debug!(iface, "detached");
         }
-        self.release_externals();
         self.release_socket_links();
         if let Some(layout) = self.layout.take() {
             remove_layout(&layout);

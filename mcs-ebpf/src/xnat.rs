@@ -34,6 +34,9 @@ use crate::{
     parse::{Flow, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
 };
 
+/// See `known`: when an answered UDP flow counts as a stream.
+const UDP_STREAM_AFTER_NS: u64 = 2_000_000_000;
+
 #[inline(always)]
 pub fn is_bare_syn<A>(flow: &Flow<A>) -> bool {
     flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
@@ -79,8 +82,8 @@ fn remove_pair<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>) {
     let _ = F::xnat_ct().remove(key);
 }
 
-/// Adds TCP close bits to both entries; the connection's end starts the
-/// grace time, as on the TC path.
+/// Adds `CT_F_*` bits to both entries; a connection's end (both FINs, a
+/// RST) starts the grace time, as on the TC path.
 #[inline(never)]
 fn mark<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>, bits: u8) {
     // SAFETY: map value pointer, valid for this program run.
@@ -142,18 +145,29 @@ pub fn known<F: Family>(flow: &Flow<F::A>, dir: u8, out: &mut NatValue<F::A>) ->
         // Passive health: the backend's first answer to a connection's SYN.
         if flow.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN | TCP_FLAG_ACK {
             health_add(value.backend_id, |h| &mut h.synacks);
-            // SAFETY: as above.
-            unsafe { (*entry).flags |= CT_F_SYNACK };
+            // On both entries: one put back after an eviction copies its
+            // sibling's (the collector's timeout depends on it).
+            mark::<F>(&key, entry, CT_F_SYNACK);
         } else if flow.tcp_flags & TCP_FLAG_RST != 0 {
             health_add(value.backend_id, |h| &mut h.syn_rsts);
         }
     }
-    if dir == CT_DIR_REPLY && flow.proto == IPPROTO_UDP && value.flags & CT_F_REPLIED == 0 {
-        // The backend answered: the collector gives the flow the stream timeout.
-        // SAFETY: as above.
-        unsafe { (*entry).flags |= CT_F_REPLIED };
+    // A UDP flow still answered two seconds after it began is a stream: the
+    // collector gives it the stream timeout. A single exchange (a query and
+    // its answer) keeps the short one, and gives its port back sooner, as
+    // Linux conntrack does.
+    if dir == CT_DIR_REPLY
+        && flow.proto == IPPROTO_UDP
+        && value.flags & CT_F_REPLIED == 0
+        // SAFETY: helper without preconditions.
+        && unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(value.created_ns) >= UDP_STREAM_AFTER_NS
+    {
+        mark::<F>(&key, entry, CT_F_REPLIED);
     }
-    touch::<F>(&key, entry);
+    if !touch::<F>(&key, entry) {
+        // Forgotten: its sibling's tuple is another flow's now.
+        return false;
+    }
     account::<F>(flow, value, dir);
     // SAFETY: as above.
     *out = unsafe { *entry };
@@ -164,18 +178,19 @@ pub fn known<F: Family>(flow: &Flow<F::A>, dir: u8, out: &mut NatValue<F::A>) ->
 /// entries (a direction quiet for now must not look idle to the collector
 /// while the other is busy; the lookup also keeps it recent in the LRU).
 /// The coarse clock costs a memory read, not a clock read.
+/// False when the entry was forgotten (see [`touch_sibling`]).
 #[inline(always)]
-fn touch<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>) {
+fn touch<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>) -> bool {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: map value pointer, valid for this program run.
     let value = unsafe { &mut *entry };
     // Saturating: a fresh entry carries the fine clock, up to a tick ahead.
     if now.saturating_sub(value.seen_ns) < CT_PAIR_CHECK_NS {
-        return;
+        return true;
     }
     value.seen_ns = now;
-    touch_sibling::<F>(key, value, now);
+    touch_sibling::<F>(key, value, now)
 }
 
 /// Refreshes the other entry, or puts it back if memory pressure evicted
@@ -183,18 +198,18 @@ fn touch<F: Family>(key: &CtKey<F::A>, entry: *mut NatValue<F::A>) {
 /// source NAT port), this flow cannot be translated without mixing with
 /// that one: it is forgotten, and its next packet is a miss.
 #[inline(never)]
-fn touch_sibling<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>, now: u64) {
+fn touch_sibling<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>, now: u64) -> bool {
     if let Some(sibling) = sibling_of::<F>(key, value) {
         // SAFETY: map value pointer, valid for this program run.
         unsafe { (*sibling).seen_ns = now };
-        return;
+        return true;
     }
     if value.closed_ns != 0 {
-        return;
+        return true;
     }
     // Built in the per-CPU scratch value, not on the stack (the callers'
     // frames leave little): free until `known` copies its entry out.
-    let Some(restored) = xnat_scratch::<F::A>() else { return };
+    let Some(restored) = xnat_scratch::<F::A>() else { return true };
     // The answered packet, translated back: to this entry's tuple, reversed.
     *restored = *value;
     (restored.peer, restored.nat, restored.peer_port, restored.nat_port) =
@@ -202,9 +217,10 @@ fn touch_sibling<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>, now: u64)
     restored.seen_ns = now;
     if F::xnat_ct().insert(&value.sibling_key(key.proto, key.dir), &*restored, BPF_NOEXIST as u64).is_ok() {
         count(Stat::CtPairRestored);
-    } else {
-        let _ = F::xnat_ct().remove(key);
+        return true;
     }
+    let _ = F::xnat_ct().remove(key);
+    false
 }
 
 /// Per-backend packet and byte counters, while the id still names the
@@ -281,11 +297,13 @@ pub fn open<F: Family>(
     };
     // A port is taken when its reply tuple (backend, node address, port) is
     // free: the same port serves other backends at the same time. The first
-    // try is the flow's hash, then the next ports in turn.
+    // try is the flow's hash, then ports scattered by it: trying the next
+    // ports in turn would make runs of taken ports that grow with the load
+    // (primary clustering), and a half-full range would fail new flows.
     let mut claimed = false;
     let span = u32::from(config.port_count);
     for i in 0..XNAT_PORT_TRIES {
-        let Some(offset) = (hash >> 8).wrapping_add(i).checked_rem(span) else { break };
+        let Some(offset) = probe(hash, i).checked_rem(span) else { break };
         key.dst_port = (config.port_lo.wrapping_add(offset as u16)).to_be();
         // Looked up first: a failed insert into an LRU map still takes a
         // free node, evicting another flow's entry when the map is full.
@@ -323,6 +341,20 @@ pub fn open<F: Family>(
         stats.new_flows += 1;
     }
     Ok(())
+}
+
+/// The `i`-th port a flow of hash `hash` tries (before the range's modulo):
+/// the hash itself first (the packet tables predict it), then scattered.
+#[inline(always)]
+pub fn probe(hash: u32, i: u32) -> u32 {
+    if i == 0 {
+        return hash >> 8;
+    }
+    let mut h = hash ^ i.wrapping_mul(0x9e37_79b9);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h
 }
 
 /// Route lookup parameters for a packet from `src:sport` to `dst:dport`

@@ -97,6 +97,8 @@ pub struct Ip {
     pub frag: Option<Frag>,
     /// IPv4 id when not fragmented.
     pub id: u16,
+    /// TTL (hop limit); `None`: 64.
+    pub ttl: Option<u8>,
 }
 
 /// An IP packet of either family (no Ethernet header).
@@ -111,7 +113,7 @@ pub fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8], opts: &Ip)
         };
         h[4..6].copy_from_slice(&id.to_be_bytes());
         h[6..8].copy_from_slice(&frags.to_be_bytes());
-        h[8] = 64;
+        h[8] = opts.ttl.unwrap_or(64);
         h[9] = proto;
         h[12..16].copy_from_slice(&octets(src));
         h[16..20].copy_from_slice(&octets(dst));
@@ -143,7 +145,7 @@ pub fn ip_packet(src: IpAddr, dst: IpAddr, proto: u8, payload: &[u8], opts: &Ip)
     let mut h = vec![0x60, 0, 0, 0];
     h.extend_from_slice(&(rest.len() as u16).to_be_bytes());
     h.push(chain.first().map_or(proto, |(t, _)| *t));
-    h.push(64);
+    h.push(opts.ttl.unwrap_or(64));
     h.extend(octets(src));
     h.extend(octets(dst));
     h.extend(rest);
@@ -161,6 +163,11 @@ pub fn frame(ip: &[u8]) -> Vec<u8> {
 /// A whole packet: `frame(ip_packet(...))`.
 pub fn packet(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
     frame(&ip_packet(src, dst, proto, l4, &Ip::default()))
+}
+
+/// [`packet`] one hop on: its TTL (hop limit) 63, as a router forwards it.
+pub fn forwarded(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    frame(&ip_packet(src, dst, proto, l4, &Ip { ttl: Some(63), ..Ip::default() }))
 }
 
 /// The datagram `l4` split in two fragments, the first carrying `first`

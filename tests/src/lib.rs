@@ -15,6 +15,7 @@ pub mod frame;
 pub mod manifests;
 pub mod netns;
 pub mod packet;
+pub mod peer;
 pub mod testrun;
 pub mod topology;
 pub mod traffic;

@@ -23,7 +23,7 @@ pub fn programmed(manifests: &str, conntrack: u32, frontends: usize) -> Datapath
 /// Loads the programs with maps of this capacity and programs `manifests`
 /// (valid, without problems) through the agent's reconcile path.
 pub fn program(capacity: Capacity, conntrack: u32, manifests: &str) -> (Datapath, Reconciler, Report) {
-    let mut dp = Datapath::load(Sizes { capacity, conntrack, ..Sizes::default() }, None)
+    let mut dp = Datapath::load(Sizes { capacity, conntrack, xnat_conntrack: conntrack, ..Sizes::default() }, None)
         .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
     let (snapshot, errors) = parse_documents(&Origin("fixture".into()), manifests);
     assert!(errors.is_empty(), "{errors:?}");
@@ -49,4 +49,31 @@ pub fn run_repeat(dp: &mut Datapath, program: &'static str, input: &[u8], repeat
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     ((result.return_value as i32, out), result.duration.as_nanos())
+}
+
+/// One run of `mcs_xdp` on `input` as if it arrived on interface
+/// `ifindex` of the calling thread's network namespace (where its route
+/// lookups happen): its verdict and output frame.
+pub fn run_xdp(dp: &mut Datapath, ifindex: u32, input: &[u8]) -> (u32, Vec<u8>) {
+    run_xdp_repeat(dp, ifindex, input, 1).0
+}
+
+/// `repeat` runs of `mcs_xdp`; also the kernel's mean time per run, in ns.
+pub fn run_xdp_repeat(dp: &mut Datapath, ifindex: u32, input: &[u8], repeat: u32) -> ((u32, Vec<u8>), u128) {
+    // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> = [0, input.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; input.len() + 256];
+    let result = dp
+        .xdp_program_mut()
+        .unwrap()
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN of mcs_xdp");
+    out.truncate(result.data_size_out as usize);
+    ((result.return_value, out), result.duration.as_nanos())
 }

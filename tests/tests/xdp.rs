@@ -17,16 +17,13 @@ use std::{
     time::Duration,
 };
 
-use mcs_agent::{
-    datapath::{Datapath, Sizes, XdpAttach},
-    plan::Capacity,
-};
 use mcs_tests::{
     agent::{Agent, probe},
     bpffs::ScratchBpffs,
     disruption::Load,
     ethtool, manifests,
     netns::{Netns, veth},
+    peer::{XdpPass, xdp_pass},
     topology::v6,
     traffic::{Server, tcp_request, udp_request},
 };
@@ -100,12 +97,8 @@ struct Lab {
     _pod: Netns,
     _servers: Vec<Server>,
     dir: tempfile::TempDir,
-    /// An XDP program on the outside's end of the uplink, which passes
-    /// everything: a veth takes `XDP_TX` frames from its peer only while
-    /// it runs NAPI, which an XDP program of its own turns on (GRO did not
-    /// on this kernel). A NIC's wire needs nothing of the sort.
-    /// Dropped, the thread holding that program ends and it detaches.
-    _peer_xdp: std::sync::mpsc::Sender<()>,
+    /// The outside's end of the uplink takes `XDP_TX` frames (see `peer`).
+    _peer_xdp: XdpPass,
 }
 
 fn lab() -> Lab {
@@ -163,19 +156,7 @@ fn lab() -> Lab {
     let local6 = [IpAddr::V6(v6(LOCAL_POD))];
     manifests::write(dir.path(), "local-4.yaml", &slice("local-4", "local", "cluster-b", "IPv4", &local4));
     manifests::write(dir.path(), "local-6.yaml", &slice("local-6", "local", "cluster-b", "IPv6", &local6));
-    let (peer_xdp, done) = std::sync::mpsc::channel::<()>();
-    let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
-    outside.spawn(move || {
-        let capacity = Capacity { services: 8, backends: 8, slots: 64 };
-        let mut dp = Datapath::load(Sizes { capacity, conntrack: 64, ..Sizes::default() }, None)
-            .expect("loading the programs for the outside's XDP pass");
-        // No source NAT address set: the program passes every packet.
-        dp.attach_external("eth0", XdpAttach::Native).expect("XDP on the outside's eth0");
-        ready_tx.send(()).expect("the lab waits");
-        let _ = done.recv();
-        drop(dp);
-    });
-    ready.recv().expect("the outside's XDP pass attached");
+    let peer_xdp = xdp_pass(&outside, "eth0");
     Lab { node, outside, _cluster: cluster, _pod: pod, _servers: servers, dir, _peer_xdp: peer_xdp }
 }
 
@@ -202,8 +183,9 @@ fn events(lab: &Lab) -> String {
         .join(", ")
 }
 
+/// `mcs_agent_map_growths_total`; 0 while the agent is too busy to answer.
 fn growths(lab: &Lab) -> f64 {
-    let m = metrics(lab);
+    let Some((_, m)) = probe(&lab.node, "/metrics") else { return 0.0 };
     m.lines().find_map(|l| l.strip_prefix("mcs_agent_map_growths_total ")).map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
@@ -392,10 +374,13 @@ fn restarts_a_growth_and_a_layout_upgrade_keep_serving_outside_clients_without_a
             "up0".to_owned(),
             "--xdp-mode".to_owned(),
             "native".to_owned(),
-            // Room for the load's short flows: each holds its port until
-            // its grace time (TCP) or idle timeout (UDP) has passed.
+            // Room for the load's short flows, thousands a second: each
+            // holds its port and its entries until its grace time (TCP) or
+            // idle timeout (UDP, 30 s) has passed.
             "--external-snat-ports".to_owned(),
             "10000-60000".to_owned(),
+            "--max-external-conntrack".to_owned(),
+            "262144".to_owned(),
             // Small maps, to grow under load.
             "--initial-services".to_owned(),
             "16".to_owned(),
@@ -442,7 +427,7 @@ fn restarts_a_growth_and_a_layout_upgrade_keep_serving_outside_clients_without_a
     let (last, fates) = load.finish();
     phases.push(("after the last restart", last));
     for (kind, phase) in &phases {
-        assert_eq!((phase.tcp.failed, phase.udp.failed), (0, 0), "{kind}: {:?}", phase.errors);
+        assert_eq!((phase.tcp.failed, phase.udp.failed), (0, 0), "{kind}: {:?}; {}", phase.errors, events(&lab));
         assert!(phase.tcp.ok > 0 && phase.udp.ok > 0, "{kind}: no traffic completed");
     }
     for fate in &fates {

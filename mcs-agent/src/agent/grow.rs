@@ -10,7 +10,7 @@ use super::{
     config::{External, SocketLb},
     error::AgentError,
     switch::Switch,
-    takeover::{apply_external, apply_socket_lb, prepare_external, take_over},
+    takeover::{apply_socket_lb, attach_externals, prepare_external, take_over},
 };
 use crate::{
     datapath::{self, AttachMode, Datapath, LayoutDir, OldMaps},
@@ -67,13 +67,23 @@ impl Switch for Growth<'_> {
         // datapath's links are handed over and swapped in place, with the
         // source NAT settings in the grown maps first (the pod interfaces'
         // programs translate local backends' replies by them).
-        prepare_external(self.external, self.datapath)?;
+        let names = prepare_external(self.external, self.datapath)?;
         for old in &mut self.olds {
             if let Old::Running(Some(datapath)) = old {
                 self.datapath.take_externals(datapath)?;
             }
         }
-        apply_external(self.external, self.datapath)?;
+        attach_externals(self.external, self.datapath, names.as_deref().unwrap_or_default())?;
+        // Pinned, the maps of flows from outside are the old datapath's
+        // own; held by the process (`--no-pin`), they were copied before
+        // the swap, and what the old programs opened since comes over now.
+        if names.is_some() && self.datapath.layout().is_none() {
+            for old in &self.olds {
+                if let Old::Running(Some(datapath)) = old {
+                    datapath::carry_over(self.datapath, datapath.as_ref());
+                }
+            }
+        }
         take_over(self.datapath, self.interfaces, self.served, self.patterns, self.attach)?;
         apply_socket_lb(self.socket_lb, self.datapath)?;
         // Pinned, the old socket links went with the swap; held by this

@@ -163,8 +163,17 @@ pub(super) fn apply_socket_lb(socket_lb: &SocketLb, datapath: &mut Datapath) -> 
 /// the programs on every interface named or matched. Failing is fatal: an
 /// operator who asked for it relies on it.
 pub(super) fn apply_external(external: &External, datapath: &mut Datapath) -> Result<(), AgentError> {
-    let Some(names) = prepare_external(external, datapath)? else { return Ok(()) };
-    for iface in &names {
+    let names = prepare_external(external, datapath)?;
+    attach_externals(external, datapath, names.as_deref().unwrap_or_default())
+}
+
+/// Hooks the programs to the interfaces [`prepare_external`] found.
+pub(super) fn attach_externals(
+    external: &External,
+    datapath: &mut Datapath,
+    names: &[String],
+) -> Result<(), AgentError> {
+    for iface in names {
         datapath.attach_external(iface, external.mode).with_context(|| format!("--external-interface {iface}"))?;
     }
     Ok(())

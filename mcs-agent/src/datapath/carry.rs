@@ -63,6 +63,8 @@ pub fn carry_over(current: &mut Datapath, old: &dyn OldMaps) -> CarriedOver {
         v3::MAP_CONNTRACK6,
         v3::MAP_REV_NAT,
         v3::MAP_REV_NAT6,
+        MAP_XNAT_CT,
+        MAP_XNAT_CT6,
     ];
     let empty = |name: &'static str| {
         old.open(name).is_none_or(|data| {
@@ -115,6 +117,15 @@ pub fn carry_over(current: &mut Datapath, old: &dyn OldMaps) -> CarriedOver {
     macro_rules! ct {
         () => {
             |_: &mut _, v: &mut CtValue<_>| {
+                v.backend_id = backend_id(v.backend_id);
+                v.service_id = service(v.service_id).unwrap_or(0);
+                true
+            }
+        };
+    }
+    macro_rules! nat {
+        () => {
+            |_: &mut _, v: &mut NatValue<_>| {
                 v.backend_id = backend_id(v.backend_id);
                 v.service_id = service(v.service_id).unwrap_or(0);
                 true
@@ -241,7 +252,22 @@ pub fn carry_over(current: &mut Datapath, old: &dyn OldMaps) -> CarriedOver {
         copy(old, MAP_SOCK_REV, &mut maps.sock_rev, sock!()) + copy(old, MAP_SOCK_REV6, &mut maps.sock_rev6, sock!());
     let affinity = copy(old, MAP_AFFINITY, &mut maps.affinity, affinity!())
         + copy(old, MAP_AFFINITY6, &mut maps.affinity6, affinity!());
-    CarriedOver { conntrack, converted, sockets, affinity }
+    // Pinned, both datapaths share these maps (`external_map`): nothing to copy.
+    let shared = |name, ours: &MapData| {
+        let ours = ours.info().map(|i| i.id()).ok();
+        old.open(name).and_then(|d| d.info().ok()).map(|i| i.id()) == ours
+    };
+    let mut outside = 0;
+    {
+        use aya::maps::IterableMap as _;
+        if !shared(MAP_XNAT_CT, maps.xnat_ct.map()) {
+            outside += copy(old, MAP_XNAT_CT, &mut maps.xnat_ct, nat!());
+        }
+        if !shared(MAP_XNAT_CT6, maps.xnat_ct6.map()) {
+            outside += copy(old, MAP_XNAT_CT6, &mut maps.xnat_ct6, nat!());
+        }
+    }
+    CarriedOver { conntrack, converted, sockets, affinity, outside }
 }
 
 /// Where [`carry_over`] copies from: an older layout's pins, or a
@@ -281,6 +307,8 @@ impl OldMaps for Datapath {
             MAP_SOCK_REV6 => maps.sock_rev_fds[1].as_fd(),
             MAP_AFFINITY => maps.affinity.map().fd().as_fd(),
             MAP_AFFINITY6 => maps.affinity6.map().fd().as_fd(),
+            MAP_XNAT_CT => maps.xnat_ct.map().fd().as_fd(),
+            MAP_XNAT_CT6 => maps.xnat_ct6.map().fd().as_fd(),
             _ => return None,
         };
         MapData::from_fd(fd.try_clone_to_owned().ok()?).ok()
@@ -297,4 +325,7 @@ pub struct CarriedOver {
     /// Socket-level translations.
     pub sockets: usize,
     pub affinity: usize,
+    /// Entries of flows from outside (two per flow), where the maps are
+    /// not shared (`--no-pin`).
+    pub outside: usize,
 }

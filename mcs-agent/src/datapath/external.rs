@@ -137,7 +137,8 @@ pub(super) fn remove_external_pins(bpffs: &Path) -> usize {
     let dir = bpffs.join(PIN_ROOT).join("external");
     let mut removed = 0;
     for entry in fs::read_dir(&dir).into_iter().flatten().filter_map(Result::ok) {
-        if fs::remove_file(entry.path()).is_ok() {
+        let link = entry.file_name().to_str().is_some_and(|n| n.starts_with("xdp-") || n.starts_with("tc-"));
+        if fs::remove_file(entry.path()).is_ok() && link {
             removed += 1;
         }
     }
@@ -184,6 +185,10 @@ impl Datapath {
     /// Programs `XNAT` and the source ranges. The ranges first: a filter
     /// turned on before its ranges would refuse every client for a moment.
     pub fn set_xnat(&mut self, xnat: &Xnat) -> Result<(), DatapathError> {
+        // The filter turned off before its ranges go, on after they come.
+        if xnat.sources.is_empty() {
+            self.write_xnat(xnat)?;
+        }
         let v4 = xnat.sources.iter().filter_map(|n| match n {
             IpNet::V4(n) => Some(LpmKey::new(u32::from(n.prefix_len()), mcs_common::ip_to_map(n.network().octets()))),
             IpNet::V6(_) => None,
@@ -194,6 +199,10 @@ impl Datapath {
             IpNet::V4(_) => None,
         });
         replace_ranges(&mut self.ebpf, MAP_XNAT_SRC6, v6)?;
+        self.write_xnat(xnat)
+    }
+
+    fn write_xnat(&mut self, xnat: &Xnat) -> Result<(), DatapathError> {
         let name = MAP_XNAT;
         let map = self.ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
         let mut array = Array::<_, XnatConfig>::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
@@ -230,16 +239,32 @@ impl Datapath {
             .ok_or(DatapathError::MissingProgram(PROG_XDP))?
             .try_into()
             .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
-        // An earlier agent's link, pinned: our program in its place.
+        // An earlier agent's link, pinned: our program in its place, if it
+        // runs in a mode `--xdp-mode` allows.
         for mode in [XdpRunMode::Native, XdpRunMode::Generic] {
             let Some(path) = dir.as_deref().map(|d| xdp_pin(d, mode, iface)) else { break };
             if !path.exists() {
                 continue;
             }
+            let allowed = match how {
+                XdpAttach::Auto => true,
+                XdpAttach::Native => mode == XdpRunMode::Native,
+                XdpAttach::Generic => mode == XdpRunMode::Generic,
+            };
+            if !allowed {
+                // The kernel takes one XDP mode at a time: the old link goes first.
+                warn!(
+                    iface,
+                    from = mode.name(),
+                    "changing the XDP mode: the uplink is unserved until it is attached again"
+                );
+                let _ = fs::remove_file(&path);
+                continue;
+            }
             let swapped = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
-                .and_then(|link| xdp.attach_to_link(link).map_err(|e| e.to_string()))
+                .and_then(|link| xdp.attach_to_link(link).map_err(|e| xdp_error(&e, iface)))
                 .and_then(|id| xdp.take_link(id).map_err(|e| e.to_string()));
             match swapped {
                 Ok(link) => {
@@ -249,11 +274,13 @@ impl Datapath {
                     self.external.insert(iface.to_owned(), ExternalHooks { xdp: Held::Pinned(path), uplink, mode });
                     return Ok(mode);
                 }
-                Err(e) => {
-                    // A link whose interface was deleted and created again.
-                    debug!(iface, error = %e, "a pinned XDP link could not be updated; attaching afresh");
+                // A link whose interface was deleted (and maybe created again).
+                Err(e) if e.contains("Link has been severed") => {
+                    info!(iface, "a pinned XDP link of a deleted interface: attaching afresh");
                     let _ = fs::remove_file(&path);
                 }
+                // Anything else: the earlier agent's program keeps serving.
+                Err(e) => return Err(iface_err(format!("swapping the pinned XDP program in place: {e}"))),
             }
         }
         let tries: &[(XdpMode, XdpRunMode)] = match how {
@@ -338,26 +365,36 @@ impl Datapath {
     }
 
     /// Takes over `old`'s external interfaces (a growth). Links held by
-    /// the old process get this datapath's XDP program in place
+    /// the old process (`--no-pin`) get this datapath's programs in place
     /// (BPF_LINK_UPDATE), so no packet from outside meets no program;
     /// pinned ones are found by [`Datapath::attach_external`] and updated
-    /// the same way. The TC half reads nothing but the packet and `XNAT`,
-    /// which both datapaths hold alike: an owned one stays as it is.
+    /// the same way.
     pub fn take_externals(&mut self, old: &mut Datapath) -> Result<(), DatapathError> {
         for (iface, hooks) in std::mem::take(&mut old.external) {
-            let ExternalHooks { xdp: Held::Owned(link), uplink, mode } = hooks else { continue };
-            let xdp: &mut Xdp = self
-                .ebpf
-                .program_mut(PROG_XDP)
-                .ok_or(DatapathError::MissingProgram(PROG_XDP))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name: PROG_XDP, source })?;
+            let ExternalHooks { xdp: Held::Owned(link), uplink: Held::Owned(uplink), mode } = hooks else { continue };
             let err = |message: String| DatapathError::Interface { iface: iface.clone(), message };
+            // The TC half first, as at attach: it reads this datapath's maps.
+            let tc = program(&mut self.ebpf, PROG_UPLINK)?;
+            let id = tc.attach_to_link(uplink).map_err(|e| err(format!("swapping {PROG_UPLINK} in place: {e}")))?;
+            let uplink = tc.take_link(id).map_err(|e| err(e.to_string()))?;
+            let xdp = self.xdp_program_mut()?;
             let id = xdp.attach_to_link(link).map_err(|e| err(format!("swapping the XDP program in place: {e}")))?;
             let link = xdp.take_link(id).map_err(|e| err(e.to_string()))?;
-            self.external.insert(iface, ExternalHooks { xdp: Held::Owned(link), uplink, mode });
+            self.external.insert(iface, ExternalHooks { xdp: Held::Owned(link), uplink: Held::Owned(uplink), mode });
         }
         Ok(())
+    }
+
+    /// The XDP program (BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn xdp_program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
+        if self.xdp_load.is_some() {
+            return Err(DatapathError::Program { name: PROG_XDP, source: ProgramError::NotLoaded });
+        }
+        self.ebpf
+            .program_mut(PROG_XDP)
+            .ok_or(DatapathError::MissingProgram(PROG_XDP))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name: PROG_XDP, source })
     }
 
     /// The external interfaces served, with their XDP mode.
@@ -439,7 +476,7 @@ fn xdp_error(e: &ProgramError, iface: &str) -> String {
     }
     if text.contains("Device or resource busy") || text.contains("File exists") {
         return format!(
-            "another XDP program is attached to {iface} (a CNI's, or a load balancer's): it is not replaced; detach it or pick another interface ({text})"
+            "another XDP program is attached to {iface} (a CNI's, a load balancer's, or an earlier agent's pinned under another --bpffs: `mcs-agent uninstall` removes those): it is not replaced; detach it or pick another interface ({text})"
         );
     }
     if text.contains("Invalid argument") || text.contains("Numerical result out of range") {

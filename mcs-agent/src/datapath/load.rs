@@ -244,11 +244,13 @@ impl Datapath {
                         warn!(path = %path.display(), "pinned counters have another size; starting them from zero");
                         let _ = fs::remove_file(&path);
                     }
-                    Ok(Some(pinned)) if matches!(*name, MAP_XNAT_CT | MAP_XNAT_CT6) && pinned != *size => {
-                        // Sized by --external-interface (a token size
-                        // without): flows from outside start afresh when it
-                        // changes, rather than run on a map of the wrong size.
-                        info!(map = *name, pinned, requested = *size, "resizing the pinned map of flows from outside");
+                    Ok(Some(pinned))
+                        if matches!(*name, MAP_XNAT_CT | MAP_XNAT_CT6)
+                            && pinned == 2 * XNAT_TOKEN_SIZE
+                            && pinned != *size =>
+                    {
+                        // The token size of a node that served nobody from
+                        // outside: nothing to keep.
                         let _ = fs::remove_file(&path);
                     }
                     Ok(Some(pinned)) if *name == MAP_HEALTH && pinned != *size => {

@@ -1,0 +1,319 @@
+//! The packet table of `mcs_xdp`, beside the TC one (`table.rs`): each row
+//! an input frame as it arrives on the uplink, the expected verdict and the
+//! expected output frame, IPv4 and IPv6, through the real program
+//! (BPF_PROG_TEST_RUN) with maps programmed by the agent's reconcile path.
+//! The runs happen in a namespace of the test's own, whose routes and
+//! neighbours the program's route lookups read:
+//!
+//! ```text
+//!  node ns: up0 10.254.0.1 (02:00:00:00:00:01) ── peer 10.254.0.2 (02:00:00:00:00:02)
+//!           route 10.10.0.0/16 via 10.254.0.2; client 10.254.0.3 on the link
+//! ```
+//! so every frame leaving by `XDP_TX` is addressed `[peer | up0]`, the
+//! frame helpers' fixed MACs, and every frame arriving is the reverse.
+//! Expected frames are built from scratch: a byte-for-byte match proves the
+//! incremental checksum updates and the TTL's.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use mcs_agent::datapath::Xnat;
+use mcs_common::{IPPROTO_TCP, IPPROTO_UDP, MapAddr, Stat, flow_hash, ip_to_map, ip6_to_map, port_to_map};
+use mcs_tests::{
+    frame::{ICMP, ICMPV6, Ip, TCP, UDP, forwarded, frame, icmp, ip_packet, packet, tcp, turned, udp},
+    netns::{Netns, veth},
+    testrun::{programmed, run_xdp},
+    topology::v6,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const RST_ACK: u8 = 0x14;
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 1);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 3);
+const PORTS: (u16, u16) = (61000, 61999);
+
+const MANIFESTS: &str = r#"
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {name: web, namespace: demo}
+spec:
+  type: ClusterSetIP
+  ips: ["10.96.0.10", "fd00:60::a"]
+  ipFamilies: [IPv4, IPv6]
+  ports:
+  - {name: http, port: 80, protocol: TCP}
+  - {name: dns, port: 53, protocol: UDP}
+---
+apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {name: empty, namespace: demo}
+spec:
+  type: ClusterSetIP
+  ips: ["10.96.0.20", "fd00:60::14"]
+  ports: [{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-4
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: ["10.10.0.1"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-6
+  namespace: demo
+  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: ["fd00:a::1"]}]
+"#;
+
+struct Family {
+    name: &'static str,
+    client: IpAddr,
+    node: IpAddr,
+    vip: IpAddr,
+    empty: IpAddr,
+    backend: IpAddr,
+    icmp: u8,
+    port_unreachable: (u8, u8),
+    header: usize,
+}
+
+fn families() -> [Family; 2] {
+    [
+        Family {
+            name: "IPv4",
+            client: CLIENT.into(),
+            node: NODE.into(),
+            vip: "10.96.0.10".parse().unwrap(),
+            empty: "10.96.0.20".parse().unwrap(),
+            backend: "10.10.0.1".parse().unwrap(),
+            icmp: ICMP,
+            port_unreachable: (3, 3),
+            header: 20,
+        },
+        Family {
+            name: "IPv6",
+            client: v6(CLIENT).into(),
+            node: v6(NODE).into(),
+            vip: "fd00:60::a".parse().unwrap(),
+            empty: "fd00:60::14".parse().unwrap(),
+            backend: "fd00:a::1".parse().unwrap(),
+            icmp: ICMPV6,
+            port_unreachable: (1, 4),
+            header: 40,
+        },
+    ]
+}
+
+/// The source NAT port a new flow gets first: the flow's hash, as the
+/// program computes it, into the range.
+fn snat_port(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> u16 {
+    fn hash<A: MapAddr>(a: A, b: A, sport: u16, dport: u16, proto: u8) -> u32 {
+        flow_hash(a, b, port_to_map(sport), port_to_map(dport), proto)
+    }
+    let h = match (src, dst) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => hash(ip_to_map(a.octets()), ip_to_map(b.octets()), sport, dport, proto),
+        (IpAddr::V6(a), IpAddr::V6(b)) => hash(ip6_to_map(a.octets()), ip6_to_map(b.octets()), sport, dport, proto),
+        _ => unreachable!("one family"),
+    };
+    PORTS.0 + ((h >> 8) % u32::from(PORTS.1 - PORTS.0 + 1)) as u16
+}
+
+struct Row {
+    what: String,
+    input: Vec<u8>,
+    verdict: u32,
+    output: Vec<u8>,
+}
+
+fn rows(f: &Family) -> Vec<Row> {
+    let (c, vip, be, node) = (f.client, f.vip, f.backend, f.node);
+    let row = |what: &str, input: Vec<u8>, verdict: u32, output: Vec<u8>| Row {
+        what: format!("{}: {what}", f.name),
+        input,
+        verdict,
+        output,
+    };
+    // Frames arrive from the peer: the fixed MACs, turned.
+    let arriving = |src, dst, proto, l4: &[u8]| turned(packet(src, dst, proto, l4));
+    let p = snat_port(c, vip, 40000, 80, IPPROTO_TCP);
+    let q = snat_port(c, vip, 5000, 53, IPPROTO_UDP);
+    let mut rows = vec![
+        row(
+            "a SYN from outside goes to the backend from the node's address, out of the uplink",
+            arriving(c, vip, TCP, &tcp(c, vip, 40000, 80, SYN, b"")),
+            XDP_TX,
+            forwarded(node, be, TCP, &tcp(node, be, p, 8080, SYN, b"")),
+        ),
+        row(
+            "the backend's SYN-ACK to the node's port goes to the client from the VIP",
+            arriving(be, node, TCP, &tcp(be, node, 8080, p, SYN | ACK, b"")),
+            XDP_TX,
+            forwarded(vip, c, TCP, &tcp(vip, c, 80, 40000, SYN | ACK, b"")),
+        ),
+        row(
+            "the client's next segment follows its flow",
+            arriving(c, vip, TCP, &tcp(c, vip, 40000, 80, ACK, b"hello")),
+            XDP_TX,
+            forwarded(node, be, TCP, &tcp(node, be, p, 8080, ACK, b"hello")),
+        ),
+        row(
+            "UDP from outside, by port name",
+            arriving(c, vip, UDP, &udp(c, vip, 5000, 53, b"query")),
+            XDP_TX,
+            forwarded(node, be, UDP, &udp(node, be, q, 5353, b"query")),
+        ),
+        row(
+            "the UDP answer comes from the VIP",
+            arriving(be, node, UDP, &udp(be, node, 5353, q, b"answer")),
+            XDP_TX,
+            forwarded(vip, c, UDP, &udp(vip, c, 53, 5000, b"answer")),
+        ),
+        row(
+            "a segment past the handshake that no flow knows is dropped, never balanced afresh",
+            arriving(c, vip, TCP, &tcp(c, vip, 40009, 80, ACK, b"late")),
+            XDP_DROP,
+            arriving(c, vip, TCP, &tcp(c, vip, 40009, 80, ACK, b"late")),
+        ),
+    ];
+    let passes = [
+        ("traffic to the node itself passes", arriving(c, node, TCP, &tcp(c, node, 40000, 22, SYN, b""))),
+        (
+            "a reply to a port of the range that no flow knows passes (the node's to answer)",
+            arriving(be, node, TCP, &tcp(be, node, 8080, PORTS.1, SYN | ACK, b"")),
+        ),
+        ("traffic to other addresses passes", arriving(c, be, TCP, &tcp(c, be, 40000, 8080, SYN, b""))),
+        (
+            "a packet whose TTL ends here passes (the stack answers it)",
+            turned(frame(&ip_packet(
+                c,
+                vip,
+                TCP,
+                &tcp(c, vip, 40001, 80, SYN, b""),
+                &Ip { ttl: Some(1), ..Ip::default() },
+            ))),
+        ),
+    ];
+    for (what, input) in passes {
+        rows.push(row(what, input.clone(), XDP_PASS, input));
+    }
+    // No backend: refused from the VIP, back out of the uplink.
+    let empty = f.empty;
+    let mut rst = tcp(empty, c, 80, 40002, RST_ACK, b"");
+    rst[4..12].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0x03, 0xe9]);
+    rst[14..18].copy_from_slice(&[0, 0, 0, 0]);
+    let csum = mcs_tests::packet::checksum(&[&mcs_tests::frame::pseudo(empty, c, TCP, rst.len()), &rst]);
+    rst[16..18].copy_from_slice(&csum.to_be_bytes());
+    rows.push(row(
+        "a SYN to a VIP without backends is reset",
+        arriving(c, empty, TCP, &tcp(c, empty, 40002, 80, SYN, b"")),
+        XDP_TX,
+        packet(empty, c, TCP, &rst),
+    ));
+    let (kind, code) = f.port_unreachable;
+    let query = udp(c, empty, 5002, 53, b"query");
+    let mut quoted = ip_packet(c, empty, UDP, &query, &Ip::default());
+    quoted.truncate(f.header + 8);
+    rows.push(row(
+        "UDP to a VIP without backends gets port unreachable",
+        arriving(c, empty, UDP, &query),
+        XDP_TX,
+        packet(empty, c, f.icmp, &icmp(empty, c, kind, code, [0; 4], &quoted)),
+    ));
+    rows
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// The node of the table: up0 and its peer with fixed MACs, a route to
+/// the backends via the peer, the client on the link, neighbours static.
+fn node() -> (Netns, Netns) {
+    let node = Netns::new("mcs-xtab");
+    let peer = Netns::new("mcs-xtabp");
+    veth(&node, "up0", &peer, "eth0");
+    node.ip(&["link", "set", "up0", "address", "02:00:00:00:00:01"]);
+    peer.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:02"]);
+    node.sysctl("net.ipv4.ip_forward", "1");
+    node.sysctl("net.ipv6.conf.all.forwarding", "1");
+    node.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "up0"]);
+    node.ip(&["-6", "addr", "add", &format!("{}/64", v6(NODE)), "dev", "up0", "nodad"]);
+    node.ip(&["route", "add", "10.10.0.0/16", "via", &PEER.to_string()]);
+    node.ip(&["-6", "route", "add", "fd00:a::/32", "via", &v6(PEER).to_string()]);
+    // Both the peer and the client answer to the peer's MAC: every frame
+    // out of the uplink is addressed alike.
+    for ip in [PEER, CLIENT] {
+        node.ip(&[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+        node.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &v6(ip).to_string(),
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    (node, peer)
+}
+
+#[test]
+fn the_xdp_packet_table_ipv4_and_ipv6_side_by_side() {
+    let (node, _peer) = node();
+    let (failures, count, stats) = node.run(|| {
+        let ifindex = nix::net::if_::if_nametoindex("up0").expect("up0 in the table's namespace");
+        // Two families × (web, empty) × two ports.
+        let mut dp = programmed(MANIFESTS, 1024, 8);
+        dp.set_xnat(&Xnat { addr4: Some(NODE), addr6: Some(v6(NODE)), ports: PORTS, sources: Vec::new() })
+            .expect("programming the source NAT settings");
+        let mut failures = Vec::new();
+        let mut count = 0;
+        for family in families() {
+            for row in rows(&family) {
+                count += 1;
+                let (verdict, output) = run_xdp(&mut dp, ifindex, &row.input);
+                if (verdict, &output) != (row.verdict, &row.output) {
+                    failures.push(format!(
+                        "{}:\n  verdict {verdict}, expected {}\n  got      {}\n  expected {}",
+                        row.what,
+                        row.verdict,
+                        hex(&output),
+                        hex(&row.output)
+                    ));
+                }
+            }
+        }
+        let stats =
+            [Stat::XdpNewFlow, Stat::XdpRevNat, Stat::XdpMidstream, Stat::Rejected, Stat::XdpTx].map(|s| dp.stat(s));
+        (failures, count, stats)
+    });
+    assert!(failures.is_empty(), "{} of {count} rows failed:\n{}", failures.len(), failures.join("\n"));
+    // Per family: two new flows, two replies, one mid-stream miss, two
+    // rejections, and five translated frames sent back out.
+    assert_eq!(stats, [4, 4, 2, 4, 10], "new, replies, mid-stream, rejected, XDP_TX");
+}
