@@ -147,6 +147,33 @@ pub struct Pass {
 /// Elements read per `BPF_MAP_LOOKUP_BATCH`: large enough for any bucket.
 const BATCH: usize = 4096;
 
+/// Every entry of `map`, in batches (`BPF_MAP_LOOKUP_BATCH`).
+///
+/// # Safety
+/// `map`'s keys and values must be `K` and `V`.
+unsafe fn walk<K: Pod, V: Pod>(map: &OwnedFd, mut each: impl FnMut(&K, &V)) -> io::Result<()> {
+    let mut keys = vec![K::zeroed(); BATCH];
+    let mut values = vec![V::zeroed(); BATCH];
+    let mut cursor = batch::Cursor::default();
+    while !cursor.done() {
+        // SAFETY: the caller's promise.
+        let n = unsafe {
+            batch::lookup(
+                map.as_fd(),
+                &mut cursor,
+                bytemuck::cast_slice_mut(&mut keys),
+                size_of::<K>(),
+                bytemuck::cast_slice_mut(&mut values),
+                size_of::<V>(),
+            )
+        }?;
+        for (key, value) in keys[..n].iter().zip(&values[..n]) {
+            each(key, value);
+        }
+    }
+    Ok(())
+}
+
 /// Removes expired flows from one conntrack map; returns (live, expired).
 /// `map` must be a conntrack map of family `A` (`CT` with [`Ip4`], `CT6`
 /// with [`Ip6`]).
@@ -155,33 +182,19 @@ where
     CtKey<A>: Pod,
     CtValue<A>: Pod,
 {
-    let (key_size, value_size) = (size_of::<CtKey<A>>(), size_of::<CtValue<A>>());
-    let mut keys = vec![CtKey::<A>::zeroed(); BATCH];
-    let mut values = vec![CtValue::<A>::zeroed(); BATCH];
     let mut doomed: Vec<(CtKey<A>, CtValue<A>)> = Vec::new();
     let (mut live, mut expired_flows) = (0u64, 0u64);
-    let mut cursor = batch::Cursor::default();
-    while !cursor.done() {
-        // SAFETY: `map` is a conntrack map of this family (the caller's
-        // promise): its keys and values are `CtKey<A>` and `CtValue<A>`.
-        let n = unsafe {
-            batch::lookup(
-                map.as_fd(),
-                &mut cursor,
-                bytemuck::cast_slice_mut(&mut keys),
-                key_size,
-                bytemuck::cast_slice_mut(&mut values),
-                value_size,
-            )
-        }?;
-        for (key, value) in keys[..n].iter().zip(&values[..n]) {
+    // SAFETY: `map` is a conntrack map of this family (the caller's
+    // promise): its keys and values are `CtKey<A>` and `CtValue<A>`.
+    unsafe {
+        walk(map, |key: &CtKey<A>, value: &CtValue<A>| {
             if expired(key, value, now, timeouts) {
                 doomed.push((*key, *value));
             } else if key.dir == CT_DIR_ORIGINAL {
                 live += 1;
             }
-        }
-    }
+        })
+    }?;
     // After the walk: deleting while the kernel walks buckets would skip some.
     for (key, seen) in doomed {
         let mut value = CtValue::<A>::zeroed();
@@ -233,33 +246,19 @@ where
     CtKey<A>: Pod,
     NatValue<A>: Pod,
 {
-    let (key_size, value_size) = (size_of::<CtKey<A>>(), size_of::<NatValue<A>>());
-    let mut keys = vec![CtKey::<A>::zeroed(); BATCH];
-    let mut values = vec![NatValue::<A>::zeroed(); BATCH];
     let mut doomed: Vec<(CtKey<A>, NatValue<A>)> = Vec::new();
     let mut live = 0u64;
-    let mut cursor = batch::Cursor::default();
-    while !cursor.done() {
-        // SAFETY: `map` is a map of flows from outside of this family (the
-        // caller's promise): its keys and values are `CtKey<A>` and `NatValue<A>`.
-        let n = unsafe {
-            batch::lookup(
-                map.as_fd(),
-                &mut cursor,
-                bytemuck::cast_slice_mut(&mut keys),
-                key_size,
-                bytemuck::cast_slice_mut(&mut values),
-                value_size,
-            )
-        }?;
-        for (key, value) in keys[..n].iter().zip(&values[..n]) {
+    // SAFETY: `map` is a map of flows from outside of this family (the
+    // caller's promise): its keys and values are `CtKey<A>` and `NatValue<A>`.
+    unsafe {
+        walk(map, |key: &CtKey<A>, value: &NatValue<A>| {
             if expired_nat(key, value, now, timeouts) {
                 doomed.push((*key, *value));
             } else if key.dir == CT_DIR_ORIGINAL {
                 live += 1;
             }
-        }
-    }
+        })
+    }?;
     let mut expired_flows = 0;
     for (key, seen) in doomed {
         let mut value = NatValue::<A>::zeroed();

@@ -112,17 +112,7 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
                     return TC_ACT_SHOT;
                 }
                 count(Stat::NewFlow);
-                if let Some(stats) = backend_stats(id) {
-                    stats.new_flows += 1;
-                    stats.packets_to += 1;
-                    stats.bytes_to += u64::from(flow.ip_len);
-                }
-                if is_bare_syn(flow) {
-                    health_add(id, |h| &mut h.syns);
-                }
-                if let Some(stats) = service_stats(service.service_id) {
-                    stats.new_flows += 1;
-                }
+                count_new_flow(flow, id, service.service_id);
                 backend
             }
             None => {
@@ -149,6 +139,23 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         return TC_ACT_SHOT;
     }
     TC_NEXT
+}
+
+/// A new flow's counters, on every path: the backend's and the frontend's,
+/// and a connection attempt for passive health.
+#[inline(always)]
+pub fn count_new_flow<A>(flow: &Flow<A>, id: u32, service_id: u32) {
+    if let Some(stats) = backend_stats(id) {
+        stats.new_flows += 1;
+        stats.packets_to += 1;
+        stats.bytes_to += u64::from(flow.ip_len);
+    }
+    if is_bare_syn(flow) {
+        health_add(id, |h| &mut h.syns);
+    }
+    if let Some(stats) = service_stats(service_id) {
+        stats.new_flows += 1;
+    }
 }
 
 /// The first fragment of a datagram to a VIP: its later fragments, which

@@ -28,7 +28,7 @@ use mcs_common::{
 use crate::{
     ct::{close_bits, expired},
     family::{Family, V4, V6},
-    ingress::select,
+    ingress::{count_new_flow, select},
     maps::{TC_ACT_SHOT, TC_NEXT, XNAT, backend_stats, count, health_add, service_stats, xnat_scratch},
     nat::{Side, rewrite},
     parse::{Flow, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
@@ -329,17 +329,7 @@ pub fn open<F: Family>(
         return Err(false);
     }
     count(Stat::XdpNewFlow);
-    if let Some(stats) = backend_stats(id) {
-        stats.new_flows += 1;
-        stats.packets_to += 1;
-        stats.bytes_to += u64::from(flow.ip_len);
-    }
-    if is_bare_syn(flow) {
-        health_add(id, |h| &mut h.syns);
-    }
-    if let Some(stats) = service_stats(service.service_id) {
-        stats.new_flows += 1;
-    }
+    count_new_flow(flow, id, service.service_id);
     Ok(())
 }
 

@@ -97,3 +97,46 @@ pub fn write(dir: &Path, name: &str, contents: &str) {
 pub fn remove(dir: &Path, name: &str) {
     fs::remove_file(dir.join(name)).unwrap_or_else(|e| panic!("removing {name}: {e}"));
 }
+
+/// A dual-stack ServiceImport in namespace `demo`: `ips` its IPv4 and IPv6
+/// ClusterSetIPs, `ports` a YAML flow sequence of its ports.
+pub fn dual_stack_import(name: &str, ips: [std::net::IpAddr; 2], ports: &str) -> String {
+    let [a, b] = ips;
+    format!(
+        r#"apiVersion: multicluster.x-k8s.io/v1beta1
+kind: ServiceImport
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  type: ClusterSetIP
+  ips: ["{a}", "{b}"]
+  ipFamilies: [IPv4, IPv6]
+  ports: {ports}
+"#
+    )
+}
+
+/// An EndpointSlice of one family (`IPv4`, `IPv6`) in namespace `demo`,
+/// every address ready; `ports` a YAML flow sequence.
+pub fn family_slice(
+    name: &str,
+    service: &str,
+    cluster: &str,
+    family: &str,
+    ports: &str,
+    ips: &[std::net::IpAddr],
+) -> String {
+    let endpoints: Vec<String> = ips.iter().map(|ip| format!(r#"{{addresses: ["{ip}"]}}"#)).collect();
+    format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: demo
+  labels: {{multicluster.kubernetes.io/service-name: {service}, multicluster.kubernetes.io/source-cluster: {cluster}}}
+addressType: {family}
+ports: {ports}
+endpoints: [{}]
+"#,
+        endpoints.join(", ")
+    )
+}

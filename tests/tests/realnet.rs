@@ -42,35 +42,11 @@ fn both(v4: Ipv4Addr) -> [IpAddr; 2] {
 }
 
 fn import(name: &str, vip: Ipv4Addr, ports: &str) -> String {
-    let [a, b] = both(vip);
-    format!(
-        r#"apiVersion: multicluster.x-k8s.io/v1beta1
-kind: ServiceImport
-metadata: {{name: {name}, namespace: demo}}
-spec:
-  type: ClusterSetIP
-  ips: ["{a}", "{b}"]
-  ipFamilies: [IPv4, IPv6]
-  ports: {ports}
-"#
-    )
+    manifests::dual_stack_import(name, both(vip), ports)
 }
 
 fn slice(name: &str, service: &str, cluster: &str, family: &str, ports: &str, ips: &[IpAddr]) -> String {
-    let endpoints: Vec<String> = ips.iter().map(|ip| format!(r#"{{addresses: ["{ip}"]}}"#)).collect();
-    format!(
-        r#"apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}
-  namespace: demo
-  labels: {{multicluster.kubernetes.io/service-name: {service}, multicluster.kubernetes.io/source-cluster: {cluster}}}
-addressType: {family}
-ports: {ports}
-endpoints: [{}]
-"#,
-        endpoints.join(", ")
-    )
+    manifests::family_slice(name, service, cluster, family, ports, ips)
 }
 
 /// A UDP server that sends every datagram back as it came; stops on drop.

@@ -59,35 +59,14 @@ fn forwarding(ns: &Netns) {
 }
 
 fn import(name: &str, vip: Ipv4Addr) -> String {
-    format!(
-        r#"apiVersion: multicluster.x-k8s.io/v1beta1
-kind: ServiceImport
-metadata: {{name: {name}, namespace: demo}}
-spec:
-  type: ClusterSetIP
-  ips: ["{vip}", "{}"]
-  ipFamilies: [IPv4, IPv6]
-  ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]
-"#,
-        v6(vip)
-    )
+    let ports = "[{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]";
+    manifests::dual_stack_import(name, [vip.into(), v6(vip).into()], ports)
 }
 
 fn slice(name: &str, service: &str, cluster: &str, family: &str, ips: &[IpAddr]) -> String {
-    let endpoints: Vec<String> = ips.iter().map(|ip| format!(r#"{{addresses: ["{ip}"]}}"#)).collect();
-    format!(
-        r#"apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}
-  namespace: demo
-  labels: {{multicluster.kubernetes.io/service-name: {service}, multicluster.kubernetes.io/source-cluster: {cluster}}}
-addressType: {family}
-ports: [{{name: http, port: {TCP_PORT}, protocol: TCP}}, {{name: dns, port: {UDP_PORT}, protocol: UDP}}]
-endpoints: [{}]
-"#,
-        endpoints.join(", ")
-    )
+    let ports =
+        format!("[{{name: http, port: {TCP_PORT}, protocol: TCP}}, {{name: dns, port: {UDP_PORT}, protocol: UDP}}]");
+    manifests::family_slice(name, service, cluster, family, &ports, ips)
 }
 
 struct Lab {

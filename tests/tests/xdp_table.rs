@@ -20,6 +20,7 @@ use mcs_agent::datapath::Xnat;
 use mcs_common::{IPPROTO_TCP, IPPROTO_UDP, MapAddr, Stat, flow_hash, ip_to_map, ip6_to_map, port_to_map};
 use mcs_tests::{
     frame::{ICMP, ICMPV6, Ip, TCP, UDP, forwarded, frame, icmp, ip_packet, packet, tcp, turned, udp},
+    manifests,
     netns::{Netns, veth},
     testrun::{programmed, run_xdp},
     topology::v6,
@@ -36,46 +37,20 @@ const PEER: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 3);
 const PORTS: (u16, u16) = (61000, 61999);
 
-const MANIFESTS: &str = r#"
-apiVersion: multicluster.x-k8s.io/v1beta1
-kind: ServiceImport
-metadata: {name: web, namespace: demo}
-spec:
-  type: ClusterSetIP
-  ips: ["10.96.0.10", "fd00:60::a"]
-  ipFamilies: [IPv4, IPv6]
-  ports:
-  - {name: http, port: 80, protocol: TCP}
-  - {name: dns, port: 53, protocol: UDP}
----
-apiVersion: multicluster.x-k8s.io/v1beta1
-kind: ServiceImport
-metadata: {name: empty, namespace: demo}
-spec:
-  type: ClusterSetIP
-  ips: ["10.96.0.20", "fd00:60::14"]
-  ports: [{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-4
-  namespace: demo
-  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
-endpoints: [{addresses: ["10.10.0.1"]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-6
-  namespace: demo
-  labels: {multicluster.kubernetes.io/service-name: web, multicluster.kubernetes.io/source-cluster: a}
-addressType: IPv6
-ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
-endpoints: [{addresses: ["fd00:a::1"]}]
-"#;
+/// `web` (one backend per family) and `empty` (none), each dual-stack
+/// with a TCP and a UDP port.
+fn manifests() -> String {
+    let ports = "[{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]";
+    let targets = "[{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]";
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    [
+        manifests::dual_stack_import("web", [ip("10.96.0.10"), ip("fd00:60::a")], ports),
+        manifests::dual_stack_import("empty", [ip("10.96.0.20"), ip("fd00:60::14")], ports),
+        manifests::family_slice("web-4", "web", "a", "IPv4", targets, &[ip("10.10.0.1")]),
+        manifests::family_slice("web-6", "web", "a", "IPv6", targets, &[ip("fd00:a::1")]),
+    ]
+    .join("---\n")
+}
 
 struct Family {
     name: &'static str,
@@ -288,7 +263,7 @@ fn the_xdp_packet_table_ipv4_and_ipv6_side_by_side() {
     let (failures, count, stats) = node.run(|| {
         let ifindex = nix::net::if_::if_nametoindex("up0").expect("up0 in the table's namespace");
         // Two families × (web, empty) × two ports.
-        let mut dp = programmed(MANIFESTS, 1024, 8);
+        let mut dp = programmed(&manifests(), 1024, 8);
         dp.set_xnat(&Xnat { addr4: Some(NODE), addr6: Some(v6(NODE)), ports: PORTS, sources: Vec::new() })
             .expect("programming the source NAT settings");
         let mut failures = Vec::new();
