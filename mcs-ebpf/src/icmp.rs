@@ -184,7 +184,9 @@ pub fn reject<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
 
 /// [`reject`] at XDP (a client outside the node): the answer goes back out
 /// of the uplink with `XDP_TX`.
-#[inline(always)]
+// Out of line: inlined, its reads would sit in the program's own frame,
+// under every call chain of the translation.
+#[inline(never)]
 pub fn reject_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, proto: u8) -> u32 {
     if answer::<F, _>(ctx, l4_off, proto).is_err() {
         return XDP_DROP;
@@ -196,6 +198,15 @@ pub fn reject_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, proto: u8) -> u32 
 /// Turns the packet into its rejection, in place.
 #[inline(always)]
 fn answer<F: Family, C: Answer>(ctx: &C, l4_off: usize, proto: u8) -> Result<(), i64> {
+    // Never an answer to a source no single host has (RFC 1122 3.2.2,
+    // 4.2.2.9): IPv4 multicast, reserved, broadcast and "this network";
+    // IPv6 multicast and the unspecified address. A forged one would turn
+    // the node into a reflector.
+    let first: [u8; 2] = ctx.read(ETH_LEN + F::SRC_OFF)?;
+    let unicast = if F::HEADER_CSUM { first[0] != 0 && first[0] < 224 } else { first[0] != 0xff && first != [0, 0] };
+    if !unicast {
+        return Err(-1);
+    }
     // The quote keeps the whole L4 header: a locally sent TCP segment is
     // CHECKSUM_PARTIAL, and the kernel refuses to trim it short of its
     // checksum field.

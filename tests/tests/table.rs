@@ -16,6 +16,7 @@ use mcs_tests::{
 
 const TC_NEXT: i32 = -1;
 const TC_ACT_REDIRECT: i32 = 7;
+const TC_ACT_SHOT: i32 = 2;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
@@ -280,6 +281,17 @@ fn rows(f: &Family) -> Vec<Row> {
             &icmp(empty, c, kind, code, [0; 4], &quote(c, empty, UDP, &query, f.header + 8)),
         )),
     ));
+    // No answer to a source no single host has: a reflector otherwise.
+    let group: IpAddr = if f.name == "IPv4" { ip("224.0.0.1") } else { ip("ff02::1") };
+    let forged = packet(group, empty, TCP, &tcp(group, empty, 40003, 80, SYN, b""));
+    rows.push(row(
+        f,
+        "a SYN from a multicast source to a VIP without backends gets no answer",
+        PROG_INGRESS,
+        forged.clone(),
+        TC_ACT_SHOT,
+        forged,
+    ));
     rows.push(pass(f, "traffic to a pod passes byte for byte", PROG_INGRESS, packet(c, other, TCP, &direct)));
     if f.name == "IPv6" {
         // Hop-by-hop (a PadN option) and destination options before TCP.
@@ -330,5 +342,5 @@ fn the_packet_table_ipv4_and_ipv6_side_by_side() {
     assert_eq!(dp.stat(Stat::FragmentTranslated), 4);
     assert_eq!(dp.stat(Stat::FragmentMiss), 2);
     assert_eq!(dp.stat(Stat::Rejected), 4);
-    assert_eq!(dp.stat(Stat::NoBackend), 4);
+    assert_eq!(dp.stat(Stat::NoBackend), 6, "four rejected, two from multicast sources not");
 }

@@ -206,6 +206,15 @@ fn rows(f: &Family) -> Vec<Row> {
         XDP_TX,
         packet(empty, c, f.icmp, &icmp(empty, c, kind, code, [0; 4], &quoted)),
     ));
+    // No answer to a source no single host has: a reflector otherwise.
+    let group: IpAddr = if f.name == "IPv4" { "224.0.0.1".parse().unwrap() } else { "ff02::1".parse().unwrap() };
+    let forged = arriving(group, empty, TCP, &tcp(group, empty, 40003, 80, SYN, b""));
+    rows.push(row(
+        "a SYN from a multicast source to a VIP without backends gets no answer",
+        forged.clone(),
+        XDP_DROP,
+        forged,
+    ));
     rows
 }
 
