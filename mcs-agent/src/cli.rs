@@ -116,7 +116,9 @@ pub enum InspectWhat {
     /// Each ClusterSetIP:port/protocol with its ServiceImport, table size and
     /// backends (cluster, zone, tier, intended weight, share of the table, counters).
     Services,
-    /// Translated flows: client, ClusterSetIP, backend, protocol, age, state.
+    /// Translated flows: client, ClusterSetIP, backend, protocol, age, state,
+    /// path (`pod`, or `xdp` for flows from outside the node, with the node
+    /// address and port their backend sees).
     Conntrack {
         /// Only this ServiceImport's flows (namespace/name).
         #[arg(long, value_name = "NS/NAME")]

@@ -101,7 +101,8 @@ pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
         InspectWhat::Conntrack { service } => rows_or_table(
             &inspect::conntrack(&pinned()?, service.as_deref()),
             json,
-            &["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE"],
+            // New columns go last: scripts may read the first ones by position.
+            &["CLIENT", "CLUSTERSET IP", "BACKEND", "PROTO", "SERVICE", "AGE", "STATE", "PATH", "SOURCE NAT"],
             |r| {
                 vec![
                     r.client.clone(),
@@ -111,6 +112,8 @@ pub fn inspect(args: &InspectArgs) -> Result<String, CommandError> {
                     opt(&r.service),
                     format!("{:.1}s", r.age_secs),
                     r.state.to_owned(),
+                    r.path.to_owned(),
+                    opt(&r.snat),
                 ]
             },
         )?,
@@ -186,8 +189,23 @@ fn services_text(rows: &[ServiceRow], json: bool, note: &str) -> Result<String, 
             0 => String::new(),
             t => format!("  ClientIP affinity {t}s"),
         };
+        // Flows from outside the node (XDP) only where there were some: a
+        // node without --external-interface sees what it always saw.
+        let outside = s.xdp_new_connections != 0
+            || s.xdp_no_backend_drops != 0
+            || s.backends
+                .iter()
+                .any(|b| b.xdp_new_connections != 0 || b.xdp_packets_to != 0 || b.xdp_packets_from != 0);
+        let xdp = if outside {
+            format!(
+                "; from outside (XDP): {} new connections, {} dropped (no backend)",
+                s.xdp_new_connections, s.xdp_no_backend_drops
+            )
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "{}  {} ({})  table {} slots  {} new connections, {} dropped (no backend){affinity}\n",
+            "{}  {} ({})  table {} slots  {} new connections, {} dropped (no backend){xdp}{affinity}\n",
             s.frontend,
             opt(&s.service),
             opt(&s.port_name),
@@ -199,7 +217,7 @@ fn services_text(rows: &[ServiceRow], json: bool, note: &str) -> Result<String, 
             .backends
             .iter()
             .map(|b| {
-                vec![
+                let mut cells = vec![
                     format!("  {}", b.address),
                     opt(&b.cluster),
                     opt(&b.zone),
@@ -210,13 +228,33 @@ fn services_text(rows: &[ServiceRow], json: bool, note: &str) -> Result<String, 
                     b.new_connections.to_string(),
                     b.packets_to.to_string(),
                     b.packets_from.to_string(),
-                ]
+                ];
+                if outside {
+                    cells.extend([
+                        b.xdp_new_connections.to_string(),
+                        b.xdp_packets_to.to_string(),
+                        b.xdp_packets_from.to_string(),
+                    ]);
+                }
+                cells
             })
             .collect();
-        out.push_str(&inspect::table(
-            &["  BACKEND", "CLUSTER", "ZONE", "TIER", "WEIGHT", "TABLE", "STATE", "NEW CONNS", "PKTS TO", "PKTS FROM"],
-            &cells,
-        ));
+        let mut header = vec![
+            "  BACKEND",
+            "CLUSTER",
+            "ZONE",
+            "TIER",
+            "WEIGHT",
+            "TABLE",
+            "STATE",
+            "NEW CONNS",
+            "PKTS TO",
+            "PKTS FROM",
+        ];
+        if outside {
+            header.extend(["XDP CONNS", "XDP PKTS TO", "XDP PKTS FROM"]);
+        }
+        out.push_str(&inspect::table(&header, &cells));
     }
     out.push_str(note);
     Ok(out)

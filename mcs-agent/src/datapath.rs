@@ -24,10 +24,10 @@ use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, CtValue, FragKey,
     FragValue, Health, Ip4, Ip6, LAYOUT_VERSION, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BACKENDS6, MAP_CONFIG, MAP_CT, MAP_CT6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_HOST_NETNS, MAP_SELECTION,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS, MAP_XNAT,
-    MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6, MapAddr, NatValue, PIN_LINKS, PIN_ROOT, PROG_EGRESS,
-    PROG_INGRESS, PROG_UPLINK, PROG_XDP, SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey,
-    SockRevValue, Stat, XnatConfig, v3,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS,
+    MAP_XDP_BACKEND_STATS, MAP_XDP_SERVICE_STATS, MAP_XNAT, MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6,
+    MapAddr, NatValue, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, PROG_UPLINK, PROG_XDP, SelectionPair,
+    ServiceKey, ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat, XnatConfig, v3,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -45,6 +45,7 @@ mod read;
 mod sock;
 
 pub(crate) use self::mmap::*;
+pub(crate) use self::read::{sum_backend, sum_service};
 pub use self::{attach::*, carry::*, external::*, load::*, pins::*};
 pub use sock::{cgroup_id, cgroup2_root};
 
@@ -164,6 +165,10 @@ struct Maps {
     config: Array<MapData, u32>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
+    /// `XDP_BACKEND_STATS`, `XDP_SERVICE_STATS`: the same counters for
+    /// flows from outside the node (`--external-interface`).
+    xdp_backend_stats: PerCpuArray<MapData, BackendStats>,
+    xdp_service_stats: PerCpuArray<MapData, ServiceStats>,
     /// `HEALTH`, mapped: passive health reads every backend without a syscall.
     health: HealthMemory,
     sock_exclude: HashMap<MapData, u64, u32>,
@@ -186,6 +191,8 @@ struct BatchFds {
     backends6: OwnedFd,
     backend_stats: OwnedFd,
     service_stats: OwnedFd,
+    xdp_backend_stats: OwnedFd,
+    xdp_service_stats: OwnedFd,
     /// For the conntrack collector's thread.
     ct: OwnedFd,
     ct6: OwnedFd,

@@ -15,14 +15,15 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, CT_DIR_ORIGINAL, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CtKey,
     CtValue, IPPROTO_TCP, Ip6, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BACKENDS6, MAP_CT,
-    MAP_CT6, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_STATS, ServiceKey, ServiceStats,
-    ServiceValue, Stat, ct_closed,
+    MAP_CT6, MAP_SELECTION, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_STATS, MAP_XDP_BACKEND_STATS,
+    MAP_XDP_SERVICE_STATS, MAP_XNAT_CT, MAP_XNAT_CT6, NatValue, ServiceKey, ServiceStats, ServiceValue, Stat,
+    ct_closed,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    datapath::{Datapath, LayoutDir, SlotMemory},
+    datapath::{Datapath, LayoutDir, SlotMemory, external_map_pin, sum_backend, sum_service},
     inventory::{FrontendInfo, Inventory},
     plan::{ToIp, backend_addr},
 };
@@ -54,6 +55,13 @@ pub struct Pinned {
     stats: PerCpuArray<MapData, u64>,
     backend_stats: Option<PerCpuArray<MapData, BackendStats>>,
     service_stats: Option<PerCpuArray<MapData, ServiceStats>>,
+    /// The XDP path's counters (absent when pinned by an agent without them).
+    xdp_backend_stats: Option<PerCpuArray<MapData, BackendStats>>,
+    xdp_service_stats: Option<PerCpuArray<MapData, ServiceStats>>,
+    /// Flows from outside the node (`XNAT_CT`, `XNAT_CT6`, pinned beside the
+    /// layouts): absent where no agent pinned them.
+    xnat_ct: Option<HashMap<MapData, CtKey, NatValue>>,
+    xnat_ct6: Option<HashMap<MapData, CtKey<Ip6>, NatValue<Ip6>>>,
     /// What is behind the ids: `state.json`, if a stopping agent left one
     /// (`inspect` puts the running agent's answer here instead).
     inventory: Option<Inventory>,
@@ -66,8 +74,16 @@ fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
     name: &'static str,
     wrap: fn(MapData) -> Map,
 ) -> Result<T, InspectError> {
+    open_at(&layout.map(name), name, wrap)
+}
+
+fn open_at<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    path: &Path,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, InspectError> {
     let err = |message: String| InspectError::Map { name, message };
-    let data = MapData::from_pin(layout.map(name)).map_err(|e| err(e.to_string()))?;
+    let data = MapData::from_pin(path).map_err(|e| err(e.to_string()))?;
     T::try_from(wrap(data)).map_err(|e| err(e.to_string()))
 }
 
@@ -92,6 +108,10 @@ impl Pinned {
             stats: open(&layout, MAP_STATS, Map::PerCpuArray)?,
             backend_stats: open(&layout, MAP_BACKEND_STATS, Map::PerCpuArray).ok(),
             service_stats: open(&layout, MAP_SERVICE_STATS, Map::PerCpuArray).ok(),
+            xdp_backend_stats: open(&layout, MAP_XDP_BACKEND_STATS, Map::PerCpuArray).ok(),
+            xdp_service_stats: open(&layout, MAP_XDP_SERVICE_STATS, Map::PerCpuArray).ok(),
+            xnat_ct: open_at(&external_map_pin(&layout, MAP_XNAT_CT), MAP_XNAT_CT, Map::LruHashMap).ok(),
+            xnat_ct6: open_at(&external_map_pin(&layout, MAP_XNAT_CT6), MAP_XNAT_CT6, Map::LruHashMap).ok(),
             inventory: None,
             by_id: std::collections::HashMap::new(),
         }
@@ -108,20 +128,19 @@ impl Pinned {
     }
 
     fn backend_stats(&self, id: u32) -> BackendStats {
-        let Some(values) = self.backend_stats.as_ref().and_then(|m| m.get(&id, 0).ok()) else {
-            return BackendStats::default();
-        };
-        values.iter().fold(BackendStats::default(), |a, v| a.plus(*v))
+        self.backend_stats.as_ref().and_then(|m| sum_backend(m, id)).unwrap_or_default()
     }
 
     fn service_stats(&self, id: u32) -> ServiceStats {
-        let Some(values) = self.service_stats.as_ref().and_then(|m| m.get(&id, 0).ok()) else {
-            return ServiceStats::default();
-        };
-        values.iter().fold(ServiceStats::default(), |a, v| ServiceStats {
-            new_flows: a.new_flows + v.new_flows,
-            no_backend: a.no_backend + v.no_backend,
-        })
+        self.service_stats.as_ref().and_then(|m| sum_service(m, id)).unwrap_or_default()
+    }
+
+    fn xdp_backend_stats(&self, id: u32) -> BackendStats {
+        self.xdp_backend_stats.as_ref().and_then(|m| sum_backend(m, id)).unwrap_or_default()
+    }
+
+    fn xdp_service_stats(&self, id: u32) -> ServiceStats {
+        self.xdp_service_stats.as_ref().and_then(|m| sum_service(m, id)).unwrap_or_default()
     }
 
     fn info(&self, service_id: u32) -> Option<&FrontendInfo> {
@@ -154,8 +173,12 @@ pub trait Tables {
     fn slot(&self, slot: u32) -> Option<u32>;
     /// A backend id's address, in whichever family's array holds it.
     fn backend(&self, id: u32) -> Option<SocketAddr>;
+    /// A backend id's counters on the pod paths (TC, socket).
     fn backend_stats(&self, id: u32) -> BackendStats;
     fn service_stats(&self, id: u32) -> ServiceStats;
+    /// A backend id's counters for flows from outside the node (XDP).
+    fn xdp_backend_stats(&self, id: u32) -> BackendStats;
+    fn xdp_service_stats(&self, id: u32) -> ServiceStats;
 }
 
 impl Tables for Pinned {
@@ -180,6 +203,14 @@ impl Tables for Pinned {
     fn service_stats(&self, id: u32) -> ServiceStats {
         Pinned::service_stats(self, id)
     }
+
+    fn xdp_backend_stats(&self, id: u32) -> BackendStats {
+        Pinned::xdp_backend_stats(self, id)
+    }
+
+    fn xdp_service_stats(&self, id: u32) -> ServiceStats {
+        Pinned::xdp_service_stats(self, id)
+    }
 }
 
 impl Tables for Datapath {
@@ -201,6 +232,14 @@ impl Tables for Datapath {
 
     fn service_stats(&self, id: u32) -> ServiceStats {
         Datapath::service_stats(self, id).unwrap_or_default()
+    }
+
+    fn xdp_backend_stats(&self, id: u32) -> BackendStats {
+        Datapath::xdp_backend_stats(self, id).unwrap_or_default()
+    }
+
+    fn xdp_service_stats(&self, id: u32) -> ServiceStats {
+        Datapath::xdp_service_stats(self, id).unwrap_or_default()
     }
 }
 
@@ -230,8 +269,15 @@ pub struct ServiceRow {
     pub service_id: u32,
     pub table_size: u32,
     pub affinity_timeout_secs: u32,
+    /// On the pod paths (TC, socket-level load balancing).
     pub new_connections: u64,
     pub no_backend_drops: u64,
+    /// Flows from outside the node (XDP, `--external-interface`); absent
+    /// from an older agent's answer.
+    #[serde(default)]
+    pub xdp_new_connections: u64,
+    #[serde(default)]
+    pub xdp_no_backend_drops: u64,
     pub backends: Vec<BackendRow>,
     /// The agent's reconcile generation the row shows, when the running
     /// agent answered (maps and names then come from that one generation);
@@ -253,9 +299,17 @@ pub struct BackendRow {
     /// `ready`, `terminating` or `not-ready` from the agent's state.json, or
     /// `ejected` / `probing` when passive health says so.
     pub condition: Option<String>,
+    /// On the pod paths (TC, socket-level load balancing).
     pub new_connections: u64,
     pub packets_to: u64,
     pub packets_from: u64,
+    /// Flows from outside the node (XDP); absent from an older agent's answer.
+    #[serde(default)]
+    pub xdp_new_connections: u64,
+    #[serde(default)]
+    pub xdp_packets_to: u64,
+    #[serde(default)]
+    pub xdp_packets_from: u64,
 }
 
 /// What the running agent answers to `services` on its control socket.
@@ -312,6 +366,7 @@ pub fn service_rows<'a>(
                             .find(|b| b.backend_id == Some(id) && Some(SocketAddr::new(b.ip, b.port)) == address)
                     });
                     let stats = tables.backend_stats(id);
+                    let xdp = tables.xdp_backend_stats(id);
                     BackendRow {
                         address: address.map_or_else(|| "(freed id)".to_owned(), |a| a.to_string()),
                         backend_id: id,
@@ -324,6 +379,9 @@ pub fn service_rows<'a>(
                         new_connections: stats.new_flows,
                         packets_to: stats.packets_to,
                         packets_from: stats.packets_from,
+                        xdp_new_connections: xdp.new_flows,
+                        xdp_packets_to: xdp.packets_to,
+                        xdp_packets_from: xdp.packets_from,
                     }
                 })
                 .collect();
@@ -342,9 +400,13 @@ pub fn service_rows<'a>(
                     new_connections: 0,
                     packets_to: 0,
                     packets_from: 0,
+                    xdp_new_connections: 0,
+                    xdp_packets_to: 0,
+                    xdp_packets_from: 0,
                 });
             }
             let stats = tables.service_stats(value.service_id);
+            let xdp = tables.xdp_service_stats(value.service_id);
             ServiceRow {
                 frontend: name,
                 service: info.map(|f| f.service.clone()),
@@ -354,6 +416,8 @@ pub fn service_rows<'a>(
                 affinity_timeout_secs: value.affinity_timeout_secs,
                 new_connections: stats.new_flows,
                 no_backend_drops: stats.no_backend,
+                xdp_new_connections: xdp.new_flows,
+                xdp_no_backend_drops: xdp.no_backend,
                 backends,
                 generation,
             }
@@ -373,11 +437,18 @@ pub struct FlowRow {
     pub age_secs: f64,
     /// `open`, `closing` (one side sent FIN) or `closed` (both FINs or a RST).
     pub state: &'static str,
+    /// `pod`: translated by the pod paths (TC; the socket path keeps no
+    /// flows). `xdp`: a flow from outside the node, source NATed.
+    pub path: &'static str,
+    /// The node address and port the backend sees (`xdp` flows; `null`
+    /// for `pod` flows, which keep their source).
+    pub snat: Option<String>,
 }
 
 /// Translated flows, oldest first; `service` keeps only one ServiceImport's.
 /// A flow is listed by its original direction's entry (the reply's holds
-/// the same flow seen from the backend).
+/// the same flow seen from the backend): the TC path's conntrack, then
+/// the XDP path's (`XNAT_CT`, where an agent pinned it).
 pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
     let now = crate::conntrack::monotonic_ns();
     let v4 = pinned.conntrack.iter().filter_map(Result::ok).filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
@@ -386,31 +457,71 @@ pub fn conntrack(pinned: &Pinned, service: Option<&str>) -> Vec<FlowRow> {
         .iter()
         .flat_map(|m| m.iter().filter_map(Result::ok))
         .filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
+    let x4 =
+        pinned.xnat_ct.iter().flat_map(|m| m.iter().filter_map(Result::ok)).filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
+    let x6 =
+        pinned.xnat_ct6.iter().flat_map(|m| m.iter().filter_map(Result::ok)).filter(|(k, _)| k.dir == CT_DIR_ORIGINAL);
     let mut rows: Vec<FlowRow> = v4
         .map(|(k, v)| flow_row(pinned, now, &k, &v))
         .chain(v6.map(|(k, v)| flow_row(pinned, now, &k, &v)))
+        .chain(x4.map(|(k, v)| xnat_row(pinned.info(v.service_id), now, &k, &v)))
+        .chain(x6.map(|(k, v)| xnat_row(pinned.info(v.service_id), now, &k, &v)))
         .filter(|row| service.is_none_or(|s| row.service.as_deref() == Some(s)))
         .collect();
     rows.sort_by(|a, b| b.age_secs.total_cmp(&a.age_secs));
     rows
 }
 
+/// A connection's state from its entry's `CT_F_*` bits.
+fn flow_state(flags: u8) -> &'static str {
+    if ct_closed(flags) {
+        "closed"
+    } else if flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) != 0 {
+        "closing"
+    } else {
+        "open"
+    }
+}
+
+fn protocol(proto: u8) -> &'static str {
+    if proto == IPPROTO_TCP { "TCP" } else { "UDP" }
+}
+
 fn flow_row<A: ToIp>(pinned: &Pinned, now: u64, k: &CtKey<A>, v: &CtValue<A>) -> FlowRow {
-    let flags = v.flags;
     FlowRow {
         client: socket(k.src, k.src_port).to_string(),
         vip: socket(k.dst, k.dst_port).to_string(),
         backend: socket(v.addr, v.port).to_string(),
-        protocol: if k.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
+        protocol: protocol(k.proto),
         service: pinned.info(v.service_id).map(|f| f.service.clone()),
         age_secs: now.saturating_sub(v.created_ns) as f64 / 1e9,
-        state: if ct_closed(flags) {
-            "closed"
-        } else if flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) != 0 {
-            "closing"
-        } else {
-            "open"
-        },
+        state: flow_state(v.flags),
+        path: "pod",
+        snat: None,
+    }
+}
+
+/// A flow from outside by its original entry: client -> VIP, rewritten to
+/// node address (`nat`) -> backend (`peer`); `info` is what names the
+/// entry's service id.
+fn xnat_row<A: ToIp>(info: Option<&FrontendInfo>, now: u64, k: &CtKey<A>, v: &NatValue<A>) -> FlowRow {
+    let vip = socket(k.dst, k.dst_port);
+    let protocol = protocol(k.proto);
+    FlowRow {
+        client: socket(k.src, k.src_port).to_string(),
+        vip: vip.to_string(),
+        backend: socket(v.peer, v.peer_port).to_string(),
+        protocol,
+        // Every datapath (a growth, a new layout) shares this map, so an
+        // entry's service id may be of another generation's numbering: it
+        // names the flow only if that frontend is the flow's VIP.
+        service: info
+            .filter(|f| f.vip == vip.ip() && f.port == vip.port() && f.protocol == protocol)
+            .map(|f| f.service.clone()),
+        age_secs: now.saturating_sub(v.created_ns) as f64 / 1e9,
+        state: flow_state(v.flags),
+        path: "xdp",
+        snat: Some(socket(v.nat, v.nat_port).to_string()),
     }
 }
 
@@ -474,4 +585,91 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(row.clone()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use mcs_common::{CT_F_FIN_CLIENT, CT_F_RST, IPPROTO_UDP, Ip4};
+
+    use super::*;
+
+    fn frontend(vip: &str, port: u16, protocol: &str) -> FrontendInfo {
+        FrontendInfo {
+            vip: vip.parse().unwrap(),
+            port,
+            protocol: protocol.into(),
+            service: "demo/web".into(),
+            port_name: "http".into(),
+            service_id: 3,
+            table_size: 13,
+            affinity_timeout_secs: 0,
+            tiers: Vec::new(),
+            backends: Vec::new(),
+        }
+    }
+
+    fn ip4(ip: &str) -> Ip4 {
+        let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+        u32::from_ne_bytes(ip.octets())
+    }
+
+    /// An original entry of a flow from outside: 192.0.2.7:40000 -> VIP
+    /// 10.96.0.10:80, sent on as 10.254.0.1:61000 -> 10.10.0.1:8080.
+    fn original(proto: u8, flags: u8) -> (CtKey, NatValue) {
+        let key = CtKey {
+            src: ip4("192.0.2.7"),
+            dst: ip4("10.96.0.10"),
+            src_port: 40000u16.to_be(),
+            dst_port: 80u16.to_be(),
+            proto,
+            dir: CT_DIR_ORIGINAL,
+            _pad: [0; 2],
+        };
+        let value = NatValue {
+            peer: ip4("10.10.0.1"),
+            nat: ip4("10.254.0.1"),
+            peer_port: 8080u16.to_be(),
+            nat_port: 61000u16.to_be(),
+            flags,
+            _pad: [0; 3],
+            backend_id: 1,
+            service_id: 3,
+            closed_ns: 0,
+            created_ns: 1_000_000_000,
+            seen_ns: 1_000_000_000,
+        };
+        (key, value)
+    }
+
+    #[test]
+    fn a_flow_from_outside_shows_client_vip_backend_and_its_source_nat() {
+        let (key, value) = original(IPPROTO_TCP, 0);
+        let web = frontend("10.96.0.10", 80, "TCP");
+        let row = xnat_row(Some(&web), 3_500_000_000, &key, &value);
+        assert_eq!(
+            (row.client.as_str(), row.vip.as_str(), row.backend.as_str(), row.snat.as_deref()),
+            ("192.0.2.7:40000", "10.96.0.10:80", "10.10.0.1:8080", Some("10.254.0.1:61000"))
+        );
+        assert_eq!((row.protocol, row.path, row.state), ("TCP", "xdp", "open"));
+        assert_eq!(row.service.as_deref(), Some("demo/web"));
+        assert!((row.age_secs - 2.5).abs() < 1e-9);
+        let closing = xnat_row(Some(&web), 0, &key, &original(IPPROTO_TCP, CT_F_FIN_CLIENT).1);
+        assert_eq!(closing.state, "closing");
+        assert_eq!(xnat_row(Some(&web), 0, &key, &original(IPPROTO_TCP, CT_F_RST).1).state, "closed");
+    }
+
+    #[test]
+    fn a_service_id_naming_another_frontend_leaves_the_flow_unnamed() {
+        // The map outlives a growth's renumbering: the id may now be another VIP's.
+        let (key, value) = original(IPPROTO_UDP, 0);
+        for other in
+            [frontend("10.96.0.11", 80, "UDP"), frontend("10.96.0.10", 53, "UDP"), frontend("10.96.0.10", 80, "TCP")]
+        {
+            assert_eq!(xnat_row(Some(&other), 0, &key, &value).service, None, "{}", other.key());
+        }
+        assert_eq!(
+            xnat_row(Some(&frontend("10.96.0.10", 80, "UDP")), 0, &key, &value).service.as_deref(),
+            Some("demo/web")
+        );
+    }
 }

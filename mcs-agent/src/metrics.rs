@@ -5,6 +5,12 @@
 //! Cardinality: every label is bounded by what is programmed (imports,
 //! ports, clusters, zones, tiers); the `backend` label (pod IP:port) only
 //! with `--metrics-backend-label`.
+//!
+//! Paths: the per-frontend and per-backend counters without a `path` label
+//! are the pod paths' (TC, socket-level load balancing); the same series
+//! with `path="xdp"` count flows from outside the node (`--external-interface`),
+//! and exist only where those counters are not all zero (a node without
+//! external interfaces pays nothing for them).
 
 use std::{
     collections::BTreeSet,
@@ -97,9 +103,43 @@ pub struct AgentView {
 
 /// Kernel counters, read on demand.
 pub struct Kernel<'a> {
+    /// The pod paths' (TC, socket-level load balancing) counters of a
+    /// backend or service id (`None`: the id has none).
     pub backend: &'a dyn Fn(u32) -> Option<BackendStats>,
     pub service: &'a dyn Fn(u32) -> Option<ServiceStats>,
+    /// The same for flows from outside the node (XDP); an agent without
+    /// external interfaces may answer `None` without reading them.
+    pub xdp_backend: &'a dyn Fn(u32) -> Option<BackendStats>,
+    pub xdp_service: &'a dyn Fn(u32) -> Option<ServiceStats>,
     pub datapath: Vec<(Stat, u64)>,
+}
+
+/// The `path` label of the XDP path's series.
+const PATH_XDP: (&str, &str) = ("path", "xdp");
+
+/// One backend's counters into the three backend families, under `base`
+/// and `path` (none: the pod paths).
+fn count_backend(
+    families: [&Family<Labels, Counter>; 3],
+    base: &Labels,
+    path: Option<(&str, &str)>,
+    stats: BackendStats,
+) {
+    let [new_flows, packets, bytes] = families;
+    let with_path = |mut l: Labels| {
+        l.extend(path.map(|(k, v)| (k.to_owned(), v.to_owned())));
+        l
+    };
+    new_flows.get_or_create(&with_path(base.clone())).inc_by(stats.new_flows);
+    for (direction, p, b) in
+        [("to_backend", stats.packets_to, stats.bytes_to), ("from_backend", stats.packets_from, stats.bytes_from)]
+    {
+        let mut l = base.clone();
+        l.push(("direction".into(), direction.into()));
+        let l = with_path(l);
+        packets.get_or_create(&l).inc_by(p);
+        bytes.get_or_create(&l).inc_by(b);
+    }
 }
 
 /// Drops, by reason: the datapath events that lose a packet.
@@ -154,6 +194,15 @@ pub fn render(
                 .get_or_create(&labels(&[("service", service), ("port", &port), ("reason", "no_backend")]))
                 .inc_by(stats.no_backend);
         }
+        let xdp = (kernel.xdp_service)(frontend.service_id).filter(|s| *s != ServiceStats::default());
+        if let Some(stats) = xdp {
+            frontend_flows
+                .get_or_create(&labels(&[("service", service), ("port", &port), PATH_XDP]))
+                .inc_by(stats.new_flows);
+            frontend_drops
+                .get_or_create(&labels(&[("service", service), ("port", &port), ("reason", "no_backend"), PATH_XDP]))
+                .inc_by(stats.no_backend);
+        }
         let serving = frontend.backends.iter().filter(|b| b.backend_id.is_some()).count();
         frontend_backends.get_or_create(&labels(&[("service", service), ("port", &port)])).set(serving as i64);
         for backend in &frontend.backends {
@@ -178,32 +227,27 @@ pub fn render(
             if !counted.insert(id) {
                 continue;
             }
-            let Some(stats) = (kernel.backend)(id) else { continue };
-            new_flows.get_or_create(&base).inc_by(stats.new_flows);
-            for (direction, p, b) in [
-                ("to_backend", stats.packets_to, stats.bytes_to),
-                ("from_backend", stats.packets_from, stats.bytes_from),
-            ] {
-                let mut l = base.clone();
-                l.push(("direction".into(), direction.into()));
-                packets.get_or_create(&l).inc_by(p);
-                bytes.get_or_create(&l).inc_by(b);
+            if let Some(stats) = (kernel.backend)(id) {
+                count_backend([&new_flows, &packets, &bytes], &base, None, stats);
+            }
+            if let Some(stats) = (kernel.xdp_backend)(id).filter(|s| *s != BackendStats::default()) {
+                count_backend([&new_flows, &packets, &bytes], &base, Some(PATH_XDP), stats);
             }
         }
     }
     registry.register(
         "backend_new_connections",
-        "New connections (TCP) and flows (UDP) sent to backends, by ClusterSetIP, source cluster, zone and tier",
+        "New connections (TCP) and flows (UDP) sent to backends, by ClusterSetIP, source cluster, zone and tier; without path: from pods and the node (TC, socket-level load balancing), path=xdp: from outside the node",
         new_flows,
     );
     registry.register(
         "backend_packets",
-        "Packets to and from backends, by ClusterSetIP, source cluster, zone and tier",
+        "Packets to and from backends, by ClusterSetIP, source cluster, zone and tier; without path: the pod paths (TC, socket-level load balancing), path=xdp: flows from outside the node",
         packets,
     );
     registry.register_with_unit(
         "backend",
-        "IP bytes to and from backends, by ClusterSetIP, source cluster, zone and tier",
+        "IP bytes to and from backends, by ClusterSetIP, source cluster, zone and tier; without path: the pod paths (TC, socket-level load balancing), path=xdp: flows from outside the node",
         Unit::Bytes,
         bytes,
     );
@@ -266,8 +310,16 @@ pub fn render(
         "Intended share of a frontend's new connections (0-1), by source cluster, zone and tier: spill-over shows here",
         weight,
     );
-    registry.register("frontend_new_connections", "New connections and flows per ClusterSetIP port", frontend_flows);
-    registry.register("frontend_drops", "Packets to a ClusterSetIP port dropped, by reason", frontend_drops);
+    registry.register(
+        "frontend_new_connections",
+        "New connections and flows per ClusterSetIP port; without path: the pod paths (TC, socket-level load balancing), path=xdp: from outside the node",
+        frontend_flows,
+    );
+    registry.register(
+        "frontend_drops",
+        "Packets to a ClusterSetIP port dropped, by reason; without path: the pod paths (TC, socket-level load balancing), path=xdp: from outside the node",
+        frontend_drops,
+    );
     registry.register(
         "frontend_backends",
         "Backends receiving new connections per ClusterSetIP port",
@@ -368,4 +420,91 @@ pub fn render(
     let mut out = String::new();
     encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::BackendInfo;
+
+    fn frontend() -> FrontendInfo {
+        let backend = |id: u32, ip: &str| BackendInfo {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            backend_id: Some(id),
+            cluster: Some("a".into()),
+            zone: None,
+            region: None,
+            tier: "any".into(),
+            weight: 0.5,
+            condition: "ready".into(),
+            health: "healthy".into(),
+        };
+        FrontendInfo {
+            vip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: "TCP".into(),
+            service: "demo/web".into(),
+            port_name: "http".into(),
+            service_id: 1,
+            table_size: 251,
+            affinity_timeout_secs: 0,
+            tiers: vec!["any".into()],
+            backends: vec![backend(1, "10.10.0.1"), backend(2, "10.10.0.2")],
+        }
+    }
+
+    fn stats(new_flows: u64) -> BackendStats {
+        BackendStats { new_flows, packets_to: 10 * new_flows, bytes_to: 0, packets_from: 0, bytes_from: 0 }
+    }
+
+    /// The sample lines (no comments) of one rendering, with backend 1
+    /// counted `xdp` times on the XDP path and backend 2 never.
+    fn samples(xdp: u64) -> Vec<String> {
+        let kernel = Kernel {
+            backend: &|id| Some(stats(u64::from(id))),
+            service: &|_| Some(ServiceStats { new_flows: 3, no_backend: 1 }),
+            xdp_backend: &|id| Some(if id == 1 { stats(xdp) } else { BackendStats::default() }),
+            xdp_service: &|_| Some(ServiceStats { new_flows: xdp, no_backend: 0 }),
+            datapath: Vec::new(),
+        };
+        let text = render(&AgentMetrics::default(), &AgentView::default(), [frontend()], &kernel, false);
+        text.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn the_pod_paths_series_keep_their_labels_and_the_xdp_path_adds_its_own() {
+        let lines = samples(7);
+        let has = |line: &str| assert!(lines.iter().any(|l| l == line), "{line} in:\n{}", lines.join("\n"));
+        // The pod paths (TC, socket), without a path label, as before.
+        has(r#"mcs_agent_frontend_new_connections_total{service="demo/web",port="80/TCP"} 3"#);
+        has(r#"mcs_agent_frontend_drops_total{service="demo/web",port="80/TCP",reason="no_backend"} 1"#);
+        // Both backends have these labels: 1 + 2.
+        has(
+            r#"mcs_agent_backend_new_connections_total{service="demo/web",port="80/TCP",cluster="a",zone="",tier="any"} 3"#,
+        );
+        // Flows from outside: the same labels and path="xdp".
+        has(r#"mcs_agent_frontend_new_connections_total{service="demo/web",port="80/TCP",path="xdp"} 7"#);
+        has(r#"mcs_agent_frontend_drops_total{service="demo/web",port="80/TCP",reason="no_backend",path="xdp"} 0"#);
+        has(
+            r#"mcs_agent_backend_new_connections_total{service="demo/web",port="80/TCP",cluster="a",zone="",tier="any",path="xdp"} 7"#,
+        );
+        has(
+            r#"mcs_agent_backend_packets_total{service="demo/web",port="80/TCP",cluster="a",zone="",tier="any",direction="to_backend",path="xdp"} 70"#,
+        );
+        has(
+            r#"mcs_agent_backend_bytes_total{service="demo/web",port="80/TCP",cluster="a",zone="",tier="any",direction="from_backend",path="xdp"} 0"#,
+        );
+    }
+
+    #[test]
+    fn xdp_series_are_left_out_where_their_counters_are_all_zero() {
+        let lines = samples(0);
+        assert!(lines.iter().all(|l| !l.contains("path=")), "{}", lines.join("\n"));
+        // Backend 2's XDP counters are zero: one series of both
+        // backends' labels per path.
+        let xdp = samples(5);
+        let backend = xdp.iter().filter(|l| l.starts_with("mcs_agent_backend_new_connections_total{")).count();
+        assert_eq!(backend, 2, "one pod-path series and one xdp series: {xdp:#?}");
+    }
 }

@@ -247,6 +247,8 @@ fn exposed_metrics() -> std::collections::BTreeSet<String> {
     let kernel = Kernel {
         backend: &|_| Some(mcs_common::BackendStats::default()),
         service: &|_| Some(mcs_common::ServiceStats::default()),
+        xdp_backend: &|_| None,
+        xdp_service: &|_| None,
         datapath: vec![(mcs_common::Stat::NoBackend, 1)],
     };
     render(&agent, &view, inventory.frontends, &kernel, false)

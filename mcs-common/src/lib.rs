@@ -136,6 +136,9 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
+/// The same counters for flows from outside the node (the XDP path).
+pub const MAP_XDP_BACKEND_STATS: &str = "XDP_BACKEND_STATS";
+pub const MAP_XDP_SERVICE_STATS: &str = "XDP_SERVICE_STATS";
 pub const MAP_HEALTH: &str = "HEALTH";
 pub const MAP_FRAGS: &str = "FRAGS";
 /// The IPv6 family's maps: the same types at [`Ip6`].
@@ -508,8 +511,24 @@ pub struct FragKey<A = Ip4> {
     pub dst: A,
     pub id: u32,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `FRAG_PART_*`: which of a datagram's entries (the TC paths keep one;
+    /// the XDP path, which rewrites both addresses, three).
+    pub part: u8,
+    pub _pad: [u8; 2],
 }
+
+impl<A> FragKey<A> {
+    pub const fn new(src: A, dst: A, id: u32, proto: u8, part: u8) -> Self {
+        Self { src, dst, id, proto, part, _pad: [0; 2] }
+    }
+}
+
+/// `FragKey::part`: the new destination (the TC paths' only entry); the new
+/// source; and, keyed by the translated datagram, the mark that lets
+/// `mcs_uplink` send a fragment from the node's address on.
+pub const FRAG_PART_DST: u8 = 0;
+pub const FRAG_PART_SRC: u8 = 1;
+pub const FRAG_PART_SENT: u8 = 2;
 
 /// `FRAGS` value: what the first fragment was translated to. Later
 /// fragments carry no ports, so only the address changes for them.
@@ -518,13 +537,16 @@ pub struct FragKey<A = Ip4> {
 pub struct FragValue<A = Ip4> {
     /// The new destination (DNAT) or source (reverse NAT) address.
     pub addr: A,
-    /// 1: the destination was rewritten; 2: the source.
+    /// 1: the destination was rewritten; 2: the source; 3: both (XDP).
     pub side: u32,
 }
 
 /// `FragValue::side`.
 pub const FRAG_DNAT: u32 = 1;
 pub const FRAG_REV_NAT: u32 = 2;
+/// A datagram from outside (or its reply) that XDP translated: both
+/// addresses, one entry each (`FragKey::part`).
+pub const FRAG_XNAT: u32 = 3;
 
 /// `AFFINITY` value. The agent deletes entries whose backend leaves the
 /// frontend, so a hit is always a current backend of that frontend.
@@ -685,20 +707,27 @@ pub enum Stat {
     /// XDP: translated and handed to the stack for delivery (a backend on
     /// this node, or a neighbour not yet resolved).
     XdpToStack = 29,
-    /// XDP: a translated packet has no route, or is too big for its way out: dropped.
+    /// XDP: a translated packet has no route: dropped.
     XdpUnroutable = 30,
     /// A backend on this node answered a flow from outside: its reply was
     /// translated back at the pod's interface.
     XnatLocalRevNat = 31,
-    /// XDP: a packet to a ClusterSetIP that XDP does not translate
-    /// (fragments, ICMP, TTL expiring): passed to the stack untouched.
+    /// XDP: a packet to a ClusterSetIP that XDP does not translate (a
+    /// quote or header it does not parse, TTL expiring): passed to the
+    /// stack untouched.
     XdpPassed = 32,
     /// XDP: a translated packet sent back out of the interface it came in on.
     XdpTx = 33,
+    /// XDP: a packet too big for its route's MTU, answered with ICMP
+    /// "fragmentation needed" / "packet too big" to its sender.
+    XdpTooBig = 34,
+    /// XDP: an ICMP error about a packet of a flow from outside (sent to
+    /// the node's source NAT address) translated on to the client.
+    XdpIcmpRevNat = 35,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 36;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -734,6 +763,8 @@ impl Stat {
         Stat::XnatLocalRevNat,
         Stat::XdpPassed,
         Stat::XdpTx,
+        Stat::XdpTooBig,
+        Stat::XdpIcmpRevNat,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -772,6 +803,8 @@ impl Stat {
             Stat::XnatLocalRevNat => "xnat_local_rev_nat",
             Stat::XdpPassed => "xdp_passed",
             Stat::XdpTx => "xdp_tx",
+            Stat::XdpTooBig => "xdp_too_big",
+            Stat::XdpIcmpRevNat => "xdp_icmp_rev_nat",
         }
     }
 }

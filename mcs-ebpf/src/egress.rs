@@ -4,8 +4,7 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use aya_log_ebpf::warn;
 use mcs_common::{
-    CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_REPLIED, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragKey, FragValue, IPPROTO_TCP,
-    Stat,
+    CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_REPLIED, CT_F_SYNACK, CtKey, FRAG_REV_NAT, FragValue, IPPROTO_TCP, Stat,
 };
 
 use crate::{
@@ -65,7 +64,7 @@ fn egress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     }
     ct::keep_pair::<F>(&key, rev_ptr);
     if let Frag::First(id) = flow.frag {
-        let key = FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
+        let key = flow.frag_key(id, mcs_common::FRAG_PART_DST);
         let _ = F::frags().insert(key, FragValue { addr: rev.addr, side: FRAG_REV_NAT }, 0);
     }
     if let Err(e) = rewrite::<F>(ctx, flow, Side::Source, rev.addr, rev.port) {
@@ -75,7 +74,7 @@ fn egress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     }
     count(Stat::RevNat);
     // As on ingress: only while the id still names this backend.
-    if let Some(stats) = backend_stats(rev.backend_id)
+    if let Some(stats) = backend_stats::<false>(rev.backend_id)
         && F::backends().get(rev.backend_id).is_some_and(|b| b.ip == flow.src_ip && b.port == flow.src_port)
     {
         stats.packets_from += 1;

@@ -30,7 +30,7 @@ const QUOTE_MAX: usize = 60 + 18;
 
 /// Errors that quote the packet they are about (RFC 792, RFC 4443).
 #[inline(always)]
-fn is_error<F: Family>(icmp_type: u8) -> bool {
+pub fn is_error<F: Family>(icmp_type: u8) -> bool {
     if F::HEADER_CSUM {
         // Destination unreachable (incl. fragmentation needed), time
         // exceeded, parameter problem.
@@ -195,18 +195,48 @@ pub fn reject_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, proto: u8) -> u32 
     XDP_TX
 }
 
+/// A packet from outside the node that the route to its destination cannot
+/// carry (the MTU is `mtu`), and that XDP cannot fragment: its sender gets
+/// "fragmentation needed" (RFC 1191) or "packet too big" (RFC 8201), from
+/// the address it wrote to, quoting its packet as sent, back out of the
+/// interface it came in on. A client learns the path MTU to the VIP; a
+/// backend, to the node. A sender that did not set DF learns it too and
+/// fragments from then on, which XDP follows (this packet is lost either
+/// way: XDP has no fragmentation).
+#[inline(never)]
+pub fn too_big_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, mtu: u16) -> u32 {
+    if unicast_source::<F, _>(ctx).is_err() {
+        return XDP_DROP;
+    }
+    // Both carry the MTU in the header's last 16 bits (IPv6's field is 32
+    // bits wide; MTUs here fit in 16).
+    let done = if F::HEADER_CSUM {
+        error4::<_, { (20 + 8) / 2 }>(ctx, l4_off, [w(3, 4), 0, 0, mtu.to_be()])
+    } else {
+        error6::<_, { (IPV6_LEN + 8) / 2 }>(ctx, l4_off, [w(2, 0), 0, 0, mtu.to_be()])
+    };
+    if done.is_err() {
+        return XDP_DROP;
+    }
+    count(Stat::XdpTooBig);
+    XDP_TX
+}
+
+/// Never an answer to a source no single host has (RFC 1122 3.2.2,
+/// 4.2.2.9): IPv4 multicast, reserved, broadcast and "this network"; IPv6
+/// multicast and the unspecified address. A forged one would turn the node
+/// into a reflector.
+#[inline(always)]
+fn unicast_source<F: Family, C: Answer>(ctx: &C) -> Result<(), i64> {
+    let first: [u8; 2] = ctx.read(ETH_LEN + F::SRC_OFF)?;
+    let unicast = if F::HEADER_CSUM { first[0] != 0 && first[0] < 224 } else { first[0] != 0xff && first != [0, 0] };
+    if unicast { Ok(()) } else { Err(-1) }
+}
+
 /// Turns the packet into its rejection, in place.
 #[inline(always)]
 fn answer<F: Family, C: Answer>(ctx: &C, l4_off: usize, proto: u8) -> Result<(), i64> {
-    // Never an answer to a source no single host has (RFC 1122 3.2.2,
-    // 4.2.2.9): IPv4 multicast, reserved, broadcast and "this network";
-    // IPv6 multicast and the unspecified address. A forged one would turn
-    // the node into a reflector.
-    let first: [u8; 2] = ctx.read(ETH_LEN + F::SRC_OFF)?;
-    let unicast = if F::HEADER_CSUM { first[0] != 0 && first[0] < 224 } else { first[0] != 0xff && first != [0, 0] };
-    if !unicast {
-        return Err(-1);
-    }
+    unicast_source::<F, C>(ctx)?;
     // The quote keeps the whole L4 header: a locally sent TCP segment is
     // CHECKSUM_PARTIAL, and the kernel refuses to trim it short of its
     // checksum field.
@@ -215,9 +245,10 @@ fn answer<F: Family, C: Answer>(ctx: &C, l4_off: usize, proto: u8) -> Result<(),
     // (LockDroppedIcmps) and retransmits; a RST is queued and always refuses.
     match (F::HEADER_CSUM, proto == IPPROTO_TCP) {
         (true, true) => reset4(ctx, l4_off),
-        (true, false) => reject4::<_, { (20 + 8) / 2 }>(ctx, l4_off),
+        // Destination unreachable, port unreachable.
+        (true, false) => error4::<_, { (20 + 8) / 2 }>(ctx, l4_off, [w(3, 3), 0, 0, 0]),
         (false, true) => reset6(ctx, l4_off),
-        (false, false) => reject6::<_, { (IPV6_LEN + 8) / 2 }>(ctx, l4_off),
+        (false, false) => error6::<_, { (IPV6_LEN + 8) / 2 }>(ctx, l4_off, [w(1, 4), 0, 0, 0]),
     }
 }
 
@@ -333,9 +364,10 @@ struct Error6<const Q: usize> {
     quote: [u16; Q],
 }
 
-// Subprograms: their buffers get frames of their own.
+// Subprograms: their buffers get frames of their own. `icmp`: the error's
+// header, its checksum zero.
 #[inline(never)]
-fn reject4<C: Answer, const Q: usize>(ctx: &C, l4_off: usize) -> Result<(), i64> {
+fn error4<C: Answer, const Q: usize>(ctx: &C, l4_off: usize, icmp: [u16; 4]) -> Result<(), i64> {
     if l4_off != ETH_LEN + 20 {
         return Err(-1);
     }
@@ -343,8 +375,7 @@ fn reject4<C: Answer, const Q: usize>(ctx: &C, l4_off: usize) -> Result<(), i64>
     let len = core::mem::size_of::<Error4<Q>>() as u16;
     let mut e = Error4 {
         ip: [w(0x45, 0), len.to_be(), 0, 0, w(64, IPPROTO_ICMP), 0, quote[8], quote[9], quote[6], quote[7]],
-        // Destination unreachable, port unreachable.
-        icmp: [w(3, 3), 0, 0, 0],
+        icmp,
         quote,
     };
     e.ip[5] = !fold(0, sum_words(&e.ip));
@@ -353,13 +384,13 @@ fn reject4<C: Answer, const Q: usize>(ctx: &C, l4_off: usize) -> Result<(), i64>
 }
 
 #[inline(never)]
-fn reject6<C: Answer, const Q: usize>(ctx: &C, l4_off: usize) -> Result<(), i64> {
+fn error6<C: Answer, const Q: usize>(ctx: &C, l4_off: usize, icmp: [u16; 4]) -> Result<(), i64> {
     if l4_off != ETH_LEN + IPV6_LEN {
         return Err(-1);
     }
     let quote: [u16; Q] = ctx.read(ETH_LEN)?;
     let payload = (core::mem::size_of::<Error6<Q>>() - IPV6_LEN) as u16;
-    let mut e = Error6 { ip: [0; 20], icmp: [w(1, 4), 0, 0, 0], quote };
+    let mut e = Error6 { ip: [0; 20], icmp, quote };
     e.ip[0] = w(0x60, 0);
     e.ip[2] = payload.to_be();
     e.ip[3] = w(IPPROTO_ICMPV6, 64);

@@ -5,8 +5,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContex
 use aya_log_ebpf::{debug, warn};
 use mcs_common::{
     AffinityKey, AffinityValue, Backend, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_CLIENT, CT_F_SYNACK, CtKey, CtValue,
-    FRAG_DNAT, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP, MapAddr, ServiceKey, ServiceValue, Stat, client_hash,
-    flow_hash,
+    FRAG_DNAT, FragValue, IPPROTO_TCP, IPPROTO_UDP, MapAddr, ServiceKey, ServiceValue, Stat, client_hash, flow_hash,
 };
 
 use crate::{
@@ -84,7 +83,7 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
             count(Stat::Established);
             // A TCP flow outlives its backend's id, which may now name another:
             // count it only while the id still means this address.
-            if let Some(stats) = backend_stats(id)
+            if let Some(stats) = backend_stats::<false>(id)
                 && F::backends().get(id).is_some_and(|b| b.ip == backend.ip && b.port == backend.port)
             {
                 stats.packets_to += 1;
@@ -112,12 +111,12 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
                     return TC_ACT_SHOT;
                 }
                 count(Stat::NewFlow);
-                count_new_flow(flow, id, service.service_id);
+                count_new_flow::<_, false>(flow, id, service.service_id);
                 backend
             }
             None => {
                 count(Stat::NoBackend);
-                if let Some(stats) = service_stats(service.service_id) {
+                if let Some(stats) = service_stats::<false>(service.service_id) {
                     stats.no_backend += 1;
                 }
                 // Fail fast, as kube-proxy does: only a flow's opening packet
@@ -144,8 +143,8 @@ fn ingress<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
 /// A new flow's counters, on every path: the backend's and the frontend's,
 /// and a connection attempt for passive health.
 #[inline(always)]
-pub fn count_new_flow<A>(flow: &Flow<A>, id: u32, service_id: u32) {
-    if let Some(stats) = backend_stats(id) {
+pub fn count_new_flow<A, const XDP: bool>(flow: &Flow<A>, id: u32, service_id: u32) {
+    if let Some(stats) = backend_stats::<XDP>(id) {
         stats.new_flows += 1;
         stats.packets_to += 1;
         stats.bytes_to += u64::from(flow.ip_len);
@@ -153,7 +152,7 @@ pub fn count_new_flow<A>(flow: &Flow<A>, id: u32, service_id: u32) {
     if is_bare_syn(flow) {
         health_add(id, |h| &mut h.syns);
     }
-    if let Some(stats) = service_stats(service_id) {
+    if let Some(stats) = service_stats::<XDP>(service_id) {
         stats.new_flows += 1;
     }
 }
@@ -163,7 +162,7 @@ pub fn count_new_flow<A>(flow: &Flow<A>, id: u32, service_id: u32) {
 #[inline(always)]
 fn remember_fragment<F: Family>(flow: &Flow<F::A>, id: u32, backend_ip: F::A) {
     count(Stat::Fragment);
-    let key = FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
+    let key = flow.frag_key(id, mcs_common::FRAG_PART_DST);
     // Best effort: without it the later fragments are counted as misses.
     let _ = F::frags().insert(key, FragValue { addr: backend_ip, side: FRAG_DNAT }, 0);
 }

@@ -124,6 +124,15 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 #[map]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(DEFAULT_STATS_ENTRIES, 0);
 
+/// The same counters for flows from outside the node (`mcs_xdp`, and the
+/// replies of local backends to them): the agent reports them with
+/// `path="xdp"`.
+#[map]
+pub static XDP_BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(DEFAULT_STATS_ENTRIES, 0);
+
+#[map]
+pub static XDP_SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(DEFAULT_STATS_ENTRIES, 0);
+
 #[map]
 pub static HEALTH: Array<Health> = Array::with_max_entries(DEFAULT_STATS_ENTRIES, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
@@ -142,17 +151,21 @@ pub fn health_add(id: u32, field: fn(&mut Health) -> &mut u64) {
     }
 }
 
-/// The counters of backend `id`, if it has its own (ids past the map's size do not).
+/// The counters of backend `id`, if it has its own (ids past the map's
+/// size do not): the pod paths' (TC, socket), or with `XDP` those of flows
+/// from outside. A constant, so that each call site names one map.
 #[inline(always)]
-pub fn backend_stats(id: u32) -> Option<&'static mut BackendStats> {
+pub fn backend_stats<const XDP: bool>(id: u32) -> Option<&'static mut BackendStats> {
+    let map = if XDP { &XDP_BACKEND_STATS } else { &BACKEND_STATS };
     // SAFETY: per-CPU slot, no concurrent writer on this CPU; valid for this program run.
-    BACKEND_STATS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
+    map.get_ptr_mut(id).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]
-pub fn service_stats(id: u32) -> Option<&'static mut ServiceStats> {
+pub fn service_stats<const XDP: bool>(id: u32) -> Option<&'static mut ServiceStats> {
+    let map = if XDP { &XDP_SERVICE_STATS } else { &SERVICE_STATS };
     // SAFETY: as above.
-    SERVICE_STATS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
+    map.get_ptr_mut(id).map(|p| unsafe { &mut *p })
 }
 
 /// `CONFIG[0]`: `CONFIG_F_*` bits.

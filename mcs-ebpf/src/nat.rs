@@ -73,7 +73,7 @@ pub fn rewrite<F: Family>(
 /// sees every untranslated fragment).
 #[inline(always)]
 pub fn follow_fragment<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, id: u32, side: Side, miss: bool) -> i32 {
-    let key = mcs_common::FragKey { src: flow.src_ip, dst: flow.dst_ip, id, proto: flow.proto, _pad: [0; 3] };
+    let key = flow.frag_key(id, mcs_common::FRAG_PART_DST);
     let Some(entry) = F::frags().get_ptr(key) else {
         if miss {
             count(Stat::FragmentMiss);

@@ -53,6 +53,14 @@ pub struct Flow<A> {
     pub frag: Frag,
 }
 
+impl<A: Copy> Flow<A> {
+    /// The `FRAGS` key of this packet's datagram (`id`: its [`Frag`]'s).
+    #[inline(always)]
+    pub fn frag_key(&self, id: u32, part: u8) -> mcs_common::FragKey<A> {
+        mcs_common::FragKey::new(self.src_ip, self.dst_ip, id, self.proto, part)
+    }
+}
+
 pub enum Parsed {
     /// Not IP TCP/UDP/ICMP: none of our business.
     Other,

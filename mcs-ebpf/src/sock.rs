@@ -267,7 +267,7 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let hash = || socket_hash(cookie, vip, vip_port, proto);
     let Some((id, backend)) = select::<U::F>(service, hash, U::client(netns)) else {
-        if let Some(stats) = service_stats(service.service_id) {
+        if let Some(stats) = service_stats::<false>(service.service_id) {
             stats.no_backend += 1;
         }
         return refuse();
@@ -285,10 +285,10 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
             count(Stat::CtInsertFailed);
             return ALLOW;
         }
-        if let Some(stats) = backend_stats(id) {
+        if let Some(stats) = backend_stats::<false>(id) {
             stats.new_flows += 1;
         }
-        if let Some(stats) = service_stats(service.service_id) {
+        if let Some(stats) = service_stats::<false>(service.service_id) {
             stats.new_flows += 1;
         }
     }

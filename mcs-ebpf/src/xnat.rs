@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 use mcs_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_REPLIED, CT_F_SYNACK, CT_PAIR_CHECK_NS,
-    CtKey, IPPROTO_TCP, IPPROTO_UDP, MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed,
-    flow_hash,
+    CtKey, FRAG_PART_DST, FRAG_PART_SENT, FRAG_PART_SRC, FRAG_XNAT, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP,
+    MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed, flow_hash,
 };
 
 use crate::{
@@ -31,7 +31,7 @@ use crate::{
     ingress::{count_new_flow, select},
     maps::{TC_ACT_SHOT, TC_NEXT, XNAT, backend_stats, count, health_add, service_stats, xnat_scratch},
     nat::{Side, rewrite},
-    parse::{Flow, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
+    parse::{Flow, Frag, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
 };
 
 /// See `known`: when an answered UDP flow counts as a stream.
@@ -228,7 +228,7 @@ fn touch_sibling<F: Family>(key: &CtKey<F::A>, value: &NatValue<F::A>, now: u64)
 #[inline(always)]
 fn account<F: Family>(flow: &Flow<F::A>, value: &NatValue<F::A>, dir: u8) {
     let (ip, port) = if dir == CT_DIR_ORIGINAL { (value.peer, value.peer_port) } else { (flow.src_ip, flow.src_port) };
-    if let Some(stats) = backend_stats(value.backend_id)
+    if let Some(stats) = backend_stats::<true>(value.backend_id)
         && F::backends().get(value.backend_id).is_some_and(|b| b.ip == ip && b.port == port)
     {
         if dir == CT_DIR_ORIGINAL {
@@ -265,7 +265,7 @@ pub fn open<F: Family>(
     let hash = flow_hash(flow.src_ip, flow.dst_ip, flow.src_port, flow.dst_port, flow.proto);
     let Some((id, backend)) = select::<F>(service, || hash, flow.src_ip) else {
         count(Stat::XdpNoBackend);
-        if let Some(stats) = service_stats(service.service_id) {
+        if let Some(stats) = service_stats::<true>(service.service_id) {
             stats.no_backend += 1;
         }
         // Only a flow's opening packet is answered, as on the TC path.
@@ -329,7 +329,7 @@ pub fn open<F: Family>(
         return Err(false);
     }
     count(Stat::XdpNewFlow);
-    count_new_flow(flow, id, service.service_id);
+    count_new_flow::<_, true>(flow, id, service.service_id);
     Ok(())
 }
 
@@ -347,37 +347,57 @@ pub fn probe(hash: u32, i: u32) -> u32 {
     h
 }
 
-/// Route lookup parameters for a packet from `src:sport` to `dst:dport`
-/// (as translated), arriving on `ifindex`.
-#[inline(always)]
-pub fn fib_params<F: Family>(
-    flow: &Flow<F::A>,
-    (src, sport): (F::A, u16),
-    (dst, dport): (F::A, u16),
-    ifindex: u32,
-) -> bpf_fib_lookup {
-    // SAFETY: a plain C struct; zero is a valid value of every field.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = F::AF;
-    params.l4_protocol = flow.proto;
-    params.sport = sport;
-    params.dport = dport;
-    params.__bindgen_anon_1.tot_len = flow.ip_len;
-    params.ifindex = ifindex;
-    F::fib_addrs(&mut params, src, dst);
-    params
+/// A route lookup's answer, in what is kept of it: the result, the
+/// interface out, the frame's new MAC addresses (the next hop's, our own),
+/// and with `BPF_FIB_LKUP_RET_FRAG_NEEDED` the route's MTU. A fifth of the
+/// lookup's parameters, which die here: the XDP path's frames are tight.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub rc: u32,
+    pub ifindex: u32,
+    pub macs: [u8; 12],
+    pub mtu: u16,
 }
 
-/// Writes the route's next hop and own MAC into the Ethernet header.
-#[inline(always)]
-pub fn set_macs(ctx: &impl Packet, params: &bpf_fib_lookup) -> bool {
-    let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else { return false };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
-    // SAFETY: bounds checked by ptr_at.
-    unsafe { eth.write_unaligned(macs) };
-    true
+impl Route {
+    /// The route of a packet from `src:sport` to `dst:dport` (as
+    /// translated) arriving on `ifindex`, checked against its MTU if
+    /// `ip_len` is not zero. `ctx`: the program's context pointer.
+    #[inline(always)]
+    pub fn lookup<F: Family>(
+        ctx: *mut core::ffi::c_void,
+        (proto, ip_len): (u8, u16),
+        (src, sport): (F::A, u16),
+        (dst, dport): (F::A, u16),
+        ifindex: u32,
+    ) -> Self {
+        // SAFETY: a plain C struct; zero is a valid value of every field.
+        let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+        params.family = F::AF;
+        params.l4_protocol = proto;
+        params.sport = sport;
+        params.dport = dport;
+        params.__bindgen_anon_1.tot_len = ip_len;
+        params.ifindex = ifindex;
+        F::fib_addrs(&mut params, src, dst);
+        // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
+        let rc = unsafe { fib_lookup(ctx, &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) } as u32;
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&params.dmac);
+        macs[6..].copy_from_slice(&params.smac);
+        // SAFETY: the union's MTU; the kernel writes it with FRAG_NEEDED.
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+        Route { rc, ifindex: params.ifindex, macs, mtu }
+    }
+
+    /// Writes the next hop's and our own MAC into the Ethernet header.
+    #[inline(always)]
+    pub fn set_macs(&self, ctx: &impl Packet) -> bool {
+        let Some(eth) = ptr_at::<[u8; 12]>(ctx, 0) else { return false };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { eth.write_unaligned(self.macs) };
+        true
+    }
 }
 
 /// TC ingress on external interfaces: a packet `mcs_xdp` translated but
@@ -398,7 +418,21 @@ pub fn mcs_uplink(ctx: TcContext) -> i32 {
 fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     let Some(config) = XNAT.get(0) else { return TC_NEXT };
     let node = F::xnat_addr(config);
-    if flow.src_ip != node || node == F::A::ZERO || !in_port_range(config, flow.src_port) {
+    if flow.src_ip != node || node == F::A::ZERO {
+        return TC_NEXT;
+    }
+    // A later fragment (no ports) of a datagram `mcs_xdp` translated.
+    if let Frag::Later(id) = flow.frag {
+        let sent = FragKey::new(node, flow.dst_ip, id, flow.proto, FRAG_PART_SENT);
+        return match F::frags().get_ptr(sent) {
+            // SAFETY: map value pointer, valid for this program run.
+            Some(entry) if unsafe { (*entry).side } == FRAG_XNAT => {
+                route_out::<F>(ctx, flow, (flow.src_ip, 0), (flow.dst_ip, 0))
+            }
+            _ => TC_NEXT,
+        };
+    }
+    if !in_port_range(config, flow.src_port) {
         return TC_NEXT;
     }
     // Only a flow we translated: anyone upstream can forge this source, and
@@ -424,16 +458,13 @@ fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
 fn route_out<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, src: (F::A, u16), dst: (F::A, u16)) -> i32 {
     // SAFETY: a read of the context's field.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let mut params = fib_params::<F>(flow, src, dst, ifindex);
-    // No MTU check: the output path fragments or reports as it would for
-    // routed traffic.
-    params.__bindgen_anon_1.tot_len = 0;
-    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut params, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) } as u32;
-    match rc {
+    // No MTU check (a zero length): the output path fragments or reports
+    // as it would for routed traffic.
+    let route = Route::lookup::<F>(ctx.as_ptr(), (flow.proto, 0), src, dst, ifindex);
+    match route.rc {
         // SAFETY (both): helpers without preconditions.
-        BPF_FIB_LKUP_RET_SUCCESS if set_macs(ctx, &params) => unsafe { bpf_redirect(params.ifindex, 0) as i32 },
-        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
+        BPF_FIB_LKUP_RET_SUCCESS if route.set_macs(ctx) => unsafe { bpf_redirect(route.ifindex, 0) as i32 },
+        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
         _ => {
             count(Stat::XdpUnroutable);
             TC_ACT_SHOT
@@ -451,7 +482,13 @@ fn route_out<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, src: (F::A, u16), ds
 pub fn local_reply<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32> {
     let config = XNAT.get(0)?;
     let node = F::xnat_addr(config);
-    if flow.dst_ip != node || node == F::A::ZERO || !in_port_range(config, flow.dst_port) {
+    if flow.dst_ip != node || node == F::A::ZERO {
+        return None;
+    }
+    if let Frag::Later(id) = flow.frag {
+        return local_reply_fragment::<F>(ctx, flow, id);
+    }
+    if !in_port_range(config, flow.dst_port) {
         return None;
     }
     local_reply_known::<F>(ctx, flow)
@@ -460,7 +497,7 @@ pub fn local_reply<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32>
 // Out of line: its conntrack key and value must not join the DNAT path's frame.
 #[inline(never)]
 fn local_reply_known<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32> {
-    if !matches!(flow.frag, crate::parse::Frag::Whole) || flow.proto == F::ICMP {
+    if flow.proto == F::ICMP {
         return None;
     }
     let mut value = NatValue::default();
@@ -479,5 +516,53 @@ fn local_reply_send<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, value: &NatVa
         return TC_ACT_SHOT;
     }
     count(Stat::XnatLocalRevNat);
+    if let Frag::First(id) = flow.frag {
+        remember::<F>(flow, id, value);
+    }
     route_out::<F>(ctx, flow, (value.nat, value.nat_port), (value.peer, value.peer_port))
+}
+
+/// A later fragment of a local backend's reply whose first fragment was
+/// translated here: the same addresses (the first fragment's checksum
+/// update covered the whole datagram). `None`: not one.
+#[inline(never)]
+fn local_reply_fragment<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, id: u32) -> Option<i32> {
+    let mut key = flow.frag_key(id, FRAG_PART_DST);
+    let dst = fragment_addr::<F>(&key)?;
+    key.part = FRAG_PART_SRC;
+    let Some(src) = fragment_addr::<F>(&key) else {
+        count(Stat::FragmentMiss);
+        return Some(TC_ACT_SHOT);
+    };
+    if rewrite::<F>(ctx, flow, Side::Source, src, 0).is_err()
+        || rewrite::<F>(ctx, flow, Side::Destination, dst, 0).is_err()
+    {
+        count(Stat::RewriteFailed);
+        return Some(TC_ACT_SHOT);
+    }
+    count(Stat::FragmentTranslated);
+    Some(route_out::<F>(ctx, flow, (src, 0), (dst, 0)))
+}
+
+/// The first fragment of a datagram translated from or to outside: its
+/// later fragments (no ports) get the same addresses, and `mcs_uplink`
+/// may send them on from the node's address. Best effort: a later fragment
+/// without its entries is lost, as any lost fragment is.
+#[inline(never)]
+pub fn remember<F: Family>(flow: &Flow<F::A>, id: u32, value: &NatValue<F::A>) {
+    count(Stat::Fragment);
+    let mut key = flow.frag_key(id, FRAG_PART_DST);
+    let _ = F::frags().insert(key, FragValue { addr: value.peer, side: FRAG_XNAT }, 0);
+    key.part = FRAG_PART_SRC;
+    let _ = F::frags().insert(key, FragValue { addr: value.nat, side: FRAG_XNAT }, 0);
+    let sent = FragKey::new(value.nat, value.peer, id, flow.proto, FRAG_PART_SENT);
+    let _ = F::frags().insert(sent, FragValue { addr: flow.dst_ip, side: FRAG_XNAT }, 0);
+}
+
+/// A translated datagram's new address (`key.part`), if its first fragment was seen.
+#[inline(always)]
+pub fn fragment_addr<F: Family>(key: &FragKey<F::A>) -> Option<F::A> {
+    // SAFETY: map value pointer, valid for this program run; copied.
+    let entry = unsafe { *F::frags().get_ptr(*key)? };
+    (entry.side == FRAG_XNAT).then_some(entry.addr)
 }

@@ -34,6 +34,13 @@ const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// A service without endpoints.
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+/// A service whose endpoints (the remote pods) listen on none of its ports.
+const CLOSED_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+/// Services whose UDP port goes to port [`ECHO_PORT`] of the remote pods,
+/// and of the local pod, where a test may start an echo server.
+const ECHO_REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+const ECHO_LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+const ECHO_PORT: u16 = 7007;
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 const REMOTE_PODS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 10, 0, 1), Ipv4Addr::new(10, 10, 0, 2)];
 const TCP_PORT: u16 = 8080;
@@ -126,13 +133,33 @@ fn lab() -> Lab {
     let dir = tempfile::tempdir().unwrap();
     let remote4: Vec<IpAddr> = REMOTE_PODS.iter().map(|ip| IpAddr::V4(*ip)).collect();
     let remote6: Vec<IpAddr> = REMOTE_PODS.iter().map(|ip| IpAddr::V6(v6(*ip))).collect();
+    let local4 = [IpAddr::V4(LOCAL_POD)];
+    let local6 = [IpAddr::V6(v6(LOCAL_POD))];
     manifests::write(dir.path(), "remote.yaml", &import("remote", REMOTE_VIP));
     manifests::write(dir.path(), "remote-4.yaml", &slice("remote-a4", "remote", "cluster-a", "IPv4", &remote4));
     manifests::write(dir.path(), "remote-6.yaml", &slice("remote-a6", "remote", "cluster-a", "IPv6", &remote6));
     manifests::write(dir.path(), "local.yaml", &import("local", LOCAL_VIP));
     manifests::write(dir.path(), "empty.yaml", &import("empty", EMPTY_VIP));
-    let local4 = [IpAddr::V4(LOCAL_POD)];
-    let local6 = [IpAddr::V6(v6(LOCAL_POD))];
+    manifests::write(dir.path(), "closed.yaml", &import("closed", CLOSED_VIP));
+    let closed_ports = "[{name: http, port: 8099, protocol: TCP}, {name: dns, port: 5399, protocol: UDP}]";
+    for (family, ips) in [("IPv4", &remote4), ("IPv6", &remote6)] {
+        let name = format!("closed-{family}");
+        let slice = manifests::family_slice(&name, "closed", "cluster-a", family, closed_ports, ips);
+        manifests::write(dir.path(), &format!("{name}.yaml"), &slice);
+    }
+    let echo_ports =
+        format!("[{{name: http, port: 8099, protocol: TCP}}, {{name: dns, port: {ECHO_PORT}, protocol: UDP}}]");
+    for (service, vip, cluster, ips4, ips6) in [
+        ("echo-remote", ECHO_REMOTE_VIP, "cluster-a", &remote4[..], &remote6[..]),
+        ("echo-local", ECHO_LOCAL_VIP, "cluster-b", &local4[..], &local6[..]),
+    ] {
+        manifests::write(dir.path(), &format!("{service}.yaml"), &import(service, vip));
+        for (family, ips) in [("IPv4", ips4), ("IPv6", ips6)] {
+            let name = format!("{service}-{family}");
+            let slice = manifests::family_slice(&name, service, cluster, family, &echo_ports, ips);
+            manifests::write(dir.path(), &format!("{name}.yaml"), &slice);
+        }
+    }
     manifests::write(dir.path(), "local-4.yaml", &slice("local-4", "local", "cluster-b", "IPv4", &local4));
     manifests::write(dir.path(), "local-6.yaml", &slice("local-6", "local", "cluster-b", "IPv6", &local6));
     let peer_xdp = xdp_pass(&outside, "eth0");
@@ -228,6 +255,27 @@ fn outside_clients_reach_remote_and_local_backends_through_xdp_with_source_nat()
     // kernel happens to pick twice is one flow.
     let new = event(&m, "xdp_new_flow");
     assert!((44.0..=52.0).contains(&new), "new flows from outside: {new}");
+    // Counted as the XDP path's (path="xdp"), not on the pod paths' series.
+    let sum = |name: &str, with: &[&str]| -> f64 {
+        (m.lines().filter(|l| l.starts_with(&format!("{name}{{")) && with.iter().all(|w| l.contains(w))))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let remote = r#"service="demo/remote",port="80/TCP""#;
+    let local = r#"service="demo/local",port="80/TCP""#;
+    let xdp = r#"path="xdp""#;
+    assert!(m.contains(&format!("mcs_agent_frontend_new_connections_total{{{remote},{xdp}}} 24\n")), "12 a family");
+    assert!(m.contains(&format!("mcs_agent_frontend_new_connections_total{{{remote}}} 0\n")), "none on the pod paths");
+    assert!(m.contains(&format!("mcs_agent_frontend_new_connections_total{{{local},{xdp}}} 2\n")));
+    assert_eq!(sum("mcs_agent_backend_new_connections_total", &[remote, xdp]), 24.0);
+    assert_eq!(sum("mcs_agent_backend_new_connections_total", &[remote]), 24.0, "no pod-path connections");
+    for side in ["to_backend", "from_backend"] {
+        let direction = format!("direction=\"{side}\"");
+        for frontend in [remote, local] {
+            assert!(sum("mcs_agent_backend_packets_total", &[frontend, &direction, xdp]) > 0.0, "{frontend} {side}");
+            assert!(sum("mcs_agent_backend_bytes_total", &[frontend, &direction, xdp]) > 0.0, "{frontend} {side}");
+        }
+    }
 }
 
 #[test]
@@ -362,7 +410,7 @@ fn restarts_a_growth_and_a_layout_upgrade_keep_serving_outside_clients_without_a
             "262144".to_owned(),
             // Small maps, to grow under load.
             "--initial-services".to_owned(),
-            "16".to_owned(),
+            "32".to_owned(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -374,6 +422,21 @@ fn restarts_a_growth_and_a_layout_upgrade_keep_serving_outside_clients_without_a
     let settle = || std::thread::sleep(Duration::from_millis(800));
     settle();
     let mut phases = vec![("steady state", load.mark())];
+    // `inspect conntrack` lists the load's flows by their XDP entries.
+    let out =
+        lab.node.exec(&[&binary.display().to_string(), "inspect", "conntrack", "-o", "json", "--bpffs", &bpffs.arg()]);
+    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect conntrack -o json");
+    let flows = flows.as_array().unwrap();
+    assert!(!flows.is_empty(), "the load's flows from outside are listed");
+    for f in flows {
+        let (vip, backend, snat) =
+            (f["vip"].as_str().unwrap(), f["backend"].as_str().unwrap(), f["snat"].as_str().unwrap());
+        assert_eq!(f["path"], "xdp", "{f}");
+        assert!(vip == "10.96.0.10:80" || vip == "10.96.0.10:53", "{f}");
+        assert!(REMOTE_PODS.iter().any(|p| backend.starts_with(&format!("{p}:"))), "{f}");
+        let port: u16 = snat.strip_prefix("10.254.0.1:").expect("the node's address").parse().unwrap();
+        assert!((10000..=60000).contains(&port), "a port of --external-snat-ports: {f}");
+    }
     running.crash();
     settle();
     running = agent(&[]);
@@ -385,8 +448,9 @@ fn restarts_a_growth_and_a_layout_upgrade_keep_serving_outside_clients_without_a
     running = agent(&[]);
     settle();
     phases.push(("SIGTERM, restart after 0.8 s", load.mark()));
-    // 12 frontends so far; two more imports of 4 outgrow 16.
-    let more: String = [40, 41]
+    // 24 frontends so far; two more imports of 4 pass 7/8 of 32.
+    assert_eq!(growths(&lab), 0.0, "the maps grow only now, under load");
+    let more: String = [70, 71]
         .iter()
         .map(|i| import(&format!("more-{i}"), Ipv4Addr::new(10, 96, 0, *i)))
         .collect::<Vec<_>>()
@@ -452,4 +516,250 @@ fn a_frontend_without_backends_refuses_outside_clients_at_once() {
     let m = metrics(&lab);
     assert_eq!(event(&m, "rejected"), 4.0, "two families, TCP and UDP");
     assert_eq!(event(&m, "xdp_no_backend"), 4.0);
+}
+
+/// One TCP connection carrying a request line of `size` bytes, and its
+/// answer: past a link narrower than the client's, it gets through only
+/// once the client's kernel learns the path MTU.
+fn big_tcp_request(ns: &Netns, target: SocketAddr, size: usize) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    ns.run(move || {
+        let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = vec![b'x'; size];
+        line.push(b'\n');
+        (&stream).write_all(&line)?;
+        let mut reply = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut reply)?;
+        Ok(reply)
+    })
+}
+
+/// The path MTU the client's kernel holds for `target`: `IP_MTU` /
+/// `IPV6_MTU` of a UDP socket connected to it.
+fn path_mtu(ns: &Netns, target: SocketAddr) -> i32 {
+    use std::os::fd::AsRawFd;
+    ns.run(move || {
+        let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let socket = std::net::UdpSocket::bind(any).unwrap();
+        socket.connect(target).unwrap();
+        let (level, name) =
+            if target.is_ipv4() { (libc::IPPROTO_IP, libc::IP_MTU) } else { (libc::IPPROTO_IPV6, libc::IPV6_MTU) };
+        let mut mtu: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and an int-sized buffer with its length.
+        let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), level, name, (&raw mut mtu).cast(), &mut len) };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        mtu
+    })
+}
+
+#[test]
+fn packets_too_big_for_the_way_to_a_backend_teach_the_outside_client_its_path_mtu() {
+    let lab = lab();
+    // The node's own way to the local pod, and the outside router's to
+    // cluster-a, carry 1400 bytes. The pods' interfaces carry 1500: they
+    // offer a 1460-byte MSS, and the client sends full-size segments.
+    lab.node.ip(&["link", "set", "pod0", "mtu", "1400"]);
+    lab.outside.ip(&["link", "set", "ca", "mtu", "1400"]);
+    let _agent = start(&lab, &[]);
+    for (remote, local, _, _) in families() {
+        for (vip, who) in [(local, "local/pod "), (remote, "cluster-a/pod-")] {
+            let target = SocketAddr::new(vip, 80);
+            assert_eq!(path_mtu(&lab.outside, target), 1500, "{vip}: nothing learned yet");
+            let reply = big_tcp_request(&lab.outside, target, 6000)
+                .unwrap_or_else(|e| panic!("{vip}: a 6000-byte request from outside: {e}; {}", events(&lab)));
+            assert!(reply.starts_with(who), "{vip}: {reply:?}");
+            // Learned from an ICMP error that quotes the client's own packet
+            // (client -> VIP): XDP's own for the node's narrow link, the
+            // router's translated for the one beyond.
+            assert_eq!(path_mtu(&lab.outside, target), 1400, "{vip}: the client learned the path MTU");
+        }
+    }
+    let m = metrics(&lab);
+    assert!(event(&m, "xdp_too_big") >= 2.0, "answered at the node: {}", events(&lab));
+    assert!(event(&m, "xdp_icmp_rev_nat") >= 2.0, "the router's translated: {}", events(&lab));
+    assert_eq!(event(&m, "xdp_unroutable"), 0.0);
+}
+
+#[test]
+fn a_backends_own_icmp_error_reaches_the_outside_client_from_the_vip() {
+    let lab = lab();
+    let _agent = start(&lab, &[]);
+    for vip in [IpAddr::from(CLOSED_VIP), IpAddr::from(v6(CLOSED_VIP))] {
+        // The remote pod answers a datagram to a port nobody listens on
+        // with port unreachable, to the node's source NAT address; the
+        // client's connected socket hears of it only if the error quotes
+        // its own datagram (client -> VIP).
+        let udp = lab.outside.run(move || {
+            let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+            let socket = std::net::UdpSocket::bind(any)?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.connect(SocketAddr::new(vip, 53))?;
+            socket.send(b"hello\n")?;
+            socket.recv(&mut [0u8; 64])
+        });
+        let udp = udp.expect_err("nothing listens");
+        assert_eq!(
+            udp.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{vip}: port unreachable: {udp}; {}",
+            events(&lab)
+        );
+    }
+    let m = metrics(&lab);
+    assert_eq!(event(&m, "xdp_icmp_rev_nat"), 2.0, "{}", events(&lab));
+    assert_eq!(event(&m, "rejected"), 0.0, "the backend's error, not the node's");
+}
+
+/// One datagram of `payload` to `target`, and the answer with its source.
+fn udp_exchange(ns: &Netns, target: SocketAddr, payload: &[u8]) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+    let sent = payload.to_vec();
+    ns.run(move || {
+        let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let socket = std::net::UdpSocket::bind(any)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        socket.send_to(&sent, target)?;
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = socket.recv_from(&mut buf)?;
+        buf.truncate(n);
+        Ok((buf, from))
+    })
+}
+
+/// A UDP server that sends every datagram back whole, until dropped.
+struct Echo {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let socket = ns.run(move || std::net::UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("echo on {addr}: {e}"));
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Self { stop, handle: Some(handle) }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[test]
+fn datagrams_fragmented_both_ways_reach_backends_and_come_back_whole() {
+    let lab = lab();
+    let mut echoes = Vec::new();
+    for ip in REMOTE_PODS {
+        echoes.push(Echo::start(&lab._cluster, SocketAddr::new(ip.into(), ECHO_PORT)));
+        echoes.push(Echo::start(&lab._cluster, SocketAddr::new(v6(ip).into(), ECHO_PORT)));
+    }
+    echoes.push(Echo::start(&lab._pod, SocketAddr::new(LOCAL_POD.into(), ECHO_PORT)));
+    echoes.push(Echo::start(&lab._pod, SocketAddr::new(v6(LOCAL_POD).into(), ECHO_PORT)));
+    let _agent = start(&lab, &[]);
+    // 4000 bytes: three fragments each way on 1500-byte links, the answer
+    // fragmented by the backend's kernel. The backend's and the client's
+    // kernels reassemble and check the UDP checksum over the whole.
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    for vip in [ECHO_REMOTE_VIP, ECHO_LOCAL_VIP] {
+        for vip in [IpAddr::from(vip), IpAddr::from(v6(vip))] {
+            let (got, from) = udp_exchange(&lab.outside, SocketAddr::new(vip, 53), &payload)
+                .unwrap_or_else(|e| panic!("{vip}: 4000 bytes from outside: {e}; {}", events(&lab)));
+            assert_eq!(from, SocketAddr::new(vip, 53), "the answer comes from the VIP");
+            assert!(got == payload, "{vip}: the echo is the datagram sent ({} bytes back)", got.len());
+        }
+    }
+    let m = metrics(&lab);
+    // Four exchanges, a first fragment each way (remote: both at XDP;
+    // local: the answer's at the pod's interface), two later ones each.
+    assert_eq!(event(&m, "fragment"), 8.0, "{}", events(&lab));
+    assert_eq!(event(&m, "fragment_translated"), 16.0, "{}", events(&lab));
+    assert_eq!(event(&m, "fragment_miss"), 0.0);
+    drop(echoes);
+}
+
+#[test]
+fn a_jumbo_uplink_is_refused_native_xdp_with_the_reason_and_served_by_generic_xdp() {
+    let Lab { node, outside, _pod: pod, dir, _peer_xdp: peer_xdp, .. } = lab();
+    // Jumbo frames on the uplink and to the local pod. The outside's own
+    // XDP program goes first: a veth's peer cannot grow past what XDP
+    // without fragments takes while one is attached.
+    drop(peer_xdp);
+    for (ns, dev) in [(&outside, "eth0"), (&node, "up0"), (&node, "pod0"), (&pod, "eth0")] {
+        let mut set = false;
+        for _ in 0..50 {
+            let status = std::process::Command::new("ip")
+                .args(["-n", ns.name(), "link", "set", dev, "mtu", "9000"])
+                .status()
+                .expect("running ip");
+            if status.success() {
+                set = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(set, "{dev}: MTU 9000");
+    }
+    let _echo = [
+        Echo::start(&pod, SocketAddr::new(LOCAL_POD.into(), ECHO_PORT)),
+        Echo::start(&pod, SocketAddr::new(v6(LOCAL_POD).into(), ECHO_PORT)),
+    ];
+    // Native: refused at start, naming the interface and what to do.
+    let args: Vec<String> = [
+        "run",
+        "--manifests",
+        &dir.path().display().to_string(),
+        "--interface",
+        "pod0",
+        "--external-interface",
+        "up0",
+        "--xdp-mode",
+        "native",
+        "--no-pin",
+        "--socket-lb",
+        "off",
+        "--socket-lb-host-namespace",
+        "off",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut refused = Agent::spawn(&mcs_tests::agent::agent_binary(), &node, &args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while refused.running() {
+        assert!(std::time::Instant::now() < deadline, "the agent did not exit: {}", refused.logs().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, log) = refused.stop();
+    let log = log.join("\n");
+    assert!(!ok, "a failed start exits non-zero");
+    assert!(log.contains("up0") && log.contains("MTU") && log.contains("--xdp-mode generic"), "the reason: {log}");
+    // Auto: generic XDP, said in /metrics, and a jumbo datagram crosses whole.
+    let _agent = Agent::start(&node, dir.path(), &["pod0".to_owned()], &["--external-interface", "up0", "--no-pin"]);
+    let m = probe(&node, "/metrics").expect("/metrics answers").1;
+    assert!(m.contains("mcs_agent_xdp_attached{interface=\"up0\",mode=\"generic\"} 1"), "generic XDP on up0");
+    let payload: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+    for vip in [IpAddr::from(ECHO_LOCAL_VIP), IpAddr::from(v6(ECHO_LOCAL_VIP))] {
+        let (got, from) = udp_exchange(&outside, SocketAddr::new(vip, 53), &payload)
+            .unwrap_or_else(|e| panic!("{vip}: 8000 bytes in one frame: {e}"));
+        assert_eq!(from, SocketAddr::new(vip, 53));
+        assert!(got == payload, "{vip}: the echo is the datagram sent ({} bytes back)", got.len());
+    }
+    let m = probe(&node, "/metrics").expect("/metrics answers").1;
+    assert_eq!(event(&m, "fragment"), 0.0, "one frame each way, not fragments");
+    assert!(event(&m, "xdp_new_flow") >= 2.0);
 }

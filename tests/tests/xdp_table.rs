@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  node ns: up0 10.254.0.1 (02:00:00:00:00:01) ── peer 10.254.0.2 (02:00:00:00:00:02)
-//!           route 10.10.0.0/16 via 10.254.0.2; client 10.254.0.3 on the link
+//!           route 10.10.0.0/16 via 10.254.0.2 (MTU 1400); client 10.254.0.3 on the link
 //! ```
 //! so every frame leaving by `XDP_TX` is addressed `[peer | up0]`, the
 //! frame helpers' fixed MACs, and every frame arriving is the reverse.
@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use mcs_agent::datapath::Xnat;
 use mcs_common::{IPPROTO_TCP, IPPROTO_UDP, MapAddr, Stat, flow_hash, ip_to_map, ip6_to_map, port_to_map};
 use mcs_tests::{
-    frame::{ICMP, ICMPV6, Ip, TCP, UDP, forwarded, frame, icmp, ip_packet, packet, tcp, turned, udp},
+    frame::{Frag, ICMP, ICMPV6, Ip, TCP, UDP, forwarded, frame, icmp, ip_packet, packet, tcp, turned, udp},
     manifests,
     netns::{Netns, veth},
     testrun::{programmed, run_xdp},
@@ -59,6 +59,8 @@ struct Family {
     vip: IpAddr,
     empty: IpAddr,
     backend: IpAddr,
+    /// A router on the way to the backends.
+    peer: IpAddr,
     icmp: u8,
     port_unreachable: (u8, u8),
     header: usize,
@@ -73,6 +75,7 @@ fn families() -> [Family; 2] {
             vip: "10.96.0.10".parse().unwrap(),
             empty: "10.96.0.20".parse().unwrap(),
             backend: "10.10.0.1".parse().unwrap(),
+            peer: PEER.into(),
             icmp: ICMP,
             port_unreachable: (3, 3),
             header: 20,
@@ -84,6 +87,7 @@ fn families() -> [Family; 2] {
             vip: "fd00:60::a".parse().unwrap(),
             empty: "fd00:60::14".parse().unwrap(),
             backend: "fd00:a::1".parse().unwrap(),
+            peer: v6(PEER).into(),
             icmp: ICMPV6,
             port_unreachable: (1, 4),
             header: 40,
@@ -206,6 +210,69 @@ fn rows(f: &Family) -> Vec<Row> {
         XDP_TX,
         packet(empty, c, f.icmp, &icmp(empty, c, kind, code, [0; 4], &quoted)),
     ));
+    // ICMP errors about a flow's packet, from beyond the node, go on to
+    // the client about the packet it sent, from the VIP. A router's
+    // "fragmentation needed" ("packet too big") about the SYN above, with
+    // its whole TCP header quoted (both checksums inside are rewritten):
+    let too_big = if f.name == "IPv4" { (3, 4) } else { (2, 0) };
+    let mtu = [0, 0, 0x05, 0x78];
+    let at_63 = Ip { ttl: Some(63), ..Ip::default() };
+    let sent = ip_packet(node, be, TCP, &tcp(node, be, p, 8080, SYN, b""), &at_63);
+    let asked = ip_packet(c, vip, TCP, &tcp(c, vip, 40000, 80, SYN, b""), &at_63);
+    rows.push(row(
+        "a router's \"too big\" about a translated packet reaches the client from the VIP",
+        arriving(f.peer, node, f.icmp, &icmp(f.peer, node, too_big.0, too_big.1, mtu, &sent)),
+        XDP_TX,
+        forwarded(vip, c, f.icmp, &icmp(vip, c, too_big.0, too_big.1, mtu, &asked)),
+    ));
+    // The backend's own port unreachable about a datagram.
+    let sent = ip_packet(node, be, UDP, &udp(node, be, q, 5353, b"query"), &at_63);
+    let asked = ip_packet(c, vip, UDP, &udp(c, vip, 5000, 53, b"query"), &at_63);
+    rows.push(row(
+        "the backend's port unreachable reaches the client from the VIP",
+        arriving(be, node, f.icmp, &icmp(be, node, kind, code, [0; 4], &sent)),
+        XDP_TX,
+        forwarded(vip, c, f.icmp, &icmp(vip, c, kind, code, [0; 4], &asked)),
+    ));
+    // An error about nothing we sent is the node's.
+    let other = ip_packet(node, be, UDP, &udp(node, be, 33000, 5353, b"query"), &at_63);
+    let input = arriving(be, node, f.icmp, &icmp(be, node, kind, code, [0; 4], &other));
+    rows.push(row("an error about a port outside the range passes", input.clone(), XDP_PASS, input));
+    // A segment of the flow above that the way to the backend (MTU 1400,
+    // the route's) cannot carry: "fragmentation needed" ("packet too big")
+    // from the VIP, quoting the client's packet as sent; nothing translated.
+    let big = tcp(c, vip, 40000, 80, ACK, &[0x61; 1460]);
+    let mut quoted = ip_packet(c, vip, TCP, &big, &Ip::default());
+    quoted.truncate(f.header + 8);
+    rows.push(row(
+        "a segment too big for the backend's route gets \"too big\" back from the VIP",
+        arriving(c, vip, TCP, &big),
+        XDP_TX,
+        packet(vip, c, f.icmp, &icmp(vip, c, too_big.0, too_big.1, mtu, &quoted)),
+    ));
+    // A datagram from outside in two fragments, and its answer in two: the
+    // first fragment is translated ports and all (its checksum covers the
+    // whole datagram), the later one follows with the same addresses.
+    let fragmented = |src, dst, l4: &[u8], id, ttl| {
+        let at = |offset, more| Ip { frag: Some(Frag { offset, more, id }), ttl: Some(ttl), ..Ip::default() };
+        [
+            frame(&ip_packet(src, dst, UDP, &l4[..1008], &at(0, true))),
+            frame(&ip_packet(src, dst, UDP, &l4[1008..], &at(1008 / 8, false))),
+        ]
+    };
+    let body = [0x5a; 1500];
+    let r = snat_port(c, vip, 5005, 53, IPPROTO_UDP);
+    let [in_first, in_rest] = fragmented(c, vip, &udp(c, vip, 5005, 53, &body), 0x4242, 64);
+    let [out_first, out_rest] = fragmented(node, be, &udp(node, be, r, 5353, &body), 0x4242, 63);
+    rows.push(row("a datagram's first fragment from outside is translated", turned(in_first), XDP_TX, out_first));
+    rows.push(row("its later fragment follows with the same addresses", turned(in_rest), XDP_TX, out_rest));
+    let [in_first, in_rest] = fragmented(be, node, &udp(be, node, 5353, r, &body), 0x6161, 64);
+    let [out_first, out_rest] = fragmented(vip, c, &udp(vip, c, 53, 5005, &body), 0x6161, 63);
+    rows.push(row("the answer's first fragment goes to the client from the VIP", turned(in_first), XDP_TX, out_first));
+    rows.push(row("and its later fragment with it", turned(in_rest), XDP_TX, out_rest));
+    // A later fragment whose first was never seen is not ours.
+    let [_, orphan] = fragmented(c, vip, &udp(c, vip, 5006, 53, &body), 0x5151, 64);
+    rows.push(row("a later fragment without its first passes", turned(orphan.clone()), XDP_PASS, turned(orphan)));
     // No answer to a source no single host has: a reflector otherwise.
     let group: IpAddr = if f.name == "IPv4" { "224.0.0.1".parse().unwrap() } else { "ff02::1".parse().unwrap() };
     let forged = arriving(group, empty, TCP, &tcp(group, empty, 40003, 80, SYN, b""));
@@ -234,8 +301,10 @@ fn node() -> (Netns, Netns) {
     node.sysctl("net.ipv6.conf.all.forwarding", "1");
     node.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "up0"]);
     node.ip(&["-6", "addr", "add", &format!("{}/64", v6(NODE)), "dev", "up0", "nodad"]);
-    node.ip(&["route", "add", "10.10.0.0/16", "via", &PEER.to_string()]);
-    node.ip(&["-6", "route", "add", "fd00:a::/32", "via", &v6(PEER).to_string()]);
+    // The way to the backends carries 1400 bytes (the route's MTU, locked:
+    // the route lookup of a forwarded packet heeds only a locked one).
+    node.ip(&["route", "add", "10.10.0.0/16", "via", &PEER.to_string(), "mtu", "lock", "1400"]);
+    node.ip(&["-6", "route", "add", "fd00:a::/32", "via", &v6(PEER).to_string(), "mtu", "lock", "1400"]);
     // Both the peer and the client answer to the peer's MAC: every frame
     // out of the uplink is addressed alike.
     for ip in [PEER, CLIENT] {
@@ -292,12 +361,28 @@ fn the_xdp_packet_table_ipv4_and_ipv6_side_by_side() {
                 }
             }
         }
-        let stats =
-            [Stat::XdpNewFlow, Stat::XdpRevNat, Stat::XdpMidstream, Stat::Rejected, Stat::XdpTx].map(|s| dp.stat(s));
+        let stats = [
+            Stat::XdpNewFlow,
+            Stat::XdpRevNat,
+            Stat::XdpMidstream,
+            Stat::Rejected,
+            Stat::XdpTx,
+            Stat::XdpIcmpRevNat,
+            Stat::XdpTooBig,
+            Stat::Fragment,
+            Stat::FragmentTranslated,
+        ]
+        .map(|s| dp.stat(s));
         (failures, count, stats)
     });
     assert!(failures.is_empty(), "{} of {count} rows failed:\n{}", failures.len(), failures.join("\n"));
-    // Per family: two new flows, two replies, one mid-stream miss, two
-    // rejections, and five translated frames sent back out.
-    assert_eq!(stats, [4, 4, 2, 4, 10], "new, replies, mid-stream, rejected, XDP_TX");
+    // Per family: three new flows, three replies, one mid-stream miss, two
+    // rejections, eleven translated frames sent back out (two of them ICMP
+    // errors, four fragments), one "too big", two first fragments and two
+    // later ones.
+    assert_eq!(
+        stats,
+        [6, 6, 2, 4, 22, 4, 2, 4, 4],
+        "new, replies, mid-stream, rejected, XDP_TX, ICMP errors, too big, first fragments, later fragments"
+    );
 }

@@ -727,9 +727,14 @@ impl Agent {
                 ("selection", applied.slots_used(), u64::from(sizes.capacity.slots)),
             ],
         };
+        // The XDP path's counters only with --external-interface: a syscall
+        // per id and scrape that an agent without it would spend on zeros.
+        let outside = !self.external.interfaces.is_empty();
         let kernel = Kernel {
             backend: &|id| datapath.backend_stats(id),
             service: &|id| datapath.service_stats(id),
+            xdp_backend: &|id| if outside { datapath.xdp_backend_stats(id) } else { None },
+            xdp_service: &|id| if outside { datapath.xdp_service_stats(id) } else { None },
             datapath: datapath.stats().unwrap_or_default(),
         };
         metrics::render(&self.metrics, &view, self.reconciler.frontend_infos(), &kernel, self.metrics_backend_label)

@@ -84,7 +84,13 @@ pub(super) fn external_map(layout: &LayoutDir, name: &str) -> Result<PathBuf, Da
         path: dir.clone(),
         message: format!("cannot create the pin directory: {e}"),
     })?;
-    Ok(dir.join(format!("{name}_V{XNAT_LAYOUT}")))
+    Ok(external_map_pin(layout, name))
+}
+
+/// The path [`external_map`] gives, for readers (`inspect`): nothing is
+/// created, and it may not exist.
+pub fn external_map_pin(layout: &LayoutDir, name: &str) -> PathBuf {
+    external_dir(layout).join(format!("{name}_V{XNAT_LAYOUT}"))
 }
 
 /// The layout of `NatValue` (and the external pins' names).

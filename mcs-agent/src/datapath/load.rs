@@ -69,6 +69,8 @@ pub(super) fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_CONFIG => (MapType::Array, 4, 4, 0),
         MAP_BACKEND_STATS => (MapType::PerCpuArray, 4, size_of::<BackendStats>(), 0),
         MAP_SERVICE_STATS => (MapType::PerCpuArray, 4, size_of::<ServiceStats>(), 0),
+        MAP_XDP_BACKEND_STATS => (MapType::PerCpuArray, 4, size_of::<BackendStats>(), 0),
+        MAP_XDP_SERVICE_STATS => (MapType::PerCpuArray, 4, size_of::<ServiceStats>(), 0),
         MAP_HEALTH => (MapType::Array, 4, size_of::<Health>(), aya_obj_mmapable()),
         MAP_SOCK_REV => (MapType::LruHash, size_of::<SockRevKey>(), size_of::<SockRevValue>(), 0),
         MAP_SOCK_REV6 => (MapType::LruHash, size_of::<SockRevKey<Ip6>>(), size_of::<SockRevValue<Ip6>>(), 0),
@@ -188,6 +190,9 @@ impl Datapath {
             (MAP_CONFIG, 1),
             (MAP_BACKEND_STATS, capacity.backends.min(stats_entries)),
             (MAP_SERVICE_STATS, capacity.services.saturating_add(1).min(stats_entries)),
+            // After those two: sized as they are, adopted or created (below).
+            (MAP_XDP_BACKEND_STATS, capacity.backends.min(stats_entries)),
+            (MAP_XDP_SERVICE_STATS, capacity.services.saturating_add(1).min(stats_entries)),
             (MAP_SERVICES6, capacity.services),
             (MAP_BACKENDS6, capacity.backends),
             (MAP_CT6, conntrack.saturating_mul(2)),
@@ -224,10 +229,18 @@ impl Datapath {
         let mut adopted = false;
         let mut loader = EbpfLoader::new();
         let mut backends_size = capacity.backends;
+        // The pod paths' counters' sizes: the XDP path's cover the same ids,
+        // on a node that serves outside clients (elsewhere one entry each:
+        // per-CPU arrays cost every CPU their size).
+        let (mut backend_stats_size, mut service_stats_size) = (0, 0);
+        let served = xnat_conntrack != XNAT_TOKEN_SIZE;
         for (name, size) in &mut wanted {
-            if *name == MAP_HEALTH {
+            match *name {
                 // As many ids as the backends map adopted or created has.
-                *size = backends_size;
+                MAP_HEALTH => *size = backends_size,
+                MAP_XDP_BACKEND_STATS => *size = if served { backend_stats_size } else { 1 },
+                MAP_XDP_SERVICE_STATS => *size = if served { service_stats_size } else { 1 },
+                _ => {}
             }
             if let Some(layout) = &layout {
                 // Flows from outside live beside the layouts, in one map every
@@ -251,6 +264,13 @@ impl Datapath {
                     {
                         // The token size of a node that served nobody from
                         // outside: nothing to keep.
+                        let _ = fs::remove_file(&path);
+                    }
+                    Ok(Some(pinned))
+                        if matches!(*name, MAP_XDP_BACKEND_STATS | MAP_XDP_SERVICE_STATS) && pinned != *size =>
+                    {
+                        // Counters only, sized for another --external-interface
+                        // choice: started afresh.
                         let _ = fs::remove_file(&path);
                     }
                     Ok(Some(pinned)) if *name == MAP_HEALTH && pinned != *size => {
@@ -284,8 +304,11 @@ impl Datapath {
                 }
                 loader.map_pin_path(name, path);
             }
-            if *name == MAP_BACKENDS {
-                backends_size = *size;
+            match *name {
+                MAP_BACKENDS => backends_size = *size,
+                MAP_BACKEND_STATS => backend_stats_size = *size,
+                MAP_SERVICE_STATS => service_stats_size = *size,
+                _ => {}
             }
             loader.map_max_entries(name, *size);
         }
@@ -333,6 +356,8 @@ impl Datapath {
             backends6: map_fd(&ebpf, MAP_BACKENDS6)?,
             backend_stats: map_fd(&ebpf, MAP_BACKEND_STATS)?,
             service_stats: map_fd(&ebpf, MAP_SERVICE_STATS)?,
+            xdp_backend_stats: map_fd(&ebpf, MAP_XDP_BACKEND_STATS)?,
+            xdp_service_stats: map_fd(&ebpf, MAP_XDP_SERVICE_STATS)?,
             ct: map_fd(&ebpf, MAP_CT)?,
             ct6: map_fd(&ebpf, MAP_CT6)?,
         };
@@ -351,6 +376,8 @@ impl Datapath {
             config: take(&mut ebpf, MAP_CONFIG)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            xdp_backend_stats: take(&mut ebpf, MAP_XDP_BACKEND_STATS)?,
+            xdp_service_stats: take(&mut ebpf, MAP_XDP_SERVICE_STATS)?,
             health: map_health(&mut ebpf, health_entries)?,
             sock_exclude: take(&mut ebpf, MAP_SOCK_EXCLUDE)?,
             sock_rev_fds: [map_fd(&ebpf, MAP_SOCK_REV)?, map_fd(&ebpf, MAP_SOCK_REV6)?],

@@ -75,14 +75,19 @@ impl Datapath {
     /// New backends in batches: counters zeroed, then the addresses.
     /// On an error the caller writes them one by one (which reports it).
     pub(super) fn put_backends(&mut self, ops: &[MapOp]) -> io::Result<()> {
-        // Counters exist for the first `--stats-entries` ids only.
+        // Counters exist for the first `--stats-entries` ids only (each
+        // path's map: a pinned one keeps its own size).
         let counted = self.maps.backend_stats.len();
-        let (mut ids, mut ids4, mut ids6) = (Vec::new(), Vec::new(), Vec::new());
+        let xdp_counted = self.maps.xdp_backend_stats.len();
+        let (mut ids, mut xdp_ids, mut ids4, mut ids6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut v4, mut v6): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
         for op in ops {
             let MapOp::PutBackend { id, backend } = op else { continue };
             if *id < counted {
                 ids.extend_from_slice(&id.to_ne_bytes());
+            }
+            if *id < xdp_counted {
+                xdp_ids.extend_from_slice(&id.to_ne_bytes());
             }
             match backend {
                 FamilyBackend::V4(b) => {
@@ -97,8 +102,10 @@ impl Datapath {
             self.maps.health.zero(*id);
         }
         let fds = &self.maps.fds;
-        let zeros = per_cpu_zeros::<BackendStats>(ids.len() / 4).map_err(io::Error::other)?;
-        crate::batch::update(fds.backend_stats.as_fd(), &ids, &zeros, ids.len() / 4)?;
+        for (fd, ids) in [(&fds.backend_stats, &ids), (&fds.xdp_backend_stats, &xdp_ids)] {
+            let zeros = per_cpu_zeros::<BackendStats>(ids.len() / 4).map_err(io::Error::other)?;
+            crate::batch::update(fd.as_fd(), ids, &zeros, ids.len() / 4)?;
+        }
         crate::batch::update(fds.backends.as_fd(), &ids4, &v4, ids4.len() / 4)?;
         crate::batch::update(fds.backends6.as_fd(), &ids6, &v6, ids6.len() / 4)
     }
@@ -106,11 +113,16 @@ impl Datapath {
     /// Service entries in batches (their slots are already written).
     pub(super) fn put_services(&mut self, ops: &[MapOp]) -> io::Result<()> {
         let counted = self.maps.service_stats.len();
-        let (mut fresh, mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let xdp_counted = self.maps.xdp_service_stats.len();
+        let (mut fresh, mut xdp_fresh) = (Vec::new(), Vec::new());
+        let (mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for op in ops {
             let MapOp::PutService { key, value, fresh: is_fresh } = op else { continue };
             if *is_fresh && value.service_id < counted {
                 fresh.extend_from_slice(&value.service_id.to_ne_bytes());
+            }
+            if *is_fresh && value.service_id < xdp_counted {
+                xdp_fresh.extend_from_slice(&value.service_id.to_ne_bytes());
             }
             match key {
                 FamilyKey::V4(k) => {
@@ -125,8 +137,10 @@ impl Datapath {
         }
         let fds = &self.maps.fds;
         let size = std::mem::size_of::<ServiceValue>();
-        let zeros = per_cpu_zeros::<ServiceStats>(fresh.len() / 4).map_err(io::Error::other)?;
-        crate::batch::update(fds.service_stats.as_fd(), &fresh, &zeros, fresh.len() / 4)?;
+        for (fd, ids) in [(&fds.service_stats, &fresh), (&fds.xdp_service_stats, &xdp_fresh)] {
+            let zeros = per_cpu_zeros::<ServiceStats>(ids.len() / 4).map_err(io::Error::other)?;
+            crate::batch::update(fd.as_fd(), ids, &zeros, ids.len() / 4)?;
+        }
         crate::batch::update(fds.services.as_fd(), &k4, &v4, v4.len() / size)?;
         crate::batch::update(fds.services6.as_fd(), &k6, &v6, v6.len() / size)
     }
@@ -138,6 +152,7 @@ impl Datapath {
             MapOp::PutBackend { id, backend } => {
                 // A new id: its counters must not carry an earlier backend's.
                 zero(&mut maps.backend_stats, *id).map_err(map_err(MAP_BACKEND_STATS))?;
+                zero(&mut maps.xdp_backend_stats, *id).map_err(map_err(MAP_XDP_BACKEND_STATS))?;
                 maps.health.zero(*id);
                 match backend {
                     FamilyBackend::V4(b) => maps.backends.set(*id, b, 0).map_err(map_err(MAP_BACKENDS))?,
@@ -152,6 +167,7 @@ impl Datapath {
             MapOp::PutService { key, value, fresh } => {
                 if *fresh {
                     zero(&mut maps.service_stats, value.service_id).map_err(map_err(MAP_SERVICE_STATS))?;
+                    zero(&mut maps.xdp_service_stats, value.service_id).map_err(map_err(MAP_XDP_SERVICE_STATS))?;
                 }
                 match key {
                     FamilyKey::V4(k) => maps.services.insert(k, value, 0).map_err(map_err(MAP_SERVICES))?,

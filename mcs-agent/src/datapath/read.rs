@@ -3,11 +3,32 @@
 // One module split by concern: the pieces share the root's types and imports.
 use super::*;
 
+/// One id's counters in a per-CPU backend counter map, summed over CPUs
+/// (`None` past the map's size).
+pub(crate) fn sum_backend(map: &PerCpuArray<MapData, BackendStats>, id: u32) -> Option<BackendStats> {
+    let values = map.get(&id, 0).ok()?;
+    Some(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
+}
+
+/// As [`sum_backend`], for a service counter map.
+pub(crate) fn sum_service(map: &PerCpuArray<MapData, ServiceStats>, id: u32) -> Option<ServiceStats> {
+    let values = map.get(&id, 0).ok()?;
+    Some(values.iter().fold(ServiceStats::default(), |a, v| ServiceStats {
+        new_flows: a.new_flows + v.new_flows,
+        no_backend: a.no_backend + v.no_backend,
+    }))
+}
+
 impl Datapath {
-    /// Counters of backend `id`, summed over CPUs (`None` past the map's size).
+    /// Counters of backend `id` on the pod paths (TC, socket), summed over
+    /// CPUs (`None` past the map's size).
     pub fn backend_stats(&self, id: u32) -> Option<BackendStats> {
-        let values = self.maps.backend_stats.get(&id, 0).ok()?;
-        Some(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
+        sum_backend(&self.maps.backend_stats, id)
+    }
+
+    /// Counters of backend `id` for flows from outside the node (XDP).
+    pub fn xdp_backend_stats(&self, id: u32) -> Option<BackendStats> {
+        sum_backend(&self.maps.xdp_backend_stats, id)
     }
 
     /// How many backend ids have passive health counters (ids from 0).
@@ -20,13 +41,14 @@ impl Datapath {
         self.maps.health.get(id)
     }
 
-    /// Counters of service `id`, summed over CPUs.
+    /// Counters of service `id` on the pod paths, summed over CPUs.
     pub fn service_stats(&self, id: u32) -> Option<ServiceStats> {
-        let values = self.maps.service_stats.get(&id, 0).ok()?;
-        Some(values.iter().fold(ServiceStats::default(), |a, v| ServiceStats {
-            new_flows: a.new_flows + v.new_flows,
-            no_backend: a.no_backend + v.no_backend,
-        }))
+        sum_service(&self.maps.service_stats, id)
+    }
+
+    /// Counters of service `id` for flows from outside the node (XDP).
+    pub fn xdp_service_stats(&self, id: u32) -> Option<ServiceStats> {
+        sum_service(&self.maps.xdp_service_stats, id)
     }
 
     /// Descriptors of `CT` and `CT6` of their own, for the collector's thread.
