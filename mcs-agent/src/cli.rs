@@ -493,7 +493,7 @@ pub struct RunArgs {
     )]
     pub socket_lb_exclude_cgroups: Vec<PathBuf>,
     /// An interface where ClusterSetIP traffic from outside the node arrives
-    /// (repeatable, or a glob such as `bond*`, matched at start): VMs, hosts
+    /// (repeatable, or a glob such as `bond*`, now and whenever one appears): VMs, hosts
     /// and gateways that route the ClusterSetIP range to this node. An XDP
     /// program balances it as the pod paths do and translates it with source
     /// NAT to a node address (--external-snat-address), so a backend in any
@@ -711,6 +711,7 @@ impl RunArgs {
                 } else {
                     max_external_conntrack.max(datapath::XNAT_TOKEN_SIZE)
                 },
+                external: !external_interfaces.is_empty(),
             },
             bounds,
             conntrack,

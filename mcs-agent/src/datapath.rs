@@ -25,9 +25,9 @@ use mcs_common::{
     FragValue, Health, Ip4, Ip6, LAYOUT_VERSION, MAP_AFFINITY, MAP_AFFINITY6, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_BACKENDS6, MAP_CONFIG, MAP_CT, MAP_CT6, MAP_FRAGS, MAP_FRAGS6, MAP_HEALTH, MAP_HOST_NETNS, MAP_SELECTION,
     MAP_SERVICE_STATS, MAP_SERVICES, MAP_SERVICES6, MAP_SOCK_EXCLUDE, MAP_SOCK_REV, MAP_SOCK_REV6, MAP_STATS,
-    MAP_XDP_BACKEND_STATS, MAP_XDP_SERVICE_STATS, MAP_XNAT, MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6,
-    MapAddr, NatValue, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, PROG_UPLINK, PROG_XDP, SelectionPair,
-    ServiceKey, ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat, XnatConfig, v3,
+    MAP_XDP_BACKEND_STATS, MAP_XDP_SERVICE_STATS, MAP_XNAT, MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_IP_ID, MAP_XNAT_SRC,
+    MAP_XNAT_SRC6, MAP_XNAT_UPLINKS, MapAddr, NatValue, PIN_LINKS, PIN_ROOT, PROG_EGRESS, PROG_INGRESS, PROG_UPLINK,
+    PROG_XDP, SelectionPair, ServiceKey, ServiceStats, ServiceValue, SockRevKey, SockRevValue, Stat, XnatConfig, v3,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -137,6 +137,9 @@ pub struct Sizes {
     /// Flows from outside the node (`XNAT_CT`, two entries each): the
     /// conntrack size with `--external-interface`, a token size without.
     pub xnat_conntrack: u32,
+    /// `--external-interface` given: the XDP path's counters are sized as
+    /// the pod paths' (one entry each otherwise).
+    pub external: bool,
 }
 
 impl Default for Sizes {
@@ -146,6 +149,7 @@ impl Default for Sizes {
             conntrack: mcs_common::DEFAULT_MAX_CONNTRACK,
             stats_entries: mcs_common::DEFAULT_STATS_ENTRIES,
             xnat_conntrack: XNAT_TOKEN_SIZE,
+            external: false,
         }
     }
 }

@@ -136,6 +136,16 @@ pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 pub const MAP_SERVICE_STATS: &str = "SERVICE_STATS";
+/// The external interfaces XDP may redirect to (`XDP_REDIRECT`), by ifindex.
+pub const MAP_XNAT_UPLINKS: &str = "XNAT_UPLINKS";
+/// How many: the most external interfaces redirected between.
+pub const XNAT_UPLINKS_MAX: u32 = 64;
+/// `XNAT_UPLINKS` values: the interface's XDP mode.
+pub const UPLINK_NATIVE: u32 = 1;
+pub const UPLINK_GENERIC: u32 = 2;
+/// The next IPv4 id of datagrams XDP fragments on from the node address,
+/// per CPU.
+pub const MAP_XNAT_IP_ID: &str = "XNAT_IP_ID";
 /// The same counters for flows from outside the node (the XDP path).
 pub const MAP_XDP_BACKEND_STATS: &str = "XDP_BACKEND_STATS";
 pub const MAP_XDP_SERVICE_STATS: &str = "XDP_SERVICE_STATS";
@@ -545,8 +555,26 @@ pub struct FragValue<A = Ip4> {
 pub const FRAG_DNAT: u32 = 1;
 pub const FRAG_REV_NAT: u32 = 2;
 /// A datagram from outside (or its reply) that XDP translated: both
-/// addresses, one entry each (`FragKey::part`).
+/// addresses, one entry each (`FragKey::part`). The low 8 bits of `side`;
+/// the 24 above are the entry's `frag_extra`: for `FRAG_PART_DST` and
+/// `FRAG_PART_SENT` entries the time of the first fragment (`frag_stamp`),
+/// for `FRAG_PART_SRC` the IPv4 id the datagram was given, plus one (0: the
+/// id is kept).
 pub const FRAG_XNAT: u32 = 3;
+/// How long a translated datagram's entries are honoured after its first
+/// fragment, in `frag_stamp` units (Linux's `ipfrag_time`: 30 s).
+pub const FRAG_XNAT_LIFETIME: u32 = 30;
+
+/// A coarse clock for `FragValue::side`'s upper 24 bits: seconds (2^30 ns)
+/// of CLOCK_MONOTONIC, wrapping every 194 days.
+pub const fn frag_stamp(now_ns: u64) -> u32 {
+    ((now_ns >> 30) as u32) & 0x00ff_ffff
+}
+
+/// Whether a stamp from `frag_stamp` is at most `FRAG_XNAT_LIFETIME` old.
+pub const fn frag_fresh(stamp: u32, now_ns: u64) -> bool {
+    frag_stamp(now_ns).wrapping_sub(stamp) & 0x00ff_ffff <= FRAG_XNAT_LIFETIME
+}
 
 /// `AFFINITY` value. The agent deletes entries whose backend leaves the
 /// frontend, so a hit is always a current backend of that frontend.
@@ -707,7 +735,8 @@ pub enum Stat {
     /// XDP: translated and handed to the stack for delivery (a backend on
     /// this node, or a neighbour not yet resolved).
     XdpToStack = 29,
-    /// XDP: a translated packet has no route: dropped.
+    /// XDP: a translated packet has no route, or is too big for it and
+    /// cannot be answered (IPv4 options, IPv6 extension headers): dropped.
     XdpUnroutable = 30,
     /// A backend on this node answered a flow from outside: its reply was
     /// translated back at the pod's interface.
@@ -721,13 +750,17 @@ pub enum Stat {
     /// XDP: a packet too big for its route's MTU, answered with ICMP
     /// "fragmentation needed" / "packet too big" to its sender.
     XdpTooBig = 34,
-    /// XDP: an ICMP error about a packet of a flow from outside (sent to
-    /// the node's source NAT address) translated on to the client.
+    /// XDP: an ICMP error about a packet of a flow from outside translated
+    /// on to the flow's other side: to the client if it came to the node's
+    /// source NAT address, to the backend if it came to the VIP.
     XdpIcmpRevNat = 35,
+    /// XDP: a translated packet sent out of another external interface
+    /// (`XDP_REDIRECT`).
+    XdpRedirect = 36,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 37;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::NotService,
         Stat::NewFlow,
@@ -765,6 +798,7 @@ impl Stat {
         Stat::XdpTx,
         Stat::XdpTooBig,
         Stat::XdpIcmpRevNat,
+        Stat::XdpRedirect,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -805,6 +839,7 @@ impl Stat {
             Stat::XdpTx => "xdp_tx",
             Stat::XdpTooBig => "xdp_too_big",
             Stat::XdpIcmpRevNat => "xdp_icmp_rev_nat",
+            Stat::XdpRedirect => "xdp_redirect",
         }
     }
 }

@@ -205,7 +205,10 @@ pub fn reject_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, proto: u8) -> u32 
 /// way: XDP has no fragmentation).
 #[inline(never)]
 pub fn too_big_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, mtu: u16) -> u32 {
+    // Not answered (a source no host has, a header we do not quote): lost
+    // where it could not go on, and counted so.
     if unicast_source::<F, _>(ctx).is_err() {
+        count(Stat::XdpUnroutable);
         return XDP_DROP;
     }
     // Both carry the MTU in the header's last 16 bits (IPv6's field is 32
@@ -216,6 +219,7 @@ pub fn too_big_xdp<F: Family>(ctx: &XdpContext, l4_off: usize, mtu: u16) -> u32 
         error6::<_, { (IPV6_LEN + 8) / 2 }>(ctx, l4_off, [w(2, 0), 0, 0, mtu.to_be()])
     };
     if done.is_err() {
+        count(Stat::XdpUnroutable);
         return XDP_DROP;
     }
     count(Stat::XdpTooBig);

@@ -108,6 +108,22 @@ pub fn xnat_scratch<A: mcs_common::MapAddr>() -> Option<&'static mut NatValue<A>
 #[map]
 pub static XNAT: Array<XnatConfig> = Array::with_max_entries(1, 0);
 
+/// External interfaces, by ifindex: 1 served in native mode, 2 in generic
+/// mode. A translated packet whose route leaves by a native one is
+/// redirected there (`XDP_REDIRECT`); any other interface (a pod's, one
+/// whose driver has no XDP) is reached through the stack. In generic mode a
+/// packet bigger than its interface (segments the stack merged, GRO) skips
+/// the MTU check: it leaves as it came.
+#[map]
+pub static XNAT_UPLINKS: HashMap<u32, u32> = HashMap::with_max_entries(mcs_common::XNAT_UPLINKS_MAX, 0);
+
+/// The IPv4 ids XDP gives fragmented datagrams it sends from the node's
+/// address (per CPU, offset by the CPU): many clients' datagrams to one
+/// backend share that address, and their own ids would meet in the
+/// backend's reassembly.
+#[map]
+pub static XNAT_IP_ID: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// `--external-source-cidr`, by family (consulted only with `XNAT_F_SOURCE_FILTER*`).
 #[map]
 pub static XNAT_SRC: LpmTrie<u32, u8> = LpmTrie::with_max_entries(1024, aya_ebpf::bindings::BPF_F_NO_PREALLOC);

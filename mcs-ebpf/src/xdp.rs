@@ -7,30 +7,32 @@
 //! the source NAT range, so the backend's reply comes back through this
 //! node whichever cluster it is in. The reply is translated back (VIP ->
 //! client). A translated packet leaves by the route's interface: `XDP_TX`
-//! when that is the interface it came in on, else through the stack and
+//! when that is the interface it came in on, `XDP_REDIRECT` when it is
+//! another external interface served natively, else through the stack and
 //! `mcs_uplink` (see `xnat`).
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     },
+    helpers::{bpf_get_smp_processor_id, bpf_redirect, generated::bpf_check_mtu},
     macros::xdp,
     programs::XdpContext,
 };
 use mcs_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, FRAG_PART_DST, FRAG_PART_SRC, IPPROTO_TCP, IPPROTO_UDP, MapAddr, NatValue,
-    ServiceKey, Stat,
+    ServiceKey, Stat, UPLINK_GENERIC, UPLINK_NATIVE,
 };
 
 use crate::{
     csum::Delta,
     family::{Family, V4, V6},
     icmp,
-    maps::{XNAT, count, xnat_scratch},
+    maps::{XNAT, XNAT_IP_ID, XNAT_UPLINKS, count, xnat_scratch},
     parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag, IPV6_LEN, Parsed, load, parse_family, ptr_at},
-    xnat::{Route, fragment_addr, in_port_range, known, open, remember},
+    xnat::{Route, fragment_entry, in_port_range, known, open, remember},
 };
 
 #[xdp]
@@ -48,8 +50,8 @@ pub fn mcs_xdp(ctx: XdpContext) -> u32 {
         Some(Answer::Reject { v6: true, l4_off, proto }) => icmp::reject_xdp::<V6>(&ctx, l4_off, proto),
         Some(Answer::TooBig { v6: false, l4_off, mtu }) => icmp::too_big_xdp::<V4>(&ctx, l4_off, mtu),
         Some(Answer::TooBig { v6: true, l4_off, mtu }) => icmp::too_big_xdp::<V6>(&ctx, l4_off, mtu),
-        Some(Answer::Error { v6: false, l4_off }) => error_to_client::<V4>(&ctx, l4_off),
-        Some(Answer::Error { v6: true, l4_off }) => error_to_client::<V6>(&ctx, l4_off),
+        Some(Answer::Error { v6: false, l4_off }) => error_to_peer::<V4>(&ctx, l4_off),
+        Some(Answer::Error { v6: true, l4_off }) => error_to_peer::<V6>(&ctx, l4_off),
         None => verdict,
     }
 }
@@ -58,7 +60,7 @@ pub fn mcs_xdp(ctx: XdpContext) -> u32 {
 /// than under the parsed flow's, in the verdict's place (XDP verdicts are
 /// small numbers): what is needed of the parsed packet.
 enum Answer {
-    /// An ICMP error to the node's address, perhaps about a flow's packet.
+    /// An ICMP error, perhaps about a flow's packet.
     Error { v6: bool, l4_off: usize },
     /// A new flow to a frontend with no backend.
     Reject { v6: bool, l4_off: usize, proto: u8 },
@@ -136,13 +138,9 @@ fn xdp<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>) -> u32 {
         return follow::<F>(ctx, flow, id);
     }
     if flow.proto == F::ICMP {
-        // An error about a flow's packet, from beyond the node, is the
-        // client's; any other ICMP is the node's.
-        return if flow.dst_ip == node && icmp::is_error::<F>(flow.icmp_type) {
-            Answer::error::<F>(flow)
-        } else {
-            XDP_PASS
-        };
+        // An error about a flow's packet goes on translated (if it is one:
+        // see `error_to_peer`); any other ICMP is none of ours.
+        return if icmp::is_error::<F>(flow.icmp_type) { Answer::error::<F>(flow) } else { XDP_PASS };
     }
     let dir = if flow.dst_ip == node {
         // Only the source NAT range is ours; the node's own traffic passes.
@@ -185,13 +183,13 @@ fn xdp<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>) -> u32 {
             }
         }
     }
-    send::<F>(ctx, flow, value)
+    send::<F>(ctx, flow, value, dir)
 }
 
 /// Translates the packet (source to `nat`, destination to `peer`) and sends
 /// it on its way.
 #[inline(never)]
-fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>) -> u32 {
+fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>, dir: u8) -> u32 {
     // SAFETY: a read of the context's field.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     // The route first, with the packet's length: one too big for it is
@@ -199,7 +197,7 @@ fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>) 
     // it wrote to), so it is not translated yet.
     let route = Route::lookup::<F>(
         ctx.as_ptr(),
-        (flow.proto, flow.ip_len),
+        (flow.proto, checked_len(ctx, flow, ingress)),
         (value.nat, value.nat_port),
         (value.peer, value.peer_port),
         ingress,
@@ -212,9 +210,58 @@ fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>) 
         return XDP_DROP;
     }
     if let Frag::First(id) = flow.frag {
-        remember::<F>(flow, id, value);
+        // Sent on from the node address, with an id of ours (IPv4's are
+        // 16 bits: many clients' ids would meet at the backend).
+        let renumbered = if F::HEADER_CSUM && dir == CT_DIR_ORIGINAL { renumber(ctx) } else { None };
+        remember::<F>(flow, id, value, renumbered.map_or(0, |id| u32::from(id) + 1));
     }
     out(ctx, &route, ingress)
+}
+
+/// The length the route lookup checks against the MTU: the packet's, or
+/// none (0) for one bigger than the interface it came in on, which only
+/// generic XDP sees: segments the stack merged (GRO), which leave as they
+/// came.
+#[inline(always)]
+fn checked_len<A>(ctx: &XdpContext, flow: &Flow<A>, ingress: u32) -> u16 {
+    // SAFETY: map value pointer, valid for this program run.
+    let generic = XNAT_UPLINKS.get_ptr(ingress).is_some_and(|mode| unsafe { *mode } == UPLINK_GENERIC);
+    let mut len = 0;
+    // SAFETY: the context and a writable u32; length 0 means the packet's.
+    if generic && unsafe { bpf_check_mtu(ctx.as_ptr(), ingress, &mut len, 0, 0) } != 0 {
+        return 0;
+    }
+    flow.ip_len
+}
+
+/// Gives the IPv4 packet the next id of this CPU's series (offset by the
+/// CPU, so that the CPUs' series seldom meet), its header checksum
+/// updated; the id given.
+#[inline(never)]
+fn renumber(ctx: &XdpContext) -> Option<u16> {
+    let next = XNAT_IP_ID.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU; a helper
+    // without preconditions.
+    let id = unsafe {
+        *next = (*next).wrapping_add(1);
+        ((*next).wrapping_add(bpf_get_smp_processor_id().wrapping_mul(0x2f35))) as u16
+    };
+    set_ip_id(ctx, id)?;
+    Some(id)
+}
+
+/// Writes an IPv4 id, with the header checksum.
+#[inline(always)]
+fn set_ip_id(ctx: &XdpContext, id: u16) -> Option<()> {
+    let field = ptr_at::<u16>(ctx, ETH_LEN + 4)?;
+    let check = ptr_at::<u16>(ctx, ETH_LEN + 10)?;
+    // SAFETY: both bounds-checked by ptr_at.
+    unsafe {
+        let old = field.read_unaligned();
+        field.write_unaligned(id);
+        check.write_unaligned(Delta::NONE.word(old, id).apply(check.read_unaligned()));
+    }
+    Some(())
 }
 
 /// A later fragment: translated as its first fragment was, if XDP saw it
@@ -223,9 +270,9 @@ fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>) 
 #[inline(never)]
 fn follow<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, id: u32) -> u32 {
     let mut key = flow.frag_key(id, FRAG_PART_DST);
-    let Some(dst) = fragment_addr::<F>(&key) else { return XDP_PASS };
+    let Some((dst, _)) = fragment_entry::<F>(&key) else { return XDP_PASS };
     key.part = FRAG_PART_SRC;
-    let Some(src) = fragment_addr::<F>(&key) else {
+    let Some((src, renumbered_id)) = fragment_entry::<F>(&key) else {
         count(Stat::FragmentMiss);
         return XDP_DROP;
     };
@@ -235,13 +282,18 @@ fn follow<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, id: u32) -> u32 {
     }
     // SAFETY: a read of the context's field.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let route = Route::lookup::<F>(ctx.as_ptr(), (flow.proto, flow.ip_len), (src, 0), (dst, 0), ingress);
+    let route =
+        Route::lookup::<F>(ctx.as_ptr(), (flow.proto, checked_len(ctx, flow, ingress)), (src, 0), (dst, 0), ingress);
     if route.rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         // Its first fragment was answered (it is the largest); this one is lost.
         count(Stat::XdpUnroutable);
         return XDP_DROP;
     }
-    if rewrite_addrs::<F>(ctx, [&flow.src_ip, &src], [&flow.dst_ip, &dst]).is_none() {
+    // The id its first fragment was given, if any (IPv4 only).
+    let renumbered = F::HEADER_CSUM && renumbered_id != 0;
+    if rewrite_addrs::<F>(ctx, [&flow.src_ip, &src], [&flow.dst_ip, &dst]).is_none()
+        || (renumbered && set_ip_id(ctx, (renumbered_id - 1) as u16).is_none())
+    {
         count(Stat::RewriteFailed);
         return XDP_DROP;
     }
@@ -255,8 +307,9 @@ fn ttl_ends<F: Family>(ctx: &XdpContext) -> bool {
     load::<u8>(ctx, ETH_LEN + F::TTL_OFF).is_none_or(|ttl| ttl <= 1)
 }
 
-/// Sends a packet, translated, by its route: back out of the uplink if the
-/// route says so, else through the stack.
+/// Sends a packet, translated, by its route: back out of the uplink
+/// (`XDP_TX`) or out of another one (`XDP_REDIRECT`) if the route says so,
+/// else through the stack.
 #[inline(always)]
 fn out(ctx: &XdpContext, route: &Route, ingress: u32) -> u32 {
     match route.rc {
@@ -267,8 +320,23 @@ fn out(ctx: &XdpContext, route: &Route, ingress: u32) -> u32 {
             count(Stat::XdpTx);
             XDP_TX
         }
-        // Another interface (a pod's, another uplink) or a neighbour not
-        // resolved yet: the stack delivers it, steered by `mcs_uplink`.
+        // Another uplink served natively: straight there.
+        // SAFETY: map value pointer, valid for this program run.
+        BPF_FIB_LKUP_RET_SUCCESS
+            if XNAT_UPLINKS.get_ptr(route.ifindex).is_some_and(|mode| unsafe { *mode } == UPLINK_NATIVE) =>
+        {
+            if !route.set_macs(ctx) {
+                return XDP_DROP;
+            }
+            // SAFETY: helper without preconditions.
+            let action = unsafe { bpf_redirect(route.ifindex, 0) } as u32;
+            if action == XDP_REDIRECT {
+                count(Stat::XdpRedirect);
+            }
+            action
+        }
+        // Another interface (a pod's) or a neighbour not resolved yet: the
+        // stack delivers it, steered by `mcs_uplink`.
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => to_stack(),
         _ => {
             count(Stat::XdpUnroutable);
@@ -278,18 +346,24 @@ fn out(ctx: &XdpContext, route: &Route, ingress: u32) -> u32 {
 }
 
 /// An ICMP error from beyond the node (a router's "fragmentation needed",
-/// "unreachable", "time exceeded", or the backend's own) about a packet we
-/// translated (node -> backend): the flow's client gets it, about the
-/// packet it sent (client -> VIP), from the VIP, as Linux's NAT sends it
-/// (a router's address beyond the node may mean nothing to the client, or
-/// fail its source checks). The client's kernel matches errors to sockets
-/// by the quote: this is how it learns the path MTU and that a backend is
-/// unreachable. Errors or quotes with IPv4 options or IPv6 extension
-/// headers pass untouched (the offsets stay constants, which the verifier
-/// follows; a router adds neither).
+/// "unreachable", "time exceeded", or a host's own) about a packet we
+/// translated, sent to the address that packet came from:
+/// - about one to a backend (node:port -> backend), to the node: the
+///   flow's client gets it, about the packet it sent (client -> VIP), from
+///   the VIP, as Linux's NAT sends it (a router's address beyond the node
+///   may mean nothing to the client, or fail its source checks);
+/// - about a reply to a client (VIP -> client), to the VIP (routed here):
+///   the backend gets it, about its reply (backend -> node:port), from the
+///   node. Its path MTU to the client is the one it must learn.
+///
+/// A kernel matches errors to sockets by the quote: this is how a client
+/// learns the path MTU and that a backend is unreachable. Errors or quotes
+/// with IPv4 options or IPv6 extension headers pass untouched (the offsets
+/// stay constants, which the verifier follows; a router adds neither).
 #[inline(never)]
-fn error_to_client<F: Family>(ctx: &XdpContext, l4_off: usize) -> u32 {
-    if l4_off != Quote::l4_off::<F>() {
+fn error_to_peer<F: Family>(ctx: &XdpContext, l4_off: usize) -> u32 {
+    // The stack answers an error whose TTL ends here.
+    if l4_off != Quote::l4_off::<F>() || ttl_ends::<F>(ctx) {
         return XDP_PASS;
     }
     let Some(config) = XNAT.get(0) else { return XDP_PASS };
@@ -297,9 +371,11 @@ fn error_to_client<F: Family>(ctx: &XdpContext, l4_off: usize) -> u32 {
     // The quoted header's start, in one read: the verifier follows one
     // bounds check per packet pointer.
     let l4 = Quote::l4::<F>();
+    // IPv4: no options, and the quote of a first fragment or a whole
+    // packet (a later fragment's bytes there are no ports).
     let (plain, proto) = if F::HEADER_CSUM {
         let Some(h) = load::<[u8; 10]>(ctx, inner) else { return XDP_PASS };
-        (h[0] == 0x45, h[9])
+        (h[0] == 0x45 && h[6] & 0x1f == 0 && h[7] == 0, h[9])
     } else {
         let Some(h) = load::<[u8; 8]>(ctx, inner) else { return XDP_PASS };
         (true, h[6])
@@ -309,25 +385,23 @@ fn error_to_client<F: Family>(ctx: &XdpContext, l4_off: usize) -> u32 {
     }
     // One at a time: a pair of Options leaves an uninitialised register on
     // the path where the first is None, which the verifier refuses.
-    let Some(node) = load::<F::A>(ctx, inner + F::SRC_OFF) else { return XDP_PASS };
-    let Some(backend) = load::<F::A>(ctx, inner + F::DST_OFF) else { return XDP_PASS };
+    let Some(to) = load::<F::A>(ctx, ETH_LEN + F::DST_OFF) else { return XDP_PASS };
+    let Some(sender) = load::<F::A>(ctx, inner + F::SRC_OFF) else { return XDP_PASS };
+    let Some(receiver) = load::<F::A>(ctx, inner + F::DST_OFF) else { return XDP_PASS };
     let Some(ports) = load::<[u16; 2]>(ctx, l4) else { return XDP_PASS };
-    // About a packet we sent from the source NAT range.
-    if node != F::xnat_addr(config) || !in_port_range(config, ports[0]) {
+    // To the quoted packet's sender: the node (a port of the range), else
+    // a VIP (a flow's original entry answers for it).
+    let dir =
+        if sender == F::xnat_addr(config) && in_port_range(config, ports[0]) { CT_DIR_REPLY } else { CT_DIR_ORIGINAL };
+    if to != sender {
         return XDP_PASS;
     }
-    let key = CtKey {
-        src: backend,
-        dst: node,
-        src_port: ports[1],
-        dst_port: ports[0],
-        proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let Some(reply) = F::xnat_ct().get_ptr(key) else { return XDP_PASS };
+    // The quote's flow seen from the other side: the entry of the
+    // direction the error's receiver is on.
+    let key = CtKey { src: receiver, dst: sender, src_port: ports[1], dst_port: ports[0], proto, dir, _pad: [0; 2] };
+    let Some(entry) = F::xnat_ct().get_ptr(key) else { return XDP_PASS };
     // SAFETY: map value pointer, valid for this program run.
-    send_error::<F>(ctx, proto, unsafe { &*reply })
+    send_error::<F>(ctx, proto, unsafe { &*entry })
 }
 
 /// Where an error's parts sit (without options or extension headers).
@@ -350,38 +424,41 @@ impl Quote {
     }
 }
 
-/// Rewrites the error for the client (`reply`: the flow's reply entry,
-/// which holds the client and the VIP) and sends it there.
+/// Rewrites the error for the flow's other side and sends it there
+/// (`entry`: the flow's entry of the direction the error goes, whose `peer`
+/// gets it and whose `nat` it comes from).
 // Out of line: the quote's pointers overflow the caller's frame. It ends
 // with the route lookup, which needs the context itself: a function that
 // only read the packet's bounds would get them as values, which the
 // verifier refuses to check against.
 #[inline(never)]
-fn send_error<F: Family>(ctx: &XdpContext, proto: u8, reply: &NatValue<F::A>) -> u32 {
-    if rewrite_error::<F>(ctx, proto, reply).is_none() {
+fn send_error<F: Family>(ctx: &XdpContext, proto: u8, entry: &NatValue<F::A>) -> u32 {
+    if rewrite_error::<F>(ctx, proto, entry).is_none() {
         count(Stat::RewriteFailed);
         return XDP_DROP;
     }
     count(Stat::XdpIcmpRevNat);
-    error_out::<F>(ctx, reply.nat, reply.peer)
+    error_out::<F>(ctx, entry.nat, entry.peer)
 }
 
 // Out of line: the route lookup's parameters and the quote's pointers
 // together overflow one frame.
 #[inline(never)]
-fn error_out<F: Family>(ctx: &XdpContext, vip: F::A, client: F::A) -> u32 {
+fn error_out<F: Family>(ctx: &XdpContext, from: F::A, to: F::A) -> u32 {
     // SAFETY: a read of the context's field.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     // An error is short: no MTU check (a zero length).
-    let route = Route::lookup::<F>(ctx.as_ptr(), (F::ICMP, 0), (vip, 0), (client, 0), ingress);
+    let route = Route::lookup::<F>(ctx.as_ptr(), (F::ICMP, 0), (from, 0), (to, 0), ingress);
     out(ctx, &route, ingress)
 }
 
-/// The quote (node:port -> backend:port) becomes client -> VIP, the outer
-/// header VIP -> client, with every checksum they are in and the TTL (hop
+/// The quote (the packet as translated: `sender` -> `receiver`) becomes the
+/// packet as the other side knows it (`entry.peer` -> `entry.nat`: client ->
+/// VIP, or backend -> node), the outer header `entry.nat` -> `entry.peer`
+/// (it was to the sender), with every checksum they are in and the TTL (hop
 /// limit), all pointers checked before the first write.
 #[inline(always)]
-fn rewrite_error<F: Family>(ctx: &XdpContext, proto: u8, reply: &NatValue<F::A>) -> Option<()> {
+fn rewrite_error<F: Family>(ctx: &XdpContext, proto: u8, entry: &NatValue<F::A>) -> Option<()> {
     let (l4_off, inner, l4) = (Quote::l4_off::<F>(), Quote::inner::<F>(), Quote::l4::<F>());
     let outer_src = ptr_at::<F::A>(ctx, ETH_LEN + F::SRC_OFF)?;
     let outer_dst = ptr_at::<F::A>(ctx, ETH_LEN + F::DST_OFF)?;
@@ -392,17 +469,17 @@ fn rewrite_error<F: Family>(ctx: &XdpContext, proto: u8, reply: &NatValue<F::A>)
     let quoted_ports = ptr_at::<[u16; 2]>(ctx, l4)?;
     // The quoted L4 checksum, when the quote is long enough to hold it.
     let quoted_l4_csum = ptr_at::<u16>(ctx, l4 + if proto == IPPROTO_UDP { 6 } else { 16 });
-    let (client, vip) = (reply.peer, reply.nat);
+    let (peer, nat) = (entry.peer, entry.nat);
     // SAFETY (all): every pointer bounds-checked by ptr_at above.
-    let (node, backend, ports) =
+    let (sender, receiver, ports) =
         unsafe { (quoted_src.read_unaligned(), quoted_dst.read_unaligned(), quoted_ports.read_unaligned()) };
-    let addrs = F::delta(F::delta(Delta::NONE, node, client), backend, vip);
-    let ports_delta = Delta::NONE.word(ports[0], reply.peer_port).word(ports[1], reply.nat_port);
+    let addrs = F::delta(F::delta(Delta::NONE, sender, peer), receiver, nat);
+    let ports_delta = Delta::NONE.word(ports[0], entry.peer_port).word(ports[1], entry.nat_port);
     let mut icmp = Delta(addrs.0.wrapping_add(ports_delta.0));
     unsafe {
-        quoted_src.write_unaligned(client);
-        quoted_dst.write_unaligned(vip);
-        quoted_ports.write_unaligned([reply.peer_port, reply.nat_port]);
+        quoted_src.write_unaligned(peer);
+        quoted_dst.write_unaligned(nat);
+        quoted_ports.write_unaligned([entry.peer_port, entry.nat_port]);
     }
     if F::HEADER_CSUM {
         let check = ptr_at::<u16>(ctx, inner + 10)?;
@@ -431,7 +508,8 @@ fn rewrite_error<F: Family>(ctx: &XdpContext, proto: u8, reply: &NatValue<F::A>)
     }
     // SAFETY: as above.
     let (old_src, old_ttl) = unsafe { (outer_src.read_unaligned(), ttl.read_unaligned()) };
-    let outer = F::delta(F::delta(Delta::NONE, old_src, vip), node, client);
+    // The outer destination was the sender (checked by the caller).
+    let outer = F::delta(F::delta(Delta::NONE, old_src, nat), sender, peer);
     let new_ttl = [old_ttl[0].wrapping_sub(1), old_ttl[1]];
     if !F::HEADER_CSUM {
         // ICMPv6's checksum covers the pseudo-header.
@@ -439,9 +517,10 @@ fn rewrite_error<F: Family>(ctx: &XdpContext, proto: u8, reply: &NatValue<F::A>)
     }
     // SAFETY: as above.
     unsafe {
-        outer_src.write_unaligned(vip);
-        outer_dst.write_unaligned(client);
+        // The TTL first: IPv6's two bytes there end in the source's first.
         ttl.write_unaligned(new_ttl);
+        outer_src.write_unaligned(nat);
+        outer_dst.write_unaligned(peer);
         icmp_csum.write_unaligned(icmp.apply(icmp_csum.read_unaligned()));
     }
     if F::HEADER_CSUM {

@@ -22,7 +22,7 @@ use aya_ebpf::{
 use mcs_common::{
     CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_REPLIED, CT_F_SYNACK, CT_PAIR_CHECK_NS,
     CtKey, FRAG_PART_DST, FRAG_PART_SENT, FRAG_PART_SRC, FRAG_XNAT, FragKey, FragValue, IPPROTO_TCP, IPPROTO_UDP,
-    MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed, flow_hash,
+    MapAddr, NatValue, ServiceValue, Stat, XNAT_PORT_TRIES, XnatConfig, ct_closed, flow_hash, frag_fresh, frag_stamp,
 };
 
 use crate::{
@@ -424,12 +424,9 @@ fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
     // A later fragment (no ports) of a datagram `mcs_xdp` translated.
     if let Frag::Later(id) = flow.frag {
         let sent = FragKey::new(node, flow.dst_ip, id, flow.proto, FRAG_PART_SENT);
-        return match F::frags().get_ptr(sent) {
-            // SAFETY: map value pointer, valid for this program run.
-            Some(entry) if unsafe { (*entry).side } == FRAG_XNAT => {
-                route_out::<F>(ctx, flow, (flow.src_ip, 0), (flow.dst_ip, 0))
-            }
-            _ => TC_NEXT,
+        return match fragment_entry::<F>(&sent) {
+            Some(_) => route_out::<F>(ctx, flow, (flow.src_ip, 0), (flow.dst_ip, 0)),
+            None => TC_NEXT,
         };
     }
     if !in_port_range(config, flow.src_port) {
@@ -517,7 +514,7 @@ fn local_reply_send<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, value: &NatVa
     }
     count(Stat::XnatLocalRevNat);
     if let Frag::First(id) = flow.frag {
-        remember::<F>(flow, id, value);
+        remember::<F>(flow, id, value, 0);
     }
     route_out::<F>(ctx, flow, (value.nat, value.nat_port), (value.peer, value.peer_port))
 }
@@ -528,9 +525,10 @@ fn local_reply_send<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, value: &NatVa
 #[inline(never)]
 fn local_reply_fragment<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, id: u32) -> Option<i32> {
     let mut key = flow.frag_key(id, FRAG_PART_DST);
-    let dst = fragment_addr::<F>(&key)?;
+    let (dst, _) = fragment_entry::<F>(&key)?;
     key.part = FRAG_PART_SRC;
-    let Some(src) = fragment_addr::<F>(&key) else {
+    // A reply is never renumbered.
+    let Some((src, _)) = fragment_entry::<F>(&key) else {
         count(Stat::FragmentMiss);
         return Some(TC_ACT_SHOT);
     };
@@ -545,24 +543,42 @@ fn local_reply_fragment<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, id: u32) 
 }
 
 /// The first fragment of a datagram translated from or to outside: its
-/// later fragments (no ports) get the same addresses, and `mcs_uplink`
-/// may send them on from the node's address. Best effort: a later fragment
-/// without its entries is lost, as any lost fragment is.
+/// later fragments (no ports) get the same addresses (and the IPv4 id it
+/// was given: `renumbered` is that id plus one, 0 if it kept its own), and
+/// if it now leaves from the node's address `mcs_uplink` may send them on
+/// (by their translated key). Honoured for `FRAG_XNAT_LIFETIME`. Best
+/// effort: a later fragment without its entries is lost, as any lost
+/// fragment is.
+// `renumbered` is no Option: a None's unset half would be an argument
+// register the verifier refuses to read.
 #[inline(never)]
-pub fn remember<F: Family>(flow: &Flow<F::A>, id: u32, value: &NatValue<F::A>) {
+pub fn remember<F: Family>(flow: &Flow<F::A>, id: u32, value: &NatValue<F::A>, renumbered: u32) {
     count(Stat::Fragment);
+    // SAFETY: helper without preconditions.
+    let stamp = frag_stamp(unsafe { bpf_ktime_get_coarse_ns() }) << 8;
     let mut key = flow.frag_key(id, FRAG_PART_DST);
-    let _ = F::frags().insert(key, FragValue { addr: value.peer, side: FRAG_XNAT }, 0);
+    let _ = F::frags().insert(key, FragValue { addr: value.peer, side: FRAG_XNAT | stamp }, 0);
     key.part = FRAG_PART_SRC;
-    let _ = F::frags().insert(key, FragValue { addr: value.nat, side: FRAG_XNAT }, 0);
-    let sent = FragKey::new(value.nat, value.peer, id, flow.proto, FRAG_PART_SENT);
-    let _ = F::frags().insert(sent, FragValue { addr: flow.dst_ip, side: FRAG_XNAT }, 0);
+    let _ = F::frags().insert(key, FragValue { addr: value.nat, side: FRAG_XNAT | (renumbered << 8) }, 0);
+    if XNAT.get(0).is_some_and(|c| F::xnat_addr(c) == value.nat) {
+        let sent_id = if renumbered == 0 { id } else { renumbered - 1 };
+        let sent = FragKey::new(value.nat, value.peer, sent_id, flow.proto, FRAG_PART_SENT);
+        let _ = F::frags().insert(sent, FragValue { addr: flow.src_ip, side: FRAG_XNAT | stamp }, 0);
+    }
 }
 
-/// A translated datagram's new address (`key.part`), if its first fragment was seen.
+/// A translated datagram's entry (`key.part`), if its first fragment was
+/// seen: the address, and the entry's `frag_extra` bits. A stamped entry
+/// (`FRAG_PART_DST`, `FRAG_PART_SENT`) only within its lifetime.
 #[inline(always)]
-pub fn fragment_addr<F: Family>(key: &FragKey<F::A>) -> Option<F::A> {
+pub fn fragment_entry<F: Family>(key: &FragKey<F::A>) -> Option<(F::A, u32)> {
     // SAFETY: map value pointer, valid for this program run; copied.
     let entry = unsafe { *F::frags().get_ptr(*key)? };
-    (entry.side == FRAG_XNAT).then_some(entry.addr)
+    let extra = entry.side >> 8;
+    if entry.side & 0xff != FRAG_XNAT {
+        return None;
+    }
+    // SAFETY: helper without preconditions.
+    let fresh = key.part == FRAG_PART_SRC || frag_fresh(extra, unsafe { bpf_ktime_get_coarse_ns() });
+    fresh.then_some((entry.addr, extra))
 }

@@ -23,8 +23,11 @@ pub fn programmed(manifests: &str, conntrack: u32, frontends: usize) -> Datapath
 /// Loads the programs with maps of this capacity and programs `manifests`
 /// (valid, without problems) through the agent's reconcile path.
 pub fn program(capacity: Capacity, conntrack: u32, manifests: &str) -> (Datapath, Reconciler, Report) {
-    let mut dp = Datapath::load(Sizes { capacity, conntrack, xnat_conntrack: conntrack, ..Sizes::default() }, None)
-        .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
+    let mut dp = Datapath::load(
+        Sizes { capacity, conntrack, xnat_conntrack: conntrack, external: true, ..Sizes::default() },
+        None,
+    )
+    .expect("loading the eBPF programs (needs root / CAP_BPF + CAP_NET_ADMIN)");
     let (snapshot, errors) = parse_documents(&Origin("fixture".into()), manifests);
     assert!(errors.is_empty(), "{errors:?}");
     let mut reconciler = Reconciler::new(Applied::new(capacity), Policy::default());

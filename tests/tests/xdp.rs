@@ -695,7 +695,7 @@ fn datagrams_fragmented_both_ways_reach_backends_and_come_back_whole() {
 
 #[test]
 fn a_jumbo_uplink_is_refused_native_xdp_with_the_reason_and_served_by_generic_xdp() {
-    let Lab { node, outside, _pod: pod, dir, _peer_xdp: peer_xdp, .. } = lab();
+    let Lab { node, outside, _pod: pod, dir, _peer_xdp: peer_xdp, _servers: servers, _cluster: cluster } = lab();
     // Jumbo frames on the uplink and to the local pod. The outside's own
     // XDP program goes first: a veth's peer cannot grow past what XDP
     // without fragments takes while one is attached.
@@ -759,7 +759,201 @@ fn a_jumbo_uplink_is_refused_native_xdp_with_the_reason_and_served_by_generic_xd
         assert_eq!(from, SocketAddr::new(vip, 53));
         assert!(got == payload, "{vip}: the echo is the datagram sent ({} bytes back)", got.len());
     }
+    // TCP, 100 kB: whatever the stack merges (GRO) before generic XDP
+    // sees it leaves as it came, not answered as too big.
+    for vip in [IpAddr::from(LOCAL_VIP), IpAddr::from(v6(LOCAL_VIP))] {
+        let reply = big_tcp_request(&outside, SocketAddr::new(vip, 80), 100_000)
+            .unwrap_or_else(|e| panic!("{vip}: 100 kB over TCP: {e}"));
+        assert!(reply.starts_with("local/pod "), "{reply:?}");
+    }
     let m = probe(&node, "/metrics").expect("/metrics answers").1;
+    assert_eq!(event(&m, "xdp_too_big"), 0.0, "nothing answered as too big");
     assert_eq!(event(&m, "fragment"), 0.0, "one frame each way, not fragments");
+    drop((servers, cluster));
     assert!(event(&m, "xdp_new_flow") >= 2.0);
+}
+
+#[test]
+fn an_uplink_that_appears_after_the_start_is_served_and_released_when_it_goes() {
+    let lab = lab();
+    let args = ["--external-interface", "up*", "--xdp-mode", "native", "--no-pin"];
+    let _agent = Agent::start(&lab.node, lab.dir.path(), &["pod0".to_owned()], &args);
+    let attached = |iface: &str| {
+        metrics(&lab).contains(&format!("mcs_agent_xdp_attached{{interface=\"{iface}\",mode=\"native\"}} 1"))
+    };
+    assert!(attached("up0") && !attached("up1"), "up0 at start, up1 not there yet");
+    // A second uplink, to another outside network, after the start.
+    let outside2 = Netns::new("mcs-xout2");
+    forwarding(&outside2);
+    veth(&lab.node, "up1", &outside2, "eth0");
+    let (node2, client2) = (Ipv4Addr::new(10, 252, 0, 1), Ipv4Addr::new(10, 252, 0, 2));
+    add(&lab.node, node2, 24, "up1");
+    add(&outside2, client2, 24, "eth0");
+    ethtool::set_tx_checksum(&outside2, "eth0", false);
+    route(&outside2, Ipv4Addr::new(10, 96, 0, 0), 16, node2);
+    let _peer2 = xdp_pass(&outside2, "eth0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !attached("up1") {
+        assert!(std::time::Instant::now() < deadline, "up1 never served: {}", metrics(&lab));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its client reaches a local and a remote backend, sees the VIP, and
+    // the backend sees the node address. The remote backend's way is the
+    // other uplink: both ways are redirected from one to the other in XDP.
+    let redirected = event(&metrics(&lab), "xdp_redirect");
+    for (vip, who) in [(LOCAL_VIP, "local/pod"), (REMOTE_VIP, "cluster-a/pod-")] {
+        let reply = tcp_request(&outside2, SocketAddrV4::new(vip, 80))
+            .unwrap_or_else(|e| panic!("{vip}:80 from behind up1: {e}; {}", events(&lab)));
+        assert!(reply.identity.starts_with(who), "{reply:?}");
+        assert_eq!(reply.reply_from, SocketAddr::new(vip.into(), 80), "{reply:?}");
+        assert_eq!(reply.peer_seen.ip(), IpAddr::from(NODE), "{reply:?}");
+        assert_eq!(reply.local.ip(), IpAddr::from(client2));
+    }
+    // The remote connection's SYN, SYN-ACK, request, answer and closing
+    // segments, at least.
+    let redirected = event(&metrics(&lab), "xdp_redirect") - redirected;
+    assert!(redirected >= 6.0, "redirected between the uplinks: {redirected}; {}", events(&lab));
+    // Gone: released, and up0 still served.
+    lab.node.ip(&["link", "del", "up1"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while attached("up1") {
+        assert!(std::time::Instant::now() < deadline, "up1 never released");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(attached("up0"));
+    let reply = tcp_request(&lab.outside, SocketAddrV4::new(REMOTE_VIP, 80)).expect("up0 still serves");
+    assert!(reply.identity.starts_with("cluster-a/pod-"));
+}
+
+#[test]
+fn an_xdp_program_not_ours_on_the_uplink_is_never_replaced() {
+    let lab = lab();
+    // Another program on up0 (this crate's, loaded by another process and
+    // pinned nowhere: to the agent, a CNI's).
+    let foreign = xdp_pass(&lab.node, "up0");
+    let args: Vec<String> = [
+        "run",
+        "--manifests",
+        &lab.dir.path().display().to_string(),
+        "--interface",
+        "pod0",
+        "--external-interface",
+        "up0",
+        "--no-pin",
+        "--socket-lb",
+        "off",
+        "--socket-lb-host-namespace",
+        "off",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut refused = Agent::spawn(&mcs_tests::agent::agent_binary(), &lab.node, &args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while refused.running() {
+        assert!(std::time::Instant::now() < deadline, "the agent did not exit: {}", refused.logs().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, log) = refused.stop();
+    let log = log.join("\n");
+    assert!(!ok, "a failed start exits non-zero");
+    assert!(
+        log.contains("another XDP program is attached to up0") && log.contains("not replaced"),
+        "the reason: {log}"
+    );
+    // Still there, and nothing of ours: traffic to a VIP is not translated.
+    let shown = String::from_utf8_lossy(&lab.node.ip(&["link", "show", "up0"]).stdout).into_owned();
+    assert!(shown.contains("xdp"), "the other program stays: {shown}");
+    assert!(tcp_request(&lab.outside, SocketAddr::new(REMOTE_VIP.into(), 80)).is_err(), "nothing of ours serves");
+    drop(foreign);
+}
+
+/// A TCP server that answers each connection's first line with `size`
+/// bytes and a newline, until dropped.
+struct BigReply {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BigReply {
+    fn start(ns: &Netns, addr: SocketAddr, size: usize) -> Self {
+        use std::io::{BufRead, Write};
+        let listener =
+            ns.run(move || std::net::TcpListener::bind(addr)).unwrap_or_else(|e| panic!("listening on {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut line = String::new();
+                    if std::io::BufReader::new(&stream).read_line(&mut line).is_ok() {
+                        let mut answer = vec![b'y'; size];
+                        answer.push(b'\n');
+                        let _ = (&stream).write_all(&answer);
+                    }
+                });
+            }
+        });
+        Self { stop, handle: Some(handle) }
+    }
+}
+
+impl Drop for BigReply {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[test]
+fn a_reply_too_big_for_the_clients_side_teaches_the_backend_its_path_mtu() {
+    let lab = lab();
+    // A client behind a router whose link to it carries 1400 bytes; the
+    // client's own interface 1500, so it offers a 1460-byte MSS.
+    //   client3 eth0 10.251.0.2 ── cl 10.251.0.1 (MTU 1400) router2 eth0 10.252.0.2 ── up1 10.252.0.1 node
+    let router = Netns::new("mcs-xrt2");
+    let client = Netns::new("mcs-xcl3");
+    forwarding(&router);
+    veth(&lab.node, "up1", &router, "eth0");
+    veth(&router, "cl", &client, "eth0");
+    add(&lab.node, Ipv4Addr::new(10, 252, 0, 1), 24, "up1");
+    add(&router, Ipv4Addr::new(10, 252, 0, 2), 24, "eth0");
+    add(&router, Ipv4Addr::new(10, 251, 0, 1), 24, "cl");
+    add(&client, Ipv4Addr::new(10, 251, 0, 2), 24, "eth0");
+    router.ip(&["link", "set", "cl", "mtu", "1400"]);
+    ethtool::set_tx_checksum(&router, "eth0", false);
+    route(&client, Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 251, 0, 1));
+    route(&router, Ipv4Addr::new(10, 96, 0, 0), 16, Ipv4Addr::new(10, 252, 0, 1));
+    route(&lab.node, Ipv4Addr::new(10, 251, 0, 0), 24, Ipv4Addr::new(10, 252, 0, 2));
+    let _router_xdp = xdp_pass(&router, "eth0");
+    let _servers: Vec<BigReply> = REMOTE_PODS
+        .iter()
+        .map(|ip| BigReply::start(&lab._cluster, SocketAddr::new((*ip).into(), 8099), 6000))
+        .collect();
+    let args = ["--external-interface", "up0", "--external-interface", "up1", "--xdp-mode", "native", "--no-pin"];
+    let _agent = Agent::start(&lab.node, lab.dir.path(), &["pod0".to_owned()], &args);
+    // 6000 bytes back in full-size segments: the router cannot pass them
+    // on and says so to their source, the VIP, which is routed to the node.
+    let target = SocketAddr::new(ECHO_REMOTE_VIP.into(), 80);
+    let reply = client.run(move || {
+        use std::io::{BufRead, Write};
+        let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        (&stream).write_all(b"hello\n")?;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        Ok::<_, std::io::Error>(line)
+    });
+    let reply = reply.unwrap_or_else(|e| panic!("6000 bytes back through a 1400-byte link: {e}; {}", events(&lab)));
+    assert_eq!(reply.len(), 6001, "the whole answer");
+    let m = metrics(&lab);
+    assert!(event(&m, "xdp_icmp_rev_nat") >= 1.0, "the router's error went to the backend: {}", events(&lab));
 }

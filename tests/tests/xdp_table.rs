@@ -114,6 +114,11 @@ struct Row {
     input: Vec<u8>,
     verdict: u32,
     output: Vec<u8>,
+    /// An IPv4 datagram sent on from the node address: it leaves with an
+    /// id of the program's (a per-CPU series), the same in all its
+    /// fragments. The expected frame takes the id it left with, and its
+    /// header checksum is made again for it.
+    renumbered: bool,
 }
 
 fn rows(f: &Family) -> Vec<Row> {
@@ -123,6 +128,7 @@ fn rows(f: &Family) -> Vec<Row> {
         input,
         verdict,
         output,
+        renumbered: false,
     };
     // Frames arrive from the peer: the fixed MACs, turned.
     let arriving = |src, dst, proto, l4: &[u8]| turned(packet(src, dst, proto, l4));
@@ -225,6 +231,26 @@ fn rows(f: &Family) -> Vec<Row> {
         XDP_TX,
         forwarded(vip, c, f.icmp, &icmp(vip, c, too_big.0, too_big.1, mtu, &asked)),
     ));
+    // The same from a router whose address shares nothing with the VIP's
+    // (IPv6: the hop limit's neighbour is the source's first byte).
+    let far: IpAddr = if f.name == "IPv4" { "192.0.2.1".parse().unwrap() } else { "2001:db8::1".parse().unwrap() };
+    rows.push(row(
+        "the same from a router in another network",
+        arriving(far, node, f.icmp, &icmp(far, node, too_big.0, too_big.1, mtu, &sent)),
+        XDP_TX,
+        forwarded(vip, c, f.icmp, &icmp(vip, c, too_big.0, too_big.1, mtu, &asked)),
+    ));
+    // A router on the client's side that cannot carry the backend's reply
+    // tells the VIP (routed here): the backend learns it, about its reply
+    // as it sent it, from the node.
+    let replied = ip_packet(vip, c, TCP, &tcp(vip, c, 80, 40000, SYN | ACK, b""), &at_63);
+    let answered = ip_packet(be, node, TCP, &tcp(be, node, 8080, p, SYN | ACK, b""), &at_63);
+    rows.push(row(
+        "a \"too big\" about a reply, to the VIP, reaches the backend from the node",
+        arriving(far, vip, f.icmp, &icmp(far, vip, too_big.0, too_big.1, mtu, &replied)),
+        XDP_TX,
+        forwarded(node, be, f.icmp, &icmp(node, be, too_big.0, too_big.1, mtu, &answered)),
+    ));
     // The backend's own port unreachable about a datagram.
     let sent = ip_packet(node, be, UDP, &udp(node, be, q, 5353, b"query"), &at_63);
     let asked = ip_packet(c, vip, UDP, &udp(c, vip, 5000, 53, b"query"), &at_63);
@@ -264,8 +290,15 @@ fn rows(f: &Family) -> Vec<Row> {
     let r = snat_port(c, vip, 5005, 53, IPPROTO_UDP);
     let [in_first, in_rest] = fragmented(c, vip, &udp(c, vip, 5005, 53, &body), 0x4242, 64);
     let [out_first, out_rest] = fragmented(node, be, &udp(node, be, r, 5353, &body), 0x4242, 63);
-    rows.push(row("a datagram's first fragment from outside is translated", turned(in_first), XDP_TX, out_first));
-    rows.push(row("its later fragment follows with the same addresses", turned(in_rest), XDP_TX, out_rest));
+    let v4 = f.name == "IPv4";
+    rows.push(Row {
+        renumbered: v4,
+        ..row("a datagram's first fragment from outside is translated", turned(in_first), XDP_TX, out_first)
+    });
+    rows.push(Row {
+        renumbered: v4,
+        ..row("its later fragment follows with the same addresses and id", turned(in_rest), XDP_TX, out_rest)
+    });
     let [in_first, in_rest] = fragmented(be, node, &udp(be, node, 5353, r, &body), 0x6161, 64);
     let [out_first, out_rest] = fragmented(vip, c, &udp(vip, c, 53, 5005, &body), 0x6161, 63);
     rows.push(row("the answer's first fragment goes to the client from the VIP", turned(in_first), XDP_TX, out_first));
@@ -346,17 +379,33 @@ fn the_xdp_packet_table_ipv4_and_ipv6_side_by_side() {
             .expect("programming the source NAT settings");
         let mut failures = Vec::new();
         let mut count = 0;
+        // The id the IPv4 datagram from outside left with.
+        let mut datagram_id: Option<[u8; 2]> = None;
         for family in families() {
             for row in rows(&family) {
                 count += 1;
                 let (verdict, output) = run_xdp(&mut dp, ifindex, &row.input);
-                if (verdict, &output) != (row.verdict, &row.output) {
+                let mut expected = row.output.clone();
+                if row.renumbered && output.len() >= 34 {
+                    let id = [output[18], output[19]];
+                    if *datagram_id.get_or_insert(id) != id || id == [row.input[18], row.input[19]] {
+                        failures.push(format!(
+                            "{}: id {id:02x?}: the client's, or not its first fragment's {datagram_id:02x?}",
+                            row.what
+                        ));
+                    }
+                    expected[18..20].copy_from_slice(&id);
+                    expected[24..26].copy_from_slice(&[0, 0]);
+                    let check = mcs_tests::packet::checksum(&[&expected[14..34]]);
+                    expected[24..26].copy_from_slice(&check.to_be_bytes());
+                }
+                if (verdict, &output) != (row.verdict, &expected) {
                     failures.push(format!(
                         "{}:\n  verdict {verdict}, expected {}\n  got      {}\n  expected {}",
                         row.what,
                         row.verdict,
                         hex(&output),
-                        hex(&row.output)
+                        hex(&expected)
                     ));
                 }
             }
@@ -377,12 +426,12 @@ fn the_xdp_packet_table_ipv4_and_ipv6_side_by_side() {
     });
     assert!(failures.is_empty(), "{} of {count} rows failed:\n{}", failures.len(), failures.join("\n"));
     // Per family: three new flows, three replies, one mid-stream miss, two
-    // rejections, eleven translated frames sent back out (two of them ICMP
-    // errors, four fragments), one "too big", two first fragments and two
-    // later ones.
+    // rejections, thirteen translated frames sent back out (four of them
+    // ICMP errors, four fragments), one "too big", two first fragments and
+    // two later ones.
     assert_eq!(
         stats,
-        [6, 6, 2, 4, 22, 4, 2, 4, 4],
+        [6, 6, 2, 4, 26, 8, 2, 4, 4],
         "new, replies, mid-stream, rejected, XDP_TX, ICMP errors, too big, first fragments, later fragments"
     );
 }

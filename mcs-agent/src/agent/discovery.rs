@@ -1,4 +1,5 @@
-//! Interfaces found by `--interface-pattern`: attach to one that appears,
+//! Interfaces found by `--interface-pattern` (and `--external-interface`
+//! globs, for the XDP programs): attach to one that appears,
 //! forget one that goes away, and never leave a gap on one that was
 //! attached already. The datapath is behind a trait, so the cases (a
 //! rename, a missed removal, an explicit interface) are tested without links.
@@ -8,7 +9,7 @@ use std::{collections::BTreeMap, fmt::Display};
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{AttachMode, Datapath, DatapathError},
+    datapath::{AttachMode, Datapath, DatapathError, XdpAttach},
     source::links::LinkEvent,
 };
 
@@ -37,6 +38,27 @@ impl Hooks for DatapathHooks<'_> {
 
     fn forget(&mut self, iface: &str) {
         self.0.forget(iface);
+    }
+}
+
+/// The XDP programs on external interfaces (`--external-interface` globs).
+pub struct ExternalHooks<'a>(pub &'a mut Datapath, pub XdpAttach);
+
+impl Hooks for ExternalHooks<'_> {
+    type Error = DatapathError;
+
+    fn is_attached(&self, iface: &str) -> bool {
+        self.0.external_interfaces().iter().any(|(i, _)| i == iface)
+    }
+
+    fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.0.attach_external(iface, self.1).map(|mode| {
+            info!(iface, mode = mode.name(), "serving a new external interface");
+        })
+    }
+
+    fn forget(&mut self, iface: &str) {
+        self.0.forget_external(iface);
     }
 }
 

@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use super::{
     config::{Config, ConntrackGc, External, SocketLb, SourceConfig},
     control::{self, ControlSocket},
-    discovery::{DatapathHooks, Discovered},
+    discovery::{DatapathHooks, Discovered, ExternalHooks},
     error::{AgentError, Context as _},
     grow::{Growth, Old},
     pass::{local_addresses, reconcile},
@@ -31,7 +31,7 @@ use super::{
     schedule::{Schedule, StaleChange},
     sources::{self, Source},
     switch::switch_over,
-    takeover::Takeover,
+    takeover::{self, Takeover},
 };
 use crate::{
     conntrack,
@@ -93,6 +93,11 @@ pub struct Agent {
     discovered: Discovered,
     link_tx: UnboundedSender<LinkEvent>,
     links: UnboundedReceiver<LinkEvent>,
+    /// The same for `--external-interface` globs: interfaces that appear
+    /// later get the XDP programs too.
+    external_discovered: Discovered,
+    external_link_tx: UnboundedSender<LinkEvent>,
+    external_links: UnboundedReceiver<LinkEvent>,
     /// Until the first complete pass: then the link watch takes them.
     patterns: Option<Patterns>,
     /// The first complete pass is done and this agent's programs are hooked.
@@ -232,6 +237,7 @@ impl Agent {
         }
         let collector = collect_conntrack(&datapath, conntrack_gc, &ct_stats)?;
         let (link_tx, links) = mpsc::unbounded_channel();
+        let (external_link_tx, external_links) = mpsc::unbounded_channel();
         let mut reconciler = Reconciler::new(applied, flags_policy.clone());
         reconciler.set_growth(Some(bounds));
         // An unreadable directory is left to the first pass, which reports it.
@@ -280,6 +286,9 @@ impl Agent {
             link_tx,
             links,
             discovered: Discovered::default(),
+            external_link_tx,
+            external_links,
+            external_discovered: Discovered::default(),
             metrics: AgentMetrics::default(),
             scrapes,
             inspects,
@@ -331,6 +340,10 @@ impl Agent {
                 Some(signal) = self.signals.recv() => self.on_signal(signal).await,
                 Some(event) = self.links.recv() => {
                     self.discovered.on_event(event, &mut DatapathHooks(&mut self.datapath, self.attach));
+                }
+                Some(event) = self.external_links.recv() => {
+                    let hooks = &mut ExternalHooks(&mut self.datapath, self.external.mode);
+                    self.external_discovered.on_event(event, hooks);
                 }
                 // At most twice a second, and off the loop: the scan reads
                 // every remembered socket.
@@ -440,6 +453,17 @@ impl Agent {
             tokio::spawn(async move {
                 if let Err(e) = links::watch(patterns, tx).await {
                     error!(error = %e, "interface discovery stopped; new pods will not be served");
+                }
+            });
+        }
+        let globs: Vec<String> = self.external.interfaces.iter().filter(|i| takeover::is_glob(i)).cloned().collect();
+        if let Ok(patterns) = Patterns::new(&globs)
+            && !patterns.is_empty()
+        {
+            let tx = self.external_link_tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = links::watch(patterns, tx).await {
+                    error!(error = %e, "external interface discovery stopped; new uplinks will not be served");
                 }
             });
         }

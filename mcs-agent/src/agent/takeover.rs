@@ -198,11 +198,13 @@ pub(super) fn prepare_external(
         .unwrap_or_default();
     let mut names: Vec<String> = Vec::new();
     for wanted in &external.interfaces {
+        // A glob may match nothing yet: interfaces that appear later are
+        // served as they come (the agent's link watch).
         let matched: Vec<&String> = match glob::Pattern::new(wanted) {
-            Ok(p) if wanted.contains(['*', '?', '[']) => present.iter().filter(|i| p.matches(i)).collect(),
+            Ok(p) if is_glob(wanted) => present.iter().filter(|i| p.matches(i)).collect(),
             _ => present.iter().filter(|i| *i == wanted).collect(),
         };
-        if matched.is_empty() {
+        if matched.is_empty() && !is_glob(wanted) {
             return Err(AgentError::Config(format!(
                 "--external-interface {wanted}: no such interface in this network namespace"
             )));
@@ -214,14 +216,21 @@ pub(super) fn prepare_external(
         }
     }
     let mut snat = external.snat.clone();
-    let (addr4, addr6) = interface_addresses(&names[0]);
-    snat.addr4 = snat.addr4.or(addr4);
-    snat.addr6 = snat.addr6.or(addr6);
+    if let Some(first) = names.first() {
+        let (addr4, addr6) = interface_addresses(first);
+        snat.addr4 = snat.addr4.or(addr4);
+        snat.addr6 = snat.addr6.or(addr6);
+    }
     if snat.addr4.is_none() && snat.addr6.is_none() {
-        return Err(AgentError::Config(format!(
-            "--external-interface {}: it has no address to translate flows from outside to; give --external-snat-address",
-            names[0]
-        )));
+        return Err(AgentError::Config(match names.first() {
+            Some(first) => format!(
+                "--external-interface {first}: it has no address to translate flows from outside to; give --external-snat-address"
+            ),
+            None => format!(
+                "--external-interface {}: no interface matches yet, so none gives the address to translate flows from outside to; give --external-snat-address",
+                external.interfaces.join(",")
+            ),
+        }));
     }
     warn_port_overlap(snat.ports);
     for addr in [snat.addr4.map(std::net::IpAddr::V4), snat.addr6.map(std::net::IpAddr::V6)].into_iter().flatten() {
@@ -233,6 +242,12 @@ pub(super) fn prepare_external(
     datapath.release_unlisted_externals(&names);
     info!(interfaces = ?names, snat = %datapath::describe_xnat(&snat), "serving ClusterSetIP traffic from outside");
     Ok(Some(names))
+}
+
+/// Whether an `--external-interface` is a glob (served as interfaces
+/// appear) rather than a name.
+pub(super) fn is_glob(name: &str) -> bool {
+    name.contains(['*', '?', '['])
 }
 
 /// Whether `addr` is assigned to an interface of this network namespace.

@@ -13,8 +13,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use mcs_common::{
-    MAP_XNAT, MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6, PROG_UPLINK, PROG_XDP, XNAT_F_SOURCE_FILTER4,
-    XNAT_F_SOURCE_FILTER6, XnatConfig,
+    MAP_XNAT, MAP_XNAT_CT, MAP_XNAT_CT6, MAP_XNAT_SRC, MAP_XNAT_SRC6, MAP_XNAT_UPLINKS, PROG_UPLINK, PROG_XDP,
+    UPLINK_GENERIC, UPLINK_NATIVE, XNAT_F_SOURCE_FILTER4, XNAT_F_SOURCE_FILTER6, XnatConfig,
 };
 
 /// How the XDP program is hooked to an external interface.
@@ -278,6 +278,7 @@ impl Datapath {
                     drop(FdLink::try_from(link).map_err(|e| iface_err(e.to_string()))?);
                     info!(iface, mode = mode.name(), "XDP program replaced in place (BPF_LINK_UPDATE)");
                     self.external.insert(iface.to_owned(), ExternalHooks { xdp: Held::Pinned(path), uplink, mode });
+                    self.sync_uplinks();
                     return Ok(mode);
                 }
                 // A link whose interface was deleted (and maybe created again).
@@ -314,6 +315,7 @@ impl Datapath {
                     }
                     info!(iface, mode = run.name(), "XDP attached: serving ClusterSetIP traffic from outside");
                     self.external.insert(iface.to_owned(), ExternalHooks { xdp: held, uplink, mode: run });
+                    self.sync_uplinks();
                     return Ok(run);
                 }
                 Err(e) => failures.push(format!("{}: {}", run.name(), xdp_error(&e, iface))),
@@ -368,6 +370,7 @@ impl Datapath {
             }
             info!(iface, "released an external interface not served any more");
         }
+        self.sync_uplinks();
     }
 
     /// Takes over `old`'s external interfaces (a growth). Links held by
@@ -388,7 +391,40 @@ impl Datapath {
             let link = xdp.take_link(id).map_err(|e| err(e.to_string()))?;
             self.external.insert(iface, ExternalHooks { xdp: Held::Owned(link), uplink: Held::Owned(uplink), mode });
         }
+        self.sync_uplinks();
         Ok(())
+    }
+
+    /// `XNAT_UPLINKS` made to hold exactly the interfaces served, with their
+    /// mode: where `mcs_xdp` may redirect a packet, and whether it checks
+    /// the MTU. Best effort: a stale or missing entry only sends packets
+    /// through the stack, or lets a redirect to a vanished interface fail
+    /// (dropped, as the interface is).
+    fn sync_uplinks(&mut self) {
+        let wanted: Vec<(u32, u32)> = self
+            .external
+            .iter()
+            .filter_map(|(iface, hooks)| {
+                let mode = if hooks.mode == XdpRunMode::Native { UPLINK_NATIVE } else { UPLINK_GENERIC };
+                nix::net::if_::if_nametoindex(iface.as_str()).ok().map(|i| (i, mode))
+            })
+            .collect();
+        let name = MAP_XNAT_UPLINKS;
+        let Some(map) = self.ebpf.map_mut(name) else { return };
+        let mut uplinks = match aya::maps::HashMap::<_, u32, u32>::try_from(map) {
+            Ok(m) => m,
+            Err(e) => return warn!(map = name, error = %e, "external interfaces not written"),
+        };
+        let stale: Vec<u32> =
+            uplinks.keys().filter_map(Result::ok).filter(|k| !wanted.iter().any(|(i, _)| i == k)).collect();
+        for (ifindex, mode) in &wanted {
+            if let Err(e) = uplinks.insert(ifindex, mode, 0) {
+                warn!(ifindex, error = %e, "an external interface not written: packets to it go through the stack");
+            }
+        }
+        for ifindex in stale {
+            let _ = uplinks.remove(&ifindex);
+        }
     }
 
     /// The XDP program (BPF_PROG_TEST_RUN in tests and benchmarks).
@@ -412,6 +448,7 @@ impl Datapath {
     pub fn forget_external(&mut self, iface: &str) -> bool {
         let Some(hooks) = self.external.remove(iface) else { return false };
         release_external(iface, hooks);
+        self.sync_uplinks();
         true
     }
 

@@ -81,6 +81,8 @@ pub(super) fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_XNAT => (MapType::Array, 4, size_of::<XnatConfig>(), 0),
         MAP_XNAT_SRC => (MapType::LpmTrie, 8, 1, 0),
         MAP_XNAT_SRC6 => (MapType::LpmTrie, 20, 1, 0),
+        MAP_XNAT_UPLINKS => (MapType::Hash, 4, 4, 0),
+        MAP_XNAT_IP_ID => (MapType::PerCpuArray, 4, 4, 0),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }
@@ -178,7 +180,7 @@ impl Datapath {
         layout: Option<LayoutDir>,
         kernel_log: KernelLog,
     ) -> Result<Self, DatapathError> {
-        let Sizes { capacity, conntrack, stats_entries, xnat_conntrack } = sizes;
+        let Sizes { capacity, conntrack, stats_entries, xnat_conntrack, external } = sizes;
         let mut wanted = [
             (MAP_SERVICES, capacity.services),
             (MAP_BACKENDS, capacity.backends),
@@ -208,6 +210,8 @@ impl Datapath {
             (MAP_XNAT, 1),
             (MAP_XNAT_SRC, 1024),
             (MAP_XNAT_SRC6, 1024),
+            (MAP_XNAT_UPLINKS, mcs_common::XNAT_UPLINKS_MAX),
+            (MAP_XNAT_IP_ID, 1),
             // Last: its size is read back below. Every backend id, whatever
             // --stats-entries: passive health must watch every backend, and
             // the map is not per-CPU (32 bytes an id, 8 MiB at the default
@@ -233,13 +237,12 @@ impl Datapath {
         // on a node that serves outside clients (elsewhere one entry each:
         // per-CPU arrays cost every CPU their size).
         let (mut backend_stats_size, mut service_stats_size) = (0, 0);
-        let served = xnat_conntrack != XNAT_TOKEN_SIZE;
         for (name, size) in &mut wanted {
             match *name {
                 // As many ids as the backends map adopted or created has.
                 MAP_HEALTH => *size = backends_size,
-                MAP_XDP_BACKEND_STATS => *size = if served { backend_stats_size } else { 1 },
-                MAP_XDP_SERVICE_STATS => *size = if served { service_stats_size } else { 1 },
+                MAP_XDP_BACKEND_STATS => *size = if external { backend_stats_size } else { 1 },
+                MAP_XDP_SERVICE_STATS => *size = if external { service_stats_size } else { 1 },
                 _ => {}
             }
             if let Some(layout) = &layout {
@@ -392,7 +395,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             maps,
-            sizes: Sizes { capacity, conntrack, stats_entries, xnat_conntrack },
+            sizes: Sizes { capacity, conntrack, stats_entries, xnat_conntrack, external },
             layout,
             older: Vec::new(),
             protected: Vec::new(),
