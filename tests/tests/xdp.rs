@@ -627,32 +627,21 @@ fn udp_exchange(ns: &Netns, target: SocketAddr, payload: &[u8]) -> std::io::Resu
     })
 }
 
-/// A UDP server that sends every datagram back whole, until dropped.
-struct Echo {
+/// A server's thread, until dropped: its loop ends when the flag is set.
+struct Serving {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Echo {
-    fn start(ns: &Netns, addr: SocketAddr) -> Self {
-        use std::sync::{Arc, atomic::AtomicBool};
-        let socket = ns.run(move || std::net::UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("echo on {addr}: {e}"));
-        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
+impl Serving {
+    fn spawn(serve: impl FnOnce(&std::sync::atomic::AtomicBool) + Send + 'static) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(&buf[..n], peer);
-                }
-            }
-        });
-        Self { stop, handle: Some(handle) }
+        Self { stop, handle: Some(std::thread::spawn(move || serve(&flag))) }
     }
 }
 
-impl Drop for Echo {
+impl Drop for Serving {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(handle) = self.handle.take() {
@@ -661,16 +650,30 @@ impl Drop for Echo {
     }
 }
 
+/// A UDP server that sends every datagram back whole.
+fn echo(ns: &Netns, addr: SocketAddr) -> Serving {
+    let socket = ns.run(move || std::net::UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("echo on {addr}: {e}"));
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    Serving::spawn(move |stop| {
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], peer);
+            }
+        }
+    })
+}
+
 #[test]
 fn datagrams_fragmented_both_ways_reach_backends_and_come_back_whole() {
     let lab = lab();
     let mut echoes = Vec::new();
     for ip in REMOTE_PODS {
-        echoes.push(Echo::start(&lab._cluster, SocketAddr::new(ip.into(), ECHO_PORT)));
-        echoes.push(Echo::start(&lab._cluster, SocketAddr::new(v6(ip).into(), ECHO_PORT)));
+        echoes.push(echo(&lab._cluster, SocketAddr::new(ip.into(), ECHO_PORT)));
+        echoes.push(echo(&lab._cluster, SocketAddr::new(v6(ip).into(), ECHO_PORT)));
     }
-    echoes.push(Echo::start(&lab._pod, SocketAddr::new(LOCAL_POD.into(), ECHO_PORT)));
-    echoes.push(Echo::start(&lab._pod, SocketAddr::new(v6(LOCAL_POD).into(), ECHO_PORT)));
+    echoes.push(echo(&lab._pod, SocketAddr::new(LOCAL_POD.into(), ECHO_PORT)));
+    echoes.push(echo(&lab._pod, SocketAddr::new(v6(LOCAL_POD).into(), ECHO_PORT)));
     let _agent = start(&lab, &[]);
     // 4000 bytes: three fragments each way on 1500-byte links, the answer
     // fragmented by the backend's kernel. The backend's and the client's
@@ -691,6 +694,25 @@ fn datagrams_fragmented_both_ways_reach_backends_and_come_back_whole() {
     assert_eq!(event(&m, "fragment_translated"), 16.0, "{}", events(&lab));
     assert_eq!(event(&m, "fragment_miss"), 0.0);
     drop(echoes);
+}
+
+/// Starts an agent on up0 (and pod0) that must fail to start: its log.
+fn refused_start(node: &Netns, manifests: &std::path::Path, extra: &[&str]) -> String {
+    let mut args: Vec<String> = ["run", "--manifests", &manifests.display().to_string(), "--interface", "pod0"]
+        .into_iter()
+        .chain(["--external-interface", "up0", "--no-pin", "--socket-lb", "off", "--socket-lb-host-namespace", "off"])
+        .map(str::to_owned)
+        .collect();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut refused = Agent::spawn(&mcs_tests::agent::agent_binary(), node, &args);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while refused.running() {
+        assert!(std::time::Instant::now() < deadline, "the agent did not exit: {}", refused.logs().join("\n"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ok, log) = refused.stop();
+    assert!(!ok, "a failed start exits non-zero");
+    log.join("\n")
 }
 
 #[test]
@@ -716,37 +738,11 @@ fn a_jumbo_uplink_is_refused_native_xdp_with_the_reason_and_served_by_generic_xd
         assert!(set, "{dev}: MTU 9000");
     }
     let _echo = [
-        Echo::start(&pod, SocketAddr::new(LOCAL_POD.into(), ECHO_PORT)),
-        Echo::start(&pod, SocketAddr::new(v6(LOCAL_POD).into(), ECHO_PORT)),
+        echo(&pod, SocketAddr::new(LOCAL_POD.into(), ECHO_PORT)),
+        echo(&pod, SocketAddr::new(v6(LOCAL_POD).into(), ECHO_PORT)),
     ];
     // Native: refused at start, naming the interface and what to do.
-    let args: Vec<String> = [
-        "run",
-        "--manifests",
-        &dir.path().display().to_string(),
-        "--interface",
-        "pod0",
-        "--external-interface",
-        "up0",
-        "--xdp-mode",
-        "native",
-        "--no-pin",
-        "--socket-lb",
-        "off",
-        "--socket-lb-host-namespace",
-        "off",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let mut refused = Agent::spawn(&mcs_tests::agent::agent_binary(), &node, &args);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while refused.running() {
-        assert!(std::time::Instant::now() < deadline, "the agent did not exit: {}", refused.logs().join("\n"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (ok, log) = refused.stop();
-    let log = log.join("\n");
-    assert!(!ok, "a failed start exits non-zero");
+    let log = refused_start(&node, dir.path(), &["--xdp-mode", "native"]);
     assert!(log.contains("up0") && log.contains("MTU") && log.contains("--xdp-mode generic"), "the reason: {log}");
     // Auto: generic XDP, said in /metrics, and a jumbo datagram crosses whole.
     let _agent = Agent::start(&node, dir.path(), &["pod0".to_owned()], &["--external-interface", "up0", "--no-pin"]);
@@ -831,31 +827,7 @@ fn an_xdp_program_not_ours_on_the_uplink_is_never_replaced() {
     // Another program on up0 (this crate's, loaded by another process and
     // pinned nowhere: to the agent, a CNI's).
     let foreign = xdp_pass(&lab.node, "up0");
-    let args: Vec<String> = [
-        "run",
-        "--manifests",
-        &lab.dir.path().display().to_string(),
-        "--interface",
-        "pod0",
-        "--external-interface",
-        "up0",
-        "--no-pin",
-        "--socket-lb",
-        "off",
-        "--socket-lb-host-namespace",
-        "off",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let mut refused = Agent::spawn(&mcs_tests::agent::agent_binary(), &lab.node, &args);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while refused.running() {
-        assert!(std::time::Instant::now() < deadline, "the agent did not exit: {}", refused.logs().join("\n"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (ok, log) = refused.stop();
-    let log = log.join("\n");
-    assert!(!ok, "a failed start exits non-zero");
+    let log = refused_start(&lab.node, lab.dir.path(), &[]);
     assert!(
         log.contains("another XDP program is attached to up0") && log.contains("not replaced"),
         "the reason: {log}"
@@ -868,49 +840,30 @@ fn an_xdp_program_not_ours_on_the_uplink_is_never_replaced() {
 }
 
 /// A TCP server that answers each connection's first line with `size`
-/// bytes and a newline, until dropped.
-struct BigReply {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BigReply {
-    fn start(ns: &Netns, addr: SocketAddr, size: usize) -> Self {
-        use std::io::{BufRead, Write};
-        let listener =
-            ns.run(move || std::net::TcpListener::bind(addr)).unwrap_or_else(|e| panic!("listening on {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((stream, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                std::thread::spawn(move || {
-                    let _ = stream.set_nonblocking(false);
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut line = String::new();
-                    if std::io::BufReader::new(&stream).read_line(&mut line).is_ok() {
-                        let mut answer = vec![b'y'; size];
-                        answer.push(b'\n');
-                        let _ = (&stream).write_all(&answer);
-                    }
-                });
-            }
-        });
-        Self { stop, handle: Some(handle) }
-    }
-}
-
-impl Drop for BigReply {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
+/// bytes and a newline.
+fn big_reply(ns: &Netns, addr: SocketAddr, size: usize) -> Serving {
+    use std::io::{BufRead, Write};
+    let listener =
+        ns.run(move || std::net::TcpListener::bind(addr)).unwrap_or_else(|e| panic!("listening on {addr}: {e}"));
+    listener.set_nonblocking(true).unwrap();
+    Serving::spawn(move |stop| {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((stream, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            std::thread::spawn(move || {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                if std::io::BufReader::new(&stream).read_line(&mut line).is_ok() {
+                    let mut answer = vec![b'y'; size];
+                    answer.push(b'\n');
+                    let _ = (&stream).write_all(&answer);
+                }
+            });
         }
-    }
+    })
 }
 
 #[test]
@@ -934,10 +887,8 @@ fn a_reply_too_big_for_the_clients_side_teaches_the_backend_its_path_mtu() {
     route(&router, Ipv4Addr::new(10, 96, 0, 0), 16, Ipv4Addr::new(10, 252, 0, 1));
     route(&lab.node, Ipv4Addr::new(10, 251, 0, 0), 24, Ipv4Addr::new(10, 252, 0, 2));
     let _router_xdp = xdp_pass(&router, "eth0");
-    let _servers: Vec<BigReply> = REMOTE_PODS
-        .iter()
-        .map(|ip| BigReply::start(&lab._cluster, SocketAddr::new((*ip).into(), 8099), 6000))
-        .collect();
+    let _servers: Vec<Serving> =
+        REMOTE_PODS.iter().map(|ip| big_reply(&lab._cluster, SocketAddr::new((*ip).into(), 8099), 6000)).collect();
     let args = ["--external-interface", "up0", "--external-interface", "up1", "--xdp-mode", "native", "--no-pin"];
     let _agent = Agent::start(&lab.node, lab.dir.path(), &["pod0".to_owned()], &args);
     // 6000 bytes back in full-size segments: the router cannot pass them
