@@ -143,8 +143,8 @@ pub const XNAT_UPLINKS_MAX: u32 = 64;
 /// `XNAT_UPLINKS` values: the interface's XDP mode.
 pub const UPLINK_NATIVE: u32 = 1;
 pub const UPLINK_GENERIC: u32 = 2;
-/// The next IPv4 id of datagrams XDP fragments on from the node address,
-/// per CPU.
+/// The next IPv4 id of fragmented datagrams XDP sends on from the node
+/// address (one, shared by the CPUs).
 pub const MAP_XNAT_IP_ID: &str = "XNAT_IP_ID";
 /// The same counters for flows from outside the node (the XDP path).
 pub const MAP_XDP_BACKEND_STATS: &str = "XDP_BACKEND_STATS";

@@ -14,13 +14,17 @@ use aya_ebpf::{
     },
     programs::{TcContext, XdpContext},
 };
-use mcs_common::{CT_DIR_REPLY, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat};
+use mcs_common::{
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, NatValue, Stat,
+    XnatConfig,
+};
 
 use crate::{
     csum::{Delta, fold},
-    family::{Family, write_ip},
+    family::{Family, addrs_delta, write_ip},
     maps::{TC_ACT_SHOT, TC_NEXT, count},
     parse::{ETH_LEN, Flow, IPV6_LEN, Packet, load, ptr_at, pull_more},
+    xnat::in_port_range,
 };
 
 const ICMP_HDR: usize = 8;
@@ -160,6 +164,164 @@ fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) 
     // SAFETY: bounds-checked by ptr_at.
     unsafe { icmp_csum.write_unaligned(icmp.apply(icmp_csum.read_unaligned())) };
     Ok(true)
+}
+
+/// Where an error's parts sit (without options or extension headers):
+/// constants, which the verifier follows (a router adds neither).
+pub struct Quote;
+
+impl Quote {
+    /// The ICMP header.
+    pub const fn l4_off<F: Family>() -> usize {
+        ETH_LEN + if F::HEADER_CSUM { 20 } else { IPV6_LEN }
+    }
+
+    /// The quoted IP header.
+    pub const fn inner<F: Family>() -> usize {
+        Self::l4_off::<F>() + 8
+    }
+
+    /// The quoted L4 header.
+    pub const fn l4<F: Family>() -> usize {
+        Self::inner::<F>() + if F::HEADER_CSUM { 20 } else { IPV6_LEN }
+    }
+}
+
+/// An ICMP error (at [`Quote`]'s offsets) about a packet of a flow from
+/// outside, sent to that packet's source: the quoted protocol and the
+/// flow's entry of the direction the error goes on in (whose `peer` gets
+/// it). The source is the node address and a port of the range (`to_vip`
+/// false: only that), or a VIP. `None`: not such an error.
+#[inline(always)]
+pub fn quoted_entry<F: Family, C: Packet>(
+    ctx: &C,
+    config: &XnatConfig,
+    to_vip: bool,
+) -> Option<(u8, *const NatValue<F::A>)> {
+    let (inner, l4) = (Quote::inner::<F>(), Quote::l4::<F>());
+    // The quoted header's start, in one read: the verifier follows one
+    // bounds check per packet pointer. IPv4: no options, and the quote of
+    // a first fragment or a whole packet (a later fragment's bytes there
+    // are no ports).
+    let (plain, proto) = if F::HEADER_CSUM {
+        let h = load::<[u8; 10]>(ctx, inner)?;
+        (h[0] == 0x45 && h[6] & 0x1f == 0 && h[7] == 0, h[9])
+    } else {
+        let h = load::<[u8; 8]>(ctx, inner)?;
+        (true, h[6])
+    };
+    if !plain || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return None;
+    }
+    let to = load::<F::A>(ctx, ETH_LEN + F::DST_OFF)?;
+    let sender = load::<F::A>(ctx, inner + F::SRC_OFF)?;
+    let receiver = load::<F::A>(ctx, inner + F::DST_OFF)?;
+    let ports = load::<[u16; 2]>(ctx, l4)?;
+    // To the quoted packet's sender: the node (a port of the range), else
+    // a VIP (a flow's original entry answers for it).
+    let dir = if sender == F::xnat_addr(config) && in_port_range(config, ports[0]) {
+        CT_DIR_REPLY
+    } else if to_vip {
+        // A host never says its own packet was too big for it: such an
+        // error from the reply's client would only lower the backend's MTU
+        // to the node, for every client.
+        let kind = load::<[u8; 2]>(ctx, Quote::l4_off::<F>())?;
+        let too_big = if F::HEADER_CSUM { kind == [3, 4] } else { kind[0] == 2 };
+        if too_big && load::<F::A>(ctx, ETH_LEN + F::SRC_OFF)? == receiver {
+            return None;
+        }
+        CT_DIR_ORIGINAL
+    } else {
+        return None;
+    };
+    if to != sender {
+        return None;
+    }
+    // The quote's flow seen from the other side: the entry of the
+    // direction the error's receiver is on.
+    let key = CtKey { src: receiver, dst: sender, src_port: ports[1], dst_port: ports[0], proto, dir, _pad: [0; 2] };
+    let entry = F::xnat_ct().get_ptr(key)?;
+    Some((proto, entry))
+}
+
+/// The quote (the packet as translated: `sender` -> `receiver`) becomes the
+/// packet as the other side knows it (`entry.peer` -> `entry.nat`: client ->
+/// VIP, or backend -> node), the outer header `entry.nat` -> `entry.peer`
+/// (it was to the sender), with every checksum they are in and the TTL (hop
+/// limit), all pointers checked before the first write.
+#[inline(always)]
+pub fn rewrite_error<F: Family, C: Packet>(ctx: &C, proto: u8, entry: &NatValue<F::A>) -> Option<()> {
+    let (l4_off, inner, l4) = (Quote::l4_off::<F>(), Quote::inner::<F>(), Quote::l4::<F>());
+    let outer_src = ptr_at::<F::A>(ctx, ETH_LEN + F::SRC_OFF)?;
+    let outer_dst = ptr_at::<F::A>(ctx, ETH_LEN + F::DST_OFF)?;
+    let ttl = ptr_at::<[u8; 2]>(ctx, ETH_LEN + F::TTL_OFF)?;
+    let icmp_csum = ptr_at::<u16>(ctx, l4_off + 2)?;
+    let quoted_src = ptr_at::<F::A>(ctx, inner + F::SRC_OFF)?;
+    let quoted_dst = ptr_at::<F::A>(ctx, inner + F::DST_OFF)?;
+    let quoted_ports = ptr_at::<[u16; 2]>(ctx, l4)?;
+    // The quoted L4 checksum, when the quote is long enough to hold it.
+    let quoted_l4_csum = ptr_at::<u16>(ctx, l4 + if proto == IPPROTO_UDP { 6 } else { 16 });
+    let (peer, nat) = (entry.peer, entry.nat);
+    // SAFETY (all): every pointer bounds-checked by ptr_at above.
+    let (sender, receiver, ports) =
+        unsafe { (quoted_src.read_unaligned(), quoted_dst.read_unaligned(), quoted_ports.read_unaligned()) };
+    let addrs = addrs_delta::<F>(&sender, &peer, &receiver, &nat);
+    let ports_delta = Delta::NONE.word(ports[0], entry.peer_port).word(ports[1], entry.nat_port);
+    let mut icmp = Delta(addrs.0.wrapping_add(ports_delta.0));
+    unsafe {
+        quoted_src.write_unaligned(peer);
+        quoted_dst.write_unaligned(nat);
+        quoted_ports.write_unaligned([entry.peer_port, entry.nat_port]);
+    }
+    if F::HEADER_CSUM {
+        let check = ptr_at::<u16>(ctx, inner + 10)?;
+        // SAFETY: as above.
+        unsafe {
+            let old = check.read_unaligned();
+            let new = addrs.apply(old);
+            check.write_unaligned(new);
+            icmp = icmp.word(old, new);
+        }
+    }
+    if let Some(p) = quoted_l4_csum {
+        // SAFETY: as above.
+        unsafe {
+            let old = p.read_unaligned();
+            // A UDP checksum of zero means "none".
+            if !(proto == IPPROTO_UDP && F::HEADER_CSUM && old == 0) {
+                let mut new = Delta(addrs.0.wrapping_add(ports_delta.0)).apply(old);
+                if proto == IPPROTO_UDP && new == 0 {
+                    new = 0xffff;
+                }
+                p.write_unaligned(new);
+                icmp = icmp.word(old, new);
+            }
+        }
+    }
+    // SAFETY: as above.
+    let (old_src, old_ttl) = unsafe { (outer_src.read_unaligned(), ttl.read_unaligned()) };
+    // The outer destination was the sender (checked by the caller).
+    let outer = addrs_delta::<F>(&old_src, &nat, &sender, &peer);
+    let new_ttl = [old_ttl[0].wrapping_sub(1), old_ttl[1]];
+    if !F::HEADER_CSUM {
+        // ICMPv6's checksum covers the pseudo-header.
+        icmp = Delta(icmp.0.wrapping_add(outer.0));
+    }
+    // SAFETY: as above.
+    unsafe {
+        // The TTL first: IPv6's two bytes there end in the source's first.
+        ttl.write_unaligned(new_ttl);
+        outer_src.write_unaligned(nat);
+        outer_dst.write_unaligned(peer);
+        icmp_csum.write_unaligned(icmp.apply(icmp_csum.read_unaligned()));
+    }
+    if F::HEADER_CSUM {
+        let check = ptr_at::<u16>(ctx, ETH_LEN + 10)?;
+        let header = outer.word(u16::from_ne_bytes(old_ttl), u16::from_ne_bytes(new_ttl));
+        // SAFETY: as above.
+        unsafe { check.write_unaligned(header.apply(check.read_unaligned())) };
+    }
+    Some(())
 }
 
 /// Answers a new flow to a frontend without a usable backend, from the VIP,

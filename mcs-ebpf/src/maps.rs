@@ -117,12 +117,25 @@ pub static XNAT: Array<XnatConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static XNAT_UPLINKS: HashMap<u32, u32> = HashMap::with_max_entries(mcs_common::XNAT_UPLINKS_MAX, 0);
 
-/// The IPv4 ids XDP gives fragmented datagrams it sends from the node's
-/// address (per CPU, offset by the CPU): many clients' datagrams to one
+/// The next IPv4 id XDP gives a fragmented datagram it sends from the
+/// node's address, shared by the CPUs: many clients' datagrams to one
 /// backend share that address, and their own ids would meet in the
 /// backend's reassembly.
 #[map]
-pub static XNAT_IP_ID: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static XNAT_IP_ID: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Adds one to `counter`, atomically (every CPU shares it): its value before.
+#[inline(always)]
+pub fn fetch_inc(counter: *mut u64) -> u64 {
+    let mut value = 1u64;
+    // SAFETY: an aligned u64 inside a live map value; BPF's atomic
+    // fetch-and-add (core's atomics have no read-modify-write for this
+    // target).
+    unsafe {
+        core::arch::asm!("{0} = atomic_fetch_add((u64 *)({1} + 0), {0})", inout(reg) value, in(reg) counter);
+    }
+    value
+}
 
 /// `--external-source-cidr`, by family (consulted only with `XNAT_F_SOURCE_FILTER*`).
 #[map]

@@ -75,7 +75,8 @@ pub fn rewrite<F: Family>(
 pub fn follow_fragment<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, id: u32, side: Side, miss: bool) -> i32 {
     let key = flow.frag_key(id, mcs_common::FRAG_PART_DST);
     // The XDP path's entries (`FRAG_XNAT`) are not this path's.
-    let Some(entry) = F::frags().get_ptr(key).filter(|e| unsafe { (**e).side } != mcs_common::FRAG_XNAT) else {
+    // SAFETY: map value pointer, valid for this program run.
+    let Some(entry) = F::frags().get_ptr(key).filter(|e| unsafe { (**e).side } & 0xff != mcs_common::FRAG_XNAT) else {
         if miss {
             count(Stat::FragmentMiss);
         }

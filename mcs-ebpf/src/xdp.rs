@@ -17,21 +17,22 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     },
-    helpers::{bpf_get_smp_processor_id, bpf_redirect, generated::bpf_check_mtu},
+    helpers::{bpf_redirect, generated::bpf_check_mtu},
     macros::xdp,
     programs::XdpContext,
 };
 use mcs_common::{
-    CT_DIR_ORIGINAL, CT_DIR_REPLY, CtKey, FRAG_PART_DST, FRAG_PART_SRC, IPPROTO_TCP, IPPROTO_UDP, MapAddr, NatValue,
-    ServiceKey, Stat, UPLINK_GENERIC, UPLINK_NATIVE,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, FRAG_PART_DST, FRAG_PART_SRC, IPPROTO_UDP, MapAddr, NatValue, ServiceKey, Stat,
+    UPLINK_GENERIC, UPLINK_NATIVE,
 };
 
 use crate::{
     csum::Delta,
-    family::{Family, V4, V6},
+    family::{Family, V4, V6, addrs_delta},
     icmp,
-    maps::{XNAT, XNAT_IP_ID, XNAT_UPLINKS, count, xnat_scratch},
-    parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag, IPV6_LEN, Parsed, load, parse_family, ptr_at},
+    icmp::Quote,
+    maps::{XNAT, XNAT_IP_ID, XNAT_UPLINKS, count, fetch_inc, xnat_scratch},
+    parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, Flow, Frag, Parsed, load, parse_family, ptr_at},
     xnat::{Route, fragment_entry, in_port_range, known, open, remember},
 };
 
@@ -234,18 +235,11 @@ fn checked_len<A>(ctx: &XdpContext, flow: &Flow<A>, ingress: u32) -> u16 {
     flow.ip_len
 }
 
-/// Gives the IPv4 packet the next id of this CPU's series (offset by the
-/// CPU, so that the CPUs' series seldom meet), its header checksum
-/// updated; the id given.
+/// Gives the IPv4 packet the node's next id, its header checksum updated;
+/// the id given.
 #[inline(never)]
 fn renumber(ctx: &XdpContext) -> Option<u16> {
-    let next = XNAT_IP_ID.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, no concurrent writer on this CPU; a helper
-    // without preconditions.
-    let id = unsafe {
-        *next = (*next).wrapping_add(1);
-        ((*next).wrapping_add(bpf_get_smp_processor_id().wrapping_mul(0x2f35))) as u16
-    };
+    let id = fetch_inc(XNAT_IP_ID.get_ptr_mut(0)?) as u16;
     set_ip_id(ctx, id)?;
     Some(id)
 }
@@ -367,60 +361,10 @@ fn error_to_peer<F: Family>(ctx: &XdpContext, l4_off: usize) -> u32 {
         return XDP_PASS;
     }
     let Some(config) = XNAT.get(0) else { return XDP_PASS };
-    let inner = Quote::inner::<F>();
-    // The quoted header's start, in one read: the verifier follows one
-    // bounds check per packet pointer.
-    let l4 = Quote::l4::<F>();
-    // IPv4: no options, and the quote of a first fragment or a whole
-    // packet (a later fragment's bytes there are no ports).
-    let (plain, proto) = if F::HEADER_CSUM {
-        let Some(h) = load::<[u8; 10]>(ctx, inner) else { return XDP_PASS };
-        (h[0] == 0x45 && h[6] & 0x1f == 0 && h[7] == 0, h[9])
-    } else {
-        let Some(h) = load::<[u8; 8]>(ctx, inner) else { return XDP_PASS };
-        (true, h[6])
-    };
-    if !plain || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
-        return XDP_PASS;
-    }
-    // One at a time: a pair of Options leaves an uninitialised register on
-    // the path where the first is None, which the verifier refuses.
-    let Some(to) = load::<F::A>(ctx, ETH_LEN + F::DST_OFF) else { return XDP_PASS };
-    let Some(sender) = load::<F::A>(ctx, inner + F::SRC_OFF) else { return XDP_PASS };
-    let Some(receiver) = load::<F::A>(ctx, inner + F::DST_OFF) else { return XDP_PASS };
-    let Some(ports) = load::<[u16; 2]>(ctx, l4) else { return XDP_PASS };
-    // To the quoted packet's sender: the node (a port of the range), else
-    // a VIP (a flow's original entry answers for it).
-    let dir =
-        if sender == F::xnat_addr(config) && in_port_range(config, ports[0]) { CT_DIR_REPLY } else { CT_DIR_ORIGINAL };
-    if to != sender {
-        return XDP_PASS;
-    }
-    // The quote's flow seen from the other side: the entry of the
-    // direction the error's receiver is on.
-    let key = CtKey { src: receiver, dst: sender, src_port: ports[1], dst_port: ports[0], proto, dir, _pad: [0; 2] };
-    let Some(entry) = F::xnat_ct().get_ptr(key) else { return XDP_PASS };
-    // SAFETY: map value pointer, valid for this program run.
-    send_error::<F>(ctx, proto, unsafe { &*entry })
-}
-
-/// Where an error's parts sit (without options or extension headers).
-struct Quote;
-
-impl Quote {
-    /// The ICMP header.
-    const fn l4_off<F: Family>() -> usize {
-        ETH_LEN + if F::HEADER_CSUM { 20 } else { IPV6_LEN }
-    }
-
-    /// The quoted IP header.
-    const fn inner<F: Family>() -> usize {
-        Self::l4_off::<F>() + 8
-    }
-
-    /// The quoted L4 header.
-    const fn l4<F: Family>() -> usize {
-        Self::inner::<F>() + if F::HEADER_CSUM { 20 } else { IPV6_LEN }
+    match icmp::quoted_entry::<F, _>(ctx, config, true) {
+        // SAFETY: map value pointer, valid for this program run.
+        Some((proto, entry)) => send_error::<F>(ctx, proto, unsafe { &*entry }),
+        None => XDP_PASS,
     }
 }
 
@@ -433,7 +377,7 @@ impl Quote {
 // verifier refuses to check against.
 #[inline(never)]
 fn send_error<F: Family>(ctx: &XdpContext, proto: u8, entry: &NatValue<F::A>) -> u32 {
-    if rewrite_error::<F>(ctx, proto, entry).is_none() {
+    if icmp::rewrite_error::<F, _>(ctx, proto, entry).is_none() {
         count(Stat::RewriteFailed);
         return XDP_DROP;
     }
@@ -450,86 +394,6 @@ fn error_out<F: Family>(ctx: &XdpContext, from: F::A, to: F::A) -> u32 {
     // An error is short: no MTU check (a zero length).
     let route = Route::lookup::<F>(ctx.as_ptr(), (F::ICMP, 0), (from, 0), (to, 0), ingress);
     out(ctx, &route, ingress)
-}
-
-/// The quote (the packet as translated: `sender` -> `receiver`) becomes the
-/// packet as the other side knows it (`entry.peer` -> `entry.nat`: client ->
-/// VIP, or backend -> node), the outer header `entry.nat` -> `entry.peer`
-/// (it was to the sender), with every checksum they are in and the TTL (hop
-/// limit), all pointers checked before the first write.
-#[inline(always)]
-fn rewrite_error<F: Family>(ctx: &XdpContext, proto: u8, entry: &NatValue<F::A>) -> Option<()> {
-    let (l4_off, inner, l4) = (Quote::l4_off::<F>(), Quote::inner::<F>(), Quote::l4::<F>());
-    let outer_src = ptr_at::<F::A>(ctx, ETH_LEN + F::SRC_OFF)?;
-    let outer_dst = ptr_at::<F::A>(ctx, ETH_LEN + F::DST_OFF)?;
-    let ttl = ptr_at::<[u8; 2]>(ctx, ETH_LEN + F::TTL_OFF)?;
-    let icmp_csum = ptr_at::<u16>(ctx, l4_off + 2)?;
-    let quoted_src = ptr_at::<F::A>(ctx, inner + F::SRC_OFF)?;
-    let quoted_dst = ptr_at::<F::A>(ctx, inner + F::DST_OFF)?;
-    let quoted_ports = ptr_at::<[u16; 2]>(ctx, l4)?;
-    // The quoted L4 checksum, when the quote is long enough to hold it.
-    let quoted_l4_csum = ptr_at::<u16>(ctx, l4 + if proto == IPPROTO_UDP { 6 } else { 16 });
-    let (peer, nat) = (entry.peer, entry.nat);
-    // SAFETY (all): every pointer bounds-checked by ptr_at above.
-    let (sender, receiver, ports) =
-        unsafe { (quoted_src.read_unaligned(), quoted_dst.read_unaligned(), quoted_ports.read_unaligned()) };
-    let addrs = F::delta(F::delta(Delta::NONE, sender, peer), receiver, nat);
-    let ports_delta = Delta::NONE.word(ports[0], entry.peer_port).word(ports[1], entry.nat_port);
-    let mut icmp = Delta(addrs.0.wrapping_add(ports_delta.0));
-    unsafe {
-        quoted_src.write_unaligned(peer);
-        quoted_dst.write_unaligned(nat);
-        quoted_ports.write_unaligned([entry.peer_port, entry.nat_port]);
-    }
-    if F::HEADER_CSUM {
-        let check = ptr_at::<u16>(ctx, inner + 10)?;
-        // SAFETY: as above.
-        unsafe {
-            let old = check.read_unaligned();
-            let new = addrs.apply(old);
-            check.write_unaligned(new);
-            icmp = icmp.word(old, new);
-        }
-    }
-    if let Some(p) = quoted_l4_csum {
-        // SAFETY: as above.
-        unsafe {
-            let old = p.read_unaligned();
-            // A UDP checksum of zero means "none".
-            if !(proto == IPPROTO_UDP && F::HEADER_CSUM && old == 0) {
-                let mut new = Delta(addrs.0.wrapping_add(ports_delta.0)).apply(old);
-                if proto == IPPROTO_UDP && new == 0 {
-                    new = 0xffff;
-                }
-                p.write_unaligned(new);
-                icmp = icmp.word(old, new);
-            }
-        }
-    }
-    // SAFETY: as above.
-    let (old_src, old_ttl) = unsafe { (outer_src.read_unaligned(), ttl.read_unaligned()) };
-    // The outer destination was the sender (checked by the caller).
-    let outer = F::delta(F::delta(Delta::NONE, old_src, nat), sender, peer);
-    let new_ttl = [old_ttl[0].wrapping_sub(1), old_ttl[1]];
-    if !F::HEADER_CSUM {
-        // ICMPv6's checksum covers the pseudo-header.
-        icmp = Delta(icmp.0.wrapping_add(outer.0));
-    }
-    // SAFETY: as above.
-    unsafe {
-        // The TTL first: IPv6's two bytes there end in the source's first.
-        ttl.write_unaligned(new_ttl);
-        outer_src.write_unaligned(nat);
-        outer_dst.write_unaligned(peer);
-        icmp_csum.write_unaligned(icmp.apply(icmp_csum.read_unaligned()));
-    }
-    if F::HEADER_CSUM {
-        let check = ptr_at::<u16>(ctx, ETH_LEN + 10)?;
-        let header = outer.word(u16::from_ne_bytes(old_ttl), u16::from_ne_bytes(new_ttl));
-        // SAFETY: as above.
-        unsafe { check.write_unaligned(header.apply(check.read_unaligned())) };
-    }
-    Some(())
 }
 
 /// Hands a translated packet to the stack, where `mcs_uplink` sends it
@@ -592,11 +456,4 @@ fn rewrite_addrs<F: Family>(ctx: &XdpContext, [old_src, src]: [&F::A; 2], [old_d
         dst_p.write_unaligned(*dst);
     }
     Some(addrs)
-}
-
-/// The checksum change of rewriting both addresses. Out of line: inlined,
-/// IPv6's sixteen words each way spill into the caller's frame.
-#[inline(never)]
-fn addrs_delta<F: Family>(old_src: &F::A, src: &F::A, old_dst: &F::A, dst: &F::A) -> Delta {
-    F::delta(F::delta(Delta::NONE, *old_src, *src), *old_dst, *dst)
 }

@@ -28,10 +28,11 @@ use mcs_common::{
 use crate::{
     ct::{close_bits, expired},
     family::{Family, V4, V6},
+    icmp::{self, Quote},
     ingress::{count_new_flow, select},
     maps::{TC_ACT_SHOT, TC_NEXT, XNAT, backend_stats, count, health_add, service_stats, xnat_scratch},
     nat::{Side, rewrite},
-    parse::{Flow, Frag, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, parse, ptr_at},
+    parse::{Flow, Frag, Packet, Parsed, TCP_FLAG_ACK, TCP_FLAG_RST, TCP_FLAG_SYN, load, parse, ptr_at, pull_more},
 };
 
 /// See `known`: when an answered UDP flow counts as a stream.
@@ -429,6 +430,9 @@ fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
             None => TC_NEXT,
         };
     }
+    if flow.proto == F::ICMP {
+        return uplink_error::<F>(ctx, flow, config);
+    }
     if !in_port_range(config, flow.src_port) {
         return TC_NEXT;
     }
@@ -447,6 +451,39 @@ fn uplink<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> i32 {
         return TC_NEXT;
     }
     route_out::<F>(ctx, flow, (flow.src_ip, flow.src_port), (flow.dst_ip, flow.dst_port))
+}
+
+/// An ICMP error `mcs_xdp` translated for a backend (from the node, quoting
+/// the backend's reply as it sent it: backend -> node:port) and handed to
+/// the stack (a backend on this node, a neighbour not resolved yet): sent
+/// on, if the reply's flow is ours.
+#[inline(never)]
+fn uplink_error<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, config: &XnatConfig) -> i32 {
+    let (inner, l4) = (Quote::inner::<F>(), Quote::l4::<F>());
+    if flow.l4_off != Quote::l4_off::<F>() || !icmp::is_error::<F>(flow.icmp_type) || !pull_more(ctx, (l4 + 4) as u32) {
+        return TC_NEXT;
+    }
+    let proto_off = inner + if F::HEADER_CSUM { 9 } else { 6 };
+    let Some(proto) = load::<u8>(ctx, proto_off) else { return TC_NEXT };
+    let Some(sender) = load::<F::A>(ctx, inner + F::SRC_OFF) else { return TC_NEXT };
+    let Some(receiver) = load::<F::A>(ctx, inner + F::DST_OFF) else { return TC_NEXT };
+    let Some(ports) = load::<[u16; 2]>(ctx, l4) else { return TC_NEXT };
+    if sender != flow.dst_ip || receiver != flow.src_ip || !in_port_range(config, ports[1]) {
+        return TC_NEXT;
+    }
+    let reply = CtKey {
+        src: sender,
+        dst: receiver,
+        src_port: ports[0],
+        dst_port: ports[1],
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if F::xnat_ct().get_ptr(reply).is_none() {
+        return TC_NEXT;
+    }
+    route_out::<F>(ctx, flow, (flow.src_ip, 0), (flow.dst_ip, 0))
 }
 
 /// Sends a translated packet out of its route's interface, bypassing the
@@ -485,10 +522,33 @@ pub fn local_reply<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32>
     if let Frag::Later(id) = flow.frag {
         return local_reply_fragment::<F>(ctx, flow, id);
     }
+    if flow.proto == F::ICMP {
+        return if icmp::is_error::<F>(flow.icmp_type) { local_error::<F>(ctx, flow) } else { None };
+    }
     if !in_port_range(config, flow.dst_port) {
         return None;
     }
     local_reply_known::<F>(ctx, flow)
+}
+
+/// A backend on this node's ICMP error about a packet of a flow from
+/// outside (its port unreachable, to the node address): the client gets
+/// it about the packet it sent, from the VIP, as from a remote backend.
+#[inline(never)]
+fn local_error<F: Family>(ctx: &TcContext, flow: &Flow<F::A>) -> Option<i32> {
+    if flow.l4_off != Quote::l4_off::<F>() || !pull_more(ctx, (Quote::l4::<F>() + 20) as u32) {
+        return None;
+    }
+    let config = XNAT.get(0)?;
+    let (proto, entry) = icmp::quoted_entry::<F, _>(ctx, config, false)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let entry = unsafe { &*entry };
+    if icmp::rewrite_error::<F, _>(ctx, proto, entry).is_none() {
+        count(Stat::RewriteFailed);
+        return Some(TC_ACT_SHOT);
+    }
+    count(Stat::XdpIcmpRevNat);
+    Some(route_out::<F>(ctx, flow, (entry.nat, 0), (entry.peer, 0)))
 }
 
 // Out of line: its conntrack key and value must not join the DNAT path's frame.

@@ -583,14 +583,17 @@ fn packets_too_big_for_the_way_to_a_backend_teach_the_outside_client_its_path_mt
 }
 
 #[test]
-fn a_backends_own_icmp_error_reaches_the_outside_client_from_the_vip() {
+fn a_backends_own_icmp_error_remote_or_local_reaches_the_outside_client_from_the_vip() {
     let lab = lab();
     let _agent = start(&lab, &[]);
-    for vip in [IpAddr::from(CLOSED_VIP), IpAddr::from(v6(CLOSED_VIP))] {
-        // The remote pod answers a datagram to a port nobody listens on
-        // with port unreachable, to the node's source NAT address; the
-        // client's connected socket hears of it only if the error quotes
-        // its own datagram (client -> VIP).
+    // CLOSED: remote pods; ECHO_LOCAL: the local pod, whose echo server
+    // this test does not start.
+    let vips = [CLOSED_VIP, ECHO_LOCAL_VIP].map(|v| [IpAddr::from(v), IpAddr::from(v6(v))]).concat();
+    for vip in vips {
+        // The pod answers a datagram to a port nobody listens on with port
+        // unreachable, to the node's source NAT address (a local pod's
+        // through its own interface); the client's connected socket hears
+        // of it only if the error quotes its own datagram (client -> VIP).
         let udp = lab.outside.run(move || {
             let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
             let socket = std::net::UdpSocket::bind(any)?;
@@ -608,7 +611,7 @@ fn a_backends_own_icmp_error_reaches_the_outside_client_from_the_vip() {
         );
     }
     let m = metrics(&lab);
-    assert_eq!(event(&m, "xdp_icmp_rev_nat"), 2.0, "{}", events(&lab));
+    assert_eq!(event(&m, "xdp_icmp_rev_nat"), 4.0, "{}", events(&lab));
     assert_eq!(event(&m, "rejected"), 0.0, "the backend's error, not the node's");
 }
 
@@ -887,24 +890,31 @@ fn a_reply_too_big_for_the_clients_side_teaches_the_backend_its_path_mtu() {
     route(&router, Ipv4Addr::new(10, 96, 0, 0), 16, Ipv4Addr::new(10, 252, 0, 1));
     route(&lab.node, Ipv4Addr::new(10, 251, 0, 0), 24, Ipv4Addr::new(10, 252, 0, 2));
     let _router_xdp = xdp_pass(&router, "eth0");
-    let _servers: Vec<Serving> =
+    let mut servers: Vec<Serving> =
         REMOTE_PODS.iter().map(|ip| big_reply(&lab._cluster, SocketAddr::new((*ip).into(), 8099), 6000)).collect();
+    servers.push(big_reply(&lab._pod, SocketAddr::new(LOCAL_POD.into(), 8099), 6000));
     let args = ["--external-interface", "up0", "--external-interface", "up1", "--xdp-mode", "native", "--no-pin"];
     let _agent = Agent::start(&lab.node, lab.dir.path(), &["pod0".to_owned()], &args);
     // 6000 bytes back in full-size segments: the router cannot pass them
     // on and says so to their source, the VIP, which is routed to the node.
-    let target = SocketAddr::new(ECHO_REMOTE_VIP.into(), 80);
-    let reply = client.run(move || {
-        use std::io::{BufRead, Write};
-        let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        (&stream).write_all(b"hello\n")?;
-        let mut line = String::new();
-        std::io::BufReader::new(&stream).read_line(&mut line)?;
-        Ok::<_, std::io::Error>(line)
-    });
-    let reply = reply.unwrap_or_else(|e| panic!("6000 bytes back through a 1400-byte link: {e}; {}", events(&lab)));
-    assert_eq!(reply.len(), 6001, "the whole answer");
+    // A remote backend, then the local pod (the error reaches it through
+    // the stack and mcs_uplink).
+    for vip in [ECHO_REMOTE_VIP, ECHO_LOCAL_VIP] {
+        let target = SocketAddr::new(vip.into(), 80);
+        let reply = client.run(move || {
+            use std::io::{BufRead, Write};
+            let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            (&stream).write_all(b"hello\n")?;
+            let mut line = String::new();
+            std::io::BufReader::new(&stream).read_line(&mut line)?;
+            Ok::<_, std::io::Error>(line)
+        });
+        let reply =
+            reply.unwrap_or_else(|e| panic!("{vip}: 6000 bytes back through a 1400-byte link: {e}; {}", events(&lab)));
+        assert_eq!(reply.len(), 6001, "{vip}: the whole answer");
+    }
     let m = metrics(&lab);
-    assert!(event(&m, "xdp_icmp_rev_nat") >= 1.0, "the router's error went to the backend: {}", events(&lab));
+    assert!(event(&m, "xdp_icmp_rev_nat") >= 2.0, "the router's errors went to the backends: {}", events(&lab));
+    drop(servers);
 }

@@ -251,6 +251,10 @@ fn rows(f: &Family) -> Vec<Row> {
         XDP_TX,
         forwarded(node, be, f.icmp, &icmp(node, be, too_big.0, too_big.1, mtu, &answered)),
     ));
+    // The same from the client itself: no host says that of a packet it
+    // received, and passed on it would lower the backend's MTU to the node.
+    let forged = arriving(c, vip, f.icmp, &icmp(c, vip, too_big.0, too_big.1, mtu, &replied));
+    rows.push(row("a \"too big\" about a reply from its own client passes", forged.clone(), XDP_PASS, forged));
     // The backend's own port unreachable about a datagram.
     let sent = ip_packet(node, be, UDP, &udp(node, be, q, 5353, b"query"), &at_63);
     let asked = ip_packet(c, vip, UDP, &udp(c, vip, 5000, 53, b"query"), &at_63);

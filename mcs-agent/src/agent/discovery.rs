@@ -99,8 +99,10 @@ impl Discovered {
                     Err(e) => warn!(iface = name, error = %e, "attaching to a discovered interface failed"),
                 }
             }
-            LinkEvent::Gone { name, index } => {
-                if discovered.remove(&index).is_some() {
+            LinkEvent::Gone { index, .. } => {
+                // The name it was attached by: a rename since changed the
+                // event's.
+                if let Some(name) = discovered.remove(&index) {
                     hooks.forget(&name);
                     info!(iface = name, "interface gone");
                 }
@@ -170,6 +172,17 @@ mod tests {
         d.on_event(present("veth1", 7), &mut hooks);
         d.on_event(present("veth9", 7), &mut hooks);
         assert_eq!(hooks.log, ["attach veth1", "forget veth1", "attach veth9"]);
+    }
+
+    #[test]
+    fn a_link_renamed_away_from_the_pattern_is_forgotten_by_the_name_it_had() {
+        let (mut d, mut hooks) = (Discovered::default(), Fake::default());
+        d.on_event(present("veth1", 7), &mut hooks);
+        // The watch reports a rename to a name no pattern matches as gone,
+        // under the new name: the hooks go by the old one.
+        d.on_event(gone("eth7", 7), &mut hooks);
+        assert_eq!(hooks.log, ["attach veth1", "forget veth1"]);
+        assert!(!hooks.is_attached("veth1"));
     }
 
     #[test]

@@ -456,8 +456,15 @@ impl Agent {
                 }
             });
         }
-        let globs: Vec<String> = self.external.interfaces.iter().filter(|i| takeover::is_glob(i)).cloned().collect();
-        if let Ok(patterns) = Patterns::new(&globs)
+        // Names too (escaped): one deleted is released, and its entry in
+        // the redirect map with it.
+        let watched: Vec<String> = self
+            .external
+            .interfaces
+            .iter()
+            .map(|i| if takeover::is_glob(i) { i.clone() } else { glob::Pattern::escape(i) })
+            .collect();
+        if let Ok(patterns) = Patterns::new(&watched)
             && !patterns.is_empty()
         {
             let tx = self.external_link_tx.clone();

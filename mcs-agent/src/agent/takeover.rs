@@ -200,9 +200,12 @@ pub(super) fn prepare_external(
     for wanted in &external.interfaces {
         // A glob may match nothing yet: interfaces that appear later are
         // served as they come (the agent's link watch).
-        let matched: Vec<&String> = match glob::Pattern::new(wanted) {
-            Ok(p) if is_glob(wanted) => present.iter().filter(|i| p.matches(i)).collect(),
-            _ => present.iter().filter(|i| *i == wanted).collect(),
+        let matched: Vec<&String> = if is_glob(wanted) {
+            let pattern = glob::Pattern::new(wanted)
+                .map_err(|e| AgentError::Config(format!("--external-interface {wanted:?}: {}", e.msg)))?;
+            present.iter().filter(|i| pattern.matches(i)).collect()
+        } else {
+            present.iter().filter(|i| *i == wanted).collect()
         };
         if matched.is_empty() && !is_glob(wanted) {
             return Err(AgentError::Config(format!(

@@ -278,7 +278,7 @@ impl Datapath {
                     drop(FdLink::try_from(link).map_err(|e| iface_err(e.to_string()))?);
                     info!(iface, mode = mode.name(), "XDP program replaced in place (BPF_LINK_UPDATE)");
                     self.external.insert(iface.to_owned(), ExternalHooks { xdp: Held::Pinned(path), uplink, mode });
-                    self.sync_uplinks();
+                    self.sync_uplinks(false);
                     return Ok(mode);
                 }
                 // A link whose interface was deleted (and maybe created again).
@@ -313,9 +313,15 @@ impl Datapath {
                     if !failures.is_empty() {
                         warn!(iface, tried = ?failures, "native XDP refused; serving with generic XDP (slower)");
                     }
+                    if run == XdpRunMode::Generic {
+                        warn!(
+                            iface,
+                            "generic XDP sees TCP segments merged by GRO, whose partial checksums it cannot translate: turn GRO off on this interface (ethtool -K {iface} gro off)"
+                        );
+                    }
                     info!(iface, mode = run.name(), "XDP attached: serving ClusterSetIP traffic from outside");
                     self.external.insert(iface.to_owned(), ExternalHooks { xdp: held, uplink, mode: run });
-                    self.sync_uplinks();
+                    self.sync_uplinks(false);
                     return Ok(run);
                 }
                 Err(e) => failures.push(format!("{}: {}", run.name(), xdp_error(&e, iface))),
@@ -369,8 +375,16 @@ impl Datapath {
                 let _ = fs::remove_file(xdp_pin(&dir, mode, &iface));
             }
             info!(iface, "released an external interface not served any more");
+            // Its own entry only: the interfaces kept are attached after
+            // this, one by one, and an earlier agent's programs on them
+            // read the same map meanwhile.
+            if let Ok(ifindex) = nix::net::if_::if_nametoindex(iface.as_str())
+                && let Some(map) = self.ebpf.map_mut(MAP_XNAT_UPLINKS)
+                && let Ok(mut uplinks) = aya::maps::HashMap::<_, u32, u32>::try_from(map)
+            {
+                let _ = uplinks.remove(&ifindex);
+            }
         }
-        self.sync_uplinks();
     }
 
     /// Takes over `old`'s external interfaces (a growth). Links held by
@@ -391,16 +405,18 @@ impl Datapath {
             let link = xdp.take_link(id).map_err(|e| err(e.to_string()))?;
             self.external.insert(iface, ExternalHooks { xdp: Held::Owned(link), uplink: Held::Owned(uplink), mode });
         }
-        self.sync_uplinks();
+        self.sync_uplinks(false);
         Ok(())
     }
 
-    /// `XNAT_UPLINKS` made to hold exactly the interfaces served, with their
-    /// mode: where `mcs_xdp` may redirect a packet, and whether it checks
-    /// the MTU. Best effort: a stale or missing entry only sends packets
-    /// through the stack, or lets a redirect to a vanished interface fail
-    /// (dropped, as the interface is).
-    fn sync_uplinks(&mut self) {
+    /// `XNAT_UPLINKS` made to hold the interfaces served, with their mode:
+    /// where `mcs_xdp` may redirect a packet, and whether it checks the
+    /// MTU. `trim`: also without any other (not while the interfaces are
+    /// attached one by one: an earlier agent's programs on the others read
+    /// the same map). Best effort: a stale or missing entry only sends
+    /// packets through the stack, or lets a redirect to a vanished
+    /// interface fail (dropped, as the interface is).
+    fn sync_uplinks(&mut self, trim: bool) {
         let wanted: Vec<(u32, u32)> = self
             .external
             .iter()
@@ -422,7 +438,7 @@ impl Datapath {
                 warn!(ifindex, error = %e, "an external interface not written: packets to it go through the stack");
             }
         }
-        for ifindex in stale {
+        for ifindex in stale.into_iter().filter(|_| trim) {
             let _ = uplinks.remove(&ifindex);
         }
     }
@@ -448,7 +464,7 @@ impl Datapath {
     pub fn forget_external(&mut self, iface: &str) -> bool {
         let Some(hooks) = self.external.remove(iface) else { return false };
         release_external(iface, hooks);
-        self.sync_uplinks();
+        self.sync_uplinks(true);
         true
     }
 

@@ -82,7 +82,7 @@ pub(super) fn expected(name: &str) -> (MapType, usize, usize, u32) {
         MAP_XNAT_SRC => (MapType::LpmTrie, 8, 1, 0),
         MAP_XNAT_SRC6 => (MapType::LpmTrie, 20, 1, 0),
         MAP_XNAT_UPLINKS => (MapType::Hash, 4, 4, 0),
-        MAP_XNAT_IP_ID => (MapType::PerCpuArray, 4, 4, 0),
+        MAP_XNAT_IP_ID => (MapType::Array, 4, 8, 0),
         _ => (MapType::PerCpuArray, 4, 8, 0),
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 pub enum LinkEvent {
     /// A matching link exists (at start, created, renamed to a match, or changed).
     Present { name: String, index: u32 },
-    /// A link went away.
+    /// A link went away, or was renamed so that no pattern matches it.
     Gone { name: String, index: u32 },
 }
 
@@ -79,9 +79,16 @@ pub async fn watch(patterns: Patterns, events: UnboundedSender<LinkEvent>) -> Re
     }
     while let Some((message, _)) = messages.next().await {
         let event = match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => name_of(&link)
-                .filter(|n| patterns.matches(n))
-                .map(|name| LinkEvent::Present { name, index: link.header.index }),
+            // A link renamed away from the patterns is gone for us (nothing
+            // is done about an index that was never ours).
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => name_of(&link).map(|name| {
+                let index = link.header.index;
+                if patterns.matches(&name) {
+                    LinkEvent::Present { name, index }
+                } else {
+                    LinkEvent::Gone { name, index }
+                }
+            }),
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
                 name_of(&link).map(|name| LinkEvent::Gone { name, index: link.header.index })
             }
