@@ -30,6 +30,12 @@ impl Delta {
         d
     }
 
+    /// Both changes.
+    #[inline(always)]
+    pub fn plus(self, other: Self) -> Self {
+        Delta(self.0.wrapping_add(other.0))
+    }
+
     /// The checksum `check` becomes after the changes.
     #[inline(always)]
     pub fn apply(self, check: u16) -> u16 {
@@ -46,4 +52,26 @@ pub fn fold(a: u32, b: u32) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s as u16
+}
+
+/// Applies `delta` to the checksum at `field`, in place. `udp`: a UDP
+/// checksum, where a computed zero is sent as all ones, and where zero means
+/// "none" and stays so if `zero_none` (IPv4). The change the update made to
+/// the field, for a checksum that covers it (an ICMP error's, over its
+/// quote).
+///
+/// # Safety
+/// `field` is a valid, bounds-checked pointer into the packet.
+#[inline(always)]
+pub unsafe fn update(field: *mut u16, delta: Delta, udp: bool, zero_none: bool) -> Delta {
+    // SAFETY: the caller's.
+    let old = unsafe { field.read_unaligned() };
+    if udp && zero_none && old == 0 {
+        return Delta::NONE;
+    }
+    let new = delta.apply(old);
+    let new = if udp && new == 0 { 0xffff } else { new };
+    // SAFETY: the caller's.
+    unsafe { field.write_unaligned(new) };
+    Delta::NONE.word(old, new)
 }

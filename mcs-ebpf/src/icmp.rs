@@ -20,7 +20,7 @@ use mcs_common::{
 };
 
 use crate::{
-    csum::{Delta, fold},
+    csum::{self, Delta, fold},
     family::{Family, addrs_delta, write_ip},
     maps::{TC_ACT_SHOT, TC_NEXT, count},
     parse::{ETH_LEN, Flow, IPV6_LEN, Packet, load, ptr_at, pull_more},
@@ -129,34 +129,18 @@ fn translate_quote<F: Family>(ctx: &TcContext, flow: &Flow<F::A>, inner: usize) 
     };
     if let Some(p) = quoted_ip_csum {
         // SAFETY: as above.
-        unsafe {
-            let old = p.read_unaligned();
-            let new = addr.apply(old);
-            p.write_unaligned(new);
-            icmp = icmp.word(old, new);
-        }
+        icmp = icmp.plus(unsafe { csum::update(p, addr, false, false) });
     }
     if let Some(p) = quoted_l4_csum {
         // SAFETY: as above.
-        unsafe {
-            let old = p.read_unaligned();
-            // A UDP checksum of zero means "none".
-            if !(proto == IPPROTO_UDP && old == 0) {
-                let mut new = Delta(addr.0.wrapping_add(port.0)).apply(old);
-                if proto == IPPROTO_UDP && new == 0 {
-                    new = 0xffff;
-                }
-                p.write_unaligned(new);
-                icmp = icmp.word(old, new);
-            }
-        }
+        icmp = icmp.plus(unsafe { csum::update(p, addr.plus(port), proto == IPPROTO_UDP, true) });
     }
     // The pod itself answered (port unreachable): it speaks as the VIP.
     if flow.src_ip == backend {
         let outer = write_ip::<F>(ctx, F::SRC_OFF, backend, vip)?;
         if !F::HEADER_CSUM {
             // ICMPv6's checksum covers the pseudo-header.
-            icmp = Delta(icmp.0.wrapping_add(outer.0));
+            icmp = icmp.plus(outer);
         }
     }
     // write_ip validated its own pointers; ours are still in bounds (no helper ran).
@@ -267,7 +251,7 @@ pub fn rewrite_error<F: Family, C: Packet>(ctx: &C, proto: u8, entry: &NatValue<
         unsafe { (quoted_src.read_unaligned(), quoted_dst.read_unaligned(), quoted_ports.read_unaligned()) };
     let addrs = addrs_delta::<F>(&sender, &peer, &receiver, &nat);
     let ports_delta = Delta::NONE.word(ports[0], entry.peer_port).word(ports[1], entry.nat_port);
-    let mut icmp = Delta(addrs.0.wrapping_add(ports_delta.0));
+    let mut icmp = addrs.plus(ports_delta);
     unsafe {
         quoted_src.write_unaligned(peer);
         quoted_dst.write_unaligned(nat);
@@ -276,27 +260,12 @@ pub fn rewrite_error<F: Family, C: Packet>(ctx: &C, proto: u8, entry: &NatValue<
     if F::HEADER_CSUM {
         let check = ptr_at::<u16>(ctx, inner + 10)?;
         // SAFETY: as above.
-        unsafe {
-            let old = check.read_unaligned();
-            let new = addrs.apply(old);
-            check.write_unaligned(new);
-            icmp = icmp.word(old, new);
-        }
+        icmp = icmp.plus(unsafe { csum::update(check, addrs, false, false) });
     }
     if let Some(p) = quoted_l4_csum {
         // SAFETY: as above.
-        unsafe {
-            let old = p.read_unaligned();
-            // A UDP checksum of zero means "none".
-            if !(proto == IPPROTO_UDP && F::HEADER_CSUM && old == 0) {
-                let mut new = Delta(addrs.0.wrapping_add(ports_delta.0)).apply(old);
-                if proto == IPPROTO_UDP && new == 0 {
-                    new = 0xffff;
-                }
-                p.write_unaligned(new);
-                icmp = icmp.word(old, new);
-            }
-        }
+        let l4 = addrs.plus(ports_delta);
+        icmp = icmp.plus(unsafe { csum::update(p, l4, proto == IPPROTO_UDP, F::HEADER_CSUM) });
     }
     // SAFETY: as above.
     let (old_src, old_ttl) = unsafe { (outer_src.read_unaligned(), ttl.read_unaligned()) };
@@ -305,7 +274,7 @@ pub fn rewrite_error<F: Family, C: Packet>(ctx: &C, proto: u8, entry: &NatValue<
     let new_ttl = [old_ttl[0].wrapping_sub(1), old_ttl[1]];
     if !F::HEADER_CSUM {
         // ICMPv6's checksum covers the pseudo-header.
-        icmp = Delta(icmp.0.wrapping_add(outer.0));
+        icmp = icmp.plus(outer);
     }
     // SAFETY: as above.
     unsafe {

@@ -27,7 +27,7 @@ use mcs_common::{
 };
 
 use crate::{
-    csum::Delta,
+    csum::{self, Delta},
     family::{Family, V4, V6, addrs_delta},
     icmp,
     icmp::Quote,
@@ -225,6 +225,11 @@ fn send<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F::A>, 
 /// came.
 #[inline(always)]
 fn checked_len<A>(ctx: &XdpContext, flow: &Flow<A>, ingress: u32) -> u16 {
+    // No lookup for the common packet, which no interface of ours is
+    // narrower than (IPv6's minimum MTU): merged segments are bigger.
+    if flow.ip_len <= 1280 {
+        return flow.ip_len;
+    }
     // SAFETY: map value pointer, valid for this program run.
     let generic = XNAT_UPLINKS.get_ptr(ingress).is_some_and(|mode| unsafe { *mode } == UPLINK_GENERIC);
     let mut len = 0;
@@ -414,19 +419,14 @@ fn translate<F: Family>(ctx: &XdpContext, flow: &Flow<F::A>, value: &NatValue<F:
     // Every bound before any write: a failure never leaves half a rewrite
     // (the IP header's fields lie before these).
     let ports = ptr_at::<[u16; 2]>(ctx, flow.l4_off)?;
-    let csum = ptr_at::<u16>(ctx, csum_off)?;
+    let check = ptr_at::<u16>(ctx, csum_off)?;
     let addrs = rewrite_addrs::<F>(ctx, [&flow.src_ip, &value.nat], [&flow.dst_ip, &value.peer])?;
     let l4 = addrs.word(flow.src_port, value.nat_port).word(flow.dst_port, value.peer_port);
     // SAFETY: both pointers bounds-checked by ptr_at above.
     unsafe {
         ports.write_unaligned([value.nat_port, value.peer_port]);
-        let old = csum.read_unaligned();
-        // An IPv4 UDP checksum of zero means "none" and stays so; a
-        // computed zero is sent as all ones.
-        if !(flow.proto == IPPROTO_UDP && F::HEADER_CSUM && old == 0) {
-            let new = l4.apply(old);
-            csum.write_unaligned(if flow.proto == IPPROTO_UDP && new == 0 { 0xffff } else { new });
-        }
+        // An IPv4 UDP checksum of zero means "none" and stays so.
+        csum::update(check, l4, flow.proto == IPPROTO_UDP, F::HEADER_CSUM);
     }
     Some(())
 }

@@ -491,6 +491,20 @@ fn restarts_a_growth_and_a_layout_upgrade_keep_serving_outside_clients_without_a
     );
 }
 
+/// A datagram from a connected UDP socket, and its answer: only a
+/// connected socket hears of an ICMP error, and only if the error quotes
+/// the datagram as the socket sent it.
+fn connected_udp_request(ns: &Netns, target: SocketAddr, wait: Duration) -> std::io::Result<usize> {
+    ns.run(move || {
+        let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+        let socket = std::net::UdpSocket::bind(any)?;
+        socket.set_read_timeout(Some(wait))?;
+        socket.connect(target)?;
+        socket.send(b"hello\n")?;
+        socket.recv(&mut [0u8; 64])
+    })
+}
+
 #[test]
 fn a_frontend_without_backends_refuses_outside_clients_at_once() {
     let lab = lab();
@@ -499,16 +513,7 @@ fn a_frontend_without_backends_refuses_outside_clients_at_once() {
         let started = std::time::Instant::now();
         let tcp = tcp_request(&lab.outside, SocketAddr::new(vip, 80)).expect_err("nothing serves it");
         assert_eq!(tcp.kind(), std::io::ErrorKind::ConnectionRefused, "{vip}: a RST from the VIP: {tcp}");
-        // Connected: only a connected socket hears of an ICMP error, and only
-        // if it quotes the datagram as the socket sent it.
-        let udp = lab.outside.run(move || {
-            let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
-            let socket = std::net::UdpSocket::bind(any)?;
-            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-            socket.connect(SocketAddr::new(vip, 53))?;
-            socket.send(b"hello\n")?;
-            socket.recv(&mut [0u8; 64])
-        });
+        let udp = connected_udp_request(&lab.outside, SocketAddr::new(vip, 53), Duration::from_secs(2));
         let udp = udp.expect_err("nothing serves it");
         assert_eq!(udp.kind(), std::io::ErrorKind::ConnectionRefused, "{vip}: port unreachable: {udp}");
         assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not timed out");
@@ -594,14 +599,7 @@ fn a_backends_own_icmp_error_remote_or_local_reaches_the_outside_client_from_the
         // unreachable, to the node's source NAT address (a local pod's
         // through its own interface); the client's connected socket hears
         // of it only if the error quotes its own datagram (client -> VIP).
-        let udp = lab.outside.run(move || {
-            let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
-            let socket = std::net::UdpSocket::bind(any)?;
-            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
-            socket.connect(SocketAddr::new(vip, 53))?;
-            socket.send(b"hello\n")?;
-            socket.recv(&mut [0u8; 64])
-        });
+        let udp = connected_udp_request(&lab.outside, SocketAddr::new(vip, 53), Duration::from_secs(3));
         let udp = udp.expect_err("nothing listens");
         assert_eq!(
             udp.kind(),
