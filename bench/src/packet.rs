@@ -5,7 +5,9 @@
 //! silently stopped translating fails the benchmark instead of looking fast.
 
 use std::{
+    cell::RefCell,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Range,
     time::{Duration, Instant},
 };
 
@@ -26,7 +28,10 @@ use mcs_tests::{
 };
 use serde::Serialize;
 
-use crate::lab::{self, ENDPOINTS};
+use crate::{
+    lab::{self, ENDPOINTS},
+    stats::{MedianInterval, median_interval},
+};
 
 const TC_NEXT: i32 = -1;
 
@@ -41,7 +46,16 @@ pub struct PacketCost {
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub mean_ns: f64,
+    /// An IPv6 row over its IPv4 twin, the two measured interleaved (see
+    /// [`Runner::twins`]): the median of the blocks' p50 ratios, with its
+    /// distribution-free interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub over_ipv4: Option<MedianInterval>,
 }
+
+/// Blocks a pair of interleaved rows is cut into, each giving one p50
+/// ratio: 24 give a 95 % interval between the 7th and 18th of them.
+const TWIN_BLOCKS: usize = 24;
 
 fn client(flow: u32) -> (Ipv4Addr, u16) {
     // 50,000 ports per client address, as many addresses as needed: every flow distinct.
@@ -82,14 +96,78 @@ impl Runner {
     ) -> Result<PacketCost> {
         let mut ns = Vec::with_capacity(runs as usize);
         for flow in 0..runs {
-            let (ok, took) = sample(flow, self)?;
-            if !ok {
-                bail!("per-packet {name} ({program}): flow {flow} was not handled as expected");
-            }
-            ns.push(took);
+            ns.push(checked(name, program, flow, sample(flow, self)?)?);
         }
         Ok(summarize(name, ns, u64::from(runs)))
     }
+}
+
+/// An IPv4 path and its IPv6 twin, sampled in alternating blocks of flows
+/// (each family a block in turn, the first one alternating), so that both
+/// see the same minutes of the machine: rows measured one after the other
+/// differed by ±10 % from run to run, as much as the target they were to
+/// judge. The IPv6 row carries its ratio to the IPv4 one.
+struct Twins {
+    names: [&'static str; 2],
+    program: &'static str,
+    ns: [Vec<u64>; 2],
+}
+
+impl Twins {
+    fn new(names: [&'static str; 2], program: &'static str) -> Self {
+        Self { names, program, ns: [Vec::new(), Vec::new()] }
+    }
+
+    /// One family's path (0: IPv4, 1: IPv6) for `flows`.
+    fn sample(&mut self, runner: &mut Runner, family: usize, flows: Range<u32>, sample: Sample<'_>) -> Result<()> {
+        for flow in flows {
+            self.ns[family].push(checked(self.names[family], self.program, flow, sample(flow, runner)?)?);
+        }
+        Ok(())
+    }
+
+    /// The two rows; the ratio is the median of the blocks' p50 ratios,
+    /// with its distribution-free interval.
+    fn finish(self) -> [PacketCost; 2] {
+        let p50 = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied()
+        };
+        let n = self.ns[0].len().min(self.ns[1].len());
+        let ratios: Vec<f64> = (0..TWIN_BLOCKS)
+            .filter_map(|b| {
+                let block = b * n / TWIN_BLOCKS..(b + 1) * n / TWIN_BLOCKS;
+                Some(p50(&self.ns[1][block.clone()])? as f64 / p50(&self.ns[0][block])? as f64)
+            })
+            .collect();
+        let [ns4, ns6] = self.ns;
+        let (runs4, runs6) = (ns4.len() as u64, ns6.len() as u64);
+        let mut v6 = summarize(self.names[1], ns6, runs6);
+        v6.over_ipv4 = Some(median_interval(&ratios));
+        [summarize(self.names[0], ns4, runs4), v6]
+    }
+}
+
+/// One path's run of flow `n`: whether the output was right, and the time.
+type Sample<'a> = &'a mut dyn FnMut(u32, &mut Runner) -> Result<(bool, u64)>;
+
+/// `0..runs` in [`TWIN_BLOCKS`] blocks, with the family that goes first in
+/// each (alternating).
+fn blocks(runs: u32) -> impl Iterator<Item = (Range<u32>, [usize; 2])> {
+    let n = TWIN_BLOCKS as u64;
+    (0..n).map(move |b| {
+        let flows = (b * u64::from(runs) / n) as u32..((b + 1) * u64::from(runs) / n) as u32;
+        (flows, if b % 2 == 0 { [0, 1] } else { [1, 0] })
+    })
+}
+
+/// A sample's time, or the error of a wrong output.
+fn checked(name: &str, program: &str, flow: u32, (ok, took): (bool, u64)) -> Result<u64> {
+    if !ok {
+        bail!("per-packet {name} ({program}): flow {flow} was not handled as expected");
+    }
+    Ok(took)
 }
 
 fn summarize(path: &'static str, mut ns: Vec<u64>, distinct_flows: u64) -> PacketCost {
@@ -103,6 +181,7 @@ fn summarize(path: &'static str, mut ns: Vec<u64>, distinct_flows: u64) -> Packe
         p50_ns: ns[ns.len() / 2],
         p99_ns: ns[(ns.len() * 99 / 100).min(ns.len() - 1)],
         mean_ns,
+        over_ipv4: None,
     }
 }
 
@@ -128,53 +207,137 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
         .context("programming the benchmark service")?;
     let mut runner = Runner { dp, out: Vec::new() };
     let vip = lab::vip(0);
+    let vip6: IpAddr = VIP6.parse().expect("literal");
+    let pods6: Vec<IpAddr> = (1..=ENDPOINTS).map(|k| IpAddr::V6(pod6(k))).collect();
+    let segment6 = |src, dst, sport, dport, flags| {
+        frame::packet(src, dst, frame::TCP, &frame::tcp(src, dst, sport, dport, flags, b""))
+    };
     let mut results = Vec::new();
 
     // Miss: traffic to a pod address, not a service.
-    results.push(runner.path("miss (not a service)", PROG_INGRESS, runs, |flow, runner| {
+    let mut miss = Twins::new(["miss (not a service)", "IPv6 miss (not a service)"], PROG_INGRESS);
+    let mut miss4 = |flow, runner: &mut Runner| {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, pods[0]), port, lab::TCP_TARGET, TCP_ACK, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
         Ok((verdict == TC_NEXT && runner.out == frame, took))
-    })?);
+    };
+    let mut miss6 = |flow, runner: &mut Runner| {
+        let (ip, port) = client6(flow);
+        let input = segment6(ip, pods6[0], port, lab::TCP_TARGET, TCP_ACK);
+        let (verdict, took) = runner.run(PROG_INGRESS, &input)?;
+        Ok((verdict == TC_NEXT && runner.out == input, took))
+    };
+    for (flows, order) in blocks(runs) {
+        for family in order {
+            let sample: Sample<'_> = if family == 0 { &mut miss4 } else { &mut miss6 };
+            miss.sample(&mut runner, family, flows.clone(), sample)?;
+        }
+    }
+    results.extend(miss.finish());
 
     // New flows: a SYN per distinct 5-tuple; remember which backend each got.
-    let mut chosen = Vec::with_capacity(runs as usize);
-    results.push(runner.path("new flow (SYN, conntrack insert)", PROG_INGRESS, runs, |flow, runner| {
+    let chosen = RefCell::new(Vec::with_capacity(runs as usize));
+    let chosen6 = RefCell::new(Vec::with_capacity(runs as usize));
+    let mut new4 = |flow, runner: &mut Runner| {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_SYN, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
         let v = view(&runner.out);
-        chosen.push(v.dst);
+        chosen.borrow_mut().push(v.dst);
         let ok = verdict == TC_NEXT
             && pods.contains(&v.dst)
             && v.dport == lab::TCP_TARGET
             && v.ip_checksum_ok
             && v.l4_checksum_ok == Some(true);
         Ok((ok, took))
-    })?);
-
-    let new_flows_done = Instant::now();
-
-    // Established: the next packet of every flow, in the same order.
+    };
+    let mut new6 = |flow, runner: &mut Runner| {
+        let (ip, port) = client6(flow);
+        let (verdict, took) = runner.run(PROG_INGRESS, &segment6(ip, vip6, port, lab::TCP_PORT, TCP_SYN))?;
+        let seen = view6(&runner.out);
+        chosen6.borrow_mut().push(seen.map_or(vip6, |(_, dst, _, _)| dst));
+        let ok = seen.is_some_and(|(_, dst, _, dport)| pods6.contains(&dst) && dport == lab::TCP_TARGET);
+        Ok((verdict == TC_NEXT && ok, took))
+    };
+    // Established: the next packet of every flow.
     let established = |flow: u32, runner: &mut Runner| -> Result<(bool, u64)> {
         let (ip, port) = client(flow);
         let frame = tcp(&Ipv4Spec::new(ip, vip), port, lab::TCP_PORT, TCP_ACK, b"");
         let (verdict, took) = runner.run(PROG_INGRESS, &frame)?;
         let v = view(&runner.out);
-        Ok((verdict == TC_NEXT && v.dst == chosen[flow as usize] && v.l4_checksum_ok == Some(true), took))
+        Ok((verdict == TC_NEXT && v.dst == chosen.borrow()[flow as usize] && v.l4_checksum_ok == Some(true), took))
     };
-    results.push(runner.path("established flow", PROG_INGRESS, runs, established)?);
+    let mut established6 = |flow, runner: &mut Runner| {
+        let (ip, port) = client6(flow);
+        let (verdict, took) = runner.run(PROG_INGRESS, &segment6(ip, vip6, port, lab::TCP_PORT, TCP_ACK))?;
+        let ok = view6(&runner.out).is_some_and(|(_, dst, _, _)| dst == chosen6.borrow()[flow as usize]);
+        Ok((verdict == TC_NEXT && ok, took))
+    };
+    // Reverse NAT: every backend's reply, back to the ClusterSetIP.
+    let mut reverse4 = |flow, runner: &mut Runner| {
+        let (ip, port) = client(flow);
+        let frame = tcp(&Ipv4Spec::new(chosen.borrow()[flow as usize], ip), lab::TCP_TARGET, port, TCP_ACK, b"");
+        let (verdict, took) = runner.run(PROG_EGRESS, &frame)?;
+        let v = view(&runner.out);
+        Ok((verdict == TC_NEXT && v.src == vip && v.sport == lab::TCP_PORT && v.l4_checksum_ok == Some(true), took))
+    };
+    let mut reverse6 = |flow, runner: &mut Runner| {
+        let (ip, port) = client6(flow);
+        let input = segment6(chosen6.borrow()[flow as usize], ip, lab::TCP_TARGET, port, TCP_ACK);
+        let (verdict, took) = runner.run(PROG_EGRESS, &input)?;
+        let ok = view6(&runner.out).is_some_and(|(src, _, sport, _)| src == vip6 && sport == lab::TCP_PORT);
+        Ok((verdict == TC_NEXT && ok, took))
+    };
+    let mut new =
+        Twins::new(["new flow (SYN, conntrack insert)", "IPv6 new flow (SYN, conntrack insert)"], PROG_INGRESS);
+    let mut est = Twins::new(["established flow", "IPv6 established flow"], PROG_INGRESS);
+    let mut rev = Twins::new(["reverse NAT (reply)", "IPv6 reverse NAT (reply)"], PROG_EGRESS);
+    // A block of flows of one family goes through its SYN, next packet and
+    // reply before the other family's block: each flow's later packets come
+    // within a second of its SYN, as in a connection, long before its pair
+    // check is due.
+    let mut established4 = established;
+    for (flows, order) in blocks(runs) {
+        for family in order {
+            if family == 0 {
+                new.sample(&mut runner, 0, flows.clone(), &mut new4)?;
+                est.sample(&mut runner, 0, flows.clone(), &mut established4)?;
+                rev.sample(&mut runner, 0, flows.clone(), &mut reverse4)?;
+            } else {
+                new.sample(&mut runner, 1, flows.clone(), &mut new6)?;
+                est.sample(&mut runner, 1, flows.clone(), &mut established6)?;
+                rev.sample(&mut runner, 1, flows.clone(), &mut reverse6)?;
+            }
+        }
+    }
+    let new_flows_done = Instant::now();
+    results.extend(new.finish());
+    results.extend(est.finish());
+    results.extend(rev.finish());
 
     // The same path over a few flows, cycled: their entries stay in the CPU
     // caches. Set beside the row above, it splits the established cost into
     // the program's own work and what a million flows' cache misses add.
     let warm = WARM_FLOWS.min(runs);
-    let mut cost = runner.path("warm established flow (1,024 flows cycled)", PROG_INGRESS, runs, |flow, runner| {
-        established(flow % warm, runner)
-    })?;
-    cost.distinct_flows = u64::from(warm);
-    results.push(cost);
+    let mut cached = Twins::new(
+        ["warm established flow (1,024 flows cycled)", "IPv6 warm established flow (1,024 flows cycled)"],
+        PROG_INGRESS,
+    );
+    for (flows, order) in blocks(runs) {
+        for family in order {
+            let sample: Sample<'_> = if family == 0 {
+                &mut |flow, runner| established(flow % warm, runner)
+            } else {
+                &mut |flow, runner| established6(flow % warm, runner)
+            };
+            cached.sample(&mut runner, family, flows.clone(), sample)?;
+        }
+    }
+    for mut cost in cached.finish() {
+        cost.distinct_flows = u64::from(warm);
+        results.push(cost);
+    }
 
     // Once per CT_PAIR_CHECK_NS an entry's packet also confirms its sibling
     // (one more lookup). The rows above come sooner after each flow's SYN;
@@ -182,16 +345,6 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
     let due = new_flows_done + Duration::from_nanos(CT_PAIR_CHECK_NS) + Duration::from_secs(1);
     std::thread::sleep(due.saturating_duration_since(Instant::now()));
     results.push(runner.path("established flow, pair check due", PROG_INGRESS, runs, established)?);
-
-    // Reverse NAT: every backend's reply, back to the ClusterSetIP.
-    results.push(runner.path("reverse NAT (reply)", PROG_EGRESS, runs, |flow, runner| {
-        let (ip, port) = client(flow);
-        let frame = tcp(&Ipv4Spec::new(chosen[flow as usize], ip), lab::TCP_TARGET, port, TCP_ACK, b"");
-        let (verdict, took) = runner.run(PROG_EGRESS, &frame)?;
-        let v = view(&runner.out);
-        Ok((verdict == TC_NEXT && v.src == vip && v.sport == lab::TCP_PORT && v.l4_checksum_ok == Some(true), took))
-    })?);
-    results.extend(measure6(&mut runner, runs)?);
     eprintln!("bench: per-packet, {runs} runs per path, in {:.1?}", started.elapsed());
     Ok(results)
 }
@@ -247,41 +400,33 @@ fn view6(out: &[u8]) -> Option<(IpAddr, IpAddr, u16, u16)> {
     ok.then(|| (src, dst, port(0), port(2)))
 }
 
-/// The IPv6 paths, beside IPv4's.
-fn measure6(runner: &mut Runner, runs: u32) -> Result<Vec<PacketCost>> {
-    let vip: IpAddr = VIP6.parse().expect("literal");
-    let pods: Vec<IpAddr> = (1..=ENDPOINTS).map(|k| IpAddr::V6(pod6(k))).collect();
-    let segment = |src, dst, sport, dport, flags| {
-        frame::packet(src, dst, frame::TCP, &frame::tcp(src, dst, sport, dport, flags, b""))
-    };
-    let mut results = Vec::new();
-    results.push(runner.path("IPv6 miss (not a service)", PROG_INGRESS, runs, |flow, runner| {
-        let (ip, port) = client6(flow);
-        let input = segment(ip, pods[0], port, lab::TCP_TARGET, TCP_ACK);
-        let (verdict, took) = runner.run(PROG_INGRESS, &input)?;
-        Ok((verdict == TC_NEXT && runner.out == input, took))
-    })?);
-    let mut chosen = Vec::with_capacity(runs as usize);
-    results.push(runner.path("IPv6 new flow (SYN, conntrack insert)", PROG_INGRESS, runs, |flow, runner| {
-        let (ip, port) = client6(flow);
-        let (verdict, took) = runner.run(PROG_INGRESS, &segment(ip, vip, port, lab::TCP_PORT, TCP_SYN))?;
-        let seen = view6(&runner.out);
-        chosen.push(seen.map_or(vip, |(_, dst, _, _)| dst));
-        let ok = seen.is_some_and(|(_, dst, _, dport)| pods.contains(&dst) && dport == lab::TCP_TARGET);
-        Ok((verdict == TC_NEXT && ok, took))
-    })?);
-    results.push(runner.path("IPv6 established flow", PROG_INGRESS, runs, |flow, runner| {
-        let (ip, port) = client6(flow);
-        let (verdict, took) = runner.run(PROG_INGRESS, &segment(ip, vip, port, lab::TCP_PORT, TCP_ACK))?;
-        let ok = view6(&runner.out).is_some_and(|(_, dst, _, _)| dst == chosen[flow as usize]);
-        Ok((verdict == TC_NEXT && ok, took))
-    })?);
-    results.push(runner.path("IPv6 reverse NAT (reply)", PROG_EGRESS, runs, |flow, runner| {
-        let (ip, port) = client6(flow);
-        let input = segment(chosen[flow as usize], ip, lab::TCP_TARGET, port, TCP_ACK);
-        let (verdict, took) = runner.run(PROG_EGRESS, &input)?;
-        let ok = view6(&runner.out).is_some_and(|(src, _, sport, _)| src == vip && sport == lab::TCP_PORT);
-        Ok((verdict == TC_NEXT && ok, took))
-    })?);
-    Ok(results)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_every_flow_once_and_alternate_the_first_family() {
+        for runs in [0, 1, 23, 24, 100_000, 1_000_001] {
+            let all: Vec<_> = blocks(runs).collect();
+            assert_eq!(all.len(), TWIN_BLOCKS);
+            let flows: Vec<u32> = all.iter().flat_map(|(f, _)| f.clone()).collect();
+            assert_eq!(flows, (0..runs).collect::<Vec<_>>(), "{runs} runs");
+            for (b, (_, order)) in all.iter().enumerate() {
+                assert_eq!(order[0], b % 2, "block {b}");
+                assert_eq!(order[0] + order[1], 1);
+            }
+        }
+    }
+
+    #[test]
+    fn twins_give_the_ipv6_row_its_ratio_to_the_ipv4_row() {
+        let mut t = Twins::new(["a", "IPv6 a"], "p");
+        t.ns = [vec![100; 2400], (0..2400).map(|i| 110 + (i % 3)).collect()];
+        let [v4, v6] = t.finish();
+        assert_eq!((v4.p50_ns, v6.p50_ns), (100, 111));
+        assert!(v4.over_ipv4.is_none());
+        let r = v6.over_ipv4.expect("the IPv6 row's ratio");
+        assert_eq!(r.n, TWIN_BLOCKS);
+        assert!((r.median - 1.11).abs() < 1e-9 && r.coverage >= 0.95, "{r:?}");
+    }
 }

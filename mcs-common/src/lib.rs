@@ -487,6 +487,11 @@ pub struct SockRevKey<A = Ip4> {
     pub _pad: u16,
 }
 
+/// `SockRevValue::flags`: the `sock_ops` program turned on this TCP socket's
+/// state callbacks (no other program had), so it may turn them off again once
+/// the handshake is over.
+pub const SOCK_REV_F_STATE_CB: u8 = 1;
+
 /// `SOCK_REV` value: the frontend the socket asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -494,7 +499,8 @@ pub struct SockRevValue<A = Ip4> {
     pub vip: A,
     pub vip_port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    /// `SOCK_REV_F_*`. Was padding: entries from before read as no flags.
+    pub flags: u8,
     pub backend_id: u32,
     pub service_id: u32,
 }

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use mcs_common::{
-    CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH, ServiceKey,
-    SockRevKey, SockRevValue, Stat, socket_hash,
+    CONFIG_F_SOCK_EXCLUDE, CONFIG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP, Ip4, Ip6, SOCK_EXCLUDE_DEPTH,
+    SOCK_REV_F_STATE_CB, ServiceKey, SockRevKey, SockRevValue, Stat, socket_hash,
 };
 
 use crate::{
@@ -273,12 +273,17 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
         return refuse();
     };
     let rev_key = SockRevKey::new(cookie, backend.ip, backend.port);
-    let known = <U::F as Family>::sock_rev()
-        .get_ptr(rev_key)
-        // SAFETY: map value pointer, valid for this program run.
-        .is_some_and(|rev| unsafe { (*rev).vip == vip && (*rev).vip_port == vip_port });
+    // UDP sockets send to the same backend again and again: an entry already
+    // there is no new flow. A TCP socket runs this hook once per connection
+    // attempt, so the lookup could only miss; it is skipped (a TCP connect
+    // pays for every map access, issue 24).
+    let known = proto == IPPROTO_UDP
+        && <U::F as Family>::sock_rev()
+            .get_ptr(rev_key)
+            // SAFETY: map value pointer, valid for this program run.
+            .is_some_and(|rev| unsafe { (*rev).vip == vip && (*rev).vip_port == vip_port });
     if !known {
-        let rev = SockRevValue { vip, vip_port, proto, _pad: 0, backend_id: id, service_id: service.service_id };
+        let rev = SockRevValue { vip, vip_port, proto, flags: 0, backend_id: id, service_id: service.service_id };
         // Without the entry a reply would show the backend's address, which
         // an unconnected UDP client rejects: leave the call to the TC path.
         if <U::F as Family>::sock_rev().insert(rev_key, rev, 0).is_err() {
@@ -321,7 +326,10 @@ fn reverse<U: UserAddr>(ctx: &SockAddrContext) {
 // pod directly, so the TC programs never see them. The socket's own TCP
 // events stand in: the SYN leaving (a connection attempt), the handshake
 // completing (a SYN-ACK), and the attempt ending without one (refused, or
-// given up), counted like a RST answering the SYN.
+// given up), counted like a RST answering the SYN. Only that last one needs
+// the state callbacks, so they are on from the SYN to the handshake's end:
+// left on, each later state change (four in a short connection's life) is
+// one more program run.
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
@@ -342,43 +350,56 @@ pub fn mcs_sockops(ctx: SockOpsContext) -> u32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // The remote port sits in the upper half, in network byte order.
     let port = (ctx.remote_port() >> 16) as u16;
-    let id = match ctx.family() {
-        AF_INET => backend_of::<V4>(cookie, ctx.remote_ip4(), port),
+    let entry = match ctx.family() {
+        AF_INET => entry_of::<V4>(cookie, ctx.remote_ip4(), port),
         AF_INET6 => {
             let a = ctx.remote_ip6();
             if a[0] == 0 && a[1] == 0 && a[2] == MAPPED_PREFIX {
-                backend_of::<V4>(cookie, a[3], port)
+                entry_of::<V4>(cookie, a[3], port)
             } else {
-                backend_of::<V6>(cookie, a, port)
+                entry_of::<V6>(cookie, a, port)
             }
         }
         _ => None,
     };
-    let Some(id) = id else {
+    let Some((flags, id)) = entry else {
         return 1;
     };
     // Direct calls: BPF has no indirect ones.
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Only translated sockets ask for their state changes.
-        // The call replaces the flags: keep what other programs asked for.
-        let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
-        health_add(id, |h| &mut h.syns);
+        // Only translated sockets ask for their state changes. The call
+        // replaces the flags: keep what other programs asked for, and note
+        // whether the state callbacks are ours to turn off.
+        let cb = ctx.cb_flags() as i32;
+        if cb & BPF_SOCK_OPS_STATE_CB_FLAG == 0 && ctx.set_cb_flags(cb | BPF_SOCK_OPS_STATE_CB_FLAG).is_ok() {
+            // SAFETY: map value pointer, valid for this program run.
+            unsafe { *flags |= SOCK_REV_F_STATE_CB };
+        }
+        if let Some(id) = id {
+            health_add(id, |h| &mut h.syns);
+        }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        health_add(id, |h| &mut h.synacks);
-    } else {
+        // SAFETY: as above.
+        if unsafe { *flags } & SOCK_REV_F_STATE_CB != 0 {
+            let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 & !BPF_SOCK_OPS_STATE_CB_FLAG);
+        }
+        if let Some(id) = id {
+            health_add(id, |h| &mut h.synacks);
+        }
+    } else if let Some(id) = id {
         health_add(id, |h| &mut h.syn_rsts);
     }
     1
 }
 
-/// The backend id a socket translated at connect() was sent to, while the
-/// id still names that backend.
+/// A socket translated at connect(): its entry's flags, and the backend id
+/// it was sent to while the id still names that backend.
 #[inline(always)]
-fn backend_of<F: Family>(cookie: u64, ip: F::A, port: u16) -> Option<u32> {
-    let rev = F::sock_rev().get_ptr(SockRevKey::new(cookie, ip, port))?;
+fn entry_of<F: Family>(cookie: u64, ip: F::A, port: u16) -> Option<(*mut u8, Option<u32>)> {
+    let rev = F::sock_rev().get_ptr_mut(SockRevKey::new(cookie, ip, port))?;
     // SAFETY: map value pointer, valid for this program run.
-    let id = unsafe { (*rev).backend_id };
-    F::backends().get(id).filter(|b| b.ip == ip && b.port == port).map(|_| id)
+    let (flags, id) = unsafe { (&raw mut (*rev).flags, (*rev).backend_id) };
+    Some((flags, F::backends().get(id).filter(|b| b.ip == ip && b.port == port).map(|_| id)))
 }
 
 /// A socket closing takes its reverse entry with it: a connected socket's
