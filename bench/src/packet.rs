@@ -46,15 +46,15 @@ pub struct PacketCost {
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub mean_ns: f64,
-    /// An IPv6 row over its IPv4 twin, the two measured interleaved (see
-    /// [`Runner::twins`]): the median of the blocks' p50 ratios, with its
-    /// distribution-free interval.
+    /// An IPv6 row over its IPv4 twin, the two measured in alternating
+    /// blocks (see [`Twins`]): the median of the blocks' ratios, with its
+    /// distribution-free interval (within this run).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub over_ipv4: Option<MedianInterval>,
 }
 
-/// Blocks a pair of interleaved rows is cut into, each giving one p50
-/// ratio: 24 give a 95 % interval between the 7th and 18th of them.
+/// Blocks a pair of interleaved rows is cut into, each giving one ratio:
+/// 24 give a 95 % interval between the 7th and 18th of them.
 const TWIN_BLOCKS: usize = 24;
 
 fn client(flow: u32) -> (Ipv4Addr, u16) {
@@ -126,19 +126,21 @@ impl Twins {
         Ok(())
     }
 
-    /// The two rows; the ratio is the median of the blocks' p50 ratios,
-    /// with its distribution-free interval.
+    /// The two rows. The ratio is the median of the blocks' ratios, with its
+    /// distribution-free interval; a block's figure is the mean of its middle
+    /// half (its p50 alone moves in whole nanoseconds, steps of up to 1 %).
     fn finish(self) -> [PacketCost; 2] {
-        let p50 = |v: &[u64]| {
+        let mid_mean = |v: &[u64]| {
             let mut v = v.to_vec();
             v.sort_unstable();
-            v.get(v.len() / 2).copied()
+            let middle = &v[v.len() / 4..v.len() - v.len() / 4];
+            (!middle.is_empty()).then(|| middle.iter().sum::<u64>() as f64 / middle.len() as f64)
         };
         let n = self.ns[0].len().min(self.ns[1].len());
         let ratios: Vec<f64> = (0..TWIN_BLOCKS)
             .filter_map(|b| {
                 let block = b * n / TWIN_BLOCKS..(b + 1) * n / TWIN_BLOCKS;
-                Some(p50(&self.ns[1][block.clone()])? as f64 / p50(&self.ns[0][block])? as f64)
+                Some(mid_mean(&self.ns[1][block.clone()])? / mid_mean(&self.ns[0][block])?)
             })
             .collect();
         let [ns4, ns6] = self.ns;
@@ -318,7 +320,9 @@ pub fn measure(runs: u32) -> Result<Vec<PacketCost>> {
 
     // The same path over a few flows, cycled: their entries stay in the CPU
     // caches. Set beside the row above, it splits the established cost into
-    // the program's own work and what a million flows' cache misses add.
+    // the program's own work and what cache misses add when a block of
+    // flows (about 40,000 at 1,000,000 runs) came between a flow's SYN and
+    // its next packet.
     let warm = WARM_FLOWS.min(runs);
     let mut cached = Twins::new(
         ["warm established flow (1,024 flows cycled)", "IPv6 warm established flow (1,024 flows cycled)"],
@@ -427,6 +431,6 @@ mod tests {
         assert!(v4.over_ipv4.is_none());
         let r = v6.over_ipv4.expect("the IPv6 row's ratio");
         assert_eq!(r.n, TWIN_BLOCKS);
-        assert!((r.median - 1.11).abs() < 1e-9 && r.coverage >= 0.95, "{r:?}");
+        assert!((r.median - 1.11).abs() < 1e-3 && r.coverage >= 0.95, "{r:?}");
     }
 }

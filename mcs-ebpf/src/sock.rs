@@ -275,8 +275,8 @@ fn translate<U: UserAddr>(ctx: &SockAddrContext, call: Call) -> i32 {
     let rev_key = SockRevKey::new(cookie, backend.ip, backend.port);
     // UDP sockets send to the same backend again and again: an entry already
     // there is no new flow. A TCP socket runs this hook once per connection
-    // attempt, so the lookup could only miss; it is skipped (a TCP connect
-    // pays for every map access, issue 24).
+    // attempt, each one a new flow (a retry after a failed attempt too), so
+    // the lookup is skipped: a TCP connect pays for every map access.
     let known = proto == IPPROTO_UDP
         && <U::F as Family>::sock_rev()
             .get_ptr(rev_key)
@@ -327,9 +327,11 @@ fn reverse<U: UserAddr>(ctx: &SockAddrContext) {
 // events stand in: the SYN leaving (a connection attempt), the handshake
 // completing (a SYN-ACK), and the attempt ending without one (refused, or
 // given up), counted like a RST answering the SYN. Only that last one needs
-// the state callbacks, so they are on from the SYN to the handshake's end:
-// left on, each later state change (four in a short connection's life) is
-// one more program run.
+// the state callbacks, so they are on from the SYN to the attempt's outcome:
+// left on, each later state change (three more in a short connection's
+// life) is one more program run. A program of another cgroup's that turns
+// them on after the SYN loses them at the handshake: nothing records who
+// asked after us.
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
@@ -379,17 +381,31 @@ pub fn mcs_sockops(ctx: SockOpsContext) -> u32 {
             health_add(id, |h| &mut h.syns);
         }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: as above.
-        if unsafe { *flags } & SOCK_REV_F_STATE_CB != 0 {
-            let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 & !BPF_SOCK_OPS_STATE_CB_FLAG);
-        }
+        end_state_callbacks(&ctx, flags);
         if let Some(id) = id {
             health_add(id, |h| &mut h.synacks);
         }
-    } else if let Some(id) = id {
-        health_add(id, |h| &mut h.syn_rsts);
+    } else {
+        // Also here: a retry on this socket starts over at its own SYN, which
+        // must find the callbacks off to know they are ours again.
+        end_state_callbacks(&ctx, flags);
+        if let Some(id) = id {
+            health_add(id, |h| &mut h.syn_rsts);
+        }
     }
     1
+}
+
+/// The attempt's outcome is known: the state callbacks go, if they are ours.
+#[inline(always)]
+fn end_state_callbacks(ctx: &SockOpsContext, flags: *mut u8) {
+    // SAFETY: map value pointer, valid for this program run.
+    unsafe {
+        if *flags & SOCK_REV_F_STATE_CB != 0 {
+            let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 & !BPF_SOCK_OPS_STATE_CB_FLAG);
+            *flags &= !SOCK_REV_F_STATE_CB;
+        }
+    }
 }
 
 /// A socket translated at connect(): its entry's flags, and the backend id

@@ -512,3 +512,66 @@ fn passive_health_sees_connections_made_at_the_socket() {
     let after = requests(&set.clients[0].ns, Some(cgroup.path()), "tcp", target, 40);
     assert!(after.iter().all(|o| matches!(o, Outcome::Ok { .. })), "{after:?}");
 }
+
+#[test]
+fn a_socket_translated_at_connect_has_no_state_callbacks_past_its_handshake() {
+    use aya::{
+        programs::{
+            links::{FdLink, PinnedLink},
+            loaded_programs,
+        },
+        sys::{Stats, enable_stats},
+    };
+    // One pod; the same connections to its address and to the VIP.
+    let mut set = Clusterset::new(1, &["cluster-a"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = &mut set.clusters[0];
+    let pod = cluster.add_pod();
+    let _server = Server::tcp(&cluster.ns, pod, 8080, "cluster-a/pod-1");
+    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
+    manifests::write(
+        dir.path(),
+        "slice.yaml",
+        &endpoint_slice("demo", "web", "cluster-a", &[("http", 8080, "TCP")], &[(pod, true)]),
+    );
+    let cgroup = TestCgroup::new("mcs-sockcb");
+    let bpffs = ScratchBpffs::new();
+    let (cg, fs) = (cgroup.agent_path(), bpffs.arg());
+    let _agent = Agent::start(
+        &set.node,
+        dir.path(),
+        &set.client_ifaces(),
+        &["--bpffs", &fs, "--socket-lb", "on", "--socket-lb-cgroup", &cg],
+    );
+    // This agent's sock_ops program (other tests' agents load their own).
+    let pin =
+        mcs_agent::datapath::pin_dir(bpffs.path()).join("links/cgroup").join(mcs_common::SockHook::Ops.pin_name());
+    let link = PinnedLink::from_pin(&pin).unwrap_or_else(|e| panic!("the sock_ops link at {}: {e}", pin.display()));
+    let program = FdLink::from(link).info().expect("the sock_ops link's info").program_id();
+    let _stats = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS: run counts");
+    let runs = || {
+        loaded_programs()
+            .flatten()
+            .find(|p| p.id() == program)
+            .map(|p| p.run_count())
+            .expect("the agent's sock_ops program is loaded")
+    };
+    const CONNECTIONS: usize = 40;
+    let per_connection = |target: SocketAddr| {
+        let before = runs();
+        let outcomes = requests(&set.clients[0].ns, Some(cgroup.path()), "tcp", target, CONNECTIONS);
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Ok { .. })), "{target}: {outcomes:?}");
+        // A closed socket's last state changes may come after the client exits.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        (runs() - before) as f64 / CONNECTIONS as f64
+    };
+    let direct = per_connection(SocketAddr::new(pod.into(), 8080));
+    let translated = per_connection(SocketAddr::new(VIP.into(), 80));
+    // One more than a direct connection: the change to ESTABLISHED comes
+    // before the program can turn the callbacks off. Left on, they added
+    // four (FIN_WAIT1, FIN_WAIT2 and CLOSE too).
+    assert!(
+        (translated - direct - 1.0).abs() < 0.25,
+        "sock_ops runs per connection: {translated} through the VIP, {direct} to the pod's address"
+    );
+}
