@@ -64,7 +64,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     clients: usize,
     /// BPF_PROG_TEST_RUN runs per program path. Default: 1000000 (quick: 100000).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     packet_runs: Option<u32>,
     /// Services for the control-plane measurements. Default: 10000 (quick: 1000).
     #[arg(long)]

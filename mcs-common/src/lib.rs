@@ -489,7 +489,7 @@ pub struct SockRevKey<A = Ip4> {
 
 /// `SockRevValue::flags`: the `sock_ops` program turned on this TCP socket's
 /// state callbacks (no other program had), so it may turn them off again once
-/// the handshake is over.
+/// the attempt's outcome is known.
 pub const SOCK_REV_F_STATE_CB: u8 = 1;
 
 /// `SOCK_REV` value: the frontend the socket asked for.
