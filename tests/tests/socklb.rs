@@ -461,6 +461,38 @@ fn a_layout_bump_carries_ipv6_flows_and_socket_translations() {
     assert_eq!(ok(&udp_after).2, dns, "and still sees the VIP as its peer");
 }
 
+/// The `web` import (port 80, TCP) over `pods` (8080) in cluster-a, and an
+/// agent balancing it at the socket for a cgroup of the test's own.
+struct WebAtSocket {
+    // Declared first, dropped first: the agent stops before its cgroup and
+    // bpffs go.
+    _agent: Agent,
+    bpffs: ScratchBpffs,
+    cgroup: TestCgroup,
+}
+
+impl WebAtSocket {
+    fn start(set: &Clusterset, dir: &std::path::Path, pods: &[Ipv4Addr], cgroup: &str) -> Self {
+        manifests::write(dir, "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
+        let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|ip| (*ip, true)).collect();
+        manifests::write(
+            dir,
+            "slice.yaml",
+            &endpoint_slice("demo", "web", "cluster-a", &[("http", 8080, "TCP")], &endpoints),
+        );
+        let cgroup = TestCgroup::new(cgroup);
+        let bpffs = ScratchBpffs::new();
+        let (cg, fs) = (cgroup.agent_path(), bpffs.arg());
+        let agent = Agent::start(
+            &set.node,
+            dir,
+            &set.client_ifaces(),
+            &["--bpffs", &fs, "--socket-lb", "on", "--socket-lb-cgroup", &cg],
+        );
+        Self { _agent: agent, bpffs, cgroup }
+    }
+}
+
 #[test]
 fn passive_health_sees_connections_made_at_the_socket() {
     // One cluster of three pods; the third answers nothing on 8080 (refused).
@@ -473,22 +505,8 @@ fn passive_health_sees_connections_made_at_the_socket() {
         .enumerate()
         .map(|(k, ip)| Server::tcp(&cluster.ns, *ip, 8080, &format!("cluster-a/pod-{}", k + 1)))
         .collect();
-    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
-    let endpoints: Vec<(Ipv4Addr, bool)> = pods.iter().map(|ip| (*ip, true)).collect();
-    manifests::write(
-        dir.path(),
-        "slice.yaml",
-        &endpoint_slice("demo", "web", "cluster-a", &[("http", 8080, "TCP")], &endpoints),
-    );
-    let cgroup = TestCgroup::new("mcs-sockhealth");
-    let bpffs = ScratchBpffs::new();
-    let (cg, fs) = (cgroup.agent_path(), bpffs.arg());
-    let _agent = Agent::start(
-        &set.node,
-        dir.path(),
-        &set.client_ifaces(),
-        &["--bpffs", &fs, "--socket-lb", "on", "--socket-lb-cgroup", &cg],
-    );
+    let lab = WebAtSocket::start(&set, dir.path(), &pods, "mcs-sockhealth");
+    let cgroup = &lab.cgroup;
     let target = SocketAddr::new(VIP.into(), 80);
     // One of three may be out (the 50 % limit): the gauge counts the cluster's.
     let ejected = |body: &str| body.lines().any(|l| l.starts_with("mcs_agent_backend_ejected{") && l.ends_with(" 1"));
@@ -528,21 +546,8 @@ fn a_socket_translated_at_connect_has_no_state_callbacks_past_its_handshake() {
     let cluster = &mut set.clusters[0];
     let pod = cluster.add_pod();
     let _server = Server::tcp(&cluster.ns, pod, 8080, "cluster-a/pod-1");
-    manifests::write(dir.path(), "web.yaml", &service_import("demo", "web", VIP, &[("http", 80, "TCP")]));
-    manifests::write(
-        dir.path(),
-        "slice.yaml",
-        &endpoint_slice("demo", "web", "cluster-a", &[("http", 8080, "TCP")], &[(pod, true)]),
-    );
-    let cgroup = TestCgroup::new("mcs-sockcb");
-    let bpffs = ScratchBpffs::new();
-    let (cg, fs) = (cgroup.agent_path(), bpffs.arg());
-    let _agent = Agent::start(
-        &set.node,
-        dir.path(),
-        &set.client_ifaces(),
-        &["--bpffs", &fs, "--socket-lb", "on", "--socket-lb-cgroup", &cg],
-    );
+    let lab = WebAtSocket::start(&set, dir.path(), &[pod], "mcs-sockcb");
+    let (cgroup, bpffs) = (&lab.cgroup, &lab.bpffs);
     // This agent's sock_ops program (other tests' agents load their own).
     let pin =
         mcs_agent::datapath::pin_dir(bpffs.path()).join("links/cgroup").join(mcs_common::SockHook::Ops.pin_name());
