@@ -609,8 +609,7 @@ mod tests {
     }
 
     fn ip4(ip: &str) -> Ip4 {
-        let ip: std::net::Ipv4Addr = ip.parse().unwrap();
-        u32::from_ne_bytes(ip.octets())
+        mcs_common::ip_to_map(ip.parse::<std::net::Ipv4Addr>().unwrap().octets())
     }
 
     /// An original entry of a flow from outside: 192.0.2.7:40000 -> VIP

@@ -66,6 +66,16 @@ struct Family {
     header: usize,
 }
 
+impl Family {
+    /// What an ICMP error quotes of a packet: its IP header and the first
+    /// 8 bytes past it.
+    fn quote(&self, src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut quoted = ip_packet(src, dst, proto, l4, &Ip::default());
+        quoted.truncate(self.header + 8);
+        quoted
+    }
+}
+
 fn families() -> [Family; 2] {
     [
         Family {
@@ -208,8 +218,7 @@ fn rows(f: &Family) -> Vec<Row> {
     ));
     let (kind, code) = f.port_unreachable;
     let query = udp(c, empty, 5002, 53, b"query");
-    let mut quoted = ip_packet(c, empty, UDP, &query, &Ip::default());
-    quoted.truncate(f.header + 8);
+    let quoted = f.quote(c, empty, UDP, &query);
     rows.push(row(
         "UDP to a VIP without backends gets port unreachable",
         arriving(c, empty, UDP, &query),
@@ -272,8 +281,7 @@ fn rows(f: &Family) -> Vec<Row> {
     // the route's) cannot carry: "fragmentation needed" ("packet too big")
     // from the VIP, quoting the client's packet as sent; nothing translated.
     let big = tcp(c, vip, 40000, 80, ACK, &[0x61; 1460]);
-    let mut quoted = ip_packet(c, vip, TCP, &big, &Ip::default());
-    quoted.truncate(f.header + 8);
+    let quoted = f.quote(c, vip, TCP, &big);
     rows.push(row(
         "a segment too big for the backend's route gets \"too big\" back from the VIP",
         arriving(c, vip, TCP, &big),
